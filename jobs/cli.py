@@ -1,0 +1,152 @@
+"""The `llmrec` command line: one subcommand per pipeline stage, each taking --spec and --set."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from jobs.progress import Steps
+from jobs.spec import SpecError, dump_spec, load_spec
+
+console = Console()
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="spec YAML (path, or a name under jobs/specs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set spark.engine=local (repeatable)")
+
+
+def _layer(module: str):
+    """Stages live in other layers; they are imported only when their command runs."""
+    return importlib.import_module(module)
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    print(dump_spec(load_spec(args.spec, args.overrides)), end="")
+    return 0
+
+
+def cmd_etl(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    session, etl = _layer("spark.session"), _layer("spark.etl")
+    steps = Steps(enabled=not args.quiet)
+    with steps.step(f"start spark ({spec.spark.engine})"):
+        engine = session.start_engine(spec.spark)
+    try:
+        summary = etl.run_etl(spec, engine, steps)
+    finally:
+        engine.stop()
+    summary["step_seconds"] = {k: round(v, 3) for k, v in steps.timings.items()}
+    return _report(summary, args.summary_out, etl.Lake.of(spec))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    session, etl = _layer("spark.session"), _layer("spark.etl")
+    steps = Steps(enabled=not args.quiet)
+    with steps.step(f"start spark ({spec.spark.engine})"):
+        engine = session.start_engine(spec.spark)
+    try:
+        days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
+        results = [etl.ingest_day(spec, engine, day, steps) for day in days]
+    finally:
+        engine.stop()
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    etl, delta_io = _layer("spark.etl"), _layer("spark.delta_io")
+    lake = etl.Lake.of(spec)
+    table = Table("table", "path", "version", "rows", "last operation")
+    for name in etl.TABLES:
+        path = lake.path(name)
+        v = lake.version(name)
+        if v is None:
+            table.add_row(name, path, "-", "-", "-")
+            continue
+        from deltalake import DeltaTable
+        rows = DeltaTable(path, storage_options=lake.storage_options or None).count()
+        last = delta_io.table_history(path, lake.storage_options)[0].get("operation", "?")
+        table.add_row(name, path, str(v), f"{rows:,}", last)
+    console.print(table)
+    return 0
+
+
+def _report(summary: dict, out: str | None, lake) -> int:
+    acc = summary["accounting"]
+    gold = summary["gold"]
+    t = Table(title=f"{summary['dataset']} — engine {summary['engine']}", show_header=True)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    rows = [("raw rows (bronze)", acc["raw_rows"]), ("quarantined rows", acc["quarantined_rows"]),
+            ("duplicates removed", acc["duplicates_removed"]), ("silver interactions", acc["silver_rows"]),
+            ("accounted (raw = silver + quarantined + duplicates)", acc["accounted"]),
+            ("gold interactions", gold["interactions"]), ("users", gold["users"]), ("items", gold["items"]),
+            ("k-core rounds", len(gold["kcore_rounds"]))]
+    for reason, n in acc["quarantined_by_reason"].items():
+        rows.append((f"  quarantined: {reason}", n))
+    for split, n in gold["sequences_by_split"].items():
+        rows.append((f"sequences: {split}", n))
+    for name, v in summary["versions"].items():
+        rows.append((f"delta version: {name}", v))
+    for c in summary["checks"]:
+        rows.append((f"check: {c['name']}", "pass" if c["passed"] else f"FAIL {c['metrics']}"))
+    for name, value in rows:
+        t.add_row(name, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    console.print(t)
+    console.print(f"summary written to {lake.summary_path}")
+    if out:
+        with open(out, "w") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+        console.print(f"summary written to {out}")
+    return 0 if summary["checks_passed"] and acc["accounted"] else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrec", description="LLM recommender pipeline: data, training, "
+                                     "alignment, evaluation. Every command takes --spec and --set.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("etl", help="build bronze/silver/gold Delta tables from the spec's source")
+    _spec_args(p)
+    p.add_argument("--summary-out", help="also write the summary JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_etl)
+
+    p = sub.add_parser("ingest", help="MERGE landed daily files into silver (idempotent) and rebuild gold")
+    _spec_args(p)
+    p.add_argument("--date", help="the landing day YYYY-MM-DD (default: every landed day, in order)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("tables", help="list the dataset's Delta tables with version and row count")
+    _spec_args(p)
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("spec", help="print the resolved spec (after --set overrides)")
+    _spec_args(p)
+    p.set_defaults(func=cmd_spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

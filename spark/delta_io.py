@@ -1,0 +1,130 @@
+"""Delta Lake I/O: native format("delta") + SQL MERGE where the session has Delta, delta-rs otherwise.
+
+Every writer returns the table version it committed; every reader can pin a version. Commits are
+atomic (Delta's log), so a failed write leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.dataset as pads
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+from pyspark.sql import DataFrame
+
+from spark.session import Engine
+
+
+def normalize_path(path: str) -> str:
+    """Local paths become absolute (Spark SQL and delta-rs resolve relative paths differently)."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def table_version(path: str, storage_options: dict | None = None) -> int | None:
+    """The latest committed version, or None when there is no Delta table at `path`."""
+    try:
+        return DeltaTable(normalize_path(path), storage_options=storage_options or None).version()
+    except TableNotFoundError:
+        return None
+
+
+def table_exists(path: str, storage_options: dict | None = None) -> bool:
+    return table_version(path, storage_options) is not None
+
+
+def table_history(path: str, storage_options: dict | None = None) -> list[dict]:
+    return DeltaTable(normalize_path(path), storage_options=storage_options or None).history()
+
+
+def read_table(engine: Engine, path: str, version: int | None = None,
+               storage_options: dict | None = None) -> DataFrame:
+    path = normalize_path(path)
+    if not table_exists(path, storage_options):
+        raise FileNotFoundError(f"no Delta table at {path}")
+    if engine.native_delta:
+        reader = engine.session.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(path)
+    dt = DeltaTable(path, version=version, storage_options=storage_options or None)
+    uris = dt.file_uris()
+    features = dt.protocol().reader_features or []
+    if uris and not dt.metadata().partition_columns and "deletionVectors" not in features:
+        # Spark reads the version's data files itself: nothing passes through the driver.
+        return engine.session.read.parquet(*uris)
+    return engine.session.createDataFrame(dt.to_pyarrow_table())
+
+
+def write_table(engine: Engine, df: DataFrame, path: str, mode: str = "overwrite",
+                storage_options: dict | None = None) -> int:
+    """Write `df` as a Delta table (mode overwrite|append) and return the committed version."""
+    if mode not in ("overwrite", "append"):
+        raise ValueError(f"write_table({path}): mode must be overwrite or append, got {mode!r}")
+    path = normalize_path(path)
+    if engine.native_delta:
+        writer = df.write.format("delta").mode(mode)
+        if mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")
+        writer.save(path)
+    else:
+        staged = os.path.join(engine.scratch, f"stage-{uuid.uuid4().hex}")
+        df.write.mode("overwrite").parquet(staged)
+        dataset = pads.dataset(staged, format="parquet", schema=_arrow_schema(df))
+        write_deltalake(path, dataset.scanner().to_reader(), mode=mode,
+                        schema_mode="overwrite" if mode == "overwrite" else None,
+                        storage_options=storage_options or None)
+    return table_version(path, storage_options)
+
+
+def _arrow_schema(df: DataFrame):
+    """The frame's schema as Arrow (an empty collect: no rows move)."""
+    return df.limit(0).toArrow().schema
+
+
+@dataclass
+class MergeResult:
+    version: int
+    inserted: int
+    updated: int
+    committed: bool  # False when the source held nothing new: no commit, the version is unchanged
+
+
+def merge_table(engine: Engine, source: DataFrame, path: str, keys: list[str],
+                compare: list[str] | None = None, storage_options: dict | None = None) -> MergeResult:
+    """Upsert `source` into the table at `path` on `keys`.
+
+    Rows whose keys are new are inserted; rows whose keys exist and whose `compare` columns differ
+    are updated; everything else is left alone. A source with nothing new commits nothing, so
+    re-running the same load is a no-op (same version, same contents). `source` must be unique on
+    `keys`.
+    """
+    path = normalize_path(path)
+    if not table_exists(path, storage_options):
+        n = source.count()
+        return MergeResult(write_table(engine, source, path, "overwrite", storage_options), n, 0, True)
+    target = read_table(engine, path, storage_options=storage_options)
+    compare = list(compare or [])
+    fresh = source.join(target.select(*keys), on=keys, how="left_anti")
+    changed = source.join(target.select(*keys, *compare), on=keys + compare, how="left_anti") if compare else fresh
+    n_new = fresh.count()
+    n_changed = changed.count() if compare else n_new
+    if n_changed == 0:
+        return MergeResult(table_version(path, storage_options), 0, 0, False)
+    on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    if engine.native_delta:
+        view = f"llmrec_merge_{uuid.uuid4().hex}"
+        changed.createOrReplaceTempView(view)
+        matched = "WHEN MATCHED THEN UPDATE SET * " if compare else ""
+        engine.session.sql(
+            f"MERGE INTO delta.`{path}` AS t USING {view} AS s ON {on} {matched}WHEN NOT MATCHED THEN INSERT *"
+        ).collect()
+        engine.session.catalog.dropTempView(view)
+    else:
+        merger = DeltaTable(path, storage_options=storage_options or None).merge(
+            source=changed.toArrow(), predicate=on.replace("`", ""), source_alias="s", target_alias="t")
+        if compare:
+            merger = merger.when_matched_update_all()
+        merger.when_not_matched_insert_all().execute()
+    return MergeResult(table_version(path, storage_options), n_new, n_changed - n_new, True)

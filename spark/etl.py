@@ -1,0 +1,287 @@
+"""The ETL pipeline: source -> bronze -> silver -> gold Delta tables; full runs and daily MERGEs."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from jobs.progress import QUIET, Steps
+from jobs.spec import JobSpec
+from spark import quality
+from spark.delta_io import merge_table, read_table, table_version, write_table
+from spark.session import Engine
+from spark.sources import RawSource, landing_days, read_landing_day, read_source
+from spark.transforms import (assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
+                              filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
+                              tag_interactions, temporal_split, typed_interactions)
+
+TABLES = {
+    "interactions_raw": "bronze/interactions_raw",
+    "quarantine": "bronze/quarantine",
+    "interactions": "silver/interactions",
+    "items": "silver/items",
+    "item_index": "gold/item_index",
+    "user_index": "gold/user_index",
+    "sequences": "gold/sequences",
+    "recommendations": "gold/recommendations",
+}
+NATURAL_KEY = ["user_id", "item_id", "ts"]
+
+
+@dataclass
+class Lake:
+    """Where a dataset's tables live: `<lake.root>/<data.name>/<layer>/<table>`."""
+    root: str
+    storage_options: dict
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> "Lake":
+        root = spec.dataset_root()
+        return cls(root if "://" in root else os.path.abspath(root), spec.lake.storage_options)
+
+    def path(self, table: str) -> str:
+        return f"{self.root}/{TABLES[table]}"
+
+    def version(self, table: str) -> int | None:
+        return table_version(self.path(table), self.storage_options)
+
+    def read(self, engine: Engine, table: str, version: int | None = None) -> DataFrame:
+        return read_table(engine, self.path(table), version, self.storage_options)
+
+    def write(self, engine: Engine, df: DataFrame, table: str) -> int:
+        return write_table(engine, df, self.path(table), "overwrite", self.storage_options)
+
+    @property
+    def summary_path(self) -> str:
+        return f"{self.root}/_etl/summary.json"
+
+
+def today_utc() -> str:
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+def add_record_ids(raw: DataFrame, ingest_date: str) -> DataFrame:
+    """A stable id per landed row: SHA-256 of its file, its verbatim text and its occurrence among
+    identical lines of that file (so exact duplicate lines stay distinct rows)."""
+    occurrence = F.row_number().over(Window.partitionBy("source_file", "raw").orderBy("raw"))
+    rid = F.sha2(F.concat_ws("\u001f", F.col("source_file"), F.coalesce(F.col("raw"), F.lit("")),
+                             occurrence.cast("string")), 256)
+    return raw.withColumn("record_id", rid).withColumn("ingest_date", F.lit(ingest_date).cast("date"))
+
+
+def tag_items(items: DataFrame) -> DataFrame:
+    reason = F.when(F.col("parse_error").isNotNull(), F.lit("malformed_line")) \
+        .when(F.col("item_id").isNull(), F.lit("missing_item_id"))
+    return items.withColumn("reason", reason)
+
+
+def silver_items(tagged_items: DataFrame) -> DataFrame:
+    """One metadata row per item id (the first by verbatim text where a feed repeats an item)."""
+    w = Window.partitionBy("item_id").orderBy("raw")
+    return (tagged_items.filter(F.col("reason").isNull()).withColumn("_rn", F.row_number().over(w))
+            .filter(F.col("_rn") == 1)
+            .select("item_id", "title", "categories", "description", "attributes"))
+
+
+def items_from_interactions(silver: DataFrame) -> DataFrame:
+    """Sources without metadata: every item id, no text fields (item text falls back to the id)."""
+    return silver.select("item_id").distinct().select(
+        "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("array<string>").alias("categories"),
+        F.lit(None).cast("string").alias("description"), F.lit(None).cast("string").alias("attributes"))
+
+
+def _bronze_columns(df: DataFrame) -> DataFrame:
+    return df.select("record_id", "user_id", "item_id", "ts", "value", "raw", "parse_error", "source_file",
+                     "ingest_date")
+
+
+# ----------------------------------------------------------------------------- full run
+
+def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
+    """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold."""
+    lake, d = Lake.of(spec), spec.data
+    ingest_date = today_utc()
+    with steps.step("read source"):
+        src = read_source(engine, d.source)
+    with steps.step("bronze/interactions_raw"):
+        v_raw = lake.write(engine, _bronze_columns(add_record_ids(src.interactions, ingest_date)), "interactions_raw")
+    bronze = lake.read(engine, "interactions_raw", v_raw)
+    tagged = tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value)
+    items_tagged = None
+    if src.items is not None:
+        items_tagged = tag_items(add_record_ids(src.items, ingest_date))
+    with steps.step("bronze/quarantine"):
+        q = quarantine_rows(tagged, "interaction")
+        if items_tagged is not None:
+            q = q.unionByName(quarantine_rows(items_tagged, "item"))
+        v_q = lake.write(engine, q, "quarantine")
+    with steps.step("silver/interactions"):
+        v_silver = lake.write(engine, deduplicate(typed_interactions(tagged)), "interactions")
+    with steps.step("silver/items"):
+        items = silver_items(items_tagged) if items_tagged is not None else \
+            items_from_interactions(lake.read(engine, "interactions", v_silver))
+        v_items = lake.write(engine, items, "items")
+    with steps.step("accounting"):
+        accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
+    landed = []
+    if d.landing is not None:
+        for day in landing_days(d.landing):
+            landed.append(ingest_day(spec, engine, day, steps, rebuild_gold=False))
+    gold = build_gold(spec, engine, steps)
+    summary = {"spec": spec.name, "dataset": d.name, "engine": engine.name, "lake": lake.root,
+               "ingest_date": ingest_date, "source": d.source.kind, "accounting": accounting,
+               "landing": landed, **gold, "step_seconds": {k: round(v, 3) for k, v in steps.timings.items()}}
+    write_summary(lake, summary)
+    return summary
+
+
+def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int, v_silver: int) -> dict:
+    """raw rows = silver rows + quarantined rows + duplicates removed, each counted independently."""
+    raw_rows = lake.read(engine, "interactions_raw", v_raw).count()
+    q = lake.read(engine, "quarantine", v_q).filter(F.col("kind") == "interaction")
+    by_reason = {r["reason"]: int(r["count"]) for r in q.groupBy("reason").count().collect()}
+    quarantined = sum(by_reason.values())
+    valid = typed_interactions(tagged)
+    valid_rows = valid.count()
+    distinct_keys = valid.select(*NATURAL_KEY).distinct().count()
+    silver_rows = lake.read(engine, "interactions", v_silver).count()
+    item_q = lake.read(engine, "quarantine", v_q).filter(F.col("kind") == "item")
+    item_reasons = {r["reason"]: int(r["count"]) for r in item_q.groupBy("reason").count().collect()}
+    duplicates = valid_rows - distinct_keys
+    return {"raw_rows": raw_rows, "quarantined_rows": quarantined, "quarantined_by_reason": dict(sorted(by_reason.items())),
+            "duplicates_removed": duplicates, "silver_rows": silver_rows,
+            "accounted": raw_rows == silver_rows + quarantined + duplicates,
+            "item_rows_quarantined_by_reason": dict(sorted(item_reasons.items()))}
+
+
+# ----------------------------------------------------------------------------- incremental
+
+def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, rebuild_gold: bool = True) -> dict:
+    """MERGE one landed day into bronze, quarantine and silver on their keys, then rebuild gold.
+
+    Re-running the same day inserts nothing and commits nothing: the table versions stay put."""
+    lake, d = Lake.of(spec), spec.data
+    if d.landing is None:
+        raise ValueError(f"spec {spec.name}: data.landing is not configured; nothing to ingest for {day}")
+    if lake.version("interactions") is None:
+        raise ValueError(f"spec {spec.name}: no silver table at {lake.path('interactions')}; run `llmrec etl` first")
+    with steps.step(f"landing {day}: read"):
+        src: RawSource = read_landing_day(engine, d.landing, day)
+        bronze = engine.materialize(_bronze_columns(add_record_ids(src.interactions, today_utc())))
+    with steps.step(f"landing {day}: bronze merge"):
+        r_raw = merge_table(engine, bronze, lake.path("interactions_raw"), ["record_id"],
+                            storage_options=lake.storage_options)
+    tagged = tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value)
+    with steps.step(f"landing {day}: quarantine merge"):
+        r_q = merge_table(engine, quarantine_rows(tagged, "interaction"), lake.path("quarantine"), ["record_id"],
+                          storage_options=lake.storage_options)
+    with steps.step(f"landing {day}: silver merge"):
+        r_s = merge_table(engine, deduplicate(typed_interactions(tagged)), lake.path("interactions"), NATURAL_KEY,
+                          compare=["value"], storage_options=lake.storage_options)
+    result = {"day": day, "rows": bronze.count(),
+              "bronze": {"inserted": r_raw.inserted, "version": r_raw.version, "committed": r_raw.committed},
+              "quarantine": {"inserted": r_q.inserted, "version": r_q.version, "committed": r_q.committed},
+              "silver": {"inserted": r_s.inserted, "updated": r_s.updated, "version": r_s.version,
+                         "committed": r_s.committed}}
+    if rebuild_gold:
+        previous = read_summary(lake)
+        built_from = (previous or {}).get("versions", {}).get("interactions")
+        if r_s.committed or built_from != r_s.version or lake.version("sequences") is None:
+            result["gold"] = build_gold(spec, engine, steps)
+            write_summary(lake, {**(previous or {}), **result["gold"], "last_ingest": result})
+        else:
+            result["gold"] = {"rebuilt": False, "reason": f"silver unchanged at version {r_s.version}"}
+    return result
+
+
+# ----------------------------------------------------------------------------- gold
+
+def split_cuts(df: DataFrame, spec: JobSpec) -> tuple[int, int]:
+    """Temporal cut times: explicit dates, or shares of the interaction time range."""
+    s = spec.data.split
+    lo, hi = df.agg(F.min("ts"), F.max("ts")).collect()[0]
+
+    def date_ts(text: str) -> int:
+        return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
+
+    valid = date_ts(s.valid_start) if s.valid_start else int(lo + (1 - s.valid_fraction - s.test_fraction) * (hi - lo))
+    test = date_ts(s.test_start) if s.test_start else int(lo + (1 - s.test_fraction) * (hi - lo))
+    if not valid < test:
+        raise ValueError(f"data.split: valid cut {valid} must come before test cut {test}")
+    return valid, test
+
+
+def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
+    """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits."""
+    lake, d = Lake.of(spec), spec.data
+    v_silver, v_items = lake.version("interactions"), lake.version("items")
+    with steps.step("gold: filters + k-core"):
+        silver = lake.read(engine, "interactions", v_silver)
+        df = filter_min_value(collapse_repeats(silver, d.dedup), d.min_value)
+        df = engine.materialize(df)
+        n_filtered = df.count()
+        df, rounds = kcore(df, d.kcore.user, d.kcore.item, d.kcore.max_rounds, engine.materialize)
+    with steps.step("gold/user_index + item_index"):
+        v_users = lake.write(engine, assign_ids(df, "user_id", "user_idx"), "user_index")
+        items = lake.read(engine, "items", v_items)
+        item_ids = assign_ids(df, "item_id", "item_idx")
+        v_index = lake.write(engine, build_item_index(item_ids, items, d.item_text.template, d.item_text.max_chars),
+                             "item_index")
+    users = lake.read(engine, "user_index", v_users)
+    item_index = lake.read(engine, "item_index", v_index)
+    with steps.step("gold/sequences"):
+        seqs = build_sequences(index_interactions(df, users, item_index))
+        if d.split.kind == "leave_one_out":
+            splits, cuts = leave_one_out(seqs), None
+        else:
+            cuts = split_cuts(df, spec)
+            splits = temporal_split(seqs, *cuts)
+        v_seq = lake.write(engine, splits, "sequences")
+    sequences = lake.read(engine, "sequences", v_seq)
+    with steps.step("quality checks"):
+        n_users, n_items = users.count(), item_index.count()
+        n_inter = df.count()
+        per_split = {r["split"]: int(r["count"]) for r in sequences.groupBy("split").count().collect()}
+        checks = [
+            quality.check_no_null_ids(silver),
+            quality.check_kcore(quality.gold_interactions(sequences) if d.split.kind == "leave_one_out"
+                                else index_interactions(df, users, item_index), d.kcore.user, d.kcore.item),
+            quality.check_no_leakage(sequences),
+            quality.check_sequence_items_indexed(sequences, item_index),
+        ]
+        q = lake.read(engine, "quarantine").filter(F.col("kind") == "interaction").count()
+        raw = lake.read(engine, "interactions_raw").count()
+        checks.append(quality.check_quarantine_share(raw, q, d.max_quarantine_share))
+    versions = {t: lake.version(t) for t in TABLES}
+    return {
+        "gold": {"interactions_after_filters": n_filtered, "interactions": n_inter, "users": n_users,
+                 "items": n_items, "kcore_rounds": rounds, "sequences_by_split": dict(sorted(per_split.items())),
+                 "temporal_cuts": list(cuts) if cuts else None},
+        "versions": {k: v for k, v in versions.items() if v is not None},
+        "checks": [c.to_dict() for c in checks],
+        "checks_passed": all(c.passed for c in checks),
+    }
+
+
+# ----------------------------------------------------------------------------- summary
+
+def write_summary(lake: Lake, summary: dict) -> None:
+    if "://" in lake.summary_path:
+        return
+    os.makedirs(os.path.dirname(lake.summary_path), exist_ok=True)
+    tmp = lake.summary_path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(summary, fh, indent=2, default=str)
+    os.replace(tmp, lake.summary_path)
+
+
+def read_summary(lake: Lake) -> dict | None:
+    try:
+        with open(lake.summary_path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None

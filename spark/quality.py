@@ -1,0 +1,84 @@
+"""Data-quality checks: plain functions over tables returning pass/fail plus the figures behind it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    description: str
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_no_null_ids(interactions: DataFrame, user_col: str = "user_id", item_col: str = "item_id") -> CheckResult:
+    row = interactions.select(
+        F.sum(F.col(user_col).isNull().cast("int")).alias("null_users"),
+        F.sum(F.col(item_col).isNull().cast("int")).alias("null_items"),
+        F.count(F.lit(1)).alias("rows")).collect()[0]
+    nulls_u, nulls_i = int(row["null_users"] or 0), int(row["null_items"] or 0)
+    return CheckResult("no_null_ids", nulls_u == 0 and nulls_i == 0, "no interaction has a null user or item id",
+                       {"rows": int(row["rows"]), "null_user_ids": nulls_u, "null_item_ids": nulls_i})
+
+
+def gold_interactions(sequences: DataFrame) -> DataFrame:
+    """The full per-user interaction set behind the split rows: the test row's history plus its
+    target where the user has one, else the train row."""
+    test = sequences.filter(F.col("split") == "test").select(
+        "user_idx", F.concat("item_ids", F.array("target")).alias("items"))
+    train_only = sequences.filter(F.col("split") == "train").join(test.select("user_idx"), "user_idx", "left_anti") \
+        .select("user_idx", F.col("item_ids").alias("items"))
+    return test.unionByName(train_only).select("user_idx", F.explode("items").alias("item_idx"))
+
+
+def check_kcore(pairs: DataFrame, user_k: int, item_k: int, user_col: str = "user_idx",
+                item_col: str = "item_idx") -> CheckResult:
+    """Every user has >= user_k interactions and every item >= item_k."""
+    min_user = pairs.groupBy(user_col).count().agg(F.min("count")).collect()[0][0] or 0
+    min_item = pairs.groupBy(item_col).count().agg(F.min("count")).collect()[0][0] or 0
+    ok = (user_k <= 1 or min_user >= user_k) and (item_k <= 1 or min_item >= item_k)
+    return CheckResult("kcore_holds", bool(ok), f"users >= {user_k} and items >= {item_k} interactions",
+                       {"min_user_interactions": int(min_user), "min_item_interactions": int(min_item),
+                        "user_k": user_k, "item_k": item_k})
+
+
+def check_no_leakage(sequences: DataFrame) -> CheckResult:
+    """No valid/test target event (item, timestamp) appears in the same user's train history.
+    `targets_seen_in_train` counts targets whose item also occurs earlier in train (a repeat
+    consumption, legitimate where the data has repeats, and zero on de-duplicated data)."""
+    train = sequences.filter(F.col("split") == "train").select(
+        "user_idx", F.arrays_zip(F.col("item_ids").alias("i"), F.col("timestamps").alias("t")).alias("hist"))
+    targets = sequences.filter(F.col("split").isin("valid", "test")).select("user_idx", "split", "target", "target_ts")
+    joined = targets.join(train, "user_idx", "left")
+    leaked = F.exists("hist", lambda x: (x["i"] == F.col("target")) & (x["t"] == F.col("target_ts")))
+    repeat = F.exists("hist", lambda x: x["i"] == F.col("target"))
+    row = joined.select(F.sum(F.coalesce(leaked, F.lit(False)).cast("int")).alias("leaked"),
+                        F.sum(F.coalesce(repeat, F.lit(False)).cast("int")).alias("repeat"),
+                        F.count(F.lit(1)).alias("targets")).collect()[0]
+    n_leaked = int(row["leaked"] or 0)
+    return CheckResult("no_train_test_leakage", n_leaked == 0,
+                       "no valid/test target event appears in the user's train history",
+                       {"targets": int(row["targets"]), "leaked_target_events": n_leaked,
+                        "targets_seen_in_train": int(row["repeat"] or 0)})
+
+
+def check_sequence_items_indexed(sequences: DataFrame, item_index: DataFrame) -> CheckResult:
+    items = sequences.select(F.explode("item_ids").alias("item_idx")).unionByName(
+        sequences.filter(F.col("target").isNotNull()).select(F.col("target").alias("item_idx"))).distinct()
+    missing = items.join(item_index.select("item_idx"), "item_idx", "left_anti").count()
+    return CheckResult("sequence_items_indexed", missing == 0, "every sequence item exists in item_index",
+                       {"missing_items": int(missing)})
+
+
+def check_quarantine_share(n_raw: int, n_quarantined: int, max_share: float) -> CheckResult:
+    share = n_quarantined / n_raw if n_raw else 0.0
+    return CheckResult("quarantine_share", share <= max_share, f"quarantined share of raw rows <= {max_share}",
+                       {"raw_rows": n_raw, "quarantined_rows": n_quarantined, "share": round(share, 6),
+                        "max_share": max_share})

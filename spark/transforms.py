@@ -1,0 +1,264 @@
+"""Transforms: pure DataFrame -> DataFrame steps from bronze rows to gold sequences and splits.
+
+Every function runs unchanged on Sail (Spark Connect) and on JVM Spark, and is deterministic: the
+same input gives the same rows and the same ids on either engine and on every re-run.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+# Validation reasons, checked in this order; a row gets the first that applies.
+REASONS = [
+    "malformed_line", "missing_user_id", "missing_item_id", "missing_timestamp", "unparsable_timestamp",
+    "timestamp_out_of_range", "missing_value", "unparsable_value", "value_out_of_range",
+]
+ITEM_REASONS = ["malformed_line", "missing_item_id"]
+TS_MIN, TS_MAX = 0, 4102444800  # 1970-01-01 .. 2100-01-01, epoch seconds
+
+
+def parse_epoch_seconds(ts: Column, ts_format: str) -> Column:
+    """Timestamp strings to epoch seconds (BIGINT); NULL when unparsable. Never raises (ANSI-safe)."""
+    if ts_format in ("epoch_s", "epoch_ms"):
+        as_double = ts.try_cast("double")
+        seconds = as_double / 1000.0 if ts_format == "epoch_ms" else as_double
+        finite = seconds.between(-1e13, 1e13)  # also rejects NaN and +-Infinity
+        return F.when(finite, F.floor(seconds)).cast("bigint")
+    return F.unix_timestamp(F.try_to_timestamp(ts, F.lit(ts_format)))
+
+
+def epoch_to_date(seconds: Column) -> Column:
+    """UTC calendar date of epoch seconds, independent of the session time zone."""
+    return F.date_add(F.lit("1970-01-01").cast("date"), F.floor(seconds / 86400).cast("int"))
+
+
+def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = None,
+                     value_max: float | None = None, has_value: bool = True) -> DataFrame:
+    """Add typed `ts_s` (epoch seconds), `value_d` and `reason` (NULL = valid) to bronze rows."""
+    ts_s = parse_epoch_seconds(F.col("ts"), ts_format)
+    value_d = F.col("value").try_cast("double") if has_value else F.lit(1.0)
+    checks: list[tuple[str, Column]] = [
+        ("malformed_line", F.col("parse_error").isNotNull()),
+        ("missing_user_id", F.col("user_id").isNull()),
+        ("missing_item_id", F.col("item_id").isNull()),
+        ("missing_timestamp", F.col("ts").isNull()),
+        ("unparsable_timestamp", F.col("ts_s").isNull()),
+        ("timestamp_out_of_range", ~F.col("ts_s").between(TS_MIN, TS_MAX)),
+    ]
+    if has_value:
+        checks += [
+            ("missing_value", F.col("value").isNull()),
+            ("unparsable_value", F.col("value_d").isNull() | F.isnan(F.col("value_d"))),
+        ]
+    out_of_range = F.lit(False)
+    if value_min is not None:
+        out_of_range = out_of_range | (F.col("value_d") < F.lit(value_min))
+    if value_max is not None:
+        out_of_range = out_of_range | (F.col("value_d") > F.lit(value_max))
+    checks.append(("value_out_of_range", out_of_range))
+    reason = F.lit(None).cast("string")
+    for name, failed in reversed(checks):
+        reason = F.when(failed, F.lit(name)).otherwise(reason)
+    return raw.withColumn("ts_s", ts_s).withColumn("value_d", value_d).withColumn("reason", reason)
+
+
+def typed_interactions(tagged: DataFrame) -> DataFrame:
+    """Valid tagged rows in the silver schema (user_id, item_id, ts, value, event_date)."""
+    return tagged.filter(F.col("reason").isNull()).select(
+        "user_id", "item_id", F.col("ts_s").alias("ts"), F.col("value_d").alias("value"),
+        epoch_to_date(F.col("ts_s")).alias("event_date"))
+
+
+def quarantine_rows(tagged: DataFrame, kind: str) -> DataFrame:
+    """Rejected rows, verbatim, with their reason, in the quarantine schema."""
+    return tagged.filter(F.col("reason").isNotNull()).select(
+        "record_id", F.lit(kind).alias("kind"), "reason", "raw", "parse_error", "source_file", "ingest_date")
+
+
+def deduplicate(df: DataFrame) -> DataFrame:
+    """One row per natural key (user_id, item_id, ts); conflicting values resolve to the largest."""
+    return df.groupBy("user_id", "item_id", "ts").agg(F.max("value").alias("value"),
+                                                      F.min("event_date").alias("event_date"))
+
+
+def collapse_repeats(df: DataFrame, mode: str) -> DataFrame:
+    """`user_item_first`/`user_item_last`: keep one interaction per (user, item); `natural_key`: as is."""
+    if mode == "natural_key":
+        return df
+    order = [F.col("ts").asc(), F.col("value").desc()] if mode == "user_item_first" else \
+        [F.col("ts").desc(), F.col("value").desc()]
+    w = Window.partitionBy("user_id", "item_id").orderBy(*order)
+    return df.withColumn("_rn", F.row_number().over(w)).filter(F.col("_rn") == 1).drop("_rn")
+
+
+def filter_min_value(df: DataFrame, min_value: float | None) -> DataFrame:
+    return df if min_value is None else df.filter(F.col("value") >= F.lit(min_value))
+
+
+def kcore_round(df: DataFrame, user_k: int, item_k: int) -> DataFrame:
+    """One k-core pass: drop users with < user_k interactions, then items with < item_k."""
+    if user_k > 1:
+        users = df.groupBy("user_id").count().filter(F.col("count") >= user_k).select("user_id")
+        df = df.join(users, "user_id", "left_semi")
+    if item_k > 1:
+        items = df.groupBy("item_id").count().filter(F.col("count") >= item_k).select("item_id")
+        df = df.join(items, "item_id", "left_semi")
+    return df
+
+
+class KCoreNotConverged(RuntimeError):
+    pass
+
+
+def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
+          materialize: Callable[[DataFrame], DataFrame] | None = None) -> tuple[DataFrame, list[dict]]:
+    """Iterative k-core: repeat rounds until one removes nothing. Returns the frame and per-round counts.
+
+    `materialize` cuts the lineage between rounds (engines without a working persist)."""
+    rounds: list[dict] = []
+    if user_k <= 1 and item_k <= 1:
+        return df, rounds
+    before = df.count()
+    for r in range(1, max_rounds + 1):
+        df = kcore_round(df, user_k, item_k)
+        if materialize is not None:
+            df = materialize(df)
+        after = df.count()
+        rounds.append({"round": r, "rows": after, "removed": before - after})
+        if after == before:
+            return df, rounds
+        before = after
+    raise KCoreNotConverged(f"k-core (user>={user_k}, item>={item_k}) still removing rows after {max_rounds} rounds")
+
+
+def assign_ids(df: DataFrame, key: str, idx: str) -> DataFrame:
+    """Dense ids from 1 (0 is padding) in order of first appearance (earliest ts), ties by key.
+
+    The order depends only on the data, so re-running on the same data gives the same ids, and new
+    keys that first appear later in time get ids after the existing ones."""
+    first = df.groupBy(key).agg(F.min("ts").alias("_first_ts"), F.count(F.lit(1)).alias("n_interactions"))
+    w = Window.orderBy(F.col("_first_ts"), F.col(key))
+    return first.select(F.row_number().over(w).cast("int").alias(idx), key, "n_interactions")
+
+
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ITEM_FIELDS = {"item_id", "title", "categories", "description"}
+
+
+def template_fields(template: str) -> list[str]:
+    return _FIELD.findall(template)
+
+
+def render_text(template: str, max_chars: int) -> Column:
+    """Item text from a template like "Title: {title}. Genres: {categories}." over item columns;
+    other {names} come from the item's `attributes` JSON. Missing fields render empty."""
+    parts: list[Column] = []
+    pos = 0
+    for m in _FIELD.finditer(template):
+        if m.start() > pos:
+            parts.append(F.lit(template[pos:m.start()]))
+        name = m.group(1)
+        if name == "categories":
+            value = F.concat_ws(", ", F.col("categories"))
+        elif name == "title":
+            value = F.coalesce(F.col("title"), F.col("item_id"))
+        elif name in _ITEM_FIELDS:
+            value = F.col(name)
+        else:
+            value = F.get_json_object(F.col("attributes"), f"$.{name}")
+        parts.append(F.coalesce(value.cast("string"), F.lit("")))
+        pos = m.end()
+    if pos < len(template):
+        parts.append(F.lit(template[pos:]))
+    text = F.trim(F.regexp_replace(F.concat(*parts) if parts else F.lit(""), r"\s+", " "))
+    return F.substring(text, 1, max_chars)
+
+
+def build_item_index(ids: DataFrame, items: DataFrame, template: str, max_chars: int) -> DataFrame:
+    """`item_index`: ids joined to item metadata, with the rendered item text."""
+    meta = items.select("item_id", "title", "categories", "description", "attributes")
+    joined = ids.join(meta, "item_id", "left")
+    return joined.select("item_idx", "item_id", "title", "categories", "description", "attributes",
+                         "n_interactions", render_text(template, max_chars).alias("text"))
+
+
+def index_interactions(df: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:
+    return (df.join(user_ids.select("user_id", "user_idx"), "user_id")
+            .join(item_ids.select("item_id", "item_idx"), "item_id")
+            .select("user_idx", "item_idx", "ts", "value"))
+
+
+def build_sequences(indexed: DataFrame) -> DataFrame:
+    """Per user the time-ordered item ids and timestamps (ties broken by item id)."""
+    seq = F.sort_array(F.collect_list(F.struct(F.col("ts"), F.col("item_idx"))))
+    return indexed.groupBy("user_idx").agg(seq.alias("_seq")).select(
+        "user_idx",
+        F.transform("_seq", lambda x: x["item_idx"]).alias("item_ids"),
+        F.transform("_seq", lambda x: x["ts"]).alias("timestamps"))
+
+
+SPLIT_COLUMNS = ["user_idx", "split", "item_ids", "timestamps", "target", "target_ts"]
+
+
+def leave_one_out(sequences: DataFrame) -> DataFrame:
+    """Rows per user: train = all but the last two items; valid = history -> second-to-last;
+    test = history -> last. Users with fewer than 3 items only get a train row."""
+    n = F.size("item_ids")
+    full = n >= 3
+
+    def prefix(col: str, drop: int) -> Column:
+        return F.slice(col, 1, n - drop)
+
+    train = sequences.select(
+        "user_idx", F.lit("train").alias("split"),
+        F.when(full, prefix("item_ids", 2)).otherwise(F.col("item_ids")).alias("item_ids"),
+        F.when(full, prefix("timestamps", 2)).otherwise(F.col("timestamps")).alias("timestamps"),
+        F.lit(None).cast("int").alias("target"), F.lit(None).cast("bigint").alias("target_ts"))
+    longer = sequences.filter(full)
+    valid = longer.select(
+        "user_idx", F.lit("valid").alias("split"), prefix("item_ids", 2).alias("item_ids"),
+        prefix("timestamps", 2).alias("timestamps"), F.element_at("item_ids", -2).alias("target"),
+        F.element_at("timestamps", -2).alias("target_ts"))
+    test = longer.select(
+        "user_idx", F.lit("test").alias("split"), prefix("item_ids", 1).alias("item_ids"),
+        prefix("timestamps", 1).alias("timestamps"), F.element_at("item_ids", -1).alias("target"),
+        F.element_at("timestamps", -1).alias("target_ts"))
+    return train.unionByName(valid).unionByName(test)
+
+
+def temporal_split(sequences: DataFrame, valid_start: int, test_start: int) -> DataFrame:
+    """Global temporal split at two cut times (epoch seconds): train = interactions before
+    `valid_start`; valid = a user's first interaction in [valid_start, test_start) with everything
+    before it as history; test = the first interaction at or after `test_start`, likewise."""
+    pairs = F.arrays_zip(F.col("timestamps").alias("ts"), F.col("item_ids").alias("item"))
+
+    def before(t: int) -> Column:
+        return F.filter(F.col("_p"), lambda x: x["ts"] < F.lit(t))
+
+    def first_in(lo: int, hi: int | None) -> Column:
+        cond = (lambda x: x["ts"] >= F.lit(lo)) if hi is None else \
+            (lambda x: (x["ts"] >= F.lit(lo)) & (x["ts"] < F.lit(hi)))
+        return F.element_at(F.filter(F.col("_p"), cond), 1)
+
+    base = sequences.select("user_idx", pairs.alias("_p"))
+
+    def rows(split: str, hist: Column, target: Column | None) -> DataFrame:
+        df = base.select("user_idx", hist.alias("_h"), (target if target is not None else F.lit(None)).alias("_t"))
+        df = df.filter(F.size("_h") > 0)
+        if target is not None:
+            df = df.filter(F.col("_t").isNotNull())
+        return df.select(
+            "user_idx", F.lit(split).alias("split"),
+            F.transform("_h", lambda x: x["item"]).alias("item_ids"),
+            F.transform("_h", lambda x: x["ts"]).alias("timestamps"),
+            (F.col("_t")["item"] if target is not None else F.lit(None)).cast("int").alias("target"),
+            (F.col("_t")["ts"] if target is not None else F.lit(None)).cast("bigint").alias("target_ts"))
+
+    train = rows("train", before(valid_start), None)
+    valid = rows("valid", before(valid_start), first_in(valid_start, test_start))
+    # test history: everything before the test target, including the validation period
+    test = rows("test", before(test_start), first_in(test_start, None))
+    return train.unionByName(valid).unionByName(test)
