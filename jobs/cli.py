@@ -7,12 +7,14 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.progress import Steps
 from jobs.spec import SpecError, dump_spec, load_spec
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -140,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (SpecError, FileNotFoundError, ValueError) as exc:
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
 
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -12,6 +13,9 @@ from typing import Iterator
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.spec import SparkSpec
+
+# Global windows (dense id assignment) are intended; PySpark's Connect client warns on each one.
+warnings.filterwarnings("ignore", message=".*No Partition Defined for Window operation.*")
 
 # PySpark sets this process-wide once a Connect session exists; classic sessions refuse to start
 # while it is set, so it is cleared when a Connect session stops and before a JVM session starts.

@@ -241,7 +241,7 @@ def temporal_split(sequences: DataFrame, valid_start: int, test_start: int) -> D
     def first_in(lo: int, hi: int | None) -> Column:
         cond = (lambda x: x["ts"] >= F.lit(lo)) if hi is None else \
             (lambda x: (x["ts"] >= F.lit(lo)) & (x["ts"] < F.lit(hi)))
-        return F.element_at(F.filter(F.col("_p"), cond), 1)
+        return F.try_element_at(F.filter(F.col("_p"), cond), F.lit(1))
 
     base = sequences.select("user_idx", pairs.alias("_p"))
 

@@ -1,0 +1,227 @@
+"""The whole ETL on real Spark and real Delta tables: MovieLens-100K, bad input, both engines, MERGE."""
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from jobs.spec import load_spec
+from spark.delta_io import read_table
+from spark.etl import TABLES, Lake, build_gold, ingest_day, run_etl
+
+GOOD = [  # user::movie::rating::ts — 3 users x 4 movies
+    "1::10::4::978300760", "1::11::3::978300761", "1::12::5::978300762", "1::13::2::978300763",
+    "2::10::5::978300770", "2::11::4::978300771", "2::12::3::978300772", "2::13::4::978300773",
+    "3::10::1::978300780", "3::11::2::978300781", "3::12::4::978300782", "3::13::5::978300783",
+]
+BAD = {  # line -> the reason it must be quarantined with
+    "1::10": "malformed_line",
+    "": "malformed_line",
+    "1::10::4::978300760::extra": "malformed_line",
+    "::10::4::978300760": "missing_user_id",
+    "1::::4::978300760": "missing_item_id",
+    "1::10::4::": "missing_timestamp",
+    "1::10::4::yesterday": "unparsable_timestamp",
+    "1::10::4::-5": "timestamp_out_of_range",
+    "1::10::::978300760": "missing_value",
+    "1::10::abc::978300760": "unparsable_value",
+    "1::10::9::978300760": "value_out_of_range",
+}
+DUPLICATES = ["2::11::4::978300771", "3::13::5::978300783"]
+MOVIES = ["10::Café Society (1995)::Drama|Romance", "11::Toy Story (1995)::Animation|Comedy",
+          "12::Heat (1995)::Action", "13::Nixon (1995)::(no genres listed)", "::Ghost (1990)::Drama"]
+
+
+@pytest.fixture
+def bad_movielens(tmp_path):
+    folder = tmp_path / "ml-bad"
+    folder.mkdir()
+    lines = GOOD[:6] + list(BAD) + GOOD[6:] + DUPLICATES
+    (folder / "ratings.dat").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    (folder / "movies.dat").write_bytes(("\n".join(MOVIES) + "\n").encode("latin-1"))
+    return folder
+
+
+def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
+    spec = make_spec(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
+                     value_range={"min": 1, "max": 5}, kcore={"user": 2, "item": 2})
+    summary = run_etl(spec, engine)
+    acc = summary["accounting"]
+    expected = {}
+    for reason in BAD.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert acc["quarantined_by_reason"] == expected
+    assert acc["raw_rows"] == len(GOOD) + len(BAD) + len(DUPLICATES)
+    assert acc["duplicates_removed"] == len(DUPLICATES)
+    assert acc["silver_rows"] == len(GOOD)
+    assert acc["accounted"] is True
+    assert acc["item_rows_quarantined_by_reason"] == {"missing_item_id": 1}
+    lake = Lake.of(spec)
+    q = DeltaTable(lake.path("quarantine")).to_pyarrow_table().to_pylist()
+    by_raw = {r["raw"]: r["reason"] for r in q if r["kind"] == "interaction"}
+    assert by_raw == BAD  # verbatim lines, each with its reason
+    assert all(r["source_file"].endswith("ratings.dat") for r in q if r["kind"] == "interaction")
+    silver = DeltaTable(lake.path("interactions")).to_pyarrow_table()
+    assert sorted(zip(silver["user_id"].to_pylist(), silver["item_id"].to_pylist(), silver["value"].to_pylist())) == \
+        sorted((g.split("::")[0], g.split("::")[1], float(g.split("::")[2])) for g in GOOD)
+    items = {r["item_id"]: r for r in DeltaTable(lake.path("item_index")).to_pyarrow_table().to_pylist()}
+    assert items["10"]["title"] == "Café Society"  # latin-1 decoded
+    assert items["10"]["text"] == "Title: Café Society. Genres: Drama, Romance."
+    assert items["13"]["categories"] is None
+    checks = {c["name"]: c for c in summary["checks"]}
+    # 11 of 25 rows are broken: far above the 5% bound, so that check (and only that one) fails
+    assert checks["quarantine_share"]["passed"] is False and summary["checks_passed"] is False
+    assert checks["quarantine_share"]["metrics"]["quarantined_rows"] == len(BAD)
+    assert all(c["passed"] for name, c in checks.items() if name != "quarantine_share")
+
+
+def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
+    spec = make_spec(kcore={"user": 5, "item": 5})
+    first = run_etl(spec, sail)
+    g = first["gold"]
+    assert (g["users"], g["items"], g["interactions"]) == (943, 1349, 99287)
+    assert first["accounting"]["raw_rows"] == 100000 and first["accounting"]["accounted"]
+    assert g["sequences_by_split"] == {"test": 943, "train": 943, "valid": 943}
+    assert [r["removed"] for r in g["kcore_rounds"]] == [713, 0]
+    assert first["checks_passed"] and all(v == 0 for v in first["versions"].values())
+    lake = Lake.of(spec)
+    # read back with delta-rs, independently of Spark
+    seq = DeltaTable(lake.path("sequences")).to_pyarrow_table()
+    test_rows = seq.filter(pc.equal(seq["split"], "test"))
+    lengths = pc.add(pc.list_value_length(test_rows["item_ids"]), 1)
+    assert pc.sum(lengths).as_py() == 99287
+    assert DeltaTable(lake.path("item_index")).to_pyarrow_table().num_rows == 1349
+    assert DeltaTable(lake.path("interactions")).count() == 100000
+    # a re-run commits version 1 everywhere with the same contents; version 0 stays readable
+    second = run_etl(spec, sail)
+    assert all(v == 1 for v in second["versions"].values())
+    assert len(DeltaTable(lake.path("sequences")).history()) == 2
+    for table in ("item_index", "user_index", "sequences"):
+        v0 = read_table(sail, lake.path(table), version=0).toArrow()
+        v1 = read_table(sail, lake.path(table), version=1).toArrow()
+        key = [(c, "ascending") for c in ("user_idx", "split") if c in v0.column_names] or [("item_idx", "ascending")] \
+            if table != "item_index" else [("item_idx", "ascending")]
+        assert v0.sort_by(key).equals(v1.sort_by(key)), table
+    v0_delta_rs = DeltaTable(lake.path("user_index"), version=0).to_pyarrow_table()
+    assert v0_delta_rs.num_rows == 943
+
+
+def _table_rows(path: str) -> list:
+    t = DeltaTable(path).to_pyarrow_table()
+    if "ingest_date" in t.column_names:
+        t = t.drop_columns(["ingest_date"])
+    return sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
+
+
+def test_engines_build_identical_tables(sail, tmp_path):
+    """The same spec on Sail (in process) and on JVM Spark (through the CLI) gives identical tables."""
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={tmp_path / 'sail'}"])
+    run_etl(spec, sail)
+    local_lake = tmp_path / "local"
+    cli = [sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", "jobs/specs/movielens-100k-smoke.yaml",
+           "--set", "spark.engine=local", "--set", f"lake.root={local_lake}"]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine local" in proc.stdout
+    for table in ("interactions_raw", "quarantine", "interactions", "items", "item_index", "user_index", "sequences"):
+        a = _table_rows(f"{Lake.of(spec).root}/{TABLES[table]}")
+        b = _table_rows(f"{local_lake}/{spec.data.name}/{TABLES[table]}")
+        assert a == b, table
+
+
+LANDED_DAY1 = "user_id,item_id,ts,value\n1,10,978400000,4\n4,10,978400001,5\n4,11,978400002,3\nbad,,978400003,4\n"
+LANDED_DAY2 = "user_id,item_id,ts,value\n4,10,978400001,2\n5,12,978500000,5\n"
+
+
+def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    spec = make_spec(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
+                     value_range={"min": 1, "max": 5}, landing={"path": str(landing)})
+    run_etl(spec, engine)
+    lake = Lake.of(spec)
+    base = {t: lake.version(t) for t in ("interactions_raw", "quarantine", "interactions")}
+    (landing / "2026-11-20.csv").write_text(LANDED_DAY1)
+    first = ingest_day(spec, engine, "2026-11-20")
+    assert first["rows"] == 4
+    assert first["bronze"]["inserted"] == 4 and first["quarantine"]["inserted"] == 1
+    assert first["silver"] == {"inserted": 3, "updated": 0, "version": base["interactions"] + 1, "committed": True}
+    assert first["gold"]["gold"]["users"] == 4  # user 4 arrived
+    after_first = {t: _table_rows(lake.path(t)) for t in ("interactions_raw", "quarantine", "interactions")}
+    versions = {t: lake.version(t) for t in ("interactions_raw", "quarantine", "interactions", "sequences")}
+    # the same day again: nothing inserted, nothing committed, gold not rebuilt
+    again = ingest_day(spec, engine, "2026-11-20")
+    assert (again["bronze"]["committed"], again["quarantine"]["committed"], again["silver"]["committed"]) == (False,) * 3
+    assert again["gold"]["rebuilt"] is False
+    assert {t: lake.version(t) for t in versions} == versions
+    assert {t: _table_rows(lake.path(t)) for t in after_first} == after_first
+    # the next day updates one value on an existing natural key and adds one row
+    (landing / "2026-11-21.csv").write_text(LANDED_DAY2)
+    second = ingest_day(spec, engine, "2026-11-21")
+    assert (second["silver"]["inserted"], second["silver"]["updated"]) == (1, 1)
+    silver = {(r["user_id"], r["item_id"], r["ts"]): r["value"] for r in
+              DeltaTable(lake.path("interactions")).to_pyarrow_table().to_pylist()}
+    assert silver[("4", "10", 978400001)] == 2.0 and silver[("5", "12", 978500000)] == 5.0
+    assert len(silver) == len(GOOD) + 4
+    # a full run replays the landing folder: same silver as the incremental path
+    incremental = _table_rows(lake.path("interactions"))
+    run_etl(spec, engine)
+    assert _table_rows(lake.path("interactions")) == incremental
+
+
+def test_ingest_without_landing_or_silver_is_a_clear_error(sail, make_spec, tmp_path):
+    spec = make_spec()
+    with pytest.raises(ValueError, match="data.landing is not configured"):
+        ingest_day(spec, sail, "2026-11-20")
+    spec = make_spec(landing={"path": str(tmp_path)})
+    with pytest.raises(ValueError, match="run `llmrec etl` first"):
+        ingest_day(spec, sail, "2026-11-20")
+
+
+def test_temporal_split_on_movielens_100k(sail, make_spec):
+    spec = make_spec(kcore={"user": 5, "item": 5}, split={"kind": "temporal", "valid_fraction": 0.1, "test_fraction": 0.1})
+    summary = run_etl(spec, sail)
+    lo, hi = summary["gold"]["temporal_cuts"]
+    assert lo < hi
+    seq = DeltaTable(Lake.of(spec).path("sequences")).to_pyarrow_table().to_pylist()
+    for r in seq:
+        if r["split"] == "train":
+            assert max(r["timestamps"]) < lo
+        elif r["split"] == "valid":
+            assert lo <= r["target_ts"] < hi and max(r["timestamps"]) < lo
+        else:
+            assert r["target_ts"] >= hi and max(r["timestamps"]) < hi
+    assert summary["checks_passed"]
+
+
+def test_build_gold_refuses_nothing_silently(sail, make_spec):
+    spec = make_spec()
+    with pytest.raises(FileNotFoundError, match="no Delta table"):
+        build_gold(spec, sail)
+
+
+def test_etl_cli_writes_summary(tmp_path):
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--spec", "movielens-100k-smoke",
+                           "--set", f"lake.root={tmp_path / 'lake'}", "--summary-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["gold"]["users"] == 943 and summary["engine"] == "sail"
+    assert os.path.exists(tmp_path / "lake" / "movielens-100k" / "_etl" / "summary.json")
+    assert "✓ gold/sequences" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--spec", "movielens-100k-smoke",
+                          "--set", "data.kcore.usr=3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown key 'data.kcore.usr'" in bad.stderr
+    tables = subprocess.run([sys.executable, "-m", "jobs.cli", "tables", "--spec", "movielens-100k-smoke",
+                             "--set", f"lake.root={tmp_path / 'lake'}"], capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0 and "sequences" in tables.stdout and "2,829" in tables.stdout
+
+
+def test_cli_help_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
+    for command in ("etl", "ingest", "tables", "spec"):
+        assert command in proc.stdout

@@ -1,0 +1,69 @@
+"""The job spec: packaged specs load, unknown keys are rejected by name, --set overrides are typed."""
+import pytest
+import yaml
+
+from jobs.spec import SpecError, apply_overrides, load_spec, parse_override, validate_spec
+
+
+def test_packaged_specs_load():
+    ml1m = load_spec("jobs/specs/movielens-1m.yaml")
+    assert ml1m.data.source.kind == "movielens_packaged" and ml1m.data.source.variant == "ml-1m"
+    assert ml1m.spark.engine == "sail" and ml1m.lake.root == "./.lake"
+    assert (ml1m.data.kcore.user, ml1m.data.kcore.item) == (5, 5)
+    smoke = load_spec("movielens-100k-smoke")  # a bare name resolves under jobs/specs
+    assert smoke.data.source.variant == "ml-100k"
+
+
+def test_overrides_are_typed_and_nested():
+    spec = load_spec("jobs/specs/movielens-1m.yaml",
+                     ["spark.engine=local", "data.kcore.user=10", "data.min_value=3.5", "spark.conf.a=b"])
+    assert spec.spark.engine == "local"
+    assert spec.data.kcore.user == 10 and spec.data.kcore.item == 5
+    assert spec.data.min_value == 3.5
+    assert spec.spark.conf == {"a": "b"}
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(SpecError, match=r"unknown key 'data\.kcore\.users'"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["data.kcore.users=3"])
+    with pytest.raises(SpecError, match=r"unknown key 'trian'"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["trian.epochs=3"])
+
+
+def test_unknown_key_inside_a_source_is_named(tmp_path):
+    doc = yaml.safe_load(open("jobs/specs/movielens-1m.yaml"))
+    doc["data"]["source"]["path"] = "/x"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError, match=r"s\.yaml: unknown key 'data\.source\.path'"):
+        load_spec(p)
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(SpecError, match=r"'data\.kcore\.user'"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["data.kcore.user=-1"])
+    with pytest.raises(SpecError, match=r"'spark\.engine'"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["spark.engine=flink"])
+    with pytest.raises(SpecError, match="spark.remote"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["spark.engine=remote"])
+
+
+def test_source_kind_switch_and_missing_key():
+    spec = load_spec("jobs/specs/movielens-1m.yaml",
+                     ["data.source={kind: synthetic, n_users: 10, n_items: 5, n_interactions: 100}"])
+    assert spec.data.source.kind == "synthetic" and spec.data.source.n_interactions == 100
+    with pytest.raises(SpecError, match=r"missing key 'data\.source\.reviews'"):
+        load_spec("jobs/specs/movielens-1m.yaml", ["data.source={kind: amazon2023}"])
+
+
+def test_override_parsing_errors():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=x=y") == (["a"], "x=y")
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        parse_override("novalue")
+    with pytest.raises(SpecError, match="is not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+    with pytest.raises(SpecError, match="not found"):
+        load_spec("jobs/specs/no-such-spec.yaml")
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        validate_spec([1, 2])
