@@ -333,13 +333,17 @@ def read_table_file(engine: Engine, files: list[str], fmt: str, delimiter: str, 
     return _union(frames)
 
 
+_ADDED_COLUMNS = ("raw", "parse_error", "source_file")
+
+
 def _field(df: DataFrame, fmt: str, name: str | None, where: str) -> Column | None:
     if name is None:
         return None
     if fmt == "json":
         return _json(f"$.{name}")
     if name not in df.columns:
-        raise SourceError(f"{where}: column {name!r} not found; the file has {df.columns}")
+        present = [c for c in df.columns if c not in _ADDED_COLUMNS]
+        raise SourceError(f"{where}: column {name!r} not found; the file has {present}")
     return F.col(f"`{name}`")
 
 
