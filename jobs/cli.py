@@ -35,10 +35,10 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
 def cmd_etl(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
-    session, etl = _layer("spark.session"), _layer("spark.etl")
+    etl = _layer("spark.etl")
     steps = Steps(enabled=not args.quiet)
     with steps.step(f"start spark ({spec.spark.engine})"):
-        engine = session.start_engine(spec.spark)
+        engine = etl.start_engine_for(spec)
     try:
         summary = etl.run_etl(spec, engine, steps)
     finally:
@@ -49,10 +49,12 @@ def cmd_etl(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
-    session, etl = _layer("spark.session"), _layer("spark.etl")
+    if spec.data.landing is None:
+        raise ValueError(f"spec {args.spec}: data.landing is not configured; there is nothing to ingest")
+    etl = _layer("spark.etl")
     steps = Steps(enabled=not args.quiet)
     with steps.step(f"start spark ({spec.spark.engine})"):
-        engine = session.start_engine(spec.spark)
+        engine = etl.start_engine_for(spec)
     try:
         days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
         results = [etl.ingest_day(spec, engine, day, steps) for day in days]

@@ -13,7 +13,7 @@ from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec
 from spark import quality
 from spark.delta_io import merge_table, read_table, table_version, write_table
-from spark.session import Engine
+from spark.session import Engine, start_engine
 from spark.sources import RawSource, landing_days, read_landing_day, read_source
 from spark.transforms import (assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
                               filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
@@ -58,6 +58,14 @@ class Lake:
     @property
     def summary_path(self) -> str:
         return f"{self.root}/_etl/summary.json"
+
+
+def start_engine_for(spec: JobSpec) -> Engine:
+    """The spec's engine; on remote/cluster engines scratch data goes under the lake root, which
+    the Spark servers can reach (a local temp folder is only visible to this machine)."""
+    shared = spec.spark.engine in ("remote", "cluster")
+    return start_engine(spec.spark, app_name=f"llmrec-{spec.name}",
+                        scratch_root=f"{Lake.of(spec).root}/_scratch" if shared else None)
 
 
 def today_utc() -> str:
@@ -240,7 +248,8 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
     with steps.step("gold/sequences"):
         seqs = build_sequences(index_interactions(df, users, item_index))
         if d.split.kind == "leave_one_out":
-            splits, cuts = leave_one_out(seqs), None
+            # materialized once: the three split selects would otherwise each redo the groupBy
+            splits, cuts = leave_one_out(engine.materialize(seqs)), None
         else:
             cuts = split_cuts(df, spec)
             splits = temporal_split(seqs, *cuts)

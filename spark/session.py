@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore", message=".*No Partition Defined for Window ope
 # PySpark sets this process-wide once a Connect session exists; classic sessions refuse to start
 # while it is set, so it is cleared when a Connect session stops and before a JVM session starts.
 _CONNECT_FLAG = "SPARK_CONNECT_MODE_ENABLED"
+_live_connect_engines = 0
 
 
 @dataclass
@@ -47,7 +48,10 @@ class Engine:
                 self._server.stop()
                 self._server = None
             if self.name in ("sail", "remote"):
-                os.environ.pop(_CONNECT_FLAG, None)
+                global _live_connect_engines
+                _live_connect_engines -= 1
+                if _live_connect_engines == 0:
+                    os.environ.pop(_CONNECT_FLAG, None)
             if self._owns_scratch:
                 shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -59,14 +63,14 @@ def _sail(spec: SparkSpec) -> Engine:
     server = SparkConnectServer(ip="127.0.0.1", port=0)
     server.start(background=True)
     host, port = server.listening_address
-    builder = SparkSession.builder.remote(f"sc://{host}:{port}")
-    session = builder.getOrCreate()
+    # create(), not getOrCreate(): the latter returns any active Connect session, whatever its URL
+    session = SparkSession.builder.remote(f"sc://{host}:{port}").create()
     _apply_conf(session, spec)
     return Engine("sail", session, native_delta=True, _server=server)
 
 
 def _remote(spec: SparkSpec) -> Engine:
-    session = SparkSession.builder.remote(spec.remote).getOrCreate()
+    session = SparkSession.builder.remote(spec.remote).create()
     _apply_conf(session, spec)
     return Engine("remote", session, native_delta=True)
 
@@ -119,9 +123,11 @@ def _apply_conf(session: SparkSession, spec: SparkSpec) -> None:
 def start_engine(spec: SparkSpec, app_name: str = "llmrec", scratch_root: str | None = None) -> Engine:
     """Start the spec's engine. `scratch_root` must be reachable by the Spark server (a shared path
     on a cluster); by default a local temp folder, fine for sail and local."""
+    global _live_connect_engines
     builders = {"sail": _sail, "remote": _remote}
     if spec.engine in builders:
         engine = builders[spec.engine](spec)
+        _live_connect_engines += 1
     elif spec.engine == "local":
         engine = _local(spec, app_name)
     elif spec.engine == "cluster":

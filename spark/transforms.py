@@ -192,12 +192,14 @@ def index_interactions(df: DataFrame, user_ids: DataFrame, item_ids: DataFrame) 
 
 
 def build_sequences(indexed: DataFrame) -> DataFrame:
-    """Per user the time-ordered item ids and timestamps (ties broken by item id)."""
+    """Per user the time-ordered item ids and timestamps (ties broken by item id), plus `events`,
+    the same as (ts, item_idx) structs for splits that cut by time."""
     seq = F.sort_array(F.collect_list(F.struct(F.col("ts"), F.col("item_idx"))))
-    return indexed.groupBy("user_idx").agg(seq.alias("_seq")).select(
+    return indexed.groupBy("user_idx").agg(seq.alias("events")).select(
         "user_idx",
-        F.transform("_seq", lambda x: x["item_idx"]).alias("item_ids"),
-        F.transform("_seq", lambda x: x["ts"]).alias("timestamps"))
+        F.transform("events", lambda x: x["item_idx"]).alias("item_ids"),
+        F.transform("events", lambda x: x["ts"]).alias("timestamps"),
+        "events")
 
 
 SPLIT_COLUMNS = ["user_idx", "split", "item_ids", "timestamps", "target", "target_ts"]
@@ -232,33 +234,33 @@ def leave_one_out(sequences: DataFrame) -> DataFrame:
 def temporal_split(sequences: DataFrame, valid_start: int, test_start: int) -> DataFrame:
     """Global temporal split at two cut times (epoch seconds): train = interactions before
     `valid_start`; valid = a user's first interaction in [valid_start, test_start) with everything
-    before it as history; test = the first interaction at or after `test_start`, likewise."""
-    pairs = F.arrays_zip(F.col("timestamps").alias("ts"), F.col("item_ids").alias("item"))
+    before it as history; test = the first interaction at or after `test_start`, likewise.
 
-    def before(t: int) -> Column:
-        return F.filter(F.col("_p"), lambda x: x["ts"] < F.lit(t))
+    Sail 0.7 can't push a filter holding a higher-order function (`exists`, `filter`) into a
+    Parquet scan ("No field named ?table?.events"), so give this function sequences computed in the
+    same plan, not read back from files, when running on Sail."""
+    def before(t: int):
+        return lambda x: x["ts"] < F.lit(t)
 
-    def first_in(lo: int, hi: int | None) -> Column:
-        cond = (lambda x: x["ts"] >= F.lit(lo)) if hi is None else \
+    def within(lo: int, hi: int | None):
+        return (lambda x: x["ts"] >= F.lit(lo)) if hi is None else \
             (lambda x: (x["ts"] >= F.lit(lo)) & (x["ts"] < F.lit(hi)))
-        return F.try_element_at(F.filter(F.col("_p"), cond), F.lit(1))
 
-    base = sequences.select("user_idx", pairs.alias("_p"))
-
-    def rows(split: str, hist: Column, target: Column | None) -> DataFrame:
-        df = base.select("user_idx", hist.alias("_h"), (target if target is not None else F.lit(None)).alias("_t"))
-        df = df.filter(F.size("_h") > 0)
-        if target is not None:
-            df = df.filter(F.col("_t").isNotNull())
-        return df.select(
+    def rows(split: str, cut: int, window=None) -> DataFrame:
+        keep = F.exists("events", before(cut))
+        if window is not None:
+            keep = keep & F.exists("events", window)
+        hist = F.filter("events", before(cut))
+        target = F.try_element_at(F.filter("events", window), F.lit(1)) if window is not None else None
+        return sequences.filter(keep).select(
             "user_idx", F.lit(split).alias("split"),
-            F.transform("_h", lambda x: x["item"]).alias("item_ids"),
-            F.transform("_h", lambda x: x["ts"]).alias("timestamps"),
-            (F.col("_t")["item"] if target is not None else F.lit(None)).cast("int").alias("target"),
-            (F.col("_t")["ts"] if target is not None else F.lit(None)).cast("bigint").alias("target_ts"))
+            F.transform(hist, lambda x: x["item_idx"]).alias("item_ids"),
+            F.transform(hist, lambda x: x["ts"]).alias("timestamps"),
+            (target["item_idx"] if target is not None else F.lit(None)).cast("int").alias("target"),
+            (target["ts"] if target is not None else F.lit(None)).cast("bigint").alias("target_ts"))
 
-    train = rows("train", before(valid_start), None)
-    valid = rows("valid", before(valid_start), first_in(valid_start, test_start))
+    train = rows("train", valid_start)
+    valid = rows("valid", valid_start, within(valid_start, test_start))
     # test history: everything before the test target, including the validation period
-    test = rows("test", before(test_start), first_in(test_start, None))
+    test = rows("test", test_start, within(test_start, None))
     return train.unionByName(valid).unionByName(test)

@@ -225,3 +225,26 @@ def test_cli_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
     for command in ("etl", "ingest", "tables", "spec"):
         assert command in proc.stdout
+
+
+def test_remote_engine_against_a_separate_spark_connect_server(sail, tmp_path):
+    """engine=remote talks to whatever Spark Connect URL it is given: here a second Sail server."""
+    from pysail.spark import SparkConnectServer
+
+    from spark.etl import start_engine_for
+    server = SparkConnectServer(ip="127.0.0.1", port=0)
+    server.start(background=True)
+    try:
+        host, port = server.listening_address
+        spec = load_spec("jobs/specs/movielens-100k-smoke.yaml",
+                         [f"lake.root={tmp_path}", "spark.engine=remote", f"spark.remote=sc://{host}:{port}"])
+        remote = start_engine_for(spec)
+        try:
+            assert remote.session is not sail.session
+            summary = run_etl(spec, remote)
+        finally:
+            remote.stop()
+        assert summary["engine"] == "remote" and summary["gold"]["users"] == 943
+        assert sail.session.range(3).count() == 3  # the in-process engine is untouched
+    finally:
+        server.stop()
