@@ -154,20 +154,20 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
 def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int, v_silver: int) -> dict:
     """raw rows = silver rows + quarantined rows + duplicates removed, each counted independently."""
     raw_rows = lake.read(engine, "interactions_raw", v_raw).count()
-    q = lake.read(engine, "quarantine", v_q).filter(F.col("kind") == "interaction")
-    by_reason = {r["reason"]: int(r["count"]) for r in q.groupBy("reason").count().collect()}
-    quarantined = sum(by_reason.values())
-    valid = typed_interactions(tagged)
-    valid_rows = valid.count()
-    distinct_keys = valid.select(*NATURAL_KEY).distinct().count()
+    reasons: dict[str, dict[str, int]] = {"interaction": {}, "item": {}}
+    for r in lake.read(engine, "quarantine", v_q).groupBy("kind", "reason").count().collect():
+        reasons[r["kind"]][r["reason"]] = int(r["count"])
+    quarantined = sum(reasons["interaction"].values())
+    counts = typed_interactions(tagged).agg(F.count(F.lit(1)).alias("rows"),
+                                            F.count_distinct(*[F.col(c) for c in NATURAL_KEY]).alias("keys"))
+    row = counts.collect()[0]
+    duplicates = int(row["rows"]) - int(row["keys"])
     silver_rows = lake.read(engine, "interactions", v_silver).count()
-    item_q = lake.read(engine, "quarantine", v_q).filter(F.col("kind") == "item")
-    item_reasons = {r["reason"]: int(r["count"]) for r in item_q.groupBy("reason").count().collect()}
-    duplicates = valid_rows - distinct_keys
-    return {"raw_rows": raw_rows, "quarantined_rows": quarantined, "quarantined_by_reason": dict(sorted(by_reason.items())),
+    return {"raw_rows": raw_rows, "quarantined_rows": quarantined,
+            "quarantined_by_reason": dict(sorted(reasons["interaction"].items())),
             "duplicates_removed": duplicates, "silver_rows": silver_rows,
             "accounted": raw_rows == silver_rows + quarantined + duplicates,
-            "item_rows_quarantined_by_reason": dict(sorted(item_reasons.items()))}
+            "item_rows_quarantined_by_reason": dict(sorted(reasons["item"].items()))}
 
 
 # ----------------------------------------------------------------------------- incremental
@@ -234,7 +234,8 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
     with steps.step("gold: filters + k-core"):
         silver = lake.read(engine, "interactions", v_silver)
         df = filter_min_value(collapse_repeats(silver, d.dedup), d.min_value)
-        df = engine.materialize(df)
+        if d.dedup != "natural_key":  # the window of collapse_repeats is worth computing once
+            df = engine.materialize(df)
         n_filtered = df.count()
         df, rounds = kcore(df, d.kcore.user, d.kcore.item, d.kcore.max_rounds, engine.materialize)
     with steps.step("gold/user_index + item_index"):

@@ -113,24 +113,35 @@ class KCoreNotConverged(RuntimeError):
     pass
 
 
+def kcore_holds(df: DataFrame, user_k: int, item_k: int) -> bool:
+    """Whether every user has >= user_k interactions and every item >= item_k."""
+    def min_count(key: str) -> int:
+        return df.groupBy(key).count().agg(F.min("count")).collect()[0][0] or 0
+    return (user_k <= 1 or min_count("user_id") >= user_k) and (item_k <= 1 or min_count("item_id") >= item_k)
+
+
 def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
           materialize: Callable[[DataFrame], DataFrame] | None = None) -> tuple[DataFrame, list[dict]]:
-    """Iterative k-core: repeat rounds until one removes nothing. Returns the frame and per-round counts.
+    """Iterative k-core: filter rounds until both bounds hold. Returns the frame and, per round that
+    ran, the rows left and removed (an empty list: the input already was a k-core).
 
     `materialize` cuts the lineage between rounds (engines without a working persist)."""
     rounds: list[dict] = []
     if user_k <= 1 and item_k <= 1:
         return df, rounds
-    before = df.count()
+    before = None
     for r in range(1, max_rounds + 1):
+        if kcore_holds(df, user_k, item_k):
+            return df, rounds
+        before = df.count() if before is None else before
         df = kcore_round(df, user_k, item_k)
         if materialize is not None:
             df = materialize(df)
         after = df.count()
         rounds.append({"round": r, "rows": after, "removed": before - after})
-        if after == before:
-            return df, rounds
         before = after
+    if kcore_holds(df, user_k, item_k):
+        return df, rounds
     raise KCoreNotConverged(f"k-core (user>={user_k}, item>={item_k}) still removing rows after {max_rounds} rounds")
 
 

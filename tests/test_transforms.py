@@ -19,7 +19,9 @@ def test_kcore_needs_several_rounds(engine):
     out, rounds = kcore(pairs(engine, rows), 2, 2, materialize=engine.materialize)
     assert sorted((r.user_id, r.item_id) for r in out.collect()) == [("u1", "A"), ("u1", "B"), ("u5", "A"), ("u5", "B")]
     assert rounds == [{"round": 1, "rows": 7, "removed": 2}, {"round": 2, "rows": 5, "removed": 2},
-                      {"round": 3, "rows": 4, "removed": 1}, {"round": 4, "rows": 4, "removed": 0}]
+                      {"round": 3, "rows": 4, "removed": 1}]
+    again, none = kcore(out, 2, 2)  # already a 2-core: no round runs
+    assert none == [] and again.count() == 4
 
 
 def test_kcore_off_and_not_converged(engine):
