@@ -5,7 +5,7 @@ Each run is a fresh subprocess (imports and engine start included); peak memory 
 sum of RSS over the whole process tree (the JVM is a child process on the local engine), sampled
 every 50 ms. Prints a table and writes bench/results/etl.json. No assertions: figures only.
 
-    python bench/etl.py                                 # everything (~15 min on 2 cores)
+    python bench/etl.py                                 # everything (~10 min on 2 cores)
     python bench/etl.py --engines sail --synthetic 1000000
 """
 from __future__ import annotations
@@ -109,18 +109,28 @@ def main() -> None:
                                  "python": platform.python_version()},
                      "movielens_1m": {}, "synthetic": {}}
     with tempfile.TemporaryDirectory(prefix="llmrec-bench-") as tmp:
-        if not args.skip_pandas:
-            def pandas_run(i: int) -> dict:
-                m = measure([sys.executable, "bench/pandas_etl.py", "--out", os.path.join(tmp, f"pandas-{i}")])
-                inner = json.loads(m.pop("stdout").strip().splitlines()[-1])
-                return {**m, **inner}
-            results["movielens_1m"]["pandas"] = median_run([pandas_run(i) for i in range(args.repeat)])
-            report("ML-1M pandas", results["movielens_1m"]["pandas"])
+        def pandas_run(i: int) -> dict:
+            m = measure([sys.executable, "bench/pandas_etl.py", "--out", os.path.join(tmp, f"pandas-{i}")])
+            inner = json.loads(m.pop("stdout").strip().splitlines()[-1])
+            return {**m, **inner}
+
+        def ml1m_run(engine: str, i: int) -> dict:
+            return llmrec_etl("jobs/specs/movielens-1m.yaml", [f"spark.engine={engine}"], os.path.join(tmp, f"ml-{engine}-{i}"))
+
+        # pandas and Sail runs alternate, so both see the same (drifting) machine speed
+        runs: dict[str, list] = {"pandas": [], "sail": []}
+        for i in range(args.repeat):
+            if not args.skip_pandas:
+                runs["pandas"].append(pandas_run(i))
+            if "sail" in engines:
+                runs["sail"].append(ml1m_run("sail", i))
         for engine in engines:
-            runs = [llmrec_etl("jobs/specs/movielens-1m.yaml", [f"spark.engine={engine}"], os.path.join(tmp, f"ml-{engine}-{i}"))
-                    for i in range(args.repeat if engine == "sail" else 1)]
-            results["movielens_1m"][engine] = median_run(runs)
-            report(f"ML-1M {engine}", results["movielens_1m"][engine])
+            if engine != "sail":
+                runs[engine] = [ml1m_run(engine, 0)]
+        for name, rs in runs.items():
+            if rs:
+                results["movielens_1m"][name] = median_run(rs)
+                report(f"ML-1M {name}", results["movielens_1m"][name])
         pandas_s = results["movielens_1m"].get("pandas", {}).get("seconds")
         for engine in engines:
             if pandas_s:

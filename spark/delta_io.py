@@ -74,9 +74,9 @@ def write_table(engine: Engine, df: DataFrame, path: str, mode: str = "overwrite
         dataset = pads.dataset(staged, format="parquet", schema=_arrow_schema(df))
         # Streamed with bounded read-ahead and file size: on 10M rows this holds the Python side
         # near 1 GiB instead of 2+ GiB with pyarrow's default read-ahead.
-        reader = dataset.scanner(batch_size=65536, batch_readahead=1, fragment_readahead=1).to_reader()
+        reader = dataset.scanner(batch_size=32768, batch_readahead=1, fragment_readahead=1).to_reader()
         write_deltalake(path, reader, mode=mode, schema_mode="overwrite" if mode == "overwrite" else None,
-                        target_file_size=64 * 1024 * 1024, storage_options=storage_options or None)
+                        target_file_size=32 * 1024 * 1024, storage_options=storage_options or None)
     return table_version(path, storage_options)
 
 
