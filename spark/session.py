@@ -57,7 +57,7 @@ class Engine:
 
 
 def _sail(spec: SparkSpec) -> Engine:
-    os.environ.setdefault("RUST_LOG", "warn")
+    os.environ.setdefault("RUST_LOG", "error")  # Sail logs every shutdown as "aborting N task(s)"
     from pysail.spark import SparkConnectServer
 
     server = SparkConnectServer(ip="127.0.0.1", port=0)
