@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from spark.transforms import min_interactions
+
 
 @dataclass
 class CheckResult:
@@ -41,8 +43,7 @@ def gold_interactions(sequences: DataFrame) -> DataFrame:
 def check_kcore(pairs: DataFrame, user_k: int, item_k: int, user_col: str = "user_idx",
                 item_col: str = "item_idx") -> CheckResult:
     """Every user has >= user_k interactions and every item >= item_k."""
-    min_user = pairs.groupBy(user_col).count().agg(F.min("count")).collect()[0][0] or 0
-    min_item = pairs.groupBy(item_col).count().agg(F.min("count")).collect()[0][0] or 0
+    min_user, min_item = min_interactions(pairs, user_col), min_interactions(pairs, item_col)
     ok = (user_k <= 1 or min_user >= user_k) and (item_k <= 1 or min_item >= item_k)
     return CheckResult("kcore_holds", bool(ok), f"users >= {user_k} and items >= {item_k} interactions",
                        {"min_user_interactions": int(min_user), "min_item_interactions": int(min_item),

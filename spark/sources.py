@@ -217,41 +217,34 @@ def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource) -> Raw
 def read_movielens(engine: Engine, src: MovieLensSource) -> RawSource:
     folder = Path(src.path)
     staging = os.path.join(engine.scratch, "transcoded")
-    if (folder / "ratings.dat").exists():
-        enc = src.encoding or "latin-1"
-        ratings = transcode_to_utf8(str(folder / "ratings.dat"), enc, staging)
-        parsed = split_delimited(read_lines(engine, [ratings]), "::", ["u", "i", "r", "t"])
-        interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
-                                          F.col("raw"), F.col("parse_error"))
-        items = None
-        if (folder / "movies.dat").exists():
-            movies = transcode_to_utf8(str(folder / "movies.dat"), enc, staging)
+    dat = (folder / "ratings.dat").exists()
+    if not dat and not (folder / "ratings.csv").exists():
+        raise SourceError(f"movielens source {src.path}: expected ratings.dat or ratings.csv in the folder")
+    enc = src.encoding or ("latin-1" if dat else "utf-8")
+    ratings_file, movies_file = folder / ("ratings.dat" if dat else "ratings.csv"), folder / ("movies.dat" if dat else "movies.csv")
+    ratings = transcode_to_utf8(str(ratings_file), enc, staging)
+    lines = read_lines(engine, [ratings], skip_header=not dat)
+    parsed = split_delimited(lines, "::" if dat else ",", ["u", "i", "r", "t"])
+    interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
+                                      F.col("raw"), F.col("parse_error"))
+    items = None
+    if movies_file.exists():
+        movies = transcode_to_utf8(str(movies_file), enc, staging)
+        if dat:
             mp = split_delimited(read_lines(engine, [movies]), "::", ["i", "title", "genres"])
-            items = _movielens_items(mp)
-        return RawSource(_with_original_file(interactions, ratings, str(folder / "ratings.dat")),
-                         items, "epoch_s")
-    if (folder / "ratings.csv").exists():
-        enc = src.encoding or "utf-8"
-        ratings = transcode_to_utf8(str(folder / "ratings.csv"), enc, staging)
-        parsed = split_delimited(read_lines(engine, [ratings], skip_header=True), ",", ["u", "i", "r", "t"])
-        interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
-                                          F.col("raw"), F.col("parse_error"))
-        items = None
-        if (folder / "movies.csv").exists():
-            movies = transcode_to_utf8(str(folder / "movies.csv"), enc, staging)
+        else:  # ml-latest titles are quoted CSV fields that may hold commas
             mp = (engine.session.read.option("header", "true").option("quote", '"').option("escape", '"')
                   .csv(movies).select(F.col("movieId").alias("i"), "title", "genres",
                                       F.concat_ws(",", "movieId", "title", "genres").alias("raw"),
                                       F.lit(None).cast("string").alias("parse_error"),
                                       F.lit(movies).alias("source_file")))
-            items = _movielens_items(mp)
-        return RawSource(interactions, items, "epoch_s")
-    raise SourceError(f"movielens source {src.path}: expected ratings.dat or ratings.csv in the folder")
+        items = _with_original_file(_movielens_items(mp), movies, str(movies_file))
+    return RawSource(_with_original_file(interactions, ratings, str(ratings_file)), items, "epoch_s")
 
 
 def _with_original_file(df: DataFrame, staged: str, original: str) -> DataFrame:
     """Report the user's file, not our transcoded copy, as the source of each row."""
-    if staged == original:
+    if os.path.abspath(staged) == os.path.abspath(original):
         return df
     return df.withColumn("source_file", F.lit(os.path.abspath(original)))
 

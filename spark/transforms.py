@@ -113,11 +113,15 @@ class KCoreNotConverged(RuntimeError):
     pass
 
 
-def kcore_holds(df: DataFrame, user_k: int, item_k: int) -> bool:
+def min_interactions(df: DataFrame, key: str) -> int:
+    """The fewest rows any value of `key` has (0 for an empty frame)."""
+    return df.groupBy(key).count().agg(F.min("count")).collect()[0][0] or 0
+
+
+def kcore_holds(df: DataFrame, user_k: int, item_k: int, user_col: str = "user_id", item_col: str = "item_id") -> bool:
     """Whether every user has >= user_k interactions and every item >= item_k."""
-    def min_count(key: str) -> int:
-        return df.groupBy(key).count().agg(F.min("count")).collect()[0][0] or 0
-    return (user_k <= 1 or min_count("user_id") >= user_k) and (item_k <= 1 or min_count("item_id") >= item_k)
+    return (user_k <= 1 or min_interactions(df, user_col) >= user_k) and \
+        (item_k <= 1 or min_interactions(df, item_col) >= item_k)
 
 
 def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
