@@ -64,6 +64,45 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    if not args.local:
+        raise ValueError("distributed training (Ray Train + DeepSpeed) is not in this build yet; use --local")
+    trainer = _layer("ray_jobs.trainer")
+    result = trainer.train_local(spec, resume=not args.restart, show_progress=not args.quiet)
+    out = {"best_valid_ndcg@10": result.best_metric, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+           "steps": result.steps, "seconds": round(result.seconds, 1), "stopped": result.stopped,
+           "checkpoint": result.checkpoint,
+           "time_to_quality": [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], "valid_hr@10": h["valid_hr@10"]}
+                               for h in result.history if "valid_hr@10" in h]}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    data_mod, metrics = _layer("ray_jobs.data"), _layer("ray_jobs.metrics")
+    data = data_mod.load_sequences(spec)
+    split = data.split(args.split)
+    e = spec.eval
+    if spec.model.kind == "pop":
+        score, name = _layer("ray_jobs.models.baselines").Popularity(data.popularity).score, "pop"
+    else:
+        trainer = _layer("ray_jobs.trainer")
+        path = args.checkpoint or f"{trainer.checkpoint_dir(spec)}/best.pt"
+        model, _ = trainer.load_trained(path)
+        score, name = trainer.scorer(model, spec.data.max_seq_len), f"{spec.model.kind} ({path})"
+    result = metrics.evaluate(score, split.histories, split.targets, data.num_items, data.popularity, e.ks,
+                              e.batch_size, None, e.tail_share, e.cold_item_max, e.short_history_max)
+    result.update(model=name, split=args.split, versions=data.versions)
+    console.print(metrics.markdown_table({name: result}), highlight=False)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        console.print(f"written {args.out}")
+    return 0
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     etl, delta_io = _layer("spark.etl"), _layer("spark.delta_io")
@@ -129,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="the landing day YYYY-MM-DD (default: every landed day, in order)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("train", help="train the spec's model on the gold tables (--local: one process)")
+    _spec_args(p)
+    p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint instead of resuming")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model (or model.kind=pop)")
+    _spec_args(p)
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--checkpoint", help="checkpoint path (default: <train.checkpoint_dir>/<name>/best.pt)")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tables", help="list the dataset's Delta tables with version and row count")
     _spec_args(p)

@@ -165,11 +165,51 @@ class LakeSpec(Strict):
     storage_options: dict[str, str] = Field(default_factory=dict, description="object-store credentials")
 
 
+class ModelSpec(Strict):
+    kind: Literal["sasrec", "hllm", "pop", "graph"] = "sasrec"
+    dim: int = Field(50, gt=0, description="embedding / hidden width (sasrec, hllm user side)")
+    blocks: int = Field(2, gt=0, description="transformer blocks")
+    heads: int = Field(1, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    graph_hops: int = Field(2, ge=1, description="graph baseline: transition hops from the last items")
+    graph_last_items: int = Field(2, ge=1, description="graph baseline: how many recent items seed the walk")
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a share of lr")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
+    negatives: int = Field(128, gt=0, description="uniform negatives per batch, shared by all positions")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature (fixed); see learnable_temperature")
+    learnable_temperature: bool = Field(False, description="CLIP-style logit scale, init 1/0.07, clamped <= 100")
+    negative_mask_cosine: float = Field(0.99, description="negatives closer than this to the positive are masked")
+    patience: int = Field(10, ge=1, description="evaluations without validation NDCG@10 gain before stopping")
+    eval_every: int = Field(1, gt=0, description="epochs between validation evaluations")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget for training")
+    seed: int = 42
+    checkpoint_dir: str = "./.checkpoints"
+
+
+class EvalSpec(Strict):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 200])
+    batch_size: int = Field(1024, gt=0, description="users per full-ranking batch")
+    cold_item_max: int = Field(10, ge=0, description="slice: targets with at most this many train interactions")
+    short_history_max: int = Field(20, gt=0, description="slice: histories at most this long are 'short'")
+    tail_share: float = Field(0.8, gt=0, lt=1, description="tail = the least popular share of items")
+
+
 class JobSpec(Strict):
     name: str
     data: DataSpec
     spark: SparkSpec = SparkSpec()
     lake: LakeSpec = LakeSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
 
     def dataset_root(self) -> str:
         return f"{self.lake.root.rstrip('/')}/{self.data.name}"

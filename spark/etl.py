@@ -10,6 +10,7 @@ from deltalake import DeltaTable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from jobs.lake import TABLES, dataset_root
 from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec
 from spark import quality
@@ -20,16 +21,6 @@ from spark.transforms import (assign_ids, build_item_index, build_sequences, col
                               filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
                               tag_interactions, temporal_split, typed_interactions)
 
-TABLES = {
-    "interactions_raw": "bronze/interactions_raw",
-    "quarantine": "bronze/quarantine",
-    "interactions": "silver/interactions",
-    "items": "silver/items",
-    "item_index": "gold/item_index",
-    "user_index": "gold/user_index",
-    "sequences": "gold/sequences",
-    "recommendations": "gold/recommendations",
-}
 NATURAL_KEY = ["user_id", "item_id", "ts"]
 
 
@@ -41,8 +32,7 @@ class Lake:
 
     @classmethod
     def of(cls, spec: JobSpec) -> "Lake":
-        root = spec.dataset_root()
-        return cls(root if "://" in root else os.path.abspath(root), spec.lake.storage_options)
+        return cls(dataset_root(spec), spec.lake.storage_options)
 
     def path(self, table: str) -> str:
         return f"{self.root}/{TABLES[table]}"

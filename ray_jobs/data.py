@@ -1,0 +1,114 @@
+"""Data feeding: gold Delta tables at a pinned version -> per-user sequences -> padded torch batches.
+
+Reads with delta-rs (no Spark on the training side), so the same code runs in one process and in a
+Ray Train worker; `shard` picks a worker's users.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from deltalake import DeltaTable
+
+from jobs.lake import table_path
+from jobs.spec import JobSpec
+
+
+@dataclass
+class EvalSplit:
+    users: np.ndarray            # user_idx per row
+    histories: list[np.ndarray]  # item ids before the target, oldest first
+    targets: np.ndarray          # the held-out next item
+
+
+@dataclass
+class SeqData:
+    num_items: int                      # item ids are 1..num_items; 0 is padding
+    train: list[np.ndarray]             # per user, the training sequence (oldest first)
+    valid: EvalSplit
+    test: EvalSplit
+    popularity: np.ndarray              # (num_items + 1,) interactions per item in the training sequences
+    item_text: list[str]                # index = item id ("" at 0)
+    versions: dict = field(default_factory=dict)  # Delta versions read, for lineage
+
+    def split(self, name: str) -> EvalSplit:
+        if name not in ("valid", "test"):
+            raise ValueError(f"split must be valid or test, got {name!r}")
+        return self.valid if name == "valid" else self.test
+
+
+def _read(spec: JobSpec, table: str, version: int | None, columns: list[str]):
+    path = table_path(spec, table)
+    try:
+        dt = DeltaTable(path, version=version, storage_options=spec.lake.storage_options or None)
+    except Exception as exc:  # delta-rs raises TableNotFoundError and friends
+        raise FileNotFoundError(f"gold table {table} not readable at {path} (version {version}): {exc}; "
+                                f"run `llmrec etl --spec ...` first") from exc
+    return dt.version(), dt.to_pyarrow_table(columns=columns)
+
+
+def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
+    """Read `sequences` and `item_index` (latest versions unless pinned) into numpy structures."""
+    versions = dict(versions or {})
+    v_seq, seq = _read(spec, "sequences", versions.get("sequences"),
+                       ["user_idx", "split", "item_ids", "target"])
+    v_idx, idx = _read(spec, "item_index", versions.get("item_index"), ["item_idx", "text"])
+    num_items = int(max(idx["item_idx"].to_pylist() or [0]))
+    item_text = [""] * (num_items + 1)
+    for i, t in zip(idx["item_idx"].to_pylist(), idx["text"].to_pylist()):
+        item_text[i] = t or ""
+    rows: dict[str, list] = {"train": [], "valid": [], "test": []}
+    for u, split, items, target in zip(seq["user_idx"].to_pylist(), seq["split"].to_pylist(),
+                                       seq["item_ids"].to_pylist(), seq["target"].to_pylist()):
+        rows[split].append((u, np.asarray(items, dtype=np.int64), target))
+    for split in rows:
+        rows[split].sort(key=lambda r: r[0])
+    train = [r[1] for r in rows["train"]]
+    popularity = np.bincount(np.concatenate(train) if train else np.zeros(0, np.int64), minlength=num_items + 1)
+
+    def eval_split(name: str) -> EvalSplit:
+        r = rows[name]
+        return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
+                         np.asarray([x[2] for x in r], dtype=np.int64))
+
+    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text,
+                   {"sequences": v_seq, "item_index": v_idx})
+
+
+def training_windows(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut each sequence into windows of at most max_len + 1 items, from the most recent backwards,
+    consecutive windows sharing one item, so every transition is trained exactly once."""
+    out = []
+    for s in seqs:
+        if len(s) < 2:
+            continue
+        end = len(s)
+        while end > 1:
+            start = max(0, end - max_len - 1)
+            out.append(s[start:end])
+            end = start + 1
+    return out
+
+
+def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
+    """(B, length) int64, each row right-aligned (the last `length` items), zeros on the left."""
+    batch = np.zeros((len(seqs), length), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-length:]
+        if len(s):
+            batch[i, length - len(s):] = s
+    return torch.from_numpy(batch)
+
+
+def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator):
+    """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded."""
+    order = rng.permutation(len(windows))
+    for start in range(0, len(order), batch_size):
+        chunk = [windows[i] for i in order[start:start + batch_size]]
+        yield left_pad([w[:-1] for w in chunk], max_len), left_pad([w[1:] for w in chunk], max_len)
+
+
+def shard(seqs: list, rank: int, world: int) -> list:
+    """A worker's share: every world-th element from rank."""
+    return seqs[rank::world]

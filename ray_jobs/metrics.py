@@ -1,0 +1,138 @@
+"""Full-ranking evaluation: every user scored against the whole catalogue, history masked.
+
+Accuracy (HR = Recall for one held-out item, NDCG, MRR), beyond-accuracy (coverage, intra-list
+diversity, tail-exposure share, exposure Gini) and slices (cold targets, short/long histories).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+ScoreFn = Callable[[list[np.ndarray]], torch.Tensor]  # histories -> (B, num_items + 1) scores
+
+
+def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
+    """Padding (column 0) and every item already in the user's history can't be recommended."""
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)]) if histories else np.zeros(0)
+    cols = np.concatenate(histories) if histories else np.zeros(0)
+    if len(cols):
+        scores[torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)] = float("-inf")
+    return scores
+
+
+def rank_and_topk(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, k_max: int,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target among the unmasked items, and each user's top-k_max item ids."""
+    ranks, tops = [], []
+    for start in range(0, len(histories), batch_size):
+        hist = histories[start:start + batch_size]
+        tgt = torch.as_tensor(targets[start:start + batch_size], dtype=torch.long)
+        with torch.no_grad():
+            scores = mask_scores(score_fn(hist).float(), hist)
+        target_scores = scores.gather(1, tgt[:, None])
+        # ties count against the target: a constant model must not look good
+        ranks.append(((scores > target_scores).sum(1) + (scores == target_scores).sum(1) - 1).numpy())
+        tops.append(torch.topk(scores, min(k_max, scores.shape[1] - 1), dim=1).indices.numpy())
+    return np.concatenate(ranks), np.concatenate(tops)
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(ranks < k))
+
+
+def ndcg(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+
+
+def mrr(ranks: np.ndarray) -> float:
+    return float(np.mean(1.0 / (ranks + 1.0)))
+
+
+def coverage(top: np.ndarray, k: int, num_items: int) -> float:
+    return len(np.unique(top[:, :k])) / num_items
+
+
+def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray) -> float:
+    """1 - mean pairwise cosine within each list, averaged over lists. For unit vectors the sum of
+    pairwise cosines is (|sum e|^2 - k) / 2, so no k x k matrix is built."""
+    e = item_emb / np.maximum(np.linalg.norm(item_emb, axis=1, keepdims=True), 1e-12)
+    s = e[top[:, :k]].sum(axis=1)
+    mean_cos = ((s * s).sum(1) - k) / (k * (k - 1))
+    return float(np.mean(1.0 - mean_cos))
+
+
+def tail_items(popularity: np.ndarray, share: float) -> np.ndarray:
+    """Boolean mask over item ids: the least popular `share` of items 1..n (ties by id)."""
+    n = len(popularity) - 1
+    order = np.lexsort((np.arange(1, n + 1), popularity[1:])) + 1
+    mask = np.zeros(n + 1, dtype=bool)
+    mask[order[: int(round(share * n))]] = True
+    return mask
+
+
+def tail_share(top: np.ndarray, k: int, tail: np.ndarray) -> float:
+    return float(np.mean(tail[top[:, :k]]))
+
+
+def gini(counts: np.ndarray) -> float:
+    """Gini of exposure counts over all items (0 = equal exposure, ->1 = all on one item)."""
+    c = np.sort(np.asarray(counts, dtype=np.float64))
+    n, total = len(c), c.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    i = np.arange(1, n + 1)
+    return float(((2 * i - n - 1) * c).sum() / (n * total))
+
+
+def exposure_gini(top: np.ndarray, k: int, num_items: int) -> float:
+    return gini(np.bincount(top[:, :k].ravel(), minlength=num_items + 1)[1:])
+
+
+def accuracy(ranks: np.ndarray, ks: list[int]) -> dict:
+    out = {"users": int(len(ranks)), "mrr": mrr(ranks)}
+    for k in ks:
+        out[f"hr@{k}"] = hit_rate(ranks, k)
+        out[f"recall@{k}"] = out[f"hr@{k}"]
+        out[f"ndcg@{k}"] = ndcg(ranks, k)
+    return out
+
+
+def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, num_items: int,
+             popularity: np.ndarray, ks: list[int] = (5, 10, 20, 50, 200), batch_size: int = 1024,
+             item_emb: np.ndarray | None = None, tail_fraction: float = 0.8, cold_item_max: int = 10,
+             short_history_max: int = 20) -> dict:
+    """Every metric for one split. `popularity` (train interactions per item id) defines tail
+    items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity."""
+    ks = sorted(k for k in ks if k < num_items)
+    ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size)
+    result = {"metrics": accuracy(ranks, ks), "beyond_accuracy": {}, "slices": {}}
+    tail = tail_items(popularity, tail_fraction)
+    for k in ks:
+        b = result["beyond_accuracy"]
+        b[f"coverage@{k}"] = coverage(top, k, num_items)
+        b[f"tail_share@{k}"] = tail_share(top, k, tail)
+        b[f"gini@{k}"] = exposure_gini(top, k, num_items)
+        if item_emb is not None and k > 1:
+            b[f"ild@{k}"] = intra_list_diversity(top, k, item_emb)
+    lengths = np.asarray([len(h) for h in histories])
+    slices = {"cold_targets": popularity[targets] <= cold_item_max, "warm_targets": popularity[targets] > cold_item_max,
+              "short_histories": lengths <= short_history_max, "long_histories": lengths > short_history_max}
+    for name, sel in slices.items():
+        if sel.any():
+            result["slices"][name] = accuracy(ranks[sel], [k for k in ks if k in (10, 50)])
+    return result
+
+
+def markdown_table(results: dict[str, dict], ks: tuple[int, ...] = (10, 50)) -> str:
+    """One row per model: HR/NDCG @ks, MRR, coverage and tail share @10."""
+    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    extra = ["coverage@10", "tail_share@10"]
+    lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
+    for name, r in results.items():
+        vals = [r["metrics"].get(c, float("nan")) for c in cols] + [r["beyond_accuracy"].get(c, float("nan")) for c in extra]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+    return "\n".join(lines)

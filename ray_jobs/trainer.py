@@ -1,0 +1,185 @@
+"""The single-process training loop: AdamW, warmup + cosine, clipping, early stopping on validation
+NDCG@10, one checkpoint dict, resume, seeds, progress. The same step function runs under Ray Train.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from jobs.spec import JobSpec
+from ray_jobs.data import SeqData, left_pad, load_sequences, train_batches, training_windows
+from ray_jobs.losses import InfoNCE, sample_negatives
+from ray_jobs.metrics import evaluate
+from ray_jobs.models.sasrec import SASRec
+
+VALID_METRIC = "ndcg@10"
+
+
+def build_model(spec: JobSpec, num_items: int) -> torch.nn.Module:
+    m = spec.model
+    if m.kind == "sasrec":
+        return SASRec(num_items, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
+    raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model here (sasrec)")
+
+
+def scorer(model: torch.nn.Module, max_len: int):
+    """Histories -> cosine scores against every item (the geometry the loss trains)."""
+    def score(histories: list[np.ndarray]) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            user = torch.nn.functional.normalize(model.user_embeddings(left_pad(histories, max_len)), dim=-1)
+            items = torch.nn.functional.normalize(model.all_item_embeddings(), dim=-1)
+            return user @ items.T
+    return score
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup to 1, then cosine decay to `floor`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sequence_loss(model: torch.nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targets: torch.Tensor,
+                  negatives: torch.Tensor) -> torch.Tensor:
+    """Every non-padded position predicts its next item against the shared negatives."""
+    out = model(inputs)
+    d = out.shape[-1]
+    return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
+                   model.item_embeddings(negatives), (targets != 0).reshape(-1))
+
+
+@dataclass
+class TrainResult:
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    seconds: float
+    stopped: str
+    checkpoint: str
+    history: list[dict] = field(default_factory=list)
+
+
+def checkpoint_dir(spec: JobSpec) -> str:
+    return os.path.join(spec.train.checkpoint_dir, spec.name)
+
+
+def evaluate_split(spec: JobSpec, model: torch.nn.Module, data: SeqData, split: str,
+                   item_emb: np.ndarray | None = None) -> dict:
+    s = data.split(split)
+    e = spec.eval
+    return evaluate(scorer(model, spec.data.max_seq_len), s.histories, s.targets, data.num_items, data.popularity,
+                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+
+
+def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True, show_progress: bool = True,
+                stop_after_epoch: int | None = None) -> TrainResult:
+    """Train, validating every `eval_every` epochs; resumes from `<checkpoint_dir>/<name>/last.pt`.
+    `stop_after_epoch` ends this call early, as an interruption would (the schedule is unchanged)."""
+    t = spec.train
+    data = data or load_sequences(spec)
+    torch.manual_seed(t.seed)
+    model = build_model(spec, data.num_items)
+    loss_fn = InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)
+    params = list(model.parameters()) + ([loss_fn.log_scale] if t.learnable_temperature else [])
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    windows = training_windows(data.train, spec.data.max_seq_len)
+    if not windows:
+        raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
+    steps_per_epoch = math.ceil(len(windows) / t.batch_size)
+    total = t.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
+    folder = checkpoint_dir(spec)
+    os.makedirs(folder, exist_ok=True)
+    state = {"epoch": 0, "step": 0, "best_metric": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "seconds": 0.0}
+    last = os.path.join(folder, "last.pt")
+    if resume and os.path.exists(last):
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "loss" in ckpt:
+            loss_fn.load_state_dict(ckpt["loss"])
+        state = ckpt["state"]
+
+    def save(path: str) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "state": state,
+                    "spec": spec.model_dump(mode="json"), "num_items": data.num_items,
+                    "versions": data.versions}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    start = time.perf_counter() - state["seconds"]
+    stopped = "epochs"
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), disable=not show_progress, transient=True)
+    with progress:
+        task = progress.add_task("train", total=total, completed=state["step"], info="")
+        for epoch in range(state["epoch"] + 1, t.epochs + 1):
+            model.train()
+            rng = np.random.default_rng((t.seed, epoch))  # per-epoch seeds: a resumed run replays the same batches
+            gen = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
+            torch.manual_seed(t.seed * 7919 + epoch)
+            t_epoch, seen, losses = time.perf_counter(), 0, []
+            for inputs, targets in train_batches(windows, spec.data.max_seq_len, t.batch_size, rng):
+                loss = sequence_loss(model, loss_fn, inputs, targets, sample_negatives(data.num_items, t.negatives, gen))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                seen += len(inputs)
+                losses.append(loss.item())
+                rate = seen / max(1e-9, time.perf_counter() - t_epoch)
+                progress.update(task, advance=1, info=f"epoch {epoch} loss {loss.item():.4f} {rate:,.0f} seq/s")
+            state["epoch"] = epoch
+            record = {"epoch": epoch, "step": state["step"], "loss": float(np.mean(losses)),
+                      "seq_per_s": seen / max(1e-9, time.perf_counter() - t_epoch), "lr": scheduler.get_last_lr()[0]}
+            if epoch % t.eval_every == 0 or epoch == t.epochs:
+                valid = evaluate_split(spec, model, data, "valid")["metrics"]
+                record.update({"valid_" + k: valid[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
+                if valid[VALID_METRIC] > state["best_metric"]:
+                    state.update(best_metric=valid[VALID_METRIC], best_epoch=epoch, bad_evals=0)
+                    save(os.path.join(folder, "best.pt"))
+                else:
+                    state["bad_evals"] += 1
+            state["seconds"] = time.perf_counter() - start
+            record["seconds"] = state["seconds"]
+            state["history"].append(record)
+            save(last)
+            if show_progress:
+                progress.console.print(
+                    f"epoch {epoch}: loss {record['loss']:.4f}"
+                    + (f", valid hr@10 {record['valid_hr@10']:.4f} ndcg@10 {record['valid_ndcg@10']:.4f}"
+                       if "valid_hr@10" in record else "") + f" ({record['seconds']:.0f} s)", highlight=False)
+            if state["bad_evals"] >= t.patience:
+                stopped = "early_stopping"
+                break
+            if t.max_minutes and state["seconds"] > t.max_minutes * 60:
+                stopped = "time_budget"
+                break
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                stopped = "interrupted"
+                break
+    return TrainResult(state["best_metric"], state["best_epoch"], state["epoch"], state["step"], state["seconds"],
+                       stopped, os.path.join(folder, "best.pt"), state["history"])
+
+
+def load_trained(path: str) -> tuple[torch.nn.Module, dict]:
+    """A model from a checkpoint written by `train_local`, ready to score."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    spec = JobSpec.model_validate(ckpt["spec"])
+    model = build_model(spec, ckpt["num_items"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt
