@@ -165,12 +165,30 @@ class LakeSpec(Strict):
     storage_options: dict[str, str] = Field(default_factory=dict, description="object-store credentials")
 
 
+class LLMSize(Strict):
+    """The shape of a random-initialised transformer (LlamaConfig / Qwen2Config)."""
+    hidden: int = Field(128, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    intermediate: int = Field(256, gt=0)
+
+
 class ModelSpec(Strict):
     kind: Literal["sasrec", "hllm", "pop", "graph"] = "sasrec"
     dim: int = Field(50, gt=0, description="embedding / hidden width (sasrec, hllm user side)")
     blocks: int = Field(2, gt=0, description="transformer blocks")
     heads: int = Field(1, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
+    item_llm: str = Field("minilm", description="hllm item LLM: minilm (packaged, offline), a hub id, a local "
+                          "folder, a .gguf file, or random:llama / random:qwen2 (random init of item_llm_size)")
+    item_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize())
+    user_llm: str = Field("random:llama", description="hllm user LLM: random:llama / random:qwen2, hub id or folder")
+    user_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize(hidden=64, layers=2, heads=2, intermediate=128))
+    mode: Literal["end_to_end", "cached", "lora"] = Field("cached", description="hllm item-LLM training mode")
+    max_item_tokens: int = Field(64, gt=0)
+    item_prompt: str = "Compress the following item into an embedding: "
+    lora_r: int = Field(8, gt=0)
+    cache_dir: str = Field("./.cache/item-embeddings", description="cached mode: item-embedding artifacts")
     graph_hops: int = Field(2, ge=1, description="graph baseline: transition hops from the last items")
     graph_last_items: int = Field(2, ge=1, description="graph baseline: how many recent items seed the walk")
 

