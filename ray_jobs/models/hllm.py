@@ -120,7 +120,7 @@ class HLLM(nn.Module):
         if self.mode == "cached":
             for p in item_llm.parameters():
                 p.requires_grad_(False)
-            table = self._cached_table(item_llm, item_index_version)
+            table = cached_item_table(spec, item_llm, self.item_input_ids, self.item_attention, item_index_version)
             self.register_buffer("item_table", table, persistent=True)
             self.item_llm = None  # not needed once every item is embedded
             # the trainable adapter on top of the frozen item embeddings
@@ -133,19 +133,6 @@ class HLLM(nn.Module):
                                                                                  target_modules=targets))
             self.item_llm = item_llm
             self.adapter = nn.Linear(item_llm.dim, user_dim) if item_llm.dim != user_dim else nn.Identity()
-
-    def _cached_table(self, item_llm: ItemLLM, version: int | None) -> torch.Tensor:
-        path = os.path.join(self.spec.cache_dir, cache_key(self.spec, version) + ".pt")
-        if version is not None and os.path.exists(path):
-            table = torch.load(path, map_location="cpu")
-            if table.shape[0] == self.num_items + 1:
-                return table
-        table = embed_all_items(item_llm, self.item_input_ids, self.item_attention)
-        if version is not None:
-            os.makedirs(self.spec.cache_dir, exist_ok=True)
-            torch.save(table, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        return table
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros."""
@@ -171,6 +158,31 @@ class HLLM(nn.Module):
 
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward(ids)[:, -1]
+
+
+def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
+                      version: int | None) -> torch.Tensor:
+    """Every item's embedding, loaded from `<cache_dir>/<cache_key>.pt` when the same item model,
+    text settings and item-table version were embedded before; computed and stored otherwise."""
+    path = os.path.join(spec.cache_dir, cache_key(spec, version) + ".pt")
+    if version is not None and os.path.exists(path):
+        table = torch.load(path, map_location="cpu")
+        if table.shape[0] == input_ids.shape[0]:
+            return table
+    table = embed_all_items(item_llm, input_ids, attention)
+    if version is not None:
+        os.makedirs(spec.cache_dir, exist_ok=True)
+        torch.save(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return table
+
+
+def item_text_embeddings(spec: ModelSpec, item_text: list[str], version: int | None) -> torch.Tensor:
+    """(num_items + 1, d) embeddings of the item texts by `spec.item_llm` (frozen): what the graph
+    baseline ranks by and what intra-list diversity is measured in."""
+    item_llm = ItemLLM(spec)
+    tokens = item_llm.tokenize(item_text)
+    return cached_item_table(spec, item_llm, tokens["input_ids"], tokens["attention_mask"], version)
 
 
 @torch.no_grad()
