@@ -85,15 +85,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = data_mod.load_sequences(spec)
     split = data.split(args.split)
     e = spec.eval
+    baselines, hllm = _layer("ray_jobs.models.baselines"), _layer("ray_jobs.models.hllm")
+    # item text embeddings (all-MiniLM-L6-v2, cached per item-table version): diversity and the graph baseline
+    text_emb = hllm.item_text_embeddings(spec.model.model_copy(update={"item_llm": "minilm"}), data.item_text,
+                                         data.versions["item_index"]).numpy()
     if spec.model.kind == "pop":
-        score, name = _layer("ray_jobs.models.baselines").Popularity(data.popularity).score, "pop"
+        score, name = baselines.Popularity(data.popularity).score, "pop"
+    elif spec.model.kind == "graph":
+        score = baselines.TransitionGraph(data.train, data.num_items, text_emb, data.popularity,
+                                          spec.model.graph_hops, spec.model.graph_last_items).score
+        name = "graph"
     else:
         trainer = _layer("ray_jobs.trainer")
         path = args.checkpoint or f"{trainer.checkpoint_dir(spec)}/best.pt"
         model, _ = trainer.load_trained(path)
         score, name = trainer.scorer(model, spec.data.max_seq_len), f"{spec.model.kind} ({path})"
     result = metrics.evaluate(score, split.histories, split.targets, data.num_items, data.popularity, e.ks,
-                              e.batch_size, None, e.tail_share, e.cold_item_max, e.short_history_max)
+                              e.batch_size, text_emb, e.tail_share, e.cold_item_max, e.short_history_max)
     result.update(model=name, split=args.split, versions=data.versions)
     console.print(metrics.markdown_table({name: result}), highlight=False)
     if args.out:
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model (or model.kind=pop)")
+    p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model (or model.kind=pop / graph)")
     _spec_args(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--checkpoint", help="checkpoint path (default: <train.checkpoint_dir>/<name>/best.pt)")

@@ -87,3 +87,19 @@ def test_resume_continues_exactly(ml100k, tmp_path):
     b, _ = load_trained(str(tmp_path / "b" / straight.name / "last.pt"))
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(va, vb, atol=1e-6), k
+
+
+def test_evaluate_cli_for_baselines(ml100k, tmp_path):
+    import json
+    import subprocess
+    import sys
+    for kind in ("pop", "graph"):
+        out = tmp_path / f"{kind}.json"
+        proc = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--spec", "movielens-100k-smoke",
+                               "--set", f"lake.root={ml100k}", "--set", f"model.kind={kind}",
+                               "--set", f"model.cache_dir={tmp_path / 'cache'}", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["metrics"]["users"] == 943 and 0 < result["metrics"]["hr@50"] < 1
+        assert 0 < result["beyond_accuracy"]["ild@10"] < 2 and "| " + kind in proc.stdout
