@@ -20,10 +20,10 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs.spec import load_spec  # noqa: E402
 from ray_jobs.data import load_sequences  # noqa: E402
-from ray_jobs.metrics import evaluate, markdown_table  # noqa: E402
+from ray_jobs.metrics import markdown_table  # noqa: E402
 from ray_jobs.models.baselines import Popularity, TransitionGraph  # noqa: E402
-from ray_jobs.models.hllm import item_text_embeddings  # noqa: E402
-from ray_jobs.trainer import load_trained, scorer, train_local  # noqa: E402
+from ray_jobs.models.hllm import minilm_item_embeddings  # noqa: E402
+from ray_jobs.trainer import evaluate_split, load_trained, scorer, train_local  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -40,16 +40,12 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec, args.overrides)
     data = load_sequences(spec)
-    e = spec.eval
-    text_emb = item_text_embeddings(spec.model.model_copy(update={"item_llm": "minilm"}), data.item_text,
-                                    data.versions["item_index"]).numpy()
-    test = data.test
+    text_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
     results, configs, curves, timings = {}, {}, {}, {}
 
     def run_eval(name: str, score) -> None:
         t0 = time.perf_counter()
-        results[name] = evaluate(score, test.histories, test.targets, data.num_items, data.popularity, e.ks,
-                                 e.batch_size, text_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+        results[name] = evaluate_split(spec, score, data, "test", text_emb)
         timings.setdefault(name, {})["eval_seconds"] = round(time.perf_counter() - t0, 3)
 
     for name in args.models.split(","):

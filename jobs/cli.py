@@ -81,14 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
-    data_mod, metrics = _layer("ray_jobs.data"), _layer("ray_jobs.metrics")
+    data_mod, metrics, trainer = _layer("ray_jobs.data"), _layer("ray_jobs.metrics"), _layer("ray_jobs.trainer")
     data = data_mod.load_sequences(spec)
-    split = data.split(args.split)
-    e = spec.eval
     baselines, hllm = _layer("ray_jobs.models.baselines"), _layer("ray_jobs.models.hllm")
-    # item text embeddings (all-MiniLM-L6-v2, cached per item-table version): diversity and the graph baseline
-    text_emb = hllm.item_text_embeddings(spec.model.model_copy(update={"item_llm": "minilm"}), data.item_text,
-                                         data.versions["item_index"]).numpy()
+    text_emb = hllm.minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
     if spec.model.kind == "pop":
         score, name = baselines.Popularity(data.popularity).score, "pop"
     elif spec.model.kind == "graph":
@@ -96,12 +92,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                           spec.model.graph_hops, spec.model.graph_last_items).score
         name = "graph"
     else:
-        trainer = _layer("ray_jobs.trainer")
         path = args.checkpoint or f"{trainer.checkpoint_dir(spec)}/best.pt"
         model, _ = trainer.load_trained(path)
         score, name = trainer.scorer(model, spec.data.max_seq_len), f"{spec.model.kind} ({path})"
-    result = metrics.evaluate(score, split.histories, split.targets, data.num_items, data.popularity, e.ks,
-                              e.batch_size, text_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+    result = trainer.evaluate_split(spec, score, data, args.split, text_emb)
     result.update(model=name, split=args.split, versions=data.versions)
     console.print(metrics.markdown_table({name: result}), highlight=False)
     if args.out:
@@ -117,15 +111,12 @@ def cmd_tables(args: argparse.Namespace) -> int:
     lake = etl.Lake.of(spec)
     table = Table("table", "path", "version", "rows", "last operation")
     for name in etl.TABLES:
-        path = lake.path(name)
-        v = lake.version(name)
+        path, v = lake.path(name), lake.version(name)
         if v is None:
             table.add_row(name, path, "-", "-", "-")
             continue
-        from deltalake import DeltaTable
-        rows = DeltaTable(path, storage_options=lake.storage_options or None).count()
         last = delta_io.table_history(path, lake.storage_options)[0].get("operation", "?")
-        table.add_row(name, path, str(v), f"{rows:,}", last)
+        table.add_row(name, path, str(v), f"{lake.count(name):,}", last)
     console.print(table)
     return 0
 

@@ -76,11 +76,11 @@ def checkpoint_dir(spec: JobSpec) -> str:
     return os.path.join(spec.train.checkpoint_dir, spec.name)
 
 
-def evaluate_split(spec: JobSpec, model: torch.nn.Module, data: SeqData, split: str,
-                   item_emb: np.ndarray | None = None) -> dict:
+def evaluate_split(spec: JobSpec, score, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
+    """Full-ranking metrics of any score function on one split, with the spec's eval settings."""
     s = data.split(split)
     e = spec.eval
-    return evaluate(scorer(model, spec.data.max_seq_len), s.histories, s.targets, data.num_items, data.popularity,
+    return evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
                     e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
 
 
@@ -150,7 +150,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
             record = {"epoch": epoch, "step": state["step"], "loss": float(np.mean(losses)),
                       "seq_per_s": seen / max(1e-9, time.perf_counter() - t_epoch), "lr": scheduler.get_last_lr()[0]}
             if epoch % t.eval_every == 0 or epoch == t.epochs:
-                valid = evaluate_split(spec, model, data, "valid")["metrics"]
+                valid = evaluate_split(spec, scorer(model, spec.data.max_seq_len), data, "valid")["metrics"]
                 record.update({"valid_" + k: valid[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
                 if valid[VALID_METRIC] > state["best_metric"]:
                     state.update(best_metric=valid[VALID_METRIC], best_epoch=epoch, bad_evals=0)

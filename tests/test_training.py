@@ -8,7 +8,7 @@ from ray_jobs.data import left_pad, load_sequences, training_windows
 from ray_jobs.metrics import evaluate
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.sasrec import SASRec
-from ray_jobs.trainer import evaluate_split, load_trained, train_local
+from ray_jobs.trainer import evaluate_split, load_trained, scorer, train_local
 from spark.etl import run_etl
 
 
@@ -70,7 +70,7 @@ def test_sasrec_beats_popularity_on_movielens_100k(ml100k, tmp_path):
     assert losses[-1] < losses[0] * 0.8
     model, ckpt = load_trained(result.checkpoint)
     assert ckpt["state"]["best_epoch"] == result.best_epoch
-    again = evaluate_split(spec, model, data, "valid")["metrics"]["ndcg@10"]
+    again = evaluate_split(spec, scorer(model, spec.data.max_seq_len), data, "valid")["metrics"]["ndcg@10"]
     assert again == pytest.approx(result.best_metric)  # the saved best model reproduces its score
 
 

@@ -185,6 +185,12 @@ def item_text_embeddings(spec: ModelSpec, item_text: list[str], version: int | N
     return cached_item_table(spec, item_llm, tokens["input_ids"], tokens["attention_mask"], version)
 
 
+def minilm_item_embeddings(spec: ModelSpec, item_text: list[str], version: int | None):
+    """all-MiniLM-L6-v2 embeddings of the item texts as numpy (cached like any item table): the
+    space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs."""
+    return item_text_embeddings(spec.model_copy(update={"item_llm": "minilm"}), item_text, version).numpy()
+
+
 @torch.no_grad()
 def embed_all_items(item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
                     batch_size: int = 128) -> torch.Tensor:
