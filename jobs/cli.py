@@ -70,11 +70,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("distributed training (Ray Train + DeepSpeed) is not in this build yet; use --local")
     trainer = _layer("ray_jobs.trainer")
     result = trainer.train_local(spec, resume=not args.restart, show_progress=not args.quiet)
-    out = {"best_valid_ndcg@10": result.best_metric, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+    split = "valid" if spec.train.fit_on == "train" else "test"
+    out = {f"best_{split}_ndcg@10" if split == "valid" else "final_test_ndcg@10": result.best_metric,
+           "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
            "steps": result.steps, "seconds": round(result.seconds, 1), "stopped": result.stopped,
            "checkpoint": result.checkpoint,
-           "time_to_quality": [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], "valid_hr@10": h["valid_hr@10"]}
-                               for h in result.history if "valid_hr@10" in h]}
+           "time_to_quality": [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], f"{split}_hr@10": h[f"{split}_hr@10"]}
+                               for h in result.history if f"{split}_hr@10" in h]}
     print(json.dumps(out, indent=2))
     return 0
 

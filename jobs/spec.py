@@ -208,8 +208,19 @@ class TrainSpec(Strict):
     patience: int = Field(10, ge=1, description="evaluations without validation NDCG@10 gain before stopping")
     eval_every: int = Field(1, gt=0, description="epochs between validation evaluations")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget for training")
+    fit_on: Literal["train", "train_valid"] = Field(
+        "train", description="train: fit on the train split and early-stop on valid; train_valid: refit on "
+        "everything but the test item for exactly `epochs` (chosen by an earlier `train` run), no early stopping")
     seed: int = 42
     checkpoint_dir: str = "./.checkpoints"
+    # Distributed training (python -m ray_jobs.train): Ray Train workers, each a DeepSpeed engine.
+    workers: int = Field(1, gt=0, description="Ray Train workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker; bf16 and fused Adam come from the DeepSpeed config")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    deepspeed: str = Field("zero2", description="DeepSpeed config: zero1 | zero2 | zero3 (jobs/deepspeed/<name>.json) or a JSON path")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps (0 = once per epoch)")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
+    storage_path: str = Field("./.ray_results", description="Ray Train run storage (local path or s3://, gs://)")
 
 
 class EvalSpec(Strict):
@@ -220,6 +231,19 @@ class EvalSpec(Strict):
     tail_share: float = Field(0.8, gt=0, lt=1, description="tail = the least popular share of items")
 
 
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "llmrec"
+    model_name: str | None = Field(None, description="registered model name (default: the spec name)")
+    parent_run_id: str | None = Field(None, description="MLflow run to nest under (tag mlflow.parentRunId)")
+    dagster_run_id: str | None = Field(None, description="recorded as the tag dagster.run_id")
+
+
+class ClusterSpec(Strict):
+    address: str | None = Field(None, description="Ray address (ray://, auto, or a head IP:port); None = start a local Ray")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray (default: all)")
+
+
 class JobSpec(Strict):
     name: str
     data: DataSpec
@@ -228,6 +252,8 @@ class JobSpec(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    cluster: ClusterSpec = ClusterSpec()
 
     def dataset_root(self) -> str:
         return f"{self.lake.root.rstrip('/')}/{self.data.name}"

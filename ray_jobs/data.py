@@ -32,6 +32,15 @@ class SeqData:
     item_text: list[str]                # index = item id ("" at 0)
     versions: dict = field(default_factory=dict)  # Delta versions read, for lineage
 
+    def fit_sequences(self, fit_on: str = "train") -> list[np.ndarray]:
+        """The sequences to train on: the train split, or train + the validation target (all but the
+        test item, the generative-recommenders protocol) for a refit."""
+        if fit_on == "train":
+            return self.train
+        if fit_on == "train_valid":
+            return [np.append(h, t) for h, t in zip(self.valid.histories, self.valid.targets)]
+        raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
+
     def split(self, name: str) -> EvalSplit:
         if name not in ("valid", "test"):
             raise ValueError(f"split must be valid or test, got {name!r}")
@@ -101,11 +110,18 @@ def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
-def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator):
-    """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded."""
+def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator,
+                  rank: int = 0, world: int = 1):
+    """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded.
+    `batch_size` is the global batch; worker `rank` of `world` gets every world-th row of it (all
+    workers draw the same permutation), so N workers see exactly the single-process batches. A
+    worker left with no row gets one all-padding row, which the loss ignores."""
     order = rng.permutation(len(windows))
     for start in range(0, len(order), batch_size):
-        chunk = [windows[i] for i in order[start:start + batch_size]]
+        chunk = [windows[i] for i in order[start:start + batch_size][rank::world]]
+        if not chunk:
+            yield torch.zeros((1, max_len), dtype=torch.long), torch.zeros((1, max_len), dtype=torch.long)
+            continue
         yield left_pad([w[:-1] for w in chunk], max_len), left_pad([w[1:] for w in chunk], max_len)
 
 

@@ -22,6 +22,14 @@ def sample_negatives(num_items: int, count: int, generator: torch.Generator | No
     return torch.randint(1, num_items + 1, (count,), generator=generator)
 
 
+def step_negatives(num_items: int, count: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This worker's share of the step's negative pool. Every worker draws the same pool from
+    (seed, step) and keeps every world-th id, so the all-gathered pool is the single-process pool
+    (reordered), and a resumed run draws what the uninterrupted run drew."""
+    pool = sample_negatives(num_items, count, torch.Generator().manual_seed(seed * 1_000_003 + step))
+    return pool[rank::world]
+
+
 class InfoNCE(nn.Module):
     """-log softmax of the positive among [positive, negatives], on cosine similarities.
 
@@ -42,15 +50,18 @@ class InfoNCE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)
 
-    def forward(self, out: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """out, pos: (N, d) predictions and positives; neg: (R, d) shared negatives; valid: (N,) bool."""
+    def forward(self, out: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        """out, pos: (N, d) predictions and positives; neg: (R, d) shared negatives; valid: (N,) bool.
+        reduction: "mean" over valid positions, or "sum" (distributed training normalises globally)."""
         out, pos, neg = out[valid], pos[valid], neg
         if out.shape[0] == 0:
-            return out.sum() * 0.0
+            return out.sum() * 0.0 + neg.sum() * 0.0
         out, pos, neg = F.normalize(out, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
         pos_logit = (out * pos).sum(-1, keepdim=True)
         neg_logits = out @ neg.T
         too_close = (pos @ neg.T).detach() > self.mask_cosine
         neg_logits = neg_logits.masked_fill(too_close, float("-inf"))
         logits = torch.cat([pos_logit, neg_logits], dim=1) * self.scale()
-        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device),
+                               reduction=reduction)

@@ -107,8 +107,22 @@ def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray
              short_history_max: int = 20) -> dict:
     """Every metric for one split. `popularity` (train interactions per item id) defines tail
     items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity."""
-    ks = sorted(k for k in ks if k < num_items)
+    ks = usable_ks(ks, num_items)
     ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size)
+    return summarize(ranks, top, np.asarray([len(h) for h in histories]), targets, num_items, popularity, ks,
+                     item_emb, tail_fraction, cold_item_max, short_history_max)
+
+
+def usable_ks(ks, num_items: int) -> list[int]:
+    return sorted(k for k in ks if k < num_items)
+
+
+def summarize(ranks: np.ndarray, top: np.ndarray, lengths: np.ndarray, targets: np.ndarray, num_items: int,
+              popularity: np.ndarray, ks: list[int], item_emb: np.ndarray | None = None, tail_fraction: float = 0.8,
+              cold_item_max: int = 10, short_history_max: int = 20) -> dict:
+    """Metrics from per-user target ranks and top lists (rows in user order) — what distributed
+    evaluation gathers from its workers, so it reports exactly what one process would."""
+    ks = usable_ks(ks, num_items)
     result = {"metrics": accuracy(ranks, ks), "beyond_accuracy": {}, "slices": {}}
     tail = tail_items(popularity, tail_fraction)
     for k in ks:
@@ -118,7 +132,6 @@ def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray
         b[f"gini@{k}"] = exposure_gini(top, k, num_items)
         if item_emb is not None and k > 1:
             b[f"ild@{k}"] = intra_list_diversity(top, k, item_emb)
-    lengths = np.asarray([len(h) for h in histories])
     slices = {"cold_targets": popularity[targets] <= cold_item_max, "warm_targets": popularity[targets] > cold_item_max,
               "short_histories": lengths <= short_history_max, "long_histories": lengths > short_history_max}
     for name, sel in slices.items():

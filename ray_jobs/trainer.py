@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobs.spec import JobSpec
 from ray_jobs.data import SeqData, left_pad, load_sequences, train_batches, training_windows
-from ray_jobs.losses import InfoNCE, sample_negatives
+from ray_jobs.losses import InfoNCE, gather_negatives, step_negatives
 from ray_jobs.metrics import evaluate
 from ray_jobs.models.sasrec import SASRec
 
@@ -52,12 +52,26 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def sequence_loss(model: torch.nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targets: torch.Tensor,
-                  negatives: torch.Tensor) -> torch.Tensor:
-    """Every non-padded position predicts its next item against the shared negatives."""
+                  negatives: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Every non-padded position predicts its next item against the shared negatives (this
+    worker's share of them, all-gathered when distributed)."""
     out = model(inputs)
     d = out.shape[-1]
     return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
-                   model.item_embeddings(negatives), (targets != 0).reshape(-1))
+                   gather_negatives(model.item_embeddings(negatives)), (targets != 0).reshape(-1), reduction)
+
+
+class SequenceLoss(torch.nn.Module):
+    """Model and loss as one module, so a DeepSpeed engine owns every trained parameter (a
+    learnable temperature included) and ZeRO-3 gathers them all inside one forward."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: InfoNCE) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction)
 
 
 @dataclass
@@ -95,7 +109,10 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     loss_fn = InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)
     params = [p for p in model.parameters() if p.requires_grad] + ([loss_fn.log_scale] if t.learnable_temperature else [])
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    windows = training_windows(data.train, spec.data.max_seq_len)
+    windows = training_windows(data.fit_sequences(t.fit_on), spec.data.max_seq_len)
+    # A refit (train_valid) has seen the validation targets: it runs the fixed epoch count and only
+    # reports the test split as it goes; nothing is selected on it, the final epoch is the model.
+    monitor = "valid" if t.fit_on == "train" else "test"
     if not windows:
         raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
@@ -130,11 +147,11 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
         for epoch in range(state["epoch"] + 1, t.epochs + 1):
             model.train()
             rng = np.random.default_rng((t.seed, epoch))  # per-epoch seeds: a resumed run replays the same batches
-            gen = torch.Generator().manual_seed(t.seed * 100_003 + epoch)
             torch.manual_seed(t.seed * 7919 + epoch)
             t_epoch, seen, losses = time.perf_counter(), 0, []
             for inputs, targets in train_batches(windows, spec.data.max_seq_len, t.batch_size, rng):
-                loss = sequence_loss(model, loss_fn, inputs, targets, sample_negatives(data.num_items, t.negatives, gen))
+                negatives = step_negatives(data.num_items, t.negatives, t.seed, state["step"])
+                loss = sequence_loss(model, loss_fn, inputs, targets, negatives)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip:
@@ -150,22 +167,27 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
             record = {"epoch": epoch, "step": state["step"], "loss": float(np.mean(losses)),
                       "seq_per_s": seen / max(1e-9, time.perf_counter() - t_epoch), "lr": scheduler.get_last_lr()[0]}
             if epoch % t.eval_every == 0 or epoch == t.epochs:
-                valid = evaluate_split(spec, scorer(model, spec.data.max_seq_len), data, "valid")["metrics"]
-                record.update({"valid_" + k: valid[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
-                if valid[VALID_METRIC] > state["best_metric"]:
-                    state.update(best_metric=valid[VALID_METRIC], best_epoch=epoch, bad_evals=0)
+                scores = evaluate_split(spec, scorer(model, spec.data.max_seq_len), data, monitor)["metrics"]
+                record.update({f"{monitor}_{k}": scores[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
+                if monitor == "test":
+                    pass
+                elif scores[VALID_METRIC] > state["best_metric"]:
+                    state.update(best_metric=scores[VALID_METRIC], best_epoch=epoch, bad_evals=0)
                     save(os.path.join(folder, "best.pt"))
                 else:
                     state["bad_evals"] += 1
             state["seconds"] = time.perf_counter() - start
             record["seconds"] = state["seconds"]
             state["history"].append(record)
+            if monitor == "test":
+                state.update(best_epoch=epoch, best_metric=record.get("test_ndcg@10", state["best_metric"]))
+                save(os.path.join(folder, "best.pt"))
             save(last)
             if show_progress:
                 progress.console.print(
                     f"epoch {epoch}: loss {record['loss']:.4f}"
-                    + (f", valid hr@10 {record['valid_hr@10']:.4f} ndcg@10 {record['valid_ndcg@10']:.4f}"
-                       if "valid_hr@10" in record else "") + f" ({record['seconds']:.0f} s)", highlight=False)
+                    + (f", {monitor} hr@10 {record[monitor + '_hr@10']:.4f} ndcg@10 {record[monitor + '_ndcg@10']:.4f}"
+                       if monitor + "_hr@10" in record else "") + f" ({record['seconds']:.0f} s)", highlight=False)
             if state["bad_evals"] >= t.patience:
                 stopped = "early_stopping"
                 break
