@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -334,6 +335,27 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     if not isinstance(doc, dict):
         raise SpecError(f"spec {p}: top level must be a mapping")
     return validate_spec(apply_overrides(doc, overrides or []), origin=str(p))
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path or path.startswith(("sqlite:", "databricks")):
+        return path
+    return os.path.abspath(path)
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """The spec with its relative local paths (lake root, checkpoints, caches, Ray storage, a
+    sqlite tracking store) made absolute against the current directory: what a job hands to Ray
+    workers and submitted jobs, whose working directories differ. URIs are left as they are."""
+    doc = spec.model_dump(mode="json")
+    doc["lake"]["root"] = _absolute(doc["lake"]["root"])
+    doc["model"]["cache_dir"] = _absolute(doc["model"]["cache_dir"])
+    for key in ("checkpoint_dir", "storage_path"):
+        doc["train"][key] = _absolute(doc["train"][key])
+    uri = doc["tracking"]["uri"]
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        doc["tracking"]["uri"] = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return JobSpec.model_validate(doc)
 
 
 def dump_spec(spec: JobSpec) -> str:

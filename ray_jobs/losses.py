@@ -45,7 +45,7 @@ class InfoNCE(nn.Module):
         self.max_scale = max_scale
         self.mask_cosine = mask_cosine
         init = math.log(1 / 0.07) if learnable else math.log(1 / temperature)
-        self.log_scale = nn.Parameter(torch.tensor(init), requires_grad=learnable)
+        self.log_scale = nn.Parameter(torch.tensor([init]), requires_grad=learnable)  # 1-d: DeepSpeed broadcasts bytes
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)

@@ -201,10 +201,14 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
                        stopped, os.path.join(folder, "best.pt"), state["history"])
 
 
-def load_trained(path: str) -> tuple[torch.nn.Module, dict]:
-    """A model from a checkpoint written by `train_local`, ready to score."""
+def load_trained(path: str, cache_dir: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """A model from a checkpoint dict (model, spec, item_text, versions) written by `train_local`
+    or `ray_jobs.train`, ready to score. `cache_dir` points a cached-mode HLLM at a shipped
+    item-embedding cache (a registered model carries its own)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     spec = JobSpec.model_validate(ckpt["spec"])
+    if cache_dir:
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"cache_dir": cache_dir})})
     model = build_model(spec, ckpt["item_text"], ckpt["versions"].get("item_index"))
     model.load_state_dict(ckpt["model"])
     model.eval()

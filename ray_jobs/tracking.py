@@ -1,0 +1,193 @@
+"""MLflow tracking and registry: runs, per-step metrics from rank 0, the recommender pyfunc, aliases.
+
+Layout of a training run (experiment `tracking.experiment`):
+- params: the resolved spec, flattened (`train.lr`, `model.dim`, ...), and the Delta versions read
+- tags: git commit, spec name, `dagster.run_id` and `mlflow.parentRunId` when given
+- metrics: per step `train/loss`, `train/lr`, `train/seq_per_s`, `train/tokens_per_s`; per epoch
+  `valid/hr_at_10`, `valid/ndcg_at_10`, ...; at the end `final_test/...` and `final_valid/...` at every K; system metrics
+- artifacts: `spec.yaml`, `deepspeed.json`, `plots/metrics_vs_k.png`, `plots/training_curves.png`,
+  `model/` (the pyfunc, with checkpoint, spec and item-embedding cache inside)
+- registry: model `tracking.model_name` (default: the spec name), new version aliased `challenger`
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from jobs.spec import JobSpec, dump_spec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri(spec: JobSpec) -> str:
+    """The spec's URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (absolute, so
+    Ray workers in other working directories write to the same store)."""
+    uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def model_name(spec: JobSpec) -> str:
+    return spec.tracking.model_name or spec.name
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(doc: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in doc.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None = None,
+              artifacts: dict[str, str] | None = None) -> str:
+    """Create (not activate) a run with the spec as params and tags; returns its id. `artifacts`
+    maps artifact file names to text content (spec, DeepSpeed config)."""
+    client = MlflowClient(tracking_uri(spec))
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
+    tags = {"llmrec.kind": kind, "llmrec.spec": spec.name, "git.commit": git_commit(), "mlflow.runName": run_name}
+    if spec.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = spec.tracking.parent_run_id
+    if spec.tracking.dagster_run_id:
+        tags["dagster.run_id"] = spec.tracking.dagster_run_id
+    run = client.create_run(exp_id, tags=tags, run_name=run_name)
+    params = flatten(spec.model_dump(mode="json"))
+    params.update({k: str(v) for k, v in (extra_params or {}).items()})
+    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    for name, text in {"spec.yaml": dump_spec(spec), **(artifacts or {})}.items():
+        client.log_text(run.info.run_id, text, name)
+    return run.info.run_id
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names allow no '@': hr@10 -> hr_at_10."""
+    return name.replace("@", "_at_")
+
+
+class MetricLogger:
+    """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group)."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50) -> None:
+        self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
+        self.buffer: list = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+        now = int(time.time() * 1000)
+        self.buffer += [mlflow.entities.Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v == v]
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 900):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
+        self.buffer = []
+
+
+class RecommenderModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: item-id histories -> top-K item ids with scores, history masked.
+
+    Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
+    lists. Params: `k` (default 10). Output: a DataFrame with `item_ids` and `scores` lists."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from ray_jobs.trainer import load_trained
+        self.torch = torch
+        cache = context.artifacts.get("item_cache")
+        self.model, ckpt = load_trained(context.artifacts["checkpoint"], cache_dir=os.path.dirname(cache) if cache else None)
+        self.max_len = ckpt["spec"]["data"]["max_seq_len"]
+        self.num_items = len(ckpt["item_text"]) - 1
+
+    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        from ray_jobs.metrics import mask_scores
+        from ray_jobs.trainer import scorer
+        k = int((params or {}).get("k", 10))
+        histories = list(model_input["history"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
+        histories = [np.asarray([i for i in h if 0 < int(i) <= self.num_items], dtype=np.int64) for h in histories]
+        scores = mask_scores(scorer(self.model, self.max_len)(histories).float(), histories)
+        top = self.torch.topk(scores, min(k, self.num_items), dim=1)
+        return pd.DataFrame({"item_ids": [r.tolist() for r in top.indices], "scores": [r.tolist() for r in top.values]})
+
+
+def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, item_cache: str | None = None,
+                    alias: str = "challenger") -> int:
+    """Log the pyfunc (checkpoint, spec and item-embedding cache inside, our code with it) to the
+    run, register it under the spec's model name, point `alias` at the new version."""
+    uri = tracking_uri(spec)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    artifacts = {"checkpoint": checkpoint_file}
+    if item_cache:
+        artifacts["item_cache"] = item_cache
+    example = pd.DataFrame({"history": [[1, 2, 3]]})
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=RecommenderModel(), artifacts=artifacts,
+            code_paths=[str(PROJECT_ROOT / "jobs"), str(PROJECT_ROOT / "ray_jobs")],
+            input_example=example, registered_model_name=model_name(spec))
+    version = int(info.registered_model_version)
+    MlflowClient(uri).set_registered_model_alias(model_name(spec), alias, version)
+    return version
+
+
+def plot_metrics_vs_k(results: dict[str, dict], path: str) -> str:
+    """HR@K and NDCG@K curves, one line per split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for split, r in results.items():
+        ks = sorted(int(k.split("@")[1]) for k in r["metrics"] if k.startswith("hr@"))
+        for ax, metric in zip(axes, ("hr", "ndcg")):
+            ax.plot(ks, [r["metrics"][f"{metric}@{k}"] for k in ks], marker="o", label=split)
+            ax.set_xscale("log")
+            ax.set_xlabel("K")
+            ax.set_title(f"{metric.upper()}@K")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(history: list[dict], path: str) -> str:
+    """Training loss and validation NDCG@10 by epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    a.set_title("train loss")
+    a.set_xlabel("epoch")
+    valid = [h for h in history if "valid_ndcg@10" in h]
+    b.plot([h["epoch"] for h in valid], [h["valid_ndcg@10"] for h in valid], marker="o")
+    b.set_title("valid NDCG@10")
+    b.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
