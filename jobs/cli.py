@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from jobs.progress import Steps
-from jobs.spec import SpecError, dump_spec, load_spec
+from jobs.spec import SpecError, dump_spec, load_spec, resolve_spec_path
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -67,7 +69,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     if not args.local:
-        raise ValueError("distributed training (Ray Train + DeepSpeed) is not in this build yet; use --local")
+        out = _layer("ray_jobs.train").run(spec, args.run_name)
+        print(json.dumps(out, indent=2, default=float))
+        return 0
     trainer = _layer("ray_jobs.trainer")
     result = trainer.train_local(spec, resume=not args.restart, show_progress=not args.quiet)
     split = "valid" if spec.train.fit_on == "train" else "test"
@@ -105,6 +109,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             json.dump(result, fh, indent=2)
         console.print(f"written {args.out}")
     return 0
+
+
+SUBMIT_ENTRYPOINTS = {"train": "ray_jobs.train", "evaluate": "ray_jobs.evaluate", "recommend": "ray_jobs.recommend"}
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
+
+
+def submit_overrides(spec, address: str) -> list[str]:
+    """For a head on this machine, the spec's relative paths as absolute ones (the job runs in an
+    uploaded copy of the working directory, where `./.lake` would be empty) and the tracking store."""
+    from urllib.parse import urlparse
+    if (urlparse(address).hostname or "") not in LOCAL_HOSTS:
+        return []
+    from jobs.spec import absolute_paths
+    a = absolute_paths(spec)
+    out = [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
+           f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}"]
+    uri = a.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("mlflow.db")
+    return out + [f"tracking.uri={uri}"]
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """`ray job submit` through the Jobs API: upload the project, run the entrypoint, stream logs."""
+    import asyncio
+    import shlex
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                              or Path("~/.ray/auth_token").expanduser().exists()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # a head started by infra/local/ray-up.sh requires the token
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    spec = load_spec(args.spec, args.overrides)
+    root = Path(__file__).resolve().parents[1]
+    spec_path = Path(resolve_spec_path(args.spec)).resolve()
+    try:
+        spec_arg = str(spec_path.relative_to(root))
+    except ValueError:
+        raise ValueError(f"--spec {args.spec}: must lie inside the project ({root}) to travel with the job") from None
+    overrides = args.overrides + submit_overrides(spec, args.address)
+    entry = ["python", "-m", SUBMIT_ENTRYPOINTS[args.job], "--spec", spec_arg]
+    for o in overrides:
+        entry += ["--set", o]
+    entry += args.job_args
+    client = JobSubmissionClient(args.address)
+    job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(root)},
+                               submission_id=args.submission_id)
+    errors.print(f"submitted {job_id} to {args.address}: {shlex.join(entry)}", highlight=False)
+    if args.no_wait:
+        print(job_id)
+        return 0
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(stream())
+    status = client.get_job_status(job_id)
+    errors.print(f"job {job_id}: {status}", highlight=False)
+    return 0 if status == JobStatus.SUCCEEDED else 4
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
@@ -173,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the spec's model on the gold tables (--local: one process)")
     _spec_args(p)
     p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
+    p.add_argument("--run-name", help="Ray Train run name (default: the spec name); the same name resumes")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint instead of resuming")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -183,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint path (default: <train.checkpoint_dir>/<name>/best.pt)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("submit", help="submit a job (train | evaluate | recommend) to a Ray cluster, stream its logs")
+    p.add_argument("job", choices=sorted(SUBMIT_ENTRYPOINTS))
+    _spec_args(p)
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--submission-id", help="job id to use (default: generated)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--job-arg", dest="job_args", action="append", default=[],
+                   help="extra argument for the job entrypoint, e.g. --job-arg=--run-name=nightly (repeatable)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("tables", help="list the dataset's Delta tables with version and row count")
     _spec_args(p)

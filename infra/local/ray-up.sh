@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Start a local Ray head bound to 127.0.0.1, for `ray job submit` / `llmrec submit` on one machine.
+#   RAY_PORT (GCS, default 6379)  RAY_DASHBOARD_PORT (Jobs API, default 8265)
+#   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (Ray temp dir; default /tmp/llmrec-ray-<dashboard port>)
+# Prints the Jobs API address. Stop it with infra/local/ray-down.sh (same RAY_HEAD_DIR).
+set -euo pipefail
+RAY=${RAY:-ray}
+PORT=${RAY_PORT:-6379}
+DASH=${RAY_DASHBOARD_PORT:-8265}
+DIR=${RAY_HEAD_DIR:-/tmp/llmrec-ray-$DASH}
+mkdir -p "$DIR"
+# Token authentication even on loopback: the Jobs API runs arbitrary code. Clients need
+# RAY_AUTH_MODE=token (llmrec submit sets it when ~/.ray/auth_token exists).
+export RAY_AUTH_MODE=token
+[ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || "$RAY" get-auth-token --generate >/dev/null
+args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH"
+      --temp-dir "$DIR" --disable-usage-stats)
+[ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus "$RAY_NUM_CPUS")
+"$RAY" start "${args[@]}" >"$DIR/start.log" 2>&1 || { cat "$DIR/start.log" >&2; exit 1; }
+for _ in $(seq 1 60); do
+  # any HTTP answer (401 without the token included) means the Jobs API is up
+  python3 -c "
+import sys, urllib.error, urllib.request as u
+try: u.urlopen('http://127.0.0.1:$DASH/api/version', timeout=2)
+except urllib.error.HTTPError: pass
+except OSError: sys.exit(1)" && break
+  sleep 1
+done
+echo "http://127.0.0.1:$DASH"
