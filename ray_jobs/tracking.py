@@ -144,11 +144,13 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, item_cache
     if item_cache:
         artifacts["item_cache"] = item_cache
     example = pd.DataFrame({"history": [[1, 2, 3]]})
+    signature = mlflow.models.infer_signature(example, pd.DataFrame({"item_ids": [[4, 5]], "scores": [[0.9, 0.8]]}),
+                                              params={"k": 10})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=RecommenderModel(), artifacts=artifacts,
             code_paths=[str(PROJECT_ROOT / "jobs"), str(PROJECT_ROOT / "ray_jobs")],
-            input_example=example, registered_model_name=model_name(spec))
+            signature=signature, registered_model_name=model_name(spec))
     version = int(info.registered_model_version)
     MlflowClient(uri).set_registered_model_alias(model_name(spec), alias, version)
     return version

@@ -1,0 +1,206 @@
+"""Ray Train + DeepSpeed jobs on real Ray, real DeepSpeed (CPU, gloo) and real MLflow, MovieLens-100K.
+
+In process (a local Ray started by the job), through `ray job submit` against a head started by
+infra/local/ray-up.sh, and through the Jobs API (`llmrec submit`); a worker killed mid-run; a run
+resumed by name; distributed evaluation against the single-process evaluator.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from deltalake import DeltaTable
+
+from jobs.spec import load_spec
+from ray_jobs.data import load_sequences
+from ray_jobs.trainer import evaluate_split, load_trained, scorer, train_local
+from spark.etl import run_etl
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, engines):
+    root = tmp_path_factory.mktemp("lake")
+    run_etl(load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={root}"]), engines.get("sail"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+
+
+def _overrides(lake, tmp, name, *extra) -> list[str]:
+    return [f"name={name}", f"lake.root={lake}", f"train.checkpoint_dir={tmp}/ckpt", f"train.storage_path={tmp}/ray",
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", "model.kind=sasrec", "model.dim=32", "model.dropout=0.0",
+            "train.batch_size=128", "train.negatives=128", "train.lr=0.003", "train.eval_every=1", "train.workers=2",
+            "train.max_failures=0", *extra]
+
+
+def test_zero2_two_workers_match_single_process(lake, tmp_path, local_ray):
+    from ray_jobs.train import run
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", _overrides(lake, tmp_path, "dist-eq", "train.epochs=2",
+                                                                         "train.deepspeed=zero2"))
+    out = run(spec)
+    assert out["epochs_run"] == 2 and out["steps"] == 2 * 19 and out["best_epoch"] in (1, 2)
+
+    # the same spec in one process, same seeds, same global batches, same negative pool per step
+    single = train_local(spec, show_progress=False, resume=False)
+    assert single.steps == out["steps"]
+    dist_model, ckpt = load_trained(out["model_file"])
+    local_model, _ = load_trained(single.checkpoint)
+    assert ckpt["state"]["best_epoch"] == single.best_epoch
+    # Adam turns float-noise gradients (e.g. attention key biases, whose true gradient is zero) into
+    # lr-sized steps, so single weights may drift by ~lr; the function and the bulk of weights agree.
+    diffs = torch.cat([(a - b).abs().ravel() for a, b in zip(dist_model.state_dict().values(),
+                                                             local_model.state_dict().values())])
+    assert diffs.median() < 1e-6 and diffs.max() < 3e-3, (diffs.median(), diffs.max())
+    data = load_sequences(spec)
+    hist = data.valid.histories[:200]
+    assert torch.allclose(scorer(dist_model, 50)(hist), scorer(local_model, 50)(hist), atol=1e-3)
+    dist_loss = [h["loss"] for h in ckpt["state"]["history"]]
+    local_loss = [h["loss"] for h in single.history]
+    assert dist_loss == pytest.approx(local_loss, rel=1e-4) and dist_loss[1] < dist_loss[0]
+
+    # distributed evaluation of the saved model equals the single-process evaluator exactly
+    reference = evaluate_split(spec, scorer(dist_model, spec.data.max_seq_len), data, "test")["metrics"]
+    assert out["test"] == reference
+
+    # MLflow: params, per-step metrics from rank 0, the registered pyfunc behind the challenger alias
+    mlflow.set_tracking_uri(spec.tracking.uri)
+    client = mlflow.MlflowClient()
+    run_ = client.get_run(out["run_id"])
+    assert run_.data.params["train.workers"] == "2" and run_.data.params["delta_version.sequences"] == "0"
+    assert run_.data.tags["llmrec.kind"] == "train" and len(run_.data.tags["git.commit"]) >= 7
+    assert len(client.get_metric_history(out["run_id"], "train/loss")) == out["steps"]
+    assert run_.data.metrics["final_test/hr_at_10"] == pytest.approx(reference["hr@10"])
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
+    assert artifacts == {"plots/metrics_vs_k.png", "plots/training_curves.png"}
+    version = client.get_model_version_by_alias("dist-eq", "challenger")
+    assert int(version.version) == out["model_version"] == 1
+    model = mlflow.pyfunc.load_model("models:/dist-eq@challenger")
+    history = data.test.histories[0]
+    pred = model.predict(pd.DataFrame({"history": [history.tolist()]}), params={"k": 20})
+    items, scores = pred["item_ids"][0], pred["scores"][0]
+    assert len(items) == 20 and not set(items) & set(history.tolist()) and scores == sorted(scores, reverse=True)
+    expected = torch.topk(scorer(dist_model, 50)([history])[0].index_fill(0, torch.as_tensor(np.append(history, 0)),
+                                                                           float("-inf")), 20).indices.tolist()
+    assert items == expected
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(lake, tmp_path, local_ray):
+    from ray_jobs.train import run
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml",
+                     _overrides(lake, tmp_path, "dist-ft", "train.epochs=2", "train.checkpoint_every=5",
+                                "train.max_failures=2", "train.deepspeed=zero1"))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(spec, pid_dir=str(pid_dir), register=False)))
+    thread.start()
+    run_dir = tmp_path / "ray" / "dist-ft"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.5)
+    assert list(run_dir.glob("checkpoint_*")), "no checkpoint was reported"
+    victim = int((pid_dir / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    thread.join(900)
+    assert result, "the run did not finish after the worker was killed"
+    assert result["restarts"] >= 1 and result["steps"] == 2 * 19 and result["epochs_run"] == 2
+
+    # started again under the same name with a longer schedule: resumes, trains only epoch 3
+    longer = load_spec("jobs/specs/movielens-100k-smoke.yaml",
+                       _overrides(lake, tmp_path, "dist-ft", "train.epochs=3", "train.deepspeed=zero1"))
+    again = run(longer, register=False)
+    _, ckpt = load_trained(again["model_file"])
+    history = ckpt["state"]["history"]
+    assert again["steps"] == 3 * 19 and [h["epoch"] for h in history] == [1, 2, 3]
+    assert again["restarts"] == result["restarts"] + 1
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port),
+           "RAY_DASHBOARD_PORT": str(dash), "RAY_NUM_CPUS": "2", "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+    up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    yield up.stdout.strip().splitlines()[-1], env
+    subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
+           "MLFLOW_DB": str(tmp_path / "server.db"), "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
+    proc = subprocess.Popen([str(ROOT / "infra/local/mlflow-up.sh")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_head, mlflow_server):
+    address, env = ray_head
+    overrides = _overrides(lake, tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={mlflow_server}")
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "-m", "ray_jobs.train", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]
+    for o in overrides:
+        cmd += ["--set", o]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0 and "SUCCEEDED" in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    run_ = client.search_runs([client.get_experiment_by_name("llmrec").experiment_id])[0]
+    assert run_.data.params["name"] == "dist-submit" and "train/loss" in run_.data.metrics
+    model = mlflow.pyfunc.load_model("models:/dist-submit@challenger")
+    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3], [50]]}), params={"k": 5})
+    assert [len(x) for x in pred["item_ids"]] == [5, 5] and 2 not in pred["item_ids"][0]
+
+    # the Jobs API path (what Dagster uses): batch recommendations from the registered model
+    rec = subprocess.run([str(BIN / "llmrec"), "submit", "recommend", "--address", address,
+                          "--spec", "jobs/specs/movielens-100k-smoke.yaml", *sum((["--set", o] for o in overrides), []),
+                          "--job-arg=--model=models:/dist-submit@challenger", "--job-arg=--k=10"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert rec.returncode == 0, rec.stdout[-3000:] + rec.stderr[-3000:]
+    table = DeltaTable(f"{lake}/movielens-100k/gold/recommendations").to_pandas()
+    assert len(table) == 943 * 10 and set(table["model_version"]) == {"1"} and table["rank"].max() == 10
+    seen = load_sequences(load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={lake}"])).test
+    first = table[table.user_idx == int(seen.users[0])]
+    history = set(np.append(seen.histories[0], seen.targets[0]).tolist())
+    assert len(first) == 10 and not set(first["item_idx"]) & history
