@@ -123,9 +123,10 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(lake, 
     thread.start()
     run_dir = tmp_path / "ray" / "dist-ft"
     deadline = time.time() + 600
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
-        time.sleep(0.5)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint was reported"
+    # a second checkpoint folder means the first one is uploaded and registered
+    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2 and thread.is_alive():
+        time.sleep(0.2)
+    assert len(list(run_dir.glob("checkpoint_*"))) >= 2 and thread.is_alive(), "no mid-run checkpoint was reported"
     victim = int((pid_dir / "rank1.pid").read_text())
     os.kill(victim, signal.SIGKILL)
     thread.join(900)
