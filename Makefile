@@ -5,13 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 SPEC   ?= jobs/specs/movielens-1m.yaml
 
-.PHONY: install demo test bench-etl clean
+.PHONY: install demo test bench-etl bench-train clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null 2>&1 || { echo "java not found: installing openjdk-17 for the JVM Spark engine"; \
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || sudo apt-get install -y -qq openjdk-17-jre-headless; }
+	@command -v g++ >/dev/null 2>&1 || { echo "g++ not found: installing it (DeepSpeed compiles its CPU communication op)"; \
+	  (apt-get update -qq && apt-get install -y -qq g++) || sudo apt-get install -y -qq g++; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -29,6 +31,9 @@ test: $(STAMP)
 
 bench-etl: $(STAMP)
 	$(BIN)/python bench/etl.py
+
+bench-train: $(STAMP)
+	$(BIN)/python bench/train_throughput.py --set train.eval_every=100
 
 clean:
 	rm -rf .lake .work-tmp

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.spec import load_spec  # noqa: E402
+from jobs.spec import JobSpec, load_spec  # noqa: E402
 from ray_jobs.data import load_sequences  # noqa: E402
 from ray_jobs.metrics import markdown_table  # noqa: E402
 from ray_jobs.models.baselines import Popularity, TransitionGraph  # noqa: E402
@@ -36,12 +36,16 @@ def main() -> None:
     ap.add_argument("--models", default="pop,graph,sasrec,hllm")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--hllm-set", action="append", default=[], help="overrides for the HLLM run only")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
+                    help="evaluate an already trained checkpoint for sasrec/hllm instead of training (its history "
+                         "gives the timings), e.g. sasrec=.checkpoints/movielens-1m-sasrec-refit/best.pt")
     ap.add_argument("--out")
     args = ap.parse_args()
     spec = load_spec(args.spec, args.overrides)
     data = load_sequences(spec)
     text_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
     results, configs, curves, timings = {}, {}, {}, {}
+    given = dict(c.split("=", 1) for c in args.checkpoint)
 
     def run_eval(name: str, score) -> None:
         t0 = time.perf_counter()
@@ -60,14 +64,23 @@ def main() -> None:
         elif name in ("sasrec", "hllm"):
             run_spec = load_spec(args.spec, args.overrides + [f"model.kind={name}", f"name={spec.name}-{name}"]
                                  + (args.hllm_set if name == "hllm" else []))
-            result = train_local(run_spec, data, resume=False, show_progress=False)
-            model, _ = load_trained(result.checkpoint)
+            if name in given:
+                model, ckpt = load_trained(given[name])
+                run_spec = JobSpec.model_validate(ckpt["spec"])
+                st = ckpt["state"]
+                history, seconds, epochs, best, stopped = st["history"], st["seconds"], st["epoch"], st["best_epoch"], "given"
+            else:
+                result = train_local(run_spec, data, resume=False, show_progress=False)
+                model, _ = load_trained(result.checkpoint)
+                history, seconds, epochs, best, stopped = (result.history, result.seconds, result.epochs_run,
+                                                           result.best_epoch, result.stopped)
             run_eval(name, scorer(model, run_spec.data.max_seq_len))
-            configs[name] = {"model": run_spec.model.model_dump(mode="json"), "train": run_spec.train.model_dump(mode="json")}
-            curves[name] = [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], "valid_hr@10": round(h["valid_hr@10"], 4)}
-                            for h in result.history if "valid_hr@10" in h]
-            timings[name].update(train_seconds=round(result.seconds, 1), epochs=result.epochs_run,
-                                 best_epoch=result.best_epoch, stopped=result.stopped)
+            configs[name] = {"model": run_spec.model.model_dump(mode="json"), "train": run_spec.train.model_dump(mode="json"),
+                             "checkpoint": given.get(name)}
+            split = "valid" if run_spec.train.fit_on == "train" else "test"
+            curves[name] = [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], f"{split}_hr@10": round(h[f"{split}_hr@10"], 4)}
+                            for h in history if f"{split}_hr@10" in h]
+            timings[name].update(train_seconds=round(seconds, 1), epochs=epochs, best_epoch=best, stopped=stopped)
         else:
             raise SystemExit(f"--models: unknown model {name!r} (pop, graph, sasrec, hllm)")
         print(f"{name}: test hr@10 {results[name]['metrics']['hr@10']:.4f} ndcg@10 {results[name]['metrics']['ndcg@10']:.4f} "
@@ -78,7 +91,7 @@ def main() -> None:
         t = timings.get(name, {})
         print(f"| {name} | {r['beyond_accuracy'].get('ild@10', float('nan')):.4f} | {t.get('train_seconds', 0)} | {t['eval_seconds']} |")
     for name, curve in curves.items():
-        print(f"\ntime-to-quality {name}: " + ", ".join(f"{c['seconds']}s->{c['valid_hr@10']}" for c in curve))
+        print(f"\ntime-to-quality {name}: " + ", ".join(f"{c['seconds']}s->{list(c.values())[-1]}" for c in curve))
     print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"quality-{spec.data.name}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -64,13 +65,13 @@ def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: b
 
     from ray_jobs.evaluate import merge, rank_rows, shard_rows
     from ray_jobs.trainer import scorer
+    from ray_jobs.trainer import build_model
     rows = shard_rows(len(data.split(split).targets), rank, world)
-    if zero3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            part = rank_rows(spec, scorer(engine.module.model, spec.data.max_seq_len), data, split, rows)
-    else:
-        part = rank_rows(spec, scorer(engine.module.model, spec.data.max_seq_len), data, split, rows)
+    model = engine.module.model
+    if zero3:  # ZeRO-3 re-partitions parameters after each submodule's forward: score a gathered copy
+        model = build_model(spec, data.item_text, data.versions.get("item_index"))
+        model.load_state_dict(_full_state(engine, zero3))
+    part = rank_rows(spec, scorer(model, spec.data.max_seq_len), data, split, rows)
     parts = [None] * world
     dist.all_gather_object(parts, part)
     return merge(spec, data, split, parts)["metrics"]
@@ -180,8 +181,11 @@ def train_loop_per_worker(cfg: dict) -> None:
                 report({"step": state["step"], "epoch": epoch - 1, "loss": losses[-1]})
         state.update(epoch=epoch, batch=0)
         elapsed = max(1e-9, time.perf_counter() - t_epoch)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         record = {"epoch": epoch, "step": state["step"], "loss": float(np.mean(losses)) if losses else float("nan"),
-                  "seq_per_s": rows / elapsed, "tokens_per_s": tokens / elapsed, "lr": scheduler.get_last_lr()[0]}
+                  "seq_per_s": rows / elapsed, "tokens_per_s": tokens / elapsed, "lr": scheduler.get_last_lr()[0],
+                  "peak_rss_gib": float(peak)}
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             scores = _gather_eval(spec, engine, data, monitor, rank, world, zero3)
             record.update({f"{monitor}_{k}": scores[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
@@ -251,7 +255,8 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
             name=run_name, storage_path=os.path.abspath(t.storage_path) if "://" not in t.storage_path else t.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if t.use_gpu else "cpu", "OMP_NUM_THREADS": "1"}}
+            # torch threads = the worker's CPU share, so workers don't oversubscribe the node
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
             if not t.use_gpu else None))
     result = trainer.fit()
     if result.error:

@@ -34,12 +34,14 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
 
 def scorer(model: torch.nn.Module, max_len: int):
     """Histories -> cosine scores against every item (the geometry the loss trains)."""
+    device = next(model.parameters()).device
+
     def score(histories: list[np.ndarray]) -> torch.Tensor:
         model.eval()
         with torch.no_grad():
-            user = torch.nn.functional.normalize(model.user_embeddings(left_pad(histories, max_len)), dim=-1)
+            user = torch.nn.functional.normalize(model.user_embeddings(left_pad(histories, max_len).to(device)), dim=-1)
             items = torch.nn.functional.normalize(model.all_item_embeddings(), dim=-1)
-            return user @ items.T
+            return (user @ items.T).float().cpu()
     return score
 
 

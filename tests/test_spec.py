@@ -1,4 +1,5 @@
 """The job spec: packaged specs load, unknown keys are rejected by name, --set overrides are typed."""
+import glob
 import pytest
 import yaml
 
@@ -67,3 +68,28 @@ def test_override_parsing_errors():
         load_spec("jobs/specs/no-such-spec.yaml")
     with pytest.raises(SpecError, match="top level must be a mapping"):
         validate_spec([1, 2])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("jobs/specs/*.yaml")))
+def test_every_shipped_spec_is_valid(path):
+    assert load_spec(path).name
+
+
+def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
+    from jobs.spec import absolute_paths
+    from ray_jobs.train import deepspeed_config
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("movielens-1m-hllm-gpu")
+    assert spec.train.use_gpu and spec.train.workers == 8 and spec.train.deepspeed == "zero2"
+    cfg = deepspeed_config(spec, 8)
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["train_batch_size"] == 64 and cfg["bf16"]["enabled"]
+    cpu = deepspeed_config(load_spec("movielens-100k-smoke", ["train.deepspeed=zero3", "train.grad_clip=0.5"]), 2)
+    assert cpu["zero_optimization"]["stage"] == 3 and not cpu["bf16"]["enabled"] and cpu["gradient_clipping"] == 0.5
+    a = absolute_paths(load_spec("movielens-100k-smoke", ["tracking.uri=sqlite:///m.db"]))
+    assert a.lake.root == str(tmp_path / ".lake") and a.train.storage_path == str(tmp_path / ".ray_results")
+    assert a.tracking.uri == f"sqlite:///{tmp_path}/m.db"
+    assert absolute_paths(load_spec("movielens-100k-smoke", ["lake.root=s3://b/lake"])).lake.root == "s3://b/lake"
+    with pytest.raises(FileNotFoundError, match="train.deepspeed='zero9'"):
+        deepspeed_config(load_spec("movielens-100k-smoke", ["train.deepspeed=zero9"]), 1)
+    with pytest.raises(SpecError, match=r"'train\.fit_on'"):
+        load_spec("movielens-100k-smoke", ["train.fit_on=everything"])

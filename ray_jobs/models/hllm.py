@@ -146,7 +146,7 @@ class HLLM(nn.Module):
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
 
     def all_item_embeddings(self, batch_size: int = 256) -> torch.Tensor:
-        ids = torch.arange(self.num_items + 1)
+        ids = torch.arange(self.num_items + 1, device=self.item_input_ids.device)
         return torch.cat([self.item_embeddings(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
