@@ -4,7 +4,7 @@ Layout of a training run (experiment `tracking.experiment`):
 - params: the resolved spec, flattened (`train.lr`, `model.dim`, ...), and the Delta versions read
 - tags: git commit, spec name, `dagster.run_id` and `mlflow.parentRunId` when given
 - metrics: per step `train/loss`, `train/lr`, `train/seq_per_s`, `train/tokens_per_s`; per epoch
-  `valid/hr_at_10`, `valid/ndcg_at_10`, ...; at the end `final_test/...` and `final_valid/...` at every K; system metrics
+  `valid/hr_at_10`, `valid/ndcg_at_10`, ...; at the end `final_test/...` and `final_valid/...` at every K; `system/*` (CPU, memory, GPU of rank 0's node)
 - artifacts: `spec.yaml`, `deepspeed.json`, `plots/metrics_vs_k.png`, `plots/training_curves.png`,
   `model/` (the pyfunc, with checkpoint, spec and item-embedding cache inside)
 - registry: model `tracking.model_name` (default: the spec name), new version aliased `challenger`
@@ -89,9 +89,14 @@ def metric_key(name: str) -> str:
 class MetricLogger:
     """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group)."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50) -> None:
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float = 5.0) -> None:
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
         self.buffer: list = []
+        # CPU / memory / GPU utilisation of this worker's node, as MLflow `system/*` metrics
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        self.system = SystemMetricsMonitor(run_id, sampling_interval=system_metrics_every, tracking_uri=uri,
+                                           resume_logging=True)
+        self.system.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -104,6 +109,10 @@ class MetricLogger:
         for i in range(0, len(self.buffer), 900):
             self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
         self.buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self.system.finish()
 
 
 class RecommenderModel(mlflow.pyfunc.PythonModel):

@@ -211,7 +211,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if stopped != "epochs":
             break
     if logger:
-        logger.flush()
+        logger.close()
 
 
 def init_ray(spec: JobSpec) -> None:

@@ -97,6 +97,7 @@ def test_zero2_two_workers_match_single_process(lake, tmp_path, local_ray):
     assert run_.data.tags["llmrec.kind"] == "train" and len(run_.data.tags["git.commit"]) >= 7
     assert len(client.get_metric_history(out["run_id"], "train/loss")) == out["steps"]
     assert run_.data.metrics["final_test/hr_at_10"] == pytest.approx(reference["hr@10"])
+    assert "system/cpu_utilization_percentage" in run_.data.metrics
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
     assert artifacts == {"plots/metrics_vs_k.png", "plots/training_curves.png"}
     version = client.get_model_version_by_alias("dist-eq", "challenger")
