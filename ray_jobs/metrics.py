@@ -56,13 +56,16 @@ def coverage(top: np.ndarray, k: int, num_items: int) -> float:
     return len(np.unique(top[:, :k])) / num_items
 
 
-def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray) -> float:
+def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray, chunk: int = 512) -> float:
     """1 - mean pairwise cosine within each list, averaged over lists. For unit vectors the sum of
-    pairwise cosines is (|sum e|^2 - k) / 2, so no k x k matrix is built."""
-    e = item_emb / np.maximum(np.linalg.norm(item_emb, axis=1, keepdims=True), 1e-12)
-    s = e[top[:, :k]].sum(axis=1)
-    mean_cos = ((s * s).sum(1) - k) / (k * (k - 1))
-    return float(np.mean(1.0 - mean_cos))
+    pairwise cosines is (|sum e|^2 - k) / 2, so no k x k matrix is built; users go in chunks so
+    the (users, k, d) gather stays small."""
+    e = (item_emb / np.maximum(np.linalg.norm(item_emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    total = 0.0
+    for start in range(0, len(top), chunk):
+        s = e[top[start:start + chunk, :k]].sum(axis=1, dtype=np.float64)
+        total += float((1.0 - ((s * s).sum(1) - k) / (k * (k - 1))).sum())
+    return total / max(1, len(top))
 
 
 def tail_items(popularity: np.ndarray, share: float) -> np.ndarray:
