@@ -89,11 +89,13 @@ def metric_key(name: str) -> str:
 class MetricLogger:
     """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group)."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float = 5.0) -> None:
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float | None = None) -> None:
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
         self.buffer: list = []
         # CPU / memory / GPU utilisation of this worker's node, as MLflow `system/*` metrics
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        if system_metrics_every is None:
+            system_metrics_every = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5))
         self.system = SystemMetricsMonitor(run_id, sampling_interval=system_metrics_every, tracking_uri=uri,
                                            resume_logging=True)
         self.system.start()

@@ -223,8 +223,21 @@ def init_ray(spec: JobSpec) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=spec.cluster.num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"}})
+        start_local_ray(spec.cluster.num_cpus, {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"})
+
+
+def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
+    """A local Ray instance. On a loaded machine its raylet sometimes misses the start-up deadline
+    ("node timed out during startup"); that start is torn down and retried."""
+    import ray
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+            return
+        except Exception as exc:  # ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
 
 
 def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:

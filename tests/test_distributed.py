@@ -48,7 +48,10 @@ def lake(tmp_path_factory, engines):
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+
+    from ray_jobs.train import start_local_ray
+    # the runs here last seconds: sample system metrics often enough to see some
+    start_local_ray(2, {"DS_ACCELERATOR": "cpu", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"})
     yield
     ray.shutdown()
 
@@ -206,3 +209,30 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_he
     first = table[table.user_idx == int(seen.users[0])]
     history = set(np.append(seen.histories[0], seen.targets[0]).tolist())
     assert len(first) == 10 and not set(first["item_idx"]) & history
+
+
+def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_run(lake, tmp_path, local_ray):
+    from ray_jobs.train import run
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("llmrec")
+    with mlflow.start_run(run_name="dagster-parent") as parent:
+        pass
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml",
+                     _overrides(lake, tmp_path, "dist-hllm", "train.epochs=1", "model.kind=hllm",
+                                f"model.cache_dir={tmp_path}/cache", f"tracking.parent_run_id={parent.info.run_id}",
+                                "tracking.dagster_run_id=abc123", "train.deepspeed=zero3"))
+    out = run(spec)
+    client = mlflow.MlflowClient()
+    tags = client.get_run(out["run_id"]).data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["dagster.run_id"] == "abc123"
+    local = mlflow.artifacts.download_artifacts(f"runs:/{out['run_id']}/model", dst_path=str(tmp_path / "dl"))
+    shipped = list(Path(local).rglob("items-*.pt"))
+    assert len(shipped) == 1
+    # the registered model loads and scores with the shipped cache only (the original cache is gone)
+    for f in (tmp_path / "cache").iterdir():
+        f.unlink()
+    model = mlflow.pyfunc.load_model("models:/dist-hllm@challenger")
+    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3]]}), params={"k": 7})
+    assert len(pred["item_ids"][0]) == 7 and not list((tmp_path / "cache").iterdir())
+    assert out["test"]["hr@10"] > 0
