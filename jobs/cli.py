@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -150,8 +151,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         entry += ["--set", o]
     entry += args.job_args
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(root)},
-                               submission_id=args.submission_id)
+    for attempt in range(20):  # a head that just started answers before its job agent is ready
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(root)},
+                                       submission_id=args.submission_id)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == 19:
+                raise
+            time.sleep(3)
     errors.print(f"submitted {job_id} to {args.address}: {shlex.join(entry)}", highlight=False)
     if args.no_wait:
         print(job_id)

@@ -1,0 +1,90 @@
+"""Launch paths against a real local Ray head (infra/local/ray-up.sh, 127.0.0.1, stopped by pid):
+`ray job submit` of the training job and the Jobs API (`llmrec submit`) for batch
+recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh). In its own module so
+the in-process Ray of test_distributed.py is already shut down."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from deltalake import DeltaTable
+
+from jobs.spec import load_spec
+from ray_jobs.data import load_sequences
+from test_distributed import BIN, ROOT, _overrides, free_port, lake  # noqa: F401  (lake: fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port),
+           "RAY_DASHBOARD_PORT": str(dash), "RAY_NUM_CPUS": "2", "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+    up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    yield up.stdout.strip().splitlines()[-1], env
+    subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
+           "MLFLOW_DB": str(tmp_path / "server.db"), "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
+    proc = subprocess.Popen([str(ROOT / "infra/local/mlflow-up.sh")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_head, mlflow_server):
+    address, env = ray_head
+    overrides = _overrides(lake, tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={mlflow_server}")
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "-m", "ray_jobs.train", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]
+    for o in overrides:
+        cmd += ["--set", o]
+    for _ in range(10):  # a fresh head answers before its job agent is up: "No available agent"
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(3)
+    assert done.returncode == 0 and "succeeded" in (done.stdout + done.stderr).lower(), done.stdout[-3000:] + done.stderr[-3000:]
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    run_ = client.search_runs([client.get_experiment_by_name("llmrec").experiment_id])[0]
+    assert run_.data.params["name"] == "dist-submit" and "train/loss" in run_.data.metrics
+    model = mlflow.pyfunc.load_model("models:/dist-submit@challenger")
+    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3], [50]]}), params={"k": 5})
+    assert [len(x) for x in pred["item_ids"]] == [5, 5] and 2 not in pred["item_ids"][0]
+
+    # the Jobs API path (what Dagster uses): batch recommendations from the registered model
+    rec = subprocess.run([str(BIN / "llmrec"), "submit", "recommend", "--address", address,
+                          "--spec", "jobs/specs/movielens-100k-smoke.yaml", *sum((["--set", o] for o in overrides), []),
+                          "--job-arg=--model=models:/dist-submit@challenger", "--job-arg=--k=10"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert rec.returncode == 0, rec.stdout[-3000:] + rec.stderr[-3000:]
+    table = DeltaTable(f"{lake}/movielens-100k/gold/recommendations").to_pandas()
+    assert len(table) == 943 * 10 and set(table["model_version"]) == {"1"} and table["rank"].max() == 10
+    seen = load_sequences(load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={lake}"])).test
+    first = table[table.user_idx == int(seen.users[0])]
+    history = set(np.append(seen.histories[0], seen.targets[0]).tolist())
+    assert len(first) == 10 and not set(first["item_idx"]) & history
