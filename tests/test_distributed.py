@@ -95,6 +95,7 @@ def test_zero2_two_workers_match_single_process(lake, tmp_path, local_ray):
 
     # MLflow: params, per-step metrics from rank 0, the registered pyfunc behind the challenger alias
     mlflow.set_tracking_uri(spec.tracking.uri)
+    mlflow.set_registry_uri(spec.tracking.uri)
     client = mlflow.MlflowClient()
     run_ = client.get_run(out["run_id"])
     assert run_.data.params["train.workers"] == "2" and run_.data.params["delta_version.sequences"] == "0"
@@ -159,6 +160,7 @@ def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_ru
     from ray_jobs.train import run
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     mlflow.set_experiment("llmrec")
     with mlflow.start_run(run_name="dagster-parent") as parent:
         pass

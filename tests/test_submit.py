@@ -69,6 +69,7 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_he
     assert done.returncode == 0 and "succeeded" in (done.stdout + done.stderr).lower(), done.stdout[-3000:] + done.stderr[-3000:]
 
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)  # an earlier in-process run may have set another registry
     client = mlflow.MlflowClient()
     run_ = client.search_runs([client.get_experiment_by_name("llmrec").experiment_id])[0]
     assert run_.data.params["name"] == "dist-submit" and "train/loss" in run_.data.metrics
