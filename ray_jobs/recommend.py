@@ -89,6 +89,7 @@ def resolve_model(spec: JobSpec, model_uri: str | None, checkpoint: str | None) 
 
         from ray_jobs.tracking import tracking_uri
         mlflow.set_tracking_uri(tracking_uri(spec))
+        mlflow.set_registry_uri(tracking_uri(spec))
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="llmrec-model-"))
         path = os.path.join(local, "artifacts", "model.pt")
         if not os.path.exists(path):

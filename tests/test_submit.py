@@ -61,9 +61,9 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_he
            "python", "-m", "ray_jobs.train", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]
     for o in overrides:
         cmd += ["--set", o]
-    for _ in range(10):  # a fresh head answers before its job agent is up: "No available agent"
+    for _ in range(40):  # a fresh head answers before its job agent is up: "No available agent"
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        if "No available agent" not in done.stderr:
+        if "No available agent" not in done.stdout + done.stderr:
             break
         time.sleep(3)
     assert done.returncode == 0 and "succeeded" in (done.stdout + done.stderr).lower(), done.stdout[-3000:] + done.stderr[-3000:]
