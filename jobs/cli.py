@@ -122,12 +122,11 @@ def submit_overrides(spec, address: str) -> list[str]:
     from urllib.parse import urlparse
     if (urlparse(address).hostname or "") not in LOCAL_HOSTS:
         return []
-    from jobs.spec import absolute_paths
+    from jobs.spec import absolute_paths, tracking_uri
     a = absolute_paths(spec)
-    out = [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
-           f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}"]
-    uri = a.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath("mlflow.db")
-    return out + [f"tracking.uri={uri}"]
+    return [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
+            f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}",
+            f"tracking.uri={tracking_uri(a)}"]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -221,7 +221,7 @@ class TrainSpec(Strict):
     deepspeed: str = Field("zero2", description="DeepSpeed config: zero1 | zero2 | zero3 (jobs/deepspeed/<name>.json) or a JSON path")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps (0 = once per epoch)")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
-    storage_path: str = Field("./.ray_results", description="Ray Train run storage (local path or s3://, gs://)")
+    storage_path: str = Field("./.ray_results", description="Ray Train run storage: a local path, on a cluster one every node mounts")
 
 
 class EvalSpec(Strict):
@@ -352,10 +352,21 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     doc["model"]["cache_dir"] = _absolute(doc["model"]["cache_dir"])
     for key in ("checkpoint_dir", "storage_path"):
         doc["train"][key] = _absolute(doc["train"][key])
-    uri = doc["tracking"]["uri"]
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        doc["tracking"]["uri"] = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if doc["tracking"]["uri"]:
+        doc["tracking"]["uri"] = _absolute_sqlite(doc["tracking"]["uri"])
     return JobSpec.model_validate(doc)
+
+
+def _absolute_sqlite(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def tracking_uri(spec: JobSpec) -> str:
+    """The spec's MLflow URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a sqlite
+    path is made absolute, so Ray workers and submitted jobs write to the same store."""
+    return _absolute_sqlite(spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
 
 
 def dump_spec(spec: JobSpec) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.lake import table_path
-from jobs.spec import JobSpec, absolute_paths, load_spec
+from jobs.spec import JobSpec, absolute_paths, load_spec, tracking_uri
 from ray_jobs.data import load_sequences
 
 
@@ -75,10 +75,8 @@ def write_recommendations(spec: JobSpec, table: pa.Table, model_version: str) ->
     except Exception:  # delta-rs: TableNotFoundError
         exists = False
     safe = model_version.replace("'", "''")
-    if exists:
-        write_deltalake(path, table, mode="overwrite", predicate=f"model_version = '{safe}'", storage_options=opts)
-    else:
-        write_deltalake(path, table, mode="overwrite", partition_by=None, storage_options=opts)
+    write_deltalake(path, table, mode="overwrite", storage_options=opts,
+                    predicate=f"model_version = '{safe}'" if exists else None)
     return DeltaTable(path, storage_options=opts).version()
 
 
@@ -86,8 +84,6 @@ def resolve_model(spec: JobSpec, model_uri: str | None, checkpoint: str | None) 
     """(checkpoint file, model name, version tag) from a registry URI, a file, or the run's model.pt."""
     if model_uri:
         import mlflow
-
-        from ray_jobs.tracking import tracking_uri
         mlflow.set_tracking_uri(tracking_uri(spec))
         mlflow.set_registry_uri(tracking_uri(spec))
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="llmrec-model-"))

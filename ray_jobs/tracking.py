@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -21,18 +22,9 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from jobs.spec import JobSpec, dump_spec
+from jobs.spec import JobSpec, dump_spec, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tracking_uri(spec: JobSpec) -> str:
-    """The spec's URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (absolute, so
-    Ray workers in other working directories write to the same store)."""
-    uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    return uri
 
 
 def model_name(spec: JobSpec) -> str:
@@ -101,7 +93,6 @@ class MetricLogger:
         self.system.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
         now = int(time.time() * 1000)
         self.buffer += [mlflow.entities.Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v == v]
         if len(self.buffer) >= self.flush_every:

@@ -14,6 +14,7 @@ from the latest one, and `FailureConfig` restarts a lost worker group from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.spec import JobSpec, absolute_paths, load_spec
+from jobs.spec import JobSpec, absolute_paths, load_spec, tracking_uri
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
 
 
 def run_dir(spec: JobSpec, run_name: str | None = None) -> str:
-    return os.path.join(os.path.abspath(spec.train.storage_path), run_name or spec.name)
+    return os.path.join(absolute_paths(spec).train.storage_path, run_name or spec.name)
 
 
 def model_file(spec: JobSpec, run_name: str | None = None) -> str:
@@ -64,8 +65,7 @@ def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: b
     import torch.distributed as dist
 
     from ray_jobs.evaluate import merge, rank_rows, shard_rows
-    from ray_jobs.trainer import scorer
-    from ray_jobs.trainer import build_model
+    from ray_jobs.trainer import build_model, scorer
     rows = shard_rows(len(data.split(split).targets), rank, world)
     model = engine.module.model
     if zero3:  # ZeRO-3 re-partitions parameters after each submodule's forward: score a gathered copy
@@ -79,11 +79,10 @@ def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: b
 
 def _full_state(engine, zero3: bool) -> dict:
     """The model's full fp32 state dict (ZeRO-3 parameters gathered first)."""
-    if zero3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
+    import deepspeed
+    gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero3 else contextlib.nullcontext()
+    with gathered:
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -250,10 +249,13 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_name = run_name or spec.name
     spec = absolute_paths(spec)
     t = spec.train
+    if "://" in t.storage_path:  # fail before training, not after it
+        raise ValueError(f"train.storage_path={t.storage_path!r}: the final model.pt is written and read with local "
+                         "file I/O; use a path every node mounts (NFS, a FUSE-mounted bucket)")
     init_ray(spec)
     data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
     ds_cfg = deepspeed_config(spec, t.workers)
-    uri = tracking.tracking_uri(spec)
+    uri = tracking_uri(spec)
     run_id = tracking.start_run(spec, run_name, "train",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
@@ -265,7 +267,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=os.path.abspath(t.storage_path) if "://" not in t.storage_path else t.storage_path,
+            name=run_name, storage_path=t.storage_path,  # absolute (absolute_paths above)
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
@@ -274,8 +276,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training run {run_name} failed: {result.error}")
-    out = finish(spec, run_name, run_id, result.checkpoint, data, register)
-    return out
+    return finish(spec, run_name, run_id, result.checkpoint, data, register)
 
 
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, register: bool) -> dict:
@@ -295,7 +296,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, register
     os.replace(out_file + ".tmp", out_file)
     workers = max(1, spec.train.workers)
     results = {split: evaluate_distributed(spec, out_file, split, workers, data) for split in ("valid", "test")}
-    uri = tracking.tracking_uri(spec)
+    uri = tracking_uri(spec)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         for split, r in results.items():

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from deltalake import DeltaTable
 
 from jobs.spec import load_spec
 from ray_jobs.data import load_sequences

@@ -91,5 +91,8 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     assert absolute_paths(load_spec("movielens-100k-smoke", ["lake.root=s3://b/lake"])).lake.root == "s3://b/lake"
     with pytest.raises(FileNotFoundError, match="train.deepspeed='zero9'"):
         deepspeed_config(load_spec("movielens-100k-smoke", ["train.deepspeed=zero9"]), 1)
+    from ray_jobs.train import run
+    with pytest.raises(ValueError, match="train.storage_path='s3://b/ray'"):
+        run(load_spec("movielens-100k-smoke", ["train.storage_path=s3://b/ray"]))
     with pytest.raises(SpecError, match=r"'train\.fit_on'"):
         load_spec("movielens-100k-smoke", ["train.fit_on=everything"])
