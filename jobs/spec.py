@@ -245,6 +245,44 @@ class ClusterSpec(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray (default: all)")
 
 
+class RewardWeights(Strict):
+    """Weights of the list reward r = ndcg·NDCG@K + diversity·ILD + tail·tail share + exposure·deficit."""
+    ndcg: float = Field(1.0, ge=0, description="NDCG@K of the list against the held-out training items")
+    diversity: float = Field(0.0, ge=0, description="intra-list diversity (1 - mean pairwise cosine of item text embeddings)")
+    tail: float = Field(0.0, ge=0, description="share of list items from the long tail (eval.tail_share of items)")
+    exposure: float = Field(0.0, ge=0, description="exposure deficit: mean of max(0, 1 - n·p_i) over list items, p the running exposure")
+
+
+class BladeSpec(Strict):
+    decay: float = Field(0.9, gt=0, le=1, description="historical prior = previous posterior with its pseudo-counts times this")
+    scope: Literal["user", "global"] = Field("user", description="one reward posterior per user, or one for all")
+    min_pseudo_count: float = Field(1.0, gt=0, description="floor of the decayed prior's pseudo-counts (kappa, 2·alpha)")
+
+
+class AlignSpec(Strict):
+    """List-wise alignment (python -m ray_jobs.align): policy = the model's catalogue scores / temperature."""
+    method: Literal["blade", "static_bon", "grpo", "dpo"] = "blade"
+    init: str | None = Field(None, description="starting model: a checkpoint file (model.pt / best.pt) or models:/NAME@alias; "
+                             "default <train.storage_path>/<name>/model.pt (the training run's model)")
+    steps: int = Field(200, gt=0, description="optimizer steps")
+    users_per_step: int = Field(64, gt=0, description="users per global batch")
+    rollouts: int = Field(16, ge=2, description="N lists sampled per user per step")
+    list_size: int = Field(10, ge=1, description="K, items per list")
+    temperature: float = Field(0.05, gt=0, description="policy = softmax(cosine / temperature) over unseen items")
+    lr: float = Field(1e-4, gt=0)
+    beta: float = Field(0.05, ge=0, description="weight of KL(policy || reference)")
+    holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
+    reference_rollouts: int = Field(32, ge=2, description="M reference lists per user: static CDF and BLADE's first prior")
+    exposure_momentum: float = Field(0.05, gt=0, le=1, description="EMA rate of the running catalogue exposure")
+    rewards: RewardWeights = RewardWeights()
+    blade: BladeSpec = BladeSpec()
+    dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature on list log-ratio differences")
+    dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
+    eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = only at the end)")
+    seed: int = 0
+
+
 class JobSpec(Strict):
     name: str
     data: DataSpec
@@ -253,6 +291,7 @@ class JobSpec(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    align: AlignSpec = AlignSpec()
     tracking: TrackingSpec = TrackingSpec()
     cluster: ClusterSpec = ClusterSpec()
 

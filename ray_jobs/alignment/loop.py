@@ -1,0 +1,276 @@
+"""One alignment step, shared by the Ray Train worker and the tests: rollouts from the policy,
+rewards, method weights, the loss. Cross-worker state (running exposure, BLADE posteriors) is
+synchronised with collectives, so every rank holds the same state and a checkpoint from rank 0
+restores all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from jobs.spec import AlignSpec
+from ray_jobs.alignment import methods, rewards
+from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl
+from ray_jobs.data import left_pad
+from ray_jobs.metrics import mask_scores
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if _dist():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_max(x: torch.Tensor) -> torch.Tensor:
+    if _dist():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_gather_objects(obj) -> list:
+    if not _dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class PolicyScores(nn.Module):
+    """Histories -> cosine scores of every item (B, n + 1): the policy's logits times temperature."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        user = F.normalize(self.model.user_embeddings(ids), dim=-1)
+        items = F.normalize(self.model.all_item_embeddings(), dim=-1)
+        return user @ items.T
+
+
+@dataclass
+class AlignData:
+    """Users eligible for alignment: context = training sequence minus its last `holdout` items,
+    which are the relevant set of the NDCG reward (validation and test items are never used)."""
+    users: np.ndarray              # row in SeqData.train
+    contexts: list[np.ndarray]
+    relevant: torch.Tensor         # (U, holdout), 0-padded
+
+    @classmethod
+    def build(cls, train: list[np.ndarray], num_items: int, holdout: int, list_size: int) -> "AlignData":
+        users, contexts, relevant = [], [], []
+        for u, seq in enumerate(train):
+            ctx = seq[:-holdout]
+            # at least one context item, a held-out item, and K unseen items to fill a list
+            if len(ctx) >= 1 and len(seq) > holdout and num_items - len(ctx) >= list_size:
+                users.append(u)
+                contexts.append(ctx)
+                relevant.append(seq[-holdout:])
+        if not users:
+            raise ValueError(f"alignment: no user has more than align.holdout={holdout} training items")
+        rel = torch.zeros((len(users), holdout), dtype=torch.long)
+        for i, r in enumerate(relevant):
+            rel[i, :len(r)] = torch.as_tensor(r)
+        return cls(np.asarray(users), contexts, rel)
+
+
+class Aligner:
+    """State and step of list-wise alignment for one worker (rank of world)."""
+
+    def __init__(self, cfg: AlignSpec, data: AlignData, num_items: int, max_len: int, item_emb: torch.Tensor,
+                 tail: torch.Tensor, reference: nn.Module, rank: int = 0, world: int = 1) -> None:
+        self.cfg, self.data, self.num_items, self.max_len = cfg, data, num_items, max_len
+        self.item_emb = F.normalize(item_emb.float(), dim=-1)
+        self.tail = tail
+        self.reference = PolicyScores(reference).eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.rank, self.world = rank, world
+        self.exposure = torch.full((num_items + 1,), 1.0 / num_items)
+        self.exposure[0] = 0.0
+        self.ref_rewards: torch.Tensor | None = None     # (U, M) reference rollout rewards
+        groups = len(data.users) if cfg.blade.scope == "user" else 1
+        self.posterior = methods.NIG.vague(groups)
+
+    # ------------------------------------------------------------------ policy and rewards
+    def logits(self, scores: nn.Module, rows: np.ndarray) -> torch.Tensor:
+        """Masked policy logits (B, n + 1) of the given AlignData rows (grad flows when enabled)."""
+        ctx = [self.data.contexts[i] for i in rows]
+        device = next(scores.parameters()).device
+        s = scores(left_pad(ctx, self.max_len).to(device)).float().cpu()
+        return mask_scores(s / self.cfg.temperature, ctx)
+
+    def reward_terms(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"ndcg": rewards.ndcg(lists, self.data.relevant[rows]),
+                "diversity": rewards.diversity(lists, self.item_emb),
+                "tail": rewards.tail_share(lists, self.tail),
+                "exposure": rewards.exposure_deficit(lists, self.exposure)}
+
+    def reward(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rewards.combine(self.cfg.rewards.model_dump(), terms)
+
+    def update_exposure(self, lists: torch.Tensor) -> None:
+        counts = all_sum(torch.bincount(lists.reshape(-1), minlength=self.num_items + 1).double())
+        share = counts / counts.sum().clamp(min=1)
+        self.exposure = ((1 - self.cfg.exposure_momentum) * self.exposure.double()
+                         + self.cfg.exposure_momentum * share).float()
+        self.exposure[0] = 0.0
+
+    # ------------------------------------------------------------------ reference statistics
+    @torch.no_grad()
+    def init_reference(self, seed: int, chunk: int = 256) -> None:
+        """M reference rollouts for every user (rows split over ranks, gathered): the static CDF,
+        BLADE's first prior and the starting exposure."""
+        cfg = self.cfg
+        mine = np.arange(self.rank, len(self.data.users), self.world)
+        parts, counts = [], torch.zeros(self.num_items + 1, dtype=torch.float64)
+        for start in range(0, len(mine), chunk):
+            rows = mine[start:start + chunk]
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 * int(rows[0]) + 1)
+            lists = gumbel_topk(self.logits(self.reference, rows), cfg.list_size, cfg.reference_rollouts, gen)
+            parts.append((rows, self.reward(self.reward_terms(lists, rows)).numpy()))
+            counts += torch.bincount(lists.reshape(-1), minlength=self.num_items + 1).double()
+        ref = np.zeros((len(self.data.users), cfg.reference_rollouts), dtype=np.float32)
+        for part in all_gather_objects(parts):
+            for rows, r in part:
+                ref[rows] = r
+        self.ref_rewards = torch.from_numpy(ref)
+        counts = all_sum(counts)
+        self.exposure = (counts / counts.sum()).float()
+        self.exposure[0] = 0.0
+        x = ref.astype(np.float64)
+        self.posterior = self.posterior.update_with(x if cfg.blade.scope == "user" else x.reshape(1, -1))
+
+    # ------------------------------------------------------------------ one step
+    def batch_rows(self, step: int, seed: int) -> tuple[np.ndarray, int]:
+        """This rank's rows of the step's global batch (epochs of a seeded permutation of users)."""
+        n, b = len(self.data.users), self.cfg.users_per_step
+        per_epoch = max(1, -(-n // b))
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng((seed, epoch)).permutation(n)
+        batch = order[i * b:(i + 1) * b]
+        return batch[self.rank::self.world], len(batch)
+
+    def weights(self, r: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy."""
+        cfg, n = self.cfg, r.shape[1]
+        if cfg.method == "static_bon":
+            w = methods.bon_weights(methods.empirical_cdf(self.ref_rewards[rows], r), n)
+            return w, methods.weight_entropy(w)
+        if cfg.method == "blade":
+            x = r.double().numpy()
+            if cfg.blade.scope == "user":
+                post = self.posterior.take(rows).decayed(cfg.blade.decay, cfg.blade.min_pseudo_count).update_with(x)
+                for part in all_gather_objects((rows, post)):  # every rank keeps every user's posterior
+                    self.posterior.put(part[0], part[1])
+                cdf = post.predictive_cdf(x)
+            else:  # one posterior: global sufficient statistics of all ranks' rewards
+                stats = all_sum(torch.tensor([x.size, x.sum(), (x * x).sum()], dtype=torch.float64))
+                cnt, mean = stats[0].item(), stats[1].item() / max(stats[0].item(), 1)
+                sq_dev = max(stats[2].item() - cnt * mean * mean, 0.0)
+                prior = self.posterior.decayed(cfg.blade.decay, cfg.blade.min_pseudo_count)
+                self.posterior = prior.updated(np.array([cnt]), np.array([mean]), np.array([sq_dev]))
+                cdf = _global_cdf(self.posterior, x)
+            w = methods.bon_weights(torch.from_numpy(cdf).float(), n)
+            return w, methods.weight_entropy(w)
+        if cfg.method == "grpo":
+            return methods.grpo_weights(r), None
+        raise ValueError(f"align.method={cfg.method!r} has no candidate weights")
+
+    def step(self, scores: nn.Module, step: int, seed: int) -> tuple[torch.Tensor, dict]:
+        """The step's loss (scaled so that DeepSpeed's average over ranks is the global-batch mean)
+        and its global metrics. `scores` is the trained PolicyScores (or a DeepSpeed engine on it)."""
+        cfg = self.cfg
+        rows, global_b = self.batch_rows(step, seed)
+        logits = self.logits(scores, rows)
+        with torch.no_grad():
+            ref_logits = self.logits(self.reference, rows)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + self.rank + 17)
+        lists = gumbel_topk(logits.detach(), cfg.list_size, cfg.rollouts, gen)     # (B, N, K)
+        terms = self.reward_terms(lists, rows)
+        r = self.reward(terms)
+        k = cfg.list_size
+        lp = list_log_prob(logits, lists) / k
+        with torch.no_grad():
+            lp_ref = list_log_prob(ref_logits, lists) / k
+        entropy = None
+        if cfg.method == "dpo":
+            best, worst = r.argmax(-1), r.argmin(-1)
+            idx = torch.arange(len(rows))
+            keep = (r[idx, best] > r[idx, worst]).float()
+            pair = methods.dpo_loss(lp[idx, best], lp[idx, worst], lp_ref[idx, best], lp_ref[idx, worst], cfg.dpo_beta)
+            policy_sum = (pair * keep).sum()
+            if cfg.dpo_ground_truth:
+                policy_sum = policy_sum + self._ground_truth_pairs(logits, ref_logits, rows).sum()
+        else:
+            w, entropy = self.weights(r, rows)
+            policy_sum = -(w.detach() * lp).sum()
+        kl = masked_kl(logits, ref_logits)
+        loss = (policy_sum + cfg.beta * kl.sum()) * self.world / max(global_b, 1)
+        grad_logits = torch.autograd.grad(policy_sum, logits, retain_graph=True, allow_unused=True)[0]
+        eff = grad_logits.norm(dim=-1).sum() if grad_logits is not None else torch.zeros(())
+        self.update_exposure(lists)
+        r64 = r.double()
+        sums = all_sum(torch.stack([
+            torch.tensor(float(len(rows)), dtype=torch.float64), r64.sum(), (r64 * r64).sum(),
+            torch.tensor(float(r.numel()), dtype=torch.float64), kl.detach().double().sum(), eff.detach().double(),
+            ((lp - lp_ref).detach().double() * k).sum(),
+            (entropy.double().sum() if entropy is not None else torch.zeros((), dtype=torch.float64)),
+            (r.max(-1).values == r.min(-1).values).double().sum(), policy_sum.detach().double(),
+            *[terms[t].double().sum() for t in ("ndcg", "diversity", "tail", "exposure")]]))
+        users, n = max(sums[0].item(), 1.0), max(sums[3].item(), 1.0)
+        mean = sums[1].item() / n
+        metrics = {"reward_mean": mean, "reward_std": max(sums[2].item() / n - mean * mean, 0.0) ** 0.5,
+                   "reward_max": all_max(r.max().reshape(1).double() if r.numel() else torch.zeros(1, dtype=torch.float64)).item(),
+                   "kl": sums[4].item() / users, "effective_grad_norm": sums[5].item() / users,
+                   "sampled_log_ratio": sums[6].item() / n, "flat_groups": sums[8].item() / users,
+                   "policy_loss": sums[9].item() / users}
+        if entropy is not None:
+            metrics["weight_entropy"] = sums[7].item() / users
+        metrics.update({f"reward_{t}": sums[10 + i].item() / n for i, t in enumerate(("ndcg", "diversity", "tail", "exposure"))})
+        return loss, metrics
+
+    def _ground_truth_pairs(self, logits, ref_logits, rows) -> torch.Tensor:
+        """DPO pairs: the held-out items first, then the model's top items, against the model's
+        own top-K list (rows whose held-out items are all in the top list already are skipped)."""
+        k = self.cfg.list_size
+        top = torch.topk(logits.detach(), k, dim=-1).indices
+        chosen = []
+        for i, row in enumerate(rows):
+            rel = [int(x) for x in self.data.relevant[row] if x != 0 and torch.isfinite(logits[i, x])]
+            fill = [int(x) for x in top[i] if int(x) not in rel]
+            chosen.append((rel + fill)[:k])
+        chosen = torch.tensor(chosen, dtype=torch.long)[:, None, :]
+        rejected = top[:, None, :]
+        differs = (chosen != rejected).any(-1).squeeze(1).float()
+        lp_w, lp_l = list_log_prob(logits, chosen)[:, 0] / k, list_log_prob(logits, rejected)[:, 0] / k
+        with torch.no_grad():
+            ref_w, ref_l = list_log_prob(ref_logits, chosen)[:, 0] / k, list_log_prob(ref_logits, rejected)[:, 0] / k
+        return methods.dpo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.dpo_beta) * differs
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        p = self.posterior
+        return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards,
+                "posterior": {"mu": p.mu, "kappa": p.kappa, "alpha": p.alpha, "beta": p.beta}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exposure, self.ref_rewards = state["exposure"], state["ref_rewards"]
+        self.posterior = methods.NIG(**{k: np.asarray(v, dtype=np.float64) for k, v in state["posterior"].items()})
+
+
+def _global_cdf(post: methods.NIG, x: np.ndarray) -> np.ndarray:
+    """Predictive CDF of one (global) posterior evaluated for every row of x."""
+    rep = methods.NIG(*(np.repeat(a, x.shape[0]) for a in (post.mu, post.kappa, post.alpha, post.beta)))
+    return rep.predictive_cdf(x)

@@ -1,0 +1,113 @@
+"""Candidate weights of the list-wise alignment methods, and BLADE's reward posterior.
+
+Every method trains the same loss form over the N lists y_1..y_N sampled for a user:
+    L = - sum_n w_n · log pi(y_n) / K  +  beta · KL(pi || pi_ref)
+and differs only in the weights w (DPO: a pairwise logistic term on the same list log-probabilities).
+
+static_bon   w_n ∝ F_ref(r_n)^(N-1): Best-of-N distillation, F_ref the empirical CDF of the
+             reward under the frozen reference, estimated once (mid-rank for ties). Once the policy
+             beats the reference everywhere, F_ref = 1 for every candidate, the weights are uniform
+             and the expected gradient of sum_n w_n log pi(y_n) is zero: the signal fades.
+blade        w_n ∝ F_t(r_n)^(N-1), F_t the posterior-predictive CDF of a reward distribution that is
+             re-estimated every step. Rewards of a user (scope=user) or of everyone (scope=global)
+             are Normal(mu, sigma^2) with a Normal–Inverse-Gamma prior NIG(mu0, kappa0, alpha0, beta0):
+               sigma^2 ~ InvGamma(alpha0, beta0),  mu | sigma^2 ~ Normal(mu0, sigma^2 / kappa0).
+             The prior at step t is the previous posterior, decayed by gamma (align.blade.decay):
+               kappa0 = max(gamma·kappa, c),  alpha0 = max(gamma·alpha, c/2),  beta0 = beta·alpha0/alpha,
+             (c = min_pseudo_count; beta is rescaled with alpha so the variance estimate beta/alpha
+             is kept while its weight shrinks). With the current N rewards x (mean xbar,
+             S = sum (x - xbar)^2) the conjugate update is
+               kappa = kappa0 + N,   mu = (kappa0·mu0 + N·xbar) / kappa,   alpha = alpha0 + N/2,
+               beta  = beta0 + S/2 + kappa0·N·(xbar - mu0)^2 / (2·kappa),
+             and the posterior predictive of a new reward is Student-t with 2·alpha degrees of
+             freedom, location mu and scale^2 = beta·(kappa + 1) / (alpha·kappa). The first prior is
+             this update applied to the reference rollouts (from a vague NIG(0, 1e-3, 1, 1e-4)).
+             The predictive tracks the policy's own reward level, so candidates above the historical
+             range keep distinct CDF values and stay ranked.
+grpo         w_n = (r_n - mean_n r) / (std_n r + 1e-6) / N: group-relative advantages, one
+             on-policy gradient step per batch of rollouts.
+dpo          the best and worst of the N lists (and optionally the held-out items' list against the
+             model's own top list): -log sigmoid(beta_dpo·[(lp_w - lp_ref_w) - (lp_l - lp_ref_l)]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import stdtr
+
+VAGUE = (0.0, 1e-3, 1.0, 1e-4)  # mu0, kappa0, alpha0, beta0
+
+
+def empirical_cdf(reference: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """reference (B, M), rewards (B, N) -> F_ref(r) = (#ref < r + 0.5·#ref == r) / M."""
+    ref, r = reference[:, None, :], rewards[:, :, None]
+    return ((ref < r).float().sum(-1) + 0.5 * (ref == r).float().sum(-1)) / reference.shape[1]
+
+
+def bon_weights(cdf: torch.Tensor, n: int) -> torch.Tensor:
+    """w ∝ F^(n-1) per row (log space); a row with F = 0 everywhere gets uniform weights."""
+    logw = (n - 1) * torch.log(cdf.double().clamp(min=0))
+    all_zero = torch.isinf(logw).all(-1, keepdim=True)
+    logw = torch.where(all_zero, torch.zeros_like(logw), logw)
+    return torch.softmax(logw, dim=-1).to(cdf.dtype)
+
+
+def grpo_weights(rewards: torch.Tensor) -> torch.Tensor:
+    n = rewards.shape[-1]
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, unbiased=False, keepdim=True) + 1e-6) / n
+
+
+def weight_entropy(w: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy of a weight distribution (log N = uniform = no preference)."""
+    return -(w * torch.log(w.clamp(min=1e-30))).sum(-1)
+
+
+@dataclass
+class NIG:
+    """Normal–Inverse-Gamma parameters, one entry per group (float64 arrays)."""
+    mu: np.ndarray
+    kappa: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+
+    @classmethod
+    def vague(cls, groups: int) -> "NIG":
+        return cls(*(np.full(groups, v, dtype=np.float64) for v in VAGUE))
+
+    def take(self, idx) -> "NIG":
+        return NIG(self.mu[idx].copy(), self.kappa[idx].copy(), self.alpha[idx].copy(), self.beta[idx].copy())
+
+    def put(self, idx, other: "NIG") -> None:
+        self.mu[idx], self.kappa[idx], self.alpha[idx], self.beta[idx] = other.mu, other.kappa, other.alpha, other.beta
+
+    def decayed(self, gamma: float, floor: float) -> "NIG":
+        kappa = np.maximum(gamma * self.kappa, floor)
+        alpha = np.maximum(gamma * self.alpha, floor / 2)
+        return NIG(self.mu.copy(), kappa, alpha, self.beta * alpha / self.alpha)
+
+    def updated(self, n: np.ndarray, mean: np.ndarray, sq_dev: np.ndarray) -> "NIG":
+        """Conjugate update with n observations of mean `mean` and sum of squared deviations `sq_dev`."""
+        kappa = self.kappa + n
+        mu = (self.kappa * self.mu + n * mean) / kappa
+        alpha = self.alpha + n / 2
+        beta = self.beta + sq_dev / 2 + self.kappa * n * (mean - self.mu) ** 2 / (2 * kappa)
+        return NIG(mu, kappa, alpha, beta)
+
+    def update_with(self, x: np.ndarray) -> "NIG":
+        """x: (groups, N) observations."""
+        mean = x.mean(-1)
+        return self.updated(np.full(len(mean), x.shape[-1], dtype=np.float64), mean, ((x - mean[:, None]) ** 2).sum(-1))
+
+    def predictive_cdf(self, r: np.ndarray) -> np.ndarray:
+        """P(reward <= r) under the posterior predictive (Student-t); r: (groups, N)."""
+        scale = np.sqrt(self.beta * (self.kappa + 1) / (self.alpha * self.kappa))
+        return stdtr((2 * self.alpha)[:, None], (r - self.mu[:, None]) / scale[:, None])
+
+
+def dpo_loss(lp_w: torch.Tensor, lp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """Per-pair DPO loss on (per-item normalised) list log-probabilities."""
+    return -torch.nn.functional.logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))

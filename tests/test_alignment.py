@@ -1,0 +1,220 @@
+"""Alignment mechanics: Plackett–Luce probabilities and sampling, rewards, method weights, BLADE's
+posterior, and one Aligner step on a tiny model."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from jobs.spec import AlignSpec
+from ray_jobs.alignment import methods, rewards
+from ray_jobs.alignment.loop import AlignData, Aligner, PolicyScores
+from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl
+from ray_jobs.models.sasrec import SASRec
+
+
+def _all_lists(n: int, k: int, masked: set[int] = frozenset()) -> torch.Tensor:
+    items = [i for i in range(n) if i not in masked]
+    return torch.tensor(list(itertools.permutations(items, k)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_plackett_luce_probabilities_sum_to_one(k):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, dtype=torch.float64) * 2
+    logits[1, 3] = float("-inf")  # a masked item: no mass, never in a list
+    for row, masked in ((0, set()), (1, {3})):
+        lists = _all_lists(5, k, masked)[None]
+        p = list_log_prob(logits[row:row + 1], lists).double().exp()
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_plackett_luce_matches_hand_computation():
+    s = torch.tensor([[0.0, math.log(2), math.log(3)]])  # weights 1, 2, 3
+    lp = list_log_prob(s, torch.tensor([[[2, 0]]]))
+    assert lp.item() == pytest.approx(math.log(3 / 6 * 1 / 3))
+
+
+def test_peaked_policy_stays_finite():
+    logits = torch.tensor([[60.0, 0.0, -5.0, 1.0]])  # the first item takes ~all mass
+    lp = list_log_prob(logits, torch.tensor([[[0, 3, 1]]]))
+    expect = (60 - torch.logsumexp(logits[0], 0)) + (1 - torch.logsumexp(logits[0, 1:], 0)) + (0 - torch.logsumexp(logits[0, 1:3], 0))
+    assert torch.isfinite(lp).all() and lp.item() == pytest.approx(expect.item(), abs=1e-6)
+
+
+def test_gumbel_topk_frequencies_match_exact_probabilities():
+    logits = torch.tensor([[1.0, 0.3, -0.5, 0.0]])
+    k, samples = 2, 40_000
+    lists = gumbel_topk(logits, k, samples, torch.Generator().manual_seed(3))[0]
+    all_lists = _all_lists(4, k)
+    expected = list_log_prob(logits, all_lists[None])[0].double().exp().numpy() * samples
+    index = {tuple(x): i for i, x in enumerate(all_lists.tolist())}
+    observed = np.bincount([index[tuple(x)] for x in lists.tolist()], minlength=len(all_lists))
+    chi2, p = stats.chisquare(observed, expected)
+    assert p > 0.001, (chi2, p)
+    assert len({tuple(x) for x in lists.tolist()}) == len(all_lists)  # no repeated item inside a list
+    assert all(len(set(x)) == k for x in lists.tolist())
+
+
+def test_masked_items_never_sampled_and_kl():
+    logits = torch.zeros(1, 6)
+    logits[0, [0, 2]] = float("-inf")
+    lists = gumbel_topk(logits, 3, 500, torch.Generator().manual_seed(0))
+    assert not torch.isin(lists, torch.tensor([0, 2])).any()
+    assert masked_kl(logits, logits).item() == pytest.approx(0.0)
+    other = logits.clone()
+    other[0, 1] = 1.0
+    p, q = torch.softmax(logits[0], 0), torch.softmax(other[0], 0)
+    expect = sum(p[i] * (torch.log(p[i]) - torch.log(q[i])) for i in (1, 3, 4, 5))
+    assert masked_kl(logits, other).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def test_ndcg_reward_hand_computed():
+    lists = torch.tensor([[[5, 7, 9], [1, 2, 3], [9, 5, 4]]])
+    one = rewards.ndcg(lists, torch.tensor([[7]]))
+    assert one[0].tolist() == pytest.approx([1 / math.log2(3), 0.0, 0.0])
+    two = rewards.ndcg(lists, torch.tensor([[9, 5]]))
+    idcg = 1 + 1 / math.log2(3)
+    assert two[0].tolist() == pytest.approx([(1 + 1 / 2) / idcg, 0.0, 1.0])
+    padded = rewards.ndcg(lists, torch.tensor([[7, 0]]))  # a padded slot is not relevant
+    assert padded[0, 0].item() == pytest.approx(1 / math.log2(3))
+
+
+def test_diversity_tail_exposure_hand_computed():
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    lists = torch.tensor([[[1, 2], [1, 3]]])
+    assert rewards.diversity(lists, emb)[0].tolist() == pytest.approx([1.0, 0.0])
+    e3 = torch.nn.functional.normalize(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    # pairs: (1,2) cos 0, (1,3) cos .7071, (2,3) cos .7071 -> 1 - 1.4142/3
+    assert rewards.diversity(torch.tensor([[[1, 2, 3]]]), e3).item() == pytest.approx(1 - 2 * 0.70710678 / 3, abs=1e-6)
+    tail = torch.tensor([False, False, True, True])
+    assert rewards.tail_share(lists, tail)[0].tolist() == [0.5, 0.5]
+    exposure = torch.tensor([0.0, 0.5, 0.0, 1 / 6])  # n = 3: deficits 0 (1.5x share), 1, 0.5
+    assert rewards.exposure_deficit(lists, exposure)[0].tolist() == pytest.approx([0.5, 0.25])
+    total = rewards.combine({"ndcg": 1.0, "tail": 0.5, "diversity": 0.0},
+                            {"ndcg": torch.ones(1, 2), "tail": torch.tensor([[0.5, 0.0]]), "diversity": torch.zeros(1, 2)})
+    assert total.tolist() == [[1.25, 1.0]]
+    with pytest.raises(ValueError, match="align.rewards"):
+        rewards.combine({"ndcg": 0.0}, {"ndcg": torch.ones(1, 2)})
+
+
+# ----------------------------------------------------------------------------- weights and BLADE
+
+def test_static_cdf_collapses_when_policy_beats_reference_but_blade_keeps_order():
+    ref = torch.tensor([[0.1, 0.2, 0.3, 0.2]])
+    above = torch.tensor([[0.5, 0.9, 0.7, 0.6]])  # every candidate above the reference range
+    static = methods.bon_weights(methods.empirical_cdf(ref, above), 4)
+    assert static[0].tolist() == pytest.approx([0.25] * 4)
+    assert methods.weight_entropy(static).item() == pytest.approx(math.log(4))
+    prior = methods.NIG.vague(1).update_with(ref.double().numpy())
+    post = prior.decayed(0.9, 1.0).update_with(above.double().numpy())
+    blade = methods.bon_weights(torch.from_numpy(post.predictive_cdf(above.double().numpy())).float(), 4)
+    order = torch.argsort(blade[0], descending=True).tolist()
+    assert order == [1, 2, 3, 0]  # still ranked by reward
+    assert methods.weight_entropy(blade).item() < math.log(4) - 0.05
+    # inside the reference range the static weights do order candidates
+    mixed = methods.bon_weights(methods.empirical_cdf(ref, torch.tensor([[0.05, 0.25, 0.15, 0.35]])), 4)
+    assert torch.argsort(mixed[0], descending=True).tolist() == [3, 1, 2, 0]
+
+
+def test_nig_update_closed_form_and_conjugacy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.3, 0.2, size=(1, 12))
+    prior = methods.NIG(np.array([0.1]), np.array([2.0]), np.array([3.0]), np.array([0.5]))
+    post = prior.update_with(x)
+    n, xbar, s = 12, x.mean(), ((x - x.mean()) ** 2).sum()
+    assert post.kappa[0] == pytest.approx(14.0)
+    assert post.mu[0] == pytest.approx((2 * 0.1 + n * xbar) / 14)
+    assert post.alpha[0] == pytest.approx(3 + n / 2)
+    assert post.beta[0] == pytest.approx(0.5 + s / 2 + 2 * n * (xbar - 0.1) ** 2 / (2 * 14))
+    # conjugacy: two updates in a row (no decay) equal one update on all the data
+    seq = prior.update_with(x[:, :5]).update_with(x[:, 5:])
+    for a, b in zip((seq.mu, seq.kappa, seq.alpha, seq.beta), (post.mu, post.kappa, post.alpha, post.beta)):
+        assert a[0] == pytest.approx(b[0])
+    # decay keeps the variance estimate beta/alpha and the mean, shrinks the pseudo-counts
+    d = post.decayed(0.5, 1.0)
+    assert d.mu[0] == post.mu[0] and d.kappa[0] == pytest.approx(7.0) and d.alpha[0] == pytest.approx(4.5)
+    assert d.beta[0] / d.alpha[0] == pytest.approx(post.beta[0] / post.alpha[0])
+    assert methods.NIG.vague(1).decayed(0.1, 1.0).kappa[0] == 1.0  # floored
+
+
+def test_nig_predictive_cdf_matches_monte_carlo():
+    post = methods.NIG(np.array([0.2]), np.array([3.0]), np.array([4.0]), np.array([0.3]))
+    rng = np.random.default_rng(1)
+    sigma2 = 1 / rng.gamma(4.0, 1 / 0.3, size=400_000)
+    mu = rng.normal(0.2, np.sqrt(sigma2 / 3.0))
+    draws = rng.normal(mu, np.sqrt(sigma2))
+    grid = np.array([[-0.5, 0.0, 0.2, 0.6, 1.2]])
+    mc = (draws[None, :] <= grid[0][:, None]).mean(1)
+    assert post.predictive_cdf(grid)[0] == pytest.approx(mc, abs=0.004)
+
+
+def test_grpo_weights_and_dpo_loss():
+    r = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    w = methods.grpo_weights(r)
+    assert w[0].tolist() == pytest.approx([-1.2247449 / 3, 0.0, 1.2247449 / 3], abs=1e-5)
+    assert w[1].abs().max().item() < 1e-5  # no preference, no signal
+    loss = methods.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def _toy(method: str, **kw) -> tuple[Aligner, PolicyScores, AlignSpec]:
+    torch.manual_seed(0)
+    n = 30
+    rng = np.random.default_rng(0)
+    train = [rng.choice(np.arange(1, n + 1), size=int(rng.integers(4, 9)), replace=False) for _ in range(16)]
+    cfg = AlignSpec(method=method, users_per_step=8, rollouts=6, list_size=4, reference_rollouts=8,
+                    rewards={"ndcg": 1.0, "diversity": 0.2, "tail": 0.2, "exposure": 0.1}, **kw)
+    data = AlignData.build(train, n, cfg.holdout, cfg.list_size)
+    model = SASRec(n, 10, 16, 1, 1, 0.0)
+    reference = SASRec(n, 10, 16, 1, 1, 0.0)
+    reference.load_state_dict(model.state_dict())
+    tail = torch.zeros(n + 1, dtype=torch.bool)
+    tail[n // 2:] = True
+    aligner = Aligner(cfg, data, n, 10, torch.randn(n + 1, 8), tail, reference)
+    aligner.init_reference(seed=0)
+    return aligner, PolicyScores(model).eval(), cfg
+
+
+@pytest.mark.parametrize("method", ["blade", "static_bon", "grpo", "dpo"])
+def test_aligner_step_gives_finite_loss_and_gradients(method):
+    aligner, policy, cfg = _toy(method, dpo_ground_truth=(method == "dpo"))
+    assert aligner.ref_rewards.shape == (len(aligner.data.users), cfg.reference_rollouts)
+    assert aligner.exposure.sum().item() == pytest.approx(1.0, abs=1e-5)
+    loss, m = aligner.step(policy, step=0, seed=0)
+    loss.backward()
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+    assert 0 <= m["reward_ndcg"] <= 1 and m["effective_grad_norm"] >= 0
+    assert ("weight_entropy" in m) == (method in ("blade", "static_bon"))
+
+
+def test_blade_user_posterior_moves_with_rewards():
+    aligner, policy, cfg = _toy("blade")
+    before = aligner.posterior.kappa.copy()
+    rows, _ = aligner.batch_rows(0, 0)
+    aligner.step(policy, step=0, seed=0)
+    after = aligner.posterior.kappa
+    decayed = np.maximum(before[rows] * cfg.blade.decay, cfg.blade.min_pseudo_count)
+    assert after[rows] == pytest.approx(decayed + cfg.rollouts)
+    untouched = np.setdiff1d(np.arange(len(before)), rows)
+    assert np.array_equal(after[untouched], before[untouched])
+
+
+def test_align_data_holds_out_training_items_only():
+    train = [np.array([1, 2, 3, 4]), np.array([5]), np.array([6, 7])]
+    data = AlignData.build(train, 20, holdout=1, list_size=3)
+    assert data.users.tolist() == [0, 2]
+    assert [c.tolist() for c in data.contexts] == [[1, 2, 3], [6]]
+    assert data.relevant[:, 0].tolist() == [4, 7]
+    with pytest.raises(ValueError, match="align.holdout"):
+        AlignData.build([np.array([1])], 20, holdout=1, list_size=3)
