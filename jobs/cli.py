@@ -86,6 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    out = _layer("ray_jobs.align").run(spec, args.run_name, register=not args.no_register)
+    print(json.dumps(out, indent=2, default=float))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     data_mod, metrics, trainer = _layer("ray_jobs.data"), _layer("ray_jobs.metrics"), _layer("ray_jobs.trainer")
@@ -112,7 +119,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBMIT_ENTRYPOINTS = {"train": "ray_jobs.train", "evaluate": "ray_jobs.evaluate", "recommend": "ray_jobs.recommend"}
+SUBMIT_ENTRYPOINTS = {"train": "ray_jobs.train", "align": "ray_jobs.align", "evaluate": "ray_jobs.evaluate",
+                      "recommend": "ray_jobs.recommend"}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 
 
@@ -246,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("align", help="list-wise alignment (align.method: blade | static_bon | grpo | dpo) of a "
+                       "trained model on Ray Train + DeepSpeed; registers the aligned model")
+    _spec_args(p)
+    p.add_argument("--run-name", help="Ray Train run name (default: <spec>-align-<method>); the same name resumes")
+    p.add_argument("--no-register", action="store_true", help="log the model to MLflow but do not register it")
+    p.set_defaults(func=cmd_align)
+
     p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model (or model.kind=pop / graph)")
     _spec_args(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -253,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("submit", help="submit a job (train | evaluate | recommend) to a Ray cluster, stream its logs")
+    p = sub.add_parser("submit", help="submit a job (train | align | evaluate | recommend) to a Ray cluster, stream its logs")
     p.add_argument("job", choices=sorted(SUBMIT_ENTRYPOINTS))
     _spec_args(p)
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")

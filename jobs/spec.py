@@ -270,7 +270,10 @@ class AlignSpec(Strict):
     list_size: int = Field(10, ge=1, description="K, items per list")
     temperature: float = Field(0.05, gt=0, description="policy = softmax(cosine / temperature) over unseen items")
     lr: float = Field(1e-4, gt=0)
-    beta: float = Field(0.05, ge=0, description="weight of KL(policy || reference)")
+    beta: float = Field(0.05, ge=0, description="weight of KL(policy || reference); the start value when kl_target is set")
+    kl_target: float | None = Field(None, gt=0, description="adapt beta each step toward this KL: "
+                                    "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
+    kl_rate: float = Field(0.1, gt=0, description="adaptation rate of beta (with kl_target)")
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
     reference_rollouts: int = Field(32, ge=2, description="M reference lists per user: static CDF and BLADE's first prior")
     exposure_momentum: float = Field(0.05, gt=0, le=1, description="EMA rate of the running catalogue exposure")
@@ -391,6 +394,8 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     doc["model"]["cache_dir"] = _absolute(doc["model"]["cache_dir"])
     for key in ("checkpoint_dir", "storage_path"):
         doc["train"][key] = _absolute(doc["train"][key])
+    if doc["align"]["init"] and not doc["align"]["init"].startswith("models:/"):
+        doc["align"]["init"] = _absolute(doc["align"]["init"])
     if doc["tracking"]["uri"]:
         doc["tracking"]["uri"] = _absolute_sqlite(doc["tracking"]["uri"])
     return JobSpec.model_validate(doc)

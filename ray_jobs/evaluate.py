@@ -43,24 +43,26 @@ def merge(spec: JobSpec, data: SeqData, split: str, parts: list[tuple[np.ndarray
                      e.ks, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
 
 
-def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int):
+def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int,
+               cache_dir: str | None = None):
     from ray_jobs.trainer import load_trained, scorer
     spec = JobSpec.model_validate(spec_doc)
     data = load_sequences(spec, versions)
-    model, _ = load_trained(checkpoint)
+    model, _ = load_trained(checkpoint, cache_dir=cache_dir)
     rows = shard_rows(len(data.split(split).targets), rank, world)
     return rank_rows(spec, scorer(model, spec.data.max_seq_len), data, split, rows)
 
 
 def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,
-                         item_emb: np.ndarray | None = None) -> dict:
+                         item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> dict:
     """Full-ranking metrics of a checkpoint, its users spread over `workers` Ray tasks (each reads
-    the gold tables itself at the pinned versions and loads the model)."""
+    the gold tables itself at the pinned versions and loads the model; `cache_dir` points a
+    cached-mode HLLM at its item-embedding cache)."""
     import ray
     data = data or load_sequences(spec)
     task = ray.remote(num_cpus=1)(_rank_task)
-    parts = ray.get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers)
-                     for r in range(workers)])
+    parts = ray.get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
+                                 cache_dir) for r in range(workers)])
     result = merge(spec, data, split, parts, item_emb)
     result.update(split=split, versions=data.versions, workers=workers)
     return result

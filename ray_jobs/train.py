@@ -60,7 +60,7 @@ def deepspeed_config(spec: JobSpec, world: int) -> dict:
     return cfg
 
 
-def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: bool) -> dict:
+def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: bool, item_emb=None) -> dict:
     """Distributed full-ranking metrics, identical on every rank (so early stopping agrees)."""
     import torch.distributed as dist
 
@@ -74,7 +74,8 @@ def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: b
     part = rank_rows(spec, scorer(model, spec.data.max_seq_len), data, split, rows)
     parts = [None] * world
     dist.all_gather_object(parts, part)
-    return merge(spec, data, split, parts)["metrics"]
+    result = merge(spec, data, split, parts, item_emb)
+    return result["metrics"] if item_emb is None else result
 
 
 def _full_state(engine, zero3: bool) -> dict:
@@ -85,11 +86,29 @@ def _full_state(engine, zero3: bool) -> dict:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
 
 
+def clear_stale_extension_locks(max_age_s: float = 300.0) -> list[str]:
+    """Remove torch C++-extension build locks left by a killed build. DeepSpeed JIT-compiles its
+    CPU shared-memory op on first use under a `lock` file; a process killed mid-build leaves the
+    file behind and every later worker waits on it forever. A lock is stale when it is older than
+    `max_age_s` (a build takes well under a minute) and no other worker has touched it since."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in root.glob("*/*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine over the spec's model; see the module docstring."""
     spec = JobSpec.model_validate(cfg["spec"])
     t = spec.train
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
+    clear_stale_extension_locks()
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -285,7 +304,6 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, register
 
     from ray_jobs import tracking
     from ray_jobs.evaluate import evaluate_distributed
-    from ray_jobs.models.hllm import cache_key
     with checkpoint.as_directory() as d:
         best = torch.load(os.path.join(d, "best_model.pt"), map_location="cpu")
         client = _client_state(d)
@@ -309,15 +327,20 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, register
                          "restarts": client.get("restarts", 0)})
     version = None
     if register:
-        cache = None
-        if spec.model.kind == "hllm" and spec.model.mode == "cached":
-            path = os.path.join(spec.model.cache_dir, cache_key(spec.model, data.versions.get("item_index")) + ".pt")
-            cache = path if os.path.exists(path) else None
-        version = tracking.log_recommender(spec, run_id, out_file, cache)
+        version = tracking.log_recommender(spec, run_id, out_file, item_cache_file(spec, data.versions))
     return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
             "model_version": version, "best_epoch": client["best_epoch"], "epochs_run": client["epoch"],
             "steps": client["step"], "restarts": client.get("restarts", 0), "stopped": client.get("stopped", "epochs"),
             "valid": results["valid"]["metrics"], "test": results["test"]["metrics"]}
+
+
+def item_cache_file(spec: JobSpec, versions: dict) -> str | None:
+    """A cached-mode HLLM's item-embedding artifact (shipped inside the registered model)."""
+    if spec.model.kind != "hllm" or spec.model.mode != "cached":
+        return None
+    from ray_jobs.models.hllm import cache_key
+    path = os.path.join(spec.model.cache_dir, cache_key(spec.model, versions.get("item_index")) + ".pt")
+    return path if os.path.exists(path) else None
 
 
 def _client_state(checkpoint_dir: str) -> dict:

@@ -218,3 +218,17 @@ def test_align_data_holds_out_training_items_only():
     assert data.relevant[:, 0].tolist() == [4, 7]
     with pytest.raises(ValueError, match="align.holdout"):
         AlignData.build([np.array([1])], 20, holdout=1, list_size=3)
+
+
+def test_adaptive_kl_control_raises_beta_when_kl_exceeds_target():
+    aligner, policy, cfg = _toy("grpo", kl_target=1e-6, kl_rate=0.5, lr=1e-2)
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    betas = []
+    for step in range(4):
+        loss, m = aligner.step(policy, step=step, seed=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        betas.append(m["beta"])
+    assert betas[0] == cfg.beta and betas[-1] > betas[0] * 1.3  # KL > target after the first update
+    assert aligner.state_dict()["beta"] == aligner.beta

@@ -102,6 +102,7 @@ class Aligner:
         self.ref_rewards: torch.Tensor | None = None     # (U, M) reference rollout rewards
         groups = len(data.users) if cfg.blade.scope == "user" else 1
         self.posterior = methods.NIG.vague(groups)
+        self.beta = cfg.beta
 
     # ------------------------------------------------------------------ policy and rewards
     def logits(self, scores: nn.Module, rows: np.ndarray) -> torch.Tensor:
@@ -217,7 +218,7 @@ class Aligner:
             w, entropy = self.weights(r, rows)
             policy_sum = -(w.detach() * lp).sum()
         kl = masked_kl(logits, ref_logits)
-        loss = (policy_sum + cfg.beta * kl.sum()) * self.world / max(global_b, 1)
+        loss = (policy_sum + self.beta * kl.sum()) * self.world / max(global_b, 1)
         grad_logits = torch.autograd.grad(policy_sum, logits, retain_graph=True, allow_unused=True)[0]
         eff = grad_logits.norm(dim=-1).sum() if grad_logits is not None else torch.zeros(())
         self.update_exposure(lists)
@@ -235,7 +236,10 @@ class Aligner:
                    "reward_max": all_max(r.max().reshape(1).double() if r.numel() else torch.zeros(1, dtype=torch.float64)).item(),
                    "kl": sums[4].item() / users, "effective_grad_norm": sums[5].item() / users,
                    "sampled_log_ratio": sums[6].item() / n, "flat_groups": sums[8].item() / users,
-                   "policy_loss": sums[9].item() / users}
+                   "policy_loss": sums[9].item() / users, "beta": self.beta}
+        if cfg.kl_target:  # adaptive KL control: beta grows while KL is above target, shrinks below
+            error = min(max(metrics["kl"] / cfg.kl_target - 1.0, -1.0), 1.0)
+            self.beta = float(min(max(self.beta * np.exp(cfg.kl_rate * error), 1e-4), 1e4))
         if entropy is not None:
             metrics["weight_entropy"] = sums[7].item() / users
         metrics.update({f"reward_{t}": sums[10 + i].item() / n for i, t in enumerate(("ndcg", "diversity", "tail", "exposure"))})
@@ -262,11 +266,11 @@ class Aligner:
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         p = self.posterior
-        return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards,
+        return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards, "beta": self.beta,
                 "posterior": {"mu": p.mu, "kappa": p.kappa, "alpha": p.alpha, "beta": p.beta}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.exposure, self.ref_rewards = state["exposure"], state["ref_rewards"]
+        self.exposure, self.ref_rewards, self.beta = state["exposure"], state["ref_rewards"], state["beta"]
         self.posterior = methods.NIG(**{k: np.asarray(v, dtype=np.float64) for k, v in state["posterior"].items()})
 
 
