@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null 2>&1 || { echo "java not found: installing openjdk-17 for the JVM Spark engine"; \
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || sudo apt-get install -y -qq openjdk-17-jre-headless; }
-	@command -v g++ >/dev/null 2>&1 || { echo "g++ not found: installing it (DeepSpeed compiles its CPU communication op)"; \
+	@command -v g++ >/dev/null 2>&1 || { echo "g++ not found: installing it (DeepSpeed probes and builds its C++ ops with it)"; \
 	  (apt-get update -qq && apt-get install -y -qq g++) || sudo apt-get install -y -qq g++; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -86,7 +86,7 @@ def align_loop_per_worker(cfg: dict) -> None:
     from ray_jobs.data import load_sequences
     from ray_jobs.metrics import tail_items
     from ray_jobs.models.hllm import minilm_item_embeddings
-    from ray_jobs.train import _full_state, _gather_eval, clear_stale_extension_locks
+    from ray_jobs.train import _full_state, _gather_eval, clear_stale_extension_locks, skip_shm_comm_op
     from ray_jobs.trainer import load_trained
 
     clear_stale_extension_locks()
@@ -104,6 +104,7 @@ def align_loop_per_worker(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=t.use_gpu or None)
     ds_cfg = cfg["deepspeed"]
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
+    skip_shm_comm_op(t.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
     engine.eval()  # no dropout: rollouts and the trained log-probabilities come from one deterministic policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])

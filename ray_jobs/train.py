@@ -103,6 +103,18 @@ def clear_stale_extension_locks(max_age_s: float = 300.0) -> list[str]:
     return removed
 
 
+def skip_shm_comm_op(use_gpu: bool) -> None:
+    """On CPU, keep DeepSpeed off its shared-memory communication op. Training reduces gradients
+    through torch.distributed (gloo) either way; the op only serves inference all-reduce, yet
+    DeepSpeed JIT-compiles it (g++, ~40 s) and initialises /dev/shm buffers in every engine, which
+    needs a large /dev/shm and AVX2/AVX-512 (without them one rank faults and its peers wait on
+    the shared flags forever)."""
+    if use_gpu:
+        return
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine over the spec's model; see the module docstring."""
     spec = JobSpec.model_validate(cfg["spec"])
@@ -136,6 +148,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
     ds_cfg = cfg["deepspeed"]
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
+    skip_shm_comm_op(t.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
     monitor = "valid" if t.fit_on == "train" else "test"
