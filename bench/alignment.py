@@ -4,7 +4,7 @@ same starting checkpoint with the same rollout budget (steps x users_per_step x 
     python bench/alignment.py --init .checkpoints/movielens-1m-sasrec-hllm/best.pt [--steps 300]
 
 Prints one table (test split: HR/NDCG@10, coverage, ILD, tail share, exposure Gini @10), writes
-bench/results/alignment-movielens-1m.json and bench/results/alignment-curves.png (mean rollout
+bench/results/alignment-movielens-1m.json and bench/results/alignment-movielens-1m-curves.png (mean rollout
 reward and effective gradient norm per step, static_bon vs blade), and logs the plot and table to
 an MLflow run `bench-alignment`. Each method is a real `ray_jobs.align` run (Ray Train + DeepSpeed).
 """
@@ -65,7 +65,7 @@ def main() -> None:
                      + f" | {r['valid_ndcg@10']:.4f} | {r.get('align_seconds', 0):.0f} |")
     table = "\n".join(lines)
     print(table)
-    curves_png = str(Path(args.out).with_name("alignment-curves.png"))
+    curves_png = str(Path(args.out).with_name(Path(args.out).stem + "-curves.png"))
     histories = {}
     for method in ("static_bon", "blade"):
         if method in runs:
