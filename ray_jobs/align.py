@@ -183,6 +183,9 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     t = spec.train
     if "://" in t.storage_path:
         raise ValueError(f"train.storage_path={t.storage_path!r}: model.pt is written with local file I/O; use a mounted path")
+    if spec.align.users_per_step < t.workers:
+        raise ValueError(f"align.users_per_step={spec.align.users_per_step} is smaller than train.workers={t.workers}: "
+                         "every worker needs at least one user per step")
     init_file, cache_dir, label = resolve_init(spec)
     spec = with_init_model(spec, init_file, cache_dir)
     cache_dir = spec.model.cache_dir

@@ -89,3 +89,14 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_he
     first = table[table.user_idx == int(seen.users[0])]
     history = set(np.append(seen.histories[0], seen.targets[0]).tolist())
     assert len(first) == 10 and not set(first["item_idx"]) & history
+
+    # alignment through `ray job submit`, starting from the training run's model.pt (the default init)
+    align_cmd = cmd[:cmd.index("--") + 1] + ["python", "-m", "ray_jobs.align", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]
+    for o in overrides + ["align.steps=4", "align.users_per_step=32", "align.rollouts=4", "align.eval_every=0",
+                          "align.method=grpo"]:
+        align_cmd += ["--set", o]
+    align = subprocess.run(align_cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert align.returncode == 0 and "succeeded" in (align.stdout + align.stderr).lower(), \
+        align.stdout[-3000:] + align.stderr[-3000:]
+    aligned = client.get_model_version_by_alias("dist-submit", "challenger")
+    assert aligned.version == "2" and client.get_run(aligned.run_id).data.tags["llmrec.align.method"] == "grpo"

@@ -155,9 +155,11 @@ class Aligner:
 
     # ------------------------------------------------------------------ one step
     def batch_rows(self, step: int, seed: int) -> tuple[np.ndarray, int]:
-        """This rank's rows of the step's global batch (epochs of a seeded permutation of users)."""
+        """This rank's rows of the step's global batch (epochs of a seeded permutation of users).
+        Only full batches are used (the remainder of a permutation waits for the next epoch's), so
+        every rank gets users_per_step // world or more rows."""
         n, b = len(self.data.users), self.cfg.users_per_step
-        per_epoch = max(1, -(-n // b))
+        per_epoch = max(1, n // b)
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng((seed, epoch)).permutation(n)
         batch = order[i * b:(i + 1) * b]
