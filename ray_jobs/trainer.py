@@ -32,14 +32,28 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model (sasrec, hllm)")
 
 
-def scorer(model: torch.nn.Module, max_len: int):
-    """Histories -> cosine scores against every item (the geometry the loss trains)."""
+def scorer(model: torch.nn.Module, max_len: int, chunk: int = 64):
+    """Histories -> cosine scores against every item (the geometry the loss trains).
+
+    Users are encoded in chunks of similar history length, each trimmed to its longest history
+    (padding columns carry no information: padded keys are masked and positions count from the
+    right), so short histories do not pay for 200-long attention; results are put back in order."""
     device = next(model.parameters()).device
 
     def score(histories: list[np.ndarray]) -> torch.Tensor:
         model.eval()
+        lengths = np.asarray([min(len(h), max_len) for h in histories])
+        order = np.argsort(lengths, kind="stable")
         with torch.no_grad():
-            user = torch.nn.functional.normalize(model.user_embeddings(left_pad(histories, max_len).to(device)), dim=-1)
+            parts = []
+            for start in range(0, len(order), chunk):
+                rows = order[start:start + chunk]
+                width = max(1, int(lengths[rows].max()))
+                ids = left_pad([histories[i] for i in rows], max_len)[:, max_len - width:]
+                parts.append(model.user_embeddings(ids.to(device)))
+            user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
+            user[torch.as_tensor(order, device=device)] = torch.cat(parts)
+            user = torch.nn.functional.normalize(user, dim=-1)
             items = torch.nn.functional.normalize(model.all_item_embeddings(), dim=-1)
             return (user @ items.T).float().cpu()
     return score

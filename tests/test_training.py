@@ -103,3 +103,17 @@ def test_evaluate_cli_for_baselines(ml100k, tmp_path):
         result = json.loads(out.read_text())
         assert result["metrics"]["users"] == 943 and 0 < result["metrics"]["hr@50"] < 1
         assert 0 < result["beyond_accuracy"]["ild@10"] < 2 and "| " + kind in proc.stdout
+
+
+def test_scorer_length_chunks_equal_full_window_scoring():
+    """The evaluator's scorer trims each length-sorted chunk to its longest history: the scores
+    must equal encoding every user in the full left-padded window, in the caller's order."""
+    torch.manual_seed(0)
+    model = SASRec(40, 12, 16, 2, 2, 0.0).eval()
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 41, size=int(n)) for n in rng.integers(1, 20, size=23)]  # some longer than 12
+    got = scorer(model, 12, chunk=4)(histories)
+    with torch.no_grad():
+        user = torch.nn.functional.normalize(model.user_embeddings(left_pad(histories, 12)), dim=-1)
+        want = user @ torch.nn.functional.normalize(model.all_item_embeddings(), dim=-1).T
+    assert torch.allclose(got, want, atol=1e-5)

@@ -42,7 +42,9 @@ class SASRec(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1."""
         length = ids.shape[1]
-        pos = torch.arange(length, device=ids.device)
+        # positions count from the right end of a max_len window, so a batch trimmed of its leading
+        # all-padding columns (see trainer.scorer) gets the same positions as the full window
+        pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)
         x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
         keep = (ids != 0).unsqueeze(-1).to(x.dtype)
         x = self.drop(x) * keep
