@@ -60,15 +60,14 @@ def resolve_init(spec: JobSpec) -> tuple[str, str | None, str]:
     return os.path.abspath(path), None, os.path.abspath(path)
 
 
-def with_init_model(spec: JobSpec, checkpoint: str, cache_dir: str | None) -> JobSpec:
+def with_init_model(spec: JobSpec, ckpt: dict, label: str, cache_dir: str | None) -> JobSpec:
     """The alignment spec with the starting model's architecture (model section, max_seq_len)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     init = JobSpec.model_validate(ckpt["spec"])
     # a checkpoint from `llmrec train --local` may hold a relative cache folder: resolve it here,
     # where it was written, not in a Ray worker's working directory
     model = init.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.model.cache_dir)})
     if model.kind not in ("sasrec", "hllm"):
-        raise ValueError(f"align.init={checkpoint}: model.kind={model.kind!r} has no trainable scores to align")
+        raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
     return spec.model_copy(update={"model": model,
                                    "data": spec.data.model_copy(update={"max_seq_len": init.data.max_seq_len})})
 
@@ -86,10 +85,9 @@ def align_loop_per_worker(cfg: dict) -> None:
     from ray_jobs.data import load_sequences
     from ray_jobs.metrics import tail_items
     from ray_jobs.models.hllm import minilm_item_embeddings
-    from ray_jobs.train import _full_state, _gather_eval, clear_stale_extension_locks, skip_shm_comm_op
+    from ray_jobs.train import _full_state, _gather_eval, prepare_deepspeed
     from ray_jobs.trainer import load_trained
 
-    clear_stale_extension_locks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.get("pid_dir"):
@@ -104,7 +102,7 @@ def align_loop_per_worker(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0, fused=t.use_gpu or None)
     ds_cfg = cfg["deepspeed"]
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
-    skip_shm_comm_op(t.use_gpu)
+    prepare_deepspeed(t.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg, dist_init_required=False)
     engine.eval()  # no dropout: rollouts and the trained log-probabilities come from one deterministic policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
@@ -171,64 +169,49 @@ def align_loop_per_worker(cfg: dict) -> None:
 
 def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:
     """Align on Ray, write `<storage>/<run>/model.pt`, evaluate start vs aligned, log and register."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from ray_jobs import tracking
     from ray_jobs.data import load_sequences
     from ray_jobs.models.hllm import minilm_item_embeddings
-    from ray_jobs.train import deepspeed_config, init_ray
+    from ray_jobs.train import check_storage_path, deepspeed_config, fit, init_ray
     spec = absolute_paths(spec)
     run_name = run_name or default_run_name(spec)
     t = spec.train
-    if "://" in t.storage_path:
-        raise ValueError(f"train.storage_path={t.storage_path!r}: model.pt is written with local file I/O; use a mounted path")
+    check_storage_path(spec)
     if spec.align.users_per_step < t.workers:
         raise ValueError(f"align.users_per_step={spec.align.users_per_step} is smaller than train.workers={t.workers}: "
                          "every worker needs at least one user per step")
     init_file, cache_dir, label = resolve_init(spec)
-    spec = with_init_model(spec, init_file, cache_dir)
+    ckpt = torch.load(init_file, map_location="cpu", weights_only=False)
+    spec = with_init_model(spec, ckpt, label, cache_dir)
     cache_dir = spec.model.cache_dir
     init_ray(spec)
     data = load_sequences(spec)
-    ckpt_items = len(torch.load(init_file, map_location="cpu", weights_only=False)["item_text"]) - 1
+    ckpt_items = len(ckpt.pop("item_text")) - 1
+    del ckpt
     if ckpt_items != data.num_items:
         raise ValueError(f"align.init={label}: the model was trained on {ckpt_items} items but {spec.data.name} "
                          f"has {data.num_items}; align on the dataset the model was trained on")
-    minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])  # fills the cache workers read
+    # computed (and cached) here, so the workers read it from the cache and finish() reuses it
+    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
     ds_cfg = deepspeed_config(spec.model_copy(update={"train": t.model_copy(update={"batch_size": spec.align.users_per_step})}),
                               t.workers)
     uri = tracking_uri(spec)
     run_id = tracking.start_run(spec, run_name, "align",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name,
                                  "align.init_model": label}, {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
-    trainer = TorchTrainer(
-        align_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
-                           "init": init_file, "cache_dir": cache_dir, "run_id": run_id, "tracking_uri": uri,
-                           "pid_dir": pid_dir},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=t.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
-            if not t.use_gpu else None))
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"alignment run {run_name} failed: {result.error}")
-    return finish(spec, run_name, run_id, result.checkpoint, data, init_file, cache_dir, label, register)
+    checkpoint = fit(spec, align_loop_per_worker,
+                     {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
+                      "init": init_file, "cache_dir": cache_dir, "run_id": run_id, "tracking_uri": uri,
+                      "pid_dir": pid_dir}, run_name, "alignment")
+    return finish(spec, run_name, run_id, checkpoint, data, item_emb, init_file, cache_dir, label, register)
 
 
-def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, init_file: str, cache_dir: str | None,
-           label: str, register: bool) -> dict:
+def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb: np.ndarray, init_file: str,
+           cache_dir: str | None, label: str, register: bool) -> dict:
     import mlflow
 
     from ray_jobs import tracking
     from ray_jobs.evaluate import evaluate_distributed
-    from ray_jobs.models.hllm import minilm_item_embeddings
     from ray_jobs.train import _client_state, item_cache_file, run_dir
     with checkpoint.as_directory() as d:
         weights = torch.load(os.path.join(d, "policy.pt"), map_location="cpu")
@@ -239,7 +222,6 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, init_fil
                 "versions": data.versions, "state": {k: v for k, v in client.items() if k != "history"},
                 "align": {"method": spec.align.method, "init": label}}, out_file + ".tmp")
     os.replace(out_file + ".tmp", out_file)
-    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
     workers = max(1, spec.train.workers)
     results = {}
     for name, path in (("base", init_file), ("aligned", out_file)):

@@ -61,7 +61,8 @@ def deepspeed_config(spec: JobSpec, world: int) -> dict:
 
 
 def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: bool, item_emb=None) -> dict:
-    """Distributed full-ranking metrics, identical on every rank (so early stopping agrees)."""
+    """Distributed full-ranking evaluation (`merge`'s result), identical on every rank (so early
+    stopping agrees); `item_emb` adds intra-list diversity."""
     import torch.distributed as dist
 
     from ray_jobs.evaluate import merge, rank_rows, shard_rows
@@ -74,8 +75,7 @@ def _gather_eval(spec, engine, data, split: str, rank: int, world: int, zero3: b
     part = rank_rows(spec, scorer(model, spec.data.max_seq_len), data, split, rows)
     parts = [None] * world
     dist.all_gather_object(parts, part)
-    result = merge(spec, data, split, parts, item_emb)
-    return result["metrics"] if item_emb is None else result
+    return merge(spec, data, split, parts, item_emb)
 
 
 def _full_state(engine, zero3: bool) -> dict:
@@ -86,33 +86,28 @@ def _full_state(engine, zero3: bool) -> dict:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.model.state_dict().items()}
 
 
-def clear_stale_extension_locks(max_age_s: float = 300.0) -> list[str]:
-    """Remove torch C++-extension build locks left by a killed build. DeepSpeed JIT-compiles its
-    CPU shared-memory op on first use under a `lock` file; a process killed mid-build leaves the
-    file behind and every later worker waits on it forever. A lock is stale when it is older than
-    `max_age_s` (a build takes well under a minute) and no other worker has touched it since."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    removed = []
-    for lock in root.glob("*/*/lock"):
-        try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(str(lock))
-        except FileNotFoundError:
-            pass
-    return removed
+def prepare_deepspeed(use_gpu: bool, max_lock_age_s: float = 300.0) -> None:
+    """Call in a worker before `deepspeed.initialize`.
 
+    Stale build locks: torch C++-extension builds (DeepSpeed's JIT ops) run under a `lock` file; a
+    process killed mid-build leaves it behind and every later worker waits on it forever. A lock
+    older than `max_lock_age_s` (a build takes well under a minute) is removed.
 
-def skip_shm_comm_op(use_gpu: bool) -> None:
-    """On CPU, keep DeepSpeed off its shared-memory communication op. Training reduces gradients
+    On CPU, DeepSpeed is kept off its shared-memory communication op. Training reduces gradients
     through torch.distributed (gloo) either way; the op only serves inference all-reduce, yet
     DeepSpeed JIT-compiles it (g++, ~40 s) and initialises /dev/shm buffers in every engine, which
     needs a large /dev/shm and AVX2/AVX-512 (without them one rank faults and its peers wait on
     the shared flags forever)."""
-    if use_gpu:
-        return
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_lock_age_s:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+    if not use_gpu:
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -120,7 +115,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     spec = JobSpec.model_validate(cfg["spec"])
     t = spec.train
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
-    clear_stale_extension_locks()
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -148,7 +142,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
     ds_cfg = cfg["deepspeed"]
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
-    skip_shm_comm_op(t.use_gpu)
+    prepare_deepspeed(t.use_gpu)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
                                            dist_init_required=False)
     monitor = "valid" if t.fit_on == "train" else "test"
@@ -218,7 +212,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                   "seq_per_s": rows / elapsed, "tokens_per_s": tokens / elapsed, "lr": scheduler.get_last_lr()[0],
                   "peak_rss_gib": float(peak)}
         if epoch % t.eval_every == 0 or epoch == t.epochs:
-            scores = _gather_eval(spec, engine, data, monitor, rank, world, zero3)
+            scores = _gather_eval(spec, engine, data, monitor, rank, world, zero3)["metrics"]
             record.update({f"{monitor}_{k}": scores[k] for k in ("hr@10", "ndcg@10", "hr@50", "mrr")})
             if monitor == "test" or scores[VALID_METRIC] > state["best_metric"]:
                 state.update(best_metric=scores[VALID_METRIC], best_epoch=epoch, bad_evals=0)
@@ -271,35 +265,26 @@ def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: in
                 raise
 
 
-def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:
-    """Train on Ray, write `<storage>/<run>/model.pt`, log it to MLflow and register it."""
+def check_storage_path(spec: JobSpec) -> None:
+    """Fail before training, not after it: the final model.pt is written and read with local file I/O."""
+    if "://" in spec.train.storage_path:
+        raise ValueError(f"train.storage_path={spec.train.storage_path!r}: the final model.pt is written and read "
+                         "with local file I/O; use a path every node mounts (NFS, a FUSE-mounted bucket)")
+
+
+def fit(spec: JobSpec, loop, loop_config: dict, run_name: str, what: str):
+    """Run `loop` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
+    storage) and return the last reported checkpoint; `what` names the run in errors."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_jobs import tracking
-    from ray_jobs.data import load_sequences
-    run_name = run_name or spec.name
-    spec = absolute_paths(spec)
     t = spec.train
-    if "://" in t.storage_path:  # fail before training, not after it
-        raise ValueError(f"train.storage_path={t.storage_path!r}: the final model.pt is written and read with local "
-                         "file I/O; use a path every node mounts (NFS, a FUSE-mounted bucket)")
-    init_ray(spec)
-    data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
-    ds_cfg = deepspeed_config(spec, t.workers)
-    uri = tracking_uri(spec)
-    run_id = tracking.start_run(spec, run_name, "train",
-                                {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
-                                {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
-                           "run_id": run_id, "tracking_uri": uri, "pid_dir": pid_dir},
+        loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=t.storage_path,  # absolute (absolute_paths above)
+            name=run_name, storage_path=t.storage_path,  # absolute (callers pass absolute_paths(spec))
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
@@ -307,8 +292,29 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
             if not t.use_gpu else None))
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"training run {run_name} failed: {result.error}")
-    return finish(spec, run_name, run_id, result.checkpoint, data, register)
+        raise RuntimeError(f"{what} run {run_name} failed: {result.error}")
+    return result.checkpoint
+
+
+def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:
+    """Train on Ray, write `<storage>/<run>/model.pt`, log it to MLflow and register it."""
+    from ray_jobs import tracking
+    from ray_jobs.data import load_sequences
+    run_name = run_name or spec.name
+    spec = absolute_paths(spec)
+    t = spec.train
+    check_storage_path(spec)
+    init_ray(spec)
+    data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
+    ds_cfg = deepspeed_config(spec, t.workers)
+    uri = tracking_uri(spec)
+    run_id = tracking.start_run(spec, run_name, "train",
+                                {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
+                                {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
+    checkpoint = fit(spec, train_loop_per_worker,
+                     {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
+                      "run_id": run_id, "tracking_uri": uri, "pid_dir": pid_dir}, run_name, "training")
+    return finish(spec, run_name, run_id, checkpoint, data, register)
 
 
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, register: bool) -> dict:

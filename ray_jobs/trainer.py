@@ -49,7 +49,7 @@ def scorer(model: torch.nn.Module, max_len: int, chunk: int = 64):
             for start in range(0, len(order), chunk):
                 rows = order[start:start + chunk]
                 width = max(1, int(lengths[rows].max()))
-                ids = left_pad([histories[i] for i in rows], max_len)[:, max_len - width:]
+                ids = left_pad([histories[i] for i in rows], width)
                 parts.append(model.user_embeddings(ids.to(device)))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
             user[torch.as_tensor(order, device=device)] = torch.cat(parts)
