@@ -202,7 +202,16 @@ class TrainSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a share of lr")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
-    negatives: int = Field(128, gt=0, description="uniform negatives per batch, shared by all positions")
+    negatives: int = Field(128, gt=0, description="uniform negatives: per batch (shared) or per position")
+    negative_sampling: Literal["shared", "per_position", "full"] = Field(
+        "shared", description="shared: one pool per batch for every position (one matmul, all-gathered across "
+        "workers); per_position: each position draws its own (generative-recommenders' SASRec), scored "
+        "against every item's vector each step (cheap for ID and cached models, costly end to end); full: softmax "
+        "over the whole catalogue (`negatives` unused; small catalogues)")
+    windows: Literal["all", "recent"] = Field(
+        "all", description="all: every transition once per epoch (long histories cut into max_seq_len windows); "
+        "recent: one window per user, the most recent max_seq_len + 1 items (generative-recommenders)")
+    adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW second-moment decay (SASRec uses 0.98)")
     temperature: float = Field(0.05, gt=0, description="softmax temperature (fixed); see learnable_temperature")
     learnable_temperature: bool = Field(False, description="CLIP-style logit scale, init 1/0.07, clamped <= 100")
     negative_mask_cosine: float = Field(0.99, description="negatives closer than this to the positive are masked")

@@ -85,12 +85,18 @@ def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
                    {"sequences": v_seq, "item_index": v_idx})
 
 
-def training_windows(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+def training_windows(seqs: list[np.ndarray], max_len: int, kind: str = "all") -> list[np.ndarray]:
     """Cut each sequence into windows of at most max_len + 1 items, from the most recent backwards,
-    consecutive windows sharing one item, so every transition is trained exactly once."""
+    consecutive windows sharing one item, so every transition is trained exactly once ("all"), or
+    keep only each user's most recent window ("recent": every user weighs the same per epoch)."""
+    if kind not in ("all", "recent"):
+        raise ValueError(f"train.windows must be 'all' or 'recent', got {kind!r}")
     out = []
     for s in seqs:
         if len(s) < 2:
+            continue
+        if kind == "recent":
+            out.append(s[-(max_len + 1):])
             continue
         end = len(s)
         while end > 1:

@@ -30,6 +30,15 @@ def step_negatives(num_items: int, count: int, seed: int, step: int, rank: int =
     return pool[rank::world]
 
 
+def position_negatives(num_items: int, shape: tuple[int, ...], count: int, seed: int, step: int,
+                       rank: int = 0) -> torch.Tensor:
+    """(*shape, count) item ids, uniform over 1..num_items, drawn afresh for every position (the
+    sampled softmax of generative-recommenders' SASRec). Seeded by (seed, step, rank), so a resumed
+    run draws what the uninterrupted run drew."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    return torch.randint(1, num_items + 1, (*shape, count), generator=gen)
+
+
 class InfoNCE(nn.Module):
     """-log softmax of the positive among [positive, negatives], on cosine similarities.
 
@@ -62,6 +71,51 @@ class InfoNCE(nn.Module):
         neg_logits = out @ neg.T
         too_close = (pos @ neg.T).detach() > self.mask_cosine
         neg_logits = neg_logits.masked_fill(too_close, float("-inf"))
+        return self._cross_entropy(pos_logit, neg_logits, reduction)
+
+    def _cross_entropy(self, pos_logit: torch.Tensor, neg_logits: torch.Tensor, reduction: str) -> torch.Tensor:
         logits = torch.cat([pos_logit, neg_logits], dim=1) * self.scale()
         return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device),
+                               reduction=reduction)
+
+    def per_position(self, out: torch.Tensor, pos_ids: torch.Tensor, table: torch.Tensor, neg_ids: torch.Tensor,
+                     valid: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Every position against its own negatives. out: (N, d); pos_ids: (N,) target ids; table:
+        (num_items + 1, d) every item's vector (row = id); neg_ids: (N, R) ids; valid: (N,) bool.
+
+        Negatives equal to the target, or closer than `mask_cosine` to it, are masked. When the
+        catalogue is smaller than R * d the logits against the whole table are one matmul and the
+        negatives are gathered from it (cheaper and lighter than gathering (N, R, d) vectors)."""
+        out, pos_ids, neg_ids = out[valid], pos_ids[valid], neg_ids[valid]
+        if out.shape[0] == 0:
+            return out.sum() * 0.0 + table.sum() * 0.0
+        out, table = F.normalize(out, dim=-1), F.normalize(table, dim=-1)
+        pos = table[pos_ids]
+        pos_logit = (out * pos).sum(-1, keepdim=True)
+        if table.shape[0] <= neg_ids.shape[1] * table.shape[1]:
+            neg_logits = (out @ table.T).gather(1, neg_ids)
+            with torch.no_grad():
+                close = (pos @ table.T).gather(1, neg_ids) > self.mask_cosine
+        else:
+            neg = table[neg_ids]
+            neg_logits = torch.einsum("nd,nrd->nr", out, neg)
+            with torch.no_grad():
+                close = torch.einsum("nd,nrd->nr", pos, neg) > self.mask_cosine
+        too_close = close | (neg_ids == pos_ids[:, None])
+        return self._cross_entropy(pos_logit, neg_logits.masked_fill(too_close, float("-inf")), reduction)
+
+    def full(self, out: torch.Tensor, pos_ids: torch.Tensor, table: torch.Tensor, valid: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+        """Full softmax: every position against the whole catalogue. table: (num_items + 1, d), row 0
+        = padding (never a candidate); items closer than `mask_cosine` to the target are masked."""
+        out, pos_ids = out[valid], pos_ids[valid]
+        if out.shape[0] == 0:
+            return out.sum() * 0.0 + table.sum() * 0.0
+        out, table = F.normalize(out, dim=-1), F.normalize(table, dim=-1)
+        logits = out @ table.T
+        with torch.no_grad():
+            blocked = (table[pos_ids] @ table.T) > self.mask_cosine
+            blocked[:, 0] = True
+            blocked[torch.arange(len(pos_ids), device=pos_ids.device), pos_ids] = False
+        return F.cross_entropy(logits.masked_fill(blocked, float("-inf")) * self.scale(), pos_ids,
                                reduction=reduction)

@@ -120,8 +120,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     import torch.distributed as dist
 
     from ray_jobs.data import load_sequences, train_batches, training_windows
-    from ray_jobs.losses import InfoNCE, step_negatives
-    from ray_jobs.trainer import VALID_METRIC, SequenceLoss, build_model, lr_factor
+    from ray_jobs.losses import InfoNCE
+    from ray_jobs.trainer import VALID_METRIC, SequenceLoss, build_model, draw_negatives, lr_factor
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -133,8 +133,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     model = build_model(spec, data.item_text, data.versions.get("item_index"))
     module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=t.use_gpu or None)
-    windows = training_windows(data.fit_sequences(t.fit_on), spec.data.max_seq_len)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay,
+                                  fused=t.use_gpu or None)
+    windows = training_windows(data.fit_sequences(t.fit_on), spec.data.max_seq_len, t.windows)
     if not windows:
         raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
@@ -183,7 +184,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 continue
             t_step = time.perf_counter()
             inputs, targets = inputs.to(device), targets.to(device)
-            negatives = step_negatives(data.num_items, t.negatives, t.seed, state["step"], rank, world).to(device)
+            negatives = draw_negatives(t, data.num_items, targets, state["step"], rank, world).to(device)
             counts = torch.stack([(targets != 0).sum(), (inputs[:, -1] != 0).sum()]).float().cpu()
             dist.all_reduce(counts)
             loss_sum = engine(inputs, targets, negatives, "sum")

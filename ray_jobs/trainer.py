@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobs.spec import JobSpec
 from ray_jobs.data import SeqData, left_pad, load_sequences, train_batches, training_windows
-from ray_jobs.losses import InfoNCE, gather_negatives, step_negatives
+from ray_jobs.losses import InfoNCE, gather_negatives, position_negatives, step_negatives
 from ray_jobs.metrics import evaluate
 from ray_jobs.models.sasrec import SASRec
 
@@ -73,8 +73,24 @@ def sequence_loss(model: torch.nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor
     worker's share of them, all-gathered when distributed)."""
     out = model(inputs)
     d = out.shape[-1]
+    if negatives.numel() == 0:  # full softmax over the catalogue
+        return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
+                            (targets != 0).reshape(-1), reduction)
+    if negatives.dim() == 3:  # (B, L, R): per-position negatives against the whole item table
+        return loss_fn.per_position(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
+                                    negatives.reshape(-1, negatives.shape[-1]), (targets != 0).reshape(-1), reduction)
     return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
                    gather_negatives(model.item_embeddings(negatives)), (targets != 0).reshape(-1), reduction)
+
+
+def draw_negatives(t, num_items: int, targets: torch.Tensor, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The step's negatives for `sequence_loss`: this worker's share of the shared pool (R,), or
+    R per position (B, L, R) when `train.negative_sampling` is per_position, or nothing (full softmax)."""
+    if t.negative_sampling == "full":
+        return torch.empty(0, dtype=torch.long)
+    if t.negative_sampling == "per_position":
+        return position_negatives(num_items, tuple(targets.shape), t.negatives, t.seed, step, rank)
+    return step_negatives(num_items, t.negatives, t.seed, step, rank, world)
 
 
 class SequenceLoss(torch.nn.Module):
@@ -124,8 +140,8 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     model = build_model(spec, data.item_text, data.versions.get("item_index"))
     loss_fn = InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)
     params = [p for p in model.parameters() if p.requires_grad] + ([loss_fn.log_scale] if t.learnable_temperature else [])
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    windows = training_windows(data.fit_sequences(t.fit_on), spec.data.max_seq_len)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay)
+    windows = training_windows(data.fit_sequences(t.fit_on), spec.data.max_seq_len, t.windows)
     # A refit (train_valid) has seen the validation targets: it runs the fixed epoch count and only
     # reports the test split as it goes; nothing is selected on it, the final epoch is the model.
     monitor = "valid" if t.fit_on == "train" else "test"
@@ -166,7 +182,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
             torch.manual_seed(t.seed * 7919 + epoch)
             t_epoch, seen, losses = time.perf_counter(), 0, []
             for inputs, targets in train_batches(windows, spec.data.max_seq_len, t.batch_size, rng):
-                negatives = step_negatives(data.num_items, t.negatives, t.seed, state["step"])
+                negatives = draw_negatives(t, data.num_items, targets, state["step"])
                 loss = sequence_loss(model, loss_fn, inputs, targets, negatives)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -19,6 +19,23 @@ def test_windows_train_every_transition_once():
     pairs = [(a, b) for w in windows for a, b in zip(w[:-1], w[1:])]
     assert sorted(pairs) == sorted([(i, i + 1) for i in range(1, 7)] + [(3, 4)])
     assert left_pad([np.array([1, 2]), np.array([5, 6, 7, 8])], 3).tolist() == [[0, 1, 2], [6, 7, 8]]
+    recent = training_windows([s, np.array([9]), np.array([3, 4])], max_len=3, kind="recent")
+    assert [w.tolist() for w in recent] == [[4, 5, 6, 7], [3, 4]]  # one window per user, the latest
+    with pytest.raises(ValueError, match="train.windows"):
+        training_windows([s], max_len=3, kind="latest")
+
+
+def test_per_position_negatives_are_drawn_per_position_and_replayable():
+    from jobs.spec import TrainSpec
+    from ray_jobs.trainer import draw_negatives
+    t = TrainSpec(negatives=16, negative_sampling="per_position")
+    targets = torch.ones(4, 7, dtype=torch.long)
+    a = draw_negatives(t, 500, targets, step=3)
+    assert a.shape == (4, 7, 16) and a.min() >= 1 and a.max() <= 500
+    assert not torch.equal(a[0, 0], a[0, 1])  # every position has its own draw
+    assert torch.equal(a, draw_negatives(t, 500, targets, step=3))  # a resumed run redraws the same
+    assert not torch.equal(a, draw_negatives(t, 500, targets, step=4))
+    assert draw_negatives(TrainSpec(negatives=16), 500, targets, step=3).shape == (16,)
 
 
 def test_sasrec_is_causal_and_padding_safe():
