@@ -180,12 +180,17 @@ class ModelSpec(Strict):
     blocks: int = Field(2, gt=0, description="transformer blocks")
     heads: int = Field(1, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
+    block: Literal["pre_ln", "original"] = Field(
+        "pre_ln", description="sasrec block: pre_ln (pre-norm encoder layer + final LayerNorm) or original (the "
+        "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm)")
     item_llm: str = Field("minilm", description="hllm item LLM: minilm (packaged, offline), a hub id, a local "
                           "folder, a .gguf file, or random:llama / random:qwen2 (random init of item_llm_size)")
     item_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize())
     user_llm: str = Field("random:llama", description="hllm user LLM: random:llama / random:qwen2, hub id or folder")
     user_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize(hidden=64, layers=2, heads=2, intermediate=128))
     mode: Literal["end_to_end", "cached", "lora"] = Field("cached", description="hllm item-LLM training mode")
+    adapter_hidden: int = Field(0, ge=0, description="hllm cached mode: hidden width of the MLP adapter on the "
+                                "frozen item embeddings (0 = the user LLM's width)")
     max_item_tokens: int = Field(64, gt=0)
     item_prompt: str = "Compress the following item into an embedding: "
     lora_r: int = Field(8, gt=0)
@@ -211,6 +216,8 @@ class TrainSpec(Strict):
     windows: Literal["all", "recent"] = Field(
         "all", description="all: every transition once per epoch (long histories cut into max_seq_len windows); "
         "recent: one window per user, the most recent max_seq_len + 1 items (generative-recommenders)")
+    length_buckets: int = Field(0, ge=0, description="batches per length-sorted pool; each batch is trimmed to its "
+                                "longest window (0 = plain shuffled batches padded to max_seq_len)")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="AdamW second-moment decay (SASRec uses 0.98)")
     temperature: float = Field(0.05, gt=0, description="softmax temperature (fixed); see learnable_temperature")
     learnable_temperature: bool = Field(False, description="CLIP-style logit scale, init 1/0.07, clamped <= 100")

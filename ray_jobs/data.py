@@ -117,18 +117,34 @@ def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
 
 
 def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator,
-                  rank: int = 0, world: int = 1):
+                  rank: int = 0, world: int = 1, length_buckets: int = 0):
     """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded.
     `batch_size` is the global batch; worker `rank` of `world` gets every world-th row of it (all
     workers draw the same permutation), so N workers see exactly the single-process batches. A
-    worker left with no row gets one all-padding row, which the loss ignores."""
+    worker left with no row gets one all-padding row, which the loss ignores.
+
+    length_buckets > 0: the shuffled windows are taken in pools of `length_buckets` batches, each
+    pool sorted by length and cut into batches, and the batches shuffled again; every batch is then
+    trimmed to its longest window, so short histories stop paying for max_len columns of padding.
+    The number of batches per epoch is ceil(len(windows) / batch_size) either way."""
     order = rng.permutation(len(windows))
-    for start in range(0, len(order), batch_size):
-        chunk = [windows[i] for i in order[start:start + batch_size][rank::world]]
+    if length_buckets:
+        pool = batch_size * length_buckets
+        batches = []
+        for start in range(0, len(order), pool):
+            part = order[start:start + pool]
+            part = part[np.argsort([len(windows[i]) for i in part], kind="stable")]
+            batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    else:
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for idx in batches:
+        chunk = [windows[i] for i in idx[rank::world]]
         if not chunk:
             yield torch.zeros((1, max_len), dtype=torch.long), torch.zeros((1, max_len), dtype=torch.long)
             continue
-        yield left_pad([w[:-1] for w in chunk], max_len), left_pad([w[1:] for w in chunk], max_len)
+        width = min(max_len, max(len(w) for w in chunk) - 1) if length_buckets else max_len
+        yield left_pad([w[:-1] for w in chunk], width), left_pad([w[1:] for w in chunk], width)
 
 
 def shard(seqs: list, rank: int, world: int) -> list:

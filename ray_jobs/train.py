@@ -179,7 +179,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         rng = np.random.default_rng((t.seed, epoch))
         torch.manual_seed(t.seed * 7919 + epoch + 104_729 * rank)
         t_epoch, rows, tokens, losses = time.perf_counter(), 0, 0, []
-        for b, (inputs, targets) in enumerate(train_batches(windows, spec.data.max_seq_len, t.batch_size, rng, rank, world)):
+        for b, (inputs, targets) in enumerate(train_batches(windows, spec.data.max_seq_len, t.batch_size, rng, rank, world, t.length_buckets)):
             if b < state["batch"]:  # resumed mid-epoch: these batches were trained before the checkpoint
                 continue
             t_step = time.perf_counter()

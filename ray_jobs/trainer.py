@@ -25,7 +25,7 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
     m = spec.model
     if m.kind == "sasrec":
-        return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
+        return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.block)
     if m.kind == "hllm":
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)
@@ -181,7 +181,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
             rng = np.random.default_rng((t.seed, epoch))  # per-epoch seeds: a resumed run replays the same batches
             torch.manual_seed(t.seed * 7919 + epoch)
             t_epoch, seen, losses = time.perf_counter(), 0, []
-            for inputs, targets in train_batches(windows, spec.data.max_seq_len, t.batch_size, rng):
+            for inputs, targets in train_batches(windows, spec.data.max_seq_len, t.batch_size, rng, length_buckets=t.length_buckets):
                 negatives = draw_negatives(t, data.num_items, targets, state["step"])
                 loss = sequence_loss(model, loss_fn, inputs, targets, negatives)
                 optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,27 @@ def test_windows_train_every_transition_once():
         training_windows([s], max_len=3, kind="latest")
 
 
+def test_length_buckets_cover_every_window_once_and_trimming_keeps_the_loss():
+    from ray_jobs.data import train_batches
+    from ray_jobs.losses import InfoNCE
+    from ray_jobs.trainer import sequence_loss
+    rng = np.random.default_rng(0)
+    windows = [np.arange(1, n + 2) % 40 + 1 for n in rng.integers(1, 30, size=53)]
+    plain = list(train_batches(windows, 30, 8, np.random.default_rng(1)))
+    bucketed = list(train_batches(windows, 30, 8, np.random.default_rng(1), length_buckets=3))
+    assert len(bucketed) == len(plain) == 7  # ceil(53 / 8) either way
+    assert all(i.shape[1] == 30 for i, _ in plain) and min(i.shape[1] for i, _ in bucketed) < 10
+    rows = sorted(tuple(t[t != 0].tolist()) for _, tg in bucketed for t in tg)
+    assert rows == sorted(tuple(w[1:].tolist()) for w in windows)
+    model = SASRec(num_items=41, max_len=30, dim=8, blocks=1).eval()
+    negatives = torch.arange(1, 20)
+    i, tg = bucketed[0]
+    wide_i, wide_t = left_pad([r[r != 0].numpy() for r in i], 30), left_pad([r[r != 0].numpy() for r in tg], 30)
+    with torch.no_grad():
+        assert sequence_loss(model, InfoNCE(), i, tg, negatives).item() == pytest.approx(
+            sequence_loss(model, InfoNCE(), wide_i, wide_t, negatives).item(), rel=1e-5)
+
+
 def test_per_position_negatives_are_drawn_per_position_and_replayable():
     from jobs.spec import TrainSpec
     from ray_jobs.trainer import draw_negatives
@@ -38,9 +59,10 @@ def test_per_position_negatives_are_drawn_per_position_and_replayable():
     assert draw_negatives(TrainSpec(negatives=16), 500, targets, step=3).shape == (16,)
 
 
-def test_sasrec_is_causal_and_padding_safe():
+@pytest.mark.parametrize("block", ["pre_ln", "original"])
+def test_sasrec_is_causal_and_padding_safe(block):
     torch.manual_seed(0)
-    model = SASRec(num_items=20, max_len=6, dim=8, blocks=2, heads=2, dropout=0.0).eval()
+    model = SASRec(num_items=20, max_len=6, dim=8, blocks=2, heads=2, dropout=0.0, block=block).eval()
     a = torch.tensor([[0, 0, 3, 4, 5, 6]])
     b = torch.tensor([[0, 0, 3, 4, 9, 11]])  # differs only after position 3
     oa, ob = model(a), model(b)

@@ -124,7 +124,8 @@ class HLLM(nn.Module):
             self.register_buffer("item_table", table, persistent=True)
             self.item_llm = None  # not needed once every item is embedded
             # the trainable adapter on top of the frozen item embeddings
-            self.adapter = nn.Sequential(nn.Linear(table.shape[1], user_dim), nn.GELU(), nn.Linear(user_dim, user_dim))
+            hidden = spec.adapter_hidden or user_dim
+            self.adapter = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.GELU(), nn.Linear(hidden, user_dim))
         else:
             if self.mode == "lora":
                 from peft import LoraConfig, get_peft_model

@@ -16,20 +16,54 @@ def causal_padding_mask(ids: torch.Tensor, heads: int) -> torch.Tensor:
     return mask.repeat_interleave(heads, dim=0)
 
 
-class SASRec(nn.Module):
-    def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2) -> None:
+class OriginalBlock(nn.Module):
+    """The block of the SASRec paper: only the queries are layer-normalised (keys and values read the
+    raw stream), the residual carries the normalised queries, then a point-wise feed-forward layer
+    with its own residual. generative-recommenders' SASRec baseline uses this block."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
+        self.query_norm, self.ffn_norm = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        q = self.query_norm(x)
+        h = self.ffn_norm(q + self.attn(q, x, x, attn_mask=src_mask, need_weights=False)[0])
+        return h + self.ffn(h)
+
+
+class SASRec(nn.Module):
+    """block="pre_ln": PyTorch's pre-norm encoder layer plus a final LayerNorm; block="original": the
+    paper's block (see OriginalBlock) with its initialisation (item ids N(0, 0.02) truncated,
+    positions N(0, 1/dim), Xavier-normal weight matrices) and no final norm."""
+
+    def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
+                 dropout: float = 0.2, block: str = "pre_ln") -> None:
+        super().__init__()
+        if block not in ("pre_ln", "original"):
+            raise ValueError(f"model.block must be 'pre_ln' or 'original', got {block!r}")
         self.num_items, self.max_len, self.heads = num_items, max_len, heads
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout, activation="relu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(blocks))
-        self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
+        if block == "original":
+            self.layers = nn.ModuleList(OriginalBlock(dim, heads, dropout) for _ in range(blocks))
+            self.norm = nn.Identity()
+            for layer in self.layers:
+                for p in layer.parameters():
+                    if p.dim() >= 2:
+                        nn.init.xavier_normal_(p)
+            nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
+            nn.init.trunc_normal_(self.pos_emb.weight, std=dim ** -0.5, a=-2 * dim ** -0.5, b=2 * dim ** -0.5)
+        else:
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout, activation="relu",
+                                           batch_first=True, norm_first=True)
+                for _ in range(blocks))
+            self.norm = nn.LayerNorm(dim)
+            nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
