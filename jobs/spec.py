@@ -191,6 +191,8 @@ class ModelSpec(Strict):
     mode: Literal["end_to_end", "cached", "lora"] = Field("cached", description="hllm item-LLM training mode")
     adapter_hidden: int = Field(0, ge=0, description="hllm cached mode: hidden width of the MLP adapter on the "
                                 "frozen item embeddings (0 = the user LLM's width)")
+    user_dropout: float = Field(0.0, ge=0, lt=1, description="hllm: dropout on the item embeddings entering the "
+                                "user LLM and on its attention weights (0 = none, as a pretrained LLM's config)")
     max_item_tokens: int = Field(64, gt=0)
     item_prompt: str = "Compress the following item into an embedding: "
     lora_r: int = Field(8, gt=0)

@@ -91,3 +91,19 @@ def test_save_load_round_trip(tmp_path, mode):
     with torch.no_grad():
         assert torch.allclose(model(ids), again(ids), atol=1e-6)
         assert torch.allclose(model.all_item_embeddings(), again.all_item_embeddings(), atol=1e-6)
+
+
+def test_user_dropout_acts_in_training_only(tmp_path):
+    torch.manual_seed(0)
+    model = HLLM(spec("minilm", "cached", tmp_path, user_dropout=0.5), TEXTS, max_len=4)
+    assert model.user_llm.config.attention_dropout == 0.5
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 1, 2]])
+    model.train()
+    assert not torch.allclose(model(ids), model(ids))  # a fresh dropout mask per call
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+    plain = HLLM(spec("minilm", "cached", tmp_path), TEXTS, max_len=4).eval()
+    plain.load_state_dict(model.state_dict())  # same parameters: dropout adds none
+    with torch.no_grad():
+        assert torch.allclose(plain(ids), model(ids), atol=1e-6)

