@@ -56,16 +56,16 @@ def coverage(top: np.ndarray, k: int, num_items: int) -> float:
     return len(np.unique(top[:, :k])) / num_items
 
 
-def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray, chunk: int = 512) -> float:
+def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray) -> float:
     """1 - mean pairwise cosine within each list, averaged over lists. For unit vectors the sum of
-    pairwise cosines is (|sum e|^2 - k) / 2, so no k x k matrix is built; users go in chunks so
-    the (users, k, d) gather stays small."""
-    e = (item_emb / np.maximum(np.linalg.norm(item_emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    total = 0.0
-    for start in range(0, len(top), chunk):
-        s = e[top[start:start + chunk, :k]].sum(axis=1, dtype=np.float64)
-        total += float((1.0 - ((s * s).sum(1) - k) / (k * (k - 1))).sum())
-    return total / max(1, len(top))
+    pairwise cosines is (|sum e|^2 - k) / 2, so no k x k matrix is built: each list's sum of unit
+    vectors comes from one embedding_bag (no (users, k, d) gather), squared in float64."""
+    if len(top) == 0:
+        return 0.0
+    e = torch.nn.functional.normalize(torch.as_tensor(item_emb, dtype=torch.float32), dim=1)
+    s = torch.nn.functional.embedding_bag(torch.as_tensor(np.ascontiguousarray(top[:, :k]), dtype=torch.long), e,
+                                          mode="sum").double()
+    return float((1.0 - ((s * s).sum(1) - k) / (k * (k - 1))).mean())
 
 
 def tail_items(popularity: np.ndarray, share: float) -> np.ndarray:

@@ -71,6 +71,9 @@ def test_sasrec_is_causal_and_padding_safe(block):
     # all-padding rows and short inputs stay finite (no fully blocked attention row)
     assert torch.isfinite(model(torch.zeros(1, 6, dtype=torch.long))).all()
     assert model(torch.tensor([[3, 4]])).shape == (1, 2, 8)
+    # scoring computes only the top block's last position: same vectors as the full forward
+    batch = torch.cat([a, b, torch.tensor([[0, 0, 0, 0, 0, 7]])])
+    assert torch.allclose(model.user_embeddings(batch), model(batch)[:, -1], atol=1e-6)
 
 
 @pytest.fixture(scope="module")

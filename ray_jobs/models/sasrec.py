@@ -28,8 +28,14 @@ class OriginalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim),
                                  nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        q = self.query_norm(x)
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """last_only: compute only the last position's output (B, 1, dim) — the keys and values are
+        still the whole sequence, so it equals forward(...)[:, -1:]; what scoring needs of the top block."""
+        if last_only:
+            q = self.query_norm(x[:, -1:])
+            src_mask = src_mask[:, -1:]
+        else:
+            q = self.query_norm(x)
         h = self.ffn_norm(q + self.attn(q, x, x, attn_mask=src_mask, need_weights=False)[0])
         return h + self.ffn(h)
 
@@ -73,8 +79,9 @@ class SASRec(nn.Module):
     def all_item_embeddings(self) -> torch.Tensor:
         return self.item_emb.weight
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1."""
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only
+        (original block): the top block computes only the last position -> (B, 1, dim)."""
         length = ids.shape[1]
         # positions count from the right end of a max_len window, so a batch trimmed of its leading
         # all-padding columns (see trainer.scorer) gets the same positions as the full window
@@ -83,10 +90,14 @@ class SASRec(nn.Module):
         keep = (ids != 0).unsqueeze(-1).to(x.dtype)
         x = self.drop(x) * keep
         mask = causal_padding_mask(ids, self.heads)
-        for layer in self.layers:
-            x = layer(x, src_mask=mask) * keep
+        short = last_only and isinstance(self.layers[-1], OriginalBlock)
+        for i, layer in enumerate(self.layers):
+            if short and i == len(self.layers) - 1:
+                x = layer(x, src_mask=mask, last_only=True) * keep[:, -1:]
+            else:
+                x = layer(x, src_mask=mask) * keep
         return self.norm(x)
 
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The representation at the last position (the next-item query), (B, dim)."""
-        return self.forward(ids)[:, -1]
+        return self.forward(ids, last_only=True)[:, -1]
