@@ -80,8 +80,8 @@ class SASRec(nn.Module):
         return self.item_emb.weight
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only
-        (original block): the top block computes only the last position -> (B, 1, dim)."""
+        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only:
+        only the last position, (B, 1, dim) (with the original block the top block computes just it)."""
         length = ids.shape[1]
         # positions count from the right end of a max_len window, so a batch trimmed of its leading
         # all-padding columns (see trainer.scorer) gets the same positions as the full window
@@ -90,13 +90,14 @@ class SASRec(nn.Module):
         keep = (ids != 0).unsqueeze(-1).to(x.dtype)
         x = self.drop(x) * keep
         mask = causal_padding_mask(ids, self.heads)
-        short = last_only and isinstance(self.layers[-1], OriginalBlock)
-        for i, layer in enumerate(self.layers):
-            if short and i == len(self.layers) - 1:
-                x = layer(x, src_mask=mask, last_only=True) * keep[:, -1:]
-            else:
-                x = layer(x, src_mask=mask) * keep
-        return self.norm(x)
+        # the original top block can compute the last row alone (its keys/values are the lower stream)
+        short = last_only and len(self.layers) > 0 and isinstance(self.layers[-1], OriginalBlock)
+        for layer in self.layers[:-1] if short else self.layers:
+            x = layer(x, src_mask=mask) * keep
+        if short:
+            x = self.layers[-1](x, src_mask=mask, last_only=True) * keep[:, -1:]
+        x = self.norm(x)
+        return x[:, -1:] if last_only else x
 
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The representation at the last position (the next-item query), (B, dim)."""
