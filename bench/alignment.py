@@ -40,8 +40,8 @@ def main() -> None:
         overrides.append(f"align.init={args.init}")
     if args.steps:
         overrides.append(f"align.steps={args.steps}")
-    from ray_jobs.align import plot_alignment_curves as plot
     from ray_jobs.align import run
+    from ray_jobs.tracking import plot_alignment_curves as plot
     runs, base = {}, None
     for method in args.methods.split(","):
         spec = load_spec(args.spec, overrides + [f"align.method={method}"])

@@ -18,12 +18,13 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.spec import JobSpec, load_spec  # noqa: E402
+from jobs.spec import load_spec  # noqa: E402
+from ray_jobs.checkpoint import read_model  # noqa: E402
 from ray_jobs.data import load_sequences  # noqa: E402
 from ray_jobs.metrics import markdown_table  # noqa: E402
-from ray_jobs.models.baselines import Popularity, TransitionGraph  # noqa: E402
 from ray_jobs.models.hllm import minilm_item_embeddings  # noqa: E402
-from ray_jobs.trainer import evaluate_split, load_trained, scorer, train_local  # noqa: E402
+from ray_jobs.scoring import evaluate_split, score_function  # noqa: E402
+from ray_jobs.train import train_local  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -53,36 +54,32 @@ def main() -> None:
         timings.setdefault(name, {})["eval_seconds"] = round(time.perf_counter() - t0, 3)
 
     for name in args.models.split(","):
-        if name == "pop":
-            run_eval(name, Popularity(data.popularity).score)
-            configs[name] = {}
-        elif name == "graph":
-            m = spec.model
-            run_eval(name, TransitionGraph(data.train, data.num_items, text_emb, data.popularity, m.graph_hops,
-                                           m.graph_last_items).score)
-            configs[name] = {"hops": m.graph_hops, "last_items": m.graph_last_items, "text": "all-MiniLM-L6-v2"}
-        elif name in ("sasrec", "hllm"):
-            run_spec = load_spec(args.spec, args.overrides + [f"model.kind={name}", f"name={spec.name}-{name}"]
-                                 + (args.hllm_set if name == "hllm" else []))
+        if name not in ("pop", "graph", "sasrec", "hllm"):
+            raise SystemExit(f"--models: unknown model {name!r} (pop, graph, sasrec, hllm)")
+        run_spec = load_spec(args.spec, args.overrides + [f"model.kind={name}", f"name={spec.name}-{name}"]
+                             + (args.hllm_set if name == "hllm" else []))
+        checkpoint = None
+        if name in ("sasrec", "hllm"):
             if name in given:
-                model, ckpt = load_trained(given[name])
-                run_spec = JobSpec.model_validate(ckpt["spec"])
-                st = ckpt["state"]
-                history, seconds, epochs, best, stopped = st["history"], st["seconds"], st["epoch"], st["best_epoch"], "given"
+                checkpoint, stopped = given[name], "given"
             else:
-                result = train_local(run_spec, data, resume=False, show_progress=False)
-                model, _ = load_trained(result.checkpoint)
-                history, seconds, epochs, best, stopped = (result.history, result.seconds, result.epochs_run,
-                                                           result.best_epoch, result.stopped)
-            run_eval(name, scorer(model, run_spec.data.max_seq_len))
-            configs[name] = {"model": run_spec.model.model_dump(mode="json"), "train": run_spec.train.model_dump(mode="json"),
-                             "checkpoint": given.get(name)}
+                checkpoint, stopped = train_local(run_spec, data, resume=False).checkpoint, None
+            ckpt = read_model(checkpoint)
+            run_spec, p = ckpt.spec, ckpt.progress
             split = "valid" if run_spec.train.fit_on == "train" else "test"
             curves[name] = [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], f"{split}_hr@10": round(h[f"{split}_hr@10"], 4)}
-                            for h in history if f"{split}_hr@10" in h]
-            timings[name].update(train_seconds=round(seconds, 1), epochs=epochs, best_epoch=best, stopped=stopped)
+                            for h in p["history"] if f"{split}_hr@10" in h]
+            timings[name] = {"train_seconds": round(p["seconds"], 1), "epochs": p["epoch"], "best_epoch": p["best_epoch"],
+                             "stopped": stopped or p["stopped"]}
+            configs[name] = {"model": run_spec.model.model_dump(mode="json"), "train": run_spec.train.model_dump(mode="json"),
+                             "checkpoint": given.get(name)}
+        elif name == "graph":
+            m = run_spec.model
+            configs[name] = {"hops": m.graph_hops, "last_items": m.graph_last_items, "text": "all-MiniLM-L6-v2"}
         else:
-            raise SystemExit(f"--models: unknown model {name!r} (pop, graph, sasrec, hllm)")
+            configs[name] = {}
+        score, _ = score_function(run_spec, data, text_emb, checkpoint)
+        run_eval(name, score)
         print(f"{name}: test hr@10 {results[name]['metrics']['hr@10']:.4f} ndcg@10 {results[name]['metrics']['ndcg@10']:.4f} "
               f"{timings.get(name, {})}", flush=True)
     print("\n" + markdown_table(results))

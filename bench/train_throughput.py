@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,20 +38,13 @@ def run_one(spec_path: str, overrides: list[str], config: str) -> dict:
                         f"name=bench-{config}"]
     spec = load_spec(spec_path, base + CONFIGS[config][1])
     t0 = time.perf_counter()
+    from ray_jobs.checkpoint import read_model
+    from ray_jobs.train import run, train_local
     if config == "local":
-        from ray_jobs.trainer import train_local
-        result = train_local(spec, resume=False, show_progress=False)
-        record = result.history[0]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        tokens = None
+        record = train_local(spec, resume=False).history[0]
     else:
-        import torch
-
-        from ray_jobs.train import run
-        out = run(spec, register=False)
-        record = torch.load(out["model_file"], weights_only=False)["state"]["history"][0]
-        peak = record["peak_rss_gib"]
-        tokens = record["tokens_per_s"]
+        record = read_model(run(spec, register=False)["model_file"]).progress["history"][0]
+    peak, tokens = record["peak_rss_gib"], record["tokens_per_s"]
     return {"config": config, "label": CONFIGS[config][0], "seq_per_s": round(record["seq_per_s"], 1),
             "tokens_per_s": round(tokens, 0) if tokens else None, "steps": record["step"],
             "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak, 3)}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -40,13 +42,11 @@ def cmd_etl(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     etl = _layer("spark.etl")
     steps = Steps(enabled=not args.quiet)
-    with steps.step(f"start spark ({spec.spark.engine})"):
-        engine = etl.start_engine_for(spec)
-    try:
+    with contextlib.ExitStack() as stack:
+        with steps.step(f"start spark ({spec.spark.engine})"):
+            engine = stack.enter_context(etl.engine_for(spec))
         summary = etl.run_etl(spec, engine, steps)
-    finally:
-        engine.stop()
-    summary["step_seconds"] = {k: round(v, 3) for k, v in steps.timings.items()}
+    summary.step_seconds = {k: round(v, 3) for k, v in steps.timings.items()}
     return _report(summary, args.summary_out, etl.Lake.of(spec))
 
 
@@ -56,25 +56,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ValueError(f"spec {args.spec}: data.landing is not configured; there is nothing to ingest")
     etl = _layer("spark.etl")
     steps = Steps(enabled=not args.quiet)
-    with steps.step(f"start spark ({spec.spark.engine})"):
-        engine = etl.start_engine_for(spec)
-    try:
+    with contextlib.ExitStack() as stack:
+        with steps.step(f"start spark ({spec.spark.engine})"):
+            engine = stack.enter_context(etl.engine_for(spec))
         days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
         results = [etl.ingest_day(spec, engine, day, steps) for day in days]
-    finally:
-        engine.stop()
-    print(json.dumps(results, indent=2, default=str))
+    print(json.dumps([dataclasses.asdict(r) for r in results], indent=2, default=str))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
+    train = _layer("ray_jobs.train")
     if not args.local:
-        out = _layer("ray_jobs.train").run(spec, args.run_name)
-        print(json.dumps(out, indent=2, default=float))
+        print(json.dumps(train.run(spec, args.run_name), indent=2, default=float))
         return 0
-    trainer = _layer("ray_jobs.trainer")
-    result = trainer.train_local(spec, resume=not args.restart, show_progress=not args.quiet)
+    reporter = _layer("ray_jobs.loop").Reporter() if args.quiet else _layer("ray_jobs.loop").ConsoleReporter()
+    result = train.train_local(spec, resume=not args.restart, reporter=reporter)
     split = "valid" if spec.train.fit_on == "train" else "test"
     out = {f"best_{split}_ndcg@10" if split == "valid" else "final_test_ndcg@10": result.best_metric,
            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
@@ -94,24 +92,18 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """In this process: a baseline (model.kind pop / graph) or a trained checkpoint on one split."""
     spec = load_spec(args.spec, args.overrides)
-    data_mod, metrics, trainer = _layer("ray_jobs.data"), _layer("ray_jobs.metrics"), _layer("ray_jobs.trainer")
-    data = data_mod.load_sequences(spec)
-    baselines, hllm = _layer("ray_jobs.models.baselines"), _layer("ray_jobs.models.hllm")
+    data = _layer("ray_jobs.data").load_sequences(spec)
+    scoring, hllm = _layer("ray_jobs.scoring"), _layer("ray_jobs.models.hllm")
     text_emb = hllm.minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
-    if spec.model.kind == "pop":
-        score, name = baselines.Popularity(data.popularity).score, "pop"
-    elif spec.model.kind == "graph":
-        score = baselines.TransitionGraph(data.train, data.num_items, text_emb, data.popularity,
-                                          spec.model.graph_hops, spec.model.graph_last_items).score
-        name = "graph"
-    else:
-        path = args.checkpoint or f"{trainer.checkpoint_dir(spec)}/best.pt"
-        model, _ = trainer.load_trained(path)
-        score, name = trainer.scorer(model, spec.data.max_seq_len), f"{spec.model.kind} ({path})"
-    result = trainer.evaluate_split(spec, score, data, args.split, text_emb)
+    checkpoint = None
+    if spec.model.kind not in ("pop", "graph"):
+        checkpoint = args.checkpoint or os.path.join(_layer("ray_jobs.train").local_dir(spec), "best.pt")
+    score, name = scoring.score_function(spec, data, text_emb, checkpoint)
+    result = scoring.evaluate_split(spec, score, data, args.split, text_emb)
     result.update(model=name, split=args.split, versions=data.versions)
-    console.print(metrics.markdown_table({name: result}), highlight=False)
+    console.print(_layer("ray_jobs.metrics").markdown_table({name: result}), highlight=False)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -199,34 +191,30 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(summary: dict, out: str | None, lake) -> int:
-    acc = summary["accounting"]
-    gold = summary["gold"]
-    t = Table(title=f"{summary['dataset']} — engine {summary['engine']}", show_header=True)
+def _report(summary, out: str | None, lake) -> int:
+    """The ETL summary as a table; exit 3 when a data-quality check failed or rows are unaccounted for."""
+    acc, gold = summary.accounting, summary.gold
+    t = Table(title=f"{summary.dataset} — engine {summary.engine}", show_header=True)
     t.add_column("figure")
     t.add_column("value", justify="right")
-    rows = [("raw rows (bronze)", acc["raw_rows"]), ("quarantined rows", acc["quarantined_rows"]),
-            ("duplicates removed", acc["duplicates_removed"]), ("silver interactions", acc["silver_rows"]),
-            ("accounted (raw = silver + quarantined + duplicates)", acc["accounted"]),
-            ("gold interactions", gold["interactions"]), ("users", gold["users"]), ("items", gold["items"]),
-            ("k-core rounds", len(gold["kcore_rounds"]))]
-    for reason, n in acc["quarantined_by_reason"].items():
-        rows.append((f"  quarantined: {reason}", n))
-    for split, n in gold["sequences_by_split"].items():
-        rows.append((f"sequences: {split}", n))
-    for name, v in summary["versions"].items():
-        rows.append((f"delta version: {name}", v))
-    for c in summary["checks"]:
-        rows.append((f"check: {c['name']}", "pass" if c["passed"] else f"FAIL {c['metrics']}"))
+    rows = [("raw rows (bronze)", acc.raw_rows), ("quarantined rows", acc.quarantined_rows),
+            ("duplicates removed", acc.duplicates_removed), ("silver interactions", acc.silver_rows),
+            ("accounted (raw = silver + quarantined + duplicates)", acc.accounted),
+            ("gold interactions", gold.interactions), ("users", gold.users), ("items", gold.items),
+            ("k-core rounds", len(gold.kcore_rounds))]
+    rows += [(f"  quarantined: {reason}", n) for reason, n in acc.quarantined_by_reason.items()]
+    rows += [(f"sequences: {split}", n) for split, n in gold.sequences_by_split.items()]
+    rows += [(f"delta version: {name}", v) for name, v in summary.versions.items()]
+    rows += [(f"check: {c.name}", "pass" if c.passed else f"FAIL {c.metrics}") for c in summary.checks]
     for name, value in rows:
         t.add_row(name, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     console.print(t)
     console.print(f"summary written to {lake.summary_path}")
     if out:
         with open(out, "w") as fh:
-            json.dump(summary, fh, indent=2, default=str)
+            json.dump(summary.to_dict(), fh, indent=2, default=str)
         console.print(f"summary written to {out}")
-    return 0 if summary["checks_passed"] and acc["accounted"] else 3
+    return 0 if summary.checks_passed and acc.accounted else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model (or model.kind=pop / graph)")
     _spec_args(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--checkpoint", help="checkpoint path (default: <train.checkpoint_dir>/<name>/best.pt)")
+    p.add_argument("--checkpoint", help="a trained model's checkpoint file (default: <train.checkpoint_dir>/<name>/best.pt)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 

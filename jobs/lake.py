@@ -1,9 +1,7 @@
 """The lake layout, shared by every layer: where each table of a dataset lives."""
 from __future__ import annotations
 
-import os
-
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, absolute_path
 
 TABLES = {
     "interactions_raw": "bronze/interactions_raw",
@@ -19,8 +17,7 @@ TABLES = {
 
 def dataset_root(spec: JobSpec) -> str:
     """`<lake.root>/<data.name>`, absolute for local paths."""
-    root = spec.dataset_root()
-    return root if "://" in root else os.path.abspath(root)
+    return absolute_path(spec.dataset_root())
 
 
 def table_path(spec: JobSpec, table: str) -> str:

@@ -1,4 +1,5 @@
-"""The job spec: the pydantic schema of one run, YAML loading and `--set a.b=value` overrides."""
+"""The job spec: the pydantic schema of one run, YAML loading (a spec may build on a `base:` spec) and
+`--set a.b=value` overrides."""
 from __future__ import annotations
 
 import copy
@@ -301,6 +302,8 @@ class AlignSpec(Strict):
     dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
     eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = only at the end)")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: the run evaluates, checkpoints "
+                                      "and ships the policy of the step that crosses it")
     seed: int = 0
 
 
@@ -375,29 +378,59 @@ def validate_spec(doc: Any, origin: str = "<spec>") -> JobSpec:
         raise SpecError(f"spec {origin}: {problems}") from None
 
 
-def resolve_spec_path(path: str | Path) -> Path:
-    """A path as given, or a bare name found in the packaged specs folder."""
+def resolve_spec_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A path as given (or relative to the folder of the spec that names it as its base), or a bare
+    name found in the packaged specs folder."""
     p = Path(path)
-    if p.exists():
-        return p
-    for candidate in (SPECS_DIR / p.name, SPECS_DIR / f"{p.name}.yaml"):
-        if candidate.exists():
+    candidates = [relative_to / p] if relative_to is not None and not p.is_absolute() else []
+    candidates += [p, SPECS_DIR / p.name, SPECS_DIR / f"{p.name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
             return candidate
     raise SpecError(f"spec file not found: {path}")
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    p = resolve_spec_path(path)
+def merge_docs(base: dict, override: dict) -> dict:
+    """`override` on top of `base`: mappings merge key by key, anything else replaces. A mapping
+    whose `kind` differs from the base's (another data source) replaces it whole."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        old = out.get(key)
+        same_kind = not (isinstance(value, dict) and isinstance(old, dict) and "kind" in value
+                         and old.get("kind") not in (None, value["kind"]))
+        out[key] = merge_docs(old, value) if isinstance(old, dict) and isinstance(value, dict) and same_kind \
+            else copy.deepcopy(value)
+    return out
+
+
+def read_spec_doc(path: str | Path, relative_to: Path | None = None, chain: tuple[Path, ...] = ()) -> dict:
+    """A spec file as a mapping, with its `base:` chain merged underneath (a base is a path relative
+    to the spec naming it, or a packaged spec name; a base may name its own base)."""
+    p = resolve_spec_path(path, relative_to).resolve()
+    if p in chain:
+        raise SpecError(f"spec {chain[0]}: base cycle {' -> '.join(str(c) for c in (*chain, p))}")
     try:
         doc = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {p}: not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):
         raise SpecError(f"spec {p}: top level must be a mapping")
-    return validate_spec(apply_overrides(doc, overrides or []), origin=str(p))
+    base = doc.pop("base", None)
+    if base is None:
+        return doc
+    if not isinstance(base, str) or not base:
+        raise SpecError(f"spec {p}: 'base' must name a spec file, got {base!r}")
+    return merge_docs(read_spec_doc(base, p.parent, (*chain, p)), doc)
 
 
-def _absolute(path: str | None) -> str | None:
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    doc = read_spec_doc(path)
+    return validate_spec(apply_overrides(doc, overrides or []), origin=str(resolve_spec_path(path)))
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path made absolute against the current directory; URIs (`s3://...`, `sqlite:`,
+    `databricks`) and empty values are returned as they are."""
     if not path or "://" in path or path.startswith(("sqlite:", "databricks")):
         return path
     return os.path.abspath(path)
@@ -408,12 +441,12 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     sqlite tracking store) made absolute against the current directory: what a job hands to Ray
     workers and submitted jobs, whose working directories differ. URIs are left as they are."""
     doc = spec.model_dump(mode="json")
-    doc["lake"]["root"] = _absolute(doc["lake"]["root"])
-    doc["model"]["cache_dir"] = _absolute(doc["model"]["cache_dir"])
+    doc["lake"]["root"] = absolute_path(doc["lake"]["root"])
+    doc["model"]["cache_dir"] = absolute_path(doc["model"]["cache_dir"])
     for key in ("checkpoint_dir", "storage_path"):
-        doc["train"][key] = _absolute(doc["train"][key])
+        doc["train"][key] = absolute_path(doc["train"][key])
     if doc["align"]["init"] and not doc["align"]["init"].startswith("models:/"):
-        doc["align"]["init"] = _absolute(doc["align"]["init"])
+        doc["align"]["init"] = absolute_path(doc["align"]["init"])
     if doc["tracking"]["uri"]:
         doc["tracking"]["uri"] = _absolute_sqlite(doc["tracking"]["uri"])
     return JobSpec.model_validate(doc)
@@ -421,7 +454,7 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
 
 def _absolute_sqlite(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        return "sqlite:///" + absolute_path(uri[len("sqlite:///"):])
     return uri
 
 

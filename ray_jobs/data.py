@@ -1,7 +1,7 @@
 """Data feeding: gold Delta tables at a pinned version -> per-user sequences -> padded torch batches.
 
 Reads with delta-rs (no Spark on the training side), so the same code runs in one process and in a
-Ray Train worker; `shard` picks a worker's users.
+Ray Train worker; `train_batches` gives a worker its rows of each global batch.
 """
 from __future__ import annotations
 
@@ -145,8 +145,3 @@ def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng:
             continue
         width = min(max_len, max(len(w) for w in chunk) - 1) if length_buckets else max_len
         yield left_pad([w[:-1] for w in chunk], width), left_pad([w[1:] for w in chunk], width)
-
-
-def shard(seqs: list, rank: int, world: int) -> list:
-    """A worker's share: every world-th element from rank."""
-    return seqs[rank::world]

@@ -1,4 +1,5 @@
-"""InfoNCE / sampled softmax over L2-normalised vectors with shared uniform negatives."""
+"""The training loss: InfoNCE / sampled softmax over L2-normalised vectors (shared, per-position or
+no negatives = full softmax), the step's negatives, and model + loss as one trainable module."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from jobs.spec import TrainSpec
 
 
 def gather_negatives(neg: torch.Tensor) -> torch.Tensor:
@@ -119,3 +122,43 @@ class InfoNCE(nn.Module):
             blocked[torch.arange(len(pos_ids), device=pos_ids.device), pos_ids] = False
         return F.cross_entropy(logits.masked_fill(blocked, float("-inf")) * self.scale(), pos_ids,
                                reduction=reduction)
+
+
+def draw_negatives(t: TrainSpec, num_items: int, targets: torch.Tensor, step: int, rank: int = 0,
+                   world: int = 1) -> torch.Tensor:
+    """The step's negatives for `sequence_loss`: this worker's share of the shared pool (R,), or
+    R per position (B, L, R) when `train.negative_sampling` is per_position, or nothing (full softmax)."""
+    if t.negative_sampling == "full":
+        return torch.empty(0, dtype=torch.long)
+    if t.negative_sampling == "per_position":
+        return position_negatives(num_items, tuple(targets.shape), t.negatives, t.seed, step, rank)
+    return step_negatives(num_items, t.negatives, t.seed, step, rank, world)
+
+
+def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targets: torch.Tensor,
+                  negatives: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Every non-padded position predicts its next item against the step's negatives (this worker's
+    share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax)."""
+    out = model(inputs)
+    d = out.shape[-1]
+    valid = (targets != 0).reshape(-1)
+    if negatives.numel() == 0:
+        return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(), valid, reduction)
+    if negatives.dim() == 3:  # (B, L, R): per-position negatives against the whole item table
+        return loss_fn.per_position(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
+                                    negatives.reshape(-1, negatives.shape[-1]), valid, reduction)
+    return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
+                   gather_negatives(model.item_embeddings(negatives)), valid, reduction)
+
+
+class SequenceLoss(nn.Module):
+    """Model and loss as one module, so an optimizer (or a DeepSpeed engine) owns every trained
+    parameter, a learnable temperature included, and ZeRO-3 gathers them all inside one forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: InfoNCE) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction)

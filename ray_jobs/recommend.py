@@ -1,27 +1,27 @@
-"""Batch recommendations: top-K for every user into the `gold/recommendations` Delta table.
+"""The batch recommendation job: top-K for every user into the `gold/recommendations` Delta table.
 
-    python -m ray_jobs.recommend --spec S [--model models:/NAME@champion | --checkpoint PATH] [--k 100]
+    python -m ray_jobs.recommend --spec S [--model models:/NAME@champion | PATH] [--k 100]
 
 Each user's whole known sequence (everything up to and including the test item) is the history;
-items in it are never recommended. Users are split over Ray tasks; the driver commits one Delta
-write that replaces only the rows of the same model version, so a rerun is idempotent and other
-versions' rows stay for comparison.
+items in it are never recommended. Users are split over Ray tasks (on GPUs when train.use_gpu);
+the driver commits one Delta write that replaces only the rows of the same model version, so a
+rerun is idempotent and other versions' rows stay for comparison.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
 
 from jobs.lake import table_path
-from jobs.spec import JobSpec, absolute_paths, load_spec, tracking_uri
+from jobs.spec import JobSpec, absolute_paths
+from ray_jobs.checkpoint import load_model
 from ray_jobs.data import load_sequences
+from ray_jobs.runtime import init_ray, job_main, ray_get, resolve_model
+from ray_jobs.scoring import scorer, top_k
 
 
 def full_histories(data) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -30,20 +30,13 @@ def full_histories(data) -> tuple[np.ndarray, list[np.ndarray]]:
     return t.users, [np.append(h, y) for h, y in zip(t.histories, t.targets)]
 
 
-def _top_task(checkpoint: str, histories: list[np.ndarray], k: int, batch_size: int):
-    import torch
-
-    from ray_jobs.metrics import mask_scores
-    from ray_jobs.trainer import load_trained, scorer
-    model, ckpt = load_trained(checkpoint)
-    score = scorer(model, ckpt["spec"]["data"]["max_seq_len"])
-    ids, vals = [], []
-    for i in range(0, len(histories), batch_size):
-        h = histories[i:i + batch_size]
-        top = torch.topk(mask_scores(score(h).float(), h), k, dim=1)
-        ids.append(top.indices.numpy())
-        vals.append(top.values.numpy())
-    return np.concatenate(ids), np.concatenate(vals)
+def _top_task(checkpoint: str, cache_dir: str | None, item_text: list[str], item_index_version: int,
+              histories: list[np.ndarray], k: int, batch_size: int, use_gpu: bool):
+    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
+    ckpt.check_catalogue(item_text, item_index_version, checkpoint)
+    if use_gpu:
+        model.to("cuda")
+    return top_k(scorer(model, ckpt.spec.data.max_seq_len), histories, k, batch_size)
 
 
 def recommendations_table(users: np.ndarray, user_ids: dict, item_ids: list[str], top: np.ndarray, scores: np.ndarray,
@@ -66,7 +59,6 @@ def recommendations_table(users: np.ndarray, user_ids: dict, item_ids: list[str]
 
 def write_recommendations(spec: JobSpec, table: pa.Table, model_version: str) -> int:
     """Replace this model version's rows (one commit); returns the table version."""
-    from deltalake import DeltaTable, write_deltalake
     path = table_path(spec, "recommendations")
     opts = spec.lake.storage_options or None
     try:
@@ -80,75 +72,43 @@ def write_recommendations(spec: JobSpec, table: pa.Table, model_version: str) ->
     return DeltaTable(path, storage_options=opts).version()
 
 
-def resolve_model(spec: JobSpec, model_uri: str | None, checkpoint: str | None) -> tuple[str, str, str]:
-    """(checkpoint file, model name, version tag) from a registry URI, a file, or the run's model.pt."""
-    if model_uri:
-        import mlflow
-        mlflow.set_tracking_uri(tracking_uri(spec))
-        mlflow.set_registry_uri(tracking_uri(spec))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="llmrec-model-"))
-        path = os.path.join(local, "artifacts", "model.pt")
-        if not os.path.exists(path):
-            found = [os.path.join(r, f) for r, _, fs in os.walk(local) for f in fs if f == "model.pt"]
-            if not found:
-                raise FileNotFoundError(f"model {model_uri}: no model.pt checkpoint inside")
-            path = found[0]
-        name, _, ref = model_uri.removeprefix("models:/").partition("@")
-        client = mlflow.MlflowClient()
-        version = client.get_model_version_by_alias(name, ref).version if ref else model_uri.rsplit("/", 1)[-1]
-        return path, name, str(version)
-    from ray_jobs.train import model_file
-    path = checkpoint or model_file(spec)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trained model at {path}: train first or pass --checkpoint / --model")
-    return path, spec.tracking.model_name or spec.name, f"file:{os.path.abspath(path)}"
-
-
-def run(spec: JobSpec, model_uri: str | None = None, checkpoint: str | None = None, k: int = 100,
-        workers: int = 2) -> dict:
+def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2) -> dict:
     import ray
-
-    from deltalake import DeltaTable
-
-    from ray_jobs.train import init_ray
     spec = absolute_paths(spec)
-    path, name, version = resolve_model(spec, model_uri, checkpoint)
+    resolved = resolve_model(spec, model)
     data = load_sequences(spec)
     users, histories = full_histories(data)
     k = min(k, data.num_items - 1)
     init_ray(spec)
-    task = ray.remote(num_cpus=1)(_top_task)
-    parts = ray.get([task.remote(path, histories[r::workers], k, spec.eval.batch_size) for r in range(workers)])
+    use_gpu = spec.train.use_gpu
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_top_task)
+    parts = ray_get([task.remote(resolved.path, resolved.cache_dir, data.item_text, data.versions["item_index"],
+                                 histories[r::workers], k, spec.eval.batch_size, use_gpu) for r in range(workers)])
     top = np.empty((len(users), k), dtype=np.int64)
     scores = np.empty((len(users), k), dtype=np.float32)
     for r, (ids, vals) in enumerate(parts):
         top[r::workers], scores[r::workers] = ids, vals
-    uidx = DeltaTable(table_path(spec, "user_index"), storage_options=spec.lake.storage_options or None,
-                      version=None).to_pyarrow_table(columns=["user_idx", "user_id"])
+    opts = spec.lake.storage_options or None
+    uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts).to_pyarrow_table(columns=["user_idx", "user_id"])
     user_ids = dict(zip(uidx["user_idx"].to_pylist(), uidx["user_id"].to_pylist()))
-    iidx = DeltaTable(table_path(spec, "item_index"), storage_options=spec.lake.storage_options or None,
+    iidx = DeltaTable(table_path(spec, "item_index"), storage_options=opts,
                       version=data.versions["item_index"]).to_pyarrow_table(columns=["item_idx", "item_id"])
     item_ids = [""] * (data.num_items + 1)
     for i, iid in zip(iidx["item_idx"].to_pylist(), iidx["item_id"].to_pylist()):
         item_ids[i] = iid
-    table = recommendations_table(users, user_ids, item_ids, top, scores, name, version)
-    delta_version = write_recommendations(spec, table, version)
+    table = recommendations_table(users, user_ids, item_ids, top, scores, resolved.name, resolved.version)
+    delta_version = write_recommendations(spec, table, resolved.version)
     return {"table": table_path(spec, "recommendations"), "delta_version": delta_version, "users": int(len(users)),
-            "k": k, "model_name": name, "model_version": version}
+            "k": k, "model_name": resolved.name, "model_version": resolved.version}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--model", help="registry URI, e.g. models:/NAME@champion (default: the run's model.pt)")
-    ap.add_argument("--checkpoint", help="a model checkpoint file instead of the registry")
-    ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args(argv)
-    out = run(load_spec(args.spec, args.overrides), args.model, args.checkpoint, args.k, args.workers)
-    print(json.dumps(out, indent=2))
-    return 0
+    def options(ap) -> None:
+        ap.add_argument("--model", "--checkpoint", dest="model",
+                        help="models:/NAME@champion or a checkpoint file (default: the training run's model.pt)")
+        ap.add_argument("--k", type=int, default=100)
+        ap.add_argument("--workers", type=int, default=2)
+    return job_main(__doc__, options, lambda spec, a: run(spec, a.model, a.k, a.workers), argv)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -23,6 +25,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from jobs.spec import JobSpec, dump_spec, tracking_uri
+from ray_jobs.checkpoint import load_model, read_model
+from ray_jobs.loop import Reporter
+from ray_jobs.models.hllm import cache_file
+from ray_jobs.scoring import scorer, top_k
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,13 +84,13 @@ def metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-class MetricLogger:
-    """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group)."""
+class MetricLogger(Reporter):
+    """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group), with the
+    node's CPU / memory / GPU utilisation as MLflow `system/*` metrics."""
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float | None = None) -> None:
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
         self.buffer: list = []
-        # CPU / memory / GPU utilisation of this worker's node, as MLflow `system/*` metrics
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         if system_metrics_every is None:
             system_metrics_every = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5))
@@ -92,11 +98,14 @@ class MetricLogger:
                                            resume_logging=True)
         self.system.start()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         self.buffer += [mlflow.entities.Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v == v]
         if len(self.buffer) >= self.flush_every:
             self.flush()
+
+    def epoch(self, record: dict, monitor: str) -> None:
+        self.flush()
 
     def flush(self) -> None:
         for i in range(0, len(self.buffer), 900):
@@ -112,37 +121,32 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     """pyfunc: item-id histories -> top-K item ids with scores, history masked.
 
     Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
-    lists. Params: `k` (default 10). Output: a DataFrame with `item_ids` and `scores` lists."""
+    lists. Params: `k` (default 10). Output: a DataFrame with `item_ids` and `scores` lists.
+    The weights are read as data (`checkpoint.load_model`), never unpickled as code."""
 
     def load_context(self, context) -> None:
-        import torch
-
-        from ray_jobs.trainer import load_trained
-        self.torch = torch
         cache = context.artifacts.get("item_cache")
-        self.model, ckpt = load_trained(context.artifacts["checkpoint"], cache_dir=os.path.dirname(cache) if cache else None)
-        self.max_len = ckpt["spec"]["data"]["max_seq_len"]
-        self.num_items = len(ckpt["item_text"]) - 1
+        self.model, ckpt = load_model(context.artifacts["checkpoint"], cache_dir=os.path.dirname(cache) if cache else None)
+        self.score = scorer(self.model, ckpt.spec.data.max_seq_len)
+        self.num_items = ckpt.num_items
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        from ray_jobs.metrics import mask_scores
-        from ray_jobs.trainer import scorer
         k = int((params or {}).get("k", 10))
         histories = list(model_input["history"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         histories = [np.asarray([i for i in h if 0 < int(i) <= self.num_items], dtype=np.int64) for h in histories]
-        scores = mask_scores(scorer(self.model, self.max_len)(histories).float(), histories)
-        top = self.torch.topk(scores, min(k, self.num_items), dim=1)
-        return pd.DataFrame({"item_ids": [r.tolist() for r in top.indices], "scores": [r.tolist() for r in top.values]})
+        ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024)
+        return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})
 
 
-def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, item_cache: str | None = None,
-                    alias: str = "challenger") -> int:
-    """Log the pyfunc (checkpoint, spec and item-embedding cache inside, our code with it) to the
-    run, register it under the spec's model name, point `alias` at the new version."""
+def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, alias: str = "challenger") -> int:
+    """Log the pyfunc (checkpoint, and a cached-mode HLLM's item-embedding cache, inside; our code
+    with it) to the run, register it under the spec's model name, point `alias` at the new version."""
     uri = tracking_uri(spec)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    ckpt = read_model(checkpoint_file)
     artifacts = {"checkpoint": checkpoint_file}
+    item_cache = cache_file(ckpt.spec.model, ckpt.versions.get("item_index"))
     if item_cache:
         artifacts["item_cache"] = item_cache
     example = pd.DataFrame({"history": [[1, 2, 3]]})
@@ -156,6 +160,27 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, item_cache
     version = int(info.registered_model_version)
     MlflowClient(uri).set_registered_model_alias(model_name(spec), alias, version)
     return version
+
+
+def publish(spec: JobSpec, run_id: str, model_path: str, metrics: dict[str, float], documents: dict[str, object],
+            plots: dict[str, Callable[[str], str]], tags: dict[str, object], register: bool) -> int | None:
+    """A finished run's results into its MLflow run: final metrics, JSON documents, plots (each
+    drawn by its function into a temporary file), tags; then the model registered (version or None)."""
+    mlflow.set_tracking_uri(tracking_uri(spec))
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
+        for name, doc in documents.items():
+            mlflow.log_dict(doc, name)
+        for name, draw in plots.items():
+            mlflow.log_artifact(draw(os.path.join(tmp, name)), "plots")
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    return log_recommender(spec, run_id, model_path) if register else None
+
+
+def final_metrics(prefix: str, result: dict) -> dict[str, float]:
+    """`prefix/metric` for every float in an evaluation result's accuracy and beyond-accuracy parts."""
+    flat = result["metrics"] | result.get("beyond_accuracy", {})
+    return {f"{prefix}/{k}": v for k, v in flat.items() if isinstance(v, float)}
 
 
 def plot_metrics_vs_k(results: dict[str, dict], path: str) -> str:
@@ -191,6 +216,29 @@ def plot_training_curves(history: list[dict], path: str) -> str:
     b.plot([h["epoch"] for h in valid], [h["valid_ndcg@10"] for h in valid], marker="o")
     b.set_title("valid NDCG@10")
     b.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_alignment_curves(histories: dict[str, list[dict]], path: str, smooth: int = 10) -> str:
+    """Mean reward and effective gradient norm per step, one line per method (moving average)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, history in histories.items():
+        steps = np.asarray([h["step"] for h in history])
+        for ax, key in zip(axes, ("reward_mean", "effective_grad_norm")):
+            y = np.asarray([h[key] for h in history], dtype=float)
+            w = max(1, min(smooth, len(y)))
+            ax.plot(steps[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=method)
+    axes[0].set_title("mean list reward (rollouts)")
+    axes[1].set_title("effective gradient norm (d policy loss / d logits)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -2,26 +2,126 @@
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
 
 from deltalake import DeltaTable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from jobs.files import write_atomic
 from jobs.lake import TABLES, dataset_root
 from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec
 from spark import quality
-from spark.delta_io import merge_table, read_table, table_version, write_table
-from spark.session import Engine, start_engine
+from spark.delta_io import MergeResult, merge_table, read_table, table_version, write_table
+from spark.quality import CheckResult
+from spark.session import Engine, spark_engine
 from spark.sources import RawSource, landing_days, read_landing_day, read_source
 from spark.transforms import (assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
                               filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
                               tag_interactions, temporal_split, typed_interactions)
 
 NATURAL_KEY = ["user_id", "item_id", "ts"]
+# The tables an ETL run writes, each with the tables it is built from (the Dagster asset graph).
+ETL_TABLES: dict[str, list[str]] = {
+    "interactions_raw": [], "quarantine": ["interactions_raw"], "interactions": ["interactions_raw"], "items": [],
+    "item_index": ["interactions", "items"], "user_index": ["interactions"],
+    "sequences": ["interactions", "item_index", "user_index"],
+}
+
+
+@dataclass
+class Accounting:
+    """Where every raw row of a full build went: `accounted` holds when raw = silver + quarantined
+    + duplicates removed."""
+    raw_rows: int
+    quarantined_rows: int
+    quarantined_by_reason: dict[str, int]
+    duplicates_removed: int
+    silver_rows: int
+    accounted: bool
+    item_rows_quarantined_by_reason: dict[str, int]
+
+
+@dataclass
+class GoldStats:
+    interactions_after_filters: int
+    interactions: int
+    users: int
+    items: int
+    kcore_rounds: list[dict]
+    sequences_by_split: dict[str, int]
+    temporal_cuts: list[int] | None
+
+
+@dataclass
+class GoldBuild:
+    """What a gold rebuild produced: its figures, the version of every table, the quality checks."""
+    gold: GoldStats
+    versions: dict[str, int]
+    checks: list[CheckResult]
+
+    @property
+    def checks_passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+@dataclass
+class IngestResult:
+    """One landed day MERGEd into bronze, quarantine and silver; `gold` is None when silver did not
+    change (`gold_skipped` says why) or the caller rebuilds gold itself."""
+    day: str
+    rows: int
+    bronze: MergeResult
+    quarantine: MergeResult
+    silver: MergeResult
+    gold: GoldBuild | None = None
+    gold_skipped: str | None = None
+
+
+@dataclass
+class EtlSummary:
+    """A dataset's latest build, as written to `<lake>/<dataset>/_etl/summary.json`."""
+    spec: str
+    dataset: str
+    engine: str
+    lake: str
+    source: str
+    ingest_date: str
+    accounting: Accounting | None
+    gold: GoldStats
+    versions: dict[str, int]
+    checks: list[CheckResult]
+    landing: list[IngestResult] = field(default_factory=list)
+    last_ingest: IngestResult | None = None
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checks_passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"checks_passed": self.checks_passed}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "EtlSummary":
+        def ingest(d: dict | None) -> IngestResult | None:
+            if d is None:
+                return None
+            gold = d.get("gold")
+            return IngestResult(d["day"], d["rows"], *(MergeResult(**d[k]) for k in ("bronze", "quarantine", "silver")),
+                                GoldBuild(GoldStats(**gold["gold"]), gold["versions"],
+                                          [CheckResult(**c) for c in gold["checks"]]) if gold else None,
+                                d.get("gold_skipped"))
+        return cls(doc["spec"], doc["dataset"], doc["engine"], doc["lake"], doc["source"], doc["ingest_date"],
+                   Accounting(**doc["accounting"]) if doc.get("accounting") else None, GoldStats(**doc["gold"]),
+                   doc["versions"], [CheckResult(**c) for c in doc["checks"]],
+                   [ingest(x) for x in doc.get("landing", [])], ingest(doc.get("last_ingest")),
+                   doc.get("step_seconds", {}))
 
 
 @dataclass
@@ -55,12 +155,14 @@ class Lake:
         return f"{self.root}/_etl/summary.json"
 
 
-def start_engine_for(spec: JobSpec) -> Engine:
-    """The spec's engine; on remote/cluster engines scratch data goes under the lake root, which
-    the Spark servers can reach (a local temp folder is only visible to this machine)."""
+@contextmanager
+def engine_for(spec: JobSpec) -> Iterator[Engine]:
+    """The spec's engine, stopped on exit; on remote/cluster engines scratch data goes under the
+    lake root, which the Spark servers can reach (a local temp folder is only visible to this machine)."""
     shared = spec.spark.engine in ("remote", "cluster")
-    return start_engine(spec.spark, app_name=f"llmrec-{spec.name}",
-                        scratch_root=f"{Lake.of(spec).root}/_scratch" if shared else None)
+    with spark_engine(spec.spark, app_name=f"llmrec-{spec.name}",
+                      scratch_root=f"{Lake.of(spec).root}/_scratch" if shared else None) as engine:
+        yield engine
 
 
 def today_utc() -> str:
@@ -108,7 +210,7 @@ def _bronze_columns(df: DataFrame) -> DataFrame:
 
 # ----------------------------------------------------------------------------- full run
 
-def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
+def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold."""
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
@@ -131,22 +233,22 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
     with steps.step("silver/items"):
         items = silver_items(items_tagged) if items_tagged is not None else \
             items_from_interactions(lake.read(engine, "interactions", v_silver))
-        v_items = lake.write(engine, items, "items")
+        lake.write(engine, items, "items")
     with steps.step("accounting"):
         accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
     landed = []
     if d.landing is not None:
         for day in landing_days(d.landing):
             landed.append(ingest_day(spec, engine, day, steps, rebuild_gold=False))
-    gold = build_gold(spec, engine, steps)
-    summary = {"spec": spec.name, "dataset": d.name, "engine": engine.name, "lake": lake.root,
-               "ingest_date": ingest_date, "source": d.source.kind, "accounting": accounting,
-               "landing": landed, **gold, "step_seconds": {k: round(v, 3) for k, v in steps.timings.items()}}
+    build = build_gold(spec, engine, steps)
+    summary = EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, ingest_date, accounting,
+                         build.gold, build.versions, build.checks, landed,
+                         step_seconds={k: round(v, 3) for k, v in steps.timings.items()})
     write_summary(lake, summary)
     return summary
 
 
-def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int, v_silver: int) -> dict:
+def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int, v_silver: int) -> Accounting:
     """Where every raw row went. Raw rows and silver rows come from the written tables, quarantined
     rows from the quarantine table, valid rows from the typed bronze rows: `accounted` holds when
     raw = valid + quarantined, i.e. raw = silver + quarantined + duplicates removed."""
@@ -157,16 +259,13 @@ def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int
     quarantined = sum(reasons["interaction"].values())
     valid_rows = typed_interactions(tagged).count()
     silver_rows = lake.count("interactions", v_silver)
-    return {"raw_rows": raw_rows, "quarantined_rows": quarantined,
-            "quarantined_by_reason": dict(sorted(reasons["interaction"].items())),
-            "duplicates_removed": valid_rows - silver_rows, "silver_rows": silver_rows,
-            "accounted": raw_rows == valid_rows + quarantined,
-            "item_rows_quarantined_by_reason": dict(sorted(reasons["item"].items()))}
+    return Accounting(raw_rows, quarantined, dict(sorted(reasons["interaction"].items())), valid_rows - silver_rows,
+                      silver_rows, raw_rows == valid_rows + quarantined, dict(sorted(reasons["item"].items())))
 
 
 # ----------------------------------------------------------------------------- incremental
 
-def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, rebuild_gold: bool = True) -> dict:
+def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, rebuild_gold: bool = True) -> IngestResult:
     """MERGE one landed day into bronze, quarantine and silver on their keys, then rebuild gold.
 
     Re-running the same day inserts nothing and commits nothing: the table versions stay put."""
@@ -188,19 +287,18 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, re
     with steps.step(f"landing {day}: silver merge"):
         r_s = merge_table(engine, deduplicate(typed_interactions(tagged)), lake.path("interactions"), NATURAL_KEY,
                           compare=["value"], storage_options=lake.storage_options)
-    result = {"day": day, "rows": bronze.count(),
-              "bronze": {"inserted": r_raw.inserted, "version": r_raw.version, "committed": r_raw.committed},
-              "quarantine": {"inserted": r_q.inserted, "version": r_q.version, "committed": r_q.committed},
-              "silver": {"inserted": r_s.inserted, "updated": r_s.updated, "version": r_s.version,
-                         "committed": r_s.committed}}
+    result = IngestResult(day, bronze.count(), r_raw, r_q, r_s)
     if rebuild_gold:
         previous = read_summary(lake)
-        built_from = (previous or {}).get("versions", {}).get("interactions")
+        built_from = previous.versions.get("interactions") if previous else None
         if r_s.committed or built_from != r_s.version or lake.version("sequences") is None:
-            result["gold"] = build_gold(spec, engine, steps)
-            write_summary(lake, {**(previous or {}), **result["gold"], "last_ingest": result})
+            result.gold = build_gold(spec, engine, steps)
+            g = result.gold
+            write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks, last_ingest=result)
+                          if previous else EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, today_utc(),
+                                                      None, g.gold, g.versions, g.checks, last_ingest=result))
         else:
-            result["gold"] = {"rebuilt": False, "reason": f"silver unchanged at version {r_s.version}"}
+            result.gold_skipped = f"silver unchanged at version {r_s.version}"
     return result
 
 
@@ -221,7 +319,7 @@ def split_cuts(df: DataFrame, spec: JobSpec) -> tuple[int, int]:
     return valid, test
 
 
-def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
+def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> GoldBuild:
     """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits."""
     lake, d = Lake.of(spec), spec.data
     v_silver, v_items = lake.version("interactions"), lake.version("items")
@@ -265,31 +363,23 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> dict:
         raw = lake.count("interactions_raw")
         checks.append(quality.check_quarantine_share(raw, q, d.max_quarantine_share))
     versions = {t: lake.version(t) for t in TABLES}
-    return {
-        "gold": {"interactions_after_filters": n_filtered, "interactions": n_inter, "users": n_users,
-                 "items": n_items, "kcore_rounds": rounds, "sequences_by_split": dict(sorted(per_split.items())),
-                 "temporal_cuts": list(cuts) if cuts else None},
-        "versions": {k: v for k, v in versions.items() if v is not None},
-        "checks": [c.to_dict() for c in checks],
-        "checks_passed": all(c.passed for c in checks),
-    }
+    return GoldBuild(GoldStats(n_filtered, n_inter, n_users, n_items, rounds, dict(sorted(per_split.items())),
+                               list(cuts) if cuts else None),
+                     {k: v for k, v in versions.items() if v is not None}, checks)
 
 
 # ----------------------------------------------------------------------------- summary
 
-def write_summary(lake: Lake, summary: dict) -> None:
+def write_summary(lake: Lake, summary: EtlSummary) -> None:
     if "://" in lake.summary_path:
         return
-    os.makedirs(os.path.dirname(lake.summary_path), exist_ok=True)
-    tmp = lake.summary_path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2, default=str)
-    os.replace(tmp, lake.summary_path)
+    text = json.dumps(summary.to_dict(), indent=2, default=str)
+    write_atomic(lake.summary_path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_summary(lake: Lake) -> dict | None:
+def read_summary(lake: Lake) -> EtlSummary | None:
     try:
         with open(lake.summary_path) as fh:
-            return json.load(fh)
+            return EtlSummary.from_dict(json.load(fh))
     except FileNotFoundError:
         return None

@@ -143,6 +143,7 @@ def start_engine(spec: SparkSpec, app_name: str = "llmrec", scratch_root: str | 
 
 @contextmanager
 def spark_engine(spec: SparkSpec, app_name: str = "llmrec", scratch_root: str | None = None) -> Iterator[Engine]:
+    """`start_engine`, stopped when the block ends (also on an error)."""
     engine = start_engine(spec, app_name, scratch_root)
     try:
         yield engine

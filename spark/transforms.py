@@ -11,12 +11,6 @@ from typing import Callable
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-# Validation reasons, checked in this order; a row gets the first that applies.
-REASONS = [
-    "malformed_line", "missing_user_id", "missing_item_id", "missing_timestamp", "unparsable_timestamp",
-    "timestamp_out_of_range", "missing_value", "unparsable_value", "value_out_of_range",
-]
-ITEM_REASONS = ["malformed_line", "missing_item_id"]
 TS_MIN, TS_MAX = 0, 4102444800  # 1970-01-01 .. 2100-01-01, epoch seconds
 
 
@@ -118,10 +112,13 @@ def min_interactions(df: DataFrame, key: str) -> int:
     return df.groupBy(key).count().agg(F.min("count")).collect()[0][0] or 0
 
 
+def kcore_satisfied(min_user: int, min_item: int, user_k: int, item_k: int) -> bool:
+    """The k-core rule: every user has >= user_k interactions and every item >= item_k (k <= 1: no bound)."""
+    return (user_k <= 1 or min_user >= user_k) and (item_k <= 1 or min_item >= item_k)
+
+
 def kcore_holds(df: DataFrame, user_k: int, item_k: int, user_col: str = "user_id", item_col: str = "item_id") -> bool:
-    """Whether every user has >= user_k interactions and every item >= item_k."""
-    return (user_k <= 1 or min_interactions(df, user_col) >= user_k) and \
-        (item_k <= 1 or min_interactions(df, item_col) >= item_k)
+    return kcore_satisfied(min_interactions(df, user_col), min_interactions(df, item_col), user_k, item_k)
 
 
 def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
@@ -161,10 +158,6 @@ def assign_ids(df: DataFrame, key: str, idx: str) -> DataFrame:
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ITEM_FIELDS = {"item_id", "title", "categories", "description"}
-
-
-def template_fields(template: str) -> list[str]:
-    return _FIELD.findall(template)
 
 
 def render_text(template: str, max_chars: int) -> Column:
@@ -215,9 +208,6 @@ def build_sequences(indexed: DataFrame) -> DataFrame:
         F.transform("events", lambda x: x["item_idx"]).alias("item_ids"),
         F.transform("events", lambda x: x["ts"]).alias("timestamps"),
         "events")
-
-
-SPLIT_COLUMNS = ["user_idx", "split", "item_ids", "timestamps", "target", "target_ts"]
 
 
 def leave_one_out(sequences: DataFrame) -> DataFrame:

@@ -1,13 +1,18 @@
-"""Shared fixtures: real Spark engines (one live at a time), specs over tmp lakes, small fixture files."""
+"""Shared fixtures: real Spark engines (one live at a time), specs over tmp lakes, small fixture files,
+one MovieLens-100K lake and one local Ray for every test that needs them."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 
-from jobs.spec import JobSpec, validate_spec
+from jobs.spec import JobSpec, load_spec, validate_spec
 from spark.session import Engine, start_engine
+
+SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
 
 ENGINES = ["sail", "local"]
 
@@ -76,3 +81,45 @@ def make_spec(tmp_path):
 
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="session")
+def ml100k_lake(tmp_path_factory, engines) -> Path:
+    """A lake with the smoke spec's MovieLens-100K tables (943 users, 1,349 items), built once."""
+    from spark.etl import run_etl
+    root = tmp_path_factory.mktemp("ml100k-lake")
+    run_etl(load_spec(SMOKE, [f"lake.root={root}"]), engines.get("sail"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One in-process local Ray for every test that runs a Ray job in this process."""
+    import ray
+
+    from ray_jobs.runtime import start_local_ray
+    # the runs here last seconds: sample system metrics often enough to see some
+    start_local_ray(2, {"DS_ACCELERATOR": "cpu", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def free_port():
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return pick
+
+
+@pytest.fixture
+def ray_overrides(ml100k_lake):
+    """`--set` overrides of a small SASRec run on the shared lake, its checkpoints, Ray storage and
+    MLflow store under `tmp`."""
+    def make(tmp: Path, name: str, *extra: str) -> list[str]:
+        return [f"name={name}", f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp}/ckpt",
+                f"train.storage_path={tmp}/ray", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "model.kind=sasrec",
+                "model.dim=32", "model.dropout=0.0", "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
+                "train.eval_every=1", "train.workers=2", "train.max_failures=0", *extra]
+    return make

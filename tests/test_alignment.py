@@ -2,6 +2,7 @@
 posterior, and one Aligner step on a tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,9 +13,10 @@ from scipy import stats
 
 from jobs.spec import AlignSpec
 from ray_jobs.alignment import methods, rewards
-from ray_jobs.alignment.loop import AlignData, Aligner, PolicyScores
+from ray_jobs.alignment.aligner import AlignData, Aligner, StepStats, StepSums
 from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl
 from ray_jobs.models.sasrec import SASRec
+from ray_jobs.scoring import CosineScores
 
 
 def _all_lists(n: int, k: int, masked: set[int] = frozenset()) -> torch.Tensor:
@@ -166,7 +168,7 @@ def test_grpo_weights_and_dpo_loss():
 
 # ----------------------------------------------------------------------------- one step
 
-def _toy(method: str, **kw) -> tuple[Aligner, PolicyScores, AlignSpec]:
+def _toy(method: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[Aligner, CosineScores, AlignSpec]:
     torch.manual_seed(0)
     n = 30
     rng = np.random.default_rng(0)
@@ -174,14 +176,14 @@ def _toy(method: str, **kw) -> tuple[Aligner, PolicyScores, AlignSpec]:
     cfg = AlignSpec(method=method, users_per_step=8, rollouts=6, list_size=4, reference_rollouts=8,
                     rewards={"ndcg": 1.0, "diversity": 0.2, "tail": 0.2, "exposure": 0.1}, **kw)
     data = AlignData.build(train, n, cfg.holdout, cfg.list_size)
-    model = SASRec(n, 10, 16, 1, 1, 0.0)
+    model = SASRec(n, 10, 16, 1, 1, 0.0).to(dtype)
     reference = SASRec(n, 10, 16, 1, 1, 0.0)
     reference.load_state_dict(model.state_dict())
     tail = torch.zeros(n + 1, dtype=torch.bool)
     tail[n // 2:] = True
-    aligner = Aligner(cfg, data, n, 10, torch.randn(n + 1, 8), tail, reference)
+    aligner = Aligner(cfg, data, n, 10, torch.randn(n + 1, 8), tail, reference, dtype=dtype)
     aligner.init_reference(seed=0)
-    return aligner, PolicyScores(model).eval(), cfg
+    return aligner, CosineScores(model).eval(), cfg
 
 
 @pytest.mark.parametrize("method", ["blade", "static_bon", "grpo", "dpo"])
@@ -193,9 +195,59 @@ def test_aligner_step_gives_finite_loss_and_gradients(method):
     loss.backward()
     grads = [p.grad for p in policy.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
-    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
-    assert 0 <= m["reward_ndcg"] <= 1 and m["effective_grad_norm"] >= 0
-    assert ("weight_entropy" in m) == (method in ("blade", "static_bon"))
+    assert m.kl == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+    assert 0 <= m.reward_ndcg <= 1 and m.effective_grad_norm > 0
+    assert (m.weight_entropy is not None) == (method in ("blade", "static_bon"))
+
+
+def test_step_statistics_match_the_rollouts_by_hand():
+    """Every named statistic of a step, recomputed from the same rollouts (sampling is seeded by
+    step and rank, so `rollouts` draws the lists `step` trains on)."""
+    aligner, policy, cfg = _toy("static_bon")
+    ro = aligner.rollouts(policy, step=3, seed=0)  # before step(): the exposure term reads today's exposure
+    r = ro.reward.double()
+    loss, m = aligner.step(policy, step=3, seed=0)
+    lists, users = r.numel(), len(ro.rows)
+    assert users == 8 and lists == 8 * cfg.rollouts
+    assert m.reward_mean == pytest.approx(r.mean().item())
+    assert m.reward_std == pytest.approx(r.std(unbiased=False).item(), abs=1e-9)
+    assert m.reward_max == pytest.approx(r.max().item())
+    for term in ("ndcg", "diversity", "tail", "exposure"):
+        assert getattr(m, f"reward_{term}") == pytest.approx(ro.terms[term].double().mean().item())
+    assert m.flat_groups == pytest.approx((r.max(-1).values == r.min(-1).values).double().mean().item())
+    w = methods.bon_weights(methods.empirical_cdf(aligner.ref_rewards[ro.rows], ro.reward), cfg.rollouts)
+    assert m.weight_entropy == pytest.approx(methods.weight_entropy(w).double().mean().item(), rel=1e-5)
+    lp = list_log_prob(ro.logits, ro.lists) / cfg.list_size
+    assert m.policy_loss == pytest.approx(-(w * lp).sum().item() / users, rel=1e-5)
+    assert m.kl == pytest.approx(0.0, abs=1e-6) and m.sampled_log_ratio == pytest.approx(0.0, abs=1e-5)
+    assert m.beta == cfg.beta
+    # the loss: policy term + beta * KL, averaged over the global batch (here, this process's users)
+    assert loss.item() == pytest.approx(-(w * lp).sum().item() / users, rel=1e-5)
+
+
+def test_step_sums_combine_ranks_into_global_statistics():
+    """Two ranks' sums (as the all-reduce adds them) give the statistics of their pooled lists."""
+    a = StepSums(users=2, lists=4, reward=2.0, reward_sq=1.5, kl=0.2, grad_norm=1.0, entropy=2.0, flat_groups=1,
+                 policy_loss=-0.4, ndcg=1.0, diversity=2.0, tail=0.4, exposure=0.0)
+    b = StepSums(users=1, lists=2, reward=1.6, reward_sq=1.3, kl=0.1, grad_norm=0.5, entropy=1.0, flat_groups=0,
+                 policy_loss=-0.2, ndcg=0.5, diversity=1.0, tail=0.6, exposure=0.3)
+    total = StepSums(*(x + y for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
+    s = StepStats.of(total, reward_max=0.9, beta=0.05, has_entropy=True)
+    assert s.reward_mean == pytest.approx(3.6 / 6) and s.reward_std == pytest.approx((2.8 / 6 - 0.36) ** 0.5)
+    assert s.kl == pytest.approx(0.3 / 3) and s.effective_grad_norm == pytest.approx(1.5 / 3)
+    assert s.weight_entropy == pytest.approx(1.0) and s.flat_groups == pytest.approx(1 / 3)
+    assert s.policy_loss == pytest.approx(-0.2) and s.reward_tail == pytest.approx(1.0 / 6)
+    assert StepStats.of(total, 0.9, 0.05, has_entropy=False).weight_entropy is None
+    assert set(s.as_dict()) == {f.name for f in dataclasses.fields(StepStats)}
+
+
+def test_reference_follows_the_policy_dtype():
+    """A bf16 policy (DeepSpeed's GPU precision) gets a bf16 reference, and a step still runs."""
+    aligner, policy, _ = _toy("grpo", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in aligner.reference.parameters())
+    loss, m = aligner.step(policy, step=0, seed=0)
+    loss.backward()
+    assert torch.isfinite(loss) and m.kl == pytest.approx(0.0, abs=1e-3)
 
 
 def test_blade_user_posterior_moves_with_rewards():
@@ -229,6 +281,6 @@ def test_adaptive_kl_control_raises_beta_when_kl_exceeds_target():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        betas.append(m["beta"])
+        betas.append(m.beta)
     assert betas[0] == cfg.beta and betas[-1] > betas[0] * 1.3  # KL > target after the first update
     assert aligner.state_dict()["beta"] == aligner.beta

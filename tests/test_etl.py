@@ -9,8 +9,8 @@ import pytest
 from deltalake import DeltaTable
 
 from jobs.spec import load_spec
-from spark.delta_io import read_table
-from spark.etl import TABLES, Lake, build_gold, ingest_day, run_etl
+from spark.delta_io import MergeResult, read_table
+from spark.etl import TABLES, Lake, build_gold, engine_for, ingest_day, run_etl
 
 GOOD = [  # user::movie::rating::ts — 3 users x 4 movies
     "1::10::4::978300760", "1::11::3::978300761", "1::12::5::978300762", "1::13::2::978300763",
@@ -49,16 +49,16 @@ def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
     spec = make_spec(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
                      value_range={"min": 1, "max": 5}, kcore={"user": 2, "item": 2})
     summary = run_etl(spec, engine)
-    acc = summary["accounting"]
+    acc = summary.accounting
     expected = {}
     for reason in BAD.values():
         expected[reason] = expected.get(reason, 0) + 1
-    assert acc["quarantined_by_reason"] == expected
-    assert acc["raw_rows"] == len(GOOD) + len(BAD) + len(DUPLICATES)
-    assert acc["duplicates_removed"] == len(DUPLICATES)
-    assert acc["silver_rows"] == len(GOOD)
-    assert acc["accounted"] is True
-    assert acc["item_rows_quarantined_by_reason"] == {"missing_item_id": 1}
+    assert acc.quarantined_by_reason == expected
+    assert acc.raw_rows == len(GOOD) + len(BAD) + len(DUPLICATES)
+    assert acc.duplicates_removed == len(DUPLICATES)
+    assert acc.silver_rows == len(GOOD)
+    assert acc.accounted is True
+    assert acc.item_rows_quarantined_by_reason == {"missing_item_id": 1}
     lake = Lake.of(spec)
     q = DeltaTable(lake.path("quarantine")).to_pyarrow_table().to_pylist()
     by_raw = {r["raw"]: r["reason"] for r in q if r["kind"] == "interaction"}
@@ -71,22 +71,22 @@ def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
     assert items["10"]["title"] == "Café Society"  # latin-1 decoded
     assert items["10"]["text"] == "Title: Café Society. Genres: Drama, Romance."
     assert items["13"]["categories"] is None
-    checks = {c["name"]: c for c in summary["checks"]}
+    checks = {c.name: c for c in summary.checks}
     # 11 of 25 rows are broken: far above the 5% bound, so that check (and only that one) fails
-    assert checks["quarantine_share"]["passed"] is False and summary["checks_passed"] is False
-    assert checks["quarantine_share"]["metrics"]["quarantined_rows"] == len(BAD)
-    assert all(c["passed"] for name, c in checks.items() if name != "quarantine_share")
+    assert checks["quarantine_share"].passed is False and summary.checks_passed is False
+    assert checks["quarantine_share"].metrics["quarantined_rows"] == len(BAD)
+    assert all(c.passed for name, c in checks.items() if name != "quarantine_share")
 
 
 def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     spec = make_spec(kcore={"user": 5, "item": 5})
     first = run_etl(spec, sail)
-    g = first["gold"]
-    assert (g["users"], g["items"], g["interactions"]) == (943, 1349, 99287)
-    assert first["accounting"]["raw_rows"] == 100000 and first["accounting"]["accounted"]
-    assert g["sequences_by_split"] == {"test": 943, "train": 943, "valid": 943}
-    assert [r["removed"] for r in g["kcore_rounds"]] == [713]
-    assert first["checks_passed"] and all(v == 0 for v in first["versions"].values())
+    g = first.gold
+    assert (g.users, g.items, g.interactions) == (943, 1349, 99287)
+    assert first.accounting.raw_rows == 100000 and first.accounting.accounted
+    assert g.sequences_by_split == {"test": 943, "train": 943, "valid": 943}
+    assert [r["removed"] for r in g.kcore_rounds] == [713]
+    assert first.checks_passed and all(v == 0 for v in first.versions.values())
     lake = Lake.of(spec)
     # read back with delta-rs, independently of Spark
     seq = DeltaTable(lake.path("sequences")).to_pyarrow_table()
@@ -97,7 +97,7 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     assert DeltaTable(lake.path("interactions")).count() == 100000
     # a re-run commits version 1 everywhere with the same contents; version 0 stays readable
     second = run_etl(spec, sail)
-    assert all(v == 1 for v in second["versions"].values())
+    assert all(v == 1 for v in second.versions.values())
     assert len(DeltaTable(lake.path("sequences")).history()) == 2
     for table in ("item_index", "user_index", "sequences"):
         v0 = read_table(sail, lake.path(table), version=0).toArrow()
@@ -145,22 +145,22 @@ def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_p
     base = {t: lake.version(t) for t in ("interactions_raw", "quarantine", "interactions")}
     (landing / "2026-11-20.csv").write_text(LANDED_DAY1)
     first = ingest_day(spec, engine, "2026-11-20")
-    assert first["rows"] == 4
-    assert first["bronze"]["inserted"] == 4 and first["quarantine"]["inserted"] == 1
-    assert first["silver"] == {"inserted": 3, "updated": 0, "version": base["interactions"] + 1, "committed": True}
-    assert first["gold"]["gold"]["users"] == 4  # user 4 arrived
+    assert first.rows == 4
+    assert first.bronze.inserted == 4 and first.quarantine.inserted == 1
+    assert first.silver == MergeResult(version=base["interactions"] + 1, inserted=3, updated=0, committed=True)
+    assert first.gold.gold.users == 4  # user 4 arrived
     after_first = {t: _table_rows(lake.path(t)) for t in ("interactions_raw", "quarantine", "interactions")}
     versions = {t: lake.version(t) for t in ("interactions_raw", "quarantine", "interactions", "sequences")}
     # the same day again: nothing inserted, nothing committed, gold not rebuilt
     again = ingest_day(spec, engine, "2026-11-20")
-    assert (again["bronze"]["committed"], again["quarantine"]["committed"], again["silver"]["committed"]) == (False,) * 3
-    assert again["gold"]["rebuilt"] is False
+    assert (again.bronze.committed, again.quarantine.committed, again.silver.committed) == (False,) * 3
+    assert again.gold is None and again.gold_skipped == f"silver unchanged at version {again.silver.version}"
     assert {t: lake.version(t) for t in versions} == versions
     assert {t: _table_rows(lake.path(t)) for t in after_first} == after_first
     # the next day updates one value on an existing natural key and adds one row
     (landing / "2026-11-21.csv").write_text(LANDED_DAY2)
     second = ingest_day(spec, engine, "2026-11-21")
-    assert (second["silver"]["inserted"], second["silver"]["updated"]) == (1, 1)
+    assert (second.silver.inserted, second.silver.updated) == (1, 1)
     silver = {(r["user_id"], r["item_id"], r["ts"]): r["value"] for r in
               DeltaTable(lake.path("interactions")).to_pyarrow_table().to_pylist()}
     assert silver[("4", "10", 978400001)] == 2.0 and silver[("5", "12", 978500000)] == 5.0
@@ -183,7 +183,7 @@ def test_ingest_without_landing_or_silver_is_a_clear_error(sail, make_spec, tmp_
 def test_temporal_split_on_movielens_100k(sail, make_spec):
     spec = make_spec(kcore={"user": 5, "item": 5}, split={"kind": "temporal", "valid_fraction": 0.1, "test_fraction": 0.1})
     summary = run_etl(spec, sail)
-    lo, hi = summary["gold"]["temporal_cuts"]
+    lo, hi = summary.gold.temporal_cuts
     assert lo < hi
     seq = DeltaTable(Lake.of(spec).path("sequences")).to_pyarrow_table().to_pylist()
     for r in seq:
@@ -193,7 +193,7 @@ def test_temporal_split_on_movielens_100k(sail, make_spec):
             assert lo <= r["target_ts"] < hi and max(r["timestamps"]) < lo
         else:
             assert r["target_ts"] >= hi and max(r["timestamps"]) < hi
-    assert summary["checks_passed"]
+    assert summary.checks_passed
 
 
 def test_build_gold_refuses_nothing_silently(sail, make_spec):
@@ -230,20 +230,16 @@ def test_remote_engine_against_a_separate_spark_connect_server(sail, tmp_path):
     """engine=remote talks to whatever Spark Connect URL it is given: here a second Sail server."""
     from pysail.spark import SparkConnectServer
 
-    from spark.etl import start_engine_for
     server = SparkConnectServer(ip="127.0.0.1", port=0)
     server.start(background=True)
     try:
         host, port = server.listening_address
         spec = load_spec("jobs/specs/movielens-100k-smoke.yaml",
                          [f"lake.root={tmp_path}", "spark.engine=remote", f"spark.remote=sc://{host}:{port}"])
-        remote = start_engine_for(spec)
-        try:
+        with engine_for(spec) as remote:
             assert remote.session is not sail.session
             summary = run_etl(spec, remote)
-        finally:
-            remote.stop()
-        assert summary["engine"] == "remote" and summary["gold"]["users"] == 943
+        assert summary.engine == "remote" and summary.gold.users == 943
         assert sail.session.range(3).count() == 3  # the in-process engine is untouched
     finally:
         server.stop()

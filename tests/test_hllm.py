@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from jobs.spec import ModelSpec
-from ray_jobs.losses import InfoNCE
+from ray_jobs.losses import InfoNCE, sequence_loss
 from ray_jobs.models.hllm import HLLM, ItemLLM, cache_key, embed_all_items
-from ray_jobs.trainer import sequence_loss
 
 TEXTS = ["", "Title: Toy Story. Genres: Animation, Comedy.", "Title: Heat. Genres: Action, Crime.",
          "Title: Nixon. Genres: Drama.", "Title: Babe. Genres: Children's, Comedy.", "Title: Casino. Genres: Drama."]
@@ -52,9 +51,15 @@ def test_cached_minilm_freezes_the_item_llm_and_matches_recomputation(tmp_path):
     s = spec("minilm", "cached", tmp_path)
     model = HLLM(s, TEXTS, max_len=4, item_index_version=7)
     assert model.item_llm is None and model.item_table.shape == (6, 384)
-    assert not any(p.requires_grad for p in [model.item_table])
+    # only the adapter and the user LLM learn: the item embeddings are a buffer, not a parameter
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter", "user_llm"}
+    table, adapter = model.item_table.clone(), model.adapter[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     step(model)
-    assert all(p.grad is not None for p in model.adapter.parameters())  # only the adapter and user LLM learn
+    assert all(p.grad is not None for p in model.adapter.parameters())
+    optimizer.step()
+    assert torch.equal(model.item_table, table) and not torch.equal(model.adapter[0].weight, adapter)
     # the stored artifact equals a fresh per-item encoding by the same encoder
     path = os.path.join(s.cache_dir, cache_key(s, 7) + ".pt")
     assert os.path.exists(path)

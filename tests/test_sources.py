@@ -31,8 +31,8 @@ def test_amazon_2018(sail, make_spec, tmp_path):
                              "metadata": str(tmp_path / "meta_Home.json.gz")},
                      item_text={"template": "{title} | {categories} | {brand} | {description}"})
     summary = run_etl(spec, sail)
-    assert summary["accounting"]["quarantined_by_reason"] == {"malformed_line": 1, "missing_user_id": 1}
-    assert summary["accounting"]["silver_rows"] == 3
+    assert summary.accounting.quarantined_by_reason == {"malformed_line": 1, "missing_user_id": 1}
+    assert summary.accounting.silver_rows == 3
     idx = {r["item_id"]: r["text"] for r in DeltaTable(Lake.of(spec).path("item_index")).to_pyarrow_table().to_pylist()}
     assert idx == {"B01": "Kettle | Home, Kitchen | Acme | Boils. Fast.", "B02": "Mug | Home | | A mug."}
 
@@ -94,7 +94,7 @@ def test_generic_formats_with_column_mapping(engine, make_spec, tmp_path, fmt):
                         "columns": {"item_id": "sku", "title": "name", "categories": "tags"}}}
     spec = make_spec(engine=engine.name, source=source, item_text={"template": "{title} [{categories}]"})
     summary = run_etl(spec, engine)
-    assert summary["accounting"]["quarantined_by_reason"] == {"missing_user_id": 1}
+    assert summary.accounting.quarantined_by_reason == {"missing_user_id": 1}
     lake = Lake.of(spec)
     silver = DeltaTable(lake.path("interactions")).to_pyarrow_table().to_pylist()
     assert sorted((r["user_id"], r["item_id"], r["ts"], r["value"]) for r in silver) == [
@@ -140,8 +140,8 @@ def test_synthetic_through_the_pipeline(sail, make_spec):
     spec = make_spec(source={"kind": "synthetic", "n_users": 500, "n_items": 300, "n_interactions": 30000, "seed": 1},
                      kcore={"user": 5, "item": 5}, item_text={"template": "{title}: {description}"})
     s = run_etl(spec, sail)
-    assert s["accounting"]["raw_rows"] == 30000 and s["accounting"]["quarantined_rows"] == 0
-    assert s["checks_passed"]
+    assert s.accounting.raw_rows == 30000 and s.accounting.quarantined_rows == 0
+    assert s.checks_passed
     text = DeltaTable(Lake.of(spec).path("item_index")).to_pyarrow_table()["text"].to_pylist()
     assert all(" story with a touch of " in t for t in text)
 

@@ -3,7 +3,7 @@ import glob
 import pytest
 import yaml
 
-from jobs.spec import SpecError, apply_overrides, load_spec, parse_override, validate_spec
+from jobs.spec import SpecError, apply_overrides, dump_spec, load_spec, parse_override, validate_spec
 
 
 def test_packaged_specs_load():
@@ -71,13 +71,53 @@ def test_override_parsing_errors():
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("jobs/specs/*.yaml")))
-def test_every_shipped_spec_is_valid(path):
-    assert load_spec(path).name
+def test_every_shipped_spec_resolves_and_round_trips(path):
+    """Each shipped spec loads with its base chain merged, names its dataset, and its resolved form
+    (what `llmrec spec` prints and MLflow stores) loads back to the same spec."""
+    spec = load_spec(path)
+    assert spec.name and spec.data.name and spec.data.source.kind == "movielens_packaged"
+    assert validate_spec(yaml.safe_load(dump_spec(spec))) == spec
+
+
+def test_ml1m_protocol_specs_share_one_data_block():
+    names = ["movielens-1m-sasrec", "movielens-1m-sasrec-gr", "movielens-1m-hllm", "movielens-1m-align"]
+    specs = [load_spec(n) for n in names]
+    assert all(s.data == specs[0].data for s in specs)
+    assert specs[0].data.name == "movielens-1m-full" and specs[0].data.kcore.user == 0
+    for n in names:
+        assert "base: base/movielens-1m-full.yaml" in open(f"jobs/specs/{n}.yaml").read()
+    gpu = load_spec("movielens-1m-hllm-gpu")  # the default's data with shorter histories
+    assert gpu.data.max_seq_len == 50 and gpu.data.model_copy(update={"max_seq_len": 200}) == load_spec("movielens-1m").data
+
+
+def test_base_inheritance_merges_overrides_and_refuses_bad_chains(tmp_path):
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump({
+        "name": "parent", "data": {"name": "d", "source": {"kind": "movielens_packaged", "variant": "ml-100k"},
+                                   "kcore": {"user": 5, "item": 5}}, "train": {"epochs": 3, "lr": 0.01}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({
+        "name": "child", "base": "parent.yaml", "data": {"kcore": {"item": 2}}, "train": {"lr": 0.5}}))
+    child = load_spec(tmp_path / "child.yaml", ["train.epochs=7"])
+    assert child.name == "child" and (child.data.kcore.user, child.data.kcore.item) == (5, 2)
+    assert child.train.lr == 0.5 and child.train.epochs == 7 and child.data.source.variant == "ml-100k"
+    # another source kind replaces the base's source whole (no variant leaks into a synthetic source)
+    (tmp_path / "synth.yaml").write_text(yaml.safe_dump({"name": "s", "base": "parent.yaml",
+                                                         "data": {"source": {"kind": "synthetic", "n_users": 10}}}))
+    assert load_spec(tmp_path / "synth.yaml").data.source.n_users == 10
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"name": "t", "base": "parent.yaml", "train": {"epoch": 2}}))
+    with pytest.raises(SpecError, match=r"unknown key 'train\.epoch'"):
+        load_spec(tmp_path / "typo.yaml")
+    (tmp_path / "a.yaml").write_text("name: a\nbase: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("name: b\nbase: a.yaml\n")
+    with pytest.raises(SpecError, match="base cycle"):
+        load_spec(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("name: o\nbase: nowhere.yaml\n")
+    with pytest.raises(SpecError, match="spec file not found: nowhere.yaml"):
+        load_spec(tmp_path / "orphan.yaml")
 
 
 def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     from jobs.spec import absolute_paths
-    from ray_jobs.train import deepspeed_config
+    from ray_jobs.runtime import deepspeed_config
     monkeypatch.chdir(tmp_path)
     spec = load_spec("movielens-1m-hllm-gpu")
     assert spec.train.use_gpu and spec.train.workers == 8 and spec.train.deepspeed == "zero2"

@@ -1,13 +1,14 @@
 """Launch paths against a real local Ray head (infra/local/ray-up.sh, 127.0.0.1, stopped by pid):
-`ray job submit` of the training job and the Jobs API (`llmrec submit`) for batch
-recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh). In its own module so
-the in-process Ray of test_distributed.py is already shut down."""
+`ray job submit` of the training and alignment jobs and the Jobs API (`llmrec submit`) for batch
+recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh)."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,16 +18,19 @@ from deltalake import DeltaTable
 
 from jobs.spec import load_spec
 from ray_jobs.data import load_sequences
-from test_distributed import BIN, ROOT, _overrides, free_port, lake  # noqa: F401  (lake: fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, free_port):
     port, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port),
-           "RAY_DASHBOARD_PORT": str(dash), "RAY_NUM_CPUS": "2", "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+    # the session's in-process Ray (tests/conftest.py) holds the default agent and client ports
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash),
+           "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2",
+           "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
     up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     yield up.stdout.strip().splitlines()[-1], env
@@ -34,7 +38,7 @@ def ray_head(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, free_port):
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
            "MLFLOW_DB": str(tmp_path / "server.db"), "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
@@ -53,9 +57,10 @@ def mlflow_server(tmp_path):
     proc.wait(30)
 
 
-def test_ray_job_submit_and_jobs_api_against_a_local_head(lake, tmp_path, ray_head, mlflow_server):
+def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path, ray_head, mlflow_server, ray_overrides):
     address, env = ray_head
-    overrides = _overrides(lake, tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={mlflow_server}")
+    lake = ml100k_lake
+    overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={mlflow_server}")
     env = {**env, "RAY_AUTH_MODE": "token"}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "-m", "ray_jobs.train", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a local Ray head bound to 127.0.0.1, for `ray job submit` / `llmrec submit` on one machine.
 #   RAY_PORT (GCS, default 6379)  RAY_DASHBOARD_PORT (Jobs API, default 8265)
+#   RAY_AGENT_PORT (dashboard agent, default 52365)  RAY_CLIENT_PORT (Ray client server, default 10001):
+#   set both to run a second head (or beside an in-process Ray, whose agent takes 52365) on one machine
 #   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (Ray temp dir; default /tmp/llmrec-ray-<dashboard port>)
 # Prints the Jobs API address. Stop it with infra/local/ray-down.sh (same RAY_HEAD_DIR).
 set -euo pipefail
@@ -14,6 +16,7 @@ mkdir -p "$DIR"
 export RAY_AUTH_MODE=token
 [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || "$RAY" get-auth-token --generate >/dev/null
 args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH"
+      --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}"
       --temp-dir "$DIR" --disable-usage-stats)
 [ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus "$RAY_NUM_CPUS")
 "$RAY" start "${args[@]}" >"$DIR/start.log" 2>&1 || { cat "$DIR/start.log" >&2; exit 1; }

@@ -1,0 +1,20 @@
+"""The sequence models (SASRec, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
+from __future__ import annotations
+
+from torch import nn
+
+from jobs.spec import JobSpec
+
+TRAINABLE = ("sasrec", "hllm")
+
+
+def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:
+    """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
+    m = spec.model
+    if m.kind == "sasrec":
+        from ray_jobs.models.sasrec import SASRec
+        return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.block)
+    if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
+        from ray_jobs.models.hllm import HLLM
+        return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)
+    raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")

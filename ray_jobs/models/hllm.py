@@ -22,6 +22,7 @@ import os
 import torch
 from torch import nn
 
+from jobs.files import write_atomic
 from jobs.spec import LLMSize, ModelSpec
 
 CAUSAL_TYPES = {"llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "qwen3", "gpt2", "gpt_neox", "smollm3"}
@@ -109,6 +110,14 @@ def cache_key(spec: ModelSpec, item_index_version: int | None) -> str:
     return f"items-{digest}-v{item_index_version}"
 
 
+def cache_file(spec: ModelSpec, item_index_version: int | None) -> str | None:
+    """A cached-mode HLLM's item-embedding file, if it exists (what a registered model ships)."""
+    if spec.kind != "hllm" or spec.mode != "cached":
+        return None
+    path = os.path.join(spec.cache_dir, cache_key(spec, item_index_version) + ".pt")
+    return path if os.path.exists(path) else None
+
+
 class HLLM(nn.Module):
     def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
                  item_index_version: int | None = None) -> None:
@@ -173,14 +182,12 @@ def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, input_ids: torch.Tenso
     text settings and item-table version were embedded before; computed and stored otherwise."""
     path = os.path.join(spec.cache_dir, cache_key(spec, version) + ".pt")
     if version is not None and os.path.exists(path):
-        table = torch.load(path, map_location="cpu")
+        table = torch.load(path, map_location="cpu", weights_only=True)
         if table.shape[0] == input_ids.shape[0]:
             return table
     table = embed_all_items(item_llm, input_ids, attention)
     if version is not None:
-        os.makedirs(spec.cache_dir, exist_ok=True)
-        torch.save(table, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda tmp: torch.save(table, tmp))
     return table
 
 

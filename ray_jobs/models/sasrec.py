@@ -84,7 +84,7 @@ class SASRec(nn.Module):
         only the last position, (B, 1, dim) (with the original block the top block computes just it)."""
         length = ids.shape[1]
         # positions count from the right end of a max_len window, so a batch trimmed of its leading
-        # all-padding columns (see trainer.scorer) gets the same positions as the full window
+        # all-padding columns (see scoring.scorer) gets the same positions as the full window
         pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)
         x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
         keep = (ids != 0).unsqueeze(-1).to(x.dtype)

@@ -1,15 +1,15 @@
 """One alignment step, shared by the Ray Train worker and the tests: rollouts from the policy,
-rewards, method weights, the loss. Cross-worker state (running exposure, BLADE posteriors) is
-synchronised with collectives, so every rank holds the same state and a checkpoint from rank 0
-restores all of them.
+rewards, method weights, the loss, and the step's statistics. Cross-worker state (running exposure,
+BLADE posteriors) is synchronised through the backend's collectives, so every rank holds the same
+state and one rank's checkpoint restores all of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,45 +18,78 @@ from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl
 from ray_jobs.data import left_pad
 from ray_jobs.metrics import mask_scores
+from ray_jobs.runtime import Collectives
+from ray_jobs.scoring import CosineScores
+
+Scores = Callable[[torch.Tensor], torch.Tensor]  # left-padded histories (B, L) -> cosine scores (B, n + 1)
+REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure")
 
 
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+@dataclass
+class StepSums:
+    """One rank's sums behind a step's statistics; all ranks' are added in one collective."""
+    users: float = 0.0
+    lists: float = 0.0
+    reward: float = 0.0
+    reward_sq: float = 0.0
+    kl: float = 0.0
+    grad_norm: float = 0.0
+    log_ratio: float = 0.0
+    entropy: float = 0.0
+    flat_groups: float = 0.0
+    policy_loss: float = 0.0
+    ndcg: float = 0.0
+    diversity: float = 0.0
+    tail: float = 0.0
+    exposure: float = 0.0
+
+    def all_sum(self, comm: Collectives) -> "StepSums":
+        return StepSums(*comm.all_sum(torch.tensor(astuple(self), dtype=torch.float64)).tolist())
 
 
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if _dist():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+@dataclass
+class StepStats:
+    """What a step logs, over every rank's users and lists: reward moments, the mean KL to the
+    reference per user, the effective gradient norm (|d policy loss / d logits| per user), the
+    weight entropy (Best-of-N methods), the share of users whose lists all scored the same."""
+    reward_mean: float
+    reward_std: float
+    reward_max: float
+    kl: float
+    effective_grad_norm: float
+    weight_entropy: float | None
+    sampled_log_ratio: float
+    flat_groups: float
+    policy_loss: float
+    beta: float
+    reward_ndcg: float
+    reward_diversity: float
+    reward_tail: float
+    reward_exposure: float
+
+    @classmethod
+    def of(cls, s: StepSums, reward_max: float, beta: float, has_entropy: bool) -> "StepStats":
+        users, lists = max(s.users, 1.0), max(s.lists, 1.0)
+        mean = s.reward / lists
+        return cls(mean, max(s.reward_sq / lists - mean * mean, 0.0) ** 0.5, reward_max, s.kl / users,
+                   s.grad_norm / users, s.entropy / users if has_entropy else None, s.log_ratio / lists,
+                   s.flat_groups / users, s.policy_loss / users, beta,
+                   *(getattr(s, t) / lists for t in REWARD_TERMS))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def all_max(x: torch.Tensor) -> torch.Tensor:
-    if _dist():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
-
-
-def all_gather_objects(obj) -> list:
-    if not _dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class PolicyScores(nn.Module):
-    """Histories -> cosine scores of every item (B, n + 1): the policy's logits times temperature."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        user = F.normalize(self.model.user_embeddings(ids), dim=-1)
-        items = F.normalize(self.model.all_item_embeddings(), dim=-1)
-        return user @ items.T
+@dataclass
+class Rollouts:
+    """A step's sampled lists for this rank's users, with their policy logits and rewards."""
+    rows: np.ndarray                 # AlignData rows
+    logits: torch.Tensor             # (B, n + 1) masked policy logits (with gradients)
+    ref_logits: torch.Tensor         # (B, n + 1) masked reference logits
+    lists: torch.Tensor              # (B, N, K) item ids
+    terms: dict[str, torch.Tensor]   # reward term -> (B, N)
+    reward: torch.Tensor             # (B, N) weighted list reward
+    global_users: int                # users in the step's global batch
 
 
 @dataclass
@@ -86,17 +119,22 @@ class AlignData:
 
 
 class Aligner:
-    """State and step of list-wise alignment for one worker (rank of world)."""
+    """State and step of list-wise alignment for one worker. `reference` is the frozen starting
+    model; it is kept in the policy's dtype and on its device (`dtype`, `device`). `comm` carries
+    every cross-worker sum and gather (one process: the identity)."""
 
     def __init__(self, cfg: AlignSpec, data: AlignData, num_items: int, max_len: int, item_emb: torch.Tensor,
-                 tail: torch.Tensor, reference: nn.Module, rank: int = 0, world: int = 1) -> None:
+                 tail: torch.Tensor, reference: nn.Module, comm: Collectives | None = None,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
         self.cfg, self.data, self.num_items, self.max_len = cfg, data, num_items, max_len
         self.item_emb = F.normalize(item_emb.float(), dim=-1)
         self.tail = tail
-        self.reference = PolicyScores(reference).eval()
+        self.comm = comm or Collectives()
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.device = device
+        self.reference = CosineScores(reference).to(device=device, dtype=dtype).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
-        self.rank, self.world = rank, world
         self.exposure = torch.full((num_items + 1,), 1.0 / num_items)
         self.exposure[0] = 0.0
         self.ref_rewards: torch.Tensor | None = None     # (U, M) reference rollout rewards
@@ -105,11 +143,11 @@ class Aligner:
         self.beta = cfg.beta
 
     # ------------------------------------------------------------------ policy and rewards
-    def logits(self, scores: nn.Module, rows: np.ndarray) -> torch.Tensor:
-        """Masked policy logits (B, n + 1) of the given AlignData rows (grad flows when enabled)."""
+    def logits(self, scores: Scores, rows: np.ndarray) -> torch.Tensor:
+        """Masked policy logits (B, n + 1) of the given AlignData rows, on the CPU in fp32 (gradients
+        flow back to the policy on its device when enabled)."""
         ctx = [self.data.contexts[i] for i in rows]
-        device = next(scores.parameters()).device
-        s = scores(left_pad(ctx, self.max_len).to(device)).float().cpu()
+        s = scores(left_pad(ctx, self.max_len).to(self.device)).float().cpu()
         return mask_scores(s / self.cfg.temperature, ctx)
 
     def reward_terms(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -122,7 +160,7 @@ class Aligner:
         return rewards.combine(self.cfg.rewards.model_dump(), terms)
 
     def update_exposure(self, lists: torch.Tensor) -> None:
-        counts = all_sum(torch.bincount(lists.reshape(-1), minlength=self.num_items + 1).double())
+        counts = self.comm.all_sum(torch.bincount(lists.reshape(-1), minlength=self.num_items + 1).double())
         share = counts / counts.sum().clamp(min=1)
         self.exposure = ((1 - self.cfg.exposure_momentum) * self.exposure.double()
                          + self.cfg.exposure_momentum * share).float()
@@ -143,11 +181,11 @@ class Aligner:
             parts.append((rows, self.reward(self.reward_terms(lists, rows)).numpy()))
             counts += torch.bincount(lists.reshape(-1), minlength=self.num_items + 1).double()
         ref = np.zeros((len(self.data.users), cfg.reference_rollouts), dtype=np.float32)
-        for part in all_gather_objects(parts):
+        for part in self.comm.all_gather_object(parts):
             for rows, r in part:
                 ref[rows] = r
         self.ref_rewards = torch.from_numpy(ref)
-        counts = all_sum(counts)
+        counts = self.comm.all_sum(counts)
         self.exposure = (counts / counts.sum()).float()
         self.exposure[0] = 0.0
         x = ref.astype(np.float64)
@@ -165,6 +203,19 @@ class Aligner:
         batch = order[i * b:(i + 1) * b]
         return batch[self.rank::self.world], len(batch)
 
+    def rollouts(self, scores: Scores, step: int, seed: int) -> Rollouts:
+        """The step's lists: N Plackett–Luce samples of K items per user of this rank, and their rewards.
+        Deterministic in (seed, step, rank), so a resumed run samples what the first one did."""
+        cfg = self.cfg
+        rows, global_b = self.batch_rows(step, seed)
+        logits = self.logits(scores, rows)
+        with torch.no_grad():
+            ref_logits = self.logits(self.reference, rows)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + self.rank + 17)
+        lists = gumbel_topk(logits.detach(), cfg.list_size, cfg.rollouts, gen)     # (B, N, K)
+        terms = self.reward_terms(lists, rows)
+        return Rollouts(rows, logits, ref_logits, lists, terms, self.reward(terms), global_b)
+
     def weights(self, r: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy."""
         cfg, n = self.cfg, r.shape[1]
@@ -175,11 +226,11 @@ class Aligner:
             x = r.double().numpy()
             if cfg.blade.scope == "user":
                 post = self.posterior.take(rows).decayed(cfg.blade.decay, cfg.blade.min_pseudo_count).update_with(x)
-                for part in all_gather_objects((rows, post)):  # every rank keeps every user's posterior
+                for part in self.comm.all_gather_object((rows, post)):  # every rank keeps every user's posterior
                     self.posterior.put(part[0], part[1])
                 cdf = post.predictive_cdf(x)
             else:  # one posterior: global sufficient statistics of all ranks' rewards
-                stats = all_sum(torch.tensor([x.size, x.sum(), (x * x).sum()], dtype=torch.float64))
+                stats = self.comm.all_sum(torch.tensor([x.size, x.sum(), (x * x).sum()], dtype=torch.float64))
                 cnt, mean = stats[0].item(), stats[1].item() / max(stats[0].item(), 1)
                 sq_dev = max(stats[2].item() - cnt * mean * mean, 0.0)
                 prior = self.posterior.decayed(cfg.blade.decay, cfg.blade.min_pseudo_count)
@@ -191,61 +242,47 @@ class Aligner:
             return methods.grpo_weights(r), None
         raise ValueError(f"align.method={cfg.method!r} has no candidate weights")
 
-    def step(self, scores: nn.Module, step: int, seed: int) -> tuple[torch.Tensor, dict]:
-        """The step's loss (scaled so that DeepSpeed's average over ranks is the global-batch mean)
-        and its global metrics. `scores` is the trained PolicyScores (or a DeepSpeed engine on it)."""
-        cfg = self.cfg
-        rows, global_b = self.batch_rows(step, seed)
-        logits = self.logits(scores, rows)
+    def step(self, scores: Scores, step: int, seed: int) -> tuple[torch.Tensor, StepStats]:
+        """The step's loss (scaled so that the average over ranks is the global-batch mean) and its
+        global statistics. `scores` is the trained policy (CosineScores, or a DeepSpeed engine on it)."""
+        cfg, k = self.cfg, self.cfg.list_size
+        ro = self.rollouts(scores, step, seed)
+        logits, r = ro.logits, ro.reward
+        lp = list_log_prob(logits, ro.lists) / k
         with torch.no_grad():
-            ref_logits = self.logits(self.reference, rows)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + self.rank + 17)
-        lists = gumbel_topk(logits.detach(), cfg.list_size, cfg.rollouts, gen)     # (B, N, K)
-        terms = self.reward_terms(lists, rows)
-        r = self.reward(terms)
-        k = cfg.list_size
-        lp = list_log_prob(logits, lists) / k
-        with torch.no_grad():
-            lp_ref = list_log_prob(ref_logits, lists) / k
+            lp_ref = list_log_prob(ro.ref_logits, ro.lists) / k
         entropy = None
         if cfg.method == "dpo":
             best, worst = r.argmax(-1), r.argmin(-1)
-            idx = torch.arange(len(rows))
+            idx = torch.arange(len(ro.rows))
             keep = (r[idx, best] > r[idx, worst]).float()
             pair = methods.dpo_loss(lp[idx, best], lp[idx, worst], lp_ref[idx, best], lp_ref[idx, worst], cfg.dpo_beta)
             policy_sum = (pair * keep).sum()
             if cfg.dpo_ground_truth:
-                policy_sum = policy_sum + self._ground_truth_pairs(logits, ref_logits, rows).sum()
+                policy_sum = policy_sum + self._ground_truth_pairs(logits, ro.ref_logits, ro.rows).sum()
         else:
-            w, entropy = self.weights(r, rows)
+            w, entropy = self.weights(r, ro.rows)
             policy_sum = -(w.detach() * lp).sum()
-        kl = masked_kl(logits, ref_logits)
-        loss = (policy_sum + self.beta * kl.sum()) * self.world / max(global_b, 1)
+        kl = masked_kl(logits, ro.ref_logits)
+        loss = (policy_sum + self.beta * kl.sum()) * self.world / max(ro.global_users, 1)
         grad_logits = torch.autograd.grad(policy_sum, logits, retain_graph=True, allow_unused=True)[0]
-        eff = grad_logits.norm(dim=-1).sum() if grad_logits is not None else torch.zeros(())
-        self.update_exposure(lists)
+        self.update_exposure(ro.lists)
         r64 = r.double()
-        sums = all_sum(torch.stack([
-            torch.tensor(float(len(rows)), dtype=torch.float64), r64.sum(), (r64 * r64).sum(),
-            torch.tensor(float(r.numel()), dtype=torch.float64), kl.detach().double().sum(), eff.detach().double(),
-            ((lp - lp_ref).detach().double() * k).sum(),
-            (entropy.double().sum() if entropy is not None else torch.zeros((), dtype=torch.float64)),
-            (r.max(-1).values == r.min(-1).values).double().sum(), policy_sum.detach().double(),
-            *[terms[t].double().sum() for t in ("ndcg", "diversity", "tail", "exposure")]]))
-        users, n = max(sums[0].item(), 1.0), max(sums[3].item(), 1.0)
-        mean = sums[1].item() / n
-        metrics = {"reward_mean": mean, "reward_std": max(sums[2].item() / n - mean * mean, 0.0) ** 0.5,
-                   "reward_max": all_max(r.max().reshape(1).double() if r.numel() else torch.zeros(1, dtype=torch.float64)).item(),
-                   "kl": sums[4].item() / users, "effective_grad_norm": sums[5].item() / users,
-                   "sampled_log_ratio": sums[6].item() / n, "flat_groups": sums[8].item() / users,
-                   "policy_loss": sums[9].item() / users, "beta": self.beta}
+        sums = StepSums(
+            users=float(len(ro.rows)), lists=float(r.numel()), reward=r64.sum().item(), reward_sq=(r64 * r64).sum().item(),
+            kl=kl.detach().double().sum().item(),
+            grad_norm=grad_logits.norm(dim=-1).sum().item() if grad_logits is not None else 0.0,
+            log_ratio=((lp - lp_ref).detach().double() * k).sum().item(),
+            entropy=entropy.double().sum().item() if entropy is not None else 0.0,
+            flat_groups=(r.max(-1).values == r.min(-1).values).double().sum().item(),
+            policy_loss=policy_sum.detach().double().item(),
+            **{t: ro.terms[t].double().sum().item() for t in REWARD_TERMS}).all_sum(self.comm)
+        reward_max = self.comm.all_max(r.max().reshape(1).double() if r.numel() else torch.zeros(1, dtype=torch.float64))
+        stats = StepStats.of(sums, reward_max.item(), self.beta, entropy is not None)
         if cfg.kl_target:  # adaptive KL control: beta grows while KL is above target, shrinks below
-            error = min(max(metrics["kl"] / cfg.kl_target - 1.0, -1.0), 1.0)
+            error = min(max(stats.kl / cfg.kl_target - 1.0, -1.0), 1.0)
             self.beta = float(min(max(self.beta * np.exp(cfg.kl_rate * error), 1e-4), 1e4))
-        if entropy is not None:
-            metrics["weight_entropy"] = sums[7].item() / users
-        metrics.update({f"reward_{t}": sums[10 + i].item() / n for i, t in enumerate(("ndcg", "diversity", "tail", "exposure"))})
-        return loss, metrics
+        return loss, stats
 
     def _ground_truth_pairs(self, logits, ref_logits, rows) -> torch.Tensor:
         """DPO pairs: the held-out items first, then the model's top items, against the model's
@@ -265,11 +302,12 @@ class Aligner:
             ref_w, ref_l = list_log_prob(ref_logits, chosen)[:, 0] / k, list_log_prob(ref_logits, rejected)[:, 0] / k
         return methods.dpo_loss(lp_w, lp_l, ref_w, ref_l, self.cfg.dpo_beta) * differs
 
-    # ------------------------------------------------------------------ checkpoint state
+    # ------------------------------------------------------------------ checkpoint state (tensors only)
     def state_dict(self) -> dict:
         p = self.posterior
         return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards, "beta": self.beta,
-                "posterior": {"mu": p.mu, "kappa": p.kappa, "alpha": p.alpha, "beta": p.beta}}
+                "posterior": {k: torch.from_numpy(np.asarray(getattr(p, k), dtype=np.float64))
+                              for k in ("mu", "kappa", "alpha", "beta")}}
 
     def load_state_dict(self, state: dict) -> None:
         self.exposure, self.ref_rewards, self.beta = state["exposure"], state["ref_rewards"], state["beta"]

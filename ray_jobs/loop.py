@@ -1,0 +1,497 @@
+"""The one training loop. `TrainState` holds a run (what is trained, its optimizer and schedule,
+counters, history, the weights it ships); a backend holds what differs between one process and a
+Ray Train worker (optimizer steps by hand or through a DeepSpeed engine, collectives, where
+checkpoints go). `run_epochs` trains a recommender epoch by epoch; `run_steps` drives alignment
+step by step on the same state, backends, clock, budget and checkpoints.
+
+Documented behaviour, the same on both backends:
+- `train.fit_on=train`: evaluate on valid every `eval_every` epochs, at the last epoch and at the
+  epoch that crosses `max_minutes`; the best validation NDCG@10 is the model; `patience`
+  evaluations without a gain stop the run.
+- `train.fit_on=train_valid` (a refit): the test split is only reported; the newest weights are
+  the model, whichever way the run ends (all epochs, or the time budget).
+- A checkpoint after every epoch (and every `checkpoint_every` steps); a rerun resumes from the
+  latest, mid-epoch included, and replays the batches and negatives of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from jobs.spec import JobSpec
+from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
+from ray_jobs.data import SeqData, train_batches, training_windows
+from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
+from ray_jobs.models import build_model
+from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed
+from ray_jobs.scoring import CosineScores, evaluate_sharded, scorer
+
+VALID_METRIC = "ndcg@10"
+REPORTED = ("hr@10", "ndcg@10", "hr@50", "mrr")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainState:
+    spec: JobSpec
+    module: nn.Module                     # what the optimizer trains; `.model` is the recommender
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    item_text: list[str]
+    versions: dict[str, int]              # Delta versions of the gold tables read
+    epoch: int = 0
+    step: int = 0
+    batch: int = 0                        # batches of the current epoch already trained
+    epoch_losses: list[float] = field(default_factory=list)  # their losses (a resumed epoch's record has all)
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+    seconds: float = 0.0
+    restarts: int = 0                     # times the run resumed from a checkpoint
+    stopped: str = ""                     # epochs | steps | early_stopping | time_budget | interrupted
+    history: list[dict] = field(default_factory=list)   # a record per epoch (training) or step (alignment)
+    evals: list[dict] = field(default_factory=list)     # alignment: validation records by step
+    # the weights the run ships (held by rank 0): the best on validation; the newest for a refit
+    # and for alignment
+    model_weights: dict[str, torch.Tensor] | None = None
+    stateful: dict[str, Stateful] = field(default_factory=dict)  # more state saved with each checkpoint
+
+    PROGRESS = ("epoch", "step", "batch", "epoch_losses", "best_metric", "best_epoch", "bad_evals", "seconds", "restarts",
+                "stopped", "history", "evals")
+
+    @property
+    def model(self) -> nn.Module:
+        return self.module.model
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler else self.optimizer.param_groups[0]["lr"]
+
+    def progress(self) -> dict:
+        return {k: getattr(self, k) for k in self.PROGRESS}
+
+    def restore_progress(self, progress: dict) -> None:
+        for k in self.PROGRESS:
+            if k in progress:
+                setattr(self, k, progress[k])
+
+    def model_checkpoint(self, weights: dict[str, torch.Tensor], extra: dict | None = None) -> ModelCheckpoint:
+        return ModelCheckpoint(weights, self.spec, self.item_text, self.versions, self.progress(), extra or {})
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a model's state dict, floating tensors in fp32 (what checkpoints and scorers take)."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in model.state_dict().items()}
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup to 1, then cosine decay to `floor`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_windows(spec: JobSpec, data: SeqData) -> list[np.ndarray]:
+    windows = training_windows(data.fit_sequences(spec.train.fit_on), spec.data.max_seq_len, spec.train.windows)
+    if not windows:
+        raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
+    return windows
+
+
+def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=(device.type == "cuda") or None)
+
+
+def training_state(spec: JobSpec, data: SeqData, device: torch.device) -> TrainState:
+    """A fresh training run: the spec's model and loss as one module, AdamW, warmup + cosine."""
+    t = spec.train
+    torch.manual_seed(t.seed)
+    model = build_model(spec, data.item_text, data.versions.get("item_index"))
+    module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)).to(device)
+    optimizer = adamw(module.parameters(), t.lr, device, (0.9, t.adam_beta2), t.weight_decay)
+    total = t.epochs * math.ceil(len(fit_windows(spec, data)) / t.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
+    return TrainState(spec, module, optimizer, scheduler, data.item_text, dict(data.versions))
+
+
+def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: torch.device) -> TrainState:
+    """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr."""
+    module = CosineScores(policy).to(device)
+    return TrainState(spec, module, adamw(module.parameters(), spec.align.lr, device), None, data.item_text,
+                      dict(data.versions))
+
+
+# ----------------------------------------------------------------------------- backends
+
+class Backend:
+    """What the loops need from where they run. This base is one plain PyTorch process."""
+    rank, world = 0, 1
+
+    def __init__(self, state: TrainState, device: torch.device = torch.device("cpu")) -> None:
+        self.state, self.device = state, device
+        self.comm = Collectives()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.state.module.parameters() if p.is_floating_point())
+
+    def forward(self, *args):
+        return self.state.module(*args)
+
+    def train(self, mode: bool = True) -> None:
+        self.state.module.train(mode)
+
+    def step(self, loss: torch.Tensor) -> None:
+        s = self.state
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.spec.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]],
+                                           s.spec.train.grad_clip)
+        s.optimizer.step()
+        if s.scheduler:
+            s.scheduler.step()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return weights_of(self.state.model)
+
+    def scoring_model(self) -> nn.Module:
+        return self.state.model
+
+    def evaluate(self, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
+        """Full ranking of a split, users shared among the workers; the same result on every rank."""
+        score = scorer(self.scoring_model(), self.state.spec.data.max_seq_len)
+        return evaluate_sharded(self.state.spec, score, data, split, self.rank, self.world,
+                                self.comm.all_gather_object, item_emb)
+
+    def save(self, metrics: dict) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> bool:
+        raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """One process, plain PyTorch; checkpoints are files in `<train.checkpoint_dir>/<name>/`:
+    `last.pt` (weights, optimizer, schedule, progress: what a rerun resumes from) and `best.pt`
+    (the model the run ships, rewritten when it changes)."""
+
+    def __init__(self, state: TrainState, folder: str, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__(state, device)
+        self.folder = folder
+        self.last, self.best = os.path.join(folder, "last.pt"), os.path.join(folder, "best.pt")
+        self._saved_weights = None
+
+    def save(self, metrics: dict) -> None:
+        s = self.state
+        module = {k: v for k, v in s.module.state_dict().items() if not k.startswith("model.")}
+        resume = {"module": module, "optimizer": s.optimizer.state_dict(),
+                  "scheduler": s.scheduler.state_dict() if s.scheduler else None,
+                  "stateful": {k: v.state_dict() for k, v in s.stateful.items()}}
+        save_model(self.last, s.model_checkpoint(self.full_weights(), {"resume": resume}))
+        if s.model_weights is not None and s.model_weights is not self._saved_weights:
+            save_model(self.best, s.model_checkpoint(s.model_weights))
+            self._saved_weights = s.model_weights
+
+    def restore(self) -> bool:
+        if not os.path.exists(self.last):
+            return False
+        s, ckpt = self.state, read_model(self.last)
+        ckpt.check_catalogue(s.item_text, s.versions.get("item_index"), f"resuming from {self.last}")
+        resume = ckpt.extra["resume"]
+        s.module.load_state_dict({**{f"model.{k}": v for k, v in ckpt.weights.items()}, **resume["module"]})
+        s.optimizer.load_state_dict(resume["optimizer"])
+        if s.scheduler and resume["scheduler"]:
+            s.scheduler.load_state_dict(resume["scheduler"])
+        for k, v in s.stateful.items():
+            v.load_state_dict(resume["stateful"][k])
+        s.restore_progress(ckpt.progress)
+        s.restarts += 1
+        if os.path.exists(self.best):
+            s.model_weights = self._saved_weights = read_model(self.best).weights
+        return True
+
+
+class DeepSpeedBackend(Backend):
+    """A Ray Train worker: a DeepSpeed engine over the state's module (ZeRO stage and precision from
+    the config), collectives on the process group's device, checkpoints through `ray.train.report`:
+    DeepSpeed's shards from every rank plus rank 0's `model.pt` (the weights the run ships)."""
+
+    def __init__(self, state: TrainState, ds_config: dict, rank: int, world: int, device: torch.device,
+                 rebuild: Callable[[], nn.Module]) -> None:
+        super().__init__(state, device)
+        import deepspeed
+        import torch.distributed as dist
+        self.rank, self.world, self.rebuild = rank, world, rebuild
+        prepare_deepspeed(device.type == "cuda")
+        self.engine, _, _, _ = deepspeed.initialize(model=state.module, optimizer=state.optimizer,
+                                                    lr_scheduler=state.scheduler, config=ds_config,
+                                                    dist_init_required=False)
+        self.zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+        self.comm = Collectives(collective_device(dist.get_backend(), device))
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every rank must call this under ZeRO-3 (the parameters are gathered from all of them)."""
+        if not self.zero3:
+            return weights_of(self.state.model)
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            return weights_of(self.state.model)
+
+    def scoring_model(self) -> nn.Module:
+        """ZeRO-3 re-partitions parameters after each submodule's forward: score a gathered copy."""
+        if not self.zero3:
+            return self.state.model
+        model = self.rebuild()
+        model.load_state_dict(self.full_weights())
+        return model.to(self.device)
+
+    def save(self, metrics: dict) -> None:
+        import tempfile
+
+        import ray.train
+        s = self.state
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag="state", client_state={
+                "progress": s.progress(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
+            if self.rank == 0 and s.model_weights is not None:
+                save_model(os.path.join(d, "model.pt"), s.model_checkpoint(s.model_weights))
+            self.comm.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def restore(self) -> bool:
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return False
+        s = self.state
+        with checkpoint.as_directory() as d:
+            _, client = self.engine.load_checkpoint(d, tag="state")
+            s.restore_progress(client["progress"])
+            for k, v in s.stateful.items():
+                v.load_state_dict(client["stateful"][k])
+            if self.rank == 0 and os.path.exists(os.path.join(d, "model.pt")):
+                ckpt = read_model(os.path.join(d, "model.pt"))
+                ckpt.check_catalogue(s.item_text, s.versions.get("item_index"), f"resuming from {checkpoint.path}")
+                s.model_weights = ckpt.weights
+        s.restarts += 1
+        return True
+
+
+# ----------------------------------------------------------------------------- reporting
+
+class Reporter:
+    """Where a loop's figures go (this base: nowhere). `log` takes named metrics at a step;
+    `epoch` an epoch's record; `start` the total and completed steps."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def epoch(self, record: dict, monitor: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleReporter(Reporter):
+    """A progress bar with the step's loss and throughput, and a line per epoch."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                            TimeElapsedColumn(), transient=True)
+        self.task = None
+
+    def start(self, total: int, done: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.task is not None and "train/loss" in metrics:
+            self.bar.update(self.task, completed=step,
+                            info=f"loss {metrics['train/loss']:.4f} {metrics['train/seq_per_s']:,.0f} seq/s")
+
+    def epoch(self, record: dict, monitor: str) -> None:
+        scores = (f", {monitor} hr@10 {record[monitor + '_hr@10']:.4f} ndcg@10 {record[monitor + '_ndcg@10']:.4f}"
+                  if monitor + "_hr@10" in record else "")
+        self.bar.console.print(f"epoch {record['epoch']}: loss {record['loss']:.4f}{scores} ({record['seconds']:.0f} s)",
+                               highlight=False)
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+class Clock:
+    """Seconds of this run, counting what earlier attempts of it spent (a resumed run's budget)."""
+
+    def __init__(self, spent: float) -> None:
+        self.origin = time.perf_counter() - spent
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.origin
+
+
+def over_budget(seconds: float, max_minutes: float | None) -> bool:
+    return bool(max_minutes) and seconds > max_minutes * 60
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Reporter = Reporter(),
+               stop_after_epoch: int | None = None) -> TrainState:
+    """Train from the state's epoch to `train.epochs` (see the module docstring for when the run
+    evaluates, stops and what it ships). `stop_after_epoch` ends the call as an interruption would."""
+    t = state.spec.train
+    windows = fit_windows(state.spec, data)
+    steps_per_epoch = math.ceil(len(windows) / t.batch_size)
+    monitor = "valid" if t.fit_on == "train" else "test"
+    clock = Clock(state.seconds)
+    reporter.start(t.epochs * steps_per_epoch, state.step)
+    for epoch in range(state.epoch + 1, t.epochs + 1):
+        record = train_epoch(state, backend, data, windows, epoch, steps_per_epoch, clock, reporter)
+        state.epoch, state.batch, state.epoch_losses = epoch, 0, []
+        if epoch % t.eval_every == 0 or epoch == t.epochs or over_budget(clock(), t.max_minutes):
+            record.update(evaluate_epoch(state, backend, data, monitor))
+        if monitor == "test":  # a refit selects nothing: the newest weights are the model
+            state.best_epoch, state.model_weights = epoch, backend.full_weights()
+        state.seconds = record["seconds"] = clock()
+        state.history.append(record)
+        state.stopped = ("early_stopping" if state.bad_evals >= t.patience else
+                         "time_budget" if over_budget(state.seconds, t.max_minutes) else
+                         "epochs" if epoch == t.epochs else
+                         "interrupted" if stop_after_epoch is not None and epoch >= stop_after_epoch else "")
+        reporter.epoch(record, monitor)
+        reporter.log(state.step, {f"{monitor}/{k}": record[f"{monitor}_{k}"] for k in REPORTED if f"{monitor}_{k}" in record}
+                     | {"epoch/loss": record["loss"], "epoch/seq_per_s": record["seq_per_s"]})
+        backend.save({k: v for k, v in record.items() if isinstance(v, (int, float))} | {"best_metric": state.best_metric})
+        if state.stopped:
+            break
+    state.stopped = state.stopped or "epochs"
+    reporter.close()
+    return state
+
+
+def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: list[np.ndarray], epoch: int,
+                steps_per_epoch: int, clock: Clock, reporter: Reporter) -> dict:
+    """One pass over the shuffled windows (this worker's rows of each global batch). The summed loss
+    is scaled by world / (valid positions of the global batch), so the gradient averaged over
+    workers equals one process's gradient of the global batch's mean loss."""
+    spec, t = state.spec, state.spec.train
+    backend.train()
+    rng = np.random.default_rng((t.seed, epoch))  # per-epoch seeds: a resumed run replays the same batches
+    started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
+    batches = train_batches(windows, spec.data.max_seq_len, t.batch_size, rng, backend.rank, backend.world,
+                            t.length_buckets)
+    for b, (inputs, targets) in enumerate(batches):
+        if b < state.batch:  # trained before the checkpoint this run resumed from
+            continue
+        t_step = time.perf_counter()
+        torch.manual_seed((t.seed * 7919 + state.step) * 104_729 + backend.rank)  # dropout: replayed on resume too
+        inputs, targets = inputs.to(backend.device), targets.to(backend.device)
+        negatives = draw_negatives(t, data.num_items, targets, state.step, backend.rank, backend.world).to(backend.device)
+        counts = backend.comm.all_sum(torch.stack([(targets != 0).sum(), (inputs[:, -1] != 0).sum()]).float())
+        loss_sum = backend.forward(inputs, targets, negatives, "sum")
+        backend.step(loss_sum * backend.world / counts[0].clamp(min=1))
+        state.step, state.batch = state.step + 1, b + 1
+        total_loss = backend.comm.all_sum(loss_sum.detach().float().reshape(1))
+        losses.append(float(total_loss) / max(1.0, float(counts[0])))
+        rows, tokens = rows + int(counts[1]), tokens + int(counts[0])
+        dt = max(1e-9, time.perf_counter() - t_step)
+        reporter.log(state.step, {"train/loss": losses[-1], "train/lr": state.lr(),
+                                  "train/seq_per_s": float(counts[1]) / dt, "train/tokens_per_s": float(counts[0]) / dt})
+        if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.batch < steps_per_epoch:
+            state.seconds = clock()
+            backend.save({"step": state.step, "epoch": epoch - 1, "loss": losses[-1]})
+    elapsed = max(1e-9, time.perf_counter() - started)
+    peak = backend.comm.all_max(torch.tensor([peak_rss_gib()], dtype=torch.float64))
+    return {"epoch": epoch, "step": state.step, "loss": float(np.mean(losses)) if losses else float("nan"),
+            "seq_per_s": rows / elapsed, "tokens_per_s": tokens / elapsed, "lr": state.lr(), "peak_rss_gib": float(peak)}
+
+
+def evaluate_epoch(state: TrainState, backend: Backend, data: SeqData, monitor: str) -> dict:
+    """Evaluate on the monitored split; on valid, keep the weights when NDCG@10 improves."""
+    scores = backend.evaluate(data, monitor)["metrics"]
+    if monitor == "valid":
+        if scores[VALID_METRIC] > state.best_metric:
+            state.best_metric, state.best_epoch, state.bad_evals = scores[VALID_METRIC], state.epoch, 0
+            state.model_weights = backend.full_weights()
+        else:
+            state.bad_evals += 1
+    else:
+        state.best_metric = scores[VALID_METRIC]
+    return {f"{monitor}_{k}": scores[k] for k in REPORTED}
+
+
+# ----------------------------------------------------------------------------- step loop (alignment)
+
+@dataclass
+class StepPlan:
+    total: int                 # optimizer steps
+    eval_every: int            # 0: only at the start and the end
+    checkpoint_every: int      # 0: only at the end
+    max_minutes: float | None  # wall-clock budget
+
+
+def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Callable[[int], tuple[torch.Tensor, dict]],
+              evaluate: Callable[[int], dict], reporter: Reporter = Reporter(), prefix: str = "align") -> TrainState:
+    """Optimizer steps from the state's step to `plan.total`: `step_fn(step)` gives the loss and the
+    step's metrics; `evaluate(step)` a validation record (at the start, every `eval_every` steps,
+    at the end and at the step that crosses the budget). The newest weights are the model; they are
+    checkpointed every `checkpoint_every` steps, at the end and at a budget stop."""
+    clock = Clock(state.seconds)
+    reporter.start(plan.total, state.step)
+
+    def validate(step: int) -> None:
+        record = evaluate(step)
+        state.evals.append(record)
+        reporter.log(step, {f"valid/{k}": v for k, v in record.items() if k != "step"})
+
+    if not state.evals and plan.eval_every:
+        validate(0)
+    for step in range(state.step, plan.total):
+        started = time.perf_counter()
+        loss, metrics = step_fn(step)
+        backend.step(loss)
+        state.step = step + 1
+        metrics.update(step=state.step, seconds_per_step=time.perf_counter() - started)
+        state.history.append(metrics)
+        reporter.log(state.step, {f"{prefix}/{k}": v for k, v in metrics.items() if k != "step" and v is not None})
+        last, over = state.step == plan.total, over_budget(clock(), plan.max_minutes)
+        if last or over or (plan.eval_every and state.step % plan.eval_every == 0):
+            validate(state.step)
+        state.seconds = clock()
+        if last or over or (plan.checkpoint_every and state.step % plan.checkpoint_every == 0):
+            state.stopped = "time_budget" if over and not last else "steps" if last else ""
+            state.model_weights = backend.full_weights()
+            backend.save({"step": state.step} | {k: v for k, v in metrics.items() if isinstance(v, float)})
+        if over:
+            break
+    state.stopped = state.stopped or "steps"
+    reporter.close()
+    return state

@@ -1,0 +1,331 @@
+"""The Ray layer under the four jobs: joining or starting Ray, the Ray Train `TorchTrainer`, the
+DeepSpeed config, run paths, collectives on the device the process group handles, distributed
+full-ranking evaluation on Ray tasks, `models:/` resolution, and the `python -m ray_jobs.<job>`
+entry point every job uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, tracking_uri
+from ray_jobs.checkpoint import ModelCheckpoint, load_model, read_model
+from ray_jobs.data import SeqData, load_sequences
+from ray_jobs.scoring import merge_shards, rank_shard, scorer, shard_rows
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
+USER_ERRORS = (SpecError, FileNotFoundError, ValueError)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+def init_ray(spec: JobSpec) -> None:
+    """Join the spec's Ray cluster, the one this process was submitted to, or start a local one."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = spec.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        start_local_ray(spec.cluster.num_cpus, {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"})
+
+
+def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
+    """A local Ray instance. On a loaded machine its raylet sometimes misses the start-up deadline
+    ("node timed out during startup"); that start is torn down and retried."""
+    import ray
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+            return
+        except Exception as exc:  # ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+
+
+def ray_get(refs):
+    """`ray.get`, with a user error raised inside a task (a bad spec, a mismatched checkpoint)
+    re-raised as itself, so the command line reports it in one line."""
+    import ray
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, USER_ERRORS):
+            raise exc.cause from None
+        raise
+
+
+# ----------------------------------------------------------------------------- run paths
+
+def run_dir(spec: JobSpec, run_name: str) -> str:
+    return os.path.join(absolute_paths(spec).train.storage_path, run_name)
+
+
+def model_file(spec: JobSpec, run_name: str | None = None) -> str:
+    """The model a Ray run ships: `<train.storage_path>/<run>/model.pt`."""
+    return os.path.join(run_dir(spec, run_name or spec.name), "model.pt")
+
+
+def check_storage_path(spec: JobSpec) -> None:
+    """Fail before training, not after it: the final model.pt is written and read with local file I/O."""
+    if "://" in spec.train.storage_path:
+        raise ValueError(f"train.storage_path={spec.train.storage_path!r}: the final model.pt is written and read "
+                         "with local file I/O; use a path every node mounts (NFS, a FUSE-mounted bucket)")
+
+
+# ----------------------------------------------------------------------------- Ray Train + DeepSpeed
+
+def deepspeed_config(spec: JobSpec, world: int, batch_size: int | None = None) -> dict:
+    """The spec's DeepSpeed JSON with the global batch (`batch_size`, default train.batch_size)
+    split over `world` workers and clipping from the spec; bf16 only on GPU. The optimizer and
+    schedule are the loop's (AdamW, warmup + cosine), never the JSON's."""
+    name = spec.train.deepspeed
+    path = DEEPSPEED_DIR / f"{name}.json" if name in ("zero1", "zero2", "zero3") else Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"train.deepspeed={name!r}: no such config ({path})")
+    cfg = json.loads(path.read_text())
+    micro = max(1, (batch_size or spec.train.batch_size) // world)
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, train_batch_size=micro * world,
+               gradient_clipping=spec.train.grad_clip)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    if not spec.train.use_gpu:
+        cfg["bf16"] = {"enabled": False}
+        cfg.pop("fp16", None)
+    return cfg
+
+
+def prepare_deepspeed(use_gpu: bool, max_lock_age_s: float = 300.0) -> None:
+    """Call in a worker before `deepspeed.initialize`.
+
+    Stale build locks: torch C++-extension builds (DeepSpeed's JIT ops) run under a `lock` file; a
+    process killed mid-build leaves it behind and every later worker waits on it forever. A lock
+    older than `max_lock_age_s` (a build takes well under a minute) is removed.
+
+    On CPU, DeepSpeed is kept off its shared-memory communication op. Training reduces gradients
+    through torch.distributed (gloo) either way; the op only serves inference all-reduce, yet
+    DeepSpeed JIT-compiles it (g++, ~40 s) and initialises /dev/shm buffers in every engine, which
+    needs a large /dev/shm and AVX2/AVX-512 (without them one rank faults and its peers wait on
+    the shared flags forever)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_lock_age_s:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+    if not use_gpu:
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    return "nccl" if use_gpu else "gloo"
+
+
+def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):
+    """Run `worker` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
+    storage) and return the last reported checkpoint; `what` names the run in errors."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    t = spec.train
+    trainer = TorchTrainer(
+        worker, train_loop_config=worker_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend=process_group_backend(t.use_gpu)),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=absolute_paths(spec).train.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # torch threads = the worker's CPU share, so workers don't oversubscribe the node
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
+            if not t.use_gpu else None))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"{what} run {run_name} failed: {result.error}")
+    return result.checkpoint
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def worker_context(spec: JobSpec, pid_dir: str | None = None) -> WorkerContext:
+    """This Ray Train worker's rank, world size and device; with `pid_dir`, its pid is written there
+    (`rank<N>.pid`), so an operator or a test can find and signal the worker processes."""
+    import ray.train
+    import ray.train.torch
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.train.use_gpu else "cpu")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if pid_dir:
+        Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    device = ray.train.torch.get_device() if spec.train.use_gpu else torch.device("cpu")
+    return WorkerContext(rank, world, device)
+
+
+def final_model(checkpoint) -> ModelCheckpoint:
+    """The model a run ships, from its last reported Ray Train checkpoint (rank 0 writes `model.pt`)."""
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, "model.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Ray Train checkpoint {checkpoint.path} holds no model.pt")
+        return read_model(path)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """The device a process group's collectives take tensors on: CUDA under NCCL (it handles
+    nothing else), the CPU under gloo."""
+    if "nccl" in backend:
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Collectives:
+    """Sums, maxima, object gathers and barriers across the worker group, each run on the device
+    the process group handles (`collective_device`); a tensor comes back on the device it was
+    given on. Without a process group (one process) every call is the identity."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.active else (0, 1)
+        self.device = device or (collective_device(dist.get_backend(), torch.device("cpu")) if self.active
+                                 else torch.device("cpu"))
+
+    def _reduce(self, x: torch.Tensor, op) -> torch.Tensor:
+        if not self.active:
+            return x
+        y = x.detach().to(self.device, copy=True)
+        dist.all_reduce(y, op=op)
+        return y.to(x.device)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, dist.ReduceOp.SUM)
+
+    def all_max(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(x, dist.ReduceOp.MAX)
+
+    def all_gather_object(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+# ----------------------------------------------------------------------------- evaluation on Ray tasks
+
+def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int,
+               cache_dir: str | None, use_gpu: bool):
+    spec = JobSpec.model_validate(spec_doc)
+    data = load_sequences(spec, versions)
+    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
+    ckpt.check_data(data, checkpoint)
+    if use_gpu:
+        model.to("cuda")
+    rows = shard_rows(len(data.split(split).targets), rank, world)
+    return rank_shard(spec, scorer(model, ckpt.spec.data.max_seq_len), data, split, rows)
+
+
+def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,
+                         item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> dict:
+    """Full-ranking metrics of a checkpoint, its users spread over `workers` Ray tasks (each reads
+    the gold tables itself at the pinned versions, loads the model, on a GPU when train.use_gpu;
+    `cache_dir` points a cached-mode HLLM at its item-embedding cache)."""
+    import ray
+    data = data or load_sequences(spec)
+    task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
+    shards = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
+                                  cache_dir, spec.train.use_gpu) for r in range(workers)])
+    result = merge_shards(spec, data, split, shards, item_emb)
+    result.update(split=split, versions=data.versions, workers=workers)
+    return result
+
+
+# ----------------------------------------------------------------------------- models from the registry
+
+@dataclass
+class ResolvedModel:
+    path: str                # a local model.pt
+    cache_dir: str | None    # a cached-mode HLLM's shipped item-embedding folder, if any
+    label: str               # what the user named: a models:/ URI or the file
+    name: str                # registered model name (or the spec's)
+    version: str             # registry version, or file:<path>
+
+
+def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
+    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION` (downloaded from the
+    registry), a checkpoint file, or by default the training run's `model.pt`."""
+    if ref and ref.startswith("models:/"):
+        import mlflow
+        uri = tracking_uri(spec)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="llmrec-model-"))
+        files = {f: os.path.join(r, f) for r, _, fs in os.walk(local) for f in fs}
+        if "model.pt" not in files:
+            raise FileNotFoundError(f"{ref}: no model.pt checkpoint inside the registered model")
+        caches = [p for f, p in files.items() if f.startswith("items-") and f.endswith(".pt")]
+        name, _, alias = ref.removeprefix("models:/").partition("@")
+        if alias:
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = name.partition("/")
+        return ResolvedModel(files["model.pt"], os.path.dirname(caches[0]) if caches else None, ref, name, str(version))
+    path = os.path.abspath(ref or model_file(spec))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no trained model at {path}: train first (llmrec train) or name a checkpoint "
+                                "file or models:/NAME@alias")
+    return ResolvedModel(path, None, path, spec.tracking.model_name or spec.name, f"file:{path}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def run_options(default_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The options of a job that runs on Ray Train and registers a model."""
+    def add(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--run-name", help=f"Ray Train run name (default: {default_name}); the same name resumes")
+        ap.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    return add
+
+
+def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[JobSpec, argparse.Namespace], dict], argv: list[str] | None = None) -> int:
+    """`python -m ray_jobs.<job> --spec S [--set k=v ...] [job options]`: run the job, print its
+    result as JSON; a user mistake (bad spec, missing model, mismatched data) is one line on
+    stderr and exit code 2."""
+    ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    ap.add_argument("--spec", required=True, help="spec YAML (path, or a name under jobs/specs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        out = run(load_spec(args.spec, args.overrides), args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2, default=float))
+    return 0

@@ -1,0 +1,141 @@
+"""Scores: a model's cosine scores against the whole catalogue, full ranking of a split (in one
+process or as shards gathered across workers), top-K lists, and the baselines behind one call.
+
+Every consumer scores through here: the training loop's evaluation, the evaluate / recommend /
+align jobs, the MLflow pyfunc, the CLI and the benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jobs.spec import JobSpec
+from ray_jobs.checkpoint import load_model
+from ray_jobs.data import SeqData, left_pad
+from ray_jobs.metrics import ScoreFn, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
+from ray_jobs.models.baselines import Popularity, TransitionGraph
+
+Shard = tuple[np.ndarray, np.ndarray, np.ndarray]  # (rows of the split, target ranks, top-k lists)
+
+
+def cosine_scores(user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(B, n + 1) cosine of each user vector with every item vector: the geometry the loss trains."""
+    return F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T
+
+
+class CosineScores(nn.Module):
+    """Left-padded histories (B, L) -> cosine scores of every item (B, n + 1), with gradients: the
+    alignment policy's logits (times its temperature)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return cosine_scores(self.model.user_embeddings(ids), self.model.all_item_embeddings())
+
+
+def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
+    """Histories -> cosine scores against every item, on the model's device, returned on the CPU.
+
+    Users are encoded in chunks of similar history length, each trimmed to its longest history
+    (padding columns carry no information: padded keys are masked and positions count from the
+    right), so short histories do not pay for max_len-long attention; results are put back in order."""
+    device = next(model.parameters()).device
+
+    def score(histories: list[np.ndarray]) -> torch.Tensor:
+        model.eval()
+        lengths = np.asarray([min(len(h), max_len) for h in histories])
+        order = np.argsort(lengths, kind="stable")
+        with torch.no_grad():
+            parts = []
+            for start in range(0, len(order), chunk):
+                rows = order[start:start + chunk]
+                ids = left_pad([histories[i] for i in rows], max(1, int(lengths[rows].max())))
+                parts.append(model.user_embeddings(ids.to(device)))
+            user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
+            user[torch.as_tensor(order, device=device)] = torch.cat(parts)
+            return cosine_scores(user, model.all_item_embeddings()).float().cpu()
+    return score
+
+
+def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each history's k best unseen items (ids, scores), best first; history items and padding masked."""
+    ids, vals = [], []
+    for i in range(0, len(histories), batch_size):
+        h = histories[i:i + batch_size]
+        top = torch.topk(mask_scores(score(h).float(), h), k, dim=1)
+        ids.append(top.indices.numpy())
+        vals.append(top.values.numpy())
+    if not ids:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return np.concatenate(ids), np.concatenate(vals)
+
+
+# ----------------------------------------------------------------------------- full ranking
+
+def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
+    """Full-ranking metrics of any score function on one split, with the spec's eval settings."""
+    s, e = data.split(split), spec.eval
+    return evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
+                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+
+
+def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
+    """Worker `rank`'s users of a split of n: every world-th row from rank."""
+    return np.arange(rank, n, world)
+
+
+def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray) -> Shard:
+    """(rows, target ranks, top-k_max lists) for the given users of a split."""
+    s = data.split(split)
+    k_max = max(usable_ks(spec.eval.ks, data.num_items))
+    ranks, top = rank_and_topk(score, [s.histories[i] for i in rows], s.targets[rows], k_max, spec.eval.batch_size)
+    return rows, ranks, top
+
+
+def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
+                 item_emb: np.ndarray | None = None) -> dict:
+    """Metrics of a split from every shard's (rows, ranks, top), put back in user order: exactly
+    what one process evaluating every user reports."""
+    s = data.split(split)
+    rows = np.concatenate([p[0] for p in shards])
+    order = np.argsort(rows, kind="stable")
+    if not np.array_equal(rows[order], np.arange(len(s.targets))):
+        raise ValueError(f"evaluation shards of split {split} do not cover its {len(s.targets)} users exactly once")
+    ranks = np.concatenate([p[1] for p in shards])[order]
+    top = np.concatenate([p[2] for p in shards])[order]
+    e = spec.eval
+    return summarize(ranks, top, np.asarray([len(h) for h in s.histories]), s.targets, data.num_items, data.popularity,
+                     e.ks, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+
+
+def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rank: int, world: int,
+                     gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None) -> dict:
+    """Full ranking with the split's users shared among `world` workers: each ranks its shard,
+    `gather` collects every worker's shard, and every worker returns the same merged metrics."""
+    rows = shard_rows(len(data.split(split).targets), rank, world)
+    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split, rows)), item_emb)
+
+
+# ----------------------------------------------------------------------------- any model kind
+
+def score_function(spec: JobSpec, data: SeqData, item_emb: np.ndarray, checkpoint: str | None = None,
+                   cache_dir: str | None = None) -> tuple[ScoreFn, str]:
+    """(score function, label) for the spec's model kind: popularity and the transition graph are
+    built from the training sequences; a trained model (sasrec, hllm) is loaded from `checkpoint`."""
+    m = spec.model
+    if m.kind == "pop":
+        return Popularity(data.popularity).score, "pop"
+    if m.kind == "graph":
+        return TransitionGraph(data.train, data.num_items, item_emb, data.popularity, m.graph_hops,
+                               m.graph_last_items).score, "graph"
+    if not checkpoint:
+        raise ValueError(f"model.kind={m.kind}: a trained model needs a checkpoint file to score")
+    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
+    ckpt.check_data(data, checkpoint)
+    return scorer(model, ckpt.spec.data.max_seq_len), f"{ckpt.spec.model.kind} ({checkpoint})"

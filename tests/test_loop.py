@@ -1,0 +1,87 @@
+"""The one training loop in one process (`LocalBackend`): what it evaluates, when it stops, what it
+ships, and resuming from a mid-epoch checkpoint after a crash (MovieLens-100K)."""
+import pytest
+import torch
+
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import read_model
+from ray_jobs.data import load_sequences
+from ray_jobs.loop import LocalBackend, Reporter, run_epochs, training_state
+from ray_jobs.train import train_local
+
+
+def _spec(lake, tmp_path, *extra):
+    return load_spec("jobs/specs/movielens-100k-smoke.yaml",
+                     [f"lake.root={lake}", f"train.checkpoint_dir={tmp_path}", "model.dim=16", "train.lr=0.003",
+                      "train.batch_size=128", "train.negatives=128", *extra])
+
+
+def test_budget_stop_between_evaluations_evaluates_and_ships_that_epoch(ml100k_lake, tmp_path):
+    spec = _spec(ml100k_lake, tmp_path, "train.epochs=10", "train.eval_every=5", "train.max_minutes=0.000001")
+    result = train_local(spec)
+    assert result.stopped == "time_budget" and result.epochs_run == 1 and result.steps == 19
+    # epoch 1 is not an evaluation epoch (eval_every 5), but the run ends there: it is evaluated
+    assert "valid_ndcg@10" in result.history[0] and result.best_epoch == 1
+    assert result.best_metric == result.history[0]["valid_ndcg@10"]
+    shipped, last = read_model(result.checkpoint), read_model(str(tmp_path / spec.name / "last.pt"))
+    assert all(torch.equal(shipped.weights[k], last.weights[k]) for k in last.weights)
+
+
+def test_refit_ships_the_newest_weights_and_reports_test(ml100k_lake, tmp_path):
+    spec = _spec(ml100k_lake, tmp_path, "train.epochs=3", "train.eval_every=2", "train.fit_on=train_valid")
+    result = train_local(spec)
+    assert result.stopped == "epochs" and result.best_epoch == 3
+    assert [sorted(k for k in h if k.startswith(("valid_", "test_"))) for h in result.history] == \
+        [[], ["test_hr@10", "test_hr@50", "test_mrr", "test_ndcg@10"], ["test_hr@10", "test_hr@50", "test_mrr", "test_ndcg@10"]]
+    shipped, last = read_model(result.checkpoint), read_model(str(tmp_path / spec.name / "last.pt"))
+    assert all(torch.equal(shipped.weights[k], last.weights[k]) for k in last.weights)
+
+
+def test_early_stopping_keeps_the_best_validation_model(ml100k_lake, tmp_path):
+    spec = _spec(ml100k_lake, tmp_path, "train.epochs=40", "train.patience=2", "train.lr=0.05")
+    result = train_local(spec)
+    scores = [h["valid_ndcg@10"] for h in result.history]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert result.stopped == "early_stopping" and result.epochs_run == best + 1 + 2
+    assert result.best_epoch == best + 1 and result.best_metric == scores[best]
+    assert read_model(result.checkpoint).progress["best_epoch"] == best + 1
+
+
+class CrashAt(Reporter):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log(self, step: int, metrics: dict) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt(f"crash at step {step}")
+
+
+def test_crash_mid_epoch_resumes_from_the_step_checkpoint_and_replays_exactly(ml100k_lake, tmp_path):
+    """A crash after step 27 (checkpoints every 5 steps, 19 steps per epoch) resumes at step 25,
+    mid-epoch 2, and ends with the uninterrupted run's history and weights."""
+    straight = train_local(_spec(ml100k_lake, tmp_path / "a", "train.epochs=2", "train.checkpoint_every=5"))
+    spec = _spec(ml100k_lake, tmp_path / "b", "train.epochs=2", "train.checkpoint_every=5")
+    with pytest.raises(KeyboardInterrupt):
+        train_local(spec, reporter=CrashAt(27))
+    saved = read_model(str(tmp_path / "b" / spec.name / "last.pt")).progress
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (25, 1, 6)
+    data = load_sequences(spec)
+    state = training_state(spec, data, torch.device("cpu"))
+    backend = LocalBackend(state, str(tmp_path / "b" / spec.name))
+    assert backend.restore() and state.restarts == 1 and state.step == 25
+    run_epochs(state, backend, data)
+    assert state.step == straight.steps == 38
+    assert [h["loss"] for h in state.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-5)
+    a, b = read_model(straight.checkpoint).weights, read_model(backend.best).weights
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_a_rebuilt_catalogue(ml100k_lake, tmp_path):
+    spec = _spec(ml100k_lake, tmp_path, "train.epochs=1")
+    train_local(spec)
+    data = load_sequences(spec)
+    data.item_text[5] = "Title: something else entirely."
+    state = training_state(spec, data, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"resuming from .*last\.pt: the model was trained on a catalogue of 1349 "
+                                         r"items .* first difference at item id 5"):
+        LocalBackend(state, str(tmp_path / spec.name)).restore()

@@ -1,0 +1,165 @@
+"""The Ray layer's pieces that need no cluster: collectives (on a real two-process gloo group), the
+device they run on, that no loop calls torch.distributed around them, checkpoints as data, atomic
+writes, and the jobs' entry point."""
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from jobs.files import write_atomic
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import ModelCheckpoint, load, load_model, read_model, save_model
+from ray_jobs.models import build_model
+from ray_jobs.runtime import Collectives, collective_device
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "barrier", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter"}
+
+
+def test_collective_device_follows_the_process_group_backend():
+    cuda = torch.device("cuda", 3)
+    assert collective_device("nccl", cuda) == cuda
+    assert collective_device("cpu:gloo,cuda:nccl", cuda) == cuda
+    assert collective_device("gloo", cuda) == torch.device("cpu")
+    assert collective_device("gloo", torch.device("cpu")) == torch.device("cpu")
+
+
+def test_no_loop_calls_torch_distributed_around_the_backend():
+    """Every collective of the jobs goes through runtime.Collectives, which puts tensors on the
+    device the process group handles (NCCL takes CUDA tensors only). The one exception is the
+    differentiable all-gather of the loss's negatives, which runs on the model's own device."""
+    offenders = []
+    for path in sorted((ROOT / "ray_jobs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+                owner = ast.unparse(node.func.value)
+                if owner in ("dist", "torch.distributed") or owner.startswith("torch.distributed"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner}.{node.func.attr}")
+        if path.name == "losses.py":
+            assert "from torch.distributed.nn.functional import all_gather" in path.read_text()
+    assert sorted(offenders) == sorted(f"ray_jobs/runtime.py:{n}" for n in _collectives_lines()), offenders
+
+
+def _collectives_lines() -> list[str]:
+    """The lines of Collectives' own calls (the only place allowed)."""
+    src = (ROOT / "ray_jobs" / "runtime.py").read_text()
+    tree = ast.parse(src)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Collectives")
+    return [f"{n.lineno} dist.{n.func.attr}" for n in ast.walk(cls)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in COLLECTIVES]
+
+
+def _worker(rank: int, store: str, out) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    comm = Collectives()
+    x = torch.tensor([1.0 + rank, 10.0 * rank])
+    out.put((rank, comm.rank, comm.world, comm.device.type, comm.all_sum(x).tolist(), comm.all_max(x).tolist(),
+             comm.all_gather_object({"rank": rank}), x.tolist()))
+    comm.barrier()
+    dist.destroy_process_group()
+
+
+def test_collectives_on_a_real_two_process_group(tmp_path):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    for rank, (r, comm_rank, world, device, total, peak, gathered, untouched) in enumerate(results):
+        assert (r, comm_rank, world, device) == (rank, rank, 2, "cpu")
+        assert total == [3.0, 10.0] and peak == [2.0, 10.0] and gathered == [{"rank": 0}, {"rank": 1}]
+        assert untouched == [1.0 + rank, 10.0 * rank]  # the caller's tensor is not reduced in place
+    single = Collectives()
+    assert not single.active and single.all_sum(torch.ones(2)).tolist() == [1.0, 1.0]
+    assert single.all_gather_object("x") == ["x"]
+
+
+# ----------------------------------------------------------------------------- checkpoints as data
+
+class Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    evil = tmp_path / "model.pt"
+    marker = tmp_path / "marker"
+    torch.save({"format": "llmrec-checkpoint/1", "weights": Payload(str(marker))}, evil)
+    torch.load(evil, weights_only=False)  # what an unguarded loader does: the file runs code
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    for loader in (load, read_model, load_model):
+        with pytest.raises(ValueError, match=r"model\.pt: refusing to load it: not a checkpoint of plain tensors"):
+            loader(str(evil))
+    assert not marker.exists()
+    plain = tmp_path / "plain.pt"
+    with open(plain, "wb") as fh:
+        pickle.dump({"x": Payload(str(marker))}, fh)
+    with pytest.raises(ValueError, match="refusing to load it"):
+        load(str(plain))
+    assert not marker.exists()
+
+
+def test_model_checkpoint_round_trip_and_catalogue_check(tmp_path):
+    spec = load_spec("movielens-100k-smoke", ["model.dim=8"])
+    items = ["", "Title: A.", "Title: B.", "Title: C."]
+    model = build_model(spec, items)
+    ckpt = ModelCheckpoint({k: v.clone() for k, v in model.state_dict().items()}, spec, items,
+                           {"item_index": 4, "sequences": 2}, {"best_epoch": 3, "history": [{"loss": 1.5}]})
+    path = save_model(str(tmp_path / "m.pt"), ckpt)
+    again, back = load_model(path)
+    assert back.spec == spec and back.item_text == items and back.progress["best_epoch"] == 3
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    back.check_catalogue(items, 9, "m.pt")  # same items under another table version: accepted
+    with pytest.raises(ValueError, match=r"m\.pt: the model was trained on a catalogue of 3 items \(item_index version 4\) "
+                                         r"but the gold tables now hold 4 \(version 5\), one catalogue extends the other"):
+        back.check_catalogue(items + ["Title: D."], 5, "m.pt")
+    with pytest.raises(ValueError, match="first difference at item id 2"):
+        back.check_catalogue(["", "Title: A.", "Title: Z.", "Title: C."], 5, "m.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an llmrec model checkpoint"):
+        read_model(str(tmp_path / "other.pt"))
+
+
+def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "sub" / "f.txt"
+    write_atomic(str(target), lambda tmp: Path(tmp).write_text("one"))
+    assert target.read_text() == "one"
+
+    def broken(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(str(target), broken)
+    assert target.read_text() == "one" and os.listdir(target.parent) == ["f.txt"]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def test_job_entry_points_report_user_mistakes_in_one_line(tmp_path):
+    for job, args, message in [
+        ("evaluate", ["--set", "train.epochs=0"], "error: spec jobs/specs/movielens-100k-smoke.yaml: 'train.epochs'"),
+        ("recommend", ["--model", str(tmp_path / "missing.pt")], f"error: no trained model at {tmp_path / 'missing.pt'}"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", f"ray_jobs.{job}", "--spec", "jobs/specs/movielens-100k-smoke.yaml",
+                               *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [x for x in proc.stderr.splitlines() if x.strip() and "Warning" not in x and "warn" not in x]
+        assert lines[-1].startswith(message) and "Traceback" not in proc.stderr
