@@ -1,11 +1,14 @@
-# The two set-up commands: `make demo` (main job on the embedded default) and `make test`.
+# The two set-up commands: `make demo` (the whole loop through Dagster on the embedded default) and
+# `make test`; `make ui` serves the same definitions in the Dagster UI on 127.0.0.1.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-SPEC   ?= jobs/specs/movielens-1m.yaml
+SPEC   ?= jobs/specs/movielens-1m-demo.yaml
+DAGSTER_HOME ?= $(CURDIR)/.dagster
+UI_PORT ?= 3000
 
-.PHONY: install demo test bench-etl bench-train clean
+.PHONY: install demo ui test bench-etl bench-train clean
 
 install: $(STAMP)
 
@@ -14,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || sudo apt-get install -y -qq openjdk-17-jre-headless; }
 	@command -v g++ >/dev/null 2>&1 || { echo "g++ not found: installing it (DeepSpeed probes and builds its C++ ops with it)"; \
 	  (apt-get update -qq && apt-get install -y -qq g++) || sudo apt-get install -y -qq g++; }
+	@command -v chromium >/dev/null 2>&1 || { echo "chromium not found: installing Debian's (the UI test drives it headless)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) || sudo apt-get install -y -qq chromium; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -23,8 +28,21 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/llmrec etl --spec $(SPEC)
+$(DAGSTER_HOME)/dagster.yaml: infra/dagster/dagster.local.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp $< $@
+
+# The whole loop as users run it: every asset materialised through Dagster (ETL, training and
+# alignment as Ray jobs on a local head, evaluation, the champion gate, recommendations), then the table.
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize \
+	  -m dagster_project.definitions --select '*' \
+	  --config-json '{"resources": {"spec": {"config": {"spec_path": "$(SPEC)"}}}}'
+	$(BIN)/llmrec report --spec $(SPEC)
+
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) PATH=$(CURDIR)/$(BIN):$$PATH env --default-signal=INT,TERM \
+	  $(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

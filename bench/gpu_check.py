@@ -64,7 +64,8 @@ def main() -> None:
                                              "train.batch_size=64"))
     sasrec = report["stages"]["train_sasrec"]["model_file"]
     stage("evaluate_sasrec", lambda: {k: v for k, v in evaluate.run(
-        load_spec(SMOKE, common + ["name=gpu-sasrec"]), sasrec, "test", 1)["metrics"].items() if k in ("hr@10", "ndcg@10")})
+        load_spec(SMOKE, common + ["name=gpu-sasrec"]), [sasrec], ("test",), 1)["models"][0]["test"].items()
+        if k in ("hr@10", "ndcg@10")})
     stage("align_sasrec_5_steps", lambda: (lambda out: {
         "steps": out["steps"], "first_reward": out["first_step"]["reward_mean"], "last_reward": out["last_step"]["reward_mean"],
         "kl_last": out["last_step"]["kl"], "aligned_test_ndcg@10": out["aligned_test"]["ndcg@10"]})(align.run(

@@ -64,7 +64,7 @@ def main() -> None:
                 checkpoint, stopped = given[name], "given"
             else:
                 checkpoint, stopped = train_local(run_spec, data, resume=False).checkpoint, None
-            ckpt = read_model(checkpoint)
+            ckpt = read_model(checkpoint)  # the shipped model, with the run's final progress
             run_spec, p = ckpt.spec, ckpt.progress
             split = "valid" if run_spec.train.fit_on == "train" else "test"
             curves[name] = [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], f"{split}_hr@10": round(h[f"{split}_hr@10"], 4)}

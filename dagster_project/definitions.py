@@ -1,7 +1,7 @@
-"""The Dagster code location (workspace.yaml): assets, checks and resources."""
-from dagster import Definitions
+"""The Dagster code location for local development (workspace.yaml): the demo spec, a Ray head and
+an MLflow store on this machine, automation stopped (start the schedule and sensors in the UI).
+Resource values can be changed per run in the launchpad or with `dagster asset materialize -c`."""
+from dagster_project.deployment import build_definitions
+from dagster_project.resources import MLflowResource, RayResource, SpecResource
 
-from dagster_project.data_assets import lake_tables
-from dagster_project.resources import SpecResource
-
-defs = Definitions(assets=[lake_tables], resources={"spec": SpecResource()})
+defs = build_definitions(SpecResource(spec_path="jobs/specs/movielens-1m-demo.yaml"), RayResource(), MLflowResource())

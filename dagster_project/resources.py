@@ -1,9 +1,22 @@
-"""Dagster resources: the job spec a deployment runs (swap the spec path or overrides per deployment)."""
+"""Dagster resources, each chosen per deployment by config (never by editing code): the job spec, the
+Ray cluster the model assets' jobs run on, and the MLflow store the champion gate reads and writes."""
 
-from dagster import ConfigurableResource
-from pydantic import Field
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
-from jobs.spec import JobSpec, load_spec
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from jobs.spec import JobSpec, load_spec, local_overrides, resolve_spec_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class SpecResource(ConfigurableResource):
@@ -12,5 +25,107 @@ class SpecResource(ConfigurableResource):
     spec_path: str = Field("jobs/specs/movielens-1m.yaml", description="spec YAML path or name under jobs/specs")
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, as with --set")
 
-    def load(self) -> JobSpec:
-        return load_spec(self.spec_path, self.overrides)
+    def load(self, *extra: str) -> JobSpec:
+        return load_spec(self.spec_path, [*self.overrides, *extra])
+
+    def job_spec_path(self) -> str:
+        """The spec as a path inside the project: a submitted job runs in an uploaded copy of it."""
+        path = resolve_spec_path(self.spec_path).resolve()
+        try:
+            return str(path.relative_to(ROOT))
+        except ValueError:
+            raise ValueError(f"spec {self.spec_path}: must lie inside the project ({ROOT}) to travel with a Ray job") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayResource(ConfigurableResource):
+    """Where the model assets' Ray jobs run. `address`: a Ray cluster's dashboard (Jobs API), e.g.
+    http://ray-head:8265. Unset: a head started for the run on 127.0.0.1 with token auth and free
+    ports (infra/local/ray-up.sh), stopped with its processes when the run ends."""
+
+    address: str | None = Field(None, description="Ray dashboard address; unset = a local head for the run")
+    num_cpus: int | None = Field(None, description="CPUs of the local head (default: all)")
+    _local_address: str | None = PrivateAttr(None)
+
+    @contextmanager
+    def yield_for_execution(self, context: InitResourceContext) -> Iterator["RayResource"]:
+        if self.address:
+            yield self
+            return
+        head_dir = tempfile.mkdtemp(prefix="llmrec-dagster-ray-")
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY": f"{bin_dir}/ray",
+               "RAY_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port()),
+               "RAY_AGENT_PORT": str(_free_port()), "RAY_CLIENT_PORT": str(_free_port()), "RAY_HEAD_DIR": head_dir}
+        if self.num_cpus:
+            env["RAY_NUM_CPUS"] = str(self.num_cpus)
+        up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
+        if up.returncode != 0:
+            raise RuntimeError(f"local Ray head did not start: {up.stderr[-2000:]}")
+        os.environ["RAY_AUTH_MODE"] = "token"  # the head requires the token; the Jobs API client reads it
+        self._local_address = up.stdout.strip().splitlines()[-1]
+        context.log.info(f"local Ray head at {self._local_address} (temp dir {head_dir})")
+        try:
+            _wait_for_job_agent(self._local_address)
+            yield self
+        finally:
+            subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
+            shutil.rmtree(head_dir, ignore_errors=True)
+            self._local_address = None
+
+    @property
+    def dashboard(self) -> str:
+        address = self.address or self._local_address
+        if not address:
+            raise RuntimeError("RayResource used outside a run: no address and no local head")
+        return address
+
+    def spec_overrides(self, spec: JobSpec) -> list[str]:
+        """A job on a head of this machine runs in an uploaded copy of the project: relative local
+        paths (lake, caches, checkpoints, Ray storage, sqlite tracking store) go absolute."""
+        return [] if self.address else local_overrides(spec)
+
+    def pipes_client(self):
+        from dagster_ray import PipesRayJobClient
+        return PipesRayJobClient(address=self.dashboard, poll_interval=2)
+
+
+def _wait_for_job_agent(address: str, attempts: int = 60) -> None:
+    """A fresh head answers its dashboard before its job agent runs ("No available agent to submit
+    job"): submit a no-op job until one is taken, and wait for it."""
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+    client = JobSubmissionClient(address)
+    for attempt in range(attempts):
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    while not client.get_job_status(job).is_terminal():
+        time.sleep(0.5)
+
+
+class MLflowResource(ConfigurableResource):
+    """The MLflow tracking store and model registry (unset: the spec's, else $MLFLOW_TRACKING_URI,
+    else sqlite:///mlflow.db in the project)."""
+
+    tracking_uri: str | None = Field(None, description="e.g. http://mlflow:5000 or sqlite:////abs/mlflow.db")
+
+    def spec_overrides(self) -> list[str]:
+        return [f"tracking.uri={self.tracking_uri}"] if self.tracking_uri else []
+
+    def client(self, spec: JobSpec):
+        from mlflow import MlflowClient
+
+        from jobs.spec import tracking_uri
+        uri = self.tracking_uri or tracking_uri(spec)
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from jobs.progress import Steps
-from jobs.spec import SpecError, dump_spec, load_spec, resolve_spec_path
+from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -117,16 +117,11 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 
 
 def submit_overrides(spec, address: str) -> list[str]:
-    """For a head on this machine, the spec's relative paths as absolute ones (the job runs in an
-    uploaded copy of the working directory, where `./.lake` would be empty) and the tracking store."""
+    """For a head on this machine, the spec's relative paths as absolute ones (`jobs.spec.local_overrides`)."""
     from urllib.parse import urlparse
     if (urlparse(address).hostname or "") not in LOCAL_HOSTS:
         return []
-    from jobs.spec import absolute_paths, tracking_uri
-    a = absolute_paths(spec)
-    return [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
-            f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}",
-            f"tracking.uri={tracking_uri(a)}"]
+    return local_overrides(spec)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -188,6 +183,8 @@ def cmd_tables(args: argparse.Namespace) -> int:
         last = delta_io.table_history(path, lake.storage_options)[0].get("operation", "?")
         table.add_row(name, path, str(v), f"{lake.count(name):,}", last)
     console.print(table)
+    published = _layer("jobs.lake").published_versions(spec)
+    console.print(f"published version set (what readers use): {json.dumps(published) if published else 'none'}")
     return 0
 
 
@@ -206,6 +203,8 @@ def _report(summary, out: str | None, lake) -> int:
     rows += [(f"sequences: {split}", n) for split, n in gold.sequences_by_split.items()]
     rows += [(f"delta version: {name}", v) for name, v in summary.versions.items()]
     rows += [(f"check: {c.name}", "pass" if c.passed else f"FAIL {c.metrics}") for c in summary.checks]
+    rows.append(("published for readers", f"yes (publication {summary.published})" if summary.published is not None
+                 else "NO: readers keep the previous published version set"))
     for name, value in rows:
         t.add_row(name, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     console.print(t)
@@ -214,7 +213,53 @@ def _report(summary, out: str | None, lake) -> int:
         with open(out, "w") as fh:
             json.dump(summary.to_dict(), fh, indent=2, default=str)
         console.print(f"summary written to {out}")
-    return 0 if summary.checks_passed and acc.accounted else 3
+    return 0 if summary.published is not None else 3
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The latest trained and aligned models of the spec next to popularity, the champion, and where
+    the recommendations are: what `make demo` prints at the end."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from jobs.lake import table_path
+    from jobs.spec import tracking_uri
+    spec = load_spec(args.spec, args.overrides)
+    uri = tracking_uri(spec)
+    client, name = MlflowClient(tracking_uri=uri, registry_uri=uri), spec.registered_model_name()
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+
+    def latest(kind: str):
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], f"tags.`llmrec.kind` = '{kind}' and tags.`llmrec.spec` = '{spec.name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    cols = [("valid NDCG@10", "valid/ndcg_at_10"), ("test HR@10", "test/hr_at_10"), ("test NDCG@10", "test/ndcg_at_10"),
+            ("test coverage@10", "test/coverage_at_10"), ("test tail share@10", "test/tail_share_at_10"),
+            ("test ILD@10", "test/ild_at_10")]
+    t = Table(title=f"{spec.name}: test split, full ranking over the catalogue")
+    t.add_column("model")
+    for label, _ in cols:
+        t.add_column(label, justify="right")
+    train, align = latest("train"), latest("align")
+    rows = [("popularity", train, "popularity"), ("trained", train, "final"), ("aligned", align, "final")]
+    for label, run, prefix in rows:
+        if run is not None:
+            m = run.data.metrics
+            mark = " (champion)" if prefix == "final" and champion is not None and champion.run_id == run.info.run_id else ""
+            t.add_row(f"{label}{mark}", *[f"{m[f'{prefix}_{k}']:.4f}" if f"{prefix}_{k}" in m else "–" for _, k in cols])
+    console.print(t)
+    console.print(f"champion: {f'models:/{name}@champion = version {champion.version}' if champion else 'none yet'}")
+    console.print(f"recommendations: {table_path(spec, 'recommendations')} (Delta; `llmrec tables --spec {args.spec}`)")
+    console.print("look at it all: `make ui` (Dagster, http://127.0.0.1:3000) and "
+                  f"`.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1` (MLflow)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="list the dataset's Delta tables with version and row count")
     _spec_args(p)
     p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("report", help="the latest trained and aligned models beside popularity, the champion, "
+                       "where the recommendations are")
+    _spec_args(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("spec", help="print the resolved spec (after --set overrides)")
     _spec_args(p)

@@ -145,6 +145,9 @@ class DataSpec(Strict):
     max_seq_len: int = Field(200, gt=0)
     item_text: ItemTextSpec = ItemTextSpec()
     max_quarantine_share: float = Field(0.05, ge=0, le=1, description="data-quality bound")
+    pinned_versions: dict[str, int] | None = Field(
+        None, description="read exactly these table versions (e.g. what a Dagster run's ETL published) instead of "
+        "the dataset's latest published set")
 
 
 class SparkSpec(Strict):
@@ -232,6 +235,11 @@ class TrainSpec(Strict):
         "train", description="train: fit on the train split and early-stop on valid; train_valid: refit on "
         "everything but the test item for exactly `epochs` (chosen by an earlier `train` run), no early stopping")
     seed: int = 42
+    init_from: str | None = Field(None, description="warm start: initial weights from this checkpoint file or "
+                                  "models:/NAME@alias, used only when its item catalogue and model section equal "
+                                  "this run's (otherwise a fresh start, recorded as the tag warm_start)")
+    warm_start_from_champion: bool = Field(False, description="Dagster: train from the registry's champion "
+                                           "(train.init_from=models:/NAME@champion) when there is one")
     checkpoint_dir: str = "./.checkpoints"
     # Distributed training (python -m ray_jobs.train): Ray Train workers, each a DeepSpeed engine.
     workers: int = Field(1, gt=0, description="Ray Train workers (one process each)")
@@ -256,7 +264,8 @@ class TrackingSpec(Strict):
     experiment: str = "llmrec"
     model_name: str | None = Field(None, description="registered model name (default: the spec name)")
     parent_run_id: str | None = Field(None, description="MLflow run to nest under (tag mlflow.parentRunId)")
-    dagster_run_id: str | None = Field(None, description="recorded as the tag dagster.run_id")
+    dagster_run_id: str | None = Field(None, description="recorded as the tag dagster.run_id (set by Dagster Pipes)")
+    dagster_asset: str | None = Field(None, description="recorded as the tag dagster.asset_key (set by Dagster Pipes)")
 
 
 class ClusterSpec(Strict):
@@ -307,6 +316,21 @@ class AlignSpec(Strict):
     seed: int = 0
 
 
+class GateSpec(Strict):
+    """The champion gate: a new model takes the registry alias `champion` only when it beats the current
+    champion on `split` by more than `margin` in `metric` (measured on the same data version)."""
+    metric: str = Field("ndcg@10", description="metric of the full-ranking evaluation, e.g. ndcg@10, hr@10, mrr")
+    split: Literal["valid", "test"] = "valid"
+    margin: float = Field(0.0, ge=0, description="absolute improvement required over the champion")
+
+
+class ChecksSpec(Strict):
+    """Model checks that block everything downstream in Dagster when they fail."""
+    min_gain_over_popularity: float = Field(0.0, description="trained model: valid NDCG@10 must exceed popularity's by more")
+    max_align_kl: float = Field(1.0, gt=0, description="aligned model: KL(policy || reference) at the last step at most this")
+    min_coverage_ratio: float = Field(0.5, ge=0, description="aligned model: coverage@10 at least this share of the start model's")
+
+
 class JobSpec(Strict):
     name: str
     data: DataSpec
@@ -318,9 +342,15 @@ class JobSpec(Strict):
     align: AlignSpec = AlignSpec()
     tracking: TrackingSpec = TrackingSpec()
     cluster: ClusterSpec = ClusterSpec()
+    gate: GateSpec = GateSpec()
+    checks: ChecksSpec = ChecksSpec()
 
     def dataset_root(self) -> str:
         return f"{self.lake.root.rstrip('/')}/{self.data.name}"
+
+    def registered_model_name(self) -> str:
+        """The MLflow registry name of the models this spec trains and aligns."""
+        return self.tracking.model_name or self.name
 
 
 # ----------------------------------------------------------------------------- loading
@@ -462,6 +492,16 @@ def tracking_uri(spec: JobSpec) -> str:
     """The spec's MLflow URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a sqlite
     path is made absolute, so Ray workers and submitted jobs write to the same store."""
     return _absolute_sqlite(spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+def local_overrides(spec: JobSpec) -> list[str]:
+    """`--set` overrides that make the spec's relative local paths (lake, caches, checkpoints, Ray
+    storage, a sqlite tracking store) absolute: what a job submitted to a head on this machine needs,
+    since it runs in an uploaded copy of the project where `./.lake` would be empty."""
+    a = absolute_paths(spec)
+    return [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
+            f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}",
+            f"tracking.uri={tracking_uri(a)}"]
 
 
 def dump_spec(spec: JobSpec) -> str:

@@ -28,11 +28,11 @@ from ray_jobs.alignment.aligner import AlignData, Aligner
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import load_sequences
 from ray_jobs.loop import DeepSpeedBackend, Reporter, StepPlan, alignment_state, run_steps
-from ray_jobs.metrics import tail_items
+from ray_jobs.metrics import markdown_table, tail_items
 from ray_jobs.models.hllm import minilm_item_embeddings
-from ray_jobs.runtime import (check_storage_path, deepspeed_config, evaluate_distributed, final_model, fit, init_ray,
-                              job_main, resolve_model, run_dir, run_options,
-                              worker_context)
+from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
+                              fit, init_ray, job_main, json_metadata, markdown_image, resolve_model, run_dir,
+                              run_options, worker_context)
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")
 BEYOND_KEYS = ("coverage@10", "ild@10", "tail_share@10", "gini@10")
@@ -126,7 +126,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     for key, r in results.items():
         name, split = key.split("_")
         metrics.update(tracking.final_metrics(f"{'final' if name == 'aligned' else 'base'}_{split}", r))
-    version = tracking.publish(
+    version, plots = tracking.publish(
         spec, run_id, out_file, metrics,
         documents={"alignment_curves.json": {"steps": p["history"], "evals": p["evals"]}, "evaluation.json": results},
         plots={"alignment_curves.png": lambda path: tracking.plot_alignment_curves({spec.align.method: p["history"]}, path)},
@@ -137,13 +137,37 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
             "model_version": version, "method": spec.align.method, "steps": p["step"], "restarts": p["restarts"],
             "stopped": p["stopped"], "seconds": p["seconds"], "first_step": history[0] if history else None,
-            "last_step": history[-1] if history else None, "evals": p["evals"],
+            "last_step": history[-1] if history else None, "evals": p["evals"], "init": start.label,
+            "versions": data.versions, "plots": plots,
             **{k: r["metrics"] | r["beyond_accuracy"] for k, r in results.items()}}
+
+
+def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+    """The aligned_model asset's metadata, and its check: the KL to the start model within
+    `checks.max_align_kl` and coverage@10 not collapsed (at least `checks.min_coverage_ratio` of the start's)."""
+    rows = {f"{name} ({split})": {"metrics": out[f"{name}_{split}"], "beyond_accuracy": out[f"{name}_{split}"]}
+            for name in ("base", "aligned") for split in ("valid", "test")}
+    last = out["last_step"] or {}
+    kl = last.get("kl", 0.0)
+    coverage = out["aligned_valid"]["coverage@10"] / max(out["base_valid"]["coverage@10"], 1e-12)
+    c = spec.checks
+    return DagsterReport(
+        metadata={"mlflow_run": tracking.run_link(spec, out["run_id"]), "mlflow_run_id": out["run_id"],
+                  "method": out["method"], "init": out["init"], "model_name": out["model_name"],
+                  "model_version": out["model_version"], "model_file": {"raw_value": out["model_file"], "type": "path"},
+                  "delta_versions": json_metadata(out["versions"]), "steps": out["steps"], "stopped": out["stopped"],
+                  "align_seconds": round(out["seconds"], 1), "valid_ndcg@10": out["aligned_valid"]["ndcg@10"],
+                  "base_valid_ndcg@10": out["base_valid"]["ndcg@10"], "last_kl": kl,
+                  "metrics": {"raw_value": markdown_table(rows), "type": "md"},
+                  "alignment_curves": markdown_image(out["plots"]["alignment_curves.png"], "reward and gradient curves")},
+        checks={"kl_and_coverage_within_bounds": (kl <= c.max_align_kl and coverage >= c.min_coverage_ratio, {
+            "last_kl": kl, "max_kl": c.max_align_kl, "coverage_ratio": coverage, "min_coverage_ratio": c.min_coverage_ratio})})
 
 
 def main(argv: list[str] | None = None) -> int:
     options = run_options("<spec>-align-<method>")
-    return job_main(__doc__, options, lambda spec, a: run(spec, a.run_name, register=not a.no_register), argv)
+    return job_main(__doc__, options, lambda spec, a: run(spec, a.run_name, register=not a.no_register), argv,
+                    dagster_report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from deltalake import DeltaTable
 
-from jobs.lake import table_path
+from jobs.lake import read_versions, table_path
 from jobs.spec import JobSpec
 
 
@@ -58,11 +58,12 @@ def _read(spec: JobSpec, table: str, version: int | None, columns: list[str]):
 
 
 def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
-    """Read `sequences` and `item_index` (latest versions unless pinned) into numpy structures."""
-    versions = dict(versions or {})
-    v_seq, seq = _read(spec, "sequences", versions.get("sequences"),
-                       ["user_idx", "split", "item_ids", "target"])
-    v_idx, idx = _read(spec, "item_index", versions.get("item_index"), ["item_idx", "text"])
+    """Read `sequences` and `item_index` into numpy structures, at `versions` when given, else at the
+    dataset's read set (`data.pinned_versions`, or the latest published set: `jobs.lake.read_versions`).
+    `SeqData.versions` is that whole set: what a run records it read."""
+    versions = dict(versions or read_versions(spec))
+    _, seq = _read(spec, "sequences", versions.get("sequences"), ["user_idx", "split", "item_ids", "target"])
+    _, idx = _read(spec, "item_index", versions.get("item_index"), ["item_idx", "text"])
     num_items = int(max(idx["item_idx"].to_pylist() or [0]))
     item_text = [""] * (num_items + 1)
     for i, t in zip(idx["item_idx"].to_pylist(), idx["text"].to_pylist()):
@@ -81,8 +82,7 @@ def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
         return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
                          np.asarray([x[2] for x in r], dtype=np.int64))
 
-    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text,
-                   {"sequences": v_seq, "item_index": v_idx})
+    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions)
 
 
 def training_windows(seqs: list[np.ndarray], max_len: int, kind: str = "all") -> list[np.ndarray]:

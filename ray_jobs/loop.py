@@ -31,7 +31,7 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import SeqData, train_batches, training_windows
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model
-from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed
+from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model
 from ray_jobs.scoring import CosineScores, evaluate_sharded, scorer
 
 VALID_METRIC = "ndcg@10"
@@ -116,11 +116,29 @@ def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_de
                              fused=(device.type == "cuda") or None)
 
 
-def training_state(spec: JobSpec, data: SeqData, device: torch.device) -> TrainState:
-    """A fresh training run: the spec's model and loss as one module, AdamW, warmup + cosine."""
+def warm_start(spec: JobSpec, data: SeqData) -> tuple[str | None, str]:
+    """(checkpoint file or None, what happened) for `train.init_from`: its weights are used only when
+    the model was trained on this item catalogue with this model section; otherwise a fresh start."""
+    if not spec.train.init_from:
+        return None, "fresh start"
+    resolved = resolve_model(spec, spec.train.init_from)
+    ckpt = read_model(resolved.path)
+    if list(ckpt.item_text) != list(data.item_text):
+        return None, f"fresh start: {resolved.label} was trained on another item catalogue"
+    same = ckpt.spec.model.model_dump(exclude={"cache_dir"}) == spec.model.model_dump(exclude={"cache_dir"})
+    if not same or ckpt.spec.data.max_seq_len != spec.data.max_seq_len:
+        return None, f"fresh start: {resolved.label} has another model section"
+    return resolved.path, f"warm start from {resolved.label} (version {resolved.version})"
+
+
+def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file: str | None = None) -> TrainState:
+    """A training run: the spec's model (weights from `init_file` for a warm start) and loss as one
+    module, AdamW, warmup + cosine."""
     t = spec.train
     torch.manual_seed(t.seed)
     model = build_model(spec, data.item_text, data.versions.get("item_index"))
+    if init_file:
+        model.load_state_dict(read_model(init_file).weights)
     module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)).to(device)
     optimizer = adamw(module.parameters(), t.lr, device, (0.9, t.adam_beta2), t.weight_decay)
     total = t.epochs * math.ceil(len(fit_windows(spec, data)) / t.batch_size)
@@ -204,7 +222,8 @@ class LocalBackend(Backend):
                   "scheduler": s.scheduler.state_dict() if s.scheduler else None,
                   "stateful": {k: v.state_dict() for k, v in s.stateful.items()}}
         save_model(self.last, s.model_checkpoint(self.full_weights(), {"resume": resume}))
-        if s.model_weights is not None and s.model_weights is not self._saved_weights:
+        # rewritten when the shipped weights change, and at the end (so it carries the final progress)
+        if s.model_weights is not None and (s.model_weights is not self._saved_weights or s.stopped):
             save_model(self.best, s.model_checkpoint(s.model_weights))
             self._saved_weights = s.model_weights
 

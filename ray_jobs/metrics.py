@@ -150,5 +150,5 @@ def markdown_table(results: dict[str, dict], ks: tuple[int, ...] = (10, 50)) -> 
     lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for name, r in results.items():
         vals = [r["metrics"].get(c, float("nan")) for c in cols] + [r["beyond_accuracy"].get(c, float("nan")) for c in extra]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" if v == v else "–" for v in vals) + " |")
     return "\n".join(lines)

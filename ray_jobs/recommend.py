@@ -4,8 +4,8 @@
 
 Each user's whole known sequence (everything up to and including the test item) is the history;
 items in it are never recommended. Users are split over Ray tasks (on GPUs when train.use_gpu);
-the driver commits one Delta write that replaces only the rows of the same model version, so a
-rerun is idempotent and other versions' rows stay for comparison.
+the driver commits one Delta write that replaces only the rows of the same model name and version,
+so a rerun is idempotent and other models' and versions' rows stay for comparison.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
 
 from jobs.lake import table_path
 from jobs.spec import JobSpec, absolute_paths
 from ray_jobs.checkpoint import load_model
 from ray_jobs.data import load_sequences
-from ray_jobs.runtime import init_ray, job_main, ray_get, resolve_model
+from ray_jobs.runtime import DagsterReport, init_ray, job_main, json_metadata, ray_get, resolve_model
 from ray_jobs.scoring import scorer, top_k
 
 
@@ -57,18 +58,22 @@ def recommendations_table(users: np.ndarray, user_ids: dict, item_ids: list[str]
     })
 
 
-def write_recommendations(spec: JobSpec, table: pa.Table, model_version: str) -> int:
-    """Replace this model version's rows (one commit); returns the table version."""
+def write_recommendations(spec: JobSpec, table: pa.Table, model_name: str, model_version: str) -> int:
+    """Replace this model's rows of this version (one commit; other models' and versions' rows
+    stay); returns the table version. Only a missing table is created: any other error is raised."""
     path = table_path(spec, "recommendations")
     opts = spec.lake.storage_options or None
     try:
         DeltaTable(path, storage_options=opts)
         exists = True
-    except Exception:  # delta-rs: TableNotFoundError
+    except TableNotFoundError:
         exists = False
-    safe = model_version.replace("'", "''")
-    write_deltalake(path, table, mode="overwrite", storage_options=opts,
-                    predicate=f"model_version = '{safe}'" if exists else None)
+
+    def quoted(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    predicate = f"model_name = {quoted(model_name)} AND model_version = {quoted(model_version)}"
+    write_deltalake(path, table, mode="overwrite", storage_options=opts, predicate=predicate if exists else None)
     return DeltaTable(path, storage_options=opts).version()
 
 
@@ -89,7 +94,8 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     for r, (ids, vals) in enumerate(parts):
         top[r::workers], scores[r::workers] = ids, vals
     opts = spec.lake.storage_options or None
-    uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts).to_pyarrow_table(columns=["user_idx", "user_id"])
+    uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts, version=data.versions.get("user_index")
+                      ).to_pyarrow_table(columns=["user_idx", "user_id"])
     user_ids = dict(zip(uidx["user_idx"].to_pylist(), uidx["user_id"].to_pylist()))
     iidx = DeltaTable(table_path(spec, "item_index"), storage_options=opts,
                       version=data.versions["item_index"]).to_pyarrow_table(columns=["item_idx", "item_id"])
@@ -97,9 +103,20 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     for i, iid in zip(iidx["item_idx"].to_pylist(), iidx["item_id"].to_pylist()):
         item_ids[i] = iid
     table = recommendations_table(users, user_ids, item_ids, top, scores, resolved.name, resolved.version)
-    delta_version = write_recommendations(spec, table, resolved.version)
+    delta_version = write_recommendations(spec, table, resolved.name, resolved.version)
+    preview = table.slice(0, min(10, table.num_rows)).select(["user_id", "rank", "item_id", "score"]).to_pylist()
     return {"table": table_path(spec, "recommendations"), "delta_version": delta_version, "users": int(len(users)),
-            "k": k, "model_name": resolved.name, "model_version": resolved.version}
+            "rows": table.num_rows, "k": k, "model_name": resolved.name, "model_version": resolved.version,
+            "versions": data.versions, "preview": preview}
+
+
+def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+    lines = ["| user_id | rank | item_id | score |", "|---|---:|---|---:|"]
+    lines += [f"| {r['user_id']} | {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in out["preview"]]
+    return DagsterReport(metadata={
+        "path": {"raw_value": out["table"], "type": "path"}, "delta_version": out["delta_version"], "users": out["users"],
+        "rows": out["rows"], "k": out["k"], "model_name": out["model_name"], "model_version": out["model_version"],
+        "delta_versions_read": json_metadata(out["versions"]), "preview": {"raw_value": "\n".join(lines), "type": "md"}}, checks={})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="models:/NAME@champion or a checkpoint file (default: the training run's model.pt)")
         ap.add_argument("--k", type=int, default=100)
         ap.add_argument("--workers", type=int, default=2)
-    return job_main(__doc__, options, lambda spec, a: run(spec, a.model, a.k, a.workers), argv)
+    return job_main(__doc__, options, lambda spec, a: run(spec, a.model, a.k, a.workers), argv, dagster_report)
 
 
 if __name__ == "__main__":

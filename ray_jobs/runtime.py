@@ -278,13 +278,17 @@ class ResolvedModel:
 
 def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
     """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION` (downloaded from the
-    registry), a checkpoint file, or by default the training run's `model.pt`."""
+    registry into `<train.storage_path>/_registry/`), a checkpoint file, or by default the training
+    run's `model.pt`."""
     if ref and ref.startswith("models:/"):
         import mlflow
         uri = tracking_uri(spec)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="llmrec-model-"))
+        # under train.storage_path, which every node of a cluster mounts: workers read the file too
+        folder = os.path.join(absolute_paths(spec).train.storage_path, "_registry")
+        os.makedirs(folder, exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="model-", dir=folder))
         files = {f: os.path.join(r, f) for r, _, fs in os.walk(local) for f in fs}
         if "model.pt" not in files:
             raise FileNotFoundError(f"{ref}: no model.pt checkpoint inside the registered model")
@@ -312,18 +316,55 @@ def run_options(default_name: str) -> Callable[[argparse.ArgumentParser], None]:
     return add
 
 
+@dataclass
+class DagsterReport:
+    """What a job tells the Dagster asset that launched it (through Dagster Pipes): materialization
+    metadata and the results of the asset's checks (name -> (passed, metadata))."""
+    metadata: dict
+    checks: dict[str, tuple[bool, dict]]
+
+
+def json_metadata(value) -> dict:
+    """A dict or list as Dagster JSON metadata (Pipes takes only scalars bare)."""
+    return {"raw_value": value, "type": "json"}
+
+
+def markdown_image(path: str, title: str) -> dict:
+    """A PNG as Dagster markdown metadata (inline, so the UI shows it without file access)."""
+    import base64
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return {"raw_value": f"![{title}](data:image/png;base64,{data})", "type": "md"}
+
+
 def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[JobSpec, argparse.Namespace], dict], argv: list[str] | None = None) -> int:
+             run: Callable[[JobSpec, argparse.Namespace], dict], argv: list[str] | None = None,
+             report: Callable[[JobSpec, dict], DagsterReport] | None = None) -> int:
     """`python -m ray_jobs.<job> --spec S [--set k=v ...] [job options]`: run the job, print its
     result as JSON; a user mistake (bad spec, missing model, mismatched data) is one line on
-    stderr and exit code 2."""
+    stderr and exit code 2. Launched by Dagster Pipes (`DAGSTER_PIPES_CONTEXT` set), the MLflow run
+    is tagged with the Dagster run and asset, and `report` turns the result into the asset's
+    materialization metadata and check results."""
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     ap.add_argument("--spec", required=True, help="spec YAML (path, or a name under jobs/specs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_arguments(ap)
     args = ap.parse_args(argv)
     try:
-        out = run(load_spec(args.spec, args.overrides), args)
+        spec = load_spec(args.spec, args.overrides)
+        if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+            out = run(spec, args)
+        else:
+            with open_dagster_pipes() as pipes:
+                asset = pipes.asset_keys[0] if pipes.is_asset_step else None
+                spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(
+                    update={"dagster_run_id": pipes.run_id, "dagster_asset": asset})})
+                out = run(spec, args)
+                if report is not None:
+                    r = report(spec, out)
+                    pipes.report_asset_materialization(metadata=r.metadata)
+                    for name, (passed, meta) in r.checks.items():
+                        pipes.report_asset_check(check_name=name, passed=passed, metadata=meta)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

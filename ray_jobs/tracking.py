@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_name(spec: JobSpec) -> str:
-    return spec.tracking.model_name or spec.name
+    return spec.registered_model_name()
 
 
 def git_commit() -> str:
@@ -60,14 +59,18 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
               artifacts: dict[str, str] | None = None) -> str:
     """Create (not activate) a run with the spec as params and tags; returns its id. `artifacts`
     maps artifact file names to text content (spec, DeepSpeed config)."""
-    client = MlflowClient(tracking_uri(spec))
+    uri = tracking_uri(spec)
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment,
+                                                                    artifact_location=artifact_location(uri))
     tags = {"llmrec.kind": kind, "llmrec.spec": spec.name, "git.commit": git_commit(), "mlflow.runName": run_name}
     if spec.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = spec.tracking.parent_run_id
     if spec.tracking.dagster_run_id:
         tags["dagster.run_id"] = spec.tracking.dagster_run_id
+    if spec.tracking.dagster_asset:
+        tags["dagster.asset_key"] = spec.tracking.dagster_asset
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
     params = flatten(spec.model_dump(mode="json"))
     params.update({k: str(v) for k, v in (extra_params or {}).items()})
@@ -77,6 +80,15 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
     for name, text in {"spec.yaml": dump_spec(spec), **(artifacts or {})}.items():
         client.log_text(run.info.run_id, text, name)
     return run.info.run_id
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database (`<db folder>/mlruns`): MLflow's default,
+    `./mlruns` in the working directory, is a temporary copy of the project for a submitted job.
+    A tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlruns").as_uri()
+    return None
 
 
 def metric_key(name: str) -> str:
@@ -163,18 +175,31 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, alias: str
 
 
 def publish(spec: JobSpec, run_id: str, model_path: str, metrics: dict[str, float], documents: dict[str, object],
-            plots: dict[str, Callable[[str], str]], tags: dict[str, object], register: bool) -> int | None:
-    """A finished run's results into its MLflow run: final metrics, JSON documents, plots (each
-    drawn by its function into a temporary file), tags; then the model registered (version or None)."""
+            plots: dict[str, Callable[[str], str]], tags: dict[str, object], register: bool) -> tuple[int | None, dict]:
+    """A finished run's results into its MLflow run: final metrics, JSON documents, plots (each drawn
+    by its function into `plots/` beside the model file, and kept there), tags; then the model
+    registered. Returns (registered version or None, plot name -> file)."""
     mlflow.set_tracking_uri(tracking_uri(spec))
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+    plot_dir = os.path.join(os.path.dirname(model_path), "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
         for name, doc in documents.items():
             mlflow.log_dict(doc, name)
-        for name, draw in plots.items():
-            mlflow.log_artifact(draw(os.path.join(tmp, name)), "plots")
+        files = {name: draw(os.path.join(plot_dir, name)) for name, draw in plots.items()}
+        for path in files.values():
+            mlflow.log_artifact(path, "plots")
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
-    return log_recommender(spec, run_id, model_path) if register else None
+    return (log_recommender(spec, run_id, model_path) if register else None), files
+
+
+def run_link(spec: JobSpec, run_id: str) -> str:
+    """Where to look at a run: the tracking server's page for it, or the store and run id."""
+    uri = tracking_uri(spec)
+    if uri.startswith(("http://", "https://")):
+        exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"{uri} run {run_id} (mlflow ui --backend-store-uri {uri})"
 
 
 def final_metrics(prefix: str, result: dict) -> dict[str, float]:

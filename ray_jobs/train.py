@@ -25,10 +25,14 @@ from jobs.spec import JobSpec, absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.checkpoint import save_model
 from ray_jobs.data import SeqData, load_sequences
-from ray_jobs.loop import (DeepSpeedBackend, LocalBackend, Reporter, run_epochs, training_state)
+from ray_jobs.loop import DeepSpeedBackend, LocalBackend, Reporter, run_epochs, training_state, warm_start
+from ray_jobs.metrics import markdown_table
 from ray_jobs.models import build_model
-from ray_jobs.runtime import (check_storage_path, deepspeed_config, evaluate_distributed, final_model, fit, init_ray,
-                              job_main, model_file, run_options, worker_context)
+from ray_jobs.models.baselines import Popularity
+from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
+                              fit, init_ray, job_main, json_metadata, markdown_image, model_file, run_options,
+                              worker_context)
+from ray_jobs.scoring import evaluate_split
 
 
 @dataclass
@@ -53,7 +57,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     """Train in this process, resuming from `<checkpoint_dir>/<name>/last.pt` unless `resume` is
     False; `stop_after_epoch` ends this call early, as an interruption would."""
     data = data or load_sequences(spec)
-    state = training_state(spec, data, torch.device("cpu"))
+    state = training_state(spec, data, torch.device("cpu"), warm_start(spec, data)[0])
     backend = LocalBackend(state, local_dir(spec))
     if resume:
         backend.restore()
@@ -67,7 +71,7 @@ def train_worker(cfg: dict) -> None:
     spec = JobSpec.model_validate(cfg["spec"])
     ctx = worker_context(spec, cfg.get("pid_dir"))
     data = load_sequences(spec, cfg["versions"])
-    state = training_state(spec, data, ctx.device)
+    state = training_state(spec, data, ctx.device, cfg.get("init_file"))
     backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
                                lambda: build_model(spec, data.item_text, data.versions.get("item_index")))
     backend.restore()
@@ -83,33 +87,63 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     check_storage_path(spec)
     init_ray(spec)
     data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
+    init_file, started = warm_start(spec, data)
     ds_cfg = deepspeed_config(spec, spec.train.workers)
     run_id = tracking.start_run(spec, run_name, "train",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
                                           "deepspeed": ds_cfg, "run_id": run_id, "tracking_uri": tracking_uri(spec),
-                                          "pid_dir": pid_dir}, run_name, "training")
+                                          "pid_dir": pid_dir, "init_file": init_file}, run_name, "training")
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress
     results = {split: evaluate_distributed(spec, out_file, split, spec.train.workers, data) for split in ("valid", "test")}
-    version = tracking.publish(
-        spec, run_id, out_file,
-        metrics={k: v for split, r in results.items() for k, v in tracking.final_metrics(f"final_{split}", r).items()},
+    popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split) for split in ("valid", "test")}
+    popularity = popular["valid"]["metrics"]
+    metrics = {}
+    for split in ("valid", "test"):
+        metrics |= tracking.final_metrics(f"final_{split}", results[split])
+        metrics |= tracking.final_metrics(f"popularity_{split}", popular[split])
+    version, plots = tracking.publish(
+        spec, run_id, out_file, metrics,
         documents={"evaluation.json": results},
         plots={"metrics_vs_k.png": lambda path: tracking.plot_metrics_vs_k(results, path),
                "training_curves.png": lambda path: tracking.plot_training_curves(p["history"], path)},
-        tags={"best_epoch": p["best_epoch"], "stopped": p["stopped"], "restarts": p["restarts"]}, register=register)
+        tags={"best_epoch": p["best_epoch"], "stopped": p["stopped"], "restarts": p["restarts"], "warm_start": started},
+        register=register)
     return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
             "model_version": version, "best_epoch": p["best_epoch"], "epochs_run": p["epoch"], "steps": p["step"],
-            "restarts": p["restarts"], "stopped": p["stopped"], "valid": results["valid"]["metrics"],
-            "test": results["test"]["metrics"]}
+            "restarts": p["restarts"], "stopped": p["stopped"], "seconds": p["seconds"], "versions": data.versions,
+            "valid": results["valid"]["metrics"], "test": results["test"]["metrics"],
+            "popularity_valid": popularity, "plots": plots, "warm_start": started}
+
+
+def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+    """The trained_model asset's metadata, and its check: validation NDCG@10 above popularity's."""
+    table = markdown_table({"popularity (valid)": {"metrics": out["popularity_valid"], "beyond_accuracy": {}},
+                            "trained (valid)": {"metrics": out["valid"], "beyond_accuracy": {}},
+                            "trained (test)": {"metrics": out["test"], "beyond_accuracy": {}}})
+    gain = out["valid"]["ndcg@10"] - out["popularity_valid"]["ndcg@10"]
+    return DagsterReport(
+        metadata={"mlflow_run": tracking.run_link(spec, out["run_id"]), "mlflow_run_id": out["run_id"],
+                  "model_name": out["model_name"], "model_version": out["model_version"],
+                  "model_file": {"raw_value": out["model_file"], "type": "path"}, "delta_versions": json_metadata(out["versions"]),
+                  "stopped": out["stopped"], "epochs": out["epochs_run"], "best_epoch": out["best_epoch"],
+                  "warm_start": out["warm_start"],
+                  "train_seconds": round(out["seconds"], 1), "valid_ndcg@10": out["valid"]["ndcg@10"],
+                  "test_ndcg@10": out["test"]["ndcg@10"], "metrics": {"raw_value": table, "type": "md"},
+                  "training_curve": markdown_image(out["plots"]["training_curves.png"], "training curve"),
+                  "metrics_vs_k": markdown_image(out["plots"]["metrics_vs_k.png"], "metrics vs K")},
+        checks={"beats_popularity": (gain > spec.checks.min_gain_over_popularity, {
+            "valid_ndcg@10": out["valid"]["ndcg@10"], "popularity_valid_ndcg@10": out["popularity_valid"]["ndcg@10"],
+            "required_gain": spec.checks.min_gain_over_popularity})})
 
 
 def main(argv: list[str] | None = None) -> int:
     options = run_options("the spec name")
-    return job_main(__doc__, options, lambda spec, a: run(spec, a.run_name, register=not a.no_register), argv)
+    return job_main(__doc__, options, lambda spec, a: run(spec, a.run_name, register=not a.no_register), argv,
+                    dagster_report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.files import write_atomic
-from jobs.lake import TABLES, dataset_root
+from jobs.lake import TABLES, dataset_root, publish
 from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec
 from spark import quality
@@ -64,6 +64,7 @@ class GoldBuild:
     gold: GoldStats
     versions: dict[str, int]
     checks: list[CheckResult]
+    published: int | None = None   # the publication's commit, None when a check failed (nothing published)
 
     @property
     def checks_passed(self) -> bool:
@@ -96,6 +97,7 @@ class EtlSummary:
     gold: GoldStats
     versions: dict[str, int]
     checks: list[CheckResult]
+    published: int | None = None
     landing: list[IngestResult] = field(default_factory=list)
     last_ingest: IngestResult | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
@@ -115,11 +117,11 @@ class EtlSummary:
             gold = d.get("gold")
             return IngestResult(d["day"], d["rows"], *(MergeResult(**d[k]) for k in ("bronze", "quarantine", "silver")),
                                 GoldBuild(GoldStats(**gold["gold"]), gold["versions"],
-                                          [CheckResult(**c) for c in gold["checks"]]) if gold else None,
-                                d.get("gold_skipped"))
+                                          [CheckResult(**c) for c in gold["checks"]], gold.get("published"))
+                                if gold else None, d.get("gold_skipped"))
         return cls(doc["spec"], doc["dataset"], doc["engine"], doc["lake"], doc["source"], doc["ingest_date"],
                    Accounting(**doc["accounting"]) if doc.get("accounting") else None, GoldStats(**doc["gold"]),
-                   doc["versions"], [CheckResult(**c) for c in doc["checks"]],
+                   doc["versions"], [CheckResult(**c) for c in doc["checks"]], doc.get("published"),
                    [ingest(x) for x in doc.get("landing", [])], ingest(doc.get("last_ingest")),
                    doc.get("step_seconds", {}))
 
@@ -240,9 +242,9 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     if d.landing is not None:
         for day in landing_days(d.landing):
             landed.append(ingest_day(spec, engine, day, steps, rebuild_gold=False))
-    build = build_gold(spec, engine, steps)
+    build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None)
     summary = EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, ingest_date, accounting,
-                         build.gold, build.versions, build.checks, landed,
+                         build.gold, build.versions, build.checks, build.published, landed,
                          step_seconds={k: round(v, 3) for k, v in steps.timings.items()})
     write_summary(lake, summary)
     return summary
@@ -292,11 +294,11 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, re
         previous = read_summary(lake)
         built_from = previous.versions.get("interactions") if previous else None
         if r_s.committed or built_from != r_s.version or lake.version("sequences") is None:
-            result.gold = build_gold(spec, engine, steps)
-            g = result.gold
-            write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks, last_ingest=result)
+            result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}")
+            write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
+                                        published=g.published, last_ingest=result)
                           if previous else EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, today_utc(),
-                                                      None, g.gold, g.versions, g.checks, last_ingest=result))
+                                                      None, g.gold, g.versions, g.checks, g.published, last_ingest=result))
         else:
             result.gold_skipped = f"silver unchanged at version {r_s.version}"
     return result
@@ -319,8 +321,10 @@ def split_cuts(df: DataFrame, spec: JobSpec) -> tuple[int, int]:
     return valid, test
 
 
-def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> GoldBuild:
-    """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits."""
+def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None) -> GoldBuild:
+    """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits,
+    then the data-quality checks; with `publish_as`, the version set is published (readers switch to
+    it) only when every check passed."""
     lake, d = Lake.of(spec), spec.data
     v_silver, v_items = lake.version("interactions"), lake.version("items")
     with steps.step("gold: filters + k-core"):
@@ -362,10 +366,14 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> GoldBuild
         q = lake.read(engine, "quarantine").filter(F.col("kind") == "interaction").count()
         raw = lake.count("interactions_raw")
         checks.append(quality.check_quarantine_share(raw, q, d.max_quarantine_share))
-    versions = {t: lake.version(t) for t in TABLES}
-    return GoldBuild(GoldStats(n_filtered, n_inter, n_users, n_items, rounds, dict(sorted(per_split.items())),
-                               list(cuts) if cuts else None),
-                     {k: v for k, v in versions.items() if v is not None}, checks)
+    versions = {t: lake.version(t) for t in ETL_TABLES}
+    build = GoldBuild(GoldStats(n_filtered, n_inter, n_users, n_items, rounds, dict(sorted(per_split.items())),
+                                list(cuts) if cuts else None),
+                      {k: v for k, v in versions.items() if v is not None}, checks)
+    if publish_as and build.checks_passed:
+        with steps.step("publish"):
+            build.published = publish(spec, build.versions, publish_as)
+    return build
 
 
 # ----------------------------------------------------------------------------- summary

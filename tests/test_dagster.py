@@ -1,26 +1,275 @@
-"""A real Dagster materialisation of the data assets on MovieLens-100K, checks included."""
-from dagster import AssetKey, materialize
+"""Dagster: the definitions, real materialisations of the data assets (checks, publishing, landed
+days), the champion gate's decisions, the schedule and sensors, and — slow — the whole graph through
+`dagster asset materialize` on real Ray jobs, then a worse challenger the gate keeps out."""
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
-from dagster_project.data_assets import lake_tables
-from dagster_project.definitions import defs
-from dagster_project.resources import SpecResource
+import mlflow
+import pytest
+import yaml
+from dagster import (AssetKey, AssetSelection, DagsterInstance, build_schedule_context, build_sensor_context,
+                     materialize)
+from deltalake import DeltaTable
+
+from dagster_project.data_assets import LANDING_DAYS, lake_tables, landed_day
+from dagster_project.deployment import build_definitions
+from dagster_project.gate import decide
+from dagster_project.resources import MLflowResource, RayResource, SpecResource
+from jobs.lake import published_versions
+from jobs.spec import GateSpec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
+NO_RAY = RayResource(address="http://127.0.0.1:1")  # for runs that must never reach a Ray job
 
 
 def test_definitions_load():
+    defs = build_definitions(SpecResource(spec_path=SMOKE), NO_RAY, MLflowResource())
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"bronze/interactions_raw", "bronze/quarantine", "silver/interactions", "silver/items",
-            "gold/item_index", "gold/user_index", "gold/sequences"} <= keys
+    assert keys == {"bronze/interactions_raw", "bronze/quarantine", "silver/interactions", "silver/items",
+                    "gold/item_index", "gold/user_index", "gold/sequences", "trained_model", "aligned_model",
+                    "evaluation_report", "champion_model", "gold/recommendations"}
+    groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert groups["trained_model"] == "training" and groups["aligned_model"] == "alignment"
+    assert groups["evaluation_report"] == "evaluation" and groups["gold/recommendations"] == "serving"
+    checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
+    assert ("trained_model", "beats_popularity") in checks and ("aligned_model", "kl_and_coverage_within_bounds") in checks
+    assert ("gold/sequences", "no_train_test_leakage") in checks
+    assert [s.name for s in defs.schedules] == ["nightly_retraining"]
+    assert defs.get_schedule_def("nightly_retraining").default_status.value == "STOPPED"
+    from dagster_project.definitions import defs as local
+    from dagster_project.production import defs as production
+    assert "bronze/landed_day" not in {k.to_user_string() for k in local.resolve_asset_graph().get_all_asset_keys()}
+    assert "bronze/landed_day" in {k.to_user_string() for k in production.resolve_asset_graph().get_all_asset_keys()}
+    assert production.get_schedule_def("nightly_retraining").default_status.value == "RUNNING"
+    assert production.get_sensor_def("landing_folder").default_status.value == "RUNNING"
 
 
-def test_materialize_data_assets(tmp_path):
-    resource = SpecResource(spec_path="jobs/specs/movielens-100k-smoke.yaml", overrides=[f"lake.root={tmp_path}"])
+def test_materialize_data_assets_publishes_the_version_set(tmp_path):
+    resource = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}"])
     result = materialize([lake_tables], resources={"spec": resource})
     assert result.success
     mats = {m.asset_key: m.metadata for m in result.asset_materializations_for_node("lake_tables")}
     assert mats[AssetKey(["gold", "user_index"])]["rows"].value == 943
     assert mats[AssetKey(["gold", "item_index"])]["rows"].value == 1349
-    assert mats[AssetKey(["gold", "sequences"])]["delta_version"].value == 0
+    assert "| item_idx | item_id | text |" in mats[AssetKey(["gold", "item_index"])]["preview"].value
+    seq = mats[AssetKey(["gold", "sequences"])]
+    assert seq["delta_version"].value == 0 and seq["published"].value is True
+    assert seq["published_versions"].value == published_versions(resource.load())
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"no_null_ids": True, "kcore_holds": True, "no_train_test_leakage": True,
                       "sequence_items_indexed": True, "quarantine_share": True}
+
+
+def test_leaky_data_fails_a_blocking_check_publishes_nothing_and_training_never_runs(tmp_path, monkeypatch):
+    """A split that leaks the test item into training (a broken transform) fails the blocking
+    leakage check: nothing is published and no model asset runs (no Ray job is ever submitted)."""
+    import spark.etl
+    from pyspark.sql import functions as F
+    real = spark.etl.leave_one_out
+
+    def leaky(sequences):  # train rows keep the whole sequence, test target included
+        rows = real(sequences)
+        full = sequences.select("user_idx", F.lit("train").alias("split"), "item_ids", "timestamps",
+                                F.lit(None).cast("int").alias("target"), F.lit(None).cast("bigint").alias("target_ts"))
+        return rows.filter(F.col("split") != "train").unionByName(full)
+
+    monkeypatch.setattr(spark.etl, "leave_one_out", leaky)
+    spec = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}"])
+    defs = build_definitions(spec, NO_RAY, MLflowResource(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    result = defs.get_implicit_global_asset_job_def().execute_in_process(raise_on_error=False)
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["no_train_test_leakage"] is False
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "gold/sequences" in done and not done & {"trained_model", "aligned_model", "gold/recommendations"}
+    assert published_versions(spec.load()) is None
+
+
+def test_gate_decisions():
+    gate = GateSpec(metric="ndcg@10", split="valid", margin=0.01)
+    rows = [{"model": "/r/a/model.pt", "version": "file", "valid": {"ndcg@10": 0.20}},
+            {"model": "/r/b/model.pt", "version": "file", "valid": {"ndcg@10": 0.25}},
+            {"model": "models:/m@champion", "version": "1", "valid": {"ndcg@10": 0.23}}]
+    cands = {"/r/a/model.pt": "2", "/r/b/model.pt": "3"}
+    first = decide(rows[:2], cands, None, gate)
+    assert first.promote and first.candidate == "3" and first.candidate_metric == 0.25 and first.champion is None
+    win = decide(rows, cands, "1", gate)
+    assert win.promote and win.candidate == "3" and win.champion_metric == 0.23
+    lose = decide(rows, cands, "1", GateSpec(margin=0.05))
+    assert not lose.promote and lose.candidate == "3" and "does not beat the champion's 0.2300 by more than 0.05" in lose.reason
+    same = decide(rows, {"/r/b/model.pt": "1"}, "1", gate)
+    assert not same.promote and "already champion" in same.reason
+    with pytest.raises(ValueError, match="no row for champion version 7"):
+        decide(rows, cands, "7", gate)
+
+
+@pytest.fixture
+def landing_spec(tmp_path, ml100k_lake):
+    """A copy of the shared ML-100K lake with a landing folder of two days (real ML-100K ids)."""
+    import shutil
+    lake = tmp_path / "lake"
+    shutil.copytree(ml100k_lake, lake)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "2026-11-20.csv").write_text("user_id,item_id,ts,value\n196,1,893286700,4\n196,2,893286701,5\nbad,,1,1\n")
+    (landing / "2026-11-21.csv").write_text("user_id,item_id,ts,value\n186,3,893286800,3\n")
+    return SpecResource(spec_path=SMOKE, overrides=[f"lake.root={lake}", f"data.landing={{path: {landing}}}"])
+
+
+def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_path):
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-20"])
+    first = materialize([landed_day], partition_key="2026-11-20", resources={"spec": landing_spec}, instance=instance)
+    meta = first.asset_materializations_for_node("bronze__landed_day")[0].metadata
+    assert meta["bronze_inserted"].value == 3 and meta["quarantine_inserted"].value == 1
+    assert meta["silver_inserted"].value == 2 and meta["gold_rebuilt"].value and meta["published"].value
+    spec = landing_spec.load()
+    lake_versions = published_versions(spec)
+    assert lake_versions == meta["published_versions"].value
+    again = materialize([landed_day], partition_key="2026-11-20", resources={"spec": landing_spec}, instance=instance)
+    meta = again.asset_materializations_for_node("bronze__landed_day")[0].metadata
+    assert (meta["bronze_inserted"].value, meta["quarantine_inserted"].value, meta["silver_inserted"].value) == (0, 0, 0)
+    assert meta["gold_rebuilt"].value is False and published_versions(spec) == lake_versions
+    from spark.etl import ETL_TABLES, Lake
+    lake = Lake.of(spec)
+    assert {t: lake.version(t) for t in ETL_TABLES} == lake_versions
+
+
+def test_schedule_and_sensors_evaluate_to_the_right_run_requests(landing_spec, tmp_path, monkeypatch):
+    defs = build_definitions(landing_spec, NO_RAY, MLflowResource(), landing=True)
+    instance = stack_instance(tmp_path / "instance")
+    sensor = defs.get_sensor_def("landing_folder")
+    result = sensor(build_sensor_context(instance=instance, resources={"spec": landing_spec}))
+    assert sorted(r.partition_key for r in result.run_requests) == ["2026-11-20", "2026-11-21"]
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == ["2026-11-20", "2026-11-21"]
+    assert {r.run_key for r in result.run_requests} == {"landing-2026-11-20", "landing-2026-11-21"}
+    instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-20", "2026-11-21"])
+    again = sensor(build_sensor_context(instance=instance, resources={"spec": landing_spec}))
+    assert "no new day" in again.skip_message
+    schedule = defs.get_schedule_def("nightly_retraining")
+    assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "nightly"
+    at = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
+    tick = schedule(build_schedule_context(instance=instance, scheduled_execution_time=at, resources={"spec": landing_spec}))
+    assert tick.partition_key == "2026-11-21"  # yesterday's landed day, ingested and retrained in one run
+    later = schedule(build_schedule_context(instance=instance, resources={"spec": landing_spec},
+                                            scheduled_execution_time=datetime(2026, 12, 5, 2, 0, tzinfo=timezone.utc)))
+    assert later.partition_key == "2026-11-21"  # no file for yesterday: the latest landed day again, a no-op MERGE
+    plain = build_definitions(SpecResource(spec_path=SMOKE), NO_RAY, MLflowResource()).get_schedule_def("nightly_retraining")
+    assert plain.job_name == "retrain" and plain(build_schedule_context(instance=instance, scheduled_execution_time=at)).run_key
+    # the failure sensor writes a summary of a failed run: a landed day on a spec without landing
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    bad = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}/empty"])
+    instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-23"])
+    failed = materialize([landed_day], partition_key="2026-11-23", resources={"spec": bad}, instance=instance,
+                         raise_on_error=False)
+    assert not failed.success
+    from dagster import build_run_status_sensor_context
+    run = instance.get_run_by_id(failed.run_id)
+    event = next(e for e in instance.all_logs(failed.run_id) if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE")
+    ctx = build_run_status_sensor_context(sensor_name="run_failure_summary", dagster_instance=instance, dagster_run=run,
+                                          dagster_event=event.dagster_event).for_run_failure()
+    defs.get_sensor_def("run_failure_summary")._run_status_sensor_fn(ctx)
+    summary = (tmp_path / "home" / "llmrec-failures" / f"{failed.run_id}.md").read_text()
+    assert f"Run {failed.run_id}" in summary and "data.landing is not configured" in summary
+
+
+def stack_instance(folder: Path) -> DagsterInstance:
+    """A persistent Dagster instance in a folder (schedules need one they can reference)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.from_config(str(folder))
+
+
+# ----------------------------------------------------------------------------- the whole loop (slow)
+
+def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
+    # cached HLLM: text embeddings put it past popularity within a few epochs (the blocking check)
+    return [f"lake.root={lake}", f"train.storage_path={tmp}/ray", f"train.checkpoint_dir={tmp}/ckpt",
+            f"model.cache_dir={tmp}/cache", "name=dagster-loop", "model.kind=hllm", "model.mode=cached",
+            "train.batch_size=128", "train.negatives=1024", "train.lr=0.005", "train.eval_every=2",
+            "train.workers=1", "train.cpus_per_worker=1", "train.max_failures=0", "align.steps=6",
+            "align.users_per_step=32", "align.rollouts=4", "align.eval_every=0", "align.checkpoint_every=0",
+            "align.rewards.tail=0.2", *extra]
+
+
+@pytest.mark.slow
+def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_path, ml100k_lake, monkeypatch):
+    import shutil
+    lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
+    shutil.copytree(ml100k_lake, lake)
+    home.mkdir()
+    config = {"resources": {"spec": {"config": {"spec_path": SMOKE, "overrides": _overrides(lake, tmp_path, "train.epochs=6")}},
+                            "mlflow": {"config": {"tracking_uri": uri}}, "ray": {"config": {"num_cpus": 2}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
+                           "--select", "*", "-c", str(tmp_path / "run.yaml")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = DagsterInstance.get()
+
+    def meta(key: str) -> dict:
+        event = instance.get_latest_materialization_event(AssetKey.from_user_string(key))
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    trained, aligned, report, gate, recs = (meta(k) for k in ("trained_model", "aligned_model", "evaluation_report",
+                                                               "champion_model", "gold/recommendations"))
+    run_id = instance.get_latest_materialization_event(AssetKey("trained_model")).run_id
+    assert trained["model_version"] == 1 and aligned["model_version"] == 2 and trained["valid_ndcg@10"] > 0
+    assert trained["delta_versions"] == published_versions(load_spec(SMOKE, [f"lake.root={lake}"]))
+    assert trained["training_curve"].startswith("![training curve](data:image/png;base64,")
+    assert "| trained (valid) |" in trained["metrics"] and "reward and gradient curves" in aligned["alignment_curves"]
+    assert {r["version"] for r in report["results"]} == {f"file:{trained['model_file']}", f"file:{aligned['model_file']}"}
+    assert gate["promote"] is True and gate["champion_version"] in ("1", "2")
+    checks = {}
+    for entry in instance.all_logs(run_id):
+        if entry.dagster_event and entry.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION":
+            ev = entry.dagster_event.event_specific_data
+            checks[(ev.asset_key.to_user_string(), ev.check_name)] = ev.passed
+    assert checks[("trained_model", "beats_popularity")] and checks[("aligned_model", "kl_and_coverage_within_bounds")]
+    assert checks[("gold/sequences", "no_train_test_leakage")] and len(checks) == 7
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = str(client.get_model_version_by_alias("dagster-loop", "champion").version)
+    assert champion == gate["champion_version"]
+    tags = client.get_run(trained["mlflow_run_id"]).data.tags
+    assert tags["dagster.run_id"] == run_id and tags["dagster.asset_key"] == "trained_model"
+    assert client.get_run(aligned["mlflow_run_id"]).data.tags["dagster.asset_key"] == "aligned_model"
+    table = DeltaTable(recs["path"]).to_pandas()
+    assert recs["model_version"] == champion and set(table["model_version"]) == {champion}
+    assert len(table) == 943 * recs["k"]
+
+    # a newer gold version published after the ETL asset ran: model assets keep the asset's pinned set
+    from spark.etl import engine_for, run_etl
+    spec = load_spec(SMOKE, [f"lake.root={lake}"])
+    with engine_for(spec) as engine:
+        newer = run_etl(spec, engine)
+    assert newer.published is not None and newer.versions["sequences"] == trained["delta_versions"]["sequences"] + 1
+
+    # a worse challenger (one epoch at a tiny learning rate): the gate keeps the champion
+    from dagster_project.definitions import defs
+    # (its floor lowered, so that it reaches the gate instead of being stopped by beats_popularity)
+    worse = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "train.lr=0.00001",
+                                                                 "align.lr=0.000001",
+                                                                 "checks.min_gain_over_popularity=-1"))
+    job = defs.get_implicit_global_asset_job_def().get_subset(
+        asset_selection=AssetSelection.groups("training", "alignment", "evaluation", "serving").resolve(
+            defs.resolve_asset_graph()))
+    second = job.execute_in_process(instance=instance, resources={
+        "spec": worse, "mlflow": MLflowResource(tracking_uri=uri), "ray": RayResource(num_cpus=2)})
+    assert second.success
+    trained2, gate2 = meta("trained_model"), meta("champion_model")
+    assert trained2["delta_versions"] == trained["delta_versions"]  # pinned: not the newer published set
+    assert client.get_run(trained2["mlflow_run_id"]).data.params["delta_version.sequences"] == \
+        str(trained["delta_versions"]["sequences"])
+    assert gate2["promote"] is False and gate2["champion_version"] == champion
+    assert str(client.get_model_version_by_alias("dagster-loop", "champion").version) == champion
+    kept = client.get_model_version("dagster-loop", gate2["candidate"]).tags
+    assert kept["llmrec.gate.decision"] == "kept" and float(kept["llmrec.gate.champion_metric"]) == gate2["champion_metric"]
+    rows = DeltaTable(recs["path"]).to_pandas()
+    assert len(rows) == 943 * recs["k"] and set(rows["model_version"]) == {champion}  # same champion: replaced

@@ -8,7 +8,9 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
+from jobs.lake import published_versions
 from jobs.spec import load_spec
+from ray_jobs.data import load_sequences
 from spark.delta_io import MergeResult, read_table
 from spark.etl import TABLES, Lake, build_gold, engine_for, ingest_day, run_etl
 
@@ -76,6 +78,28 @@ def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
     assert checks["quarantine_share"].passed is False and summary.checks_passed is False
     assert checks["quarantine_share"].metrics["quarantined_rows"] == len(BAD)
     assert all(c.passed for name, c in checks.items() if name != "quarantine_share")
+    assert summary.published is None and published_versions(spec) is None  # a failed check publishes nothing
+    with pytest.raises(FileNotFoundError, match=r"dataset ds at .* has no published version set"):
+        load_sequences(spec)
+
+
+def test_readers_keep_the_published_set_when_a_rerun_fails_its_checks(engine, make_spec, bad_movielens):
+    """A passing run publishes its versions; a rerun whose checks fail rewrites the tables but
+    publishes nothing, and readers still get the first run's rows."""
+    base = dict(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
+                value_range={"min": 1, "max": 5}, kcore={"user": 2, "item": 2})
+    good = make_spec(**base, max_quarantine_share=1.0)
+    first = run_etl(good, engine)
+    assert first.published == 0 and published_versions(good) == first.versions
+    before = load_sequences(good)
+    strict = make_spec(**base, max_quarantine_share=0.05)
+    second = run_etl(strict, engine)
+    assert second.published is None and all(v == 1 for v in second.versions.values())
+    assert published_versions(strict) == first.versions
+    after = load_sequences(strict)
+    assert after.versions == first.versions and after.item_text == before.item_text
+    pinned = load_sequences(make_spec(**base, pinned_versions=second.versions))  # an explicit set is read as given
+    assert pinned.versions == second.versions
 
 
 def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
@@ -87,6 +111,7 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     assert g.sequences_by_split == {"test": 943, "train": 943, "valid": 943}
     assert [r["removed"] for r in g.kcore_rounds] == [713]
     assert first.checks_passed and all(v == 0 for v in first.versions.values())
+    assert first.published == 0 and published_versions(spec) == first.versions
     lake = Lake.of(spec)
     # read back with delta-rs, independently of Spark
     seq = DeltaTable(lake.path("sequences")).to_pyarrow_table()
@@ -97,7 +122,7 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     assert DeltaTable(lake.path("interactions")).count() == 100000
     # a re-run commits version 1 everywhere with the same contents; version 0 stays readable
     second = run_etl(spec, sail)
-    assert all(v == 1 for v in second.versions.values())
+    assert all(v == 1 for v in second.versions.values()) and published_versions(spec) == second.versions
     assert len(DeltaTable(lake.path("sequences")).history()) == 2
     for table in ("item_index", "user_index", "sequences"):
         v0 = read_table(sail, lake.path(table), version=0).toArrow()

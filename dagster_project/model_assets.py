@@ -1,0 +1,160 @@
+"""Model assets: training, alignment, evaluation, the champion gate and batch recommendations.
+
+Training code never runs in the Dagster process: each asset submits a `python -m ray_jobs.<job>`
+entry point as a Ray job through Dagster Pipes (`dagster-ray`'s PipesRayJobClient: the job's logs
+stream into the run, a failed job fails the asset, a cancelled run stops the job), and the job
+reports its metadata and check results back. Every job reads the table versions the ETL published
+for this lineage (`data.pinned_versions`), never the latest of each table.
+"""
+
+import json
+import shlex
+
+from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+
+from dagster_project.data_assets import asset_key
+from dagster_project.gate import decide
+from dagster_project.resources import ROOT, MLflowResource, RayResource, SpecResource
+from jobs.lake import published_versions
+from jobs.spec import JobSpec
+
+CHAMPION = "champion"
+
+
+def upstream(context: AssetExecutionContext, key: AssetKey) -> dict:
+    """The latest materialization metadata of an upstream asset, as plain values."""
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        raise ValueError(f"asset {key.to_user_string()} has not been materialized yet")
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def pinned_versions(context: AssetExecutionContext, spec: JobSpec) -> dict[str, int]:
+    """The version set published most recently by this deployment's data assets (the full ETL records
+    it with gold/sequences, a landed day with bronze/landed_day); a lake built outside Dagster falls
+    back to its latest published set."""
+    events = [context.instance.get_latest_materialization_event(k)
+              for k in (asset_key("sequences"), AssetKey(["bronze", "landed_day"]))]
+    published = [(e.timestamp, e.asset_materialization.metadata["published_versions"].value) for e in events
+                 if e is not None and e.asset_materialization is not None
+                 and "published_versions" in e.asset_materialization.metadata]
+    versions = max(((t, v) for t, v in published if v), default=(0, None), key=lambda x: x[0])[1]
+    versions = versions or published_versions(spec)
+    if not versions:
+        raise ValueError(f"dataset {spec.data.name} has no published version set: materialize the data assets first")
+    return {k: int(v) for k, v in versions.items()}
+
+
+def run_job(context: AssetExecutionContext, module: str, spec: SpecResource, ray: RayResource, mlflow: MLflowResource,
+            overrides: list[str], args: list[str] = ()):
+    """Submit `python -m <module>` with the deployment's spec and overrides as a Ray job through Pipes."""
+    base = spec.load(*mlflow.spec_overrides())
+    sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
+    entry = ["python", "-m", module, "--spec", spec.job_spec_path(), *[x for o in sets for x in ("--set", o)], *args]
+    return ray.pipes_client().run(context=context, submit_job_params={
+        "entrypoint": shlex.join(entry), "runtime_env": {"working_dir": str(ROOT)}})
+
+
+def versions_override(versions: dict[str, int]) -> str:
+    return f"data.pinned_versions={json.dumps(versions)}"
+
+
+@asset(key="trained_model", group_name="training", kinds={"ray", "pytorch", "mlflow"},
+       deps=[asset_key("sequences"), asset_key("item_index")],
+       check_specs=[AssetCheckSpec("beats_popularity", asset="trained_model", blocking=True,
+                                   description="validation NDCG@10 above popularity's by checks.min_gain_over_popularity")])
+def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
+    """The spec's recommender (HLLM or SASRec) trained by `ray_jobs.train` on Ray Train + DeepSpeed,
+    logged to MLflow and registered (alias challenger)."""
+    job = spec.load(*mlflow.spec_overrides())
+    versions = pinned_versions(context, job)
+    run_name = f"{job.name}-{context.run_id[:8]}"
+    warm = []
+    if job.train.warm_start_from_champion and current_champion(mlflow, job) is not None:
+        warm = [f"train.init_from=models:/{job.registered_model_name()}@{CHAMPION}"]
+    return run_job(context, "ray_jobs.train", spec, ray, mlflow, [versions_override(versions), *warm],
+                   ["--run-name", run_name]).get_results()
+
+
+@asset(key="aligned_model", group_name="alignment", kinds={"ray", "pytorch", "mlflow"}, deps=["trained_model"],
+       check_specs=[AssetCheckSpec("kl_and_coverage_within_bounds", asset="aligned_model", blocking=True,
+                                   description="KL to the trained model at most checks.max_align_kl; coverage@10 "
+                                               "at least checks.min_coverage_ratio of the trained model's")])
+def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
+    """The trained model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by default)."""
+    trained = upstream(context, AssetKey("trained_model"))
+    job = spec.load()
+    run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
+    return run_job(context, "ray_jobs.align", spec, ray, mlflow,
+                   [versions_override(trained["delta_versions"]), f"align.init={trained['model_file']}"],
+                   ["--run-name", run_name]).get_results()
+
+
+@asset(key="evaluation_report", group_name="evaluation", kinds={"ray", "mlflow"},
+       deps=["trained_model", "aligned_model"])
+def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: RayResource,
+                      mlflow: MLflowResource) -> MaterializeResult:
+    """The trained model, the aligned model and the current champion, evaluated by one
+    `ray_jobs.evaluate` job on the same split data (valid and test, full ranking)."""
+    job = spec.load(*mlflow.spec_overrides())
+    trained, aligned = upstream(context, AssetKey("trained_model")), upstream(context, AssetKey("aligned_model"))
+    models = [trained["model_file"], aligned["model_file"]]
+    champion = current_champion(mlflow, job)
+    if champion is not None:
+        models.append(f"models:/{job.registered_model_name()}@{CHAMPION}")
+    result = run_job(context, "ray_jobs.evaluate", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
+                     [x for m in models for x in ("--model", m)] + ["--split", "valid", "--split", "test"]
+                     ).get_materialize_result()
+    candidates = {trained["model_file"]: str(trained["model_version"]), aligned["model_file"]: str(aligned["model_version"])}
+    return MaterializeResult(metadata={**result.metadata, "candidates": MetadataValue.json(candidates),
+                                       "champion_version": champion or "none"})
+
+
+def current_champion(mlflow: MLflowResource, spec: JobSpec) -> str | None:
+    from mlflow.exceptions import MlflowException
+    try:
+        return str(mlflow.client(spec).get_model_version_by_alias(spec.registered_model_name(), CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+@asset(key="champion_model", group_name="serving", kinds={"mlflow"}, deps=["evaluation_report"])
+def champion_model(context: AssetExecutionContext, spec: SpecResource, mlflow: MLflowResource) -> MaterializeResult:
+    """The champion/challenger gate: the best new model takes the registry alias `champion` only when
+    it beats the current champion on `gate.metric` (`gate.split`) by more than `gate.margin`; the
+    decision and both figures are recorded here and as MLflow tags either way."""
+    job = spec.load(*mlflow.spec_overrides())
+    report = upstream(context, AssetKey("evaluation_report"))
+    champion = report["champion_version"]
+    decision = decide(report["results"], report["candidates"], None if champion == "none" else champion, job.gate)
+    client, name = mlflow.client(job), job.registered_model_name()
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, decision.candidate)
+    if decision.candidate is not None:
+        tags = {"llmrec.gate.decision": "promoted" if decision.promote else "kept",
+                "llmrec.gate.metric": decision.metric, "llmrec.gate.reason": decision.reason,
+                "llmrec.gate.candidate_metric": str(decision.candidate_metric),
+                "llmrec.gate.champion_metric": str(decision.champion_metric),
+                "llmrec.gate.champion_version": str(decision.champion)}
+        version = client.get_model_version(name, decision.candidate)
+        for k, v in tags.items():
+            client.set_model_version_tag(name, decision.candidate, k, v)
+            client.set_tag(version.run_id, k, v)
+    serving = decision.candidate if decision.promote else decision.champion
+    context.log.info(f"champion gate: {decision.reason}; champion is version {serving}")
+    return MaterializeResult(metadata={**{k: v for k, v in decision.as_dict().items() if v is not None},
+                                       "model_name": name, "champion_version": serving or "none",
+                                       "model_uri": f"models:/{name}@{CHAMPION}"})
+
+
+@asset(key=asset_key("recommendations"), group_name="serving", kinds={"ray", "delta"}, deps=["champion_model"])
+def recommendations(context: AssetExecutionContext, spec: SpecResource, ray: RayResource,
+                    mlflow: MLflowResource) -> MaterializeResult:
+    """Top-K for every user from the champion (`ray_jobs.recommend`) into gold/recommendations."""
+    job = spec.load(*mlflow.spec_overrides())
+    champion = upstream(context, AssetKey("champion_model"))
+    if champion["champion_version"] == "none":
+        raise ValueError("no champion model: the gate has promoted nothing yet")
+    trained = upstream(context, AssetKey("trained_model"))
+    return run_job(context, "ray_jobs.recommend", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
+                   ["--model", f"models:/{job.registered_model_name()}@{CHAMPION}"]).get_materialize_result()
