@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,30 @@ def ray_overrides(ml100k_lake):
                 "model.dim=32", "model.dropout=0.0", "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
                 "train.eval_every=1", "train.workers=2", "train.max_failures=0", *extra]
     return make
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """Start a server process (its own session, output to a log), wait until `health` answers over
+    HTTP, and stop its whole process group when the test ends."""
+    procs = []
+
+    def start(cmd: list[str], health: str, env: dict, cwd: Path | None = None, attempts: int = 240) -> None:
+        log = tmp_path / f"server-{len(procs)}.log"
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        for _ in range(attempts):
+            try:
+                urllib.request.urlopen(health, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"{cmd[0]} did not answer {health}: {log.read_text()[-3000:]}")
+
+    yield start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -4,7 +4,6 @@ recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,23 +37,13 @@ def ray_head(tmp_path, free_port):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path, free_port):
+def mlflow_server(tmp_path, free_port, local_server):
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
            "MLFLOW_DB": str(tmp_path / "server.db"), "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
-    proc = subprocess.Popen([str(ROOT / "infra/local/mlflow-up.sh")], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    import urllib.request
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    local_server([str(ROOT / "infra/local/mlflow-up.sh")], url + "/health", env)
+    return url
 
 
 def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path, ray_head, mlflow_server, ray_overrides):

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.lake import published_versions
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import load_model
 from ray_jobs.data import left_pad, load_sequences, training_windows
@@ -87,14 +88,17 @@ def _spec(lake, tmp_path, *extra):
 
 
 def test_sequences_from_gold_tables(ml100k, tmp_path):
-    data = load_sequences(_spec(ml100k, tmp_path))
+    spec = _spec(ml100k, tmp_path)
+    data = load_sequences(spec)
     assert data.num_items == 1349 and len(data.train) == 943
     assert len(data.valid.targets) == len(data.test.targets) == 943
     # the test history is the valid history plus the valid target
     assert all(np.array_equal(t, np.append(v, vt)) for t, v, vt in
                zip(data.test.histories, data.valid.histories, data.valid.targets))
     assert data.popularity.sum() == sum(len(s) for s in data.train) and data.popularity[0] == 0
-    assert data.item_text[1].startswith("Title: ") and data.versions == {"sequences": 0, "item_index": 0}
+    # what a run records it read: the whole published version set (all at version 0 after one ETL)
+    assert data.item_text[1].startswith("Title: ") and data.versions == published_versions(spec)
+    assert set(data.versions) >= {"sequences", "item_index", "user_index"} and set(data.versions.values()) == {0}
 
 
 def test_sasrec_beats_popularity_on_movielens_100k(ml100k, tmp_path):
