@@ -240,25 +240,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         champion = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champion = None
-    cols = [("valid NDCG@10", "valid/ndcg_at_10"), ("test HR@10", "test/hr_at_10"), ("test NDCG@10", "test/ndcg_at_10"),
-            ("test coverage@10", "test/coverage_at_10"), ("test tail share@10", "test/tail_share_at_10"),
-            ("test ILD@10", "test/ild_at_10")]
-    t = Table(title=f"{spec.name}: test split, full ranking over the catalogue")
+    cols = [("valid NDCG@10", "valid/ndcg_at_10"), ("HR@10", "test/hr_at_10"), ("NDCG@10", "test/ndcg_at_10"),
+            ("cover@10", "test/coverage_at_10"), ("tail@10", "test/tail_share_at_10"), ("ILD@10", "test/ild_at_10")]
+    t = Table(title=f"{spec.name}: full ranking over the catalogue, test split unless marked")
     t.add_column("model")
     for label, _ in cols:
         t.add_column(label, justify="right")
     train, align = latest("train"), latest("align")
     rows = [("popularity", train, "popularity"), ("trained", train, "final"), ("aligned", align, "final")]
+    wide = Console(width=max(console.width, 100))
     for label, run, prefix in rows:
         if run is not None:
             m = run.data.metrics
             mark = " (champion)" if prefix == "final" and champion is not None and champion.run_id == run.info.run_id else ""
             t.add_row(f"{label}{mark}", *[f"{m[f'{prefix}_{k}']:.4f}" if f"{prefix}_{k}" in m else "–" for _, k in cols])
-    console.print(t)
-    console.print(f"champion: {f'models:/{name}@champion = version {champion.version}' if champion else 'none yet'}")
-    console.print(f"recommendations: {table_path(spec, 'recommendations')} (Delta; `llmrec tables --spec {args.spec}`)")
-    console.print("look at it all: `make ui` (Dagster, http://127.0.0.1:3000) and "
-                  f"`.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1` (MLflow)")
+    wide.print(t)
+    wide.print(f"champion: {f'models:/{name}@champion = version {champion.version}' if champion else 'none yet'}")
+    wide.print(f"recommendations: {table_path(spec, 'recommendations')} (Delta; `llmrec tables --spec {args.spec}`)")
+    wide.print("look at it all: `make ui` (Dagster, http://127.0.0.1:3000) and "
+               f"`.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1` (MLflow)", soft_wrap=True)
     return 0
 
 

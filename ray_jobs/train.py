@@ -29,6 +29,7 @@ from ray_jobs.loop import DeepSpeedBackend, LocalBackend, Reporter, run_epochs, 
 from ray_jobs.metrics import markdown_table
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
+from ray_jobs.models.hllm import minilm_item_embeddings
 from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
                               fit, init_ray, job_main, json_metadata, markdown_image, model_file, run_options,
                               worker_context)
@@ -98,8 +99,11 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress
-    results = {split: evaluate_distributed(spec, out_file, split, spec.train.workers, data) for split in ("valid", "test")}
-    popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split) for split in ("valid", "test")}
+    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])  # for ILD
+    results = {split: evaluate_distributed(spec, out_file, split, spec.train.workers, data, item_emb)
+               for split in ("valid", "test")}
+    popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split, item_emb)
+               for split in ("valid", "test")}
     popularity = popular["valid"]["metrics"]
     metrics = {}
     for split in ("valid", "test"):
