@@ -19,7 +19,7 @@ from dagster import (
 )
 from deltalake import DeltaTable
 
-from dagster_project.resources import SpecResource
+from dagster_project.resources import SparkResource, SpecResource
 from spark.etl import ETL_TABLES, TABLES, Lake, engine_for, ingest_day, run_etl
 from spark.quality import CHECKS
 
@@ -46,10 +46,10 @@ def preview(lake: Lake, table: str, version: int, columns: list[str], rows: int 
            for t, deps in ETL_TABLES.items()],
     check_specs=[AssetCheckSpec(name, asset=asset_key(table), blocking=True) for name, table in CHECKS.items()],
 )
-def lake_tables(context: AssetExecutionContext, spec: SpecResource) -> Iterator:
+def lake_tables(context: AssetExecutionContext, spec: SpecResource, spark: SparkResource) -> Iterator:
     """`llmrec etl` as one step: every table is one atomic Delta commit, each reported with its version;
     the version set is published for readers only when every check passes."""
-    job = spec.load()
+    job = spec.load(*spark.spec_overrides())
     with engine_for(job) as engine:
         summary = run_etl(job, engine)
     lake = Lake.of(job)
@@ -76,11 +76,11 @@ def lake_tables(context: AssetExecutionContext, spec: SpecResource) -> Iterator:
 
 @asset(key=AssetKey(["bronze", "landed_day"]), group_name="data", kinds={"spark", "delta"},
        partitions_def=LANDING_DAYS)
-def landed_day(context: AssetExecutionContext, spec: SpecResource) -> MaterializeResult:
+def landed_day(context: AssetExecutionContext, spec: SpecResource, spark: SparkResource) -> MaterializeResult:
     """One day of the landing folder (`data.landing`) MERGEd into bronze, quarantine and silver on
     their keys, gold rebuilt and published when its checks pass. Materializing a day twice changes
     nothing (the MERGEs insert nothing, gold is not rebuilt)."""
-    job = spec.load()
+    job = spec.load(*spark.spec_overrides())
     if job.data.landing is None:
         raise ValueError(f"spec {job.name}: data.landing is not configured; there is no landing folder to ingest")
     with engine_for(job) as engine:

@@ -20,11 +20,12 @@ from dagster_project.model_assets import (
     recommendations,
     trained_model,
 )
-from dagster_project.resources import MLflowResource, RayResource, SpecResource
+from dagster_project.resources import MLflowResource, RayResource, SparkResource, SpecResource
 
 
 def build_definitions(spec: SpecResource, ray: RayResource, mlflow: MLflowResource, landing: bool = False,
-                      timezone: str = "UTC", automation_running: bool = False) -> Definitions:
+                      timezone: str = "UTC", automation_running: bool = False,
+                      spark: SparkResource | None = None) -> Definitions:
     """The asset graph (data -> training -> alignment -> evaluation -> serving), its checks, the
     nightly schedule and the sensors. `landing` (a deployment whose spec has `data.landing`) adds the
     partitioned `bronze/landed_day` asset and the jobs that ingest it. Runs execute in one process
@@ -37,5 +38,6 @@ def build_definitions(spec: SpecResource, ray: RayResource, mlflow: MLflowResour
         jobs += [ingest_job, nightly_job]
         sensors.append(landing_sensor(automation_running))
     return Definitions(assets=assets, jobs=jobs, schedules=[nightly_schedule(landing, timezone, automation_running)],
-                       sensors=sensors, resources={"spec": spec, "ray": ray, "mlflow": mlflow},
+                       sensors=sensors, resources={"spec": spec, "spark": spark or SparkResource(), "ray": ray,
+                                                   "mlflow": mlflow},
                        executor=in_process_executor)

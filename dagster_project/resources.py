@@ -37,6 +37,20 @@ class SpecResource(ConfigurableResource):
             raise ValueError(f"spec {self.spec_path}: must lie inside the project ({ROOT}) to travel with a Ray job") from None
 
 
+class SparkResource(ConfigurableResource):
+    """The Spark engine the data assets run on, over the spec's `spark` section: unset fields keep the
+    spec's (the embedded Sail server by default); `remote` with a Spark Connect URL, `cluster` with
+    delta-spark on a master (see the README's cluster guide)."""
+
+    engine: str | None = Field(None, description="sail | local | remote | cluster")
+    remote: str | None = Field(None, description="Spark Connect URL for engine=remote (sc://host:15002)")
+    master: str | None = Field(None, description="JVM master for engine=local/cluster")
+
+    def spec_overrides(self) -> list[str]:
+        return [f"spark.{k}={v}" for k, v in (("engine", self.engine), ("remote", self.remote),
+                                               ("master", self.master)) if v]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

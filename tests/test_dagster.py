@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 from dagster_project.data_assets import LANDING_DAYS, lake_tables, landed_day
 from dagster_project.deployment import build_definitions
 from dagster_project.gate import decide
-from dagster_project.resources import MLflowResource, RayResource, SpecResource
+from dagster_project.resources import MLflowResource, RayResource, SparkResource, SpecResource
 from jobs.lake import published_versions
 from jobs.spec import GateSpec, load_spec
 
@@ -52,7 +52,7 @@ def test_definitions_load():
 
 def test_materialize_data_assets_publishes_the_version_set(tmp_path):
     resource = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}"])
-    result = materialize([lake_tables], resources={"spec": resource})
+    result = materialize([lake_tables], resources={"spec": resource, "spark": SparkResource()})
     assert result.success
     mats = {m.asset_key: m.metadata for m in result.asset_materializations_for_node("lake_tables")}
     assert mats[AssetKey(["gold", "user_index"])]["rows"].value == 943
@@ -124,14 +124,15 @@ def landing_spec(tmp_path, ml100k_lake):
 def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_path):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-20"])
-    first = materialize([landed_day], partition_key="2026-11-20", resources={"spec": landing_spec}, instance=instance)
+    res = {"spec": landing_spec, "spark": SparkResource(engine="sail")}
+    first = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
     meta = first.asset_materializations_for_node("bronze__landed_day")[0].metadata
     assert meta["bronze_inserted"].value == 3 and meta["quarantine_inserted"].value == 1
     assert meta["silver_inserted"].value == 2 and meta["gold_rebuilt"].value and meta["published"].value
     spec = landing_spec.load()
     lake_versions = published_versions(spec)
     assert lake_versions == meta["published_versions"].value
-    again = materialize([landed_day], partition_key="2026-11-20", resources={"spec": landing_spec}, instance=instance)
+    again = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
     meta = again.asset_materializations_for_node("bronze__landed_day")[0].metadata
     assert (meta["bronze_inserted"].value, meta["quarantine_inserted"].value, meta["silver_inserted"].value) == (0, 0, 0)
     assert meta["gold_rebuilt"].value is False and published_versions(spec) == lake_versions
@@ -165,8 +166,8 @@ def test_schedule_and_sensors_evaluate_to_the_right_run_requests(landing_spec, t
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     bad = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}/empty"])
     instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-23"])
-    failed = materialize([landed_day], partition_key="2026-11-23", resources={"spec": bad}, instance=instance,
-                         raise_on_error=False)
+    failed = materialize([landed_day], partition_key="2026-11-23", resources={"spec": bad, "spark": SparkResource()},
+                         instance=instance, raise_on_error=False)
     assert not failed.success
     from dagster import build_run_status_sensor_context
     run = instance.get_run_by_id(failed.run_id)
