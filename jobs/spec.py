@@ -2,13 +2,16 @@
 `--set a.b=value` overrides."""
 from __future__ import annotations
 
+import codecs
 import copy
 import os
+import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -34,6 +37,16 @@ class MovieLensSource(Strict):
     kind: Literal["movielens"]
     path: str = Field(description="folder holding ratings.dat/movies.dat or ratings.csv/movies.csv")
     encoding: str | None = Field(None, description="file encoding; default latin-1 for .dat, utf-8 for .csv")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}") from None
+        return value
 
 
 class AmazonSource(Strict):
@@ -113,6 +126,12 @@ class ValueRange(Strict):
     min: float | None = None
     max: float | None = None
 
+    @model_validator(mode="after")
+    def _ordered(self) -> "ValueRange":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
 
 class KCore(Strict):
     user: int = Field(0, ge=0, description="minimum interactions per user (0 = off)")
@@ -127,14 +146,46 @@ class SplitSpec(Strict):
     valid_start: str | None = Field(None, description="temporal: explicit cut date (YYYY-MM-DD)")
     test_start: str | None = Field(None, description="temporal: explicit cut date (YYYY-MM-DD)")
 
+    @field_validator("valid_start", "test_start", mode="before")
+    @classmethod
+    def _date_text(cls, value):
+        return value.isoformat() if isinstance(value, date) else value  # YAML reads 2021-01-01 as a date
+
+    @model_validator(mode="after")
+    def _dates(self) -> "SplitSpec":
+        cuts = {}
+        for key in ("valid_start", "test_start"):
+            text = getattr(self, key)
+            if text is not None:
+                try:
+                    cuts[key] = date.fromisoformat(text)
+                except ValueError:
+                    raise ValueError(f"{key}={text!r} is not a date (YYYY-MM-DD)") from None
+        if len(cuts) == 2 and not cuts["valid_start"] < cuts["test_start"]:
+            raise ValueError(f"valid_start {self.valid_start} must come before test_start {self.test_start}")
+        return self
+
 
 class ItemTextSpec(Strict):
     template: str = "Title: {title}. Genres: {categories}."
     max_chars: int = Field(1024, gt=0)
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def safe_name(value: str) -> str:
+    """A name used as a folder or run name: letters, digits, `.`, `_`, `-`; no path, no `..`."""
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a usable name: letters, digits, '.', '_' and '-' only, "
+                         "starting with a letter or digit, no '..' (it names folders and runs)")
+    return value
+
+
 class DataSpec(Strict):
     name: str = Field(description="dataset folder under the lake root")
+
+    _name = field_validator("name")(classmethod(lambda cls, v: safe_name(v)))
     source: Source
     landing: LandingSpec | None = None
     value_range: ValueRange = ValueRange()
@@ -252,7 +303,7 @@ class TrainSpec(Strict):
 
 
 class EvalSpec(Strict):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 200])
+    ks: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [5, 10, 20, 50, 200], min_length=1)
     batch_size: int = Field(1024, gt=0, description="users per full-ranking batch")
     cold_item_max: int = Field(10, ge=0, description="slice: targets with at most this many train interactions")
     short_history_max: int = Field(20, gt=0, description="slice: histories at most this long are 'short'")
@@ -333,6 +384,8 @@ class ChecksSpec(Strict):
 
 class JobSpec(Strict):
     name: str
+
+    _name = field_validator("name")(classmethod(lambda cls, v: safe_name(v)))
     data: DataSpec
     spark: SparkSpec = SparkSpec()
     lake: LakeSpec = LakeSpec()
@@ -365,8 +418,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise SpecError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. a date YAML reads as one, 2020-13-01
+        raise SpecError(f"--set {text!r}: value is not valid YAML: {exc}") from None
     return parts, value
 
 
@@ -441,8 +494,8 @@ def read_spec_doc(path: str | Path, relative_to: Path | None = None, chain: tupl
         raise SpecError(f"spec {chain[0]}: base cycle {' -> '.join(str(c) for c in (*chain, p))}")
     try:
         doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec {p}: not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, ValueError) as exc:
+        raise SpecError(f"spec {p}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise SpecError(f"spec {p}: top level must be a mapping")
     base = doc.pop("base", None)

@@ -111,10 +111,18 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_id = tracking.start_run(spec, run_name, "align",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name,
                                  "align.init_model": start.label}, {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
-    checkpoint = fit(spec, align_worker,
-                     {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
-                      "init": start.path, "cache_dir": cache_dir, "run_id": run_id, "tracking_uri": tracking_uri(spec),
-                      "pid_dir": pid_dir}, run_name, "alignment")
+    with tracking.failed_on_error(spec, run_id):
+        checkpoint = fit(spec, align_worker,
+                         {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
+                          "init": start.path, "cache_dir": cache_dir, "run_id": run_id, "tracking_uri": tracking_uri(spec),
+                          "pid_dir": pid_dir}, run_name, "alignment")
+        return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
+
+
+def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb, start, cache_dir: str | None,
+           register: bool) -> dict:
+    """Driver side after fit: model.pt, start vs aligned on valid and test, MLflow, registry."""
+    t = spec.train
     aligned = final_model(checkpoint)
     p = aligned.progress
     aligned.extra = {"align": {"method": spec.align.method, "init": start.label}}

@@ -154,7 +154,10 @@ def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
             if not t.use_gpu else None))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:  # Ray Train V2 raises when the worker group fails for good
+        raise RuntimeError(f"{what} run {run_name} failed: {exc}") from exc
     if result.error:
         raise RuntimeError(f"{what} run {run_name} failed: {result.error}")
     return result.checkpoint

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import subprocess
 import time
 from pathlib import Path
@@ -89,6 +90,16 @@ def artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlruns").as_uri()
     return None
+
+
+@contextmanager
+def failed_on_error(spec: JobSpec, run_id: str):
+    """Mark the run FAILED when the block raises (else it would stay RUNNING forever), and re-raise."""
+    try:
+        yield
+    except BaseException:
+        MlflowClient(tracking_uri(spec)).set_terminated(run_id, status="FAILED")
+        raise
 
 
 def metric_key(name: str) -> str:

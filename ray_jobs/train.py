@@ -93,9 +93,15 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_id = tracking.start_run(spec, run_name, "train",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
-    checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
-                                          "deepspeed": ds_cfg, "run_id": run_id, "tracking_uri": tracking_uri(spec),
-                                          "pid_dir": pid_dir, "init_file": init_file}, run_name, "training")
+    with tracking.failed_on_error(spec, run_id):
+        checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
+                                              "deepspeed": ds_cfg, "run_id": run_id, "tracking_uri": tracking_uri(spec),
+                                              "pid_dir": pid_dir, "init_file": init_file}, run_name, "training")
+        return finish(spec, run_name, run_id, checkpoint, data, started, register)
+
+
+def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData, started: str, register: bool) -> dict:
+    """Driver side after fit: model.pt, evaluation on valid and test beside popularity, MLflow, registry."""
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -20,8 +21,8 @@ from spark import quality
 from spark.delta_io import MergeResult, merge_table, read_table, table_version, write_table
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
-from spark.sources import RawSource, landing_days, read_landing_day, read_source
-from spark.transforms import (assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
+from spark.sources import RawSource, SourceError, landing_days, read_landing_day, read_source
+from spark.transforms import (EmptyData, assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
                               filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
                               tag_interactions, temporal_split, typed_interactions)
 
@@ -216,8 +217,11 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold."""
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
+    check_landing(spec)
     with steps.step("read source"):
         src = read_source(engine, d.source)
+        if src.interactions.limit(1).count() == 0:  # before anything is written
+            raise SourceError(f"data.source ({d.source.kind}) has no rows: nothing to build")
     with steps.step("bronze/interactions_raw"):
         v_raw = lake.write(engine, _bronze_columns(add_record_ids(src.interactions, ingest_date)), "interactions_raw")
     bronze = lake.read(engine, "interactions_raw", v_raw)
@@ -250,6 +254,13 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     return summary
 
 
+def check_landing(spec: JobSpec) -> None:
+    """A configured landing folder must exist (a typo would otherwise ingest nothing, silently)."""
+    landing = spec.data.landing
+    if landing is not None and not os.path.isdir(landing.path):
+        raise SourceError(f"data.landing.path {landing.path}: no such folder")
+
+
 def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int, v_silver: int) -> Accounting:
     """Where every raw row went. Raw rows and silver rows come from the written tables, quarantined
     rows from the quarantine table, valid rows from the typed bronze rows: `accounted` holds when
@@ -274,6 +285,7 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, re
     lake, d = Lake.of(spec), spec.data
     if d.landing is None:
         raise ValueError(f"spec {spec.name}: data.landing is not configured; nothing to ingest for {day}")
+    check_landing(spec)
     if lake.version("interactions") is None:
         raise ValueError(f"spec {spec.name}: no silver table at {lake.path('interactions')}; run `llmrec etl` first")
     with steps.step(f"landing {day}: read"):
@@ -333,6 +345,8 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
         if d.dedup != "natural_key":  # the window of collapse_repeats is worth computing once
             df = engine.materialize(df)
         n_filtered = df.count()
+        if n_filtered == 0:
+            raise EmptyData(f"no interaction is left after data.min_value={d.min_value} and data.dedup={d.dedup}")
         df, rounds = kcore(df, d.kcore.user, d.kcore.item, d.kcore.max_rounds, engine.materialize)
     with steps.step("gold/user_index + item_index"):
         v_users = lake.write(engine, assign_ids(df, "user_id", "user_idx"), "user_index")

@@ -107,6 +107,10 @@ class KCoreNotConverged(RuntimeError):
     pass
 
 
+class EmptyData(ValueError):
+    """A step left no interactions: a bad filter or k-core setting for this data, named in the message."""
+
+
 def min_interactions(df: DataFrame, key: str) -> int:
     """The fewest rows any value of `key` has (0 for an empty frame)."""
     return df.groupBy(key).count().agg(F.min("count")).collect()[0][0] or 0
@@ -140,6 +144,9 @@ def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
             df = materialize(df)
         after = df.count()
         rounds.append({"round": r, "rows": after, "removed": before - after})
+        if after == 0:
+            raise EmptyData(f"data.kcore (user >= {user_k}, item >= {item_k}) removes every interaction "
+                            f"({before} before round {r}): lower the bounds for this data")
         before = after
     if kcore_holds(df, user_k, item_k):
         return df, rounds

@@ -209,3 +209,14 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     model = mlflow.pyfunc.load_model("models:/align-smoke@challenger")
     pred = model.predict(pd.DataFrame({"history": [[1, 2, 3]]}), params={"k": 5})
     assert len(pred["item_ids"][0]) == 5
+
+
+def test_a_failed_run_is_marked_failed_in_mlflow(tmp_path, local_ray, ray_overrides):
+    """A worker that cannot build its model fails the run; the MLflow run says FAILED, not RUNNING."""
+    spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-fail", "train.epochs=1", "train.workers=1",
+                                          "model.kind=hllm", f"model.user_llm={tmp_path}/no-such-model"))
+    with pytest.raises(RuntimeError, match="training run dist-fail failed"):
+        run(spec, register=False)
+    client = mlflow.MlflowClient(spec.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("llmrec").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -268,3 +268,26 @@ def test_remote_engine_against_a_separate_spark_connect_server(sail, tmp_path):
         assert sail.session.range(3).count() == 3  # the in-process engine is untouched
     finally:
         server.stop()
+
+
+def test_bad_input_is_a_clear_error_before_anything_is_written(sail, make_spec, tmp_path):
+    """A missing landing folder and an empty source are refused before any table is written; a
+    k-core that removes every interaction is refused and nothing is published."""
+    lake = tmp_path / "lake"
+    missing = make_spec(lake=str(lake), landing={"path": str(tmp_path / "no-such-folder")})
+    with pytest.raises(ValueError, match=r"data.landing.path .*no-such-folder: no such folder"):
+        run_etl(missing, sail)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("u,i,t\n")
+    source = {"kind": "generic", "path": str(empty), "columns": {"user_id": "u", "item_id": "i", "ts": "t"}}
+    with pytest.raises(ValueError, match=r"data.source \(generic\) has no rows"):
+        run_etl(make_spec(lake=str(lake), source=source), sail)
+    assert not lake.exists()
+    greedy = make_spec(lake=str(lake), kcore={"user": 100000, "item": 5})
+    with pytest.raises(ValueError, match=r"data.kcore \(user >= 100000, item >= 5\) removes every interaction"):
+        run_etl(greedy, sail)
+    assert published_versions(greedy) is None
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", "movielens-100k-smoke",
+                           "--set", f"lake.root={lake}", "--set", "data.kcore.user=100000"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "removes every interaction" in proc.stderr and "Traceback" not in proc.stderr

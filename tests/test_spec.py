@@ -136,3 +136,21 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
         run(load_spec("movielens-100k-smoke", ["train.storage_path=s3://b/ray"]))
     with pytest.raises(SpecError, match=r"'train\.fit_on'"):
         load_spec("movielens-100k-smoke", ["train.fit_on=everything"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.value_range={min: 5, max: 1}", r"'data\.value_range': .*min 5\.0 is greater than max 1\.0"),
+    ("eval.ks=[]", r"'eval\.ks': List should have at least 1 item"),
+    ("eval.ks=[0, 10]", r"'eval\.ks\.0': Input should be greater than 0"),
+    ("name=../escape", r"'name': .*'\.\./escape' is not a usable name"),
+    ("data.name=a/b", r"'data\.name': .*'a/b' is not a usable name"),
+    ("name=", r"'name': .*'' is not a usable name"),
+    ("data.split={kind: temporal, valid_start: 'Jan 5'}", r"valid_start='Jan 5' is not a date"),
+    ("data.split={kind: temporal, valid_start: 2021-02-01, test_start: 2021-01-01}",
+     r"valid_start 2021-02-01 must come before test_start 2021-01-01"),
+    ("data.split={kind: temporal, valid_start: 2020-13-01}", r"value is not valid YAML: month must be in 1\.\.12"),
+    ("data.source={kind: movielens, path: /x, encoding: latin-9x}", r"'data\.source\.encoding': .*unknown encoding"),
+])
+def test_inconsistent_values_are_refused_with_the_key_named(override, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec("movielens-100k-smoke", [override])
