@@ -56,7 +56,8 @@ def lake_tables(context: AssetExecutionContext, spec: SpecResource, spark: Spark
     acc, gold, v = summary.accounting, summary.gold, summary.versions
     extra = {"interactions_raw": {"rows": acc.raw_rows},
              "quarantine": {"rows": acc.quarantined_rows, "by_reason": MetadataValue.json(acc.quarantined_by_reason)},
-             "interactions": {"rows": acc.silver_rows, "duplicates_removed": acc.duplicates_removed},
+             "interactions": {"rows": acc.silver_rows, "duplicates_removed": acc.duplicates_removed,
+                              "conflicting_keys": acc.conflicting_keys},
              "item_index": {"rows": gold.items,
                             "preview": preview(lake, "item_index", v["item_index"], ["item_idx", "item_id", "text"])},
              "user_index": {"rows": gold.users},
@@ -85,7 +86,11 @@ def landed_day(context: AssetExecutionContext, spec: SpecResource, spark: SparkR
         raise ValueError(f"spec {job.name}: data.landing is not configured; there is no landing folder to ingest")
     with engine_for(job) as engine:
         r = ingest_day(job, engine, context.partition_key)
-    meta = {"rows": r.rows, "bronze_inserted": r.bronze.inserted, "quarantine_inserted": r.quarantine.inserted,
+    acc = r.accounting
+    meta = {"rows": r.rows, "quarantined": acc.quarantined_rows,
+            "quarantined_by_reason": MetadataValue.json(acc.quarantined_by_reason),
+            "duplicates_removed": acc.duplicates_removed, "conflicting_keys": acc.conflicting_keys,
+            "accounted": acc.accounted, "bronze_inserted": r.bronze.inserted, "quarantine_inserted": r.quarantine.inserted,
             "silver_inserted": r.silver.inserted, "silver_updated": r.silver.updated,
             "silver_version": r.silver.version, "gold_rebuilt": r.gold is not None}
     if r.gold is not None:

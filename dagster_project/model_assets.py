@@ -16,7 +16,7 @@ from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
 from dagster_project.resources import ROOT, MLflowResource, RayResource, SpecResource
 from jobs.lake import published_versions
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, check_override_secrets
 
 CHAMPION = "champion"
 
@@ -50,6 +50,7 @@ def run_job(context: AssetExecutionContext, module: str, spec: SpecResource, ray
     """Submit `python -m <module>` with the deployment's spec and overrides as a Ray job through Pipes."""
     base = spec.load(*mlflow.spec_overrides())
     sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
+    check_override_secrets(sets)
     entry = ["python", "-m", module, "--spec", spec.job_spec_path(), *[x for o in sets for x in ("--set", o)], *args]
     return ray.pipes_client().run(context=context, submit_job_params={
         "entrypoint": shlex.join(entry), "runtime_env": {"working_dir": str(ROOT)}})

@@ -132,7 +132,8 @@ class MLflowResource(ConfigurableResource):
     """The MLflow tracking store and model registry (unset: the spec's, else $MLFLOW_TRACKING_URI,
     else sqlite:///mlflow.db in the project)."""
 
-    tracking_uri: str | None = Field(None, description="e.g. http://mlflow:5000 or sqlite:////abs/mlflow.db")
+    tracking_uri: str | None = Field(None, description="e.g. http://mlflow:5000 or sqlite:////abs/mlflow.db; "
+                                     "a URI with a token as ${env:NAME} (read where it is used, never on a command line)")
 
     def spec_overrides(self) -> list[str]:
         return [f"tracking.uri={self.tracking_uri}"] if self.tracking_uri else []
@@ -140,6 +141,6 @@ class MLflowResource(ConfigurableResource):
     def client(self, spec: JobSpec):
         from mlflow import MlflowClient
 
-        from jobs.spec import tracking_uri
-        uri = self.tracking_uri or tracking_uri(spec)
+        from jobs.spec import from_env, tracking_uri
+        uri = from_env(self.tracking_uri, "MLflowResource.tracking_uri") if self.tracking_uri else tracking_uri(spec)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)

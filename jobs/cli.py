@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.lake import LakeBusy
 from jobs.progress import Steps
-from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path
+from jobs.spec import SpecError, check_override_secrets, dump_spec, load_spec, local_overrides, mask_uri, resolve_spec_path
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -62,7 +63,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
         results = [etl.ingest_day(spec, engine, day, steps) for day in days]
     print(json.dumps([dataclasses.asdict(r) for r in results], indent=2, default=str))
-    return 0
+    return 0 if all(r.accounting.accounted for r in results) else 3
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -140,6 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--spec {args.spec}: must lie inside the project ({root}) to travel with the job") from None
     overrides = args.overrides + submit_overrides(spec, args.address)
+    check_override_secrets(overrides)
     entry = ["python", "-m", SUBMIT_ENTRYPOINTS[args.job], "--spec", spec_arg]
     for o in overrides:
         entry += ["--set", o]
@@ -195,7 +197,9 @@ def _report(summary, out: str | None, lake) -> int:
     t.add_column("figure")
     t.add_column("value", justify="right")
     rows = [("raw rows (bronze)", acc.raw_rows), ("quarantined rows", acc.quarantined_rows),
-            ("duplicates removed", acc.duplicates_removed), ("silver interactions", acc.silver_rows),
+            ("duplicates removed", acc.duplicates_removed),
+            ("  of them: keys with conflicting values (largest kept)", acc.conflicting_keys),
+            ("silver interactions", acc.silver_rows),
             ("accounted (raw = silver + quarantined + duplicates)", acc.accounted),
             ("gold interactions", gold.interactions), ("users", gold.users), ("items", gold.items),
             ("k-core rounds", len(gold.kcore_rounds))]
@@ -258,7 +262,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     wide.print(f"champion: {f'models:/{name}@champion = version {champion.version}' if champion else 'none yet'}")
     wide.print(f"recommendations: {table_path(spec, 'recommendations')} (Delta; `llmrec tables --spec {args.spec}`)")
     wide.print("look at it all: `make ui` (Dagster, http://127.0.0.1:3000) and "
-               f"`.venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1` (MLflow)", soft_wrap=True)
+               f"`.venv/bin/mlflow ui --backend-store-uri {mask_uri(uri)} --host 127.0.0.1` (MLflow)", soft_wrap=True)
     return 0
 
 
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, FileNotFoundError, ValueError) as exc:
+    except (SpecError, FileNotFoundError, ValueError, LakeBusy) as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return 2
 

@@ -8,10 +8,15 @@ each table", so a failed or half-finished run changes nothing they see.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Iterator
 
-from jobs.spec import JobSpec, absolute_path
+from jobs.spec import JobSpec, absolute_path, storage_options
 
 TABLES = {
     "interactions_raw": "bronze/interactions_raw",
@@ -24,6 +29,56 @@ TABLES = {
     "recommendations": "gold/recommendations",
 }
 PUBLISHED = "_etl/published"
+LOCK = "_etl/lock"
+
+
+class LakeBusy(RuntimeError):
+    """Another ETL holds the dataset's lock; the message names it."""
+
+
+_held: dict[str, int] = {}  # lock file -> nesting depth in this process (a full run ingests landed days)
+
+
+@contextmanager
+def etl_lock(spec: JobSpec) -> Iterator[None]:
+    """One ETL at a time per dataset: an exclusive `flock` on `<dataset>/_etl/lock`, taken without
+    waiting; a second run (another process, or another Dagster run) gets `LakeBusy` naming the
+    holder and writes nothing. The kernel drops the lock when its holder dies, so a killed run never
+    leaves the lake locked. Object-store roots (`s3://...`) have no file lock: serialise their ETLs
+    in the orchestrator (the Dagster deployment runs one data job at a time per dataset)."""
+    root = dataset_root(spec)
+    if "://" in root:
+        yield
+        return
+    path = f"{root}/{LOCK}"
+    if _held.get(path):
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise LakeBusy(f"dataset {spec.data.name} at {root} is being written by another ETL ({holder}); "
+                           f"nothing was changed: run again when it has finished") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n".encode(), 0)
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def dataset_root(spec: JobSpec) -> str:
@@ -44,7 +99,7 @@ def publish(spec: JobSpec, versions: dict[str, int], source: str) -> int:
     path = f"{dataset_root(spec)}/{PUBLISHED}"
     row = pa.table({"published_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
                     "versions": [json.dumps(versions, sort_keys=True)], "source": [source]})
-    opts = spec.lake.storage_options or None
+    opts = storage_options(spec)
     write_deltalake(path, row, mode="append", storage_options=opts)
     return DeltaTable(path, storage_options=opts).version()
 
@@ -54,7 +109,7 @@ def published_versions(spec: JobSpec) -> dict[str, int] | None:
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
     try:
-        table = DeltaTable(f"{dataset_root(spec)}/{PUBLISHED}", storage_options=spec.lake.storage_options or None)
+        table = DeltaTable(f"{dataset_root(spec)}/{PUBLISHED}", storage_options=storage_options(spec))
     except TableNotFoundError:
         return None
     rows = table.to_pyarrow_table(columns=["published_at", "versions"]).sort_by([("published_at", "descending")])

@@ -32,21 +32,22 @@ class MovieLensPackagedSource(Strict):
     variant: Literal["ml-1m", "ml-100k"] = "ml-1m"
 
 
+def known_encoding(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+    return value
+
+
 class MovieLensSource(Strict):
     """Official MovieLens downloads: ml-1m/ml-10m `ratings.dat`+`movies.dat`, or ml-latest CSVs."""
     kind: Literal["movielens"]
     path: str = Field(description="folder holding ratings.dat/movies.dat or ratings.csv/movies.csv")
     encoding: str | None = Field(None, description="file encoding; default latin-1 for .dat, utf-8 for .csv")
 
-    @field_validator("encoding")
-    @classmethod
-    def _known_encoding(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                codecs.lookup(value)
-            except LookupError:
-                raise ValueError(f"unknown encoding {value!r}") from None
-        return value
+    _encoding = field_validator("encoding")(classmethod(lambda cls, v: known_encoding(v)))
 
 
 class AmazonSource(Strict):
@@ -88,7 +89,11 @@ class GenericSource(Strict):
     ts_format: str = Field("epoch_s", description="epoch_s | epoch_ms | a Spark datetime pattern")
     delimiter: str = ","
     header: bool = True
+    encoding: str = Field("utf-8", description="text encoding of CSV / JSON files (lines it can't decode are "
+                          "quarantined as invalid_encoding)")
     items: GenericItems | None = None
+
+    _encoding = field_validator("encoding")(classmethod(lambda cls, v: known_encoding(v)))
 
 
 class SyntheticSource(Strict):
@@ -118,6 +123,22 @@ class LandingSpec(Strict):
     ts_format: str = "epoch_s"
     delimiter: str = ","
     header: bool = True
+    encoding: str = Field("utf-8", description="text encoding of CSV / JSON files")
+
+    _encoding = field_validator("encoding")(classmethod(lambda cls, v: known_encoding(v)))
+
+
+class TimeRange(Strict):
+    """Plausible interaction times; anything outside is quarantined as `timestamp_out_of_range` (a
+    seconds column read as milliseconds lands in January 1970 and is caught here)."""
+    earliest: date = Field(date(1995, 1, 1), description="first plausible day (UTC)")
+    latest: date | None = Field(None, description="last plausible day (UTC); none = the day after the ETL runs")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TimeRange":
+        if self.latest is not None and self.latest < self.earliest:
+            raise ValueError(f"data.time_range: latest {self.latest} is before earliest {self.earliest}")
+        return self
 
 
 # ----------------------------------------------------------------------------- data
@@ -189,6 +210,9 @@ class DataSpec(Strict):
     source: Source
     landing: LandingSpec | None = None
     value_range: ValueRange = ValueRange()
+    time_range: TimeRange = TimeRange()
+    max_line_bytes: int = Field(4 << 20, gt=0, description="longer source lines are quarantined as oversize_line "
+                                "(never read whole into memory)")
     min_value: float | None = Field(None, description="keep interactions with value >= this (gold)")
     dedup: Literal["natural_key", "user_item_first", "user_item_last"] = "natural_key"
     kcore: KCore = KCore()
@@ -543,19 +567,105 @@ def _absolute_sqlite(uri: str) -> str:
 
 def tracking_uri(spec: JobSpec) -> str:
     """The spec's MLflow URI, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a sqlite
-    path is made absolute, so Ray workers and submitted jobs write to the same store."""
-    return _absolute_sqlite(spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    path is made absolute, so Ray workers and submitted jobs write to the same store. `${env:NAME}`
+    in the spec's URI is read from the environment here, where it is used."""
+    uri = from_env(spec.tracking.uri, "tracking.uri") if spec.tracking.uri else None
+    uri = _absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    if mask_uri(uri) != uri:  # MLflow prints "View run ... at: <uri>/#/..." when a run ends
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return uri
 
 
 def local_overrides(spec: JobSpec) -> list[str]:
     """`--set` overrides that make the spec's relative local paths (lake, caches, checkpoints, Ray
     storage, a sqlite tracking store) absolute: what a job submitted to a head on this machine needs,
-    since it runs in an uploaded copy of the project where `./.lake` would be empty."""
+    since it runs in an uploaded copy of the project where `./.lake` would be empty. A tracking
+    server's URI is left to the spec and the job's environment (it may carry a token)."""
     a = absolute_paths(spec)
-    return [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
-            f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}",
-            f"tracking.uri={tracking_uri(a)}"]
+    sets = [f"lake.root={a.lake.root}", f"model.cache_dir={a.model.cache_dir}",
+            f"train.checkpoint_dir={a.train.checkpoint_dir}", f"train.storage_path={a.train.storage_path}"]
+    uri = tracking_uri(a)
+    return sets + ([f"tracking.uri={uri}"] if uri.startswith("sqlite:") else [])
+
+
+# ----------------------------------------------------------------------------- secrets
+# Credentials live in the environment: a spec names them as `${env:NAME}` in `lake.storage_options`,
+# `spark.conf`, `spark.remote` and `tracking.uri`, and they are read only where they are used.
+# Whatever the spec holds, what leaves the process (MLflow params and artifacts, checkpoints,
+# printed specs, job command lines) goes through `public_doc`, which masks secret values.
+
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|account_key|sas|signature|"
+                         r"private|session_key|api_key|apikey|auth", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.IGNORECASE)
+_URI_SECRET_PARAM = re.compile(r"([;?&](?:token|password|secret|key|sig|access_token|api_key)=)([^;&]*)", re.IGNORECASE)
+MASK = "***"
+
+
+def from_env(value: str, where: str) -> str:
+    """`value` with each `${env:NAME}` replaced by that environment variable; unset: an error naming both."""
+    def var(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise SpecError(f"{where}: environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+    return _ENV_REF.sub(var, value)
+
+
+def storage_options(spec: JobSpec) -> dict[str, str] | None:
+    """`lake.storage_options` with environment references read (None when empty, as deltalake wants)."""
+    opts = {k: from_env(v, f"lake.storage_options.{k}") for k, v in spec.lake.storage_options.items()}
+    return opts or None
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def mask_uri(uri: str) -> str:
+    """A URI without the password of its user info and without token-like parameters (an
+    `${env:NAME}` reference in their place is kept: it is not the secret)."""
+    def userinfo(m: re.Match) -> str:
+        user, colon, password = m.group(2).partition(":")
+        if not colon:
+            return m.group(0) if _ENV_REF.fullmatch(user) else m.group(1) + MASK + "@"
+        return m.group(1) + user + ":" + (password if _ENV_REF.fullmatch(password) else MASK) + "@"
+    uri = _URI_USERINFO.sub(userinfo, uri)
+    return _URI_SECRET_PARAM.sub(lambda m: m.group(0) if _ENV_REF.fullmatch(m.group(2)) else m.group(1) + MASK, uri)
+
+
+def _mask(key: str, value: str) -> str:
+    if _ENV_REF.fullmatch(value):
+        return value  # a reference, not a secret
+    return MASK if is_secret_key(key) else value
+
+
+def public_doc(spec: JobSpec) -> dict:
+    """The spec as a plain mapping with every secret value masked: what MLflow, checkpoints, printed
+    specs and logs get. Storage options and Spark settings whose key names a credential, and the
+    password or token in a tracking or Spark Connect URI, become `***`; `${env:NAME}` stays."""
+    doc = spec.model_dump(mode="json")
+    doc["lake"]["storage_options"] = {k: _mask(k, v) for k, v in doc["lake"]["storage_options"].items()}
+    doc["spark"]["conf"] = {k: _mask(k, v) for k, v in doc["spark"]["conf"].items()}
+    for section, key in (("tracking", "uri"), ("spark", "remote")):
+        if doc[section][key]:
+            doc[section][key] = mask_uri(doc[section][key])
+    return doc
+
+
+def check_override_secrets(overrides: list[str]) -> None:
+    """Overrides go on a job's command line, which Ray keeps and shows: a credential given as a
+    literal value there is refused (name it `${env:NAME}` instead)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        k = key.strip()
+        value = value.strip()
+        literal = (k.startswith(("lake.storage_options.", "spark.conf.")) and is_secret_key(k.split(".", 2)[-1])
+                   and not _ENV_REF.fullmatch(value)) or (k in ("tracking.uri", "spark.remote") and mask_uri(value) != value)
+        if literal:
+            raise SpecError(f"--set {k}: a credential would be written on the job's command line; "
+                            f"pass it through the environment as {k}=${{env:NAME}}")
 
 
 def dump_spec(spec: JobSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    """The spec as YAML, secrets masked (`public_doc`)."""
+    return yaml.safe_dump(public_doc(spec), sort_keys=False)

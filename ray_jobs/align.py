@@ -73,7 +73,7 @@ def align_worker(cfg: dict) -> None:
     state.stateful["aligner"] = aligner
     if not backend.restore():
         aligner.init_reference(a.seed)
-    reporter = tracking.MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
+    reporter = tracking.MetricLogger(tracking_uri(spec), cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
         else Reporter()
 
     def step(i: int):
@@ -114,7 +114,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     with tracking.failed_on_error(spec, run_id):
         checkpoint = fit(spec, align_worker,
                          {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
-                          "init": start.path, "cache_dir": cache_dir, "run_id": run_id, "tracking_uri": tracking_uri(spec),
+                          "init": start.path, "cache_dir": cache_dir, "run_id": run_id,
                           "pid_dir": pid_dir}, run_name, "alignment")
         return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
 

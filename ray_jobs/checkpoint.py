@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from jobs.files import write_atomic
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, public_doc
 from ray_jobs.models import build_model
 
 FORMAT = "llmrec-checkpoint/1"
@@ -26,13 +26,33 @@ def save(path: str, payload: dict) -> str:
     return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load(path: str) -> dict:
-    """Read a file written by `save`; anything that would need code to unpickle is refused."""
+def load(path: str, map_location="cpu", allowed: tuple = ()) -> dict:
+    """Read a file written by `save`; anything that would need code to unpickle is refused.
+    `allowed`: classes the file may hold besides tensors and plain values (rebuilt from their
+    fields, never by calling code named in the file)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refusing to load it: not a checkpoint of plain tensors and values "
                          f"({str(exc).splitlines()[0]})") from None
+
+
+def deepspeed_state_types() -> tuple:
+    """The only classes DeepSpeed's own ZeRO checkpoint shards hold (an enum, a named tuple of two
+    ints, the loss scaler's fields); `safe_deepspeed_loads` lets these through and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return ZeroStageEnum, fragment_address, LossScaler
+
+
+def safe_deepspeed_loads(engine) -> None:
+    """DeepSpeed reads its checkpoint shards with `torch.load(weights_only=False)`, which runs any
+    code a crafted file names: route its reads through `load` (weights only, DeepSpeed's own state
+    types allowed) so a resumed shard from shared storage is data too."""
+    allowed = deepspeed_state_types()
+    engine.checkpoint_engine.load = lambda path, map_location=None: load(path, map_location, allowed)
 
 
 @dataclass
@@ -49,7 +69,7 @@ class ModelCheckpoint:
         return len(self.item_text) - 1
 
     def payload(self) -> dict:
-        return {"format": FORMAT, "weights": self.weights, "spec": self.spec.model_dump(mode="json"),
+        return {"format": FORMAT, "weights": self.weights, "spec": public_doc(self.spec),
                 "item_text": list(self.item_text), "versions": dict(self.versions), "progress": self.progress,
                 "extra": self.extra}
 

@@ -12,7 +12,7 @@ import torch
 from deltalake import DeltaTable
 
 from jobs.lake import read_versions, table_path
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, storage_options
 
 
 @dataclass
@@ -31,6 +31,7 @@ class SeqData:
     popularity: np.ndarray              # (num_items + 1,) interactions per item in the training sequences
     item_text: list[str]                # index = item id ("" at 0)
     versions: dict = field(default_factory=dict)  # Delta versions read, for lineage
+    train_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # user_idx of each train row
 
     def fit_sequences(self, fit_on: str = "train") -> list[np.ndarray]:
         """The sequences to train on: the train split, or train + the validation target (all but the
@@ -50,7 +51,7 @@ class SeqData:
 def _read(spec: JobSpec, table: str, version: int | None, columns: list[str]):
     path = table_path(spec, table)
     try:
-        dt = DeltaTable(path, version=version, storage_options=spec.lake.storage_options or None)
+        dt = DeltaTable(path, version=version, storage_options=storage_options(spec))
     except Exception as exc:  # delta-rs raises TableNotFoundError and friends
         raise FileNotFoundError(f"gold table {table} not readable at {path} (version {version}): {exc}; "
                                 f"run `llmrec etl --spec ...` first") from exc
@@ -82,7 +83,8 @@ def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
         return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
                          np.asarray([x[2] for x in r], dtype=np.int64))
 
-    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions)
+    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions,
+                   np.asarray([r[0] for r in rows["train"]], dtype=np.int64))
 
 
 def training_windows(seqs: list[np.ndarray], max_len: int, kind: str = "all") -> list[np.ndarray]:

@@ -27,7 +27,12 @@ import torch
 from torch import nn
 
 from jobs.spec import JobSpec
-from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
+from ray_jobs.checkpoint import (
+    ModelCheckpoint,
+    read_model,
+    safe_deepspeed_loads,
+    save_model,
+)
 from ray_jobs.data import SeqData, train_batches, training_windows
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model
@@ -261,6 +266,7 @@ class DeepSpeedBackend(Backend):
         self.engine, _, _, _ = deepspeed.initialize(model=state.module, optimizer=state.optimizer,
                                                     lr_scheduler=state.scheduler, config=ds_config,
                                                     dist_init_required=False)
+        safe_deepspeed_loads(self.engine)
         self.zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
         self.comm = Collectives(collective_device(dist.get_backend(), device))
 

@@ -2,8 +2,10 @@
 
     python -m ray_jobs.recommend --spec S [--model models:/NAME@champion | PATH] [--k 100]
 
-Each user's whole known sequence (everything up to and including the test item) is the history;
-items in it are never recommended. Users are split over Ray tasks (on GPUs when train.use_gpu);
+Every user of `user_index` gets K items. A user's whole known sequence (everything up to and
+including the test item; for a user with fewer than 3 interactions, who has no test row, the 1–2
+items of the train row) is the model's history; items in it are never recommended. A user with no
+sequence at all gets the most popular items. The job reports how many users each case covered. Users are split over Ray tasks (on GPUs when train.use_gpu);
 the driver commits one Delta write that replaces only the rows of the same model name and version,
 so a rerun is idempotent and other models' and versions' rows stay for comparison.
 """
@@ -18,17 +20,31 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from jobs.lake import table_path
-from jobs.spec import JobSpec, absolute_paths
+from jobs.spec import JobSpec, absolute_paths, storage_options
 from ray_jobs.checkpoint import load_model
 from ray_jobs.data import load_sequences
 from ray_jobs.runtime import DagsterReport, init_ray, job_main, json_metadata, ray_get, resolve_model
 from ray_jobs.scoring import scorer, top_k
 
 
-def full_histories(data) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Users and their full sequences (test history + test target)."""
+def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Users and their full known sequences: test history + test target, and for users without a
+    test row (fewer than 3 interactions) their train row. Returns also how many are such short ones."""
     t = data.test
-    return t.users, [np.append(h, y) for h, y in zip(t.histories, t.targets)]
+    seqs = {int(u): np.append(h, y) for u, h, y in zip(t.users, t.histories, t.targets)}
+    short = {int(u): s for u, s in zip(data.train_users, data.train) if int(u) not in seqs and len(s)}
+    seqs.update(short)
+    users = np.asarray(sorted(seqs), dtype=np.int64)
+    return users, [seqs[int(u)] for u in users], len(short)
+
+
+def popular_top(popularity: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The K most popular items (training interactions; ties by id) for each of `n_users` users
+    without any known item, with their share of interactions as the score."""
+    order = np.lexsort((np.arange(len(popularity)), -popularity))
+    order = order[order != 0][:k]
+    share = (popularity[order] / max(int(popularity.sum()), 1)).astype(np.float32)
+    return np.tile(order, (n_users, 1)), np.tile(share, (n_users, 1))
 
 
 def _top_task(checkpoint: str, cache_dir: str | None, item_text: list[str], item_index_version: int,
@@ -62,7 +78,7 @@ def write_recommendations(spec: JobSpec, table: pa.Table, model_name: str, model
     """Replace this model's rows of this version (one commit; other models' and versions' rows
     stay); returns the table version. Only a missing table is created: any other error is raised."""
     path = table_path(spec, "recommendations")
-    opts = spec.lake.storage_options or None
+    opts = storage_options(spec)
     try:
         DeltaTable(path, storage_options=opts)
         exists = True
@@ -82,7 +98,7 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     spec = absolute_paths(spec)
     resolved = resolve_model(spec, model)
     data = load_sequences(spec)
-    users, histories = full_histories(data)
+    users, histories, n_short = full_histories(data)
     k = min(k, data.num_items - 1)
     init_ray(spec)
     use_gpu = spec.train.use_gpu
@@ -93,10 +109,14 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     scores = np.empty((len(users), k), dtype=np.float32)
     for r, (ids, vals) in enumerate(parts):
         top[r::workers], scores[r::workers] = ids, vals
-    opts = spec.lake.storage_options or None
+    opts = storage_options(spec)
     uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts, version=data.versions.get("user_index")
                       ).to_pyarrow_table(columns=["user_idx", "user_id"])
     user_ids = dict(zip(uidx["user_idx"].to_pylist(), uidx["user_id"].to_pylist()))
+    cold = np.asarray(sorted(set(user_ids) - set(users.tolist())), dtype=np.int64)
+    if len(cold):
+        pop_top, pop_scores = popular_top(data.popularity, len(cold), k)
+        users, top, scores = np.concatenate([users, cold]), np.vstack([top, pop_top]), np.vstack([scores, pop_scores])
     iidx = DeltaTable(table_path(spec, "item_index"), storage_options=opts,
                       version=data.versions["item_index"]).to_pyarrow_table(columns=["item_idx", "item_id"])
     item_ids = [""] * (data.num_items + 1)
@@ -106,6 +126,8 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     delta_version = write_recommendations(spec, table, resolved.name, resolved.version)
     preview = table.slice(0, min(10, table.num_rows)).select(["user_id", "rank", "item_id", "score"]).to_pylist()
     return {"table": table_path(spec, "recommendations"), "delta_version": delta_version, "users": int(len(users)),
+            "users_by_source": {"model": int(len(users) - len(cold) - n_short), "model_short_history": n_short,
+                                "popularity": int(len(cold))},
             "rows": table.num_rows, "k": k, "model_name": resolved.name, "model_version": resolved.version,
             "versions": data.versions, "preview": preview}
 
@@ -115,7 +137,7 @@ def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
     lines += [f"| {r['user_id']} | {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in out["preview"]]
     return DagsterReport(metadata={
         "path": {"raw_value": out["table"], "type": "path"}, "delta_version": out["delta_version"], "users": out["users"],
-        "rows": out["rows"], "k": out["k"], "model_name": out["model_name"], "model_version": out["model_version"],
+        "users_by_source": json_metadata(out["users_by_source"]), "rows": out["rows"], "k": out["k"], "model_name": out["model_name"], "model_version": out["model_version"],
         "delta_versions_read": json_metadata(out["versions"]), "preview": {"raw_value": "\n".join(lines), "type": "md"}}, checks={})
 
 

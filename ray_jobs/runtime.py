@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -30,12 +31,28 @@ USER_ERRORS = (SpecError, FileNotFoundError, ValueError)
 
 # ----------------------------------------------------------------------------- Ray
 
+def local_token_auth() -> bool:
+    """Token authentication for a Ray this process starts itself: Ray 2.60's GCS, raylet and agents
+    listen on every interface whatever the node address, so a local Ray is only private if it asks
+    for a token. A fresh random token goes into this process's environment (inherited by the Ray
+    processes it starts, never written anywhere); Ray reads the mode when it is imported, so this
+    must run first. Returns whether the mode is (now) token; an explicit RAY_AUTH_MODE is kept."""
+    if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return os.environ.get("RAY_AUTH_MODE") == "token"
+
+
 def init_ray(spec: JobSpec) -> None:
-    """Join the spec's Ray cluster, the one this process was submitted to, or start a local one."""
+    """Join the spec's Ray cluster, the one this process was submitted to, or start a local one
+    (with token authentication: `local_token_auth`)."""
+    address = spec.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        local_token_auth()
     import ray
     if ray.is_initialized():
         return
-    address = spec.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:

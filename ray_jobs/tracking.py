@@ -16,6 +16,7 @@ import os
 from contextlib import contextmanager
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from jobs.spec import JobSpec, dump_spec, tracking_uri
+from jobs.spec import JobSpec, dump_spec, mask_uri, public_doc, tracking_uri
 from ray_jobs.checkpoint import load_model, read_model
 from ray_jobs.loop import Reporter
 from ray_jobs.models.hllm import cache_file
@@ -73,7 +74,7 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
     if spec.tracking.dagster_asset:
         tags["dagster.asset_key"] = spec.tracking.dagster_asset
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
-    params = flatten(spec.model_dump(mode="json"))
+    params = flatten(public_doc(spec))
     params.update({k: str(v) for k, v in (extra_params or {}).items()})
     items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -109,11 +110,25 @@ def metric_key(name: str) -> str:
 
 class MetricLogger(Reporter):
     """Buffered metric logging to one run by id (rank 0 of a Ray Train worker group), with the
-    node's CPU / memory / GPU utilisation as MLflow `system/*` metrics."""
+    node's CPU / memory / GPU utilisation as MLflow `system/*` metrics.
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float | None = None) -> None:
+    A tracking server outage does not fail training (which would spend the worker-failure budget):
+    a flush that fails keeps its metrics, warns once, and is retried at the next flush (no sooner
+    than `retry_after` seconds) and, at the end, `close` retries for up to `final_wait` seconds. What
+    still can't be sent is reported in a warning; the driver's final publishing then fails the run
+    if the server is still away. MLflow's own blocking retries are cut to one for this logger."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float | None = None,
+                 retry_after: float = 30.0, final_wait: float = 120.0, max_buffer: int = 1_000_000) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
+        self.retry_after, self.final_wait, self.max_buffer = retry_after, final_wait, max_buffer
         self.buffer: list = []
+        self.failing_since: float | None = None
+        self.next_try = 0.0
+        self.dropped = 0
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         if system_metrics_every is None:
             system_metrics_every = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5))
@@ -124,36 +139,70 @@ class MetricLogger(Reporter):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         self.buffer += [mlflow.entities.Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v == v]
+        if len(self.buffer) > self.max_buffer:  # a very long outage: keep the newest
+            self.dropped += len(self.buffer) - self.max_buffer
+            self.buffer = self.buffer[-self.max_buffer:]
         if len(self.buffer) >= self.flush_every:
             self.flush()
 
     def epoch(self, record: dict, monitor: str) -> None:
         self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self.buffer), 900):
-            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 900])
-        self.buffer = []
+    def flush(self) -> bool:
+        """Send the buffer; False (metrics kept) when the tracking server can't be reached."""
+        if not self.buffer or time.monotonic() < self.next_try:
+            return not self.buffer
+        try:
+            while self.buffer:
+                self.client.log_batch(self.run_id, metrics=self.buffer[:900])
+                self.buffer = self.buffer[900:]
+        except Exception as exc:  # an outage: MlflowException, requests' ConnectionError, timeouts
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                warnings.warn(f"MLflow tracking unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              f"keeping metrics and retrying every {self.retry_after:.0f} s", RuntimeWarning)
+            self.next_try = time.monotonic() + self.retry_after
+            return False
+        if self.failing_since is not None:
+            warnings.warn(f"MLflow tracking back after {time.monotonic() - self.failing_since:.0f} s; buffered metrics sent",
+                          RuntimeWarning)
+            self.failing_since = None
+        return True
 
     def close(self) -> None:
-        self.flush()
+        deadline = time.monotonic() + self.final_wait
+        self.next_try = 0.0
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0)))
+            self.next_try = 0.0
+        if self.buffer or self.dropped:
+            warnings.warn(f"MLflow tracking: {len(self.buffer) + self.dropped} metrics of run {self.run_id} could not "
+                          f"be logged", RuntimeWarning)
         self.system.finish()
 
 
-class RecommenderModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: item-id histories -> top-K item ids with scores, history masked.
+class Recommender:
+    """The registered model's pyfunc: item-id histories -> top-K item ids with scores, history masked.
 
     Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
     lists. Params: `k` (default 10). Output: a DataFrame with `item_ids` and `scores` lists.
-    The weights are read as data (`checkpoint.load_model`), never unpickled as code."""
 
-    def load_context(self, context) -> None:
-        cache = context.artifacts.get("item_cache")
-        self.model, ckpt = load_model(context.artifacts["checkpoint"], cache_dir=os.path.dirname(cache) if cache else None)
+    The registered model holds data only: `MLmodel` names this installed module as the pyfunc
+    loader (`loader_module`), and `data/` holds `model.pt` (weights read with
+    `torch.load(weights_only=True)`) and, for a cached-mode HLLM, its item-embedding cache. No
+    pickle and no code travel with it, so loading it needs llmrec installed and runs nothing from
+    the registry."""
+
+    def __init__(self, data_path: str) -> None:
+        files = {f: os.path.join(data_path, f) for f in os.listdir(data_path)}
+        if "model.pt" not in files:
+            raise FileNotFoundError(f"{data_path}: no model.pt in the registered model's data")
+        caches = [f for f in files if f.startswith("items-") and f.endswith(".pt")]
+        self.model, ckpt = load_model(files["model.pt"], cache_dir=data_path if caches else None)
         self.score = scorer(self.model, ckpt.spec.data.max_seq_len)
         self.num_items = ckpt.num_items
 
-    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
         histories = list(model_input["history"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         histories = [np.asarray([i for i in h if 0 < int(i) <= self.num_items], dtype=np.int64) for h in histories]
@@ -161,25 +210,34 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})
 
 
+def _load_pyfunc(data_path: str) -> Recommender:
+    """MLflow's pyfunc entry point for `loader_module="ray_jobs.tracking"`."""
+    return Recommender(data_path)
+
+
 def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, alias: str = "challenger") -> int:
-    """Log the pyfunc (checkpoint, and a cached-mode HLLM's item-embedding cache, inside; our code
-    with it) to the run, register it under the spec's model name, point `alias` at the new version."""
+    """Log the pyfunc (the checkpoint, and a cached-mode HLLM's item-embedding cache, as its data;
+    `Recommender` as its installed loader) to the run, register it under the spec's model name,
+    point `alias` at the new version."""
+    import shutil
+    import tempfile
     uri = tracking_uri(spec)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     ckpt = read_model(checkpoint_file)
-    artifacts = {"checkpoint": checkpoint_file}
     item_cache = cache_file(ckpt.spec.model, ckpt.versions.get("item_index"))
-    if item_cache:
-        artifacts["item_cache"] = item_cache
     example = pd.DataFrame({"history": [[1, 2, 3]]})
     signature = mlflow.models.infer_signature(example, pd.DataFrame({"item_ids": [[4, 5]], "scores": [[0.9, 0.8]]}),
                                               params={"k": 10})
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        shutil.copyfile(checkpoint_file, os.path.join(data, "model.pt"))
+        if item_cache:
+            shutil.copyfile(item_cache, os.path.join(data, os.path.basename(item_cache)))
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=RecommenderModel(), artifacts=artifacts,
-            code_paths=[str(PROJECT_ROOT / "jobs"), str(PROJECT_ROOT / "ray_jobs")],
-            signature=signature, registered_model_name=model_name(spec))
+            name="model", loader_module="ray_jobs.tracking", data_path=data, signature=signature,
+            pip_requirements=[f"mlflow=={mlflow.__version__}"], registered_model_name=model_name(spec))
     version = int(info.registered_model_version)
     MlflowClient(uri).set_registered_model_alias(model_name(spec), alias, version)
     return version
@@ -209,8 +267,8 @@ def run_link(spec: JobSpec, run_id: str) -> str:
     uri = tracking_uri(spec)
     if uri.startswith(("http://", "https://")):
         exp = MlflowClient(uri).get_run(run_id).info.experiment_id
-        return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
-    return f"{uri} run {run_id} (mlflow ui --backend-store-uri {uri})"
+        return f"{mask_uri(uri).rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"{mask_uri(uri)} run {run_id} (mlflow ui --backend-store-uri {mask_uri(uri)})"
 
 
 def final_metrics(prefix: str, result: dict) -> dict[str, float]:

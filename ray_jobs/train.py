@@ -76,7 +76,7 @@ def train_worker(cfg: dict) -> None:
     backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
                                lambda: build_model(spec, data.item_text, data.versions.get("item_index")))
     backend.restore()
-    reporter = tracking.MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
+    reporter = tracking.MetricLogger(tracking_uri(spec), cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
         else Reporter()
     run_epochs(state, backend, data, reporter)
 
@@ -95,7 +95,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     with tracking.failed_on_error(spec, run_id):
         checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
-                                              "deepspeed": ds_cfg, "run_id": run_id, "tracking_uri": tracking_uri(spec),
+                                              "deepspeed": ds_cfg, "run_id": run_id,
                                               "pid_dir": pid_dir, "init_file": init_file}, run_name, "training")
         return finish(spec, run_name, run_id, checkpoint, data, started, register)
 

@@ -1,11 +1,12 @@
 """The ETL pipeline: source -> bronze -> silver -> gold Delta tables; full runs and daily MERGEs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -14,16 +15,16 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.files import write_atomic
-from jobs.lake import TABLES, dataset_root, publish
+from jobs.lake import TABLES, dataset_root, etl_lock, publish
 from jobs.progress import QUIET, Steps
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, storage_options
 from spark import quality
 from spark.delta_io import MergeResult, merge_table, read_table, table_version, write_table
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
 from spark.sources import RawSource, SourceError, landing_days, read_landing_day, read_source
 from spark.transforms import (EmptyData, assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
-                              filter_min_value, index_interactions, kcore, leave_one_out, quarantine_rows,
+                              filter_min_value, index_interactions, kcore, leave_one_out, line_checks, quarantine_rows,
                               tag_interactions, temporal_split, typed_interactions)
 
 NATURAL_KEY = ["user_id", "item_id", "ts"]
@@ -37,8 +38,11 @@ ETL_TABLES: dict[str, list[str]] = {
 
 @dataclass
 class Accounting:
-    """Where every raw row of a full build went: `accounted` holds when raw = silver + quarantined
-    + duplicates removed."""
+    """Where every raw row went: `accounted` holds when raw = silver + quarantined + duplicates
+    removed. `conflicting_keys`: natural keys (user, item, time) that came with different values;
+    the largest value is kept (`transforms.deduplicate`) and the other rows count as duplicates
+    removed. For a landed day, `silver_rows` are the day's rows after deduplication, before the
+    MERGE (whose inserted / updated / unchanged counts the IngestResult carries)."""
     raw_rows: int
     quarantined_rows: int
     quarantined_by_reason: dict[str, int]
@@ -46,6 +50,7 @@ class Accounting:
     silver_rows: int
     accounted: bool
     item_rows_quarantined_by_reason: dict[str, int]
+    conflicting_keys: int = 0
 
 
 @dataclass
@@ -83,6 +88,7 @@ class IngestResult:
     silver: MergeResult
     gold: GoldBuild | None = None
     gold_skipped: str | None = None
+    accounting: Accounting | None = None
 
 
 @dataclass
@@ -119,7 +125,8 @@ class EtlSummary:
             return IngestResult(d["day"], d["rows"], *(MergeResult(**d[k]) for k in ("bronze", "quarantine", "silver")),
                                 GoldBuild(GoldStats(**gold["gold"]), gold["versions"],
                                           [CheckResult(**c) for c in gold["checks"]], gold.get("published"))
-                                if gold else None, d.get("gold_skipped"))
+                                if gold else None, d.get("gold_skipped"),
+                                Accounting(**d["accounting"]) if d.get("accounting") else None)
         return cls(doc["spec"], doc["dataset"], doc["engine"], doc["lake"], doc["source"], doc["ingest_date"],
                    Accounting(**doc["accounting"]) if doc.get("accounting") else None, GoldStats(**doc["gold"]),
                    doc["versions"], [CheckResult(**c) for c in doc["checks"]], doc.get("published"),
@@ -135,7 +142,7 @@ class Lake:
 
     @classmethod
     def of(cls, spec: JobSpec) -> "Lake":
-        return cls(dataset_root(spec), spec.lake.storage_options)
+        return cls(dataset_root(spec), storage_options(spec) or {})
 
     def path(self, table: str) -> str:
         return f"{self.root}/{TABLES[table]}"
@@ -185,10 +192,25 @@ def add_record_ids(raw: DataFrame, ingest_date: str) -> DataFrame:
         .withColumn("ingest_date", F.lit(ingest_date).cast("date"))
 
 
-def tag_items(items: DataFrame) -> DataFrame:
-    reason = F.when(F.col("parse_error").isNotNull(), F.lit("malformed_line")) \
-        .when(F.col("item_id").isNull(), F.lit("missing_item_id"))
+def tag_items(items: DataFrame, id_pattern: str | None = None) -> DataFrame:
+    checks = [*line_checks(), ("missing_item_id", F.col("item_id").isNull())]
+    if id_pattern is not None:
+        checks.append(("invalid_item_id", ~F.col("item_id").rlike(id_pattern)))
+    reason = F.lit(None).cast("string")
+    for name, failed in reversed(checks):
+        reason = F.when(failed, F.lit(name)).otherwise(reason)
     return items.withColumn("reason", reason)
+
+
+def tag(src: RawSource, spec: JobSpec, bronze: DataFrame) -> DataFrame:
+    """`tag_interactions` with the spec's value and time ranges and the source's id format; the
+    latest plausible time, unless set, is the end of the day after today (UTC)."""
+    d = spec.data
+    earliest = int(datetime(*d.time_range.earliest.timetuple()[:3], tzinfo=timezone.utc).timestamp())
+    latest_day = d.time_range.latest or (datetime.now(timezone.utc).date() + timedelta(days=1))
+    latest = int(datetime(*latest_day.timetuple()[:3], tzinfo=timezone.utc).timestamp()) + 86399
+    return tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value,
+                            (earliest, latest), src.id_pattern)
 
 
 def silver_items(tagged_items: DataFrame) -> DataFrame:
@@ -213,22 +235,32 @@ def _bronze_columns(df: DataFrame) -> DataFrame:
 
 # ----------------------------------------------------------------------------- full run
 
+def locked(fn):
+    """Run `fn(spec, ...)` holding the dataset's ETL lock (`jobs.lake.etl_lock`)."""
+    @functools.wraps(fn)
+    def run(spec: JobSpec, *args, **kwargs):
+        with etl_lock(spec):
+            return fn(spec, *args, **kwargs)
+    return run
+
+
+@locked
 def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold."""
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
     check_landing(spec)
     with steps.step("read source"):
-        src = read_source(engine, d.source)
+        src = read_source(engine, d.source, d.max_line_bytes)
         if src.interactions.limit(1).count() == 0:  # before anything is written
             raise SourceError(f"data.source ({d.source.kind}) has no rows: nothing to build")
     with steps.step("bronze/interactions_raw"):
         v_raw = lake.write(engine, _bronze_columns(add_record_ids(src.interactions, ingest_date)), "interactions_raw")
     bronze = lake.read(engine, "interactions_raw", v_raw)
-    tagged = tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value)
+    tagged = tag(src, spec, bronze)
     items_tagged = None
     if src.items is not None:
-        items_tagged = tag_items(add_record_ids(src.items, ingest_date))
+        items_tagged = tag_items(add_record_ids(src.items, ingest_date), src.id_pattern)
     with steps.step("bronze/quarantine"):
         q = quarantine_rows(tagged, "interaction")
         if items_tagged is not None:
@@ -273,11 +305,30 @@ def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int
     valid_rows = typed_interactions(tagged).count()
     silver_rows = lake.count("interactions", v_silver)
     return Accounting(raw_rows, quarantined, dict(sorted(reasons["interaction"].items())), valid_rows - silver_rows,
-                      silver_rows, raw_rows == valid_rows + quarantined, dict(sorted(reasons["item"].items())))
+                      silver_rows, raw_rows == valid_rows + quarantined, dict(sorted(reasons["item"].items())),
+                      conflicting_keys(typed_interactions(tagged)))
+
+
+def conflicting_keys(typed: DataFrame) -> int:
+    """Natural keys that arrive with more than one distinct value."""
+    return typed.groupBy(*NATURAL_KEY).agg(F.countDistinct("value").alias("n")).filter(F.col("n") > 1).count()
+
+
+def account_day(tagged: DataFrame) -> Accounting:
+    """Where every row of a landed day went, from its tagged rows (before the MERGEs)."""
+    raw_rows = tagged.count()
+    reasons = {r["reason"]: int(r["count"]) for r in tagged.filter(F.col("reason").isNotNull())
+               .groupBy("reason").count().collect()}
+    typed = typed_interactions(tagged)
+    valid_rows, kept = typed.count(), deduplicate(typed).count()
+    quarantined = sum(reasons.values())
+    return Accounting(raw_rows, quarantined, dict(sorted(reasons.items())), valid_rows - kept, kept,
+                      raw_rows == valid_rows + quarantined, {}, conflicting_keys(typed))
 
 
 # ----------------------------------------------------------------------------- incremental
 
+@locked
 def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, rebuild_gold: bool = True) -> IngestResult:
     """MERGE one landed day into bronze, quarantine and silver on their keys, then rebuild gold.
 
@@ -289,19 +340,19 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, re
     if lake.version("interactions") is None:
         raise ValueError(f"spec {spec.name}: no silver table at {lake.path('interactions')}; run `llmrec etl` first")
     with steps.step(f"landing {day}: read"):
-        src: RawSource = read_landing_day(engine, d.landing, day)
+        src: RawSource = read_landing_day(engine, d.landing, day, d.max_line_bytes)
         bronze = engine.materialize(_bronze_columns(add_record_ids(src.interactions, today_utc())))
     with steps.step(f"landing {day}: bronze merge"):
         r_raw = merge_table(engine, bronze, lake.path("interactions_raw"), ["record_id"],
                             storage_options=lake.storage_options)
-    tagged = tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value)
+    tagged = tag(src, spec, bronze)
     with steps.step(f"landing {day}: quarantine merge"):
         r_q = merge_table(engine, quarantine_rows(tagged, "interaction"), lake.path("quarantine"), ["record_id"],
                           storage_options=lake.storage_options)
     with steps.step(f"landing {day}: silver merge"):
         r_s = merge_table(engine, deduplicate(typed_interactions(tagged)), lake.path("interactions"), NATURAL_KEY,
                           compare=["value"], storage_options=lake.storage_options)
-    result = IngestResult(day, bronze.count(), r_raw, r_q, r_s)
+    result = IngestResult(day, bronze.count(), r_raw, r_q, r_s, accounting=account_day(tagged))
     if rebuild_gold:
         previous = read_summary(lake)
         built_from = previous.versions.get("interactions") if previous else None
@@ -333,6 +384,7 @@ def split_cuts(df: DataFrame, spec: JobSpec) -> tuple[int, int]:
     return valid, test
 
 
+@locked
 def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None) -> GoldBuild:
     """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits,
     then the data-quality checks; with `publish_as`, the version set is published (readers switch to

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
-from jobs.spec import SparkSpec
+from jobs.spec import SparkSpec, from_env
 
 # Global windows (dense id assignment) are intended; PySpark's Connect client warns on each one.
 warnings.filterwarnings("ignore", message=".*No Partition Defined for Window operation.*")
@@ -70,7 +70,7 @@ def _sail(spec: SparkSpec) -> Engine:
 
 
 def _remote(spec: SparkSpec) -> Engine:
-    session = SparkSession.builder.remote(spec.remote).create()
+    session = SparkSession.builder.remote(from_env(spec.remote, "spark.remote")).create()
     _apply_conf(session, spec)
     return Engine("remote", session, native_delta=True)
 
@@ -89,7 +89,7 @@ def _jvm_builder(spec: SparkSpec, app_name: str) -> SparkSession.Builder:
         .config("spark.driver.host", "127.0.0.1")
     )
     for key, value in spec.conf.items():
-        builder = builder.config(key, value)
+        builder = builder.config(key, from_env(value, f"spark.conf.{key}"))
     return builder
 
 
@@ -117,7 +117,7 @@ def _apply_conf(session: SparkSession, spec: SparkSpec) -> None:
     session.conf.set("spark.sql.session.timeZone", "UTC")
     session.conf.set("spark.sql.shuffle.partitions", str(spec.shuffle_partitions))
     for key, value in spec.conf.items():
-        session.conf.set(key, value)
+        session.conf.set(key, from_env(value, f"spark.conf.{key}"))
 
 
 def start_engine(spec: SparkSpec, app_name: str = "llmrec", scratch_root: str | None = None) -> Engine:

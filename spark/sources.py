@@ -7,11 +7,14 @@ row is kept verbatim and lands in quarantine with a reason instead of disappeari
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
 import gzip
 import importlib.util
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +25,7 @@ from pyspark.sql import functions as F
 from jobs.spec import (AmazonSource, GenericItems, GenericSource, LandingSpec, MovieLensPackagedSource,
                        MovieLensSource, SyntheticSource)
 from spark.session import Engine
+from spark.transforms import OVERSIZE
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "value", "raw", "parse_error", "source_file"]
 ITEM_COLUMNS = ["item_id", "title", "categories", "description", "attributes", "raw", "parse_error",
@@ -34,6 +38,10 @@ class RawSource:
     items: DataFrame | None
     ts_format: str  # epoch_s | epoch_ms | a Spark datetime pattern
     has_value: bool = True  # False: implicit feedback, every interaction gets value 1.0
+    id_pattern: str | None = None  # the source's own id format (a regex both engines read); others quarantined
+
+
+INTEGER_IDS = r"^[0-9]+$"  # MovieLens user and movie ids
 
 
 class SourceError(ValueError):
@@ -64,25 +72,98 @@ def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     return [os.path.abspath(f) for f in files]
 
 
-def read_lines(engine: Engine, files: list[str], skip_header: bool = False) -> DataFrame:
-    """Text lines of each file (gzip read transparently) with `source_file`; trailing CR stripped.
+MAX_LINE_BYTES = 4 << 20
+_CHUNK = 16 << 20
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _is_clean(path: str, encoding: str, max_line_bytes: int) -> bool:
+    """The file is valid `encoding` (UTF-8 or ASCII) and no line is longer than `max_line_bytes`:
+    one streaming pass, nothing held but a chunk."""
+    decoder = codecs.getincrementaldecoder(encoding)("strict")
+    partial = 0  # bytes of the line that runs on from the previous chunk
+    with _open_binary(path) as fh:
+        while chunk := fh.read(_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError:
+                return False
+            parts = chunk.split(b"\n")
+            if len(parts) == 1:
+                partial += len(chunk)
+            else:
+                partial += len(parts[0])
+                if max(partial, max(map(len, parts[1:-1]), default=0)) > max_line_bytes:
+                    return False
+                partial = len(parts[-1])
+            if partial > max_line_bytes:
+                return False
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _staged_lines(fh, encoding: str, max_line_bytes: int):
+    """Lines of a binary stream decoded from `encoding` (undecodable bytes become U+FFFD); a line
+    over `max_line_bytes` is never read whole: it becomes one OVERSIZE marker line with its length
+    and first KiB."""
+    while line := fh.readline(max_line_bytes + 1):
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            size, head = len(line), line[:1024]
+            while (more := fh.readline(1 << 20)) and not more.endswith(b"\n"):
+                size += len(more)
+            size += len(more.rstrip(b"\n"))
+            yield f"{OVERSIZE}{size} bytes:" + head.decode(encoding, errors="replace").replace("\r", "") + "\n"
+        else:
+            yield line.decode(encoding, errors="replace")
+
+
+def stage_text(path: str, encoding: str, max_line_bytes: int, out_dir: str) -> str:
+    """A text file the Spark engines read the same way: the file itself when it is valid UTF-8 with
+    no line over the limit, else a UTF-8 copy (gzip undone) in which undecodable bytes are U+FFFD
+    (quarantined as `invalid_encoding`) and oversize lines are OVERSIZE markers (quarantined as
+    `oversize_line`). Sail refuses a whole file over one bad byte and JVM Spark silently writes
+    U+FFFD; neither holds a huge line in check. Object-store paths are read as they are."""
+    if "://" in path:
+        return path
+    name = codecs.lookup(encoding).name
+    if name in ("utf-8", "ascii") and _is_clean(path, name, max_line_bytes):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"{uuid.uuid4().hex[:8]}-{os.path.basename(path).removesuffix('.gz')}")
+    with _open_binary(path) as src, open(out, "w", encoding="utf-8", newline="") as dst:
+        dst.writelines(_staged_lines(src, name, max_line_bytes))
+    return out
+
+
+def read_lines(engine: Engine, files: list[str], skip_header: bool = False, encoding: str = "utf-8",
+               max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
+    """Text lines of each file (gzip read transparently) with `source_file` (the file as named, even
+    when a staged copy is read: `stage_text`); trailing CR stripped.
 
     Lines are split on LF only: Sail's default splitter breaks some CRLF pairs into an extra empty
     line (124 phantom rows on ML-1M's CRLF file); with LF the CR is simply stripped."""
     frames = []
     for f in files:
-        df = engine.session.read.option("lineSep", "\n").text(f).select(F.regexp_replace("value", "\r$", "").alias("value"))
+        staged = stage_text(f, encoding, max_line_bytes, os.path.join(engine.scratch, "staged"))
+        df = engine.session.read.option("lineSep", "\n").text(staged).select(
+            F.regexp_replace("value", "\r$", "").alias("value"))
         if skip_header:
-            header = first_line(f)
+            header = first_line(staged)
             df = df.filter(F.col("value") != F.lit(header))
         frames.append(df.withColumn("source_file", F.lit(f)))
     return _union(frames)
 
 
-def first_line(path: str) -> str:
+def first_line(path: str, encoding: str = "utf-8", limit: int = MAX_LINE_BYTES) -> str:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        return fh.readline().rstrip("\r\n")
+    with opener(path, "rt", encoding=encoding, errors="replace") as fh:
+        return fh.readline(limit).rstrip("\r\n")
 
 
 def _union(frames: list[DataFrame]) -> DataFrame:
@@ -107,6 +188,33 @@ def split_delimited(lines: DataFrame, sep: str, names: list[str]) -> DataFrame:
     cols = [F.when(F.size(parts) == n, parts.getItem(i)).alias(name) for i, name in enumerate(names)]
     error = F.when(F.size(parts) != n, F.format_string(f"expected {n} fields, got %d", F.size(parts)))
     return lines.select(*cols, F.col("value").alias("raw"), error.alias("parse_error"), "source_file")
+
+
+def split_csv(lines: DataFrame, sep: str, names: list[str]) -> DataFrame:
+    """CSV fields of `value` into `names`, with RFC 4180 quoting (`"a, b"`, `""` for a quote inside
+    quotes); a wrong field count or unbalanced quotes sets `parse_error`. Regex functions only, so
+    Sail and JVM Spark split every line the same way. A multi-character separator has no quoting."""
+    if len(sep) != 1 or sep == '"':
+        return split_delimited(lines, sep, names)
+    in_class = "\\" + sep if sep in "\\]^-" else sep
+    fields = F.regexp_extract_all(F.concat(F.lit(sep), F.col("value")),
+                                  F.lit(f'{_regex_literal(sep)}("(?:[^"]|"")*"|[^{in_class}"]*)'), 1)
+
+    def unquoted(f: Column) -> Column:  # no higher-order lambda: Sail loses columns under them in unions
+        return F.when(f.startswith('"'), F.regexp_replace(F.regexp_replace(f, '^"|"$', ""), '""', '"')).otherwise(f)
+
+    n = len(names)
+    error = (F.when(F.size(fields) != n, F.format_string(f"expected {n} fields, got %d", F.size(fields)))
+             .when(F.concat_ws(sep, fields) != F.col("value"), F.lit("unbalanced quotes")))
+    return lines.select(*[F.when(error.isNull(), unquoted(fields.getItem(i))).alias(name) for i, name in enumerate(names)],
+                        F.col("value").alias("raw"), error.alias("parse_error"), "source_file")
+
+
+def csv_header(path: str, sep: str, header: bool, encoding: str = "utf-8") -> list[str]:
+    """Column names of a CSV file: its header line, or `_c0`, `_c1`, ... as many as the first line has."""
+    line = first_line(path, encoding)
+    row = next(csv.reader([line], delimiter=sep), []) if len(sep) == 1 else line.split(sep)
+    return [c.strip() for c in row] if header else [f"_c{i}" for i in range(len(row))]
 
 
 def _nonempty(col: Column) -> Column:
@@ -146,18 +254,6 @@ def items_frame(df: DataFrame, item: Column, title: Column | None, categories: C
     )
 
 
-def transcode_to_utf8(path: str, encoding: str, out_dir: str) -> str:
-    """Spark's text reader assumes UTF-8; other encodings are streamed into a UTF-8 copy first."""
-    if encoding.lower().replace("-", "").replace("_", "") in ("utf8", "ascii"):
-        return path
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, os.path.basename(path))
-    with open(path, encoding=encoding) as src, open(out, "w", encoding="utf-8") as dst:
-        for chunk in iter(lambda: src.read(1 << 20), ""):
-            dst.write(chunk)
-    return out
-
-
 _TITLE_YEAR = r"^(.*?)\s*\((\d{4})\)\s*$"
 
 
@@ -194,59 +290,48 @@ def _atomic_header(path: str) -> list[str]:
     return [h.split(":")[0] for h in first_line(path).split("\t")]
 
 
-def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource) -> RawSource:
+def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
     folder = packaged_movielens_dir(src.variant)
     stem = _PACKAGES[src.variant][2]
     inter = str(folder / f"{stem}.inter")
     names = _atomic_header(inter)
-    lines = read_lines(engine, [inter], skip_header=True)
+    lines = read_lines(engine, [inter], skip_header=True, max_line_bytes=max_line_bytes)
     parsed = split_delimited(lines, "\t", names)
     interactions = interactions_frame(parsed, F.col("user_id"), F.col("item_id"), F.col("timestamp"),
                                       F.col("rating"), F.col("raw"), F.col("parse_error"))
     item_file = str(folder / f"{stem}.item")
     inames = _atomic_header(item_file)
     genre_col = "genre" if "genre" in inames else "class"
-    ip = split_delimited(read_lines(engine, [item_file], skip_header=True), "\t", inames)
+    ip = split_delimited(read_lines(engine, [item_file], skip_header=True, max_line_bytes=max_line_bytes), "\t", inames)
     items = items_frame(
         ip, F.col("item_id"), F.col("movie_title"), F.split(F.col(genre_col), " "), None,
         F.to_json(F.struct(F.regexp_replace("release_year", r"\.0$", "").alias("year"))),
         F.col("raw"), F.col("parse_error"))
-    return RawSource(interactions, items, "epoch_s")
+    return RawSource(interactions, items, "epoch_s", id_pattern=INTEGER_IDS)
 
 
-def read_movielens(engine: Engine, src: MovieLensSource) -> RawSource:
+def read_movielens(engine: Engine, src: MovieLensSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
     folder = Path(src.path)
-    staging = os.path.join(engine.scratch, "transcoded")
     dat = (folder / "ratings.dat").exists()
     if not dat and not (folder / "ratings.csv").exists():
         raise SourceError(f"movielens source {src.path}: expected ratings.dat or ratings.csv in the folder")
     enc = src.encoding or ("latin-1" if dat else "utf-8")
     ratings_file, movies_file = folder / ("ratings.dat" if dat else "ratings.csv"), folder / ("movies.dat" if dat else "movies.csv")
-    ratings = transcode_to_utf8(str(ratings_file), enc, staging)
-    lines = read_lines(engine, [ratings], skip_header=not dat)
-    parsed = split_delimited(lines, "::" if dat else ",", ["u", "i", "r", "t"])
+    lines = read_lines(engine, [str(ratings_file.absolute())], skip_header=not dat, encoding=enc,
+                       max_line_bytes=max_line_bytes)
+    parsed = split_delimited(lines, "::", ["u", "i", "r", "t"]) if dat else \
+        split_csv(lines, ",", ["u", "i", "r", "t"])
     interactions = interactions_frame(parsed, F.col("u"), F.col("i"), F.col("t"), F.col("r"),
                                       F.col("raw"), F.col("parse_error"))
     items = None
     if movies_file.exists():
-        movies = transcode_to_utf8(str(movies_file), enc, staging)
-        if dat:
-            mp = split_delimited(read_lines(engine, [movies]), "::", ["i", "title", "genres"])
-        else:  # ml-latest titles are quoted CSV fields that may hold commas
-            mp = (engine.session.read.option("header", "true").option("quote", '"').option("escape", '"')
-                  .csv(movies).select(F.col("movieId").alias("i"), "title", "genres",
-                                      F.concat_ws(",", "movieId", "title", "genres").alias("raw"),
-                                      F.lit(None).cast("string").alias("parse_error"),
-                                      F.lit(movies).alias("source_file")))
-        items = _with_original_file(_movielens_items(mp), movies, str(movies_file))
-    return RawSource(_with_original_file(interactions, ratings, str(ratings_file)), items, "epoch_s")
-
-
-def _with_original_file(df: DataFrame, staged: str, original: str) -> DataFrame:
-    """Report the user's file, not our transcoded copy, as the source of each row."""
-    if os.path.abspath(staged) == os.path.abspath(original):
-        return df
-    return df.withColumn("source_file", F.lit(os.path.abspath(original)))
+        movie_lines = read_lines(engine, [str(movies_file.absolute())], skip_header=not dat, encoding=enc,
+                                 max_line_bytes=max_line_bytes)
+        # ml-latest titles are quoted CSV fields that may hold commas
+        mp = split_delimited(movie_lines, "::", ["i", "title", "genres"]) if dat else \
+            split_csv(movie_lines, ",", ["i", "title", "genres"])
+        items = _movielens_items(mp)
+    return RawSource(interactions, items, "epoch_s", id_pattern=INTEGER_IDS)
 
 
 def _movielens_items(mp: DataFrame) -> DataFrame:
@@ -275,8 +360,8 @@ def _malformed_json() -> Column:
     return F.when(F.get_json_object("value", "$").isNull(), F.lit("not a JSON object"))
 
 
-def read_amazon(engine: Engine, src: AmazonSource) -> RawSource:
-    lines = read_lines(engine, list_files(src.reviews, _JSON_SUFFIXES))
+def read_amazon(engine: Engine, src: AmazonSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
+    lines = read_lines(engine, list_files(src.reviews, _JSON_SUFFIXES), max_line_bytes=max_line_bytes)
     if src.kind == "amazon2018":
         interactions = interactions_frame(lines, _json("$.reviewerID"), _json("$.asin"),
                                           _json("$.unixReviewTime"), _json("$.overall"),
@@ -290,7 +375,7 @@ def read_amazon(engine: Engine, src: AmazonSource) -> RawSource:
         ts_format = "epoch_ms"
     items = None
     if src.metadata:
-        meta = read_lines(engine, list_files(src.metadata, _JSON_SUFFIXES))
+        meta = read_lines(engine, list_files(src.metadata, _JSON_SUFFIXES), max_line_bytes=max_line_bytes)
         if src.kind == "amazon2018":
             item_id, cats = _json("$.asin"), F.from_json(_json("$.category"), "array<string>")
             attrs = F.to_json(F.struct(_json("$.brand").alias("brand"), _json("$.main_cat").alias("main_category")))
@@ -306,20 +391,30 @@ def read_amazon(engine: Engine, src: AmazonSource) -> RawSource:
 
 # ----------------------------------------------------------------------------- generic + landing
 
-def read_table_file(engine: Engine, files: list[str], fmt: str, delimiter: str, header: bool) -> DataFrame:
-    """Rows of CSV / Parquet / JSON-lines files, every column as it is, plus `raw` and `source_file`."""
+def read_table_file(engine: Engine, files: list[str], fmt: str, delimiter: str, header: bool,
+                    encoding: str = "utf-8", max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
+    """Rows of CSV / Parquet / JSON-lines files, every column as it is, plus `raw` (the line as it
+    is in the file; a Parquet row as JSON), `parse_error` and `source_file`. A CSV line with more or
+    fewer fields than the header, or with unbalanced quotes, keeps its line with a `parse_error`."""
     frames = []
+    names: list[str] | None = None
     for f in files:
         if fmt == "csv":
-            df = engine.session.read.option("header", str(header).lower()).option("sep", delimiter).csv(f)
-            raw = F.concat_ws(delimiter, *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in df.columns])
-            df = df.withColumn("raw", raw).withColumn("parse_error", F.lit(None).cast("string"))
-        elif fmt == "parquet":
+            these = csv_header(f, delimiter, header, encoding)
+            if names is not None and these != names:
+                raise SourceError(f"{f}: columns {these} differ from {files[0]}'s {names}")
+            names = these
+            df = split_csv(read_lines(engine, [f], skip_header=header, encoding=encoding,
+                                      max_line_bytes=max_line_bytes), delimiter, names)
+            frames.append(df)
+            continue
+        if fmt == "parquet":
             df = engine.session.read.parquet(f)
             df = (df.withColumn("raw", F.to_json(F.struct(*[F.col(c) for c in df.columns])))
                   .withColumn("parse_error", F.lit(None).cast("string")))
         elif fmt == "json":
-            df = read_lines(engine, [f]).withColumn("raw", F.col("value")).withColumn("parse_error", _malformed_json())
+            df = read_lines(engine, [f], encoding=encoding, max_line_bytes=max_line_bytes) \
+                .withColumn("raw", F.col("value")).withColumn("parse_error", _malformed_json())
         else:
             raise SourceError(f"{f}: unsupported format {fmt!r}")
         frames.append(df.withColumn("source_file", F.lit(f)))
@@ -341,23 +436,26 @@ def _field(df: DataFrame, fmt: str, name: str | None, where: str) -> Column | No
 
 
 def read_generic_interactions(engine: Engine, files: list[str], fmt: str, columns, delimiter: str,
-                              header: bool, where: str) -> DataFrame:
-    df = read_table_file(engine, files, fmt, delimiter, header)
+                              header: bool, where: str, encoding: str = "utf-8",
+                              max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
+    df = read_table_file(engine, files, fmt, delimiter, header, encoding, max_line_bytes)
     cols = {k: _field(df, fmt, getattr(columns, k), where) for k in ("user_id", "item_id", "ts", "value")}
     return interactions_frame(df, cols["user_id"], cols["item_id"], cols["ts"], cols["value"],
                               F.col("raw"), F.col("parse_error"))
 
 
-def read_generic(engine: Engine, src: GenericSource) -> RawSource:
+def read_generic(engine: Engine, src: GenericSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
     files = list_files(src.path)
     interactions = read_generic_interactions(engine, files, src.format, src.columns, src.delimiter,
-                                             src.header, f"generic source {src.path}")
-    items = read_generic_items(engine, src.items) if src.items else None
+                                             src.header, f"generic source {src.path}", src.encoding, max_line_bytes)
+    items = read_generic_items(engine, src.items, src.encoding, max_line_bytes) if src.items else None
     return RawSource(interactions, items, src.ts_format, has_value=src.columns.value is not None)
 
 
-def read_generic_items(engine: Engine, spec: GenericItems) -> DataFrame:
-    df = read_table_file(engine, list_files(spec.path), spec.format, spec.delimiter, spec.header)
+def read_generic_items(engine: Engine, spec: GenericItems, encoding: str = "utf-8",
+                       max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
+    df = read_table_file(engine, list_files(spec.path), spec.format, spec.delimiter, spec.header, encoding,
+                         max_line_bytes)
     where = f"items {spec.path}"
     c = {k: _field(df, spec.format, getattr(spec.columns, k), where)
          for k in ("item_id", "title", "categories", "description")}
@@ -382,12 +480,12 @@ def landing_days(spec: LandingSpec) -> dict[str, list[str]]:
     return dict(sorted(days.items()))
 
 
-def read_landing_day(engine: Engine, spec: LandingSpec, day: str) -> RawSource:
+def read_landing_day(engine: Engine, spec: LandingSpec, day: str, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
     files = landing_days(spec).get(day)
     if not files:
         raise SourceError(f"landing {spec.path}: no files for day {day}")
     df = read_generic_interactions(engine, files, spec.format, spec.columns, spec.delimiter, spec.header,
-                                   f"landing {spec.path} ({day})")
+                                   f"landing {spec.path} ({day})", spec.encoding, max_line_bytes)
     return RawSource(df, None, spec.ts_format, has_value=spec.columns.value is not None)
 
 
@@ -451,8 +549,9 @@ def read_synthetic(engine: Engine, src: SyntheticSource) -> RawSource:
     return RawSource(interactions, items, "epoch_s")
 
 
-def read_source(engine: Engine, source) -> RawSource:
+def read_source(engine: Engine, source, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
     readers = {"movielens_packaged": read_movielens_packaged, "movielens": read_movielens,
-               "amazon2018": read_amazon, "amazon2023": read_amazon, "generic": read_generic,
-               "synthetic": read_synthetic}
-    return readers[source.kind](engine, source)
+               "amazon2018": read_amazon, "amazon2023": read_amazon, "generic": read_generic}
+    if source.kind == "synthetic":
+        return read_synthetic(engine, source)
+    return readers[source.kind](engine, source, max_line_bytes)

@@ -11,7 +11,8 @@ from typing import Callable
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-TS_MIN, TS_MAX = 0, 4102444800  # 1970-01-01 .. 2100-01-01, epoch seconds
+TS_MIN, TS_MAX = 0, 4102444800  # 1970-01-01 .. 2100-01-01, epoch seconds: the widest range
+OVERSIZE = "\x00llmrec:oversize_line:"  # spark.sources' stand-in for a line over data.max_line_bytes
 
 
 def parse_epoch_seconds(ts: Column, ts_format: str) -> Column:
@@ -29,18 +30,34 @@ def epoch_to_date(seconds: Column) -> Column:
     return F.date_add(F.lit("1970-01-01").cast("date"), F.floor(seconds / 86400).cast("int"))
 
 
+def line_checks() -> list[tuple[str, Column]]:
+    """Reasons that concern the line itself, before any field is looked at."""
+    return [
+        ("oversize_line", F.col("raw").startswith(OVERSIZE)),
+        ("invalid_encoding", F.col("raw").contains("\ufffd")),  # bytes the declared encoding can't decode
+        ("malformed_line", F.col("parse_error").isNotNull()),
+    ]
+
+
 def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = None,
-                     value_max: float | None = None, has_value: bool = True) -> DataFrame:
-    """Add typed `ts_s` (epoch seconds), `value_d` and `reason` (NULL = valid) to bronze rows."""
+                     value_max: float | None = None, has_value: bool = True,
+                     ts_range: tuple[int, int] = (TS_MIN, TS_MAX), id_pattern: str | None = None) -> DataFrame:
+    """Add typed `ts_s` (epoch seconds), `value_d` and `reason` (NULL = valid) to bronze rows.
+    `ts_range`: plausible times (epoch seconds, inclusive); `id_pattern`: the source's id format."""
     ts_s = parse_epoch_seconds(F.col("ts"), ts_format)
     value_d = F.col("value").try_cast("double") if has_value else F.lit(1.0)
     checks: list[tuple[str, Column]] = [
-        ("malformed_line", F.col("parse_error").isNotNull()),
+        *line_checks(),
         ("missing_user_id", F.col("user_id").isNull()),
         ("missing_item_id", F.col("item_id").isNull()),
+    ]
+    if id_pattern is not None:
+        checks += [("invalid_user_id", ~F.col("user_id").rlike(id_pattern)),
+                   ("invalid_item_id", ~F.col("item_id").rlike(id_pattern))]
+    checks += [
         ("missing_timestamp", F.col("ts").isNull()),
         ("unparsable_timestamp", F.col("ts_s").isNull()),
-        ("timestamp_out_of_range", ~F.col("ts_s").between(TS_MIN, TS_MAX)),
+        ("timestamp_out_of_range", ~F.col("ts_s").between(*ts_range)),
     ]
     if has_value:
         checks += [

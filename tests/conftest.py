@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.spec import JobSpec, load_spec, validate_spec
-from spark.session import Engine, start_engine
+from ray_jobs.runtime import local_token_auth
+
+local_token_auth()  # before anything imports ray: the session's local Ray and heads ask for one token
+
+from jobs.spec import JobSpec, load_spec, validate_spec  # noqa: E402
+from spark.session import Engine, start_engine  # noqa: E402
 
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
 

@@ -3,12 +3,15 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from jobs.lake import published_versions
+from jobs.lake import etl_lock, published_versions
 from jobs.spec import load_spec
 from ray_jobs.data import load_sequences
 from spark.delta_io import MergeResult, read_table
@@ -21,6 +24,11 @@ GOOD = [  # user::movie::rating::ts — 3 users x 4 movies
 ]
 BAD = {  # line -> the reason it must be quarantined with
     "1::10": "malformed_line",
+    "abc::10::4::978300760": "invalid_user_id",  # MovieLens ids are integers
+    "1::10x::4::978300760": "invalid_item_id",
+    "1::10::4::978300": "timestamp_out_of_range",  # milliseconds read as seconds: January 1970
+    "1::10::4::4102444800": "timestamp_out_of_range",  # 2100: in the future
+
     "": "malformed_line",
     "1::10::4::978300760::extra": "malformed_line",
     "::10::4::978300760": "missing_user_id",
@@ -32,7 +40,7 @@ BAD = {  # line -> the reason it must be quarantined with
     "1::10::abc::978300760": "unparsable_value",
     "1::10::9::978300760": "value_out_of_range",
 }
-DUPLICATES = ["2::11::4::978300771", "3::13::5::978300783"]
+DUPLICATES = ["2::11::4::978300771", "3::13::5::978300783", "3::12::3::978300782"]  # the last: value 4 vs 3
 MOVIES = ["10::Café Society (1995)::Drama|Romance", "11::Toy Story (1995)::Animation|Comedy",
           "12::Heat (1995)::Action", "13::Nixon (1995)::(no genres listed)", "::Ghost (1990)::Drama"]
 
@@ -57,7 +65,7 @@ def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
         expected[reason] = expected.get(reason, 0) + 1
     assert acc.quarantined_by_reason == expected
     assert acc.raw_rows == len(GOOD) + len(BAD) + len(DUPLICATES)
-    assert acc.duplicates_removed == len(DUPLICATES)
+    assert acc.duplicates_removed == len(DUPLICATES) and acc.conflicting_keys == 1
     assert acc.silver_rows == len(GOOD)
     assert acc.accounted is True
     assert acc.item_rows_quarantined_by_reason == {"missing_item_id": 1}
@@ -195,6 +203,19 @@ def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_p
     run_etl(spec, engine)
     assert _table_rows(lake.path("interactions")) == incremental
 
+    # a day's own accounting: raw = kept + quarantined + duplicates, a key landed with two values
+    # counted and resolved to the larger, an existing key's new value updates silver (latest wins)
+    (landing / "2026-11-22.csv").write_text("user_id,item_id,ts,value\n6,10,978600000,2\n6,10,978600000,4\n"
+                                            "7,11,978600001,3\n7,11,978600001,3\n5,12,978500000,3\n7,x,yesterday,1\n")
+    third = ingest_day(spec, engine, "2026-11-22")
+    acc = third.accounting
+    assert (acc.raw_rows, acc.quarantined_rows, acc.duplicates_removed, acc.silver_rows) == (6, 1, 2, 3)
+    assert acc.accounted and acc.conflicting_keys == 1 and acc.quarantined_by_reason == {"unparsable_timestamp": 1}
+    assert (third.silver.inserted, third.silver.updated) == (2, 1)
+    silver = {(r["user_id"], r["item_id"], r["ts"]): r["value"] for r in
+              DeltaTable(lake.path("interactions")).to_pyarrow_table().to_pylist()}
+    assert silver[("6", "10", 978600000)] == 4.0 and silver[("5", "12", 978500000)] == 3.0
+
 
 def test_ingest_without_landing_or_silver_is_a_clear_error(sail, make_spec, tmp_path):
     spec = make_spec()
@@ -244,6 +265,15 @@ def test_etl_cli_writes_summary(tmp_path):
                              "--set", f"lake.root={tmp_path / 'lake'}"], capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0 and "sequences" in tables.stdout and "2,829" in tables.stdout
 
+    # a second ETL on the same dataset while one holds it: refused, naming the holder; nothing changes
+    spec = load_spec("movielens-100k-smoke", [f"lake.root={tmp_path / 'lake'}"])
+    before = published_versions(spec)
+    with etl_lock(spec):
+        busy = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", "movielens-100k-smoke",
+                               "--set", f"lake.root={tmp_path / 'lake'}"], capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2 and f"being written by another ETL (pid {os.getpid()} on" in busy.stderr, busy.stderr
+    assert "Traceback" not in busy.stderr and published_versions(spec) == before
+
 
 def test_cli_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True)
@@ -282,7 +312,7 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(sail, make_spec, 
     source = {"kind": "generic", "path": str(empty), "columns": {"user_id": "u", "item_id": "i", "ts": "t"}}
     with pytest.raises(ValueError, match=r"data.source \(generic\) has no rows"):
         run_etl(make_spec(lake=str(lake), source=source), sail)
-    assert not lake.exists()
+    assert [p.name for p in lake.rglob("*") if p.is_file()] == ["lock"]  # the ETL lock, no table
     greedy = make_spec(lake=str(lake), kcore={"user": 100000, "item": 5})
     with pytest.raises(ValueError, match=r"data.kcore \(user >= 100000, item >= 5\) removes every interaction"):
         run_etl(greedy, sail)
@@ -291,3 +321,34 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(sail, make_spec, 
                            "--set", f"lake.root={lake}", "--set", "data.kcore.user=100000"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "removes every interaction" in proc.stderr and "Traceback" not in proc.stderr
+
+
+_NEAR_VALID = st.tuples(st.sampled_from(["1", "2", "42", "", "abc", "-1", "1.5", " 7 "]),
+                        st.sampled_from(["10", "11", "", "x", "0010"]),
+                        st.sampled_from(["4", "5", "", "nan", "9", "1e3", "-inf"]),
+                        st.sampled_from(["978300760", "978300", "", "-5", "4102444800", "1e9", "NaN", "978300760.5"]),
+                        st.sampled_from(["", "::", "::extra"])).map(lambda t: "::".join(t[:4]).encode() + t[4].encode())
+_ANY_LINE = st.one_of(st.binary(max_size=120), _NEAR_VALID).filter(lambda b: b"\n" not in b)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(junk=st.lists(st.tuples(st.integers(0, len(GOOD)), _ANY_LINE), min_size=1, max_size=25))
+def test_arbitrary_lines_never_crash_ingest_and_every_row_is_accounted(sail, make_spec, tmp_path, junk):
+    """Any bytes (invalid UTF-8, NUL, CR, lines over data.max_line_bytes, near-valid records) mixed
+    into a valid MovieLens file: the ETL finishes, raw = silver + quarantined + duplicates holds,
+    and every line is one bronze row."""
+    folder = tmp_path / f"ml-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    lines = [g.encode() for g in GOOD]
+    for at, line in junk:
+        lines.insert(at, line)
+    (folder / "ratings.dat").write_bytes(b"\n".join(lines) + b"\n")
+    spec = make_spec(lake=str(folder / "lake"), source={"kind": "movielens", "path": str(folder), "encoding": "utf-8"},
+                     value_range={"min": 1, "max": 5}, max_line_bytes=100, max_quarantine_share=1.0)
+    summary = run_etl(spec, sail)
+    acc = summary.accounting
+    assert acc.accounted and acc.raw_rows == len(lines)
+    assert acc.raw_rows == acc.silver_rows + acc.quarantined_rows + acc.duplicates_removed
+    silver = DeltaTable(Lake.of(spec).path("interactions")).to_pyarrow_table().to_pylist()
+    assert all(r["user_id"].isdigit() and r["item_id"].isdigit() and 1 <= r["value"] <= 5 for r in silver)

@@ -103,6 +103,35 @@ def test_generic_formats_with_column_mapping(engine, make_spec, tmp_path, fmt):
     assert idx == {"x": "Red shoe [shoes, red]", "y": "Blue hat [hats]"}
 
 
+def test_generic_csv_lines_are_kept_verbatim_and_checked(engine, make_spec, tmp_path):
+    """Extra or missing fields and unbalanced quotes are malformed lines (not reshaped); quoted
+    fields keep their delimiter; bytes the declared encoding can't decode and lines over
+    data.max_line_bytes are quarantined with their own reasons (the oversize one is never read
+    whole); two lines that differ only by a trailing delimiter keep distinct record ids."""
+    good = ["u1,i1,1700000000,4", 'u2,"i,2",1700000001,5', 'u3,"say ""hi""",1700000002,3']
+    bad = {"u4,i4,1700000003,4,extra": "malformed_line", "u5,i5,1700000004": "malformed_line",
+           "u5,i5,1700000004,": "missing_value", 'u6,"i6,1700000005,4': "malformed_line"}
+    body = "\n".join(["user,item,ts,rating", *good, *bad]).encode()
+    body += b"\nu7,caf\xe9,1700000006,4\n" + b"u8,i8,1700000007," + b"9" * 5000 + b"\n"
+    (tmp_path / "log.csv").write_bytes(body)
+    source = {"kind": "generic", "path": str(tmp_path / "log.csv"),
+              "columns": {"user_id": "user", "item_id": "item", "ts": "ts", "value": "rating"}}
+    spec = make_spec(engine=engine.name, source=source, max_line_bytes=1024, max_quarantine_share=1.0)
+    summary = run_etl(spec, engine)
+    acc = summary.accounting
+    assert acc.quarantined_by_reason == {"malformed_line": 3, "missing_value": 1, "invalid_encoding": 1,
+                                         "oversize_line": 1} and acc.silver_rows == 3 and acc.accounted
+    lake = Lake.of(spec)
+    q = DeltaTable(lake.path("quarantine")).to_pyarrow_table().to_pylist()
+    by_raw = {r["raw"]: r["reason"] for r in q}
+    assert {k: by_raw[k] for k in bad} == bad
+    assert len({r["record_id"] for r in q}) == len(q)
+    oversize = [r["raw"] for r in q if r["reason"] == "oversize_line"]
+    assert len(oversize) == 1 and "5017 bytes" in oversize[0] and len(oversize[0]) < 1100
+    silver = DeltaTable(lake.path("interactions")).to_pyarrow_table().to_pylist()
+    assert sorted(r["item_id"] for r in silver) == ["i,2", "i1", 'say "hi"']
+
+
 def test_generic_missing_column_is_named(sail, make_spec, tmp_path):
     (tmp_path / "log.csv").write_text("u,i,t\n1,2,3\n")
     spec = make_spec(source={"kind": "generic", "path": str(tmp_path / "log.csv"),

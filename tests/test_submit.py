@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -21,6 +22,9 @@ from ray_jobs.data import load_sequences
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+# a credential the jobs read from the environment of the head (`${env:LLMREC_TEST_TOKEN}` in the
+# spec): it must appear in no MLflow param or artifact, checkpoint, log or job command line
+CANARY = f"canary-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
@@ -29,7 +33,7 @@ def ray_head(tmp_path, free_port):
     # the session's in-process Ray (tests/conftest.py) holds the default agent and client ports
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2",
-           "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+           "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}", "LLMREC_TEST_TOKEN": CANARY}
     up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     yield up.stdout.strip().splitlines()[-1], env
@@ -49,7 +53,9 @@ def mlflow_server(tmp_path, free_port, local_server):
 def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path, ray_head, mlflow_server, ray_overrides):
     address, env = ray_head
     lake = ml100k_lake
-    overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={mlflow_server}")
+    authed = mlflow_server.replace("http://", "http://llmrec:${env:LLMREC_TEST_TOKEN}@")
+    overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={authed}",
+                              "lake.storage_options.AWS_SECRET_ACCESS_KEY=${env:LLMREC_TEST_TOKEN}")
     env = {**env, "RAY_AUTH_MODE": "token"}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
            "python", "-m", "ray_jobs.train", "--spec", "jobs/specs/movielens-100k-smoke.yaml"]
@@ -94,3 +100,75 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path,
         align.stdout[-3000:] + align.stderr[-3000:]
     aligned = client.get_model_version_by_alias("dist-submit", "challenger")
     assert aligned.version == "2" and client.get_run(aligned.run_id).data.tags["llmrec.align.method"] == "grpo"
+
+    # the credential reached the jobs (they logged through the authenticated URI, read the lake with
+    # the storage option) and was written nowhere: MLflow's store and artifacts, checkpoints, Ray
+    # storage, the head's logs, the jobs' output and command lines
+    outputs = [done.stdout, done.stderr, rec.stdout, rec.stderr, align.stdout, align.stderr]
+    outputs += [j["entrypoint"] for j in _jobs_api(address, "/api/jobs/")]
+    assert any("${env:LLMREC_TEST_TOKEN}" in o for o in outputs[6:])
+    assert not [o[max(o.find(CANARY) - 300, 0):o.find(CANARY) + 50] for o in outputs if CANARY in o]
+    leaks = [str(f) for folder in (tmp_path, Path(env["RAY_HEAD_DIR"])) for f in folder.rglob("*")
+             if f.is_file() and CANARY.encode() in f.read_bytes()]
+    assert not leaks, leaks
+
+
+def _token() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().read_text().strip()
+
+
+def _jobs_api(address: str, path: str, token: bool = True):
+    """GET on a head's Jobs API (with the head's token unless `token` is False)."""
+    import json
+    import urllib.request
+    headers = {"Authorization": f"Bearer {_token()}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(address + path, headers=headers), timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _head_env(free_port) -> dict:
+    dash = free_port()  # Ray's socket paths must stay short: the temp dir goes under /tmp
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(free_port()),
+            "RAY_DASHBOARD_PORT": str(dash), "RAY_AGENT_PORT": str(free_port()),
+            "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "1", "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group still runs (exited ones that wait to be reaped do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_local_heads_require_the_token_and_stop_by_their_own_process_group(tmp_path, free_port):
+    """Two heads on one machine: the Jobs API refuses a request without the token; ray-down.sh stops
+    every process of its own head (by the recorded process group) and leaves the other running."""
+    import urllib.error
+    heads = [_head_env(free_port) for _ in range(2)]
+    try:
+        for env in heads:
+            up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True,
+                                timeout=300)
+            assert up.returncode == 0, up.stderr
+        a, b = heads
+        address = f"http://127.0.0.1:{a['RAY_DASHBOARD_PORT']}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _jobs_api(address, "/api/jobs/", token=False)
+        assert refused.value.code == 401
+        assert _jobs_api(address, "/api/jobs/") == []
+        pgid_a = int(Path(a["RAY_HEAD_DIR"], "head.pgid").read_text())
+        pgid_b = int(Path(b["RAY_HEAD_DIR"], "head.pgid").read_text())
+        subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=a, check=True, capture_output=True, timeout=120)
+        assert not _group_alive(pgid_a)  # nothing of head a outlives ray-down.sh
+        assert _group_alive(pgid_b)
+        assert _jobs_api(f"http://127.0.0.1:{b['RAY_DASHBOARD_PORT']}", "/api/jobs/") == []  # head b still answers
+    finally:
+        for env in heads:
+            subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)

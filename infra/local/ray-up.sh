@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Start a local Ray head bound to 127.0.0.1, for `ray job submit` / `llmrec submit` on one machine.
+# Start a local Ray head for `ray job submit` / `llmrec submit` on one machine: the dashboard and Jobs
+# API on 127.0.0.1, token authentication on every Ray RPC and HTTP endpoint. (Ray 2.60 maps
+# --node-ip-address 127.0.0.1 to the machine's address and its GCS, raylet and agents listen on all
+# interfaces; the token, not the address, is what keeps other hosts out.)
 #   RAY_PORT (GCS, default 6379)  RAY_DASHBOARD_PORT (Jobs API, default 8265)
 #   RAY_AGENT_PORT (dashboard agent, default 52365)  RAY_CLIENT_PORT (Ray client server, default 10001):
 #   set both to run a second head (or beside an in-process Ray, whose agent takes 52365) on one machine

@@ -1,0 +1,254 @@
+"""Faults fed for real (reliability and security): model files and DeepSpeed shards that would run
+code, credentials that must not leave the process, concurrent ETLs on one lake. The faults that need
+a Ray head, a tracking server or the ETL live beside their subject (test_submit, test_etl,
+test_distributed) and are listed in the README's "Failure behaviour" section."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import ModelCheckpoint, safe_deepspeed_loads, save_model
+from ray_jobs.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CANARY = "canary-5e1f0c9d7a"
+
+
+class Payload:
+    """A pickle that writes a marker file when it is unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _tiny_checkpoint(spec, path: Path) -> str:
+    items = ["", "Title: A.", "Title: B.", "Title: C.", "Title: D."]
+    model = build_model(spec, items)
+    return save_model(str(path), ModelCheckpoint({k: v.clone() for k, v in model.state_dict().items()}, spec, items,
+                                                 {"item_index": 0, "sequences": 0}))
+
+
+def test_a_crafted_deepspeed_shard_is_refused_and_runs_nothing(tmp_path):
+    """DeepSpeed reads its shards with weights_only=False; an engine passed through
+    `safe_deepspeed_loads` reads them as data: real shard contents load, a crafted one is refused."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    safe_deepspeed_loads(engine)
+    shard = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0),
+                "state": {"exp_avg": torch.ones(3)}}, shard)
+    back = engine.checkpoint_engine.load(str(shard), map_location="cpu")
+    assert back["zero_stage"] == ZeroStageEnum.gradients and torch.equal(back["state"]["exp_avg"], torch.ones(3))
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload(str(marker))}, evil)
+    with pytest.raises(ValueError, match="refusing to load it"):
+        engine.checkpoint_engine.load(str(evil), map_location="cpu")
+    assert not marker.exists()
+
+
+def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_path):
+    """The pyfunc names an installed loader and carries model.pt: no pickle, no code; replacing its
+    model.pt with a crafted pickle makes loading fail without running it."""
+    from ray_jobs import tracking
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_spec("movielens-100k-smoke", ["model.dim=8", f"tracking.uri={uri}", "name=data-only"])
+    ckpt = _tiny_checkpoint(spec, tmp_path / "model.pt")
+    run_id = tracking.start_run(spec, "data-only", "train")
+    assert tracking.log_recommender(spec, run_id, ckpt) == 1
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/data-only@challenger", dst_path=str(tmp_path / "dl")))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle", ".py"))], files
+    assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == \
+        "ray_jobs.tracking"
+    model = mlflow.pyfunc.load_model("models:/data-only@challenger")
+    assert [len(x) for x in model.predict(pd.DataFrame({"history": [[1, 2]]}), params={"k": 2})["item_ids"]] == [2]
+
+    marker = tmp_path / "marker"
+    [weights] = local.rglob("model.pt")
+    torch.save({"format": "llmrec-checkpoint/1", "weights": Payload(str(marker))}, weights)
+    with pytest.raises(ValueError, match="refusing to load it"):
+        mlflow.pyfunc.load_model(str(local))
+    assert not marker.exists()
+
+
+def test_literal_credentials_in_a_spec_are_masked_everywhere_they_go(tmp_path, monkeypatch):
+    """A spec holding credentials as literal values: `llmrec spec`, the MLflow params and spec.yaml
+    artifact, and a checkpoint show `***`; a literal credential on a job's command line is refused
+    before anything is submitted; `${env:NAME}` is read from the environment where it is used."""
+    from ray_jobs import tracking
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec_file = tmp_path / "secret.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "base": str(ROOT / "jobs/specs/movielens-100k-smoke.yaml"), "name": "secret",
+        "lake": {"storage_options": {"AWS_SECRET_ACCESS_KEY": CANARY, "AWS_REGION": "eu-west-1"}},
+        "spark": {"conf": {"spark.hadoop.fs.s3a.secret.key": CANARY, "spark.sql.ansi.enabled": "true"}},
+        "model": {"dim": 8}, "tracking": {"uri": uri}}))
+    shown = subprocess.run([str(BIN / "llmrec"), "spec", "--spec", str(spec_file)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+    assert shown.returncode == 0 and CANARY not in shown.stdout + shown.stderr
+    assert "AWS_SECRET_ACCESS_KEY: '***'" in shown.stdout and "AWS_REGION: eu-west-1" in shown.stdout
+
+    spec = load_spec(spec_file)
+    run_id = tracking.start_run(spec, "secret", "train")
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.params["lake.storage_options.AWS_SECRET_ACCESS_KEY"] == "***"
+    assert run.data.params["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"
+    ckpt = _tiny_checkpoint(spec, tmp_path / "model.pt")
+    assert CANARY.encode() not in Path(ckpt).read_bytes()
+    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and f != spec_file and CANARY.encode() in f.read_bytes()]
+    assert not leaks, leaks  # the sqlite store and the artifacts (spec.yaml) included
+
+    refused = subprocess.run([str(BIN / "llmrec"), "submit", "train", "--address", "http://127.0.0.1:9",
+                              "--spec", "movielens-100k-smoke", "--set", f"tracking.uri=http://llmrec:{CANARY}@mlflow:5000"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "a credential would be written on the job's command line" in refused.stderr
+    assert CANARY not in refused.stdout + refused.stderr
+
+    from jobs.spec import SpecError, storage_options, tracking_uri
+    env_spec = load_spec("movielens-100k-smoke", ["lake.storage_options.AZURE_STORAGE_SAS_TOKEN=${env:LLMREC_SAS}",
+                                                  "tracking.uri=http://llmrec:${env:LLMREC_TOKEN}@mlflow:5000"])
+    with pytest.raises(SpecError, match="lake.storage_options.AZURE_STORAGE_SAS_TOKEN: environment variable LLMREC_SAS"):
+        storage_options(env_spec)
+    monkeypatch.setenv("LLMREC_SAS", "sv=1&sig=abc")
+    monkeypatch.setenv("LLMREC_TOKEN", "t0k")
+    assert storage_options(env_spec) == {"AZURE_STORAGE_SAS_TOKEN": "sv=1&sig=abc"}
+    assert tracking_uri(env_spec) == "http://llmrec:t0k@mlflow:5000"
+
+
+def test_every_user_gets_recommendations_short_histories_included(sail, make_spec, tmp_path, local_ray):
+    """Only 5-star ratings, no k-core: many MovieLens-100K users keep 1-2 interactions and have no
+    test row. Every user of user_index still gets K items, none of them already seen; the job counts
+    how many users each case covered; a rerun replaces its own rows only."""
+    from deltalake import DeltaTable
+
+    from jobs.lake import table_path
+    from jobs.spec import JobSpec
+    from ray_jobs import recommend
+    from ray_jobs.data import load_sequences
+    from ray_jobs.train import train_local
+    from spark.etl import run_etl
+    spec = make_spec(min_value=5, kcore={"user": 0, "item": 0})
+    run_etl(spec, sail)
+    spec = JobSpec.model_validate({**spec.model_dump(), "name": "cold", "model": {"kind": "sasrec", "dim": 8},
+                                   "train": {"epochs": 1, "checkpoint_dir": str(tmp_path / "ckpt")}})
+    model = train_local(spec, resume=False).checkpoint
+    data = load_sequences(spec)
+    short = {int(u): set(s.tolist()) for u, s in zip(data.train_users, data.train) if int(u) not in set(data.test.users.tolist())}
+    assert len(short) > 10 and all(len(s) <= 2 for s in short.values())
+    out = recommend.run(spec, model, k=5)
+    users = DeltaTable(table_path(spec, "user_index")).to_pandas()
+    table = DeltaTable(table_path(spec, "recommendations")).to_pandas()
+    assert set(table["user_idx"]) == set(users["user_idx"]) and len(table) == len(users) * 5
+    assert out["users_by_source"] == {"model": len(data.test.users), "model_short_history": len(short), "popularity": 0}
+    for u, seen in short.items():
+        assert not set(table[table.user_idx == u]["item_idx"]) & seen
+    recommend.run(spec, model, k=5)  # idempotent: the same model version's rows are replaced
+    assert len(DeltaTable(table_path(spec, "recommendations")).to_pandas()) == len(users) * 5
+
+
+def test_popular_top_ranks_by_training_interactions():
+    import numpy as np
+
+    from ray_jobs.recommend import popular_top
+    top, scores = popular_top(np.array([0, 5, 9, 9, 1]), 2, 3)
+    assert top.tolist() == [[2, 3, 1]] * 2 and np.allclose(scores[0], [9 / 24, 9 / 24, 5 / 24])
+
+
+def test_a_tracking_outage_mid_run_loses_no_metric_and_raises_nothing(tmp_path, free_port):
+    """The worker's metric logger against a real MLflow server that is stopped mid-run and started
+    again: logging during the outage neither raises nor blocks for long, warns, and every metric
+    arrives once the server is back."""
+    import signal
+    import time
+    import urllib.request
+
+    from ray_jobs.tracking import MetricLogger
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
+           "MLFLOW_DB": str(tmp_path / "server.db"), "MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([str(ROOT / "infra/local/mlflow-up.sh")], env=env, start_new_session=True,
+                                stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                return proc
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail((tmp_path / "server.log").read_text()[-2000:])
+
+    def stop(proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+    server = start()
+    try:
+        client = mlflow.MlflowClient(url)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = MetricLogger(url, run_id, flush_every=5, system_metrics_every=60, retry_after=0.0, final_wait=120)
+        for step in range(10):
+            logger.log(step, {"train/loss": 1.0 / (step + 1)})
+        stop(server)
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="MLflow tracking unreachable"):
+            for step in range(10, 20):
+                logger.log(step, {"train/loss": 1.0 / (step + 1)})
+        assert logger.buffer and time.monotonic() - t0 < 60
+        server = start()
+        with pytest.warns(RuntimeWarning, match="MLflow tracking back after"):
+            logger.close()
+        history = client.get_metric_history(run_id, "train/loss")
+        assert sorted(m.step for m in history) == list(range(20))
+    finally:
+        stop(server)
+
+
+def test_a_local_ray_started_by_a_job_refuses_clients_without_its_token(tmp_path):
+    """A job without a cluster address starts its own Ray with a fresh token (Ray's GCS and raylet
+    listen on every interface): a client on the same machine without the token is refused, the job
+    itself runs tasks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""
+import subprocess, sys
+from jobs.spec import load_spec
+from ray_jobs.runtime import init_ray
+init_ray(load_spec("movielens-100k-smoke", ["cluster.num_cpus=1"]))
+import ray
+assert ray.get(ray.remote(lambda: 41).remote()) + 1 == 42
+address = ray.get_runtime_context().gcs_address
+client = "import ray\\ntry:\\n    ray.init(address=%r)\\n    print('CONNECTED')\\nexcept Exception as e:\\n    print('REFUSED', type(e).__name__)" % address
+out = subprocess.run([sys.executable, "-c", client], env={env!r}, capture_output=True, text=True, timeout=120)
+print(out.stdout)
+ray.shutdown()
+""")
+    done = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "REFUSED" in done.stdout and "CONNECTED" not in done.stdout, done.stdout
