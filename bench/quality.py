@@ -22,6 +22,7 @@ from jobs.spec import load_spec  # noqa: E402
 from ray_jobs.checkpoint import read_model  # noqa: E402
 from ray_jobs.data import load_sequences  # noqa: E402
 from ray_jobs.metrics import markdown_table  # noqa: E402
+from ray_jobs.models import TRAINABLE  # noqa: E402
 from ray_jobs.models.hllm import minilm_item_embeddings  # noqa: E402
 from ray_jobs.scoring import evaluate_split, score_function  # noqa: E402
 from ray_jobs.train import train_local  # noqa: E402
@@ -54,12 +55,12 @@ def main() -> None:
         timings.setdefault(name, {})["eval_seconds"] = round(time.perf_counter() - t0, 3)
 
     for name in args.models.split(","):
-        if name not in ("pop", "graph", "sasrec", "hllm"):
-            raise SystemExit(f"--models: unknown model {name!r} (pop, graph, sasrec, hllm)")
+        if name not in ("pop", "graph", *TRAINABLE):
+            raise SystemExit(f"--models: unknown model {name!r} (pop, graph, {', '.join(TRAINABLE)})")
         run_spec = load_spec(args.spec, args.overrides + [f"model.kind={name}", f"name={spec.name}-{name}"]
                              + (args.hllm_set if name == "hllm" else []))
         checkpoint = None
-        if name in ("sasrec", "hllm"):
+        if name in TRAINABLE:
             if name in given:
                 checkpoint, stopped = given[name], "given"
             else:

@@ -66,6 +66,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if all(r.accounting.accounted for r in results) else 3
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmrec")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Manifests from the spec: printed, or one file each under --out."""
+    render = _layer("jobs.render")
+    opts = render.K8sOptions(image=args.image, namespace=args.namespace, shared_claim=args.shared_claim,
+                             credentials_secret=args.credentials_secret, shm_size=args.shm_size,
+                             worker_memory=args.worker_memory, max_workers=args.max_workers)
+    files = render.render_k8s(load_spec(args.spec, args.overrides), opts)
+    if not args.out:
+        print("---\n".join(files.values()), end="")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    for name, text in files.items():
+        with open(os.path.join(args.out, name), "w") as fh:
+            fh.write(text)
+        errors.print(f"wrote {os.path.join(args.out, name)}", highlight=False)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     train = _layer("ray_jobs.train")
@@ -323,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "where the recommendations are")
     _spec_args(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("render", help="render deployment manifests from a spec (k8s: ConfigMap, KubeRay RayCluster, "
+                       "RayJobs for train / align / evaluate / recommend)")
+    p.add_argument("target", choices=["k8s"])
+    _spec_args(p)
+    p.add_argument("--image", default=f"ghcr.io/llmrec/llmrec-gpu:{_version()}",
+                   help="container image with a pinned tag or digest (default: %(default)s)")
+    p.add_argument("--namespace", default="llmrec")
+    p.add_argument("--shared-claim", default="llmrec-shared",
+                   help="ReadWriteMany PersistentVolumeClaim mounted at /mnt/shared on every pod")
+    p.add_argument("--credentials-secret", default="llmrec-credentials",
+                   help="Secret with RAY_AUTH_TOKEN and every ${env:NAME} the spec names")
+    p.add_argument("--shm-size", default="16Gi", help="/dev/shm size per pod (DeepSpeed, NCCL)")
+    p.add_argument("--worker-memory", default="64Gi")
+    p.add_argument("--max-workers", type=int, help="autoscaling upper bound (default: train.workers)")
+    p.add_argument("--out", help="write one file per manifest into this folder (default: print them)")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("spec", help="print the resolved spec (after --set overrides)")
     _spec_args(p)

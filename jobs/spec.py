@@ -231,6 +231,10 @@ class SparkSpec(Strict):
     master: str = Field("local[*]", description="JVM master for engine=local/cluster")
     driver_memory: str = "2g"
     shuffle_partitions: int = Field(4, gt=0)
+    driver_host: str | None = Field(None, description="engine=cluster: the address executors use to reach the "
+                                    "driver (default: Spark's, the machine's hostname); engine=local: always 127.0.0.1")
+    driver_bind_address: str | None = Field(None, description="engine=cluster: the address the driver binds "
+                                            "(default: Spark's, all interfaces)")
     conf: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -254,7 +258,7 @@ class LLMSize(Strict):
 
 
 class ModelSpec(Strict):
-    kind: Literal["sasrec", "hllm", "pop", "graph"] = "sasrec"
+    kind: Literal["sasrec", "hstu", "hllm", "pop", "graph"] = "sasrec"
     dim: int = Field(50, gt=0, description="embedding / hidden width (sasrec, hllm user side)")
     blocks: int = Field(2, gt=0, description="transformer blocks")
     heads: int = Field(1, gt=0)
@@ -274,6 +278,9 @@ class ModelSpec(Strict):
                                 "user LLM and on its attention weights (0 = none, as a pretrained LLM's config)")
     max_item_tokens: int = Field(64, gt=0)
     item_prompt: str = "Compress the following item into an embedding: "
+    item_pooling: Literal["auto", "item_token", "mean", "last"] = Field(
+        "auto", description="hllm: how an item LLM's hidden states become the item embedding. auto: mean for "
+        "encoders and for a frozen causal LM (cached mode), the learned [ITEM] token for a causal LM that trains")
     lora_r: int = Field(8, gt=0)
     cache_dir: str = Field("./.cache/item-embeddings", description="cached mode: item-embedding artifacts")
     graph_hops: int = Field(2, ge=1, description="graph baseline: transition hops from the last items")
@@ -650,6 +657,27 @@ def public_doc(spec: JobSpec) -> dict:
         if doc[section][key]:
             doc[section][key] = mask_uri(doc[section][key])
     return doc
+
+
+def _flat(doc: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def literal_credentials(spec: JobSpec) -> list[str]:
+    """Keys of the spec that hold a credential as a literal value (what `public_doc` masks)."""
+    real, shown = _flat(spec.model_dump(mode="json")), _flat(public_doc(spec))
+    return sorted(k for k in real if real[k] != shown.get(k))
+
+
+def env_references(spec: JobSpec) -> set[str]:
+    """The environment variables a spec names as `${env:NAME}`."""
+    return set(_ENV_REF.findall(yaml.safe_dump(spec.model_dump(mode="json"))))
 
 
 def check_override_secrets(overrides: list[str]) -> None:

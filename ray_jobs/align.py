@@ -29,6 +29,7 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import load_sequences
 from ray_jobs.loop import DeepSpeedBackend, Reporter, StepPlan, alignment_state, run_steps
 from ray_jobs.metrics import markdown_table, tail_items
+from ray_jobs.models import TRAINABLE
 from ray_jobs.models.hllm import minilm_item_embeddings
 from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
                               fit, init_ray, job_main, json_metadata, markdown_image, resolve_model, run_dir,
@@ -47,7 +48,7 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
     # a checkpoint from `llmrec train --local` may hold a relative cache folder: resolve it here,
     # where it was written, not in a Ray worker's working directory
     model = init.spec.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)})
-    if model.kind not in ("sasrec", "hllm"):
+    if model.kind not in TRAINABLE:
         raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
     return spec.model_copy(update={"model": model,
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})

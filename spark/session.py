@@ -75,6 +75,20 @@ def _remote(spec: SparkSpec) -> Engine:
     return Engine("remote", session, native_delta=True)
 
 
+def driver_addresses(spec: SparkSpec) -> dict[str, str]:
+    """Where the JVM driver listens and what it tells executors: loopback for the single-machine
+    `local` engine; on a `cluster`, `spark.driver_host` / `spark.driver_bind_address` when set, else
+    Spark's own choice (the machine's hostname, all interfaces), so remote executors can reach it."""
+    if spec.engine == "local":
+        return {"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"}
+    out = {}
+    if spec.driver_host:
+        out["spark.driver.host"] = spec.driver_host
+    if spec.driver_bind_address:
+        out["spark.driver.bindAddress"] = spec.driver_bind_address
+    return out
+
+
 def _jvm_builder(spec: SparkSpec, app_name: str) -> SparkSession.Builder:
     os.environ.pop(_CONNECT_FLAG, None)
     builder = (
@@ -85,9 +99,9 @@ def _jvm_builder(spec: SparkSpec, app_name: str) -> SparkSession.Builder:
         .config("spark.driver.memory", spec.driver_memory)
         .config("spark.sql.shuffle.partitions", str(spec.shuffle_partitions))
         .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.driver.host", "127.0.0.1")
     )
+    for key, value in driver_addresses(spec).items():
+        builder = builder.config(key, value)
     for key, value in spec.conf.items():
         builder = builder.config(key, from_env(value, f"spark.conf.{key}"))
     return builder

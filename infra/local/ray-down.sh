@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Stop the head started by ray-up.sh: every process of that Ray instance (found by its temp dir),
-# by pid, TERM then KILL. Leaves other Ray instances on the machine alone.
+# Stop the head started by ray-up.sh: its whole process group (recorded in $RAY_HEAD_DIR/head.pgid),
+# TERM then KILL. Other Ray instances on the machine, other heads included, are left alone.
 set -uo pipefail
 DASH=${RAY_DASHBOARD_PORT:-8265}
 DIR=${RAY_HEAD_DIR:-/tmp/llmrec-ray-$DASH}
-pids=$(pgrep -f -- "$DIR" || true)
-[ -z "$pids" ] && { echo "no Ray processes under $DIR"; exit 0; }
-kill $pids 2>/dev/null || true
-for _ in $(seq 1 20); do
-  alive=$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
-  [ -z "$alive" ] && break
+PGID_FILE="$DIR/head.pgid"
+[ -f "$PGID_FILE" ] || { echo "no head recorded under $DIR ($PGID_FILE missing)"; exit 0; }
+pgid=$(cat "$PGID_FILE")
+[[ "$pgid" =~ ^[0-9]+$ ]] || { echo "$PGID_FILE: not a process group id: $pgid" >&2; exit 1; }
+running() {  # members of the group that have not exited (exited ones wait, as zombies, to be reaped)
+  ps -eo pgid=,stat= | awk -v g="$pgid" '$1 == g && $2 !~ /^Z/' | grep -q .
+}
+kill -TERM -- "-$pgid" 2>/dev/null || { rm -f "$PGID_FILE"; echo "no Ray processes left in group $pgid"; exit 0; }
+for _ in $(seq 1 40); do
+  running || break
   sleep 0.5
 done
-[ -n "${alive:-}" ] && kill -9 $alive 2>/dev/null || true
-echo "stopped Ray under $DIR"
+running && kill -KILL -- "-$pgid" 2>/dev/null
+for _ in $(seq 1 20); do running || break; sleep 0.5; done
+rm -f "$PGID_FILE"
+echo "stopped Ray under $DIR (process group $pgid)"

@@ -22,7 +22,14 @@ args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0
       --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}"
       --temp-dir "$DIR" --disable-usage-stats)
 [ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus "$RAY_NUM_CPUS")
-"$RAY" start "${args[@]}" >"$DIR/start.log" 2>&1 || { cat "$DIR/start.log" >&2; exit 1; }
+[ -f "$DIR/head.pgid" ] && kill -0 -- "-$(cat "$DIR/head.pgid")" 2>/dev/null && {
+  echo "a head is already running under $DIR (process group $(cat "$DIR/head.pgid")): infra/local/ray-down.sh first" >&2; exit 1; }
+# `ray start` runs as the leader of a new session: every process of this head (GCS, raylet,
+# dashboard and its agents, the client server, workers and jobs) inherits its process group, which
+# ray-down.sh stops by the number recorded here, never by matching command lines.
+# shellcheck disable=SC2016  # $$, $0 and $@ belong to the inner shell
+setsid -w bash -c 'echo $$ > "$0/head.pgid"; exec "$@"' "$DIR" "$RAY" start "${args[@]}" >"$DIR/start.log" 2>&1 \
+  || { cat "$DIR/start.log" >&2; exit 1; }
 for _ in $(seq 1 60); do
   # any HTTP answer (401 without the token included) means the Jobs API is up
   python3 -c "

@@ -1,11 +1,11 @@
-"""The sequence models (SASRec, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
+"""The sequence models (SASRec, HSTU, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
 from __future__ import annotations
 
 from torch import nn
 
 from jobs.spec import JobSpec
 
-TRAINABLE = ("sasrec", "hllm")
+TRAINABLE = ("sasrec", "hstu", "hllm")
 
 
 def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:
@@ -14,6 +14,9 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
     if m.kind == "sasrec":
         from ray_jobs.models.sasrec import SASRec
         return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.block)
+    if m.kind == "hstu":
+        from ray_jobs.models.hstu import HSTU
+        return HSTU(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)

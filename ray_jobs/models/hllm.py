@@ -3,8 +3,9 @@ LLM reads the sequence of item embeddings and predicts the next one (Chen et al.
 
 - Item LLM: any Hugging Face model — a hub id, a local folder, a `.gguf` file, the packaged offline
   all-MiniLM-L6-v2 (`minilm`), or a random-initialised `random:llama` / `random:qwen2` of a given
-  size. Causal LMs: a learned [ITEM] embedding is appended after the text and the hidden state
-  there is the item embedding. Encoders: mean pooling over the text tokens.
+  size. Pooling (`model.item_pooling`): encoders mean-pool the text tokens; a causal LM that trains
+  (end_to_end, lora) reads a learned [ITEM] embedding appended after the text; a frozen causal LM
+  (cached mode) mean-pools too — an [ITEM] token that never trains would be a random probe.
 - User LLM: a causal transformer fed `inputs_embeds` (random-initialised or pretrained), with a
   projection from the item width to its own width.
 - Modes: `end_to_end` (both trained), `cached` (item LLM frozen; every item embedded once in
@@ -68,19 +69,30 @@ def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = Non
     return AutoModel.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
 
 
+def item_pooling(spec: ModelSpec, causal: bool) -> str:
+    """The pooling `auto` resolves to: mean for encoders and frozen (cached) causal LMs, else item_token."""
+    if spec.item_pooling != "auto":
+        return spec.item_pooling
+    return "item_token" if causal and spec.mode != "cached" else "mean"
+
+
 class ItemLLM(nn.Module):
-    """Text -> item embedding: [ITEM]-token readout for causal LMs, mean pooling for encoders."""
+    """Text -> item embedding: mean over the text tokens, the last text token's state, or a learned
+    [ITEM] token appended after the text (causal LMs only; see `item_pooling`)."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.backbone, self.tokenizer = load_backbone(spec.item_llm, spec.item_llm_size)
         cfg = self.backbone.config
         self.causal = cfg.model_type in CAUSAL_TYPES
+        self.pooling = item_pooling(spec, self.causal)
+        if self.pooling == "item_token" and not self.causal:
+            raise ValueError(f"model.item_pooling=item_token needs a causal item LLM; {spec.item_llm} is an encoder")
         self.dim = cfg.hidden_size
         self.prompt, self.max_tokens = spec.item_prompt, spec.max_item_tokens
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if self.causal:
+        if self.pooling == "item_token":
             self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -91,8 +103,11 @@ class ItemLLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        if not self.causal:
-            hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        if self.pooling != "item_token":
+            kwargs = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)} if self.causal else {}
+            hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+            if self.pooling == "last":  # left padded: the last column is the last text token
+                return hidden[:, -1]
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         b = input_ids.shape[0]
@@ -105,7 +120,8 @@ class ItemLLM(nn.Module):
 
 def cache_key(spec: ModelSpec, item_index_version: int | None) -> str:
     """Names the item-embedding artifact: item model + text settings + the item table version."""
-    ident = f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}"
+    ident = f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
+            f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return f"items-{digest}-v{item_index_version}"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ray_jobs.models.ids import IdSequenceModel
+
 
 def causal_padding_mask(ids: torch.Tensor, heads: int) -> torch.Tensor:
     """(B*heads, L, L) boolean attention mask, True = blocked: future positions and padding keys.
@@ -40,20 +42,17 @@ class OriginalBlock(nn.Module):
         return h + self.ffn(h)
 
 
-class SASRec(nn.Module):
+class SASRec(IdSequenceModel):
     """block="pre_ln": PyTorch's pre-norm encoder layer plus a final LayerNorm; block="original": the
     paper's block (see OriginalBlock) with its initialisation (item ids N(0, 0.02) truncated,
     positions N(0, 1/dim), Xavier-normal weight matrices) and no final norm."""
 
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, block: str = "pre_ln") -> None:
-        super().__init__()
         if block not in ("pre_ln", "original"):
             raise ValueError(f"model.block must be 'pre_ln' or 'original', got {block!r}")
-        self.num_items, self.max_len, self.heads = num_items, max_len, heads
-        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
-        self.pos_emb = nn.Embedding(max_len, dim)
-        self.drop = nn.Dropout(dropout)
+        super().__init__(num_items, max_len, dim, dropout)
+        self.heads = heads
         if block == "original":
             self.layers = nn.ModuleList(OriginalBlock(dim, heads, dropout) for _ in range(blocks))
             self.norm = nn.Identity()
@@ -61,8 +60,7 @@ class SASRec(nn.Module):
                 for p in layer.parameters():
                     if p.dim() >= 2:
                         nn.init.xavier_normal_(p)
-            nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
-            nn.init.trunc_normal_(self.pos_emb.weight, std=dim ** -0.5, a=-2 * dim ** -0.5, b=2 * dim ** -0.5)
+            self.init_truncated()
         else:
             self.layers = nn.ModuleList(
                 nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=dropout, activation="relu",
@@ -70,25 +68,12 @@ class SASRec(nn.Module):
                 for _ in range(blocks))
             self.norm = nn.LayerNorm(dim)
             nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-
-    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.item_emb(ids)
-
-    def all_item_embeddings(self) -> torch.Tensor:
-        return self.item_emb.weight
+        self.zero_padding()
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only:
         only the last position, (B, 1, dim) (with the original block the top block computes just it)."""
-        length = ids.shape[1]
-        # positions count from the right end of a max_len window, so a batch trimmed of its leading
-        # all-padding columns (see scoring.scorer) gets the same positions as the full window
-        pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)
-        x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
-        keep = (ids != 0).unsqueeze(-1).to(x.dtype)
-        x = self.drop(x) * keep
+        x, keep = self.embed(ids)
         mask = causal_padding_mask(ids, self.heads)
         # the original top block can compute the last row alone (its keys/values are the lower stream)
         short = last_only and len(self.layers) > 0 and isinstance(self.layers[-1], OriginalBlock)
@@ -98,7 +83,3 @@ class SASRec(nn.Module):
             x = self.layers[-1](x, src_mask=mask, last_only=True) * keep[:, -1:]
         x = self.norm(x)
         return x[:, -1:] if last_only else x
-
-    def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        """The representation at the last position (the next-item query), (B, dim)."""
-        return self.forward(ids, last_only=True)[:, -1]

@@ -1,0 +1,81 @@
+"""HSTU (Zhai et al., 2024, "Actions Speak Louder than Words"): item-ID embeddings + a stack of
+Hierarchical Sequential Transduction Units.
+
+Each unit: one projection of the layer-normed input, through SiLU, split into U, V, Q, K per head;
+pointwise aggregated attention `SiLU(Q Kᵀ + rab) / n` (no softmax: every earlier position adds its
+weight, so a user's activity level is not normalised away), causal and padding-masked, with a
+learned relative-position bias `rab`; the attended values are layer-normed, gated elementwise by U,
+projected back and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
+dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
+and score it, in one process and under Ray Train + DeepSpeed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_jobs.models.ids import IdSequenceModel
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, dropout: float, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.dim={dim} must be a multiple of model.heads={heads}")
+        self.heads, self.head_dim, self.max_len = heads, dim // heads, max_len
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.uvqk = nn.Linear(dim, 4 * dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.attn_drop = nn.Dropout(attn_dropout)
+        # rab: one learned bias per relative distance i - j in [0, max_len) (causal: j <= i), per head
+        self.rel_pos = nn.Parameter(torch.zeros(heads, max_len))
+
+    def relative_bias(self, length: int) -> torch.Tensor:
+        """(heads, L, L) bias of position i attending to j: rel_pos[i - j] (zero where j > i, masked anyway)."""
+        idx = torch.arange(length, device=self.rel_pos.device)
+        dist = (idx[:, None] - idx[None, :]).clamp(min=0, max=self.max_len - 1)
+        return self.rel_pos[:, dist]
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, dim); allowed: (B, 1, L, L) 1.0 where position i may read j (j <= i, j not padding)."""
+        b, length, dim = x.shape
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(dim, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+
+        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length)[None]
+        weights = self.attn_drop(F.silu(scores) / self.max_len * allowed)
+        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length, dim)
+        return x + self.out(self.drop(self.attn_norm(attended) * u))
+
+
+class HSTU(IdSequenceModel):
+    """Item embeddings (scaled by sqrt(dim)) plus learned absolute positions, `blocks` HSTU units, a
+    final LayerNorm; the next-item query at position t is the output at t."""
+
+    def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
+                 dropout: float = 0.2) -> None:
+        super().__init__(num_items, max_len, dim, dropout)
+        self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout) for _ in range(blocks))
+        self.final_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.init_truncated()
+        for layer in self.layers:
+            nn.init.xavier_uniform_(layer.uvqk.weight)
+            nn.init.xavier_uniform_(layer.out.weight)
+        self.zero_padding()
+
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1 (last_only:
+        the last position, (B, 1, dim))."""
+        length = ids.shape[1]
+        x, keep = self.embed(ids)
+        causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=ids.device))
+        allowed = (causal[None] * keep.transpose(1, 2))[:, None]  # (B, 1, L, L): key j valid and j <= i
+        for layer in self.layers:
+            x = layer(x, allowed) * keep
+        x = self.final_norm(x)
+        return x[:, -1:] if last_only else x

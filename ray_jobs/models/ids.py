@@ -1,0 +1,46 @@
+"""What the item-ID sequence models (SASRec, HSTU) share: item embeddings (id 0 = padding, also the
+output side's item vectors), learned positions counted from the right end of a `max_len` window,
+input dropout, and the scoring surface the trainer and evaluator use."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class IdSequenceModel(nn.Module):
+    def __init__(self, num_items: int, max_len: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_items, self.max_len = num_items, max_len
+        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def init_truncated(self) -> None:
+        """Item ids N(0, 0.02) and positions N(0, 1/dim), both truncated at 2 std (SASRec paper, HSTU)."""
+        dim = self.item_emb.embedding_dim
+        nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.trunc_normal_(self.pos_emb.weight, std=dim ** -0.5, a=-2 * dim ** -0.5, b=2 * dim ** -0.5)
+
+    def zero_padding(self) -> None:
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) left-padded ids -> the input stream (B, L, dim) and the (B, L, 1) mask of real items.
+        Positions count from the right end of a max_len window, so a batch trimmed of its leading
+        all-padding columns (see scoring.scorer) gets the same positions as the full window."""
+        length = ids.shape[1]
+        pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)
+        x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
+        keep = (ids != 0).unsqueeze(-1).to(x.dtype)
+        return self.drop(x) * keep, keep
+
+    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(ids)
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        return self.item_emb.weight
+
+    def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """The representation at the last position (the next-item query), (B, dim)."""
+        return self.forward(ids, last_only=True)[:, -1]
