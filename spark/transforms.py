@@ -41,9 +41,10 @@ def line_checks() -> list[tuple[str, Column]]:
 
 def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = None,
                      value_max: float | None = None, has_value: bool = True,
-                     ts_range: tuple[int, int] = (TS_MIN, TS_MAX), id_pattern: str | None = None) -> DataFrame:
+                     ts_range: tuple[int, int] = (TS_MIN, TS_MAX), user_id_pattern: str | None = None,
+                     item_id_pattern: str | None = None) -> DataFrame:
     """Add typed `ts_s` (epoch seconds), `value_d` and `reason` (NULL = valid) to bronze rows.
-    `ts_range`: plausible times (epoch seconds, inclusive); `id_pattern`: the source's id format."""
+    `ts_range`: plausible times (epoch seconds, inclusive); `*_id_pattern`: the source's id formats."""
     ts_s = parse_epoch_seconds(F.col("ts"), ts_format)
     value_d = F.col("value").try_cast("double") if has_value else F.lit(1.0)
     checks: list[tuple[str, Column]] = [
@@ -51,9 +52,10 @@ def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = N
         ("missing_user_id", F.col("user_id").isNull()),
         ("missing_item_id", F.col("item_id").isNull()),
     ]
-    if id_pattern is not None:
-        checks += [("invalid_user_id", ~F.col("user_id").rlike(id_pattern)),
-                   ("invalid_item_id", ~F.col("item_id").rlike(id_pattern))]
+    if user_id_pattern is not None:
+        checks.append(("invalid_user_id", ~F.col("user_id").rlike(user_id_pattern)))
+    if item_id_pattern is not None:
+        checks.append(("invalid_item_id", ~F.col("item_id").rlike(item_id_pattern)))
     checks += [
         ("missing_timestamp", F.col("ts").isNull()),
         ("unparsable_timestamp", F.col("ts_s").isNull()),

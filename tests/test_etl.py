@@ -331,13 +331,13 @@ _NEAR_VALID = st.tuples(st.sampled_from(["1", "2", "42", "", "abc", "-1", "1.5",
 _ANY_LINE = st.one_of(st.binary(max_size=120), _NEAR_VALID).filter(lambda b: b"\n" not in b)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(junk=st.lists(st.tuples(st.integers(0, len(GOOD)), _ANY_LINE), min_size=1, max_size=25))
 def test_arbitrary_lines_never_crash_ingest_and_every_row_is_accounted(sail, make_spec, tmp_path, junk):
     """Any bytes (invalid UTF-8, NUL, CR, lines over data.max_line_bytes, near-valid records) mixed
     into a valid MovieLens file: the ETL finishes, raw = silver + quarantined + duplicates holds,
-    and every line is one bronze row."""
+    and every line is one bronze row (12 derandomized examples: ~1 s each)."""
     folder = tmp_path / f"ml-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     lines = [g.encode() for g in GOOD]

