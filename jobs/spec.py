@@ -659,11 +659,12 @@ def public_doc(spec: JobSpec) -> dict:
     return doc
 
 
-def _flat(doc: dict, prefix: str = "") -> dict[str, object]:
+def flat_doc(doc: dict, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as dotted keys (`train.lr`) to its leaf values."""
     out: dict[str, object] = {}
     for k, v in doc.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_doc(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -671,7 +672,7 @@ def _flat(doc: dict, prefix: str = "") -> dict[str, object]:
 
 def literal_credentials(spec: JobSpec) -> list[str]:
     """Keys of the spec that hold a credential as a literal value (what `public_doc` masks)."""
-    real, shown = _flat(spec.model_dump(mode="json")), _flat(public_doc(spec))
+    real, shown = flat_doc(spec.model_dump(mode="json")), flat_doc(public_doc(spec))
     return sorted(k for k in real if real[k] != shown.get(k))
 
 

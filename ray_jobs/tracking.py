@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from jobs.spec import JobSpec, dump_spec, mask_uri, public_doc, tracking_uri
+from jobs.spec import JobSpec, dump_spec, flat_doc, mask_uri, public_doc, tracking_uri
 from ray_jobs.checkpoint import load_model, read_model
 from ray_jobs.loop import Reporter
 from ray_jobs.models.hllm import cache_file
@@ -46,15 +46,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def flatten(doc: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in doc.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
+def flatten(doc: dict) -> dict[str, str]:
+    """MLflow params: dotted keys, lists as JSON, everything else as text."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flat_doc(doc).items()}
 
 
 def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None = None,
