@@ -364,14 +364,27 @@ class RewardWeights(Strict):
 
 
 class BladeSpec(Strict):
-    decay: float = Field(0.9, gt=0, le=1, description="historical prior = previous posterior with its pseudo-counts times this")
-    scope: Literal["user", "global"] = Field("user", description="one reward posterior per user, or one for all")
+    decay: float = Field(0.9, gt=0, le=1, description="historical prior = previous posterior with its pseudo-counts times "
+                         "decay^(steps since the group's last update)")
+    scope: Literal["user", "group", "global"] = Field(
+        "user", description="one reward posterior per user, per activity group (users bucketed by history length, "
+        "align.blade.groups of them: every group is updated every step), or one for all")
+    groups: int = Field(8, ge=1, description="scope=group: number of history-length quantile buckets")
+    center: bool = Field(False, description="subtract each user's mean reference reward before the posterior and CDF "
+                         "(users of one group or of the global posterior are compared on their gain over the start)")
     min_pseudo_count: float = Field(1.0, gt=0, description="floor of the decayed prior's pseudo-counts (kappa, 2·alpha)")
+
+
+class GFlowNetSpec(Strict):
+    temperature: float = Field(0.1, gt=0, description="target P(list) ∝ exp(reward / temperature) (· P_ref(list) with "
+                               "reference_prior)")
+    reference_prior: bool = Field(True, description="target the reference's list distribution tilted by the reward "
+                                  "(the KL-regularised optimum) instead of the reward alone")
 
 
 class AlignSpec(Strict):
     """List-wise alignment (python -m ray_jobs.align): policy = the model's catalogue scores / temperature."""
-    method: Literal["blade", "static_bon", "grpo", "dpo"] = "blade"
+    method: Literal["blade", "static_bon", "grpo", "dpo", "flame", "gflownet"] = "blade"
     init: str | None = Field(None, description="starting model: a checkpoint file (model.pt / best.pt) or models:/NAME@alias; "
                              "default <train.storage_path>/<name>/model.pt (the training run's model)")
     steps: int = Field(200, gt=0, description="optimizer steps")
@@ -389,6 +402,7 @@ class AlignSpec(Strict):
     exposure_momentum: float = Field(0.05, gt=0, le=1, description="EMA rate of the running catalogue exposure")
     rewards: RewardWeights = RewardWeights()
     blade: BladeSpec = BladeSpec()
+    gflownet: GFlowNetSpec = GFlowNetSpec()
     dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature on list log-ratio differences")
     dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
     eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")

@@ -138,7 +138,8 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb
     version, plots = tracking.publish(
         spec, run_id, out_file, metrics,
         documents={"alignment_curves.json": {"steps": p["history"], "evals": p["evals"]}, "evaluation.json": results},
-        plots={"alignment_curves.png": lambda path: tracking.plot_alignment_curves({spec.align.method: p["history"]}, path)},
+        plots={"alignment_curves.png": lambda path: tracking.plot_alignment_curves(
+            {spec.align.method: p["history"]}, path, {spec.align.method: p["evals"]})},
         tags={"llmrec.align.method": spec.align.method, "llmrec.align.init": start.label, "restarts": p["restarts"],
               "stopped": p["stopped"]},
         register=register)

@@ -310,23 +310,36 @@ def plot_training_curves(history: list[dict], path: str) -> str:
     return path
 
 
-def plot_alignment_curves(histories: dict[str, list[dict]], path: str, smooth: int = 10) -> str:
-    """Mean reward and effective gradient norm per step, one line per method (moving average)."""
+def plot_alignment_curves(histories: dict[str, list[dict]], path: str, evals: dict[str, list[dict]] | None = None,
+                          smooth: int = 10) -> str:
+    """Per step, one line per method (moving average): mean rollout reward, target-weight entropy
+    (Best-of-N methods), effective gradient norm; and validation NDCG@10 at each evaluation when
+    `evals` is given."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    keys = [("reward_mean", "mean list reward (rollouts)"), ("weight_entropy", "target-weight entropy (nats)"),
+            ("effective_grad_norm", "effective gradient norm (d policy loss / d logits)")]
+    fig, axes = plt.subplots(1, len(keys) + bool(evals), figsize=(4.2 * (len(keys) + bool(evals)), 3.6))
     for method, history in histories.items():
         steps = np.asarray([h["step"] for h in history])
-        for ax, key in zip(axes, ("reward_mean", "effective_grad_norm")):
-            y = np.asarray([h[key] for h in history], dtype=float)
+        for ax, (key, _) in zip(axes, keys):
+            y = np.asarray([np.nan if h.get(key) is None else h[key] for h in history], dtype=float)
+            if np.isnan(y).all():
+                continue
             w = max(1, min(smooth, len(y)))
             ax.plot(steps[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=method)
-    axes[0].set_title("mean list reward (rollouts)")
-    axes[1].set_title("effective gradient norm (d policy loss / d logits)")
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_title(title, fontsize=9)
+    if evals:
+        ax = axes[-1]
+        for method, points in evals.items():
+            ax.plot([e["step"] for e in points], [e["ndcg@10"] for e in points], marker="o", label=method)
+        ax.set_title("validation NDCG@10", fontsize=9)
+        ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.spec import AlignSpec
+from jobs.spec import AlignSpec, BladeSpec
 from ray_jobs.alignment import methods, rewards
-from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl
+from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs
 from ray_jobs.data import left_pad
 from ray_jobs.metrics import mask_scores
 from ray_jobs.runtime import Collectives
@@ -89,6 +89,7 @@ class Rollouts:
     lists: torch.Tensor              # (B, N, K) item ids
     terms: dict[str, torch.Tensor]   # reward term -> (B, N)
     reward: torch.Tensor             # (B, N) weighted list reward
+    gains: torch.Tensor              # (B, N, K) weighted per-pick gains (sum along K = reward)
     global_users: int                # users in the step's global batch
 
 
@@ -118,6 +119,19 @@ class AlignData:
         return cls(np.asarray(users), contexts, rel)
 
 
+def posterior_groups(cfg: BladeSpec, data: AlignData) -> np.ndarray:
+    """Group of each AlignData row for BLADE's posteriors: itself (scope=user), one for all
+    (global), or its history-length quantile bucket (group; at most cfg.groups, dense ids)."""
+    n = len(data.users)
+    if cfg.scope == "user":
+        return np.arange(n)
+    if cfg.scope == "global":
+        return np.zeros(n, dtype=np.int64)
+    lengths = np.asarray([len(c) for c in data.contexts])
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, cfg.groups + 1)[1:-1]))
+    return np.unique(np.searchsorted(edges, lengths, side="right"), return_inverse=True)[1].astype(np.int64)
+
+
 class Aligner:
     """State and step of list-wise alignment for one worker. `reference` is the frozen starting
     model; it is kept in the policy's dtype and on its device (`dtype`, `device`). `comm` carries
@@ -138,8 +152,10 @@ class Aligner:
         self.exposure = torch.full((num_items + 1,), 1.0 / num_items)
         self.exposure[0] = 0.0
         self.ref_rewards: torch.Tensor | None = None     # (U, M) reference rollout rewards
-        groups = len(data.users) if cfg.blade.scope == "user" else 1
-        self.posterior = methods.NIG.vague(groups)
+        self.groups = posterior_groups(cfg.blade, data)  # BLADE posterior of each user row
+        n_groups = int(self.groups.max()) + 1
+        self.posterior = methods.NIG.vague(n_groups)
+        self.last_update = np.zeros(n_groups)            # step + 1 of each group's last update (0: reference)
         self.beta = cfg.beta
 
     # ------------------------------------------------------------------ policy and rewards
@@ -150,11 +166,15 @@ class Aligner:
         s = scores(left_pad(ctx, self.max_len).to(self.device)).float().cpu()
         return mask_scores(s / self.cfg.temperature, ctx)
 
+    def reward_gains(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Reward term -> per-pick gains (B, N, K); each term's list value is their sum along K."""
+        return {"ndcg": rewards.ndcg_gains(lists, self.data.relevant[rows]),
+                "diversity": rewards.diversity_gains(lists, self.item_emb),
+                "tail": rewards.tail_gains(lists, self.tail),
+                "exposure": rewards.exposure_gains(lists, self.exposure)}
+
     def reward_terms(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"ndcg": rewards.ndcg(lists, self.data.relevant[rows]),
-                "diversity": rewards.diversity(lists, self.item_emb),
-                "tail": rewards.tail_share(lists, self.tail),
-                "exposure": rewards.exposure_deficit(lists, self.exposure)}
+        return {t: g.sum(-1) for t, g in self.reward_gains(lists, rows).items()}
 
     def reward(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return rewards.combine(self.cfg.rewards.model_dump(), terms)
@@ -188,8 +208,35 @@ class Aligner:
         counts = self.comm.all_sum(counts)
         self.exposure = (counts / counts.sum()).float()
         self.exposure[0] = 0.0
-        x = ref.astype(np.float64)
-        self.posterior = self.posterior.update_with(x if cfg.blade.scope == "user" else x.reshape(1, -1))
+        rows = np.arange(len(self.data.users))  # every rank holds every user's reference rewards: observe once
+        self._observe(rows[self.rank::self.world], self._centred(ref.astype(np.float64), rows)[self.rank::self.world], None)
+
+    # ------------------------------------------------------------------ BLADE posteriors
+    def _centred(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if not self.cfg.blade.center:
+            return x
+        return x - self.ref_rewards[rows].double().mean(-1, keepdim=True).numpy()
+
+    def _observe(self, rows: np.ndarray, x: np.ndarray, step: int | None) -> None:
+        """Add this rank's rewards x (rows, N) to their groups' posteriors, pooled with every rank's
+        (one all-reduce of per-group count, sum and sum of squares). At a step, each observed
+        group's prior is its posterior decayed by decay^(steps since its last update)."""
+        b = self.cfg.blade
+        stats = np.zeros((len(self.last_update), 3))
+        g = self.groups[rows]
+        np.add.at(stats[:, 0], g, x.shape[1])
+        np.add.at(stats[:, 1], g, x.sum(-1))
+        np.add.at(stats[:, 2], g, (x * x).sum(-1))
+        stats = self.comm.all_sum(torch.from_numpy(stats)).numpy()
+        seen = np.nonzero(stats[:, 0])[0]
+        cnt = stats[seen, 0]
+        mean = stats[seen, 1] / cnt
+        sq_dev = np.maximum(stats[seen, 2] - cnt * mean * mean, 0.0)
+        prior = self.posterior.take(seen)
+        if step is not None:
+            prior = prior.decayed(b.decay ** (step + 1 - self.last_update[seen]), b.min_pseudo_count)
+            self.last_update[seen] = step + 1
+        self.posterior.put(seen, prior.updated(cnt, mean, sq_dev))
 
     # ------------------------------------------------------------------ one step
     def batch_rows(self, step: int, seed: int) -> tuple[np.ndarray, int]:
@@ -213,29 +260,20 @@ class Aligner:
             ref_logits = self.logits(self.reference, rows)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + self.rank + 17)
         lists = gumbel_topk(logits.detach(), cfg.list_size, cfg.rollouts, gen)     # (B, N, K)
-        terms = self.reward_terms(lists, rows)
-        return Rollouts(rows, logits, ref_logits, lists, terms, self.reward(terms), global_b)
+        gains = self.reward_gains(lists, rows)
+        terms = {t: g.sum(-1) for t, g in gains.items()}
+        return Rollouts(rows, logits, ref_logits, lists, terms, self.reward(terms), self.reward(gains), global_b)
 
-    def weights(self, r: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self, r: torch.Tensor, rows: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy."""
         cfg, n = self.cfg, r.shape[1]
         if cfg.method == "static_bon":
             w = methods.bon_weights(methods.empirical_cdf(self.ref_rewards[rows], r), n)
             return w, methods.weight_entropy(w)
         if cfg.method == "blade":
-            x = r.double().numpy()
-            if cfg.blade.scope == "user":
-                post = self.posterior.take(rows).decayed(cfg.blade.decay, cfg.blade.min_pseudo_count).update_with(x)
-                for part in self.comm.all_gather_object((rows, post)):  # every rank keeps every user's posterior
-                    self.posterior.put(part[0], part[1])
-                cdf = post.predictive_cdf(x)
-            else:  # one posterior: global sufficient statistics of all ranks' rewards
-                stats = self.comm.all_sum(torch.tensor([x.size, x.sum(), (x * x).sum()], dtype=torch.float64))
-                cnt, mean = stats[0].item(), stats[1].item() / max(stats[0].item(), 1)
-                sq_dev = max(stats[2].item() - cnt * mean * mean, 0.0)
-                prior = self.posterior.decayed(cfg.blade.decay, cfg.blade.min_pseudo_count)
-                self.posterior = prior.updated(np.array([cnt]), np.array([mean]), np.array([sq_dev]))
-                cdf = _global_cdf(self.posterior, x)
+            x = self._centred(r.double().numpy(), rows)
+            self._observe(rows, x, step)
+            cdf = self.posterior.take(self.groups[rows]).predictive_cdf(x)
             w = methods.bon_weights(torch.from_numpy(cdf).float(), n)
             return w, methods.weight_entropy(w)
         if cfg.method == "grpo":
@@ -260,8 +298,15 @@ class Aligner:
             policy_sum = (pair * keep).sum()
             if cfg.dpo_ground_truth:
                 policy_sum = policy_sum + self._ground_truth_pairs(logits, ro.ref_logits, ro.rows).sum()
+        elif cfg.method == "flame":
+            adv = methods.flame_advantages(ro.gains)
+            policy_sum = -(adv.detach() * pick_log_probs(logits, ro.lists)).sum() / (r.shape[1] * k)
+        elif cfg.method == "gflownet":
+            g = cfg.gflownet
+            log_r = r.double() / g.temperature + (lp_ref.double() * k if g.reference_prior else 0.0)
+            policy_sum = methods.trajectory_balance(lp * k, log_r).sum() / k
         else:
-            w, entropy = self.weights(r, ro.rows)
+            w, entropy = self.weights(r, ro.rows, step)
             policy_sum = -(w.detach() * lp).sum()
         kl = masked_kl(logits, ro.ref_logits)
         loss = (policy_sum + self.beta * kl.sum()) * self.world / max(ro.global_users, 1)
@@ -307,14 +352,10 @@ class Aligner:
         p = self.posterior
         return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards, "beta": self.beta,
                 "posterior": {k: torch.from_numpy(np.asarray(getattr(p, k), dtype=np.float64))
-                              for k in ("mu", "kappa", "alpha", "beta")}}
+                              for k in ("mu", "kappa", "alpha", "beta")},
+                "last_update": torch.from_numpy(self.last_update.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         self.exposure, self.ref_rewards, self.beta = state["exposure"], state["ref_rewards"], state["beta"]
         self.posterior = methods.NIG(**{k: np.asarray(v, dtype=np.float64) for k, v in state["posterior"].items()})
-
-
-def _global_cdf(post: methods.NIG, x: np.ndarray) -> np.ndarray:
-    """Predictive CDF of one (global) posterior evaluated for every row of x."""
-    rep = methods.NIG(*(np.repeat(a, x.shape[0]) for a in (post.mu, post.kappa, post.alpha, post.beta)))
-    return rep.predictive_cdf(x)
+        self.last_update = np.asarray(state["last_update"], dtype=np.float64)

@@ -23,9 +23,24 @@ blade        w_n ∝ F_t(r_n)^(N-1), F_t the posterior-predictive CDF of a rewar
              freedom, location mu and scale^2 = beta·(kappa + 1) / (alpha·kappa). The first prior is
              this update applied to the reference rollouts (from a vague NIG(0, 1e-3, 1, 1e-4)).
              The predictive tracks the policy's own reward level, so candidates above the historical
-             range keep distinct CDF values and stay ranked.
+             range keep distinct CDF values and stay ranked. Scopes: one posterior per user, per
+             activity group (users bucketed by history length; every group present in a batch is
+             updated each step from all its users' rewards), or one global one. The decay is per
+             elapsed step: a group last updated s steps ago is decayed by gamma^s (with the floor,
+             the same as decaying s times), so a rarely revisited user's history fades by age.
 grpo         w_n = (r_n - mean_n r) / (std_n r + 1e-6) / N: group-relative advantages, one
              on-policy gradient step per batch of rollouts.
+flame        step-wise GRPO with potential-based shaping: the list is built pick by pick, pick j
+             is credited with g_j = Phi(y_1..y_j) - Phi(y_1..y_{j-1}), Phi = the list reward of a
+             prefix (Phi(empty) = 0, so the g_j sum to the list reward). The return-to-go
+             G_j = sum_{m>=j} g_m is normalised per position across the N lists (as GRPO does per
+             list) and weights log pi(y_j | y_<j): L = - sum_n sum_j A_nj · log pi(y_nj | y_n,<j) / (N K).
+gflownet     trajectory balance (a list is a trajectory of K picks; an ordered prefix has one
+             parent, so P_B = 1): (log Z + log pi(y) - log R(y))^2 with
+             log R(y) = r(y) / tau (+ log pi_ref(y) with reference_prior): the policy is trained
+             to sample lists in proportion to the (reference-tilted) reward. log Z is the per-user
+             batch estimate mean_n (log R - log pi) (the log-partition variance form), so the loss is
+             the variance over a user's N lists of log pi(y_n) - log R(y_n), divided by K.
 dpo          the best and worst of the N lists (and optionally the held-out items' list against the
              model's own top list): -log sigmoid(beta_dpo·[(lp_w - lp_ref_w) - (lp_l - lp_ref_l)]).
 """
@@ -83,7 +98,7 @@ class NIG:
     def put(self, idx, other: "NIG") -> None:
         self.mu[idx], self.kappa[idx], self.alpha[idx], self.beta[idx] = other.mu, other.kappa, other.alpha, other.beta
 
-    def decayed(self, gamma: float, floor: float) -> "NIG":
+    def decayed(self, gamma: float | np.ndarray, floor: float) -> "NIG":
         kappa = np.maximum(gamma * self.kappa, floor)
         alpha = np.maximum(gamma * self.alpha, floor / 2)
         return NIG(self.mu.copy(), kappa, alpha, self.beta * alpha / self.alpha)
@@ -105,6 +120,22 @@ class NIG:
         """P(reward <= r) under the posterior predictive (Student-t); r: (groups, N)."""
         scale = np.sqrt(self.beta * (self.kappa + 1) / (self.alpha * self.kappa))
         return stdtr((2 * self.alpha)[:, None], (r - self.mu[:, None]) / scale[:, None])
+
+
+def flame_advantages(gains: torch.Tensor) -> torch.Tensor:
+    """gains (B, N, K) shaped step rewards -> (B, N, K) per-position group-relative advantages of the
+    returns-to-go (normalised over the N lists at each position)."""
+    ret = torch.flip(torch.cumsum(torch.flip(gains.double(), [-1]), -1), [-1])
+    centred = ret - ret.mean(1, keepdim=True)
+    return (centred / (ret.std(1, unbiased=False, keepdim=True) + 1e-6)).to(gains.dtype)
+
+
+def trajectory_balance(lp: torch.Tensor, log_reward: torch.Tensor) -> torch.Tensor:
+    """Per-user trajectory-balance loss with log Z at its batch optimum: lp, log_reward (B, N) ->
+    (B,) mean_n (delta_n - mean delta)^2, delta = log pi(y_n) - log R(y_n). Zero exactly when the
+    policy's list probabilities are proportional to R on the sampled lists."""
+    delta = lp.double() - log_reward.double()
+    return ((delta - delta.mean(-1, keepdim=True)) ** 2).mean(-1).to(lp.dtype)
 
 
 def dpo_loss(lp_w: torch.Tensor, lp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,

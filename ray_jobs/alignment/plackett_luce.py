@@ -18,8 +18,9 @@ def gumbel_topk(logits: torch.Tensor, k: int, samples: int, generator: torch.Gen
     return torch.topk(logits.detach()[:, None, :] + g, k, dim=-1).indices
 
 
-def list_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
-    """Exact log P(list) under Plackett–Luce; logits (B, n), lists (B, N, K) -> (B, N).
+def _picks(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """Exact log P(y_j | y_1..y_{j-1}) of every pick under Plackett–Luce; logits (B, n), lists
+    (B, N, K) -> (B, N, K). Their sum along the list is log P(list).
 
     The denominator at position j is the mass of the items not yet picked: the items outside the
     list plus the list's items j..K. Both are summed directly in log space (logsumexp over the
@@ -32,7 +33,16 @@ def list_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
     lse_rest = torch.logsumexp(rest, dim=-1)                                   # (B, N)
     tail = torch.logcumsumexp(chosen.flip(-1), dim=-1).flip(-1)                # log sum_{m >= j} exp(s_m)
     denom = torch.logaddexp(tail, lse_rest[..., None])
-    return (chosen - denom).sum(-1).to(logits.dtype)
+    return chosen - denom
+
+
+def pick_log_probs(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    return _picks(logits, lists).to(logits.dtype)
+
+
+def list_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """Exact log P(list) under Plackett–Luce; logits (B, n), lists (B, N, K) -> (B, N)."""
+    return _picks(logits, lists).sum(-1).to(logits.dtype)
 
 
 def masked_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

@@ -1,47 +1,69 @@
-"""List rewards: pure functions of sampled lists (B, N, K) and per-user / catalogue data -> (B, N).
+"""List rewards: pure functions of sampled lists (B, N, K) and per-user / catalogue data.
 
-- `ndcg`: NDCG@K against the user's held-out items (binary relevance, ideal DCG over min(H, K)).
-- `diversity`: intra-list diversity, 1 - mean pairwise cosine of the items' text embeddings.
-- `tail_share`: share of the list's items in the long tail (a boolean mask over item ids).
+Each term is defined by its per-position gains (B, N, K): what the item at position j adds to the
+list given the items before it. The list reward (B, N) is their sum, so the partial sums are the
+potentials of step-wise credit (FLAME): a prefix's reward, 0 for the empty list, the list reward at K.
+- `ndcg`: NDCG@K against the user's held-out items (binary relevance, ideal DCG over min(H, K));
+  position j adds rel_j / log2(j + 1) / IDCG.
+- `diversity`: intra-list diversity, 1 - mean pairwise cosine of the items' text embeddings;
+  position j adds sum_{m<j} (1 - cos(e_j, e_m)) / (K (K - 1) / 2).
+- `tail_share`: share of the list's items in the long tail (a boolean mask over item ids); tail_j / K.
 - `exposure_deficit`: mean over the list of max(0, 1 - n·p_i), p the running catalogue exposure
   (a distribution over the n items): 1 for an item never shown, 0 at or above the uniform share.
-`combine` weights them into the scalar list reward.
+`combine` weights them into the scalar list reward (or the per-position gains of it).
 """
 from __future__ import annotations
 
 import torch
 
 
-def ndcg(lists: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+def ndcg_gains(lists: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     """relevant: (B, H) item ids, 0 = padding (a user with fewer held-out items)."""
     k = lists.shape[-1]
     hits = ((lists[..., None] == relevant[:, None, None, :]) & (relevant[:, None, None, :] != 0)).any(-1).double()
     discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=lists.device) + 2.0)
-    dcg = (hits * discount).sum(-1)
     n_rel = (relevant != 0).sum(-1).clamp(max=k)                      # (B,)
     ideal = torch.cumsum(discount, 0)[(n_rel - 1).clamp(min=0)] * (n_rel > 0)
-    return (dcg / ideal.clamp(min=1e-12)[:, None]).float()
+    return (hits * discount / ideal.clamp(min=1e-12)[:, None, None]).float()
+
+
+def diversity_gains(lists: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """item_emb: (n + 1, d) unit vectors. Position j's cosines to the items before it come from the
+    running sum of their vectors; a list of one item scores 0."""
+    k = lists.shape[-1]
+    if k < 2:
+        return torch.zeros(lists.shape, device=lists.device)
+    e = item_emb[lists]                                                # (B, N, K, d)
+    before = torch.cumsum(e, dim=-2) - e                               # sum of the vectors before j
+    j = torch.arange(k, dtype=e.dtype, device=e.device)
+    return (j - (e * before).sum(-1)) / (k * (k - 1) / 2)
+
+
+def tail_gains(lists: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """tail: (n + 1,) bool mask of long-tail item ids."""
+    return tail[lists].float() / lists.shape[-1]
+
+
+def exposure_gains(lists: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
+    """exposure: (n + 1,) running exposure distribution over items 1..n (index 0 unused)."""
+    n = exposure.shape[0] - 1
+    return (1.0 - n * exposure[lists]).clamp(min=0.0, max=1.0) / lists.shape[-1]
+
+
+def ndcg(lists: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    return ndcg_gains(lists, relevant).sum(-1)
 
 
 def diversity(lists: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
-    """item_emb: (n + 1, d) unit vectors. For K unit vectors the pairwise cosines sum to
-    (|sum e|^2 - K) / 2, so ILD = 1 - (|sum e|^2 - K) / (K (K - 1)); a list of one item scores 0."""
-    k = lists.shape[-1]
-    if k < 2:
-        return torch.zeros(lists.shape[:2], device=lists.device)
-    s = item_emb[lists].sum(-2)
-    return 1.0 - ((s * s).sum(-1) - k) / (k * (k - 1))
+    return diversity_gains(lists, item_emb).sum(-1)
 
 
 def tail_share(lists: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """tail: (n + 1,) bool mask of long-tail item ids."""
-    return tail[lists].float().mean(-1)
+    return tail_gains(lists, tail).sum(-1)
 
 
 def exposure_deficit(lists: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
-    """exposure: (n + 1,) running exposure distribution over items 1..n (index 0 unused)."""
-    n = exposure.shape[0] - 1
-    return (1.0 - n * exposure[lists]).clamp(min=0.0, max=1.0).mean(-1)
+    return exposure_gains(lists, exposure).sum(-1)
 
 
 def combine(weights: dict[str, float], terms: dict[str, torch.Tensor]) -> torch.Tensor:
