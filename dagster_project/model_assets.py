@@ -8,13 +8,12 @@ for this lineage (`data.pinned_versions`), never the latest of each table.
 """
 
 import json
-import shlex
 
 from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
-from dagster_project.resources import ROOT, MLflowResource, RayResource, SpecResource
+from dagster_project.resources import MLflowResource, RayResource, SpecResource
 from jobs.lake import published_versions
 from jobs.spec import JobSpec, check_override_secrets
 
@@ -51,9 +50,8 @@ def run_job(context: AssetExecutionContext, module: str, spec: SpecResource, ray
     base = spec.load(*mlflow.spec_overrides())
     sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
     check_override_secrets(sets)
-    entry = ["python", "-m", module, "--spec", spec.job_spec_path(), *[x for o in sets for x in ("--set", o)], *args]
-    return ray.pipes_client().run(context=context, submit_job_params={
-        "entrypoint": shlex.join(entry), "runtime_env": {"working_dir": str(ROOT)}})
+    entry = ["python", "-m", module, "--spec", ray.job_spec_path(spec), *[x for o in sets for x in ("--set", o)], *args]
+    return ray.run(context, module.rsplit(".", 1)[-1], spec.load(*sets), entry)
 
 
 def versions_override(versions: dict[str, int]) -> str:

@@ -2,6 +2,7 @@
 Ray cluster the model assets' jobs run on, and the MLflow store the champion gate reads and writes."""
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -9,11 +10,12 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
+from jobs.render import SPEC_DIR, K8sOptions, ray_job_with_cluster
 from jobs.spec import JobSpec, load_spec, local_overrides, resolve_spec_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,17 +60,32 @@ def _free_port() -> int:
 
 
 class RayResource(ConfigurableResource):
-    """Where the model assets' Ray jobs run. `address`: a Ray cluster's dashboard (Jobs API), e.g.
-    http://ray-head:8265. Unset: a head started for the run on 127.0.0.1 with token auth and free
-    ports (infra/local/ray-up.sh), stopped with its processes when the run ends."""
+    """Where the model assets' Ray jobs run, chosen by `launcher`:
+    - `jobs_api` (default): Ray's Jobs API through dagster-ray's PipesRayJobClient. `address`: a Ray
+      cluster's dashboard, e.g. http://ray-head:8265; unset: a head started for the run on 127.0.0.1
+      with token auth and free ports (infra/local/ray-up.sh), stopped with its processes at the end.
+    - `kuberay`: each job a KubeRay RayJob with its own RayCluster rendered from the spec
+      (`jobs.render.ray_job_with_cluster`: workers, GPUs, CPUs, shared storage as `llmrec render k8s`
+      writes them), through dagster-ray's PipesKubeRayJobClient, in `namespace`, from `image`; the
+      job reads the spec from the ConfigMap `llmrec render k8s` wrote for the same spec, with the
+      asset's overrides on its command line."""
 
-    address: str | None = Field(None, description="Ray dashboard address; unset = a local head for the run")
-    num_cpus: int | None = Field(None, description="CPUs of the local head (default: all)")
+    launcher: Literal["jobs_api", "kuberay"] = Field("jobs_api", description="jobs_api | kuberay")
+    address: str | None = Field(None, description="jobs_api: Ray dashboard address; unset = a local head for the run")
+    num_cpus: int | None = Field(None, description="jobs_api: CPUs of the local head (default: all)")
+    image: str | None = Field(None, description="kuberay: the pinned image of the Ray pods (infra/docker/Dockerfile.gpu)")
+    namespace: str = Field("llmrec", description="kuberay: namespace of the RayJobs (and the spec ConfigMap)")
+    kube_api: str | None = Field(None, description="kuberay: Kubernetes API URL (e.g. a `kubectl proxy`); unset = "
+                                 "the in-cluster service account or ~/.kube/config")
+    port_forward: bool = Field(False, description="kuberay: reach each job's dashboard by port-forwarding "
+                               "(Dagster outside the cluster)")
     _local_address: str | None = PrivateAttr(None)
 
     @contextmanager
     def yield_for_execution(self, context: InitResourceContext) -> Iterator["RayResource"]:
-        if self.address:
+        if self.launcher == "kuberay" and not self.image:
+            raise ValueError("RayResource(launcher='kuberay') needs `image`: the pinned image of the Ray pods")
+        if self.address or self.launcher == "kuberay":
             yield self
             return
         head_dir = tempfile.mkdtemp(prefix="llmrec-dagster-ray-")
@@ -102,11 +119,32 @@ class RayResource(ConfigurableResource):
     def spec_overrides(self, spec: JobSpec) -> list[str]:
         """A job on a head of this machine runs in an uploaded copy of the project: relative local
         paths (lake, caches, checkpoints, Ray storage, sqlite tracking store) go absolute."""
-        return [] if self.address else local_overrides(spec)
+        return [] if self.address or self.launcher == "kuberay" else local_overrides(spec)
 
-    def pipes_client(self):
+    def job_spec_path(self, spec: SpecResource) -> str:
+        """The `--spec` argument of a job: the project's spec file (uploaded with the job), or on
+        KubeRay the ConfigMap's copy mounted on the head."""
+        return f"{SPEC_DIR}/spec.yaml" if self.launcher == "kuberay" else spec.job_spec_path()
+
+    def run(self, context, job: str, spec: JobSpec, entrypoint: list[str]):
+        """Run `entrypoint` (a `python -m ray_jobs.<job>` command) as a Ray job through Dagster Pipes."""
+        if self.launcher == "kuberay":
+            from dagster_ray.kuberay import PipesKubeRayJobClient
+            from dagster_ray.kuberay.client import RayJobClient
+            api = None
+            if self.kube_api:
+                from kubernetes import client as k8s
+                cfg = k8s.Configuration()
+                cfg.host = self.kube_api
+                api = k8s.ApiClient(cfg)
+            manifest = ray_job_with_cluster(spec, job, K8sOptions(image=self.image, namespace=self.namespace),
+                                            f"{spec.name}-{job}-{context.run_id[:8]}", shlex.join(entrypoint))
+            client = PipesKubeRayJobClient(client=RayJobClient(api_client=api), port_forward=self.port_forward,
+                                           poll_interval=2)
+            return client.run(context=context, ray_job=manifest)
         from dagster_ray import PipesRayJobClient
-        return PipesRayJobClient(address=self.dashboard, poll_interval=2)
+        return PipesRayJobClient(address=self.dashboard, poll_interval=2).run(context=context, submit_job_params={
+            "entrypoint": shlex.join(entrypoint), "runtime_env": {"working_dir": str(ROOT)}})
 
 
 def _wait_for_job_agent(address: str, attempts: int = 60) -> None:

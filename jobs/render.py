@@ -135,6 +135,21 @@ def ray_job(spec: JobSpec, job: str, opts: K8sOptions) -> dict:
                      "backoffLimit": 0, "shutdownAfterJobFinishes": False}}
 
 
+def ray_job_with_cluster(spec: JobSpec, job: str, opts: K8sOptions, name: str, entrypoint: str) -> dict:
+    """A RayJob that brings its own RayCluster (the spec's, as `ray_cluster` renders it, with the
+    spec ConfigMap mounted on the head) and deletes it when the job ends: what Dagster's KubeRay
+    launcher creates for each model asset (dagster-ray's PipesKubeRayJobClient adds the Pipes
+    environment and follows the job)."""
+    check_image(opts.image)
+    check_cluster_spec(spec)
+    doc = ray_job(spec, job, opts)
+    del doc["spec"]["clusterSelector"]
+    doc["metadata"]["name"] = name
+    doc["spec"].update(entrypoint=entrypoint, rayClusterSpec=ray_cluster(spec, opts)["spec"],
+                       shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=600)
+    return doc
+
+
 def config_map(spec: JobSpec, opts: K8sOptions) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": f"{spec.name}-spec", "namespace": opts.namespace,

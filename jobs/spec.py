@@ -577,7 +577,12 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         doc["align"]["init"] = absolute_path(doc["align"]["init"])
     if doc["tracking"]["uri"]:
         doc["tracking"]["uri"] = _absolute_sqlite(doc["tracking"]["uri"])
+    elif not os.environ.get("MLFLOW_TRACKING_URI"):  # the default store is the driver's, not the worker's cwd
+        doc["tracking"]["uri"] = _absolute_sqlite(DEFAULT_TRACKING_URI)
     return JobSpec.model_validate(doc)
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def _absolute_sqlite(uri: str) -> str:
@@ -591,7 +596,7 @@ def tracking_uri(spec: JobSpec) -> str:
     path is made absolute, so Ray workers and submitted jobs write to the same store. `${env:NAME}`
     in the spec's URI is read from the environment here, where it is used."""
     uri = from_env(spec.tracking.uri, "tracking.uri") if spec.tracking.uri else None
-    uri = _absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    uri = _absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     if mask_uri(uri) != uri:  # MLflow prints "View run ... at: <uri>/#/..." when a run ends
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri

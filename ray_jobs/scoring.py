@@ -44,8 +44,12 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
 
     Users are encoded in chunks of similar history length, each trimmed to its longest history
     (padding columns carry no information: padded keys are masked and positions count from the
-    right), so short histories do not pay for max_len-long attention; results are put back in order."""
+    right), so short histories do not pay for max_len-long attention; results are put back in order.
+    The catalogue's vectors are computed on the first call and reused: a scorer serves one fixed
+    model (every caller makes one per evaluation or per loaded model), and for HLLM they cost more
+    than the users of a batch."""
     device = next(model.parameters()).device
+    catalogue: list[torch.Tensor] = []
 
     def score(histories: list[np.ndarray]) -> torch.Tensor:
         model.eval()
@@ -59,7 +63,9 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
                 parts.append(model.user_embeddings(ids.to(device)))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
             user[torch.as_tensor(order, device=device)] = torch.cat(parts)
-            return cosine_scores(user, model.all_item_embeddings()).float().cpu()
+            if not catalogue:
+                catalogue.append(model.all_item_embeddings())
+            return cosine_scores(user, catalogue[0]).float().cpu()
     return score
 
 

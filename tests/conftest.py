@@ -100,9 +100,11 @@ def ml100k_lake(tmp_path_factory, engines) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One in-process local Ray for every test that runs a Ray job in this process."""
+    """An in-process local Ray for the tests of one module that run Ray jobs in this process, shut
+    down when the module's tests end: the driver's core worker exits the whole process if its local
+    cluster goes away, so it never outlives the tests that need it."""
     import ray
 
     from ray_jobs.runtime import start_local_ray

@@ -274,3 +274,105 @@ def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_pat
     assert kept["llmrec.gate.decision"] == "kept" and float(kept["llmrec.gate.champion_metric"]) == gate2["champion_metric"]
     rows = DeltaTable(recs["path"]).to_pandas()
     assert len(rows) == 943 * recs["k"] and set(rows["model_version"]) == {champion}  # same champion: replaced
+
+
+class _KubeApi:
+    """A stand-in Kubernetes API server on 127.0.0.1 (no cluster here): records what is created and
+    answers every RayJob status with a failed deployment, as the operator does for a rejected job."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+        created: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, code: int, doc: dict) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                created.append({"path": self.path, "body": doc})
+                self._send(201, doc)
+
+            def do_GET(self):
+                if self.path.endswith("/status") and created:
+                    self._send(200, created[-1]["body"] | {"status": {
+                        "jobDeploymentStatus": "Failed", "reason": "ValidationFailed",
+                        "message": "exceeded quota: gpu-quota"}})
+                else:
+                    self._send(404, {"kind": "Status", "code": 404})
+
+            def log_message(self, *args):
+                pass
+
+        self.created = created
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_kuberay_launcher_creates_the_specs_rayjob_through_dagster_ray(tmp_path):
+    """`RayResource(launcher='kuberay')`: the trained_model asset's job goes to the Kubernetes API as
+    a RayJob carrying the spec's own RayCluster (workers, GPUs, image, shared volume), the asset's
+    overrides on the entry point and the Pipes environment dagster-ray injects; the operator's
+    failure reaches the asset."""
+    from dagster_project.model_assets import run_job
+    from dagster import asset
+    api = _KubeApi()
+    image = "ghcr.io/llmrec/llmrec-gpu:0.1.0"
+    ray = RayResource(launcher="kuberay", image=image, namespace="recsys", kube_api=api.url)
+
+    @asset
+    def probe(context, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
+        return run_job(context, "ray_jobs.train", spec, ray, mlflow, ['data.pinned_versions={"sequences": 3}'],
+                       ["--run-name", "nightly"]).get_results()
+
+    try:
+        result = materialize([probe], raise_on_error=False, resources={
+            "spec": SpecResource(spec_path="movielens-1m-hllm-k8s"), "ray": ray, "mlflow": MLflowResource()})
+    finally:
+        api.close()
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data.error
+    assert "exceeded quota: gpu-quota" in str(failure.to_string())
+    [call] = api.created
+    job, spec = call["body"], load_spec("movielens-1m-hllm-k8s")
+    assert call["path"] == "/apis/ray.io/v1/namespaces/recsys/rayjobs" and job["kind"] == "RayJob"
+    assert job["metadata"]["name"].startswith(f"{spec.name}-train-") and job["metadata"]["namespace"] == "recsys"
+    assert job["spec"]["entrypoint"] == ("python -m ray_jobs.train --spec /etc/llmrec/spec.yaml "
+                                         "--set 'data.pinned_versions={\"sequences\": 3}' --run-name nightly")
+    cluster = job["spec"]["rayClusterSpec"]
+    [workers] = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == spec.train.workers
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == image and {"name": "spec", "configMap": {"name": f"{spec.name}-spec"}} \
+        in head["volumes"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= set(env)
+    assert result.run_id in job["metadata"]["labels"].values()  # dagster-ray labels the RayJob with the run
+    # without an image the launcher refuses before anything is created
+    with pytest.raises(Exception) as refused:
+        materialize([probe], resources={"spec": SpecResource(spec_path="movielens-1m-hllm-k8s"),
+                                        "ray": RayResource(launcher="kuberay"), "mlflow": MLflowResource()})
+    assert "needs `image`" in str(refused.value.__cause__) and len(api.created) == 1
+
+
+def test_production_location_selects_the_launcher_from_its_environment():
+    from dagster_project.production import ray_resource
+    from dagster import Definitions
+    kube = ray_resource("kuberay")
+    assert kube.launcher == "kuberay" and ray_resource("jobs_api").launcher == "jobs_api"
+    Definitions(resources={"ray": kube})  # a valid resource definition (values read when a run starts)
+    with pytest.raises(ValueError, match="LLMREC_RAY_LAUNCHER='k8s'"):
+        ray_resource("k8s")

@@ -128,6 +128,11 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     a = absolute_paths(load_spec("movielens-100k-smoke", ["tracking.uri=sqlite:///m.db"]))
     assert a.lake.root == str(tmp_path / ".lake") and a.train.storage_path == str(tmp_path / ".ray_results")
     assert a.tracking.uri == f"sqlite:///{tmp_path}/m.db"
+    # no URI in the spec: the driver's default store, made absolute, so a worker in another directory finds the run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert absolute_paths(load_spec("movielens-100k-smoke")).tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the environment's server: left to the environment
+    assert absolute_paths(load_spec("movielens-100k-smoke")).tracking.uri is None
     assert absolute_paths(load_spec("movielens-100k-smoke", ["lake.root=s3://b/lake"])).lake.root == "s3://b/lake"
     with pytest.raises(FileNotFoundError, match="train.deepspeed='zero9'"):
         deepspeed_config(load_spec("movielens-100k-smoke", ["train.deepspeed=zero9"]), 1)
