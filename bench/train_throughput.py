@@ -6,6 +6,13 @@ over the epoch's training steps (start-up and evaluation excluded), wall time in
 and peak RSS (the largest worker's, for Ray). Figures only, no assertions.
 
     python bench/train_throughput.py [--spec jobs/specs/movielens-1m-sasrec.yaml] [--configs local,ray1,zero1,zero2,zero3] [--set k=v]
+
+Data feeding at scale: `--synthetic N` generates N interactions (Sail ETL into a lake under `--lake`,
+reused when it is already there), then runs Ray Train with 1 and 2 workers (2 CPUs in all), each
+worker reading only its shard of the `sequences` table and taking one training step; it prints each
+worker's rows held, load and step seconds and peak RSS (after the read, after the step).
+
+    python bench/train_throughput.py --synthetic 50000000 [--lake /tmp/llmrec-synthetic]
 """
 from __future__ import annotations
 
@@ -50,6 +57,109 @@ def run_one(spec_path: str, overrides: list[str], config: str) -> dict:
             "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(peak, 3)}
 
 
+SYNTHETIC_SPEC = "jobs/specs/movielens-1m-sasrec.yaml"
+
+
+def synthetic_spec(n: int, lake: str, workers: int = 1):
+    """A SASRec run over N synthetic interactions (N/500 users, N/2500 items), one step per run."""
+    from jobs.spec import load_spec
+    return load_spec(SYNTHETIC_SPEC, [*synthetic_cli_overrides(n, lake), "data.max_seq_len=50",
+                                      f"train.storage_path={lake}/ray", f"tracking.uri=sqlite:///{lake}/mlflow.db",
+                                      f"train.workers={workers}", f"train.cpus_per_worker={2 / workers:g}",
+                                      "train.deepspeed=zero2", "train.max_steps=1", "train.max_failures=0",
+                                      "cluster.num_cpus=2", f"name=bench-synthetic-{n}-w{workers}"])
+
+
+def first_step_worker(cfg: dict) -> None:
+    """A Ray Train worker: read this worker's shard, build the run, take one training step; write figures."""
+    import math
+
+    import numpy as np  # noqa: F401  (numpy arrays travel in the shard)
+    from jobs.spec import JobSpec
+    from ray_jobs.data import load_sequences
+    from ray_jobs.loop import Clock, DeepSpeedBackend, Reporter, fit_windows, peak_rss_gib, train_epoch, training_state
+    from ray_jobs.models import build_model
+    from ray_jobs.runtime import worker_context
+    spec = JobSpec.model_validate(cfg["spec"])
+    ctx = worker_context(spec)
+    t0 = time.perf_counter()
+    data = load_sequences(spec, cfg["versions"], shard=(ctx.rank, ctx.world))
+    load_s, rss_load = time.perf_counter() - t0, peak_rss_gib()
+    state = training_state(spec, data, ctx.device)
+    backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
+                               lambda: build_model(spec, data.item_text, data.versions.get("item_index")))
+    windows = fit_windows(spec, data)
+    t1 = time.perf_counter()
+    record = train_epoch(state, backend, data, windows, 1, math.ceil(len(windows) / spec.train.batch_size), Clock(0),
+                         Reporter())
+    figures = {"rank": ctx.rank, "world": ctx.world, "train_rows_held": len(data.train),
+               "train_rows_total": int(data.sizes["train"]), "interactions_held": int(sum(len(q) for q in data.train)),
+               "windows": len(windows), "steps": record["step"], "load_s": round(load_s, 1),
+               "first_step_s": round(time.perf_counter() - t1, 1), "peak_rss_gib_after_load": round(rss_load, 3),
+               "peak_rss_gib_after_step": round(peak_rss_gib(), 3)}
+    with open(os.path.join(cfg["out_dir"], f"rank{ctx.rank}.json"), "w") as fh:
+        json.dump(figures, fh)
+
+
+def synthetic_one(n: int, lake: str, workers: int) -> dict:
+    from jobs.lake import read_versions
+    from ray_jobs.runtime import deepspeed_config, fit, init_ray
+    spec = synthetic_spec(n, lake, workers)
+    init_ray(spec)
+    out_dir = tempfile.mkdtemp(prefix="llmrec-bench-first-step-")
+    t0 = time.perf_counter()
+    fit(spec, first_step_worker, {"spec": spec.model_dump(mode="json"), "versions": read_versions(spec),
+                                  "deepspeed": deepspeed_config(spec, workers), "out_dir": out_dir},
+        f"{spec.name}-{int(time.time())}", "benchmark")
+    ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(workers)]
+    return {"workers": workers, "wall_s": round(time.perf_counter() - t0, 1), "ranks": ranks}
+
+
+def synthetic(n: int, lake: str) -> None:
+    """ETL (once) and the first step with 1 and 2 workers, each configuration in its own process."""
+    if not os.path.exists(os.path.join(lake, f"synthetic-{n}")):
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", SYNTHETIC_SPEC,
+                               *sum((["--set", o] for o in synthetic_cli_overrides(n, lake)), [])],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"synthetic ETL failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        etl_s = round(time.perf_counter() - t0, 1)
+        print(f"ETL of {n:,} synthetic interactions: {etl_s} s", flush=True)
+    else:
+        etl_s = None
+        print(f"reusing the lake at {lake}", flush=True)
+    rows = []
+    for workers in (1, 2):
+        done = subprocess.run([sys.executable, __file__, "--synthetic", str(n), "--lake", lake, "--one", str(workers)],
+                              capture_output=True, text=True)
+        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+        if done.returncode or not line:
+            raise SystemExit(f"{workers} workers failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        rows.append(json.loads(line[0][7:]))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| workers | rank | train rows held / total | interactions held | read s | first step s | "
+          "peak RSS after read GiB | peak RSS after step GiB |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for k in r["ranks"]:
+            print(f"| {r['workers']} | {k['rank']} | {k['train_rows_held']:,} / {k['train_rows_total']:,} | "
+                  f"{k['interactions_held']:,} | {k['load_s']} | {k['first_step_s']} | {k['peak_rss_gib_after_load']} | "
+                  f"{k['peak_rss_gib_after_step']} |")
+    out = os.path.join(os.path.dirname(__file__), "results", f"train_synthetic_{n}.json")
+    with open(out, "w") as fh:
+        json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "interactions": n, "etl_s": etl_s,
+                   "spec": SYNTHETIC_SPEC, "overrides": synthetic_cli_overrides(n, lake), "cpus": os.cpu_count(),
+                   "rows": rows}, fh, indent=2)
+    print(f"written {out}")
+
+
+def synthetic_cli_overrides(n: int, lake: str) -> list[str]:
+    src = f"{{kind: synthetic, n_interactions: {n}, n_users: {max(n // 500, 10)}, n_items: {max(n // 2500, 10)}, seed: 0}}"
+    return [f"data.source={src}", f"data.name=synthetic-{n}", "data.item_text.template='{title}: {description}'",
+            f"lake.root={lake}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", default="jobs/specs/movielens-1m-sasrec.yaml")
@@ -57,7 +167,15 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out")
+    ap.add_argument("--synthetic", type=int, help="N synthetic interactions: sharded data feeding, 1 vs 2 workers")
+    ap.add_argument("--lake", default=os.path.join(tempfile.gettempdir(), "llmrec-synthetic"))
     args = ap.parse_args()
+    if args.synthetic and args.one:
+        print("RESULT " + json.dumps(synthetic_one(args.synthetic, args.lake, int(args.one))), flush=True)
+        return
+    if args.synthetic:
+        synthetic(args.synthetic, args.lake)
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.spec, args.overrides, args.one)), flush=True)
         return

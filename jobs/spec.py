@@ -313,6 +313,8 @@ class TrainSpec(Strict):
     patience: int = Field(10, ge=1, description="evaluations without validation NDCG@10 gain before stopping")
     eval_every: int = Field(1, gt=0, description="epochs between validation evaluations")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget for training")
+    max_steps: int | None = Field(None, gt=0, description="end the run after this many optimizer steps (smoke runs, "
+                                  "benchmarks; the epoch it ends in is evaluated and counts as done)")
     fit_on: Literal["train", "train_valid"] = Field(
         "train", description="train: fit on the train split and early-stop on valid; train_valid: refit on "
         "everything but the test item for exactly `epochs` (chosen by an earlier `train` run), no early stopping")

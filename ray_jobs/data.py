@@ -1,18 +1,26 @@
 """Data feeding: gold Delta tables at a pinned version -> per-user sequences -> padded torch batches.
 
 Reads with delta-rs (no Spark on the training side), so the same code runs in one process and in a
-Ray Train worker; `train_batches` gives a worker its rows of each global batch.
+Ray Train worker. A worker reads its shard: the `sequences` table is streamed in record batches and
+only the users with user_idx % world == rank are kept whole; of every other user only its sequence
+lengths are kept, which is all the global window index needs. Every worker shuffles that index with
+the same seed and takes the windows of each global batch that belong to its users (`train_batches`),
+so N workers train on exactly the single-process batches while each holds 1/N of the data.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from deltalake import DeltaTable
 
 from jobs.lake import read_versions, table_path
 from jobs.spec import JobSpec, storage_options
+
+
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -32,15 +40,24 @@ class SeqData:
     item_text: list[str]                # index = item id ("" at 0)
     versions: dict = field(default_factory=dict)  # Delta versions read, for lineage
     train_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # user_idx of each train row
+    shard: tuple[int, int] = (0, 1)     # (rank, world): the users held are those with user_idx % world == rank
+    rows: dict = field(default_factory=dict)     # split -> global row (user order) of each row held
+    sizes: dict = field(default_factory=dict)    # split -> rows in the whole table
+    lengths: dict = field(default_factory=dict)  # fit_on -> every user's fit-sequence length, global row order
 
     def fit_sequences(self, fit_on: str = "train") -> list[np.ndarray]:
-        """The sequences to train on: the train split, or train + the validation target (all but the
-        test item, the generative-recommenders protocol) for a refit."""
+        """The sequences to train on (of the users held): the train split, or train + the validation
+        target (all but the test item, the generative-recommenders protocol) for a refit."""
         if fit_on == "train":
             return self.train
         if fit_on == "train_valid":
             return [np.append(h, t) for h, t in zip(self.valid.histories, self.valid.targets)]
         raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
+
+    def fit_rows(self, fit_on: str = "train") -> dict[int, np.ndarray]:
+        """Global fit row -> sequence, for the users held."""
+        rows = self.rows["train" if fit_on == "train" else "valid"]
+        return dict(zip(rows.tolist(), self.fit_sequences(fit_on)))
 
     def split(self, name: str) -> EvalSplit:
         if name not in ("valid", "test"):
@@ -48,64 +65,106 @@ class SeqData:
         return self.valid if name == "valid" else self.test
 
 
-def _read(spec: JobSpec, table: str, version: int | None, columns: list[str]):
+def _read(spec: JobSpec, table: str, version: int | None) -> DeltaTable:
     path = table_path(spec, table)
     try:
         dt = DeltaTable(path, version=version, storage_options=storage_options(spec))
     except Exception as exc:  # delta-rs raises TableNotFoundError and friends
         raise FileNotFoundError(f"gold table {table} not readable at {path} (version {version}): {exc}; "
                                 f"run `llmrec etl --spec ...` first") from exc
-    return dt.version(), dt.to_pyarrow_table(columns=columns)
+    return dt
 
 
-def load_sequences(spec: JobSpec, versions: dict | None = None) -> SeqData:
+def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int, int] = (0, 1),
+                   batch_rows: int = 65_536) -> SeqData:
     """Read `sequences` and `item_index` into numpy structures, at `versions` when given, else at the
     dataset's read set (`data.pinned_versions`, or the latest published set: `jobs.lake.read_versions`).
-    `SeqData.versions` is that whole set: what a run records it read."""
+    `SeqData.versions` is that whole set: what a run records it read.
+
+    `shard=(rank, world)`: keep whole only the users with user_idx % world == rank. The table is
+    streamed `batch_rows` rows at a time (four columns), so memory holds one record batch, the
+    shard, and per user of the whole table a few integers (split sizes, sequence lengths for the
+    global window index); popularity is counted over every training row either way."""
     versions = dict(versions or read_versions(spec))
-    _, seq = _read(spec, "sequences", versions.get("sequences"), ["user_idx", "split", "item_ids", "target"])
-    _, idx = _read(spec, "item_index", versions.get("item_index"), ["item_idx", "text"])
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank {rank} is not one of {world} workers")
+    idx = _read(spec, "item_index", versions.get("item_index")).to_pyarrow_table(columns=["item_idx", "text"])
     num_items = int(max(idx["item_idx"].to_pylist() or [0]))
     item_text = [""] * (num_items + 1)
     for i, t in zip(idx["item_idx"].to_pylist(), idx["text"].to_pylist()):
         item_text[i] = t or ""
-    rows: dict[str, list] = {"train": [], "valid": [], "test": []}
-    for u, split, items, target in zip(seq["user_idx"].to_pylist(), seq["split"].to_pylist(),
-                                       seq["item_ids"].to_pylist(), seq["target"].to_pylist()):
-        rows[split].append((u, np.asarray(items, dtype=np.int64), target))
-    for split in rows:
-        rows[split].sort(key=lambda r: r[0])
-    train = [r[1] for r in rows["train"]]
-    popularity = np.bincount(np.concatenate(train) if train else np.zeros(0, np.int64), minlength=num_items + 1)
+    seq = _read(spec, "sequences", versions.get("sequences")).to_pyarrow_dataset()
+    users: dict[str, list] = {s: [] for s in SPLITS}
+    lengths: dict[str, list] = {s: [] for s in SPLITS}
+    held: dict[str, list] = {s: [] for s in SPLITS}
+    popularity = np.zeros(num_items + 1, dtype=np.int64)
+    for batch in seq.to_batches(columns=["user_idx", "split", "item_ids", "target"], batch_size=batch_rows):
+        u = batch["user_idx"].to_numpy(zero_copy_only=False).astype(np.int64)
+        split = np.asarray(batch["split"].to_pylist(), dtype=object)
+        lens = pc.list_value_length(batch["item_ids"]).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(batch["item_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        target = batch["target"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        is_train = split == "train"
+        popularity += np.bincount(flat[np.repeat(is_train, lens)], minlength=num_items + 1)
+        for name in SPLITS:
+            m = split == name
+            users[name].append(u[m])
+            lengths[name].append(lens[m])
+        for i in np.nonzero(u % world == rank)[0]:
+            held[split[i]].append((int(u[i]), flat[starts[i]:starts[i] + lens[i]].copy(), int(target[i])))
+    order, rows, sizes, glen = {}, {}, {}, {}
+    for name in SPLITS:
+        all_users = np.concatenate(users[name]) if users[name] else np.zeros(0, np.int64)
+        order[name] = np.argsort(all_users, kind="stable")
+        sorted_users = all_users[order[name]]
+        held[name].sort(key=lambda r: r[0])
+        rows[name] = np.searchsorted(sorted_users, np.asarray([r[0] for r in held[name]], dtype=np.int64))
+        sizes[name] = len(all_users)
+        glen[name] = (np.concatenate(lengths[name]) if lengths[name] else np.zeros(0, np.int64))[order[name]]
+    train = [r[1] for r in held["train"]]
 
     def eval_split(name: str) -> EvalSplit:
-        r = rows[name]
+        r = held[name]
         return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
                          np.asarray([x[2] for x in r], dtype=np.int64))
 
     return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions,
-                   np.asarray([r[0] for r in rows["train"]], dtype=np.int64))
+                   np.asarray([r[0] for r in held["train"]], dtype=np.int64), (rank, world), rows, sizes,
+                   {"train": glen["train"], "train_valid": glen["valid"] + 1})
+
+
+@dataclass
+class Windows:
+    """The global window index: window w is items [start[w], end[w]) of fit row row[w]."""
+    row: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+def window_bounds(lengths: np.ndarray, max_len: int, kind: str = "all") -> Windows:
+    """Cut each sequence (given by its length) into windows of at most max_len + 1 items, from the
+    most recent backwards, consecutive windows sharing one item, so every transition is trained
+    exactly once ("all"), or keep only each user's most recent window ("recent": every user weighs
+    the same per epoch). Windows are ordered by row, most recent first."""
+    if kind not in ("all", "recent"):
+        raise ValueError(f"train.windows must be 'all' or 'recent', got {kind!r}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = np.where(lengths >= 2, 1 if kind == "recent" else (lengths - 2) // max_len + 1, 0)
+    row = np.repeat(np.arange(len(lengths)), n)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n)      # 0, 1, ... within a row
+    end = lengths[row] - k * max_len
+    return Windows(row, np.maximum(0, end - max_len - 1), end)
 
 
 def training_windows(seqs: list[np.ndarray], max_len: int, kind: str = "all") -> list[np.ndarray]:
-    """Cut each sequence into windows of at most max_len + 1 items, from the most recent backwards,
-    consecutive windows sharing one item, so every transition is trained exactly once ("all"), or
-    keep only each user's most recent window ("recent": every user weighs the same per epoch)."""
-    if kind not in ("all", "recent"):
-        raise ValueError(f"train.windows must be 'all' or 'recent', got {kind!r}")
-    out = []
-    for s in seqs:
-        if len(s) < 2:
-            continue
-        if kind == "recent":
-            out.append(s[-(max_len + 1):])
-            continue
-        end = len(s)
-        while end > 1:
-            start = max(0, end - max_len - 1)
-            out.append(s[start:end])
-            end = start + 1
-    return out
+    """The windows of `window_bounds` as arrays."""
+    w = window_bounds(np.asarray([len(s) for s in seqs], dtype=np.int64), max_len, kind)
+    return [seqs[r][a:b] for r, a, b in zip(w.row.tolist(), w.start.tolist(), w.end.tolist())]
 
 
 def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
@@ -118,10 +177,11 @@ def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
-def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator,
-                  rank: int = 0, world: int = 1, length_buckets: int = 0):
+def train_batches(windows: Windows, seqs: dict[int, np.ndarray], max_len: int, batch_size: int,
+                  rng: np.random.Generator, length_buckets: int = 0):
     """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded.
-    `batch_size` is the global batch; worker `rank` of `world` gets every world-th row of it (all
+    `windows` is the global index and `batch_size` the global batch; a worker holding the fit rows
+    `seqs` (global row -> sequence) gets the windows of each global batch that are its users' (all
     workers draw the same permutation), so N workers see exactly the single-process batches. A
     worker left with no row gets one all-padding row, which the loss ignores.
 
@@ -130,18 +190,20 @@ def train_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng:
     trimmed to its longest window, so short histories stop paying for max_len columns of padding.
     The number of batches per epoch is ceil(len(windows) / batch_size) either way."""
     order = rng.permutation(len(windows))
+    size = windows.end - windows.start
     if length_buckets:
         pool = batch_size * length_buckets
         batches = []
         for start in range(0, len(order), pool):
             part = order[start:start + pool]
-            part = part[np.argsort([len(windows[i]) for i in part], kind="stable")]
+            part = part[np.argsort(size[part], kind="stable")]
             batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
     else:
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     for idx in batches:
-        chunk = [windows[i] for i in idx[rank::world]]
+        chunk = [seqs[r][a:b] for r, a, b in zip(windows.row[idx].tolist(), windows.start[idx].tolist(),
+                                                  windows.end[idx].tolist()) if r in seqs]
         if not chunk:
             yield torch.zeros((1, max_len), dtype=torch.long), torch.zeros((1, max_len), dtype=torch.long)
             continue

@@ -33,7 +33,7 @@ from ray_jobs.checkpoint import (
     safe_deepspeed_loads,
     save_model,
 )
-from ray_jobs.data import SeqData, train_batches, training_windows
+from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model
 from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model
@@ -109,9 +109,10 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fit_windows(spec: JobSpec, data: SeqData) -> list[np.ndarray]:
-    windows = training_windows(data.fit_sequences(spec.train.fit_on), spec.data.max_seq_len, spec.train.windows)
-    if not windows:
+def fit_windows(spec: JobSpec, data: SeqData) -> Windows:
+    """The global window index of the fit sequences (every user's, whichever shard `data` holds)."""
+    windows = window_bounds(data.lengths[spec.train.fit_on], spec.data.max_seq_len, spec.train.windows)
+    if not len(windows):
         raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
     return windows
 
@@ -401,7 +402,8 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     for epoch in range(state.epoch + 1, t.epochs + 1):
         record = train_epoch(state, backend, data, windows, epoch, steps_per_epoch, clock, reporter)
         state.epoch, state.batch, state.epoch_losses = epoch, 0, []
-        if epoch % t.eval_every == 0 or epoch == t.epochs or over_budget(clock(), t.max_minutes):
+        capped = bool(t.max_steps) and state.step >= t.max_steps
+        if epoch % t.eval_every == 0 or epoch == t.epochs or capped or over_budget(clock(), t.max_minutes):
             record.update(evaluate_epoch(state, backend, data, monitor))
         if monitor == "test":  # a refit selects nothing: the newest weights are the model
             state.best_epoch, state.model_weights = epoch, backend.full_weights()
@@ -410,6 +412,7 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
         state.stopped = ("early_stopping" if state.bad_evals >= t.patience else
                          "time_budget" if over_budget(state.seconds, t.max_minutes) else
                          "epochs" if epoch == t.epochs else
+                         "max_steps" if capped else
                          "interrupted" if stop_after_epoch is not None and epoch >= stop_after_epoch else "")
         reporter.epoch(record, monitor)
         reporter.log(state.step, {f"{monitor}/{k}": record[f"{monitor}_{k}"] for k in REPORTED if f"{monitor}_{k}" in record}
@@ -422,16 +425,18 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     return state
 
 
-def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: list[np.ndarray], epoch: int,
+def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Windows, epoch: int,
                 steps_per_epoch: int, clock: Clock, reporter: Reporter) -> dict:
-    """One pass over the shuffled windows (this worker's rows of each global batch). The summed loss
+    """One pass over the shuffled windows (this worker's users' rows of each global batch). The summed loss
     is scaled by world / (valid positions of the global batch), so the gradient averaged over
     workers equals one process's gradient of the global batch's mean loss."""
     spec, t = state.spec, state.spec.train
     backend.train()
     rng = np.random.default_rng((t.seed, epoch))  # per-epoch seeds: a resumed run replays the same batches
     started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
-    batches = train_batches(windows, spec.data.max_seq_len, t.batch_size, rng, backend.rank, backend.world,
+    if data.shard != (backend.rank, backend.world):
+        raise ValueError(f"worker {backend.rank} of {backend.world} was given the data shard {data.shard}")
+    batches = train_batches(windows, data.fit_rows(t.fit_on), spec.data.max_seq_len, t.batch_size, rng,
                             t.length_buckets)
     for b, (inputs, targets) in enumerate(batches):
         if b < state.batch:  # trained before the checkpoint this run resumed from
@@ -450,6 +455,8 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: lis
         dt = max(1e-9, time.perf_counter() - t_step)
         reporter.log(state.step, {"train/loss": losses[-1], "train/lr": state.lr(),
                                   "train/seq_per_s": float(counts[1]) / dt, "train/tokens_per_s": float(counts[0]) / dt})
+        if t.max_steps and state.step >= t.max_steps:
+            break
         if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.batch < steps_per_epoch:
             state.seconds = clock()
             backend.save({"step": state.step, "epoch": epoch - 1, "loss": losses[-1]})

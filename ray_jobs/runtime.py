@@ -23,7 +23,7 @@ import torch.distributed as dist
 from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, tracking_uri
 from ray_jobs.checkpoint import ModelCheckpoint, load_model, read_model
 from ray_jobs.data import SeqData, load_sequences
-from ray_jobs.scoring import merge_shards, rank_shard, scorer, shard_rows
+from ray_jobs.scoring import merge_shards, rank_shard, scorer
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
 USER_ERRORS = (SpecError, FileNotFoundError, ValueError)
@@ -261,13 +261,12 @@ class Collectives:
 def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int,
                cache_dir: str | None, use_gpu: bool):
     spec = JobSpec.model_validate(spec_doc)
-    data = load_sequences(spec, versions)
+    data = load_sequences(spec, versions, shard=(rank, world))
     model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
     ckpt.check_data(data, checkpoint)
     if use_gpu:
         model.to("cuda")
-    rows = shard_rows(len(data.split(split).targets), rank, world)
-    return rank_shard(spec, scorer(model, ckpt.spec.data.max_seq_len), data, split, rows)
+    return rank_shard(spec, scorer(model, ckpt.spec.data.max_seq_len), data, split)
 
 
 def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,

@@ -19,7 +19,8 @@ from ray_jobs.data import SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
-Shard = tuple[np.ndarray, np.ndarray, np.ndarray]  # (rows of the split, target ranks, top-k lists)
+# (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
+Shard = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def cosine_scores(user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -91,41 +92,36 @@ def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, ite
                     e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
 
 
-def shard_rows(n: int, rank: int, world: int) -> np.ndarray:
-    """Worker `rank`'s users of a split of n: every world-th row from rank."""
-    return np.arange(rank, n, world)
-
-
-def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray) -> Shard:
-    """(rows, target ranks, top-k_max lists) for the given users of a split."""
+def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str) -> Shard:
+    """Target ranks and top-k_max lists of every user of a split that `data` holds (its shard)."""
     s = data.split(split)
     k_max = max(usable_ks(spec.eval.ks, data.num_items))
-    ranks, top = rank_and_topk(score, [s.histories[i] for i in rows], s.targets[rows], k_max, spec.eval.batch_size)
-    return rows, ranks, top
+    ranks, top = rank_and_topk(score, s.histories, s.targets, k_max, spec.eval.batch_size)
+    return data.rows[split], ranks, top, np.asarray([len(h) for h in s.histories], dtype=np.int64), s.targets
 
 
 def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
                  item_emb: np.ndarray | None = None) -> dict:
-    """Metrics of a split from every shard's (rows, ranks, top), put back in user order: exactly
-    what one process evaluating every user reports."""
-    s = data.split(split)
+    """Metrics of a split from every shard's users, put back in user order: exactly what one process
+    evaluating every user reports (popularity and the split's size are global in every shard)."""
     rows = np.concatenate([p[0] for p in shards])
     order = np.argsort(rows, kind="stable")
-    if not np.array_equal(rows[order], np.arange(len(s.targets))):
-        raise ValueError(f"evaluation shards of split {split} do not cover its {len(s.targets)} users exactly once")
-    ranks = np.concatenate([p[1] for p in shards])[order]
-    top = np.concatenate([p[2] for p in shards])[order]
+    n = data.sizes[split]
+    if not np.array_equal(rows[order], np.arange(n)):
+        raise ValueError(f"evaluation shards of split {split} do not cover its {n} users exactly once")
+    ranks, top, lengths, targets = (np.concatenate([p[i] for p in shards])[order] for i in range(1, 5))
     e = spec.eval
-    return summarize(ranks, top, np.asarray([len(h) for h in s.histories]), s.targets, data.num_items, data.popularity,
+    return summarize(ranks, top, lengths, targets, data.num_items, data.popularity,
                      e.ks, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
 
 
 def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rank: int, world: int,
                      gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None) -> dict:
-    """Full ranking with the split's users shared among `world` workers: each ranks its shard,
-    `gather` collects every worker's shard, and every worker returns the same merged metrics."""
-    rows = shard_rows(len(data.split(split).targets), rank, world)
-    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split, rows)), item_emb)
+    """Full ranking with the split's users shared among `world` workers: each ranks the users its
+    data shard holds, `gather` collects every worker's, and every worker returns the same metrics."""
+    if data.shard != (rank, world):
+        raise ValueError(f"worker {rank} of {world} was given the data shard {data.shard}")
+    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split)), item_emb)
 
 
 # ----------------------------------------------------------------------------- any model kind

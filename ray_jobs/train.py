@@ -71,7 +71,7 @@ def train_worker(cfg: dict) -> None:
     """One Ray Train worker: the loop over a DeepSpeed engine; rank 0 logs to MLflow."""
     spec = JobSpec.model_validate(cfg["spec"])
     ctx = worker_context(spec, cfg.get("pid_dir"))
-    data = load_sequences(spec, cfg["versions"])
+    data = load_sequences(spec, cfg["versions"], shard=(ctx.rank, ctx.world))  # this worker's users only
     state = training_state(spec, data, ctx.device, cfg.get("init_file"))
     backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
                                lambda: build_model(spec, data.item_text, data.versions.get("item_index")))

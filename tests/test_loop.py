@@ -27,6 +27,12 @@ def test_budget_stop_between_evaluations_evaluates_and_ships_that_epoch(ml100k_l
     assert all(torch.equal(shipped.weights[k], last.weights[k]) for k in last.weights)
 
 
+def test_max_steps_ends_the_run_mid_epoch_evaluated(ml100k_lake, tmp_path):
+    result = train_local(_spec(ml100k_lake, tmp_path, "train.epochs=5", "train.eval_every=5", "train.max_steps=3"))
+    assert result.stopped == "max_steps" and result.steps == 3 and result.epochs_run == 1
+    assert "valid_ndcg@10" in result.history[0]
+
+
 def test_refit_ships_the_newest_weights_and_reports_test(ml100k_lake, tmp_path):
     spec = _spec(ml100k_lake, tmp_path, "train.epochs=3", "train.eval_every=2", "train.fit_on=train_valid")
     result = train_local(spec)

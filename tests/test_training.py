@@ -6,7 +6,7 @@ import torch
 from jobs.lake import published_versions
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import load_model
-from ray_jobs.data import left_pad, load_sequences, training_windows
+from ray_jobs.data import left_pad, load_sequences, train_batches, training_windows, window_bounds
 from ray_jobs.losses import InfoNCE, draw_negatives, sequence_loss
 from ray_jobs.metrics import evaluate
 from ray_jobs.models.baselines import Popularity
@@ -26,14 +26,60 @@ def test_windows_train_every_transition_once():
     assert [w.tolist() for w in recent] == [[4, 5, 6, 7], [3, 4]]  # one window per user, the latest
     with pytest.raises(ValueError, match="train.windows"):
         training_windows([s], max_len=3, kind="latest")
+    # the index from lengths alone, for many lengths: the windows an item-by-item cut gives
+    lengths = np.arange(0, 30)
+    seqs = [np.arange(1, n + 1) for n in lengths]
+    for kind in ("all", "recent"):
+        by_index = training_windows(seqs, 4, kind)
+        by_hand = []
+        for q in seqs:
+            end = len(q)
+            while end > 1:
+                by_hand.append(q[max(0, end - 5):end])
+                end = max(0, end - 5) + 1
+                if kind == "recent":
+                    break
+        assert [w.tolist() for w in by_index] == [w.tolist() for w in by_hand]
+
+
+def test_workers_read_their_shard_and_train_on_the_single_process_batches(ml100k_lake):
+    """Two shards of the ML-100K sequences: disjoint users covering the table; the same global window
+    index; every global batch split between them exactly as one process would train it; their
+    evaluation shards merge into the single-process metrics."""
+    from ray_jobs.loop import fit_windows
+    from ray_jobs.scoring import evaluate_split, merge_shards, rank_shard
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={ml100k_lake}", "train.length_buckets=4"])
+    whole = load_sequences(spec)
+    shards = [load_sequences(spec, shard=(r, 2), batch_rows=97) for r in range(2)]  # many small record batches
+    assert sorted(u for d in shards for u in d.train_users.tolist()) == whole.train_users.tolist()
+    assert all((d.train_users % 2 == r).all() for r, d in enumerate(shards))
+    for d in shards:
+        assert np.array_equal(d.popularity, whole.popularity) and d.sizes == whole.sizes
+        assert np.array_equal(d.lengths["train"], whole.lengths["train"])
+        assert all(np.array_equal(whole.train[g], q) for g, q in zip(d.rows["train"], d.train))
+    index = fit_windows(spec, whole)
+    assert len(index) == len(training_windows(whole.train, spec.data.max_seq_len))
+    single = train_batches(index, whole.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
+    parts = [train_batches(fit_windows(spec, d), d.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
+             for d in shards]
+    for (inputs, targets), *ranks in zip(single, *parts):
+        rows = lambda x: sorted(tuple(r[r != 0].tolist()) for r in x)  # noqa: E731
+        assert rows(targets) == sorted(rows(ranks[0][1]) + rows(ranks[1][1]))
+        assert rows(inputs) == sorted(rows(ranks[0][0]) + rows(ranks[1][0]))
+    pop = whole.popularity.astype(np.float32)
+    score = lambda h: torch.from_numpy(np.tile(pop, (len(h), 1)))  # noqa: E731  popularity: a model-free scorer
+    merged = merge_shards(spec, whole, "test", [rank_shard(spec, score, d, "test") for d in shards])
+    assert merged == evaluate_split(spec, score, whole, "test")
+    with pytest.raises(ValueError, match="shard rank 2"):
+        load_sequences(spec, shard=(2, 2))
 
 
 def test_length_buckets_cover_every_window_once_and_trimming_keeps_the_loss():
-    from ray_jobs.data import train_batches
     rng = np.random.default_rng(0)
     windows = [np.arange(1, n + 2) % 40 + 1 for n in rng.integers(1, 30, size=53)]
-    plain = list(train_batches(windows, 30, 8, np.random.default_rng(1)))
-    bucketed = list(train_batches(windows, 30, 8, np.random.default_rng(1), length_buckets=3))
+    index, seqs = window_bounds([len(w) for w in windows], 30), dict(enumerate(windows))  # one window per row
+    plain = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1)))
+    bucketed = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1), length_buckets=3))
     assert len(bucketed) == len(plain) == 7  # ceil(53 / 8) either way
     assert all(i.shape[1] == 30 for i, _ in plain) and min(i.shape[1] for i, _ in bucketed) < 10
     rows = sorted(tuple(t[t != 0].tolist()) for _, tg in bucketed for t in tg)
