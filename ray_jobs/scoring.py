@@ -92,12 +92,15 @@ def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, ite
                     e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
 
 
-def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str) -> Shard:
-    """Target ranks and top-k_max lists of every user of a split that `data` holds (its shard)."""
+def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray | None = None) -> Shard:
+    """Target ranks and top-k_max lists of the users of a split that `data` holds (its shard), or of
+    the given rows of them."""
     s = data.split(split)
+    rows = np.arange(len(s.targets)) if rows is None else rows
     k_max = max(usable_ks(spec.eval.ks, data.num_items))
-    ranks, top = rank_and_topk(score, s.histories, s.targets, k_max, spec.eval.batch_size)
-    return data.rows[split], ranks, top, np.asarray([len(h) for h in s.histories], dtype=np.int64), s.targets
+    histories = [s.histories[i] for i in rows]
+    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size)
+    return data.rows[split][rows], ranks, top, np.asarray([len(h) for h in histories], dtype=np.int64), s.targets[rows]
 
 
 def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
@@ -118,10 +121,15 @@ def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
 def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rank: int, world: int,
                      gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None) -> dict:
     """Full ranking with the split's users shared among `world` workers: each ranks the users its
-    data shard holds, `gather` collects every worker's, and every worker returns the same metrics."""
-    if data.shard != (rank, world):
+    data shard holds (or, when every worker holds every user, every world-th of them), `gather`
+    collects every worker's, and every worker returns the same metrics."""
+    if data.shard == (rank, world):
+        rows = None
+    elif data.shard == (0, 1):
+        rows = np.arange(rank, len(data.split(split).targets), world)
+    else:
         raise ValueError(f"worker {rank} of {world} was given the data shard {data.shard}")
-    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split)), item_emb)
+    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split, rows)), item_emb)
 
 
 # ----------------------------------------------------------------------------- any model kind
