@@ -66,7 +66,7 @@ def synthetic_spec(n: int, lake: str, workers: int = 1):
     return load_spec(SYNTHETIC_SPEC, [*synthetic_cli_overrides(n, lake), "data.max_seq_len=50",
                                       f"train.storage_path={lake}/ray", f"tracking.uri=sqlite:///{lake}/mlflow.db",
                                       f"train.workers={workers}", f"train.cpus_per_worker={2 / workers:g}",
-                                      "train.deepspeed=zero2", "train.max_steps=1", "train.max_failures=0",
+                                      "train.deepspeed=zero2", "train.windows=all", "train.max_steps=1", "train.max_failures=0",
                                       "cluster.num_cpus=2", f"name=bench-synthetic-{n}-w{workers}"])
 
 
