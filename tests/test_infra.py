@@ -144,3 +144,22 @@ def test_the_spark_driver_is_reachable_on_a_cluster_and_private_locally():
     assert driver_addresses(SparkSpec(engine="cluster", master="spark://m:7077", driver_host="driver.llmrec.svc",
                                       driver_bind_address="0.0.0.0")) == {
         "spark.driver.host": "driver.llmrec.svc", "spark.driver.bindAddress": "0.0.0.0"}
+
+
+def test_the_images_requirement_set_resolves(tmp_path):
+    """What the images install after torch (`pip install -c constraints.txt .` in both Dockerfiles)
+    resolves with pip's own resolver (`--dry-run`: nothing is installed), torch held at the pin;
+    a conflict in pyproject's pins fails here, not in an image build."""
+    dockerfiles = [(ROOT / f"infra/docker/Dockerfile.{k}").read_text() for k in ("gpu", "cpu")]
+    assert all("pip install -c constraints.txt ." in d for d in dockerfiles)
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--report", str(report), "-c", "constraints.txt", "."], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    pin = next(line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
+               if line.startswith("torch=="))
+    assert resolved["torch"].split("+")[0] == pin
+    for name in ("ray", "deepspeed", "dagster", "mlflow", "pyspark", "deltalake", "dagster-ray"):
+        assert name in resolved, name
