@@ -168,13 +168,13 @@ class HLLM(nn.Module):
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros."""
+        # each distinct item once through the item side (a batch of histories repeats items many times)
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         if self.mode == "cached":
-            out = self.adapter(self.item_table[ids])
+            enc = self.item_table[uniq]
         else:
-            flat = ids.reshape(-1)
-            uniq, inverse = torch.unique(flat, return_inverse=True)
             enc = self.item_llm(self.item_input_ids[uniq], self.item_attention[uniq])
-            out = self.adapter(enc)[inverse].reshape(*ids.shape, -1)
+        out = self.adapter(enc)[inverse].reshape(*ids.shape, -1)
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
 
     def all_item_embeddings(self, batch_size: int = 256) -> torch.Tensor:
