@@ -276,6 +276,8 @@ class ModelSpec(Strict):
                                 "frozen item embeddings (0 = the user LLM's width)")
     user_dropout: float = Field(0.0, ge=0, lt=1, description="hllm: dropout on the item embeddings entering the "
                                 "user LLM and on its attention weights (0 = none, as a pretrained LLM's config)")
+    item_id_embedding: bool = Field(False, description="hllm: add a learned item-ID embedding to each item's "
+                                    "text representation (ID + text fusion); off = the item side is text only")
     max_item_tokens: int = Field(64, gt=0)
     item_prompt: str = "Compress the following item into an embedding: "
     item_pooling: Literal["auto", "item_token", "mean", "last"] = Field(

@@ -338,15 +338,23 @@ def test_kuberay_launcher_creates_the_specs_rayjob_through_dagster_ray(tmp_path)
         return run_job(context, "ray_jobs.train", spec, ray, mlflow, ['data.pinned_versions={"sequences": 3}'],
                        ["--run-name", "nightly"]).get_results()
 
-    instance = DagsterInstance.ephemeral()  # held here: the result reads its events from it
-    try:
-        result = materialize([probe], raise_on_error=False, instance=instance, resources={
-            "spec": SpecResource(spec_path="movielens-1m-hllm-k8s"), "ray": ray, "mlflow": MLflowResource()})
-        assert not result.success
-        failure = result.get_step_failure_events()[0].event_specific_data.error
-        assert "exceeded quota: gpu-quota" in str(failure.to_string())
-    finally:
-        api.close()
+    # entered, so that Dagster's current definitions-state storage is this live instance's (an
+    # earlier test's instance, since collected, must not be what loading the definitions reads)
+    with DagsterInstance.ephemeral() as instance:
+        try:
+            result = materialize([probe], raise_on_error=False, instance=instance, resources={
+                "spec": SpecResource(spec_path="movielens-1m-hllm-k8s"), "ray": ray, "mlflow": MLflowResource()})
+            assert not result.success
+            failure = result.get_step_failure_events()[0].event_specific_data.error
+            assert "exceeded quota: gpu-quota" in str(failure.to_string())
+            # without an image the launcher refuses before anything is created
+            with pytest.raises(Exception) as refused:
+                materialize([probe], instance=instance, resources={
+                    "spec": SpecResource(spec_path="movielens-1m-hllm-k8s"), "ray": RayResource(launcher="kuberay"),
+                    "mlflow": MLflowResource()})
+        finally:
+            api.close()
+    assert "needs `image`" in str(refused.value.__cause__) and len(api.created) == 1
     [call] = api.created
     job, spec = call["body"], load_spec("movielens-1m-hllm-k8s")
     assert call["path"] == "/apis/ray.io/v1/namespaces/recsys/rayjobs" and job["kind"] == "RayJob"
@@ -364,11 +372,6 @@ def test_kuberay_launcher_creates_the_specs_rayjob_through_dagster_ray(tmp_path)
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= set(env)
     assert result.run_id in job["metadata"]["labels"].values()  # dagster-ray labels the RayJob with the run
-    # without an image the launcher refuses before anything is created
-    with pytest.raises(Exception) as refused:
-        materialize([probe], instance=instance, resources={"spec": SpecResource(spec_path="movielens-1m-hllm-k8s"),
-                                                           "ray": RayResource(launcher="kuberay"), "mlflow": MLflowResource()})
-    assert "needs `image`" in str(refused.value.__cause__) and len(api.created) == 1
 
 
 def test_production_location_selects_the_launcher_from_its_environment():

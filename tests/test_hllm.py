@@ -189,3 +189,33 @@ with torch.no_grad():
     by_id = torch.load(tmp_path / "by_id.pt")
     assert by_id["causal"] and by_id["pooling"] == "mean" and torch.equal(by_id["ids"], tokens["input_ids"])
     assert torch.allclose(by_id["emb"][1:], again[1:], atol=1e-4)  # (row 0 of a table is padding)
+
+
+def test_id_text_fusion_under_full_softmax_matches_a_hand_written_loss(tmp_path):
+    """`model.item_id_embedding`: each item is adapter(text) + a learned ID vector; with
+    `negative_sampling: full` the loss is the cross-entropy of the target among every item by cosine."""
+    torch.manual_seed(0)
+    model = HLLM(spec("minilm", "cached", tmp_path, item_id_embedding=True), TEXTS, max_len=4, item_index_version=3)
+    with torch.no_grad():
+        model.id_emb.weight[1:].normal_(0, 0.5)  # large enough that fusion changes the ranking
+    model.eval()
+    inputs = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5]])
+    targets = torch.tensor([[1, 2, 3, 4], [0, 0, 5, 1]])
+    loss = sequence_loss(model, InfoNCE(0.1, mask_cosine=2.0), inputs, targets, torch.empty(0, dtype=torch.long))
+
+    # by hand: item vectors, cosine logits over items 1..5, target among them
+    items = model.adapter(model.item_table) + model.id_emb.weight
+    assert torch.all(items[0] != 0)  # padding row has an adapter bias: it is excluded below, not zero
+    out = model(inputs).reshape(-1, items.shape[1])
+    terms = []
+    for o, t in zip(out, targets.reshape(-1).tolist()):
+        if t == 0:
+            continue
+        logits = torch.stack([torch.nn.functional.cosine_similarity(o, items[i], dim=0) for i in range(1, 6)]) / 0.1
+        terms.append(-torch.log_softmax(logits, 0)[t - 1])
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    # the ID part is trained, and it matters: text only gives another loss
+    loss.backward()
+    assert model.id_emb.weight.grad[1:].abs().sum() > 0 and model.id_emb.weight.grad[0].abs().sum() == 0
+    text_only = model.adapter(model.item_table)
+    assert not torch.allclose(model.item_embeddings(torch.tensor([1, 2])), text_only[1:3])

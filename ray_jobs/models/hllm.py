@@ -8,6 +8,8 @@ LLM reads the sequence of item embeddings and predicts the next one (Chen et al.
   (cached mode) mean-pools too — an [ITEM] token that never trains would be a random probe.
 - User LLM: a causal transformer fed `inputs_embeds` (random-initialised or pretrained), with a
   projection from the item width to its own width.
+- Item side, optionally (`model.item_id_embedding`): the text representation plus a learned item-ID
+  embedding (ID + text fusion), reported apart from text only so the text's share stays visible.
 - Modes: `end_to_end` (both trained), `cached` (item LLM frozen; every item embedded once in
   batches and stored as an artifact keyed by model + item-table version; a trainable adapter on
   top), `lora` (peft adapters on the item LLM, the rest of it frozen).
@@ -165,6 +167,13 @@ class HLLM(nn.Module):
                                                                                  target_modules=targets))
             self.item_llm = item_llm
             self.adapter = nn.Linear(item_llm.dim, user_dim) if item_llm.dim != user_dim else nn.Identity()
+        # ID + text fusion (optional): a learned per-item vector added to the text representation
+        self.id_emb = None
+        if spec.item_id_embedding:
+            self.id_emb = nn.Embedding(self.num_items + 1, user_dim, padding_idx=0)
+            nn.init.trunc_normal_(self.id_emb.weight, std=0.02, a=-0.04, b=0.04)
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros."""
@@ -174,7 +183,10 @@ class HLLM(nn.Module):
             enc = self.item_table[uniq]
         else:
             enc = self.item_llm(self.item_input_ids[uniq], self.item_attention[uniq])
-        out = self.adapter(enc)[inverse].reshape(*ids.shape, -1)
+        out = self.adapter(enc)
+        if self.id_emb is not None:
+            out = out + self.id_emb(uniq)
+        out = out[inverse].reshape(*ids.shape, -1)
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
 
     def all_item_embeddings(self, batch_size: int = 256) -> torch.Tensor:
