@@ -266,6 +266,8 @@ class ModelSpec(Strict):
     block: Literal["pre_ln", "original"] = Field(
         "pre_ln", description="sasrec block: pre_ln (pre-norm encoder layer + final LayerNorm) or original (the "
         "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm)")
+    time_buckets: int = Field(0, ge=0, description="hstu: relative time bias over this many log-scaled buckets of "
+                              "the gap between two events' timestamps (0 = relative position bias only)")
     item_llm: str = Field("minilm", description="hllm item LLM: minilm (packaged, offline), a hub id, a local "
                           "folder, a .gguf file, or random:llama / random:qwen2 (random init of item_llm_size)")
     item_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize())

@@ -28,6 +28,8 @@ class EvalSplit:
     users: np.ndarray            # user_idx per row
     histories: list[np.ndarray]  # item ids before the target, oldest first
     targets: np.ndarray          # the held-out next item
+    times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each history item
+    target_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of each target
 
 
 @dataclass
@@ -44,6 +46,7 @@ class SeqData:
     rows: dict = field(default_factory=dict)     # split -> global row (user order) of each row held
     sizes: dict = field(default_factory=dict)    # split -> rows in the whole table
     lengths: dict = field(default_factory=dict)  # fit_on -> every user's fit-sequence length, global row order
+    train_times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each train item
 
     def fit_sequences(self, fit_on: str = "train") -> list[np.ndarray]:
         """The sequences to train on (of the users held): the train split, or train + the validation
@@ -54,10 +57,23 @@ class SeqData:
             return [np.append(h, t) for h, t in zip(self.valid.histories, self.valid.targets)]
         raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
 
+    def fit_times(self, fit_on: str = "train") -> list[np.ndarray]:
+        """The timestamps of `fit_sequences`, item for item."""
+        if fit_on == "train":
+            return self.train_times
+        if fit_on == "train_valid":
+            return [np.append(h, t) for h, t in zip(self.valid.times, self.valid.target_times)]
+        raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
+
     def fit_rows(self, fit_on: str = "train") -> dict[int, np.ndarray]:
         """Global fit row -> sequence, for the users held."""
         rows = self.rows["train" if fit_on == "train" else "valid"]
         return dict(zip(rows.tolist(), self.fit_sequences(fit_on)))
+
+    def fit_row_times(self, fit_on: str = "train") -> dict[int, np.ndarray]:
+        """Global fit row -> the sequence's timestamps, for the users held."""
+        rows = self.rows["train" if fit_on == "train" else "valid"]
+        return dict(zip(rows.tolist(), self.fit_times(fit_on)))
 
     def split(self, name: str) -> EvalSplit:
         if name not in ("valid", "test"):
@@ -81,8 +97,10 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
     dataset's read set (`data.pinned_versions`, or the latest published set: `jobs.lake.read_versions`).
     `SeqData.versions` is that whole set: what a run records it read.
 
+    Every item comes with its timestamp (epoch seconds; what HSTU's relative time bias reads).
+
     `shard=(rank, world)`: keep whole only the users with user_idx % world == rank. The table is
-    streamed `batch_rows` rows at a time (four columns), so memory holds one record batch, the
+    streamed `batch_rows` rows at a time (six columns), so memory holds one record batch, the
     shard, and per user of the whole table a few integers (split sizes, sequence lengths for the
     global window index); popularity is counted over every training row either way."""
     versions = dict(versions or read_versions(spec))
@@ -99,13 +117,18 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
     lengths: dict[str, list] = {s: [] for s in SPLITS}
     held: dict[str, list] = {s: [] for s in SPLITS}
     popularity = np.zeros(num_items + 1, dtype=np.int64)
-    for batch in seq.to_batches(columns=["user_idx", "split", "item_ids", "target"], batch_size=batch_rows):
+    for batch in seq.to_batches(columns=["user_idx", "split", "item_ids", "timestamps", "target", "target_ts"],
+                                batch_size=batch_rows):
         u = batch["user_idx"].to_numpy(zero_copy_only=False).astype(np.int64)
         split = np.asarray(batch["split"].to_pylist(), dtype=object)
         lens = pc.list_value_length(batch["item_ids"]).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(batch["item_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        stamps = pc.list_flatten(batch["timestamps"]).to_numpy(zero_copy_only=False).astype(np.int64)
         target = batch["target"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        target_ts = batch["target_ts"].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(stamps) != len(flat):
+            raise ValueError("gold table sequences: a row's timestamps and item_ids differ in length")
         is_train = split == "train"
         popularity += np.bincount(flat[np.repeat(is_train, lens)], minlength=num_items + 1)
         for name in SPLITS:
@@ -113,7 +136,8 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
             users[name].append(u[m])
             lengths[name].append(lens[m])
         for i in np.nonzero(u % world == rank)[0]:
-            held[split[i]].append((int(u[i]), flat[starts[i]:starts[i] + lens[i]].copy(), int(target[i])))
+            a, b = starts[i], starts[i] + lens[i]
+            held[split[i]].append((int(u[i]), flat[a:b].copy(), int(target[i]), stamps[a:b].copy(), int(target_ts[i])))
     order, rows, sizes, glen = {}, {}, {}, {}
     for name in SPLITS:
         all_users = np.concatenate(users[name]) if users[name] else np.zeros(0, np.int64)
@@ -128,11 +152,12 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
     def eval_split(name: str) -> EvalSplit:
         r = held[name]
         return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
-                         np.asarray([x[2] for x in r], dtype=np.int64))
+                         np.asarray([x[2] for x in r], dtype=np.int64), [x[3] for x in r],
+                         np.asarray([x[4] for x in r], dtype=np.int64))
 
     return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions,
                    np.asarray([r[0] for r in held["train"]], dtype=np.int64), (rank, world), rows, sizes,
-                   {"train": glen["train"], "train_valid": glen["valid"] + 1})
+                   {"train": glen["train"], "train_valid": glen["valid"] + 1}, [r[3] for r in held["train"]])
 
 
 @dataclass
@@ -178,8 +203,10 @@ def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
 
 
 def train_batches(windows: Windows, seqs: dict[int, np.ndarray], max_len: int, batch_size: int,
-                  rng: np.random.Generator, length_buckets: int = 0):
-    """Shuffled (inputs, targets) batches: inputs = window[:-1], targets = window[1:], left padded.
+                  rng: np.random.Generator, length_buckets: int = 0, times: dict[int, np.ndarray] | None = None):
+    """Shuffled (inputs, targets, input times) batches: inputs = window[:-1], targets = window[1:], left
+    padded; input times are the inputs' timestamps the same way when `times` (global row -> the
+    sequence's timestamps) is given, else None.
     `windows` is the global index and `batch_size` the global batch; a worker holding the fit rows
     `seqs` (global row -> sequence) gets the windows of each global batch that are its users' (all
     workers draw the same permutation), so N workers see exactly the single-process batches. A
@@ -202,10 +229,13 @@ def train_batches(windows: Windows, seqs: dict[int, np.ndarray], max_len: int, b
     else:
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     for idx in batches:
-        chunk = [seqs[r][a:b] for r, a, b in zip(windows.row[idx].tolist(), windows.start[idx].tolist(),
-                                                  windows.end[idx].tolist()) if r in seqs]
-        if not chunk:
-            yield torch.zeros((1, max_len), dtype=torch.long), torch.zeros((1, max_len), dtype=torch.long)
+        cuts = [(r, a, b) for r, a, b in zip(windows.row[idx].tolist(), windows.start[idx].tolist(),
+                                              windows.end[idx].tolist()) if r in seqs]
+        if not cuts:
+            empty = torch.zeros((1, max_len), dtype=torch.long)
+            yield empty, empty.clone(), None if times is None else empty.clone()
             continue
+        chunk = [seqs[r][a:b] for r, a, b in cuts]
         width = min(max_len, max(len(w) for w in chunk) - 1) if length_buckets else max_len
-        yield left_pad([w[:-1] for w in chunk], width), left_pad([w[1:] for w in chunk], width)
+        stamps = None if times is None else left_pad([times[r][a:b - 1] for r, a, b in cuts], width)
+        yield left_pad([w[:-1] for w in chunk], width), left_pad([w[1:] for w in chunk], width), stamps

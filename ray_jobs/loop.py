@@ -35,7 +35,7 @@ from ray_jobs.checkpoint import (
 )
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
-from ray_jobs.models import build_model
+from ray_jobs.models import build_model, reads_time
 from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model
 from ray_jobs.scoring import CosineScores, evaluate_sharded, scorer
 
@@ -155,6 +155,9 @@ def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file
 
 def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: torch.device) -> TrainState:
     """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr."""
+    if reads_time(policy):
+        raise ValueError("align.init: the start model reads event timestamps (HSTU with model.time_buckets > 0); "
+                         "alignment rolls out lists from item histories only — start from a model without a time bias")
     module = CosineScores(policy).to(device)
     return TrainState(spec, module, adamw(module.parameters(), spec.align.lr, device), None, data.item_text,
                       dict(data.versions))
@@ -436,17 +439,19 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
     started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
     if data.shard != (backend.rank, backend.world):
         raise ValueError(f"worker {backend.rank} of {backend.world} was given the data shard {data.shard}")
+    times = data.fit_row_times(t.fit_on) if reads_time(state.model) else None
     batches = train_batches(windows, data.fit_rows(t.fit_on), spec.data.max_seq_len, t.batch_size, rng,
-                            t.length_buckets)
-    for b, (inputs, targets) in enumerate(batches):
+                            t.length_buckets, times)
+    for b, (inputs, targets, stamps) in enumerate(batches):
         if b < state.batch:  # trained before the checkpoint this run resumed from
             continue
         t_step = time.perf_counter()
         torch.manual_seed((t.seed * 7919 + state.step) * 104_729 + backend.rank)  # dropout: replayed on resume too
         inputs, targets = inputs.to(backend.device), targets.to(backend.device)
+        stamps = None if stamps is None else stamps.to(backend.device)
         negatives = draw_negatives(t, data.num_items, targets, state.step, backend.rank, backend.world).to(backend.device)
         counts = backend.comm.all_sum(torch.stack([(targets != 0).sum(), (inputs[:, -1] != 0).sum()]).float())
-        loss_sum = backend.forward(inputs, targets, negatives, "sum")
+        loss_sum = backend.forward(inputs, targets, negatives, "sum", stamps)
         backend.step(loss_sum * backend.world / counts[0].clamp(min=1))
         state.step, state.batch = state.step + 1, b + 1
         total_loss = backend.comm.all_sum(loss_sum.detach().float().reshape(1))

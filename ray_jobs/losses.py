@@ -136,10 +136,11 @@ def draw_negatives(t: TrainSpec, num_items: int, targets: torch.Tensor, step: in
 
 
 def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targets: torch.Tensor,
-                  negatives: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+                  negatives: torch.Tensor, reduction: str = "mean", times: torch.Tensor | None = None) -> torch.Tensor:
     """Every non-padded position predicts its next item against the step's negatives (this worker's
-    share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax)."""
-    out = model(inputs)
+    share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax).
+    `times`: the inputs' timestamps, for a model that reads them (HSTU's time bias)."""
+    out = model(inputs) if times is None else model(inputs, times)
     d = out.shape[-1]
     valid = (targets != 0).reshape(-1)
     if negatives.numel() == 0:
@@ -160,5 +161,5 @@ class SequenceLoss(nn.Module):
         self.model, self.loss_fn = model, loss_fn
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-                reduction: str = "mean") -> torch.Tensor:
-        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction)
+                reduction: str = "mean", times: torch.Tensor | None = None) -> torch.Tensor:
+        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction, times)

@@ -10,7 +10,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-ScoreFn = Callable[[list[np.ndarray]], torch.Tensor]  # histories -> (B, num_items + 1) scores
+ScoreFn = Callable[..., torch.Tensor]  # histories [, their timestamps] -> (B, num_items + 1) scores
+
+
+def call_scores(score_fn: ScoreFn, histories: list[np.ndarray], times: list[np.ndarray] | None) -> torch.Tensor:
+    """Scores of a batch of histories; their timestamps go along to a score function that reads them
+    (`reads_time`: a model with HSTU's time bias), and nowhere else."""
+    if getattr(score_fn, "reads_time", False):
+        return score_fn(histories, times)
+    return score_fn(histories)
 
 
 def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
@@ -25,14 +33,16 @@ def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tens
 
 
 def rank_and_topk(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, k_max: int,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """0-based rank of each target among the unmasked items, and each user's top-k_max item ids."""
+                  batch_size: int, times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target among the unmasked items, and each user's top-k_max item ids.
+    `times`: the histories' timestamps, for a score function that reads them."""
     ranks, tops = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start:start + batch_size]
+        stamps = None if times is None else times[start:start + batch_size]
         tgt = torch.as_tensor(targets[start:start + batch_size], dtype=torch.long)
         with torch.no_grad():
-            scores = mask_scores(score_fn(hist).float(), hist)
+            scores = mask_scores(call_scores(score_fn, hist, stamps).float(), hist)
         target_scores = scores.gather(1, tgt[:, None])
         # ties count against the target: a constant model must not look good
         ranks.append(((scores > target_scores).sum(1) + (scores == target_scores).sum(1) - 1).numpy())
@@ -107,11 +117,12 @@ def accuracy(ranks: np.ndarray, ks: list[int]) -> dict:
 def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, num_items: int,
              popularity: np.ndarray, ks: list[int] = (5, 10, 20, 50, 200), batch_size: int = 1024,
              item_emb: np.ndarray | None = None, tail_fraction: float = 0.8, cold_item_max: int = 10,
-             short_history_max: int = 20) -> dict:
+             short_history_max: int = 20, times: list[np.ndarray] | None = None) -> dict:
     """Every metric for one split. `popularity` (train interactions per item id) defines tail
-    items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity."""
+    items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity;
+    `times` (the histories' timestamps) goes to a score function that reads them."""
     ks = usable_ks(ks, num_items)
-    ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size)
+    ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size, times)
     return summarize(ranks, top, np.asarray([len(h) for h in histories]), targets, num_items, popularity, ks,
                      item_emb, tail_fraction, cold_item_max, short_history_max)
 

@@ -27,15 +27,18 @@ from ray_jobs.runtime import DagsterReport, init_ray, job_main, json_metadata, r
 from ray_jobs.scoring import scorer, top_k
 
 
-def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], int]:
-    """Users and their full known sequences: test history + test target, and for users without a
-    test row (fewer than 3 interactions) their train row. Returns also how many are such short ones."""
+def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], int]:
+    """Users, their full known sequences and those sequences' timestamps: test history + test
+    target, and for users without a test row (fewer than 3 interactions) their train row. Returns
+    also how many are such short ones."""
     t = data.test
-    seqs = {int(u): np.append(h, y) for u, h, y in zip(t.users, t.histories, t.targets)}
-    short = {int(u): s for u, s in zip(data.train_users, data.train) if int(u) not in seqs and len(s)}
+    seqs = {int(u): (np.append(h, y), np.append(ts, yt))
+            for u, h, y, ts, yt in zip(t.users, t.histories, t.targets, t.times, t.target_times)}
+    short = {int(u): (s, ts) for u, s, ts in zip(data.train_users, data.train, data.train_times)
+             if int(u) not in seqs and len(s)}
     seqs.update(short)
     users = np.asarray(sorted(seqs), dtype=np.int64)
-    return users, [seqs[int(u)] for u in users], len(short)
+    return users, [seqs[int(u)][0] for u in users], [seqs[int(u)][1] for u in users], len(short)
 
 
 def popular_top(popularity: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,12 +51,12 @@ def popular_top(popularity: np.ndarray, n_users: int, k: int) -> tuple[np.ndarra
 
 
 def _top_task(checkpoint: str, cache_dir: str | None, item_text: list[str], item_index_version: int,
-              histories: list[np.ndarray], k: int, batch_size: int, use_gpu: bool):
+              histories: list[np.ndarray], times: list[np.ndarray], k: int, batch_size: int, use_gpu: bool):
     model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
     ckpt.check_catalogue(item_text, item_index_version, checkpoint)
     if use_gpu:
         model.to("cuda")
-    return top_k(scorer(model, ckpt.spec.data.max_seq_len), histories, k, batch_size)
+    return top_k(scorer(model, ckpt.spec.data.max_seq_len), histories, k, batch_size, times)
 
 
 def recommendations_table(users: np.ndarray, user_ids: dict, item_ids: list[str], top: np.ndarray, scores: np.ndarray,
@@ -98,13 +101,14 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     spec = absolute_paths(spec)
     resolved = resolve_model(spec, model)
     data = load_sequences(spec)
-    users, histories, n_short = full_histories(data)
+    users, histories, times, n_short = full_histories(data)
     k = min(k, data.num_items - 1)
     init_ray(spec)
     use_gpu = spec.train.use_gpu
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_top_task)
     parts = ray_get([task.remote(resolved.path, resolved.cache_dir, data.item_text, data.versions["item_index"],
-                                 histories[r::workers], k, spec.eval.batch_size, use_gpu) for r in range(workers)])
+                                 histories[r::workers], times[r::workers], k, spec.eval.batch_size, use_gpu)
+                      for r in range(workers)])
     top = np.empty((len(users), k), dtype=np.int64)
     scores = np.empty((len(users), k), dtype=np.float32)
     for r, (ids, vals) in enumerate(parts):

@@ -16,7 +16,8 @@ from torch import nn
 from jobs.spec import JobSpec
 from ray_jobs.checkpoint import load_model
 from ray_jobs.data import SeqData, left_pad
-from ray_jobs.metrics import ScoreFn, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
+from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
+from ray_jobs.models import reads_time
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
 # (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
@@ -48,34 +49,50 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
     right), so short histories do not pay for max_len-long attention; results are put back in order.
     The catalogue's vectors are computed on the first call and reused: a scorer serves one fixed
     model (every caller makes one per evaluation or per loaded model), and for HLLM they cost more
-    than the users of a batch."""
+    than the users of a batch.
+
+    A model that reads timestamps (HSTU's time bias) gets each history's, left padded the same way:
+    the score function then takes (histories, times) and says so (`reads_time`, see call_scores)."""
     device = next(model.parameters()).device
     catalogue: list[torch.Tensor] = []
+    timed = reads_time(model)
 
-    def score(histories: list[np.ndarray]) -> torch.Tensor:
+    def score(histories: list[np.ndarray], times: list[np.ndarray] | None = None) -> torch.Tensor:
         model.eval()
+        if timed and (times is None or len(times) != len(histories)):
+            raise ValueError("this model reads each event's timestamp: score(histories, times) needs the "
+                             "histories' timestamps")
         lengths = np.asarray([min(len(h), max_len) for h in histories])
         order = np.argsort(lengths, kind="stable")
         with torch.no_grad():
             parts = []
             for start in range(0, len(order), chunk):
                 rows = order[start:start + chunk]
-                ids = left_pad([histories[i] for i in rows], max(1, int(lengths[rows].max())))
-                parts.append(model.user_embeddings(ids.to(device)))
+                width = max(1, int(lengths[rows].max()))
+                ids = left_pad([histories[i] for i in rows], width).to(device)
+                if timed:
+                    stamps = left_pad([times[i] for i in rows], width).to(device)
+                    parts.append(model.user_embeddings(ids, stamps))
+                else:
+                    parts.append(model.user_embeddings(ids))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
             user[torch.as_tensor(order, device=device)] = torch.cat(parts)
             if not catalogue:
                 catalogue.append(model.all_item_embeddings())
             return cosine_scores(user, catalogue[0]).float().cpu()
+    score.reads_time = timed
     return score
 
 
-def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each history's k best unseen items (ids, scores), best first; history items and padding masked."""
+def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
+          times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each history's k best unseen items (ids, scores), best first; history items and padding masked.
+    `times`: the histories' timestamps, for a score function that reads them."""
     ids, vals = [], []
     for i in range(0, len(histories), batch_size):
         h = histories[i:i + batch_size]
-        top = torch.topk(mask_scores(score(h).float(), h), k, dim=1)
+        stamps = None if times is None else times[i:i + batch_size]
+        top = torch.topk(mask_scores(call_scores(score, h, stamps).float(), h), k, dim=1)
         ids.append(top.indices.numpy())
         vals.append(top.values.numpy())
     if not ids:
@@ -89,7 +106,7 @@ def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, ite
     """Full-ranking metrics of any score function on one split, with the spec's eval settings."""
     s, e = data.split(split), spec.eval
     return evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
-                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max, s.times or None)
 
 
 def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray | None = None) -> Shard:
@@ -99,7 +116,8 @@ def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: n
     rows = np.arange(len(s.targets)) if rows is None else rows
     k_max = max(usable_ks(spec.eval.ks, data.num_items))
     histories = [s.histories[i] for i in rows]
-    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size)
+    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size,
+                               [s.times[i] for i in rows] if s.times else None)
     return data.rows[split][rows], ranks, top, np.asarray([len(h) for h in histories], dtype=np.int64), s.targets[rows]
 
 

@@ -179,7 +179,9 @@ class Recommender:
     """The registered model's pyfunc: item-id histories -> top-K item ids with scores, history masked.
 
     Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
-    lists. Params: `k` (default 10). Output: a DataFrame with `item_ids` and `scores` lists.
+    lists; for a model that reads timestamps (HSTU with a time bias) also a `timestamps` column
+    (epoch seconds of each history item). Params: `k` (default 10). Output: a DataFrame with
+    `item_ids` and `scores` lists.
 
     The registered model holds data only: `MLmodel` names this installed module as the pyfunc
     loader (`loader_module`), and `data/` holds `model.pt` (weights read with
@@ -198,9 +200,20 @@ class Recommender:
 
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
-        histories = list(model_input["history"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
+        frame = isinstance(model_input, pd.DataFrame)
+        histories = list(model_input["history"]) if frame else list(model_input)
+        times = None
+        if self.score.reads_time:
+            if not frame or "timestamps" not in model_input:
+                raise ValueError("this model reads event timestamps: the input needs a `timestamps` column "
+                                 "(epoch seconds of each history item) beside `history`")
+            times = [np.asarray(t, dtype=np.int64) for t in model_input["timestamps"]]
+            if any(len(t) != len(h) for t, h in zip(times, histories)):
+                raise ValueError("input: each row's `timestamps` must have one entry per `history` item")
+            keep = [np.asarray([0 < int(i) <= self.num_items for i in h], dtype=bool) for h in histories]
+            times = [t[m] for t, m in zip(times, keep)]
         histories = [np.asarray([i for i in h if 0 < int(i) <= self.num_items], dtype=np.int64) for h in histories]
-        ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024)
+        ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024, times=times)
         return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})
 
 

@@ -62,7 +62,7 @@ def test_workers_read_their_shard_and_train_on_the_single_process_batches(ml100k
     single = train_batches(index, whole.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
     parts = [train_batches(fit_windows(spec, d), d.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
              for d in shards]
-    for (inputs, targets), *ranks in zip(single, *parts):
+    for (inputs, targets, _), *ranks in zip(single, *parts):
         rows = lambda x: sorted(tuple(r[r != 0].tolist()) for r in x)  # noqa: E731
         assert rows(targets) == sorted(rows(ranks[0][1]) + rows(ranks[1][1]))
         assert rows(inputs) == sorted(rows(ranks[0][0]) + rows(ranks[1][0]))
@@ -81,12 +81,12 @@ def test_length_buckets_cover_every_window_once_and_trimming_keeps_the_loss():
     plain = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1)))
     bucketed = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1), length_buckets=3))
     assert len(bucketed) == len(plain) == 7  # ceil(53 / 8) either way
-    assert all(i.shape[1] == 30 for i, _ in plain) and min(i.shape[1] for i, _ in bucketed) < 10
-    rows = sorted(tuple(t[t != 0].tolist()) for _, tg in bucketed for t in tg)
+    assert all(i.shape[1] == 30 for i, _, _ in plain) and min(i.shape[1] for i, _, _ in bucketed) < 10
+    rows = sorted(tuple(t[t != 0].tolist()) for _, tg, _ in bucketed for t in tg)
     assert rows == sorted(tuple(w[1:].tolist()) for w in windows)
     model = SASRec(num_items=41, max_len=30, dim=8, blocks=1).eval()
     negatives = torch.arange(1, 20)
-    i, tg = bucketed[0]
+    i, tg, _ = bucketed[0]
     wide_i, wide_t = left_pad([r[r != 0].numpy() for r in i], 30), left_pad([r[r != 0].numpy() for r in tg], 30)
     with torch.no_grad():
         assert sequence_loss(model, InfoNCE(), i, tg, negatives).item() == pytest.approx(

@@ -8,6 +8,11 @@ from jobs.spec import JobSpec
 TRAINABLE = ("sasrec", "hstu", "hllm")
 
 
+def reads_time(model: nn.Module) -> bool:
+    """Whether a model's forward needs the events' timestamps beside the item ids (HSTU's time bias)."""
+    return bool(getattr(model, "time_buckets", 0))
+
+
 def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
     m = spec.model
@@ -16,7 +21,7 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
         return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.block)
     if m.kind == "hstu":
         from ray_jobs.models.hstu import HSTU
-        return HSTU(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout)
+        return HSTU(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.time_buckets)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)

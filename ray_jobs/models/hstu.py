@@ -4,7 +4,11 @@ Hierarchical Sequential Transduction Units.
 Each unit: one projection of the layer-normed input, through SiLU, split into U, V, Q, K per head;
 pointwise aggregated attention `SiLU(Q Kᵀ + rab) / n` (no softmax: every earlier position adds its
 weight, so a user's activity level is not normalised away), causal and padding-masked, with a
-learned relative-position bias `rab`; the attended values are layer-normed, gated elementwise by U,
+learned relative attention bias `rab`: one weight per relative position and, with `time_buckets`,
+one per bucket of the time gap between the two events (`time_bucket`: log-scaled seconds, as the
+HSTU paper's ML-1M setup). Position i's gaps are measured from its own event (ts_i - ts_j), never
+from the time of the item it predicts, so training and scoring read the same information; the
+attended values are layer-normed, gated elementwise by U,
 projected back and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
 dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
 and score it, in one process and under Ray Train + DeepSpeed.
@@ -18,8 +22,17 @@ from torch import nn
 from ray_jobs.models.ids import IdSequenceModel
 
 
+def time_bucket(times: torch.Tensor, buckets: int) -> torch.Tensor:
+    """(B, L) epoch seconds -> (B, L, L) bucket of the gap between event i and an earlier event j:
+    floor(ln(max(|ts_i - ts_j|, 1)) / 0.301), capped at buckets - 1 (same second -> 0, a minute -> 13,
+    a day -> 37, a year -> 57)."""
+    gap = (times[:, :, None] - times[:, None, :]).abs().clamp(min=1).double()
+    return (torch.log(gap) / 0.301).long().clamp(max=buckets - 1)
+
+
 class HSTUBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, max_len: int, dropout: float, attn_dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, max_len: int, dropout: float, attn_dropout: float = 0.0,
+                 time_buckets: int = 0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"model.dim={dim} must be a multiple of model.heads={heads}")
@@ -32,22 +45,29 @@ class HSTUBlock(nn.Module):
         self.attn_drop = nn.Dropout(attn_dropout)
         # rab: one learned bias per relative distance i - j in [0, max_len) (causal: j <= i), per head
         self.rel_pos = nn.Parameter(torch.zeros(heads, max_len))
+        # and one per bucket of the time gap between the two events (time_bucket), per head
+        self.rel_time = nn.Parameter(torch.zeros(heads, time_buckets)) if time_buckets else None
 
-    def relative_bias(self, length: int) -> torch.Tensor:
-        """(heads, L, L) bias of position i attending to j: rel_pos[i - j] (zero where j > i, masked anyway)."""
+    def relative_bias(self, length: int, gaps: torch.Tensor | None = None) -> torch.Tensor:
+        """Bias of position i attending to j: rel_pos[i - j] (zero where j > i, masked anyway), (1, heads,
+        L, L); plus rel_time[gaps[b, i, j]] when the blocks have a time bias, (B, heads, L, L)."""
         idx = torch.arange(length, device=self.rel_pos.device)
         dist = (idx[:, None] - idx[None, :]).clamp(min=0, max=self.max_len - 1)
-        return self.rel_pos[:, dist]
+        bias = self.rel_pos[:, dist][None]
+        if self.rel_time is not None:
+            bias = bias + self.rel_time[:, gaps].transpose(0, 1)
+        return bias
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, dim); allowed: (B, 1, L, L) 1.0 where position i may read j (j <= i, j not padding)."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, dim); allowed: (B, 1, L, L) 1.0 where position i may read j (j <= i, j not padding);
+        gaps: (B, L, L) time buckets (time_bucket), when the block has a time bias."""
         b, length, dim = x.shape
         u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(dim, dim=-1)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
 
-        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length)[None]
+        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length, gaps)
         weights = self.attn_drop(F.silu(scores) / self.max_len * allowed)
         attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length, dim)
         return x + self.out(self.drop(self.attn_norm(attended) * u))
@@ -58,9 +78,11 @@ class HSTU(IdSequenceModel):
     final LayerNorm; the next-item query at position t is the output at t."""
 
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, time_buckets: int = 0) -> None:
         super().__init__(num_items, max_len, dim, dropout)
-        self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout) for _ in range(blocks))
+        self.time_buckets = time_buckets
+        self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets)
+                                    for _ in range(blocks))
         self.final_norm = nn.LayerNorm(dim, eps=1e-6)
         self.init_truncated()
         for layer in self.layers:
@@ -68,14 +90,25 @@ class HSTU(IdSequenceModel):
             nn.init.xavier_uniform_(layer.out.weight)
         self.zero_padding()
 
-    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1 (last_only:
-        the last position, (B, 1, dim))."""
+    def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """ids: (B, L) left-padded item ids (times: their epoch seconds, aligned; needed with a time
+        bias) -> (B, L, dim): position t predicts item t+1 (last_only: the last position, (B, 1, dim))."""
         length = ids.shape[1]
+        gaps = None
+        if self.time_buckets:
+            if times is None or times.shape != ids.shape:
+                raise ValueError(f"HSTU with model.time_buckets={self.time_buckets} needs each event's timestamp "
+                                 f"beside its item id (times of shape {tuple(ids.shape)}), got "
+                                 f"{None if times is None else tuple(times.shape)}")
+            gaps = time_bucket(times, self.time_buckets)
         x, keep = self.embed(ids)
         causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=ids.device))
         allowed = (causal[None] * keep.transpose(1, 2))[:, None]  # (B, 1, L, L): key j valid and j <= i
         for layer in self.layers:
-            x = layer(x, allowed) * keep
+            x = layer(x, allowed, gaps) * keep
         x = self.final_norm(x)
         return x[:, -1:] if last_only else x
+
+    def user_embeddings(self, ids: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        """The representation at the last position (the next-item query), (B, dim)."""
+        return self.forward(ids, times, last_only=True)[:, -1]
