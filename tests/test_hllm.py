@@ -219,3 +219,23 @@ def test_id_text_fusion_under_full_softmax_matches_a_hand_written_loss(tmp_path)
     assert model.id_emb.weight.grad[1:].abs().sum() > 0 and model.id_emb.weight.grad[0].abs().sum() == 0
     text_only = model.adapter(model.item_table)
     assert not torch.allclose(model.item_embeddings(torch.tensor([1, 2])), text_only[1:3])
+
+
+def test_scoring_runs_the_last_layer_for_the_last_position_only_and_equals_the_full_forward(tmp_path):
+    torch.manual_seed(0)
+    s = ModelSpec(kind="hllm", item_llm="minilm", mode="cached", user_llm="random:llama",
+                  user_llm_size={"hidden": 16, "layers": 2, "heads": 4, "intermediate": 32},
+                  cache_dir=str(tmp_path / "cache"))
+    model = HLLM(s, TEXTS, max_len=40).eval()
+    ids = torch.randint(0, 6, (7, 40))
+    ids[:, -1] = 3
+    ids[0, :35] = 0  # a short, left-padded history
+    calls = []
+    hook = model.user_llm.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    fast = model.user_embeddings(ids)
+    assert not calls  # the last decoder layer's full forward never ran
+    assert torch.allclose(fast, model.forward(ids)[:, -1], atol=1e-6)
+    hook.remove()
+    model.train()  # training (and the alignment policy) takes the full forward, with its gradients
+    model.user_embeddings(ids).sum().backward()
+    assert model.user_llm.layers[-1].mlp.down_proj.weight.grad is not None

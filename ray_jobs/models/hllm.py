@@ -201,7 +201,49 @@ class HLLM(nn.Module):
                              position_ids=positions).last_hidden_state
 
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.forward(ids)[:, -1]
+        """The next-item query of each history, (B, user_dim). Scoring a Llama user LLM (eval mode)
+        runs its last layer for the last position only: the keys and values still come from every
+        position, the queries, attention output and MLP of the other positions are never read."""
+        if self.training or self.user_llm.config.model_type != "llama":
+            return self.forward(ids)[:, -1]
+        return self._last_position(ids)
+
+    def _last_position(self, ids: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+        llm = self.user_llm
+        mask = (ids != 0).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        x = self.item_embeddings(ids)
+        causal = create_causal_mask(config=llm.config, inputs_embeds=x, attention_mask=mask, past_key_values=None,
+                                    position_ids=positions)
+        rope = llm.rotary_emb(x, position_ids=positions)
+        *early, last = llm.layers[: llm.config.num_hidden_layers]
+        for layer in early:  # every position, as the model's own forward
+            x = layer(x, attention_mask=causal, position_embeddings=rope, position_ids=positions)
+        return llm.norm(_last_query_layer(last, x, causal, rope))[:, -1]
+
+
+def _last_query_layer(layer: nn.Module, x: torch.Tensor, causal: torch.Tensor | None,
+                      rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A Llama decoder layer's output at the last position only, (B, 1, d): the attention of the
+    last query over every position's keys and values, then the MLP for that position."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    attn = layer.self_attn
+    b, length, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = rope
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    groups = attn.num_key_value_groups
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    row = None if causal is None else causal[:, :, -1:, :]  # what the last query may read
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=attn.scaling)
+    y = x[:, -1:] + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+    return y + layer.mlp(layer.post_attention_layernorm(y))
 
 
 def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
