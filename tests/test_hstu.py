@@ -156,3 +156,10 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
 def test_width_must_split_into_heads(heads):
     with pytest.raises(ValueError, match="multiple of model.heads"):
         HSTU(10, 8, dim=16, heads=heads)
+
+
+def test_alignment_refuses_a_start_model_that_reads_timestamps():
+    from ray_jobs.loop import alignment_state
+    spec = load_spec("movielens-100k-smoke", ["model.kind=hstu", "model.time_buckets=8"])
+    with pytest.raises(ValueError, match="reads event timestamps"):
+        alignment_state(spec, HSTU(10, 8, dim=16, time_buckets=8), None, torch.device("cpu"))
