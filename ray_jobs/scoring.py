@@ -56,6 +56,7 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
     device = next(model.parameters()).device
     catalogue: list[torch.Tensor] = []
     timed = reads_time(model)
+    reuse = getattr(model, "reads_catalogue", False)  # HLLM: history items read from the catalogue
 
     def score(histories: list[np.ndarray], times: list[np.ndarray] | None = None) -> torch.Tensor:
         model.eval()
@@ -65,6 +66,9 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
         lengths = np.asarray([min(len(h), max_len) for h in histories])
         order = np.argsort(lengths, kind="stable")
         with torch.no_grad():
+            if not catalogue:
+                catalogue.append(model.all_item_embeddings())
+            extra = {"catalogue": catalogue[0]} if reuse else {}
             parts = []
             for start in range(0, len(order), chunk):
                 rows = order[start:start + chunk]
@@ -74,11 +78,9 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
                     stamps = left_pad([times[i] for i in rows], width).to(device)
                     parts.append(model.user_embeddings(ids, stamps))
                 else:
-                    parts.append(model.user_embeddings(ids))
+                    parts.append(model.user_embeddings(ids, **extra))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
             user[torch.as_tensor(order, device=device)] = torch.cat(parts)
-            if not catalogue:
-                catalogue.append(model.all_item_embeddings())
             return cosine_scores(user, catalogue[0]).float().cpu()
     score.reads_time = timed
     return score

@@ -238,6 +238,9 @@ def test_scoring_runs_the_last_layer_for_the_last_position_only_and_equals_the_f
     fast = model.user_embeddings(ids)
     assert not calls  # the last decoder layer's full forward never ran
     assert torch.allclose(fast, model.forward(ids)[:, -1], atol=1e-6)
+    # with the catalogue the scorer already holds: the same, without the item side again
+    items = model.all_item_embeddings()
+    assert torch.allclose(model.user_embeddings(ids, items), fast, atol=1e-6)
     hook.remove()
     model.train()  # training (and the alignment policy) takes the full forward, with its gradients
     model.user_embeddings(ids).sum().backward()

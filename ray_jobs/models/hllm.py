@@ -212,20 +212,24 @@ class HLLM(nn.Module):
         return self.user_llm(inputs_embeds=self.input_dropout(self.item_embeddings(ids)), attention_mask=mask,
                              position_ids=positions).last_hidden_state
 
-    def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+    reads_catalogue = True  # scoring may hand user_embeddings the catalogue it already computed
+
+    def user_embeddings(self, ids: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """The next-item query of each history, (B, user_dim). Scoring a Llama user LLM (eval mode)
         runs its last layer for the last position only: the keys and values still come from every
-        position, the queries, attention output and MLP of the other positions are never read."""
+        position, the queries, attention output and MLP of the other positions are never read; and
+        given `catalogue` (all_item_embeddings() of these weights) the histories' item vectors are
+        read from it instead of going through the item side again."""
         if self.training or self.user_llm.config.model_type != "llama":
             return self.forward(ids)[:, -1]
-        return self._last_position(ids)
+        return self._last_position(ids, catalogue)
 
-    def _last_position(self, ids: torch.Tensor) -> torch.Tensor:
+    def _last_position(self, ids: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
         llm = self.user_llm
         mask = (ids != 0).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        x = self.item_embeddings(ids)
+        x = self.item_embeddings(ids) if catalogue is None else catalogue[ids]
         causal = create_causal_mask(config=llm.config, inputs_embeds=x, attention_mask=mask, past_key_values=None,
                                     position_ids=positions)
         rope = llm.rotary_emb(x, position_ids=positions)

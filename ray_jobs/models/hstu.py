@@ -26,8 +26,8 @@ def time_bucket(times: torch.Tensor, buckets: int) -> torch.Tensor:
     """(B, L) epoch seconds -> (B, L, L) bucket of the gap between event i and an earlier event j:
     floor(ln(max(|ts_i - ts_j|, 1)) / 0.301), capped at buckets - 1 (same second -> 0, a minute -> 13,
     a day -> 37, a year -> 57)."""
-    gap = (times[:, :, None] - times[:, None, :]).abs().clamp(min=1).double()
-    return (torch.log(gap) / 0.301).long().clamp(max=buckets - 1)
+    gap = (times[:, :, None] - times[:, None, :]).abs_().clamp_(min=1).double()
+    return gap.log_().div_(0.301).long().clamp_(max=buckets - 1)
 
 
 class HSTUBlock(nn.Module):
@@ -48,29 +48,34 @@ class HSTUBlock(nn.Module):
         # and one per bucket of the time gap between the two events (time_bucket), per head
         self.rel_time = nn.Parameter(torch.zeros(heads, time_buckets)) if time_buckets else None
 
-    def relative_bias(self, length: int, gaps: torch.Tensor | None = None) -> torch.Tensor:
+    def relative_bias(self, length: int, gaps: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """Bias of position i attending to j: rel_pos[i - j] (zero where j > i, masked anyway), (1, heads,
-        L, L); plus rel_time[gaps[b, i, j]] when the blocks have a time bias, (B, heads, L, L)."""
+        L, L); plus rel_time[gaps[b, i, j]] when the blocks have a time bias, (B, heads, L, L). `first`:
+        only the query rows from there on (the last one when scoring)."""
         idx = torch.arange(length, device=self.rel_pos.device)
-        dist = (idx[:, None] - idx[None, :]).clamp(min=0, max=self.max_len - 1)
+        dist = (idx[first:, None] - idx[None, :]).clamp(min=0, max=self.max_len - 1)
         bias = self.rel_pos[:, dist][None]
         if self.rel_time is not None:
-            bias = bias + self.rel_time[:, gaps].transpose(0, 1)
+            bias = bias + self.rel_time[:, gaps[:, first:]].transpose(0, 1)
         return bias
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, gaps: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, gaps: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """x: (B, L, dim); allowed: (B, 1, L, L) 1.0 where position i may read j (j <= i, j not padding);
-        gaps: (B, L, L) time buckets (time_bucket), when the block has a time bias."""
+        gaps: (B, L, L) time buckets (time_bucket), when the block has a time bias. last_only: the last
+        position's output only, (B, 1, dim) — keys and values still from every position."""
         b, length, dim = x.shape
+        first = length - 1 if last_only else 0
         u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(dim, dim=-1)
+        u, q = u[:, first:], q[:, first:]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, d)
+            return t.reshape(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # (B, H, rows, d)
 
-        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length, gaps)
-        weights = self.attn_drop(F.silu(scores) / self.max_len * allowed)
-        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length, dim)
-        return x + self.out(self.drop(self.attn_norm(attended) * u))
+        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length, gaps, first)
+        weights = self.attn_drop(F.silu(scores) / self.max_len * allowed[:, :, first:])
+        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length - first, dim)
+        return x[:, first:] + self.out(self.drop(self.attn_norm(attended) * u))
 
 
 class HSTU(IdSequenceModel):
@@ -104,10 +109,11 @@ class HSTU(IdSequenceModel):
         x, keep = self.embed(ids)
         causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=ids.device))
         allowed = (causal[None] * keep.transpose(1, 2))[:, None]  # (B, 1, L, L): key j valid and j <= i
-        for layer in self.layers:
-            x = layer(x, allowed, gaps) * keep
-        x = self.final_norm(x)
-        return x[:, -1:] if last_only else x
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            only = last_only and i == last  # the last block computes the last position only
+            x = layer(x, allowed, gaps, only) * (keep[:, -1:] if only else keep)
+        return self.final_norm(x)
 
     def user_embeddings(self, ids: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
         """The representation at the last position (the next-item query), (B, dim)."""
