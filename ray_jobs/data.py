@@ -48,32 +48,21 @@ class SeqData:
     lengths: dict = field(default_factory=dict)  # fit_on -> every user's fit-sequence length, global row order
     train_times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each train item
 
-    def fit_sequences(self, fit_on: str = "train") -> list[np.ndarray]:
+    def fit_sequences(self, fit_on: str = "train", times: bool = False) -> list[np.ndarray]:
         """The sequences to train on (of the users held): the train split, or train + the validation
-        target (all but the test item, the generative-recommenders protocol) for a refit."""
+        target (all but the test item, the generative-recommenders protocol) for a refit; with
+        `times`, their timestamps instead, item for item."""
         if fit_on == "train":
-            return self.train
+            return self.train_times if times else self.train
         if fit_on == "train_valid":
-            return [np.append(h, t) for h, t in zip(self.valid.histories, self.valid.targets)]
+            v = self.valid
+            return [np.append(h, t) for h, t in (zip(v.times, v.target_times) if times else zip(v.histories, v.targets))]
         raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
 
-    def fit_times(self, fit_on: str = "train") -> list[np.ndarray]:
-        """The timestamps of `fit_sequences`, item for item."""
-        if fit_on == "train":
-            return self.train_times
-        if fit_on == "train_valid":
-            return [np.append(h, t) for h, t in zip(self.valid.times, self.valid.target_times)]
-        raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
-
-    def fit_rows(self, fit_on: str = "train") -> dict[int, np.ndarray]:
-        """Global fit row -> sequence, for the users held."""
+    def fit_rows(self, fit_on: str = "train", times: bool = False) -> dict[int, np.ndarray]:
+        """Global fit row -> sequence (or, with `times`, its timestamps), for the users held."""
         rows = self.rows["train" if fit_on == "train" else "valid"]
-        return dict(zip(rows.tolist(), self.fit_sequences(fit_on)))
-
-    def fit_row_times(self, fit_on: str = "train") -> dict[int, np.ndarray]:
-        """Global fit row -> the sequence's timestamps, for the users held."""
-        rows = self.rows["train" if fit_on == "train" else "valid"]
-        return dict(zip(rows.tolist(), self.fit_times(fit_on)))
+        return dict(zip(rows.tolist(), self.fit_sequences(fit_on, times)))
 
     def split(self, name: str) -> EvalSplit:
         if name not in ("valid", "test"):

@@ -19,6 +19,7 @@ import math
 import os
 import resource
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -165,8 +166,9 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
 
 # ----------------------------------------------------------------------------- backends
 
-class Backend:
-    """What the loops need from where they run. This base is one plain PyTorch process."""
+class Backend(ABC):
+    """What the loops need from where they run. This base steps, evaluates and reports as one plain
+    PyTorch process; a backend says where its checkpoints go (`save` / `restore`)."""
     rank, world = 0, 1
 
     def __init__(self, state: TrainState, device: torch.device = torch.device("cpu")) -> None:
@@ -206,11 +208,13 @@ class Backend:
         return evaluate_sharded(self.state.spec, score, data, split, self.rank, self.world,
                                 self.comm.all_gather_object, item_emb)
 
+    @abstractmethod
     def save(self, metrics: dict) -> None:
-        raise NotImplementedError
+        """Checkpoint the run's state (after an epoch, or mid-epoch every `train.checkpoint_every` steps)."""
 
+    @abstractmethod
     def restore(self) -> bool:
-        raise NotImplementedError
+        """Resume from the latest checkpoint, if there is one; whether it resumed."""
 
 
 class LocalBackend(Backend):
@@ -439,7 +443,7 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
     started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
     if data.shard != (backend.rank, backend.world):
         raise ValueError(f"worker {backend.rank} of {backend.world} was given the data shard {data.shard}")
-    times = data.fit_row_times(t.fit_on) if reads_time(state.model) else None
+    times = data.fit_rows(t.fit_on, times=True) if reads_time(state.model) else None
     batches = train_batches(windows, data.fit_rows(t.fit_on), spec.data.max_seq_len, t.batch_size, rng,
                             t.length_buckets, times)
     for b, (inputs, targets, stamps) in enumerate(batches):

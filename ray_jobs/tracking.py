@@ -201,18 +201,19 @@ class Recommender:
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
         frame = isinstance(model_input, pd.DataFrame)
-        histories = list(model_input["history"]) if frame else list(model_input)
+        histories = [np.asarray(h, dtype=np.int64).reshape(-1)
+                     for h in (model_input["history"] if frame else model_input)]
+        keep = [(h > 0) & (h <= self.num_items) for h in histories]  # unknown ids and padding dropped
         times = None
         if self.score.reads_time:
             if not frame or "timestamps" not in model_input:
                 raise ValueError("this model reads event timestamps: the input needs a `timestamps` column "
                                  "(epoch seconds of each history item) beside `history`")
-            times = [np.asarray(t, dtype=np.int64) for t in model_input["timestamps"]]
+            times = [np.asarray(t, dtype=np.int64).reshape(-1) for t in model_input["timestamps"]]
             if any(len(t) != len(h) for t, h in zip(times, histories)):
                 raise ValueError("input: each row's `timestamps` must have one entry per `history` item")
-            keep = [np.asarray([0 < int(i) <= self.num_items for i in h], dtype=bool) for h in histories]
             times = [t[m] for t, m in zip(times, keep)]
-        histories = [np.asarray([i for i in h if 0 < int(i) <= self.num_items], dtype=np.int64) for h in histories]
+        histories = [h[m] for h, m in zip(histories, keep)]
         ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024, times=times)
         return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})
 
