@@ -268,6 +268,11 @@ class ModelSpec(Strict):
         "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm)")
     time_buckets: int = Field(0, ge=0, description="hstu: relative time bias over this many log-scaled buckets of "
                               "the gap between two events' timestamps (0 = relative position bias only)")
+    query_time: Literal["event", "target"] = Field(
+        "event", description="hstu time bias: where position i measures its gaps from — its own event, or the time "
+        "of the event it predicts (generative-recommenders' bias: the next event in training, the target's "
+        "timestamp in evaluation, the time the recommendations are for in `recommend` and the pyfunc)")
+    attention_dim: int = Field(0, ge=0, description="hstu: width of U, V, Q and K per head (0 = dim / heads)")
     item_llm: str = Field("minilm", description="hllm item LLM: minilm (packaged, offline), a hub id, a local "
                           "folder, a .gguf file, or random:llama / random:qwen2 (random init of item_llm_size)")
     item_llm_size: "LLMSize" = Field(default_factory=lambda: LLMSize())
@@ -289,6 +294,13 @@ class ModelSpec(Strict):
     cache_dir: str = Field("./.cache/item-embeddings", description="cached mode: item-embedding artifacts")
     graph_hops: int = Field(2, ge=1, description="graph baseline: transition hops from the last items")
     graph_last_items: int = Field(2, ge=1, description="graph baseline: how many recent items seed the walk")
+
+    @model_validator(mode="after")
+    def _query_time_needs_a_time_bias(self) -> "ModelSpec":
+        if self.query_time == "target" and not self.time_buckets:
+            raise ValueError("model.query_time=target needs a time bias (model.time_buckets > 0): without one no "
+                             "time is read")
+        return self
 
 
 class TrainSpec(Strict):

@@ -31,6 +31,11 @@ class EvalSplit:
     times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each history item
     target_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of each target
 
+    def stamps(self) -> list[np.ndarray] | None:
+        """Each history's timestamps followed by its target's (the time the prediction is for): what a
+        score function that reads time takes; None when the split has no timestamps."""
+        return [np.append(t, q) for t, q in zip(self.times, self.target_times)] if self.times else None
+
 
 @dataclass
 class SeqData:
@@ -193,9 +198,10 @@ def left_pad(seqs: list[np.ndarray], length: int) -> torch.Tensor:
 
 def train_batches(windows: Windows, seqs: dict[int, np.ndarray], max_len: int, batch_size: int,
                   rng: np.random.Generator, length_buckets: int = 0, times: dict[int, np.ndarray] | None = None):
-    """Shuffled (inputs, targets, input times) batches: inputs = window[:-1], targets = window[1:], left
-    padded; input times are the inputs' timestamps the same way when `times` (global row -> the
-    sequence's timestamps) is given, else None.
+    """Shuffled (inputs, targets, times) batches: inputs = window[:-1], targets = window[1:], left
+    padded to a width W; when `times` (global row -> the sequence's timestamps) is given, times are
+    the whole window's timestamps left padded to W + 1 (each input's, then the last target's: column
+    i + 1 is the time of the event position i predicts), else None.
     `windows` is the global index and `batch_size` the global batch; a worker holding the fit rows
     `seqs` (global row -> sequence) gets the windows of each global batch that are its users' (all
     workers draw the same permutation), so N workers see exactly the single-process batches. A
@@ -222,9 +228,9 @@ def train_batches(windows: Windows, seqs: dict[int, np.ndarray], max_len: int, b
                                               windows.end[idx].tolist()) if r in seqs]
         if not cuts:
             empty = torch.zeros((1, max_len), dtype=torch.long)
-            yield empty, empty.clone(), None if times is None else empty.clone()
+            yield empty, empty.clone(), None if times is None else torch.zeros((1, max_len + 1), dtype=torch.long)
             continue
         chunk = [seqs[r][a:b] for r, a, b in cuts]
         width = min(max_len, max(len(w) for w in chunk) - 1) if length_buckets else max_len
-        stamps = None if times is None else left_pad([times[r][a:b - 1] for r, a, b in cuts], width)
+        stamps = None if times is None else left_pad([times[r][a:b] for r, a, b in cuts], width + 1)
         yield left_pad([w[:-1] for w in chunk], width), left_pad([w[1:] for w in chunk], width), stamps

@@ -139,7 +139,8 @@ def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targ
                   negatives: torch.Tensor, reduction: str = "mean", times: torch.Tensor | None = None) -> torch.Tensor:
     """Every non-padded position predicts its next item against the step's negatives (this worker's
     share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax).
-    `times`: the inputs' timestamps, for a model that reads them (HSTU's time bias)."""
+    `times`: the inputs' timestamps and then the last target's (train_batches), for a model that
+    reads them (HSTU's time bias)."""
     out = model(inputs) if times is None else model(inputs, times)
     d = out.shape[-1]
     valid = (targets != 0).reshape(-1)

@@ -35,7 +35,8 @@ def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tens
 def rank_and_topk(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, k_max: int,
                   batch_size: int, times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """0-based rank of each target among the unmasked items, and each user's top-k_max item ids.
-    `times`: the histories' timestamps, for a score function that reads them."""
+    `times`: the histories' timestamps, each followed by its target's (`EvalSplit.stamps`), for a
+    score function that reads them."""
     ranks, tops = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start:start + batch_size]

@@ -29,8 +29,10 @@ from ray_jobs.scoring import scorer, top_k
 
 def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], int]:
     """Users, their full known sequences and those sequences' timestamps: test history + test
-    target, and for users without a test row (fewer than 3 interactions) their train row. Returns
-    also how many are such short ones."""
+    target, and for users without a test row (fewer than 3 interactions) their train row. Each
+    timestamp list ends with the time the recommendations are for (what a model whose time bias
+    reads the prediction's time takes): the data's latest event, so a rerun on the same tables
+    gives the same lists. Returns also how many users are such short ones."""
     t = data.test
     seqs = {int(u): (np.append(h, y), np.append(ts, yt))
             for u, h, y, ts, yt in zip(t.users, t.histories, t.targets, t.times, t.target_times)}
@@ -38,7 +40,9 @@ def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]
              if int(u) not in seqs and len(s)}
     seqs.update(short)
     users = np.asarray(sorted(seqs), dtype=np.int64)
-    return users, [seqs[int(u)][0] for u in users], [seqs[int(u)][1] for u in users], len(short)
+    as_of = max((int(ts.max()) for _, ts in seqs.values() if len(ts)), default=0)
+    return (users, [seqs[int(u)][0] for u in users], [np.append(seqs[int(u)][1], as_of) for u in users],
+            len(short))
 
 
 def popular_top(popularity: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:

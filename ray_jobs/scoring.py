@@ -51,8 +51,10 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
     model (every caller makes one per evaluation or per loaded model), and for HLLM they cost more
     than the users of a batch.
 
-    A model that reads timestamps (HSTU's time bias) gets each history's, left padded the same way:
-    the score function then takes (histories, times) and says so (`reads_time`, see call_scores)."""
+    A model that reads timestamps (HSTU's time bias) gets each history's timestamps followed by the
+    time the prediction is for (len(history) + 1 entries each, `EvalSplit.stamps`), left padded the
+    same way: the score function then takes (histories, times) and says so (`reads_time`, see
+    call_scores)."""
     device = next(model.parameters()).device
     catalogue: list[torch.Tensor] = []
     timed = reads_time(model)
@@ -60,9 +62,11 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
 
     def score(histories: list[np.ndarray], times: list[np.ndarray] | None = None) -> torch.Tensor:
         model.eval()
-        if timed and (times is None or len(times) != len(histories)):
-            raise ValueError("this model reads each event's timestamp: score(histories, times) needs the "
-                             "histories' timestamps")
+        if timed and (times is None or len(times) != len(histories)
+                      or any(len(t) != len(h) + 1 for t, h in zip(times, histories))):
+            raise ValueError("this model reads each event's timestamp: score(histories, times) needs each "
+                             "history's timestamps followed by the time the prediction is for "
+                             "(len(history) + 1 entries)")
         lengths = np.asarray([min(len(h), max_len) for h in histories])
         order = np.argsort(lengths, kind="stable")
         with torch.no_grad():
@@ -75,7 +79,7 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
                 width = max(1, int(lengths[rows].max()))
                 ids = left_pad([histories[i] for i in rows], width).to(device)
                 if timed:
-                    stamps = left_pad([times[i] for i in rows], width).to(device)
+                    stamps = left_pad([times[i] for i in rows], width + 1).to(device)
                     parts.append(model.user_embeddings(ids, stamps))
                 else:
                     parts.append(model.user_embeddings(ids, **extra))
@@ -89,7 +93,7 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
 def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
           times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each history's k best unseen items (ids, scores), best first; history items and padding masked.
-    `times`: the histories' timestamps, for a score function that reads them."""
+    `times`: the histories' timestamps and the prediction's time, for a score function that reads them."""
     ids, vals = [], []
     for i in range(0, len(histories), batch_size):
         h = histories[i:i + batch_size]
@@ -108,7 +112,7 @@ def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, ite
     """Full-ranking metrics of any score function on one split, with the spec's eval settings."""
     s, e = data.split(split), spec.eval
     return evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
-                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max, s.times or None)
+                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max, s.stamps())
 
 
 def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray | None = None) -> Shard:
@@ -118,8 +122,9 @@ def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: n
     rows = np.arange(len(s.targets)) if rows is None else rows
     k_max = max(usable_ks(spec.eval.ks, data.num_items))
     histories = [s.histories[i] for i in rows]
+    stamps = s.stamps()
     ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size,
-                               [s.times[i] for i in rows] if s.times else None)
+                               None if stamps is None else [stamps[i] for i in rows])
     return data.rows[split][rows], ranks, top, np.asarray([len(h) for h in histories], dtype=np.int64), s.targets[rows]
 
 

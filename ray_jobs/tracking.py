@@ -180,8 +180,10 @@ class Recommender:
 
     Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
     lists; for a model that reads timestamps (HSTU with a time bias) also a `timestamps` column
-    (epoch seconds of each history item). Params: `k` (default 10). Output: a DataFrame with
-    `item_ids` and `scores` lists.
+    (epoch seconds of each history item) and, where its bias measures gaps from the predicted
+    event's time (`model.query_time: target`), a `request_time` column (epoch seconds the
+    recommendations are for; optional otherwise). Params: `k` (default 10). Output: a DataFrame
+    with `item_ids` and `scores` lists.
 
     The registered model holds data only: `MLmodel` names this installed module as the pyfunc
     loader (`loader_module`), and `data/` holds `model.pt` (weights read with
@@ -212,7 +214,14 @@ class Recommender:
             times = [np.asarray(t, dtype=np.int64).reshape(-1) for t in model_input["timestamps"]]
             if any(len(t) != len(h) for t, h in zip(times, histories)):
                 raise ValueError("input: each row's `timestamps` must have one entry per `history` item")
-            times = [t[m] for t, m in zip(times, keep)]
+            if "request_time" in model_input:
+                asked = [int(x) for x in model_input["request_time"]]
+            elif getattr(self.model, "query_time", "event") == "target":
+                raise ValueError("this model's time bias reads the time the recommendations are for: the input "
+                                 "needs a `request_time` column (epoch seconds) beside `history` and `timestamps`")
+            else:  # read by nothing: the model measures gaps from each event
+                asked = [int(t.max()) if len(t) else 0 for t in times]
+            times = [np.append(t[m], q) for t, m, q in zip(times, keep, asked)]
         histories = [h[m] for h, m in zip(histories, keep)]
         ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024, times=times)
         return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})

@@ -69,11 +69,14 @@ def test_relative_position_bias_shape_and_effect():
 
 def test_time_buckets_are_log_scaled_gaps():
     times = torch.tensor([[0, 1, 60, 86_400, 31_536_000, 31_536_000 * 40]])
-    gaps = time_bucket(times, 64)
+    gaps = time_bucket(times, times, 64)
     assert gaps.shape == (1, 6, 6) and torch.all(gaps.diagonal(dim1=1, dim2=2) == 0)  # same second: bucket 0
     assert gaps[0, 1, 0] == 0 and gaps[0, 2, 0] == 13 and gaps[0, 3, 0] == 37 and gaps[0, 4, 0] == 57
-    assert gaps[0, 5, 0] == 63 and time_bucket(times, 20)[0, 4, 0] == 19  # capped at buckets - 1
+    assert gaps[0, 5, 0] == 63 and time_bucket(times, times, 20)[0, 4, 0] == 19  # capped at buckets - 1
     assert torch.equal(gaps, gaps.transpose(1, 2))
+    # queries at other times than the events: row i measures from query i
+    later = time_bucket(times + 86_400, times, 64)
+    assert later[0, 0, 0] == 37 and later[0, 1, 0] == 37 and later[0, 2, 2] == 37
 
 
 def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
@@ -83,10 +86,10 @@ def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
             layer.rel_time.normal_(0, 1.0)
     ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
     day = 86_400
-    times = torch.tensor([[0, 0, 0, day, 2 * day, 3 * day]])
+    times = torch.tensor([[0, 0, 0, day, 2 * day, 3 * day, 9 * day]])  # the events', then the prediction's
     out = model(ids, times)
     layer = model.layers[0]
-    bias = layer.relative_bias(6, time_bucket(times, 64))
+    bias = layer.relative_bias(6, time_bucket(times[:, :-1], times[:, :-1], 64))
     assert bias.shape == (1, 2, 6, 6)
     assert torch.equal(bias[0, :, 5, 3], layer.rel_pos[:, 2] + layer.rel_time[:, 40])  # 2 days: bucket 40
     # the last event a year later: only the last position sees a different gap
@@ -94,11 +97,59 @@ def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
     later[0, 5] = 365 * day
     moved = model(ids, later)
     assert torch.allclose(out[:, :5], moved[:, :5], atol=1e-6) and not torch.allclose(out[:, 5], moved[:, 5])
+    # measured from each event (query_time: event), the prediction's time is read by nothing
+    asked = times.clone()
+    asked[0, 6] = 400 * day
+    assert torch.allclose(out, model(ids, asked), atol=1e-6)
     # the same gaps at another absolute time: the same outputs (only differences are read)
     assert torch.allclose(out, model(ids, times + 1_000_000_000), atol=1e-6)
     assert torch.allclose(model.user_embeddings(ids, times), out[:, -1])
     with pytest.raises(ValueError, match="needs each event's timestamp"):
         model(ids)
+    with pytest.raises(ValueError, match="followed by the time of the prediction"):
+        model(ids, times[:, :-1])
+
+
+def test_query_time_target_measures_each_positions_gaps_from_the_event_it_predicts():
+    """generative-recommenders' bias: position i reads ts[i+1] - ts[j]; the last position reads the
+    time the prediction is for. Items stay causal: a later item never changes an earlier position."""
+    model = _model(time_buckets=64, query_time="target")
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.rel_time.normal_(0, 1.0)
+    day = 86_400
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    times = torch.tensor([[0, 0, 0, day, 2 * day, 3 * day, 9 * day]])
+    out = model(ids, times)
+    layer = model.layers[0]
+    gaps = time_bucket(times[:, 1:], times[:, :-1], 64)
+    assert gaps[0, 5, 3] == 44 and gaps[0, 4, 4] == 37  # 8 days from the prediction; a day to the next event
+    # when the recommendation is asked for: only the last position changes
+    asked = times.clone()
+    asked[0, 6] = 400 * day
+    moved = model(ids, asked)
+    assert torch.allclose(out[:, :5], moved[:, :5], atol=1e-6) and not torch.allclose(out[:, 5], moved[:, 5])
+    # event 5's time is position 4's query time: position 4 changes, earlier ones don't
+    shifted = times.clone()
+    shifted[0, 5] = 30 * day
+    moved = model(ids, shifted)
+    assert torch.allclose(out[:, :4], moved[:, :4], atol=1e-6) and not torch.allclose(out[:, 4], moved[:, 4])
+    other = torch.tensor([[0, 0, 3, 4, 5, 9]])  # only the last item differs
+    assert torch.allclose(model(other, times)[:, :5], out[:, :5], atol=1e-6)
+    assert torch.allclose(model.user_embeddings(ids, times), out[:, -1])
+    assert layer.rel_time.shape == (2, 64)
+    with pytest.raises(ValueError, match="query_time"):
+        HSTU(10, 8, dim=16, time_buckets=8, query_time="request")
+
+
+def test_attention_dim_sets_the_width_of_u_v_q_k():
+    model = _model(attention_dim=5)  # 2 heads x 5 on a 16-wide model (generative-recommenders: 25 on 50)
+    layer = model.layers[0]
+    assert layer.uvqk.weight.shape == (40, 16) and layer.out.weight.shape == (16, 10)
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    out = model(ids)
+    assert out.shape == (1, 6, 16) and torch.allclose(model.user_embeddings(ids), out[:, -1], atol=1e-6)
+    assert HSTU(10, 8, dim=15, heads=2, attention_dim=4).layers[0].width == 8  # dim need not split into heads
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -109,7 +160,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert isinstance(model, HSTU) and model.layers[0].rel_time.shape == (2, 32)
     path = save_model(str(tmp_path / "m.pt"), ModelCheckpoint(model.state_dict(), spec, items, {"item_index": 0}))
     again, ckpt = load_model(path)
-    ids, times = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 10, 500, 90_000]])
+    ids, times = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 10, 500, 90_000, 90_060]])
     assert ckpt.spec.model.kind == "hstu" and torch.allclose(model.eval()(ids, times), again.eval()(ids, times))
 
 
@@ -118,7 +169,8 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     model's pyfunc."""
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml",
                      [f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "model.kind=hstu", "model.dim=32",
-                      "model.heads=2", "model.time_buckets=64", "train.lr=0.003", "train.batch_size=64",
+                      "model.heads=2", "model.time_buckets=64", "model.query_time=target", "model.attention_dim=8",
+                      "train.lr=0.003", "train.batch_size=64",
                       "train.negatives=256", "train.epochs=20", "train.eval_every=5", "train.seed=7"])
     data = load_sequences(spec)
     assert [len(t) for t in data.train_times] == [len(s) for s in data.train]
@@ -138,18 +190,28 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     with pytest.raises(ValueError, match="timestamps"):
         score(data.valid.histories[:4])
     assert evaluate_split(spec, score, data, "valid")["metrics"]["ndcg@10"] == pytest.approx(result.best_metric)
-    # the registered model's pyfunc takes a `timestamps` column beside `history`
+    # evaluation reads each target's timestamp as the time of the prediction: asked at other times,
+    # the same histories score differently
+    stamps = data.valid.stamps()
+    assert [len(t) for t in stamps] == [len(h) + 1 for h in data.valid.histories]
+    shifted = [np.append(t[:-1], t[-1] + 365 * 86_400) for t in stamps[:8]]
+    assert not torch.allclose(score(data.valid.histories[:8], stamps[:8]), score(data.valid.histories[:8], shifted))
+    # the registered model's pyfunc takes `timestamps` and the `request_time` beside `history`
     folder = tmp_path / "registered"
     folder.mkdir()
     save_model(str(folder / "model.pt"), ModelCheckpoint(model.state_dict(), spec, data.item_text, data.versions))
     rec = Recommender(str(folder))
+    test_stamps = data.test.stamps()
     rows = pd.DataFrame({"history": [h.tolist() for h in data.test.histories[:3]],
-                         "timestamps": [t.tolist() for t in data.test.times[:3]]})
+                         "timestamps": [t.tolist() for t in data.test.times[:3]],
+                         "request_time": [int(t) for t in data.test.target_times[:3]]})
     out = rec.predict(rows, {"k": 5})
-    ids, _ = top_k(score, data.test.histories[:3], 5, 64, data.test.times[:3])
+    ids, _ = top_k(score, data.test.histories[:3], 5, 64, test_stamps[:3])
     assert out["item_ids"].tolist() == ids.tolist()
     with pytest.raises(ValueError, match="`timestamps` column"):
         rec.predict(rows[["history"]])
+    with pytest.raises(ValueError, match="`request_time` column"):
+        rec.predict(rows[["history", "timestamps"]])
 
 
 @pytest.mark.parametrize("heads", [3])

@@ -81,6 +81,14 @@ def test_length_buckets_cover_every_window_once_and_trimming_keeps_the_loss():
     plain = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1)))
     bucketed = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1), length_buckets=3))
     assert len(bucketed) == len(plain) == 7  # ceil(53 / 8) either way
+    # with timestamps: the window's, one column wider — each input's time, then the last target's, so
+    # column i + 1 is the time of the event position i predicts
+    stamps = {r: 1_000 * np.arange(1, len(w) + 1) for r, w in seqs.items()}
+    timed = list(train_batches(index, seqs, 30, 8, np.random.default_rng(1), length_buckets=3, times=stamps))
+    for (i, tg, _), (ti, ttg, ts) in zip(bucketed, timed):
+        assert torch.equal(i, ti) and torch.equal(tg, ttg) and ts.shape == (i.shape[0], i.shape[1] + 1)
+        assert torch.equal((ts[:, :-1] > 0), (i > 0)) and torch.all(ts[:, 1:][tg > 0] > 0)
+        assert torch.all(ts[:, 1:][tg > 0] - ts[:, :-1][tg > 0] == 1_000)  # a target is its input's next event
     assert all(i.shape[1] == 30 for i, _, _ in plain) and min(i.shape[1] for i, _, _ in bucketed) < 10
     rows = sorted(tuple(t[t != 0].tolist()) for _, tg, _ in bucketed for t in tg)
     assert rows == sorted(tuple(w[1:].tolist()) for w in windows)

@@ -6,10 +6,12 @@ pointwise aggregated attention `SiLU(Q Kᵀ + rab) / n` (no softmax: every earli
 weight, so a user's activity level is not normalised away), causal and padding-masked, with a
 learned relative attention bias `rab`: one weight per relative position and, with `time_buckets`,
 one per bucket of the time gap between the two events (`time_bucket`: log-scaled seconds, as the
-HSTU paper's ML-1M setup). Position i's gaps are measured from its own event (ts_i - ts_j), never
-from the time of the item it predicts, so training and scoring read the same information; the
-attended values are layer-normed, gated elementwise by U,
-projected back and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
+HSTU paper's ML-1M setup). Where position i measures its gaps from (`query_time`): its own event
+(ts_i - ts_j), or the time of the event it predicts (ts_{i+1} - ts_j, generative-recommenders'
+bias: in training the next event's timestamp, when scoring the time the recommendation is for).
+U, V, Q, K are `attention_dim` wide per head (generative-recommenders' ML-1M HSTU: 25 on a 50-wide
+model); the attended values are layer-normed, gated elementwise by U, projected back to the model
+width and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
 dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
 and score it, in one process and under Ray Train + DeepSpeed.
 """
@@ -22,25 +24,29 @@ from torch import nn
 from ray_jobs.models.ids import IdSequenceModel
 
 
-def time_bucket(times: torch.Tensor, buckets: int) -> torch.Tensor:
-    """(B, L) epoch seconds -> (B, L, L) bucket of the gap between event i and an earlier event j:
-    floor(ln(max(|ts_i - ts_j|, 1)) / 0.301), capped at buckets - 1 (same second -> 0, a minute -> 13,
-    a day -> 37, a year -> 57)."""
-    gap = (times[:, :, None] - times[:, None, :]).abs_().clamp_(min=1).double()
+QUERY_TIMES = ("event", "target")
+
+
+def time_bucket(queries: torch.Tensor, keys: torch.Tensor, buckets: int) -> torch.Tensor:
+    """(B, L) query times and (B, L) key events' times, epoch seconds -> (B, L, L) bucket of the gap
+    between query i and event j: floor(ln(max(|q_i - ts_j|, 1)) / 0.301), capped at buckets - 1 (same
+    second -> 0, a minute -> 13, a day -> 37, a year -> 57)."""
+    gap = (queries[:, :, None] - keys[:, None, :]).abs_().clamp_(min=1).double()
     return gap.log_().div_(0.301).long().clamp_(max=buckets - 1)
 
 
 class HSTUBlock(nn.Module):
     def __init__(self, dim: int, heads: int, max_len: int, dropout: float, attn_dropout: float = 0.0,
-                 time_buckets: int = 0) -> None:
+                 time_buckets: int = 0, attention_dim: int = 0) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.dim={dim} must be a multiple of model.heads={heads}")
-        self.heads, self.head_dim, self.max_len = heads, dim // heads, max_len
+        if dim % heads and not attention_dim:
+            raise ValueError(f"model.dim={dim} must be a multiple of model.heads={heads} (or set model.attention_dim)")
+        self.heads, self.head_dim, self.max_len = heads, attention_dim or dim // heads, max_len
+        self.width = self.heads * self.head_dim  # of U, V, Q and K
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.uvqk = nn.Linear(dim, 4 * dim)
-        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.out = nn.Linear(dim, dim)
+        self.uvqk = nn.Linear(dim, 4 * self.width)
+        self.attn_norm = nn.LayerNorm(self.width, eps=1e-6)
+        self.out = nn.Linear(self.width, dim)
         self.drop = nn.Dropout(dropout)
         self.attn_drop = nn.Dropout(attn_dropout)
         # rab: one learned bias per relative distance i - j in [0, max_len) (causal: j <= i), per head
@@ -64,9 +70,9 @@ class HSTUBlock(nn.Module):
         """x: (B, L, dim); allowed: (B, 1, L, L) 1.0 where position i may read j (j <= i, j not padding);
         gaps: (B, L, L) time buckets (time_bucket), when the block has a time bias. last_only: the last
         position's output only, (B, 1, dim) — keys and values still from every position."""
-        b, length, dim = x.shape
+        b, length, _ = x.shape
         first = length - 1 if last_only else 0
-        u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(dim, dim=-1)
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(self.width, dim=-1)
         u, q = u[:, first:], q[:, first:]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ class HSTUBlock(nn.Module):
 
         scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length, gaps, first)
         weights = self.attn_drop(F.silu(scores) / self.max_len * allowed[:, :, first:])
-        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length - first, dim)
+        attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length - first, self.width)
         return x[:, first:] + self.out(self.drop(self.attn_norm(attended) * u))
 
 
@@ -83,11 +89,14 @@ class HSTU(IdSequenceModel):
     final LayerNorm; the next-item query at position t is the output at t."""
 
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2, time_buckets: int = 0) -> None:
+                 dropout: float = 0.2, time_buckets: int = 0, query_time: str = "event",
+                 attention_dim: int = 0) -> None:
         super().__init__(num_items, max_len, dim, dropout)
-        self.time_buckets = time_buckets
-        self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets)
-                                    for _ in range(blocks))
+        if query_time not in QUERY_TIMES:
+            raise ValueError(f"model.query_time must be one of {QUERY_TIMES}, got {query_time!r}")
+        self.time_buckets, self.query_time = time_buckets, query_time
+        self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets,
+                                              attention_dim=attention_dim) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(dim, eps=1e-6)
         self.init_truncated()
         for layer in self.layers:
@@ -96,16 +105,19 @@ class HSTU(IdSequenceModel):
         self.zero_padding()
 
     def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """ids: (B, L) left-padded item ids (times: their epoch seconds, aligned; needed with a time
-        bias) -> (B, L, dim): position t predicts item t+1 (last_only: the last position, (B, 1, dim))."""
-        length = ids.shape[1]
+        """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1 (last_only: the
+        last position, (B, 1, dim)). times, needed with a time bias: (B, L + 1) epoch seconds, each
+        item's timestamp aligned with `ids`, then the time of the event the last position predicts
+        (in training the last target's timestamp; when scoring the time the recommendation is for)."""
+        b, length = ids.shape
         gaps = None
         if self.time_buckets:
-            if times is None or times.shape != ids.shape:
+            if times is None or tuple(times.shape) != (b, length + 1):
                 raise ValueError(f"HSTU with model.time_buckets={self.time_buckets} needs each event's timestamp "
-                                 f"beside its item id (times of shape {tuple(ids.shape)}), got "
-                                 f"{None if times is None else tuple(times.shape)}")
-            gaps = time_bucket(times, self.time_buckets)
+                                 f"beside its item id followed by the time of the prediction (times of shape "
+                                 f"{(b, length + 1)}), got {None if times is None else tuple(times.shape)}")
+            events = times[:, :-1]
+            gaps = time_bucket(times[:, 1:] if self.query_time == "target" else events, events, self.time_buckets)
         x, keep = self.embed(ids)
         causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=ids.device))
         allowed = (causal[None] * keep.transpose(1, 2))[:, None]  # (B, 1, L, L): key j valid and j <= i
