@@ -37,7 +37,7 @@ from ray_jobs.checkpoint import (
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model, reads_time
-from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model
+from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model, return_freed_memory
 from ray_jobs.scoring import CosineScores, evaluate_sharded, scorer
 
 VALID_METRIC = "ndcg@10"
@@ -400,6 +400,7 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
                stop_after_epoch: int | None = None) -> TrainState:
     """Train from the state's epoch to `train.epochs` (see the module docstring for when the run
     evaluates, stops and what it ships). `stop_after_epoch` ends the call as an interruption would."""
+    return_freed_memory()
     t = state.spec.train
     windows = fit_windows(state.spec, data)
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
@@ -505,6 +506,7 @@ def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Call
     step's metrics; `evaluate(step)` a validation record (at the start, every `eval_every` steps,
     at the end and at the step that crosses the budget). The newest weights are the model; they are
     checkpointed every `checkpoint_every` steps, at the end and at a budget stop."""
+    return_freed_memory()
     clock = Clock(state.seconds)
     reporter.start(plan.total, state.step)
 
