@@ -198,6 +198,7 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # two whole-graph materialisations through Ray: ~10 min on 2 cores, near the default 600 s hang guard
 def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_path, ml100k_lake, monkeypatch):
     import shutil
     lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
