@@ -31,10 +31,14 @@ class EvalSplit:
     times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each history item
     target_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of each target
 
-    def stamps(self) -> list[np.ndarray] | None:
+    def stamps(self, rows: np.ndarray | None = None) -> list[np.ndarray] | None:
         """Each history's timestamps followed by its target's (the time the prediction is for): what a
-        score function that reads time takes; None when the split has no timestamps."""
-        return [np.append(t, q) for t, q in zip(self.times, self.target_times)] if self.times else None
+        score function that reads time takes, for every row or the given ones; None when the split
+        has no timestamps."""
+        if not self.times:
+            return None
+        rows = range(len(self.times)) if rows is None else rows
+        return [np.append(self.times[i], self.target_times[i]) for i in rows]
 
 
 @dataclass

@@ -122,9 +122,7 @@ def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: n
     rows = np.arange(len(s.targets)) if rows is None else rows
     k_max = max(usable_ks(spec.eval.ks, data.num_items))
     histories = [s.histories[i] for i in rows]
-    stamps = s.stamps()
-    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size,
-                               None if stamps is None else [stamps[i] for i in rows])
+    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size, s.stamps(rows))
     return data.rows[split][rows], ranks, top, np.asarray([len(h) for h in histories], dtype=np.int64), s.targets[rows]
 
 

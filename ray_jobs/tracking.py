@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from jobs.spec import JobSpec, dump_spec, flat_doc, mask_uri, public_doc, tracking_uri
 from ray_jobs.checkpoint import load_model, read_model
 from ray_jobs.loop import Reporter
+from ray_jobs.models import reads_request_time
 from ray_jobs.models.hllm import cache_file
 from ray_jobs.scoring import scorer, top_k
 
@@ -216,7 +217,7 @@ class Recommender:
                 raise ValueError("input: each row's `timestamps` must have one entry per `history` item")
             if "request_time" in model_input:
                 asked = [int(x) for x in model_input["request_time"]]
-            elif getattr(self.model, "query_time", "event") == "target":
+            elif reads_request_time(self.model):
                 raise ValueError("this model's time bias reads the time the recommendations are for: the input "
                                  "needs a `request_time` column (epoch seconds) beside `history` and `timestamps`")
             else:  # read by nothing: the model measures gaps from each event

@@ -28,6 +28,21 @@ def _model(**kw) -> HSTU:
     return model.eval()
 
 
+DAY = 86_400
+
+
+def _timed_model(query_time: str = "event"):
+    """A 64-bucket time-reading model with a non-zero time bias, six positions (two padded) and
+    their times: the events', then the prediction's."""
+    model = _model(time_buckets=64, query_time=query_time)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.rel_time.normal_(0, 1.0)
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    times = torch.tensor([[0, 0, 0, DAY, 2 * DAY, 3 * DAY, 9 * DAY]])
+    return model, ids, times
+
+
 def test_forward_backward_shapes_and_gradients():
     model = _model()
     ids = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
@@ -81,13 +96,7 @@ def test_time_buckets_are_log_scaled_gaps():
 
 
 def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
-    model = _model(time_buckets=64)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.rel_time.normal_(0, 1.0)
-    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
-    day = 86_400
-    times = torch.tensor([[0, 0, 0, day, 2 * day, 3 * day, 9 * day]])  # the events', then the prediction's
+    model, ids, times = _timed_model()
     out = model(ids, times)
     layer = model.layers[0]
     bias = layer.relative_bias(6, time_bucket(times[:, :-1], times[:, :-1], 64))
@@ -95,12 +104,12 @@ def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
     assert torch.equal(bias[0, :, 5, 3], layer.rel_pos[:, 2] + layer.rel_time[:, 40])  # 2 days: bucket 40
     # the last event a year later: only the last position sees a different gap
     later = times.clone()
-    later[0, 5] = 365 * day
+    later[0, 5] = 365 * DAY
     moved = model(ids, later)
     assert torch.allclose(out[:, :5], moved[:, :5], atol=1e-6) and not torch.allclose(out[:, 5], moved[:, 5])
     # measured from each event (query_time: event), the prediction's time is read by nothing
     asked = times.clone()
-    asked[0, 6] = 400 * day
+    asked[0, 6] = 400 * DAY
     assert torch.allclose(out, model(ids, asked), atol=1e-6)
     # the same gaps at another absolute time: the same outputs (only differences are read)
     assert torch.allclose(out, model(ids, times + 1_000_000_000), atol=1e-6)
@@ -114,25 +123,19 @@ def test_relative_time_bias_changes_what_the_gaps_change_and_needs_timestamps():
 def test_query_time_target_measures_each_positions_gaps_from_the_event_it_predicts():
     """generative-recommenders' bias: position i reads ts[i+1] - ts[j]; the last position reads the
     time the prediction is for. Items stay causal: a later item never changes an earlier position."""
-    model = _model(time_buckets=64, query_time="target")
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.rel_time.normal_(0, 1.0)
-    day = 86_400
-    ids = torch.tensor([[0, 0, 3, 4, 5, 6]])
-    times = torch.tensor([[0, 0, 0, day, 2 * day, 3 * day, 9 * day]])
+    model, ids, times = _timed_model("target")
     out = model(ids, times)
     layer = model.layers[0]
     gaps = time_bucket(times[:, 1:], times[:, :-1], 64)
     assert gaps[0, 5, 3] == 44 and gaps[0, 4, 4] == 37  # 8 days from the prediction; a day to the next event
     # when the recommendation is asked for: only the last position changes
     asked = times.clone()
-    asked[0, 6] = 400 * day
+    asked[0, 6] = 400 * DAY
     moved = model(ids, asked)
     assert torch.allclose(out[:, :5], moved[:, :5], atol=1e-6) and not torch.allclose(out[:, 5], moved[:, 5])
     # event 5's time is position 4's query time: position 4 changes, earlier ones don't
     shifted = times.clone()
-    shifted[0, 5] = 30 * day
+    shifted[0, 5] = 30 * DAY
     moved = model(ids, shifted)
     assert torch.allclose(out[:, :4], moved[:, :4], atol=1e-6) and not torch.allclose(out[:, 4], moved[:, 4])
     other = torch.tensor([[0, 0, 3, 4, 5, 9]])  # only the last item differs
@@ -195,7 +198,7 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     # the same histories score differently
     stamps = data.valid.stamps()
     assert [len(t) for t in stamps] == [len(h) + 1 for h in data.valid.histories]
-    shifted = [np.append(t[:-1], t[-1] + 365 * 86_400) for t in stamps[:8]]
+    shifted = [np.append(t[:-1], t[-1] + 365 * DAY) for t in stamps[:8]]
     assert not torch.allclose(score(data.valid.histories[:8], stamps[:8]), score(data.valid.histories[:8], shifted))
     # `recommend` asks every user at the data's latest event: one time, the same on a rerun
     from ray_jobs.recommend import full_histories

@@ -13,6 +13,12 @@ def reads_time(model: nn.Module) -> bool:
     return bool(getattr(model, "time_buckets", 0))
 
 
+def reads_request_time(model: nn.Module) -> bool:
+    """Whether a time-reading model measures gaps from the time the prediction is for
+    (`model.query_time: target`), so that time is an input it cannot do without."""
+    return reads_time(model) and getattr(model, "query_time", "event") == "target"
+
+
 def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
     m = spec.model
