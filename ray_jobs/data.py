@@ -65,7 +65,9 @@ class SeqData:
             return self.train_times if times else self.train
         if fit_on == "train_valid":
             v = self.valid
-            return [np.append(h, t) for h, t in (zip(v.times, v.target_times) if times else zip(v.histories, v.targets))]
+            if times:  # the validation history's timestamps, then its target's
+                return v.stamps() or []
+            return [np.append(h, t) for h, t in zip(v.histories, v.targets)]
         raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
 
     def fit_rows(self, fit_on: str = "train", times: bool = False) -> dict[int, np.ndarray]:
