@@ -291,6 +291,9 @@ class ModelSpec(Strict):
         "auto", description="hllm: how an item LLM's hidden states become the item embedding. auto: mean for "
         "encoders and for a frozen causal LM (cached mode), the learned [ITEM] token for a causal LM that trains")
     lora_r: int = Field(8, gt=0)
+    item_llm_checkpointing: bool = Field(True, description="hllm lora / end_to_end: recompute the item LLM's layer "
+                                         "activations in the backward pass instead of keeping them (activation "
+                                         "checkpointing: a fraction of the memory for about one more forward)")
     cache_dir: str = Field("./.cache/item-embeddings", description="cached mode: item-embedding artifacts")
     graph_hops: int = Field(2, ge=1, description="graph baseline: transition hops from the last items")
     graph_last_items: int = Field(2, ge=1, description="graph baseline: how many recent items seed the walk")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.spec import TrainSpec
+from ray_jobs.models import one_item_pass
 
 
 def gather_negatives(neg: torch.Tensor) -> torch.Tensor:
@@ -141,16 +142,18 @@ def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targ
     share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax).
     `times`: the inputs' timestamps and then the last target's (train_batches), for a model that
     reads them (HSTU's time bias)."""
-    out = model(inputs) if times is None else model(inputs, times)
-    d = out.shape[-1]
-    valid = (targets != 0).reshape(-1)
-    if negatives.numel() == 0:
-        return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(), valid, reduction)
-    if negatives.dim() == 3:  # (B, L, R): per-position negatives against the whole item table
-        return loss_fn.per_position(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
-                                    negatives.reshape(-1, negatives.shape[-1]), valid, reduction)
-    return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
-                   gather_negatives(model.item_embeddings(negatives)), valid, reduction)
+    shared = negatives.dim() == 1 and negatives.numel() > 0
+    with one_item_pass(model, *((inputs, targets, negatives) if shared else ())):  # else every item is scored
+        out = model(inputs) if times is None else model(inputs, times)
+        d = out.shape[-1]
+        valid = (targets != 0).reshape(-1)
+        if negatives.numel() == 0:
+            return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(), valid, reduction)
+        if negatives.dim() == 3:  # (B, L, R): per-position negatives against the whole item table
+            return loss_fn.per_position(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
+                                        negatives.reshape(-1, negatives.shape[-1]), valid, reduction)
+        return loss_fn(out.reshape(-1, d), model.item_embeddings(targets).reshape(-1, d),
+                       gather_negatives(model.item_embeddings(negatives)), valid, reduction)
 
 
 class SequenceLoss(nn.Module):

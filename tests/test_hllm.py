@@ -1,5 +1,6 @@
 """HLLM with a tiny random Llama item LLM and with the packaged MiniLM encoder: forward/backward,
 gradient flow per mode, cached embeddings, save/load round trip."""
+import contextlib
 import os
 
 import pytest
@@ -81,6 +82,38 @@ def test_lora_trains_only_adapters_in_the_item_llm(tmp_path):
     trainable = {n for n, p in model.item_llm.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n == "item_token" for n in trainable)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.item_llm.named_parameters() if "lora_" in n)
+
+
+def test_a_step_runs_each_distinct_item_through_the_item_llm_once(tmp_path, monkeypatch):
+    """A training step's inputs, targets and negatives share most items: `one_item_pass` runs their
+    union through the item LLM once (not once per lookup), and neither it nor activation
+    checkpointing changes the loss or any gradient."""
+    import ray_jobs.losses
+    runs = {}
+    for name, checkpointing, shared in [("separate", False, False), ("one pass", False, True),
+                                        ("one pass, checkpointed", True, True)]:
+        torch.manual_seed(0)
+        model = HLLM(spec("random:llama", "end_to_end", tmp_path, item_llm_checkpointing=checkpointing), TEXTS, max_len=4)
+        assert model.item_llm.backbone.is_activation_checkpointing == checkpointing
+        batches = []
+        model.item_llm.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+        with monkeypatch.context() as m:
+            if not shared:
+                m.setattr(ray_jobs.losses, "one_item_pass", lambda *a: contextlib.nullcontext())
+            loss = step(model)
+        runs[name] = (batches, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert runs["separate"][0] == [6, 6, 5]  # inputs, targets, negatives: each through the item LLM
+    assert runs["one pass"][0] == runs["one pass, checkpointed"][0] == [6]  # items 0-5 once
+    base_loss, base_grads = runs["separate"][1:]
+    for name in ("one pass", "one pass, checkpointed"):
+        loss, grads = runs[name][1:]
+        assert loss == pytest.approx(base_loss, rel=1e-5) and grads.keys() == base_grads.keys()
+        for n, g in grads.items():
+            assert torch.allclose(g, base_grads[n], atol=1e-6, rtol=1e-4), (name, n)
+    model.eval()  # outside a pass nothing is kept, and a lookup outside the pass's items is refused
+    assert model._step_items is None
+    with model.one_item_pass(torch.tensor([1, 2])), pytest.raises(ValueError, match="outside the ids"):
+        model.item_embeddings(torch.tensor([3]))
 
 
 @pytest.mark.parametrize("mode", ["cached", "end_to_end"])

@@ -1,6 +1,9 @@
 """The sequence models (SASRec, HSTU, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
 from torch import nn
 
 from jobs.spec import JobSpec
@@ -17,6 +20,14 @@ def reads_request_time(model: nn.Module) -> bool:
     """Whether a time-reading model measures gaps from the time the prediction is for
     (`model.query_time: target`), so that time is an input it cannot do without."""
     return reads_time(model) and getattr(model, "query_time", "event") == "target"
+
+
+def one_item_pass(model: nn.Module, *ids: torch.Tensor) -> AbstractContextManager:
+    """A block in which the model's item side runs once for the distinct items of `ids` (none: the
+    whole catalogue) and every item lookup reads from it — HLLM's `one_item_pass`; ID models look
+    items up in a table, which costs nothing to repeat."""
+    share = getattr(model, "one_item_pass", None)
+    return share(*ids) if share is not None else nullcontext()
 
 
 def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:

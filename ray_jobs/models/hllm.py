@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -172,6 +173,8 @@ class HLLM(nn.Module):
             hidden = spec.adapter_hidden or user_dim
             self.adapter = nn.Sequential(nn.Linear(table.shape[1], hidden), nn.GELU(), nn.Linear(hidden, user_dim))
         else:
+            if spec.item_llm_checkpointing:  # non-reentrant: the frozen embeddings feeding it need no grad
+                item_llm.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             if self.mode == "lora":
                 from peft import LoraConfig, get_peft_model
                 targets = ["q_proj", "v_proj"] if item_llm.causal else ["query", "value"]
@@ -180,6 +183,7 @@ class HLLM(nn.Module):
             self.item_llm = item_llm
             self.adapter = nn.Linear(item_llm.dim, user_dim) if item_llm.dim != user_dim else nn.Identity()
         # ID + text fusion (optional): a learned per-item vector added to the text representation
+        self._step_items: tuple[torch.Tensor, torch.Tensor] | None = None  # see one_item_pass
         self.id_emb = None
         if spec.item_id_embedding:
             self.id_emb = nn.Embedding(self.num_items + 1, user_dim, padding_idx=0)
@@ -187,19 +191,46 @@ class HLLM(nn.Module):
             with torch.no_grad():
                 self.id_emb.weight[0].zero_()
 
-    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros."""
-        # each distinct item once through the item side (a batch of histories repeats items many times)
-        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    def _item_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
+        """Distinct item ids (N,) through the item side (item LLM or cached table, adapter, ID
+        embedding) -> (N, user_dim)."""
         if self.mode == "cached":
             enc = self.item_table[uniq]
         else:
             enc = self.item_llm(self.item_input_ids[uniq], self.item_attention[uniq])
         out = self.adapter(enc)
-        if self.id_emb is not None:
-            out = out + self.id_emb(uniq)
+        return out if self.id_emb is None else out + self.id_emb(uniq)
+
+    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item ids (any shape) -> user-space item representations (..., user_dim); 0 -> zeros.
+        Inside `one_item_pass` they are read from that pass."""
+        # each distinct item once through the item side (a batch of histories repeats items many times)
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        if self._step_items is None:
+            out = self._item_vectors(uniq)
+        else:
+            known, vectors = self._step_items
+            at = torch.searchsorted(known, uniq).clamp(max=len(known) - 1)
+            if not torch.equal(known[at], uniq):
+                raise ValueError("HLLM.item_embeddings: an item outside the ids given to one_item_pass was asked for")
+            out = vectors[at]
         out = out[inverse].reshape(*ids.shape, -1)
         return out * (ids != 0).unsqueeze(-1).to(out.dtype)
+
+    @contextmanager
+    def one_item_pass(self, *ids: torch.Tensor):
+        """Within the block every `item_embeddings` / `all_item_embeddings` call reads the distinct
+        items of `ids` from one pass through the item side: a training step's inputs, targets and
+        negatives share most of their items, and with a trained item LLM (lora, end_to_end) each
+        separate call would run them through it — forward and backward — again."""
+        device = self.item_input_ids.device
+        uniq = (torch.unique(torch.cat([i.reshape(-1) for i in ids])) if ids else  # none given: the whole catalogue
+                torch.arange(self.num_items + 1, device=device))
+        self._step_items = (uniq, self._item_vectors(uniq))
+        try:
+            yield
+        finally:
+            self._step_items = None
 
     def all_item_embeddings(self, batch_size: int = 256) -> torch.Tensor:
         ids = torch.arange(self.num_items + 1, device=self.item_input_ids.device)
