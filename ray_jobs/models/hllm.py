@@ -15,7 +15,9 @@ LLM reads the sequence of item embeddings and predicts the next one (Chen et al.
   top), `lora` (peft adapters on the item LLM, the rest of it frozen).
 
 The model exposes what the trainer needs: `forward(ids)`, `item_embeddings(ids)`,
-`all_item_embeddings()`, `user_embeddings(ids)` — the same surface as SASRec.
+`all_item_embeddings()`, `user_embeddings(ids)` — the same surface as SASRec — and `one_item_pass`,
+under which a training step's item lookups share one pass through the item side (with a trained item
+LLM, activation checkpointing is on by default: `model.item_llm_checkpointing`).
 """
 from __future__ import annotations
 
