@@ -45,12 +45,17 @@ def tied_rows(split: EvalSplit) -> np.ndarray:
                        if len(t) and t[-1] == tt], dtype=np.int64)
 
 
+def target_second(split: EvalSplit, i: int) -> np.ndarray:
+    """Positions of row i's history events that share its target's second (the history's last ones)."""
+    return np.nonzero(split.times[i] == split.target_times[i])[0]
+
+
 def reorder_ties(split: EvalSplit, rng: np.random.Generator) -> EvalSplit:
     """The split with each target's same-second group (the target and the history events of its
-    second, which are the history's last ones) in a random order."""
+    second) in a random order."""
     histories, targets = [h.copy() for h in split.histories], split.targets.copy()
     for i in tied_rows(split):
-        group = np.nonzero(split.times[i] == split.target_times[i])[0]
+        group = target_second(split, i)
         items = rng.permutation(np.append(histories[i][group], targets[i]))
         histories[i][group], targets[i] = items[:-1], items[-1]
     return dataclasses.replace(split, histories=histories, targets=targets)
@@ -113,7 +118,7 @@ def main() -> None:
     pop = data.popularity
     target_rank = []  # the gold target's popularity rank within its group: 0 most popular, 1 least
     for i in tied:
-        group = np.append(data.test.histories[i][data.test.times[i] == data.test.target_times[i]], data.test.targets[i])
+        group = np.append(data.test.histories[i][target_second(data.test, i)], data.test.targets[i])
         target_rank.append(float((pop[group] > pop[data.test.targets[i]]).sum()) / (len(group) - 1))
     print(f"{len(tied)} of {len(data.test.targets)} test targets share their second with earlier events; the gold "
           f"target's popularity rank within its group averages {np.mean(target_rank):.3f} (random order: 0.5)")
