@@ -265,7 +265,10 @@ class ModelSpec(Strict):
     dropout: float = Field(0.2, ge=0, lt=1)
     block: Literal["pre_ln", "original"] = Field(
         "pre_ln", description="sasrec block: pre_ln (pre-norm encoder layer + final LayerNorm) or original (the "
-        "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm)")
+        "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm); hstu: "
+        "pre_ln (LayerNorms with scale and shift, a final LayerNorm) or original (generative-recommenders' code: "
+        "plain LayerNorms, no final norm, bias-free U/V/Q/K and relative biases initialised N(0, 0.02), "
+        "positions counted from the sequence's first item)")
     time_buckets: int = Field(0, ge=0, description="hstu: relative time bias over this many log-scaled buckets of "
                               "the gap between two events' timestamps (0 = relative position bias only)")
     query_time: Literal["event", "target"] = Field(

@@ -56,8 +56,9 @@ def test_forward_backward_shapes_and_gradients():
     assert grads["layers.0.rel_pos"].abs().sum() > 0 and grads["layers.1.uvqk.weight"].abs().sum() > 0
 
 
-def test_a_later_item_never_changes_an_earlier_position_and_padding_is_inert():
-    model = _model()
+@pytest.mark.parametrize("block", ["pre_ln", "original"])
+def test_a_later_item_never_changes_an_earlier_position_and_padding_is_inert(block):
+    model = _model(block=block)
     a = torch.tensor([[0, 0, 3, 4, 5, 6]])
     b = torch.tensor([[0, 0, 3, 4, 5, 9]])  # only the last item differs
     assert torch.allclose(model(a)[:, :5], model(b)[:, :5], atol=1e-6)
@@ -154,6 +155,47 @@ def test_attention_dim_sets_the_width_of_u_v_q_k():
     out = model(ids)
     assert out.shape == (1, 6, 16) and torch.allclose(model.user_embeddings(ids), out[:, -1], atol=1e-6)
     assert HSTU(10, 8, dim=15, heads=2, attention_dim=4).layers[0].width == 8  # dim need not split into heads
+
+
+def test_original_block_has_the_reference_codes_details():
+    """block="original" (generative-recommenders' HSTU code): plain LayerNorms and no final one,
+    bias-free U/V/Q/K initialised N(0, 0.02), relative biases N(0, 0.02), positions from the first item."""
+    torch.manual_seed(0)
+    ours = HSTU(num_items=300, max_len=64, dim=50, blocks=2, heads=1, time_buckets=128, attention_dim=25)
+    torch.manual_seed(0)
+    ref = HSTU(num_items=300, max_len=64, dim=50, blocks=2, heads=1, time_buckets=128, attention_dim=25,
+               block="original")
+    names = {n for n, _ in ref.named_parameters()}
+    assert {n for n, _ in ours.named_parameters()} - names == {
+        "final_norm.weight", "final_norm.bias", *(f"layers.{i}.{p}" for i in range(2) for p in (
+            "norm.weight", "norm.bias", "attn_norm.weight", "attn_norm.bias", "uvqk.bias"))}
+    for a, b in zip(ours.layers, ref.layers):
+        assert a.uvqk.weight.std().item() > 0.1  # Xavier-uniform on 50 -> 100
+        assert b.uvqk.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert not a.rel_pos.any() and b.rel_pos.std().item() == pytest.approx(0.02, rel=0.2)
+        assert not a.rel_time.any() and b.rel_time.std().item() == pytest.approx(0.02, rel=0.2)
+    # positions: ours count from the window's right end (the last item is max_len - 1 whatever the
+    # history's length), the reference's from the first item (0, 1, 2, ...)
+    ids = torch.tensor([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
+    for model, first_real in ((ours, [61, 59]), (ref, [0, 0])):
+        model.eval()
+        with torch.no_grad():
+            x, _ = model.embed(ids)
+        scale = 50 ** 0.5
+        assert torch.allclose(x[0, 2], model.item_emb.weight[7] * scale + model.pos_emb.weight[first_real[0]])
+        assert torch.allclose(x[1, 0], model.item_emb.weight[1] * scale + model.pos_emb.weight[first_real[1]])
+        assert torch.allclose(x[0, 4], model.item_emb.weight[9] * scale + model.pos_emb.weight[
+            2 if model is ref else 63]) and not x[0, :2].any()
+    times = torch.arange(6)[None].repeat(2, 1) * 1000
+    out = ref(ids, times)
+    assert isinstance(ref.final_norm, torch.nn.Identity) and torch.isfinite(out).all()
+    assert torch.allclose(ref.user_embeddings(ids, times), out[:, -1], atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in ref.parameters())
+    spec = load_spec("movielens-100k-smoke", ["model.kind=hstu", "model.block=original", "model.dim=16"])
+    assert isinstance(build_model(spec, [""] + ["t"] * 20).final_norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="model.block"):
+        HSTU(10, 8, dim=16, block="post_ln")
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -39,7 +39,7 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
     if m.kind == "hstu":
         from ray_jobs.models.hstu import HSTU
         return HSTU(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.time_buckets,
-                    m.query_time, m.attention_dim)
+                    m.query_time, m.attention_dim, m.block)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)

@@ -14,6 +14,14 @@ model); the attended values are layer-normed, gated elementwise by U, projected 
 width and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
 dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
 and score it, in one process and under Ray Train + DeepSpeed.
+
+`block="original"` takes the remaining details of generative-recommenders' HSTU code: LayerNorms
+without a learned scale and shift and none after the last unit, U/V/Q/K from one bias-free
+projection initialised N(0, 0.02), relative biases initialised N(0, 0.02) rather than zero, and
+absolute positions counted from the sequence's first item rather than from the window's right end.
+(Their attention divides by the padded length, 211 on ML-1M, where ours divides by `max_len`: the
+attended values are layer-normed next, which removes any constant factor, so that one is not a
+difference.)
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from ray_jobs.models.ids import IdSequenceModel
 
 
 QUERY_TIMES = ("event", "target")
+BLOCKS = ("pre_ln", "original")
 
 
 def time_bucket(queries: torch.Tensor, keys: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -37,15 +46,15 @@ def time_bucket(queries: torch.Tensor, keys: torch.Tensor, buckets: int) -> torc
 
 class HSTUBlock(nn.Module):
     def __init__(self, dim: int, heads: int, max_len: int, dropout: float, attn_dropout: float = 0.0,
-                 time_buckets: int = 0, attention_dim: int = 0) -> None:
+                 time_buckets: int = 0, attention_dim: int = 0, original: bool = False) -> None:
         super().__init__()
         if dim % heads and not attention_dim:
             raise ValueError(f"model.dim={dim} must be a multiple of model.heads={heads} (or set model.attention_dim)")
         self.heads, self.head_dim, self.max_len = heads, attention_dim or dim // heads, max_len
         self.width = self.heads * self.head_dim  # of U, V, Q and K
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.uvqk = nn.Linear(dim, 4 * self.width)
-        self.attn_norm = nn.LayerNorm(self.width, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=not original)
+        self.uvqk = nn.Linear(dim, 4 * self.width, bias=not original)
+        self.attn_norm = nn.LayerNorm(self.width, eps=1e-6, elementwise_affine=not original)
         self.out = nn.Linear(self.width, dim)
         self.drop = nn.Dropout(dropout)
         self.attn_drop = nn.Dropout(attn_dropout)
@@ -53,6 +62,17 @@ class HSTUBlock(nn.Module):
         self.rel_pos = nn.Parameter(torch.zeros(heads, max_len))
         # and one per bucket of the time gap between the two events (time_bucket), per head
         self.rel_time = nn.Parameter(torch.zeros(heads, time_buckets)) if time_buckets else None
+        self.original = original
+
+    def init_weights(self) -> None:
+        """U/V/Q/K and the output projection Xavier-uniform, relative biases zero; block="original" (the
+        reference code): U/V/Q/K and both relative biases N(0, 0.02)."""
+        if self.original:
+            for weight in (self.uvqk.weight, self.rel_pos) + ((self.rel_time,) if self.rel_time is not None else ()):
+                nn.init.normal_(weight, std=0.02)
+        else:
+            nn.init.xavier_uniform_(self.uvqk.weight)
+        nn.init.xavier_uniform_(self.out.weight)
 
     def relative_bias(self, length: int, gaps: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """Bias of position i attending to j: rel_pos[i - j] (zero where j > i, masked anyway), (1, heads,
@@ -86,22 +106,24 @@ class HSTUBlock(nn.Module):
 
 class HSTU(IdSequenceModel):
     """Item embeddings (scaled by sqrt(dim)) plus learned absolute positions, `blocks` HSTU units, a
-    final LayerNorm; the next-item query at position t is the output at t."""
+    final LayerNorm (none with block="original"); the next-item query at position t is the output at t."""
 
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, time_buckets: int = 0, query_time: str = "event",
-                 attention_dim: int = 0) -> None:
-        super().__init__(num_items, max_len, dim, dropout)
+                 attention_dim: int = 0, block: str = "pre_ln") -> None:
+        super().__init__(num_items, max_len, dim, dropout, positions_from_start=block == "original")
         if query_time not in QUERY_TIMES:
             raise ValueError(f"model.query_time must be one of {QUERY_TIMES}, got {query_time!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"model.block must be one of {BLOCKS} for hstu, got {block!r}")
         self.time_buckets, self.query_time = time_buckets, query_time
         self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets,
-                                              attention_dim=attention_dim) for _ in range(blocks))
-        self.final_norm = nn.LayerNorm(dim, eps=1e-6)
+                                              attention_dim=attention_dim, original=block == "original")
+                                    for _ in range(blocks))
+        self.final_norm = nn.Identity() if block == "original" else nn.LayerNorm(dim, eps=1e-6)
         self.init_truncated()
         for layer in self.layers:
-            nn.init.xavier_uniform_(layer.uvqk.weight)
-            nn.init.xavier_uniform_(layer.out.weight)
+            layer.init_weights()
         self.zero_padding()
 
     def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What the item-ID sequence models (SASRec, HSTU) share: item embeddings (id 0 = padding, also the
-output side's item vectors), learned positions counted from the right end of a `max_len` window,
-input dropout, and the scoring surface the trainer and evaluator use."""
+output side's item vectors), learned positions counted from the right end of a `max_len` window (or
+from each sequence's first item), input dropout, and the scoring surface the trainer and evaluator use."""
 from __future__ import annotations
 
 import torch
@@ -8,9 +8,11 @@ from torch import nn
 
 
 class IdSequenceModel(nn.Module):
-    def __init__(self, num_items: int, max_len: int, dim: int, dropout: float) -> None:
+    def __init__(self, num_items: int, max_len: int, dim: int, dropout: float,
+                 positions_from_start: bool = False) -> None:
         super().__init__()
         self.num_items, self.max_len = num_items, max_len
+        self.positions_from_start = positions_from_start
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
@@ -27,12 +29,18 @@ class IdSequenceModel(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) left-padded ids -> the input stream (B, L, dim) and the (B, L, 1) mask of real items.
-        Positions count from the right end of a max_len window, so a batch trimmed of its leading
-        all-padding columns (see scoring.scorer) gets the same positions as the full window."""
+        Positions count from the right end of a max_len window (the last item is always max_len - 1) or,
+        with positions_from_start, from each sequence's first item (0, 1, ...; generative-recommenders'
+        right-padded layout). Either way a batch trimmed of its leading all-padding columns (see
+        scoring.scorer) gets the same positions as the full window."""
         length = ids.shape[1]
-        pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)
-        x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)[None]
-        keep = (ids != 0).unsqueeze(-1).to(x.dtype)
+        real = ids != 0
+        if self.positions_from_start:
+            pos = (real.cumsum(1) - 1).clamp_(min=0)  # (B, L); padding reads position 0 and is zeroed below
+        else:
+            pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)[None]
+        x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)
+        keep = real.unsqueeze(-1).to(x.dtype)
         return self.drop(x) * keep, keep
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
