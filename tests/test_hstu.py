@@ -148,7 +148,7 @@ def test_query_time_target_measures_each_positions_gaps_from_the_event_it_predic
 
 
 def test_attention_dim_sets_the_width_of_u_v_q_k():
-    model = _model(attention_dim=5)  # 2 heads x 5 on a 16-wide model (generative-recommenders: 25 on 50)
+    model = _model(attention_dim=5)  # 2 heads x 5 on a 16-wide model (HSTU-large's ML-1M: 2 x 25 on 50)
     layer = model.layers[0]
     assert layer.uvqk.weight.shape == (40, 16) and layer.out.weight.shape == (16, 10)
     ids = torch.tensor([[0, 0, 3, 4, 5, 6]])

@@ -9,8 +9,8 @@ one per bucket of the time gap between the two events (`time_bucket`: log-scaled
 HSTU paper's ML-1M setup). Where position i measures its gaps from (`query_time`): its own event
 (ts_i - ts_j), or the time of the event it predicts (ts_{i+1} - ts_j, generative-recommenders'
 bias: in training the next event's timestamp, when scoring the time the recommendation is for).
-U, V, Q, K are `attention_dim` wide per head (generative-recommenders' ML-1M HSTU: 25 on a 50-wide
-model); the attended values are layer-normed, gated elementwise by U, projected back to the model
+U, V, Q, K are `attention_dim` wide per head (generative-recommenders' ML-1M configs: 50 on their 50-wide
+HSTU, 25 per head on HSTU-large's 2 heads); the attended values are layer-normed, gated elementwise by U, projected back to the model
 width and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
 dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
 and score it, in one process and under Ray Train + DeepSpeed.
