@@ -51,7 +51,7 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	  $(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25
 
 bench-etl: $(STAMP)
 	$(BIN)/python bench/etl.py

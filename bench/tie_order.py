@@ -99,6 +99,13 @@ def metrics_of(spec, score, data: SeqData, split: EvalSplit, rows: np.ndarray | 
     return {k: round(float(out[k]), 4) for k in REPORTED}
 
 
+def write_result(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", required=True, help="the spec whose gold tables the checkpoints were trained on")
@@ -152,10 +159,7 @@ def main() -> None:
         print(f"trained on random same-second order ({run.epochs_run} epochs): test HR@10 / NDCG@10 "
               f"{final['hr@10']:.4f} / {final['ndcg@10']:.4f}; curve " +
               ", ".join(f"{c['epoch']}: {c.get('test_hr@10', c.get('valid_hr@10'))}" for c in curve))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", args.out)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

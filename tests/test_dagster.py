@@ -258,7 +258,7 @@ def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_pat
     from dagster_project.definitions import defs
     # (its floor lowered, so that it reaches the gate instead of being stopped by beats_popularity)
     worse = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "train.lr=0.00001",
-                                                                 "align.lr=0.000001",
+                                                                 "align.lr=0.000001", "align.steps=2",
                                                                  "checks.min_gain_over_popularity=-1"))
     job = defs.get_implicit_global_asset_job_def().get_subset(
         asset_selection=AssetSelection.groups("training", "alignment", "evaluation", "serving").resolve(
@@ -348,9 +348,11 @@ def test_kuberay_launcher_creates_the_specs_rayjob_through_dagster_ray(tmp_path)
             assert not result.success
             failure = result.get_step_failure_events()[0].event_specific_data.error
             assert "exceeded quota: gpu-quota" in str(failure.to_string())
-            # without an image the launcher refuses before anything is created
-            with pytest.raises(Exception) as refused:
-                materialize([probe], instance=instance, resources={
+            # without an image the launcher refuses before anything is created (in an instance of its
+            # own, entered here: the failed run above may leave Dagster's current definitions-state
+            # storage pointing at an instance of that run, which can be collected before this one)
+            with DagsterInstance.ephemeral() as again, pytest.raises(Exception) as refused:
+                materialize([probe], instance=again, resources={
                     "spec": SpecResource(spec_path="movielens-1m-hllm-k8s"), "ray": RayResource(launcher="kuberay"),
                     "mlflow": MLflowResource()})
         finally:

@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed jobs on real Ray, real DeepSpeed (CPU, gloo) and real MLflow, MovieLens-100K.
 
 In process, on the session's local Ray: the same loop on one Ray worker and in one process, two
-workers against one process, a worker killed mid-run, a run resumed by name, distributed
+workers against one process (SASRec, and HSTU with its time bias), a worker killed mid-run, a run resumed by name, distributed
 evaluation against the single-process evaluator, HLLM on ZeRO-3, alignment. The launch paths
 (`ray job submit`, the Jobs API) are in test_submit.py.
 """
@@ -116,6 +116,25 @@ def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrid
     expected = torch.topk(scorer(dist_model, 50)([history])[0].index_fill(0, torch.as_tensor(np.append(history, 0)),
                                                                            float("-inf")), 20).indices.tolist()
     assert items == expected
+
+
+def test_hstu_with_its_time_bias_on_two_workers_matches_single_process(tmp_path, local_ray, ray_overrides):
+    """HSTU under Ray Train + DeepSpeed as SASRec: each worker's shard carries its events' timestamps
+    (and, with the target-time bias, the time of each prediction) beside the item ids."""
+    spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-hstu", "model.kind=hstu", "model.time_buckets=64",
+                                          "model.query_time=target", "model.attention_dim=8", "model.block=original",
+                                          "train.epochs=1", "train.deepspeed=zero2"))
+    out = run(spec, register=False)
+    single = train_local(spec, resume=False)
+    dist_model, ckpt = load_model(out["model_file"])
+    local_model, local_ckpt = load_model(single.checkpoint)
+    assert out["steps"] == single.steps == 19 and ckpt.spec.model.block == "original"
+    _close_weights(ckpt.weights, local_ckpt.weights)
+    _same_history(ckpt.progress["history"], single.history, metric_tol=5e-3)
+    data = load_sequences(spec)
+    stamps = data.valid.stamps()[:200]
+    assert torch.allclose(scorer(dist_model, 50)(data.valid.histories[:200], stamps),
+                          scorer(local_model, 50)(data.valid.histories[:200], stamps), atol=1e-3)
 
 
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_path, local_ray, ray_overrides):

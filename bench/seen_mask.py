@@ -1,0 +1,68 @@
+"""Which seen items the evaluator removes from the ranking, and what that does to a test figure.
+
+Our evaluator masks every item in a user's history (the whole history, however long). The
+generative-recommenders harness masks the items of the model's input window only — its evaluation
+rows hold the `max_sequence_length` (200 on ML-1M) most recent items, and those are its
+`invalid_ids` — so for a user with a longer history the older items it rated stay in the ranking,
+and as ML-1M users rate a movie once, each of them is a certain miss. This benchmark scores the
+same checkpoints on the test split both ways: as our evaluator does, and with each history cut to
+the model's window (the model reads only that window either way, so its scores are unchanged and
+only the mask differs). Figures only.
+
+    python bench/seen_mask.py --spec jobs/specs/movielens-1m-hstu-orig.yaml \
+        --checkpoint hstu-orig=.checkpoints/movielens-1m-hstu-orig/last.pt [--out ...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from datetime import datetime, timezone
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jobs.spec import load_spec  # noqa: E402
+from ray_jobs.data import EvalSplit, load_sequences  # noqa: E402
+from ray_jobs.scoring import score_function  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tie_order import metrics_of, write_result  # noqa: E402  (the same test-split figures and JSON output)
+
+
+def window_only(split: EvalSplit, window: int) -> EvalSplit:
+    """The split with each history (and its timestamps) cut to its `window` most recent events."""
+    return dataclasses.replace(split, histories=[h[-window:] for h in split.histories],
+                               times=[t[-window:] for t in split.times] if split.times else split.times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", required=True, help="the spec whose gold tables the checkpoints were trained on")
+    ap.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
+    ap.add_argument("--out", default="bench/results/seen-mask-movielens-1m.json")
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    data = load_sequences(spec)
+    window = spec.data.max_seq_len
+    cut = window_only(data.test, window)
+    longer = int(sum(len(h) > window for h in data.test.histories))
+    extra = int(sum(max(len(h) - window, 0) for h in data.test.histories))
+    print(f"{longer} of {len(data.test.targets)} test users have more than {window} history items "
+          f"({extra} items in all that only the whole-history mask removes)")
+    result = {"spec": args.spec, "window": window, "users": len(data.test.targets), "users_longer_than_window": longer,
+              "items_outside_windows": extra, "models": {}, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for name, path in (c.split("=", 1) for c in args.checkpoint):
+        score, _ = score_function(spec, data, np.zeros((0, 0)), path)
+        row = {"whole_history_mask": metrics_of(spec, score, data, data.test),
+               "window_mask": metrics_of(spec, score, data, cut)}
+        result["models"][name] = {"checkpoint": path} | row
+        a, b = row["whole_history_mask"], row["window_mask"]
+        print(f"{name}: test HR@10 / NDCG@10, whole-history mask {a['hr@10']:.4f} / {a['ndcg@10']:.4f}; "
+              f"window mask (generative-recommenders) {b['hr@10']:.4f} / {b['ndcg@10']:.4f}")
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
