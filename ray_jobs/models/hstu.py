@@ -9,9 +9,9 @@ one per bucket of the time gap between the two events (`time_bucket`: log-scaled
 HSTU paper's ML-1M setup). Where position i measures its gaps from (`query_time`): its own event
 (ts_i - ts_j), or the time of the event it predicts (ts_{i+1} - ts_j, generative-recommenders'
 bias: in training the next event's timestamp, when scoring the time the recommendation is for).
-U, V, Q, K are `attention_dim` wide per head (generative-recommenders' ML-1M configs: 50 on their 50-wide
-HSTU, 25 per head on HSTU-large's 2 heads); the attended values are layer-normed, gated elementwise by U, projected back to the model
-width and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
+U, V, Q, K are `attention_dim` wide per head (generative-recommenders' ML-1M configs: 50 on their
+50-wide HSTU, 25 per head on HSTU-large's 2 heads); the attended values are layer-normed, gated
+elementwise by U, projected back to the model width and added to the residual stream. Same interface as SASRec (`forward(ids) -> (B, L,
 dim)`, item embeddings shared with the output side), so the same loss, loop and evaluator train
 and score it, in one process and under Ray Train + DeepSpeed.
 
@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_jobs.models.ids import IdSequenceModel
+from ray_jobs.models.ids import IdSequenceModel, check_block
 
 
 QUERY_TIMES = ("event", "target")
-BLOCKS = ("pre_ln", "original")
 
 
 def time_bucket(queries: torch.Tensor, keys: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -62,12 +61,11 @@ class HSTUBlock(nn.Module):
         self.rel_pos = nn.Parameter(torch.zeros(heads, max_len))
         # and one per bucket of the time gap between the two events (time_bucket), per head
         self.rel_time = nn.Parameter(torch.zeros(heads, time_buckets)) if time_buckets else None
-        self.original = original
 
     def init_weights(self) -> None:
         """U/V/Q/K and the output projection Xavier-uniform, relative biases zero; block="original" (the
-        reference code): U/V/Q/K and both relative biases N(0, 0.02)."""
-        if self.original:
+        reference code, whose U/V/Q/K projection has no bias): U/V/Q/K and both relative biases N(0, 0.02)."""
+        if self.uvqk.bias is None:
             for weight in (self.uvqk.weight, self.rel_pos) + ((self.rel_time,) if self.rel_time is not None else ()):
                 nn.init.normal_(weight, std=0.02)
         else:
@@ -111,16 +109,15 @@ class HSTU(IdSequenceModel):
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, time_buckets: int = 0, query_time: str = "event",
                  attention_dim: int = 0, block: str = "pre_ln") -> None:
-        super().__init__(num_items, max_len, dim, dropout, positions_from_start=block == "original")
+        check_block(block, "hstu")
+        original = block == "original"
+        super().__init__(num_items, max_len, dim, dropout, positions_from_start=original)
         if query_time not in QUERY_TIMES:
             raise ValueError(f"model.query_time must be one of {QUERY_TIMES}, got {query_time!r}")
-        if block not in BLOCKS:
-            raise ValueError(f"model.block must be one of {BLOCKS} for hstu, got {block!r}")
         self.time_buckets, self.query_time = time_buckets, query_time
         self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets,
-                                              attention_dim=attention_dim, original=block == "original")
-                                    for _ in range(blocks))
-        self.final_norm = nn.Identity() if block == "original" else nn.LayerNorm(dim, eps=1e-6)
+                                              attention_dim=attention_dim, original=original) for _ in range(blocks))
+        self.final_norm = nn.Identity() if original else nn.LayerNorm(dim, eps=1e-6)
         self.init_truncated()
         for layer in self.layers:
             layer.init_weights()

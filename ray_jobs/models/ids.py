@@ -7,6 +7,14 @@ import torch
 from torch import nn
 
 
+BLOCKS = ("pre_ln", "original")  # model.block: our block, or the one of the model's reference code
+
+
+def check_block(block: str, kind: str) -> None:
+    if block not in BLOCKS:
+        raise ValueError(f"model.block must be one of {BLOCKS} for {kind}, got {block!r}")
+
+
 class IdSequenceModel(nn.Module):
     def __init__(self, num_items: int, max_len: int, dim: int, dropout: float,
                  positions_from_start: bool = False) -> None:

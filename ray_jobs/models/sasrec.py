@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ray_jobs.models.ids import IdSequenceModel
+from ray_jobs.models.ids import IdSequenceModel, check_block
 
 
 def causal_padding_mask(ids: torch.Tensor, heads: int) -> torch.Tensor:
@@ -49,8 +49,7 @@ class SASRec(IdSequenceModel):
 
     def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, block: str = "pre_ln") -> None:
-        if block not in ("pre_ln", "original"):
-            raise ValueError(f"model.block must be 'pre_ln' or 'original', got {block!r}")
+        check_block(block, "sasrec")
         super().__init__(num_items, max_len, dim, dropout)
         self.heads = heads
         if block == "original":
