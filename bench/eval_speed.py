@@ -47,7 +47,7 @@ def main() -> None:
         name, source = entry.split("=", 1)
         if source.endswith((".yaml", ".yml")):
             model_spec = load_spec(source)
-            model, weights = build_model(model_spec, data.item_text, data.versions.get("item_index")).eval(), "initial"
+            model, weights = build_model(model_spec, data.item_text).eval(), "initial"
             max_len = model_spec.data.max_seq_len
         else:
             model, ckpt = load_model(source)

@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec, args.overrides)
     data = load_sequences(spec)
-    text_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    text_emb = minilm_item_embeddings(spec.model, data.item_text)
     results, configs, curves, timings = {}, {}, {}, {}
     given = dict(c.split("=", 1) for c in args.checkpoint)
 
@@ -96,7 +96,7 @@ def main() -> None:
             configs[name] = {"hops": m.graph_hops, "last_items": m.graph_last_items, "text": "all-MiniLM-L6-v2"}
         else:
             configs[name] = {}
-        score, _ = score_function(run_spec, data, text_emb, checkpoint)
+        score, _, _ = score_function(run_spec, data, text_emb, checkpoint)
         run_eval(name, score)
         print(f"{name}: test hr@10 {results[name]['metrics']['hr@10']:.4f} ndcg@10 {results[name]['metrics']['ndcg@10']:.4f} "
               f"{timings.get(name, {})}", flush=True)

@@ -54,7 +54,7 @@ def main() -> None:
     result = {"spec": args.spec, "window": window, "users": len(data.test.targets), "users_longer_than_window": longer,
               "items_outside_windows": extra, "models": {}, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name, path in (c.split("=", 1) for c in args.checkpoint):
-        score, _ = score_function(spec, data, np.zeros((0, 0)), path)
+        score, _, _ = score_function(spec, data, np.zeros((0, 0)), path)
         row = {"whole_history_mask": metrics_of(spec, score, data, data.test),
                "window_mask": metrics_of(spec, score, data, cut)}
         result["models"][name] = {"checkpoint": path} | row

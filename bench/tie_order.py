@@ -133,7 +133,7 @@ def main() -> None:
               "gold_target_popularity_rank": round(float(np.mean(target_rank)), 4), "models": {},
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name, path in (c.split("=", 1) for c in args.checkpoint):
-        score, _ = score_function(spec, data, np.zeros((0, 0)), path)
+        score, _, _ = score_function(spec, data, np.zeros((0, 0)), path)
         row = {"gold": metrics_of(spec, score, data, data.test), "gold_tied": metrics_of(spec, score, data, data.test, tied)}
         shuffled = [reorder_ties(data.test, np.random.default_rng(seed)) for seed in range(args.seeds)]
         row["random"] = [metrics_of(spec, score, data, s) for s in shuffled]
@@ -152,7 +152,7 @@ def main() -> None:
         curve = [{"epoch": h["epoch"], "seconds": round(h["seconds"], 1),
                   **{k: round(float(h[k]), 4) for k in h if k.startswith(("test_", "valid_"))}}
                  for h in run.history if any(k.startswith(("test_", "valid_")) for k in h)]
-        score, _ = score_function(run_spec, shuffled, np.zeros((0, 0)), run.checkpoint)
+        score, _, _ = score_function(run_spec, shuffled, np.zeros((0, 0)), run.checkpoint)
         final = metrics_of(run_spec, score, shuffled, shuffled.test)
         result["trained_on_random_ties"] = {"overrides": args.overrides, "checkpoint": run.checkpoint, "curve": curve,
                                             "test": final, "peak_rss_gib": round(max(h["peak_rss_gib"] for h in run.history), 2)}

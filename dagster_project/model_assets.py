@@ -15,7 +15,8 @@ from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
 from dagster_project.resources import MLflowResource, RayResource, SpecResource
 from jobs.lake import published_versions
-from jobs.spec import JobSpec, check_override_secrets
+from jobs.secrets import check_override_secrets
+from jobs.spec import JobSpec
 
 CHAMPION = "champion"
 

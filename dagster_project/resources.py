@@ -179,6 +179,7 @@ class MLflowResource(ConfigurableResource):
     def client(self, spec: JobSpec):
         from mlflow import MlflowClient
 
-        from jobs.spec import from_env, tracking_uri
+        from jobs.secrets import from_env
+        from jobs.spec import tracking_uri
         uri = from_env(self.tracking_uri, "MLflowResource.tracking_uri") if self.tracking_uri else tracking_uri(spec)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -15,9 +15,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.lake import LakeBusy
+from jobs.files import UnsafeFile
+from jobs.lake import LakeBusy, LakeCorrupt
 from jobs.progress import Steps
-from jobs.spec import SpecError, check_override_secrets, dump_spec, load_spec, local_overrides, mask_uri, resolve_spec_path
+from jobs.secrets import check_override_secrets, install_redaction, mask_uri, redact, redacted_exception
+from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -46,7 +48,10 @@ def cmd_etl(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         with steps.step(f"start spark ({spec.spark.engine})"):
             engine = stack.enter_context(etl.engine_for(spec))
-        summary = etl.run_etl(spec, engine, steps)
+        summary = etl.run_etl(spec, engine, steps, renumber=args.renumber)
+    if args.renumber:
+        errors.print(f"--renumber: a new id lineage ({summary.lineage}); models trained on earlier ids no longer "
+                     "match this lake's catalogue", highlight=False)
     summary.step_seconds = {k: round(v, 3) for k, v in steps.timings.items()}
     return _report(summary, args.summary_out, etl.Lake.of(spec))
 
@@ -123,12 +128,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     data = _layer("ray_jobs.data").load_sequences(spec)
     scoring, hllm = _layer("ray_jobs.scoring"), _layer("ray_jobs.models.hllm")
-    text_emb = hllm.minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    text_emb = hllm.minilm_item_embeddings(spec.model, data.item_text)
     checkpoint = None
     if spec.model.kind not in ("pop", "graph"):
         checkpoint = args.checkpoint or os.path.join(_layer("ray_jobs.train").local_dir(spec), "best.pt")
-    score, name = scoring.score_function(spec, data, text_emb, checkpoint)
-    result = scoring.evaluate_split(spec, score, data, args.split, text_emb)
+    score, name, scorable = scoring.score_function(spec, data, text_emb, checkpoint)
+    result = scoring.evaluate_split(spec, score, data, args.split, text_emb, scorable)
     result.update(model=name, split=args.split, versions=data.versions)
     console.print(_layer("ray_jobs.metrics").markdown_table({name: result}), highlight=False)
     if args.out:
@@ -301,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.add_argument("--summary-out", help="also write the summary JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--renumber", action="store_true", help="give every user and item a new id (a new lineage: models "
+                   "trained before no longer match); by default a rebuild keeps the published ids")
     p.set_defaults(func=cmd_etl)
 
     p = sub.add_parser("ingest", help="MERGE landed daily files into silver (idempotent) and rebuild gold")
@@ -373,13 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (SpecError, FileNotFoundError, ValueError, LakeBusy, LakeCorrupt, UnsafeFile)
+
+
+def known_failures() -> tuple[type[BaseException], ...]:
+    """Failures of the world, not of our code: an unreachable tracking server or object store. They
+    are reported in one line like input mistakes."""
+    from mlflow.exceptions import MlflowException
+    return (MlflowException, ConnectionError, TimeoutError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every command's edge: an input mistake or a known failure is one redacted line and exit 2
+    (3: data that fails its checks, from the command itself); anything else is a redacted traceback
+    and exit 1. Nothing a credential was resolved into leaves this process unredacted."""
+    install_redaction()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, FileNotFoundError, ValueError, LakeBusy) as exc:
-        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    except (*USER_ERRORS, *known_failures()) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        errors.print(f"[red]error:[/red] {escape(redact(message))}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted", highlight=False)
+        return 130
+    except Exception as exc:
+        errors.print(escape(redacted_exception(exc)), highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

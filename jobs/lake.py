@@ -1,21 +1,31 @@
-"""The lake layout, shared by every layer: where each table of a dataset lives, and the dataset's
-published version set — the table versions readers use.
+"""The lake layout, shared by every layer: where each table of a dataset lives, the dataset's
+published version set (the table versions readers *and* writers build on), the ETL lock, and the
+lake's own repairs.
 
 An ETL run rewrites tables one commit at a time and runs its data-quality checks last; only when
 they all pass does it append the versions it wrote to `<dataset>/_etl/published` (one Delta
 commit). Readers take the latest published set (or a set pinned in the spec), never "the latest of
-each table", so a failed or half-finished run changes nothing they see.
+each table", so a failed or half-finished run changes nothing they see. Writers start from the
+published set too: `rollback_unpublished` restores every table a failed or killed run left ahead of
+it (Delta RESTORE, one commit each) before anything new is written, and a run that fails rolls its
+own commits back the same way.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
 import socket
+import threading
+import time
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
+from jobs.files import open_nofollow
 from jobs.spec import JobSpec, absolute_path, storage_options
 
 TABLES = {
@@ -30,36 +40,103 @@ TABLES = {
 }
 PUBLISHED = "_etl/published"
 LOCK = "_etl/lock"
+LEASE = "_etl/lease.json"
 
 
 class LakeBusy(RuntimeError):
     """Another ETL holds the dataset's lock; the message names it."""
 
 
+class LakeCorrupt(RuntimeError):
+    """A table's Delta log can't be read; the message names the table and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- commits
+
+_observers: list[Callable[[str, int], None]] = []
+
+
+@contextmanager
+def observe_commits(observer: Callable[[str, int], None]) -> Iterator[None]:
+    """Call `observer(table path, version)` after every Delta commit this process makes to a lake
+    (writes, MERGEs, RESTOREs, publications) while the block runs: the crash-consistency harness
+    stops a run after its n-th commit this way."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def committed(path: str, version: int | None) -> None:
+    """Tell the observers that `path` now has the commit `version` (every writer calls this)."""
+    if version is not None:
+        for observer in list(_observers):
+            observer(path, version)
+
+
+def delta_error_line(exc: BaseException) -> str:
+    """The first line of a delta-rs error (its messages carry a Rust backtrace after it)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def open_table(path: str, version: int | None = None, options: dict | None = None, table: str | None = None):
+    """`deltalake.DeltaTable` at `path` (None when there is no table there); a log delta-rs cannot
+    read is `LakeCorrupt`, naming the table, never a traceback from inside delta-rs."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+    try:
+        return DeltaTable(path, version=version, storage_options=options or None)
+    except TableNotFoundError:
+        return None
+    except Exception as exc:  # delta-rs raises DeltaError / DeltaProtocolError / OSError for an unreadable log
+        name = table or path
+        at = f" at version {version}" if version is not None else ""
+        raise LakeCorrupt(f"table {name} ({path}){at}: its Delta log cannot be read ({delta_error_line(exc)}); "
+                          "see the operator guide's failure table (a torn commit beyond the published version is "
+                          "repaired by the next `llmrec etl` or `llmrec ingest`)") from None
+
+
+def latest_version(path: str, options: dict | None = None, table: str | None = None) -> int | None:
+    t = open_table(path, options=options, table=table)
+    return None if t is None else t.version()
+
+
+# ----------------------------------------------------------------------------- the lock
+
 _held: dict[str, int] = {}  # lock file -> nesting depth in this process (a full run ingests landed days)
 
 
 @contextmanager
 def etl_lock(spec: JobSpec) -> Iterator[None]:
-    """One ETL at a time per dataset: an exclusive `flock` on `<dataset>/_etl/lock`, taken without
-    waiting; a second run (another process, or another Dagster run) gets `LakeBusy` naming the
-    holder and writes nothing. The kernel drops the lock when its holder dies, so a killed run never
-    leaves the lake locked. Object-store roots (`s3://...`) have no file lock: serialise their ETLs
-    in the orchestrator (the Dagster deployment runs one data job at a time per dataset)."""
+    """One ETL at a time per dataset, taken without waiting; a second run (another process, or
+    another Dagster run) gets `LakeBusy` naming the holder and writes nothing.
+
+    Local lakes: an exclusive `flock` on `<dataset>/_etl/lock`, opened without following a symlink
+    (a planted link can't make the lock truncate another file); the kernel drops it when its holder
+    dies, so a killed run never leaves the lake locked. Object-store lakes (`s3://`, `gs://`,
+    `az://`, ...): a lease object `<dataset>/_etl/lease.json` created with a conditional put (fails
+    when it exists), renewed while held, taken over only once expired (a compare-and-swap on its
+    version), deleted at the end (`ObjectStoreLease`)."""
     root = dataset_root(spec)
-    if "://" in root:
-        yield
-        return
-    path = f"{root}/{LOCK}"
-    if _held.get(path):
-        _held[path] += 1
+    key = f"{root}/{LOCK}"
+    if _held.get(key):
+        _held[key] += 1
         try:
             yield
         finally:
-            _held[path] -= 1
+            _held[key] -= 1
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if "://" in root:
+        with ObjectStoreLease(root, storage_options(spec) or {}, spec.data.name).held():
+            _held[key] = 1
+            try:
+                yield
+            finally:
+                del _held[key]
+        return
+    os.makedirs(os.path.dirname(key), exist_ok=True)
+    fd = open_nofollow(key, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,18 +145,110 @@ def etl_lock(spec: JobSpec) -> Iterator[None]:
             raise LakeBusy(f"dataset {spec.data.name} at {root} is being written by another ETL ({holder}); "
                            f"nothing was changed: run again when it has finished") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n".encode(), 0)
-        _held[path] = 1
+        os.pwrite(fd, f"{holder_line()}\n".encode(), 0)
+        _held[key] = 1
         try:
             yield
         finally:
-            del _held[path]
+            del _held[key]
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
 
+
+def holder_line() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+
+
+class ObjectStoreLease:
+    """A lease on an object-store lake: `<root>/_etl/lease.json` holding who holds it and until when.
+
+    Taken with a create-only put (the store refuses it when the object exists: S3 `If-None-Match`,
+    GCS generation 0, Azure `If-None-Match`); renewed every `ttl / 3` by a compare-and-swap on the
+    object's version, so a holder that died lets the next ETL in once `ttl` has passed; released by
+    deleting it after checking it is still ours. A store that can't do conditional puts refuses the
+    ETL with an error that says so (never an unguarded write)."""
+
+    def __init__(self, root: str, options: dict, dataset: str, ttl: float = 1800.0) -> None:
+        from obstore.store import from_url
+        self.store = from_url(root, config={k.lower(): v for k, v in options.items()} or None)
+        self.root, self.dataset, self.ttl = root, dataset, ttl
+        self.token = uuid.uuid4().hex
+        self.version: dict | None = None
+        self._stop = threading.Event()
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": holder_line(), "token": self.token,
+                           "expires": time.time() + self.ttl}).encode()
+
+    def _put(self, mode) -> None:
+        import obstore
+        result = obstore.put(self.store, LEASE, self._body(), mode=mode)
+        self.version = {"e_tag": result["e_tag"], "version": result.get("version")}
+
+    def acquire(self) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, NotSupportedError, PreconditionError
+        try:
+            self._put("create")
+            return
+        except NotSupportedError:
+            raise LakeBusy(f"dataset {self.dataset} at {self.root}: this object store cannot create an object only if "
+                           "it is absent, so concurrent ETLs cannot be excluded; refusing to write "
+                           "(configure the store's conditional puts, e.g. S3 with If-None-Match)") from None
+        except AlreadyExistsError:
+            pass
+        current = obstore.get(self.store, LEASE)
+        doc = json.loads(bytes(current.bytes()))
+        if doc.get("expires", 0) > time.time():
+            raise LakeBusy(f"dataset {self.dataset} at {self.root} is being written by another ETL ({doc.get('holder')}, "
+                           f"lease until {datetime.fromtimestamp(doc['expires'], timezone.utc).isoformat(timespec='seconds')}); "
+                           "nothing was changed: run again when it has finished")
+        meta = current.meta
+        try:
+            self._put({"e_tag": meta["e_tag"], "version": meta.get("version")})
+        except (PreconditionError, AlreadyExistsError):
+            raise LakeBusy(f"dataset {self.dataset} at {self.root}: another ETL took the expired lease first; "
+                           "nothing was changed") from None
+        except NotSupportedError:
+            raise LakeBusy(f"dataset {self.dataset} at {self.root}: the lease {LEASE} of {doc.get('holder')} expired, "
+                           "but this store cannot replace it atomically; delete it once you are sure no ETL runs") from None
+
+    def renew(self) -> None:
+        """Push the expiry forward: a compare-and-swap on the version this holder wrote last."""
+        self._put({"e_tag": self.version["e_tag"], "version": self.version.get("version")})
+
+    def release(self) -> None:
+        import obstore
+        try:
+            doc = json.loads(bytes(obstore.get(self.store, LEASE).bytes()))
+        except FileNotFoundError:
+            return
+        if doc.get("token") == self.token:
+            obstore.delete(self.store, LEASE)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+
+        def keep() -> None:
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    self.renew()
+                except Exception:  # lost it (taken over after expiry): the run's commits still go through Delta
+                    return
+        renewer = threading.Thread(target=keep, name="etl-lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            renewer.join(timeout=10)
+            self.release()
+
+
+# ----------------------------------------------------------------------------- paths
 
 def dataset_root(spec: JobSpec) -> str:
     """`<lake.root>/<data.name>`, absolute for local paths."""
@@ -92,28 +261,82 @@ def table_path(spec: JobSpec, table: str) -> str:
     return f"{dataset_root(spec)}/{TABLES[table]}"
 
 
-def publish(spec: JobSpec, versions: dict[str, int], source: str) -> int:
-    """Make `versions` the dataset's published set (one atomic append); returns the commit version."""
-    import pyarrow as pa
-    from deltalake import DeltaTable, write_deltalake
+# ----------------------------------------------------------------------------- the published set
+
+@dataclass
+class Publication:
+    number: int              # commit order: the highest number is the published set
+    versions: dict[str, int]
+    source: str
+    lineage: str | None      # the id lineage (`llmrec etl --renumber` starts a new one)
+
+
+def publications(spec: JobSpec) -> list[Publication]:
+    """Every publication of the spec's dataset, oldest first, in commit order. Rows written before
+    publications were numbered count in the order of their Delta commits (each is one append)."""
     path = f"{dataset_root(spec)}/{PUBLISHED}"
-    row = pa.table({"published_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
-                    "versions": [json.dumps(versions, sort_keys=True)], "source": [source]})
+    table = open_table(path, options=storage_options(spec), table=PUBLISHED)
+    if table is None:
+        return []
+    try:
+        rows = table.to_pyarrow_table().to_pylist()
+    except Exception as exc:
+        raise LakeCorrupt(f"table {PUBLISHED} ({path}): its data cannot be read ({delta_error_line(exc)})") from None
+    if any(r.get("publication") is None for r in rows):  # written before numbering: one commit per row
+        rows = _rows_in_commit_order(path, table.version(), storage_options(spec))
+    out = []
+    for i, r in enumerate(sorted(rows, key=lambda r: r["publication"] if r.get("publication") is not None else -1)):
+        try:
+            versions = {k: int(v) for k, v in json.loads(r["versions"]).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise LakeCorrupt(f"table {PUBLISHED} ({path}): publication {r.get('publication', i)} holds no version "
+                              f"set ({exc})") from None
+        out.append(Publication(r.get("publication") if r.get("publication") is not None else i, versions,
+                               r.get("source") or "", r.get("lineage")))
+    return sorted(out, key=lambda p: p.number)
+
+
+def _rows_in_commit_order(path: str, latest: int, options: dict | None) -> list[dict]:
+    """Rows of an append-only log, numbered by the commit that added each (its version)."""
+    rows, seen = [], 0
+    for v in range(latest + 1):
+        snapshot = open_table(path, v, options, PUBLISHED).to_pyarrow_table().to_pylist()
+        for r in snapshot[seen:]:
+            rows.append({**r, "publication": v})
+        seen = len(snapshot)
+    return rows
+
+
+def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str | None = None) -> int:
+    """Make `versions` the dataset's published set (one atomic append, numbered by the commit it
+    becomes: commit order, never a wall clock, decides which set is current); returns that number.
+    Called under the ETL lock, so numbers never race."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    path = f"{dataset_root(spec)}/{PUBLISHED}"
+    previous = publications(spec)
     opts = storage_options(spec)
-    write_deltalake(path, row, mode="append", storage_options=opts)
-    return DeltaTable(path, storage_options=opts).version()
+    head = latest_version(path, opts, PUBLISHED)
+    number = 0 if head is None else head + 1  # the commit this append becomes (no other writer: the lock)
+    lineage = lineage or (previous[-1].lineage if previous else None) or uuid.uuid4().hex[:12]
+    row = pa.table({"published_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+                    "versions": [json.dumps(versions, sort_keys=True)], "source": [source],
+                    "publication": pa.array([number], pa.int64()), "lineage": [lineage]})
+    write_deltalake(path, row, mode="append", storage_options=opts, schema_mode="merge")
+    committed(path, latest_version(path, opts, PUBLISHED))
+    return number
+
+
+def current_publication(spec: JobSpec) -> Publication | None:
+    pubs = publications(spec)
+    return pubs[-1] if pubs else None
 
 
 def published_versions(spec: JobSpec) -> dict[str, int] | None:
-    """The latest published version set of the spec's dataset, or None when nothing was published."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-    try:
-        table = DeltaTable(f"{dataset_root(spec)}/{PUBLISHED}", storage_options=storage_options(spec))
-    except TableNotFoundError:
-        return None
-    rows = table.to_pyarrow_table(columns=["published_at", "versions"]).sort_by([("published_at", "descending")])
-    return json.loads(rows["versions"][0].as_py()) if rows.num_rows else None
+    """The published version set of the spec's dataset (the last publication in commit order), or
+    None when nothing was published."""
+    p = current_publication(spec)
+    return dict(p.versions) if p else None
 
 
 def read_versions(spec: JobSpec) -> dict[str, int]:
@@ -124,3 +347,93 @@ def read_versions(spec: JobSpec) -> dict[str, int]:
         raise FileNotFoundError(f"dataset {spec.data.name} at {dataset_root(spec)} has no published version set: "
                                 "run `llmrec etl` (a set is published only when its data-quality checks pass)")
     return dict(versions)
+
+
+# ----------------------------------------------------------------------------- writers' repairs
+
+_COMMIT_FILE = re.compile(r"^(\d{20})\.json$")
+
+
+@dataclass
+class Repair:
+    table: str
+    action: str     # restored | torn_commit_set_aside
+    detail: str
+
+
+def rollback_unpublished(spec: JobSpec, tables: list[str]) -> list[Repair]:
+    """Bring every table of the published set back to its published version before a writer starts
+    (call it under the ETL lock): a torn commit file beyond the published version (a writer that
+    died inside a commit) is moved aside into `_delta_log/_torn/`, and a table whose latest version
+    is ahead of the published one (commits of a run that failed or was killed) is restored to it
+    with Delta RESTORE — one new commit whose contents are the published version's. A torn commit
+    at or below the published version is real corruption: `LakeCorrupt`. Tables with no published
+    version are left to the writer (a full ETL overwrites them)."""
+    repairs = set_aside_torn_commits(f"{dataset_root(spec)}/{PUBLISHED}", -1, PUBLISHED)
+    published = published_versions(spec) or {}
+    opts = storage_options(spec)
+    for name in tables:
+        if name not in published:
+            continue
+        path = table_path(spec, name)
+        repairs += set_aside_torn_commits(path, published[name], name)
+        table = open_table(path, options=opts, table=name)
+        if table is None:
+            raise LakeCorrupt(f"table {name} ({path}) is in the published set (version {published[name]}) but missing")
+        if not at_published(table, published[name]):
+            ahead = table.version()
+            table.restore(published[name])
+            committed(path, table.version())
+            repairs.append(Repair(name, "restored", f"version {ahead} -> contents of published version "
+                                                    f"{published[name]} (commit {table.version()})"))
+    return repairs
+
+
+def at_published(table, version: int) -> bool:
+    """Whether the table's contents are its published version's: it is that version, or its newest
+    commit is a RESTORE to it (an earlier rollback: restoring again would only add a commit)."""
+    if table.version() == version:
+        return True
+    if table.version() < version:
+        raise LakeCorrupt(f"table {table.table_uri}: its latest version {table.version()} is older than the "
+                          f"published {version}")
+    last = table.history(1)[0]
+    return last.get("operation") == "RESTORE" and \
+        str((last.get("operationParameters") or {}).get("version")) == str(version)
+
+
+def set_aside_torn_commits(path: str, published: int, name: str) -> list[Repair]:
+    """Local tables: commit files beyond `published` that are not whole JSON lines (a torn write)
+    are moved into `_delta_log/_torn/`; object stores write a commit in one put, so they have none."""
+    log = os.path.join(path, "_delta_log")
+    if "://" in path or not os.path.isdir(log):
+        return []
+    repairs = []
+    for entry in sorted(os.listdir(log), reverse=True):
+        m = _COMMIT_FILE.match(entry)
+        if not m:
+            continue
+        version = int(m.group(1))
+        if _whole_commit(os.path.join(log, entry)):
+            break  # only the newest commits can be torn: a writer commits one version at a time
+        if version <= published:
+            raise LakeCorrupt(f"table {name} ({path}): commit {version} of its published data is not readable JSON; "
+                              "restore the table from a backup")
+        aside = os.path.join(log, "_torn")
+        os.makedirs(aside, exist_ok=True)
+        os.replace(os.path.join(log, entry), os.path.join(aside, f"{entry}.{int(time.time())}"))
+        repairs.append(Repair(name, "torn_commit_set_aside", f"commit {version} (beyond published {published}) "
+                                                           f"moved to {aside}"))
+    return repairs
+
+
+def _whole_commit(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return False
+    try:
+        return bool(lines) and all(isinstance(json.loads(line), dict) for line in lines if line.strip())
+    except ValueError:
+        return False

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from jobs.spec import JobSpec, SpecError, dump_spec, env_references, literal_credentials
+from jobs.secrets import env_references, literal_credentials
+from jobs.spec import JobSpec, SpecError, dump_spec
 
 SPEC_DIR = "/etc/llmrec"  # where the ConfigMap's spec.yaml is mounted on the head
 SHARED = "/mnt/shared"   # where the shared volume is mounted on every pod

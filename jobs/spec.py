@@ -13,11 +13,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs.errors import SpecError
+from jobs.secrets import from_env, mask_uri, public_doc, remember_spec_secrets
+
 SPECS_DIR = Path(__file__).parent / "specs"
-
-
-class SpecError(ValueError):
-    """A spec that can't be loaded; the message names the file and the offending key."""
 
 
 class Strict(BaseModel):
@@ -69,15 +68,23 @@ class ItemColumnMap(Strict):
     title: str | None = None
     categories: str | None = None
     description: str | None = None
+    attributes: list[str] = Field(default_factory=list, description="more columns kept in the item's `attributes` "
+                                  "(the item-text template reads them by name, e.g. {year})")
+    active: str | None = Field(None, description="a column that removes an item from the catalogue when it holds "
+                               "false, 0, no or removed (the item keeps its index, inactive: never a candidate)")
 
 
-class GenericItems(Strict):
-    path: str
+class ItemFiles(Strict):
+    """How item metadata files are read: their format and the column mapping."""
     format: Literal["csv", "parquet", "json"] = "csv"
     columns: ItemColumnMap
     delimiter: str = ","
     header: bool = True
     categories_delimiter: str = "|"
+
+
+class GenericItems(ItemFiles):
+    path: str
 
 
 class GenericSource(Strict):
@@ -116,8 +123,13 @@ Source = Annotated[
 
 
 class LandingSpec(Strict):
-    """A folder of daily files (`YYYY-MM-DD.<ext>` or `date=YYYY-MM-DD/`) merged incrementally."""
+    """A folder of daily files (`YYYY-MM-DD.<ext>` or `date=YYYY-MM-DD/`) merged incrementally. A day
+    may carry item metadata beside its interactions (`YYYY-MM-DD.items.<ext>` or
+    `date=YYYY-MM-DD/items/`), read as `items` says: new items and changed texts are MERGEd into
+    silver/items."""
     path: str
+    items: ItemFiles | None = Field(None, description="format and columns of the days' items files (none: a day's "
+                                    "items file is an error)")
     format: Literal["csv", "parquet", "json"] = "csv"
     columns: ColumnMap = ColumnMap(user_id="user_id", item_id="item_id", ts="ts", value="value")
     ts_format: str = "epoch_s"
@@ -192,12 +204,13 @@ class ItemTextSpec(Strict):
     max_chars: int = Field(1024, gt=0)
 
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def safe_name(value: str) -> str:
-    """A name used as a folder or run name: letters, digits, `.`, `_`, `-`; no path, no `..`."""
-    if not SAFE_NAME.match(value) or ".." in value:
+    """A name used as a folder or run name: letters, digits, `.`, `_`, `-`; no path, no `..`, nothing
+    after the last allowed character (a whole-string match: a `$` anchor would let a trailing newline in)."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise ValueError(f"{value!r} is not a usable name: letters, digits, '.', '_' and '-' only, "
                          "starting with a letter or digit, no '..' (it names folders and runs)")
     return value
@@ -363,6 +376,11 @@ class EvalSpec(Strict):
     cold_item_max: int = Field(10, ge=0, description="slice: targets with at most this many train interactions")
     short_history_max: int = Field(20, gt=0, description="slice: histories at most this long are 'short'")
     tail_share: float = Field(0.8, gt=0, lt=1, description="tail = the least popular share of items")
+    candidates: Literal["catalogue", "kcore"] = Field(
+        "catalogue", description="items ranked: catalogue = every active catalogue item a model can score (HLLM "
+        "scores new and cold items from their text; an ID model excludes items it never trained on and counts them "
+        "as unscorable_items); kcore = only the items of the gold sequences, the same set for every model "
+        "(leave-one-out benchmark tables)")
 
 
 class TrackingSpec(Strict):
@@ -576,8 +594,12 @@ def read_spec_doc(path: str | Path, relative_to: Path | None = None, chain: tupl
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """The spec file with its base chain and `--set` overrides, validated. Its credentials (the values
+    of the `${env:NAME}` it names, literal ones) are remembered for redaction (`jobs.secrets.redact`)."""
     doc = read_spec_doc(path)
-    return validate_spec(apply_overrides(doc, overrides or []), origin=str(resolve_spec_path(path)))
+    spec = validate_spec(apply_overrides(doc, overrides or []), origin=str(resolve_spec_path(path)))
+    remember_spec_secrets(spec)
+    return spec
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -638,104 +660,10 @@ def local_overrides(spec: JobSpec) -> list[str]:
     return sets + ([f"tracking.uri={uri}"] if uri.startswith("sqlite:") else [])
 
 
-# ----------------------------------------------------------------------------- secrets
-# Credentials live in the environment: a spec names them as `${env:NAME}` in `lake.storage_options`,
-# `spark.conf`, `spark.remote` and `tracking.uri`, and they are read only where they are used.
-# Whatever the spec holds, what leaves the process (MLflow params and artifacts, checkpoints,
-# printed specs, job command lines) goes through `public_doc`, which masks secret values.
-
-_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|account_key|sas|signature|"
-                         r"private|session_key|api_key|apikey|auth", re.IGNORECASE)
-_URI_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.IGNORECASE)
-_URI_SECRET_PARAM = re.compile(r"([;?&](?:token|password|secret|key|sig|access_token|api_key)=)([^;&]*)", re.IGNORECASE)
-MASK = "***"
-
-
-def from_env(value: str, where: str) -> str:
-    """`value` with each `${env:NAME}` replaced by that environment variable; unset: an error naming both."""
-    def var(m: re.Match) -> str:
-        if m.group(1) not in os.environ:
-            raise SpecError(f"{where}: environment variable {m.group(1)} is not set")
-        return os.environ[m.group(1)]
-    return _ENV_REF.sub(var, value)
-
-
 def storage_options(spec: JobSpec) -> dict[str, str] | None:
     """`lake.storage_options` with environment references read (None when empty, as deltalake wants)."""
     opts = {k: from_env(v, f"lake.storage_options.{k}") for k, v in spec.lake.storage_options.items()}
     return opts or None
-
-
-def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(key))
-
-
-def mask_uri(uri: str) -> str:
-    """A URI without the password of its user info and without token-like parameters (an
-    `${env:NAME}` reference in their place is kept: it is not the secret)."""
-    def userinfo(m: re.Match) -> str:
-        user, colon, password = m.group(2).partition(":")
-        if not colon:
-            return m.group(0) if _ENV_REF.fullmatch(user) else m.group(1) + MASK + "@"
-        return m.group(1) + user + ":" + (password if _ENV_REF.fullmatch(password) else MASK) + "@"
-    uri = _URI_USERINFO.sub(userinfo, uri)
-    return _URI_SECRET_PARAM.sub(lambda m: m.group(0) if _ENV_REF.fullmatch(m.group(2)) else m.group(1) + MASK, uri)
-
-
-def _mask(key: str, value: str) -> str:
-    if _ENV_REF.fullmatch(value):
-        return value  # a reference, not a secret
-    return MASK if is_secret_key(key) else value
-
-
-def public_doc(spec: JobSpec) -> dict:
-    """The spec as a plain mapping with every secret value masked: what MLflow, checkpoints, printed
-    specs and logs get. Storage options and Spark settings whose key names a credential, and the
-    password or token in a tracking or Spark Connect URI, become `***`; `${env:NAME}` stays."""
-    doc = spec.model_dump(mode="json")
-    doc["lake"]["storage_options"] = {k: _mask(k, v) for k, v in doc["lake"]["storage_options"].items()}
-    doc["spark"]["conf"] = {k: _mask(k, v) for k, v in doc["spark"]["conf"].items()}
-    for section, key in (("tracking", "uri"), ("spark", "remote")):
-        if doc[section][key]:
-            doc[section][key] = mask_uri(doc[section][key])
-    return doc
-
-
-def flat_doc(doc: dict, prefix: str = "") -> dict[str, object]:
-    """A nested mapping as dotted keys (`train.lr`) to its leaf values."""
-    out: dict[str, object] = {}
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            out.update(flat_doc(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def literal_credentials(spec: JobSpec) -> list[str]:
-    """Keys of the spec that hold a credential as a literal value (what `public_doc` masks)."""
-    real, shown = flat_doc(spec.model_dump(mode="json")), flat_doc(public_doc(spec))
-    return sorted(k for k in real if real[k] != shown.get(k))
-
-
-def env_references(spec: JobSpec) -> set[str]:
-    """The environment variables a spec names as `${env:NAME}`."""
-    return set(_ENV_REF.findall(yaml.safe_dump(spec.model_dump(mode="json"))))
-
-
-def check_override_secrets(overrides: list[str]) -> None:
-    """Overrides go on a job's command line, which Ray keeps and shows: a credential given as a
-    literal value there is refused (name it `${env:NAME}` instead)."""
-    for o in overrides:
-        key, _, value = o.partition("=")
-        k = key.strip()
-        value = value.strip()
-        literal = (k.startswith(("lake.storage_options.", "spark.conf.")) and is_secret_key(k.split(".", 2)[-1])
-                   and not _ENV_REF.fullmatch(value)) or (k in ("tracking.uri", "spark.remote") and mask_uri(value) != value)
-        if literal:
-            raise SpecError(f"--set {k}: a credential would be written on the job's command line; "
-                            f"pass it through the environment as {k}=${{env:NAME}}")
 
 
 def dump_spec(spec: JobSpec) -> str:

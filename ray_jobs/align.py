@@ -27,13 +27,33 @@ from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import load_sequences
-from ray_jobs.loop import DeepSpeedBackend, Reporter, StepPlan, alignment_state, run_steps
+from ray_jobs.loop import (
+    DeepSpeedBackend,
+    Reporter,
+    StepPlan,
+    alignment_state,
+    run_steps,
+)
 from ray_jobs.metrics import markdown_table, tail_items
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.hllm import minilm_item_embeddings
-from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
-                              fit, init_ray, job_main, json_metadata, markdown_image, resolve_model, run_dir,
-                              run_options, worker_context)
+from ray_jobs.runtime import (
+    DagsterReport,
+    check_storage_path,
+    deepspeed_config,
+    evaluate_distributed,
+    final_model,
+    fit,
+    init_ray,
+    job_main,
+    json_metadata,
+    markdown_image,
+    resolve_model,
+    run_dir,
+    run_options,
+    worker_context,
+)
+from ray_jobs.scoring import scorable_items
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")
 BEYOND_KEYS = ("coverage@10", "ild@10", "tail_share@10", "gini@10")
@@ -62,15 +82,18 @@ def align_worker(cfg: dict) -> None:
     data = load_sequences(spec, cfg["versions"])
     init = read_model(cfg["init"])
     torch.manual_seed(a.seed)
-    state = alignment_state(spec, init.build(cfg["cache_dir"]), data, ctx.device)
-    backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
-                               lambda: init.build(cfg["cache_dir"]))
+
+    def start_model():  # on this data's catalogue, which extends the start model's
+        return init.build(cfg["cache_dir"], data.catalogue)
+    listed = data.catalogue.kcore & scorable_items(init.spec.model.kind, init.catalogue.seen_mask(), data.num_items)
+    state = alignment_state(spec, start_model(), data, ctx.device, listed)
+    backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device, start_model)
     backend.train(False)  # no dropout: rollouts and the trained log-probabilities come from one policy
-    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    item_emb = minilm_item_embeddings(spec.model, data.item_text)
     aligner = Aligner(a, AlignData.build(data.train, data.num_items, a.holdout, a.list_size), data.num_items,
                       spec.data.max_seq_len, torch.from_numpy(item_emb),
                       torch.from_numpy(tail_items(data.popularity, spec.eval.tail_share)),
-                      init.build(cfg["cache_dir"]), backend.comm, ctx.device, backend.dtype)
+                      start_model(), backend.comm, ctx.device, backend.dtype, listed)
     state.stateful["aligner"] = aligner
     if not backend.restore():
         aligner.init_reference(a.seed)
@@ -107,7 +130,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     init.check_data(data, f"align.init={start.label}")
     del init
     # computed (and cached) here, so the workers read it from the cache and the evaluation reuses it
-    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    item_emb = minilm_item_embeddings(spec.model, data.item_text)
     ds_cfg = deepspeed_config(spec, t.workers, spec.align.users_per_step)
     run_id = tracking.start_run(spec, run_name, "align",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name,
@@ -142,7 +165,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb
             {spec.align.method: p["history"]}, path, {spec.align.method: p["evals"]})},
         tags={"llmrec.align.method": spec.align.method, "llmrec.align.init": start.label, "restarts": p["restarts"],
               "stopped": p["stopped"]},
-        register=register)
+        register=register, catalogue=data.catalogue)
     history = p["history"]
     return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
             "model_version": version, "method": spec.align.method, "steps": p["step"], "restarts": p["restarts"],

@@ -3,20 +3,25 @@ numbers), read back with `torch.load(weights_only=True)`, so a checkpoint from s
 the model registry cannot run code when loaded. Written atomically.
 
 A model checkpoint holds the weights, the resolved spec (as a plain mapping), the item catalogue
-it was trained on (item text by id), the Delta versions read, the run's progress (counters and
-history) and, for a resumable training checkpoint, the optimizer, scheduler and loss state.
+it was trained on (each index's item id and text, and which items it trained on), the Delta
+versions read, the run's progress (counters and history) and, for a resumable training checkpoint,
+the optimizer, scheduler and loss state. Checkpoints written before item ids were recorded load
+too: their catalogue is known by text (`ModelCatalogue.item_ids` None).
 """
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from jobs.files import write_atomic
-from jobs.spec import JobSpec, public_doc
-from ray_jobs.models import build_model
+from jobs.secrets import public_doc
+from jobs.spec import JobSpec
+from ray_jobs.catalogue import Catalogue, CatalogueMismatch, Extension, ModelCatalogue
+from ray_jobs.models import build_model, load_weights
 
 FORMAT = "llmrec-checkpoint/1"
 
@@ -63,47 +68,69 @@ class ModelCheckpoint:
     versions: dict[str, int]             # Delta versions of the gold tables read
     progress: dict = field(default_factory=dict)   # counters and history of the run (TrainState.progress)
     extra: dict = field(default_factory=dict)      # resume state (optimizer, scheduler, loss) or job notes
+    item_ids: list[str] | None = None    # index = item id, the item it names (None: an old checkpoint)
+    seen: np.ndarray | None = None       # the items it trained on (None: every item)
+
+    @classmethod
+    def of(cls, weights: dict[str, torch.Tensor], spec: JobSpec, catalogue: Catalogue, versions: dict[str, int],
+           progress: dict | None = None, extra: dict | None = None) -> "ModelCheckpoint":
+        """A checkpoint of a model trained on `catalogue` (the items it trained on: its k-core)."""
+        return cls(weights, spec, list(catalogue.item_text), dict(versions), progress or {}, extra or {},
+                   list(catalogue.item_ids), catalogue.kcore.copy())
 
     @property
     def num_items(self) -> int:
         return len(self.item_text) - 1
 
+    @property
+    def catalogue(self) -> ModelCatalogue:
+        return ModelCatalogue(self.item_text, self.item_ids, self.seen)
+
     def payload(self) -> dict:
-        return {"format": FORMAT, "weights": self.weights, "spec": public_doc(self.spec),
-                "item_text": list(self.item_text), "versions": dict(self.versions), "progress": self.progress,
-                "extra": self.extra}
+        doc = {"format": FORMAT, "weights": self.weights, "spec": public_doc(self.spec),
+               "item_text": list(self.item_text), "versions": dict(self.versions), "progress": self.progress,
+               "extra": self.extra}
+        if self.item_ids is not None:
+            doc["item_ids"] = list(self.item_ids)
+        if self.seen is not None:
+            doc["seen"] = torch.from_numpy(np.asarray(self.seen, bool))
+        return doc
 
     @classmethod
     def from_payload(cls, payload: dict, path: str) -> "ModelCheckpoint":
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path}: not an llmrec model checkpoint ({FORMAT})")
+        seen = payload.get("seen")
         return cls(payload["weights"], JobSpec.model_validate(payload["spec"]), payload["item_text"],
-                   payload["versions"], payload.get("progress", {}), payload.get("extra", {}))
+                   payload["versions"], payload.get("progress", {}), payload.get("extra", {}), payload.get("item_ids"),
+                   None if seen is None else seen.numpy().astype(bool))
 
-    def check_data(self, data, label: str) -> None:
-        """Refuse `data` (SeqData) whose item catalogue differs from the one the model was trained on."""
-        self.check_catalogue(data.item_text, data.versions.get("item_index"), label)
+    def check_data(self, data, label: str) -> Extension:
+        """How the catalogue of `data` (SeqData) extends the model's; `CatalogueMismatch` when an index
+        the model knows names another item now."""
+        return self.check_catalogue(data.catalogue, data.versions.get("item_index"), label)
 
-    def check_catalogue(self, item_text: list[str], item_index_version: int | None, label: str) -> None:
-        """Refuse an item catalogue (item text by id) other than the model's: after a rebuild of the
-        gold tables an item id may name another item."""
-        if list(item_text) == list(self.item_text):
-            return
-        differ = next((i for i, (a, b) in enumerate(zip(self.item_text, item_text)) if a != b), None)
-        where = f"first difference at item id {differ}" if differ is not None else "one catalogue extends the other"
-        raise ValueError(f"{label}: the model was trained on a catalogue of {self.num_items} items "
-                         f"(item_index version {self.versions.get('item_index')}) but the gold tables now hold "
-                         f"{len(item_text) - 1} (version {item_index_version}), {where}; "
-                         "retrain on the current tables or read the versions the model was trained on")
+    def check_catalogue(self, catalogue: Catalogue, item_index_version: int | None, label: str) -> Extension:
+        return self.catalogue.check_extended_by(catalogue, label, self.versions, item_index_version)
 
-    def build(self, cache_dir: str | None = None) -> nn.Module:
-        """The model with these weights, in eval mode. `cache_dir` points a cached-mode HLLM at a
-        shipped item-embedding cache (a registered model carries its own)."""
+    def require_same_catalogue(self, catalogue: Catalogue, item_index_version: int | None, label: str) -> None:
+        """Resuming a run needs exactly the catalogue it started on (a run reads pinned versions)."""
+        ext = self.check_catalogue(catalogue, item_index_version, label)
+        if not ext.identical:
+            raise CatalogueMismatch(f"{label}: the run started on a catalogue of {ext.known} items and the data now "
+                                    f"holds {ext.total} ({len(ext.changed)} texts changed); a run resumes only on the "
+                                    "versions it started on")
+
+    def build(self, cache_dir: str | None = None, catalogue: Catalogue | None = None) -> nn.Module:
+        """The model with these weights, in eval mode, on its own catalogue or on `catalogue`, a later
+        one that extends it (`load_weights`: known rows as trained, new rows by the model's rule).
+        `cache_dir` points a cached-mode HLLM at an item-embedding cache (a registered model ships its own)."""
         spec = self.spec
         if cache_dir:
             spec = spec.model_copy(update={"model": spec.model.model_copy(update={"cache_dir": cache_dir})})
-        model = build_model(spec, self.item_text, self.versions.get("item_index"))
-        model.load_state_dict(self.weights)
+        ext = None if catalogue is None else self.check_catalogue(catalogue, None, "model")
+        model = build_model(spec, self.item_text if catalogue is None else catalogue.item_text)
+        load_weights(model, spec.model.kind, self.weights, ext)
         return model.eval()
 
 
@@ -116,6 +143,7 @@ def read_model(path: str) -> ModelCheckpoint:
 
 
 def load_model(path: str, cache_dir: str | None = None) -> tuple[nn.Module, ModelCheckpoint]:
-    """A ready-to-score model and its checkpoint from a file written by a training or alignment run."""
+    """A ready-to-score model (on its own catalogue) and its checkpoint, from a file written by a
+    training or alignment run."""
     ckpt = read_model(path)
     return ckpt.build(cache_dir), ckpt

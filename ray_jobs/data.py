@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 import torch
 from deltalake import DeltaTable
 
-from jobs.lake import read_versions, table_path
+from jobs.lake import open_table, read_versions, table_path
 from jobs.spec import JobSpec, storage_options
+from ray_jobs.catalogue import Catalogue
 
 
 SPLITS = ("train", "valid", "test")
@@ -48,7 +49,7 @@ class SeqData:
     valid: EvalSplit
     test: EvalSplit
     popularity: np.ndarray              # (num_items + 1,) interactions per item in the training sequences
-    item_text: list[str]                # index = item id ("" at 0)
+    catalogue: Catalogue                # what each index names, its text, which items are active / in the k-core
     versions: dict = field(default_factory=dict)  # Delta versions read, for lineage
     train_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # user_idx of each train row
     shard: tuple[int, int] = (0, 1)     # (rank, world): the users held are those with user_idx % world == rank
@@ -56,6 +57,16 @@ class SeqData:
     sizes: dict = field(default_factory=dict)    # split -> rows in the whole table
     lengths: dict = field(default_factory=dict)  # fit_on -> every user's fit-sequence length, global row order
     train_times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each train item
+
+    @property
+    def item_text(self) -> list[str]:
+        """Index = item id ("" at 0)."""
+        return self.catalogue.item_text
+
+    def training_items(self) -> np.ndarray:
+        """The item ids models train on (the k-core: what the gold sequences hold), sorted: where
+        negatives are drawn from and what a softmax ranks a target against."""
+        return np.nonzero(self.catalogue.kcore)[0]
 
     def fit_sequences(self, fit_on: str = "train", times: bool = False) -> list[np.ndarray]:
         """The sequences to train on (of the users held): the train split, or train + the validation
@@ -83,12 +94,29 @@ class SeqData:
 
 def _read(spec: JobSpec, table: str, version: int | None) -> DeltaTable:
     path = table_path(spec, table)
-    try:
-        dt = DeltaTable(path, version=version, storage_options=storage_options(spec))
-    except Exception as exc:  # delta-rs raises TableNotFoundError and friends
-        raise FileNotFoundError(f"gold table {table} not readable at {path} (version {version}): {exc}; "
-                                f"run `llmrec etl --spec ...` first") from exc
+    dt = open_table(path, version, storage_options(spec), table)
+    if dt is None:
+        raise FileNotFoundError(f"gold table {table} not found at {path} (version {version}): "
+                                "run `llmrec etl --spec ...` first")
     return dt
+
+
+def read_catalogue(spec: JobSpec, version: int | None) -> Catalogue:
+    """`gold/item_index` at a version as a `Catalogue` (an index written before the catalogue had
+    `active` / `n_interactions`: every item active and in the k-core)."""
+    table = _read(spec, "item_index", version)
+    names = set(table.schema().to_arrow().names)
+    columns = ["item_idx", "item_id", "text"] + [c for c in ("active", "n_interactions") if c in names]
+    idx = table.to_pyarrow_table(columns=columns)
+    ids = idx["item_idx"].to_pylist()
+    n = int(max(ids or [0]))
+    item_ids, text = [""] * (n + 1), [""] * (n + 1)
+    active, kcore = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    act = idx["active"].to_pylist() if "active" in columns else [True] * len(ids)
+    cnt = idx["n_interactions"].to_pylist() if "n_interactions" in columns else [1] * len(ids)
+    for i, iid, t, a, c in zip(ids, idx["item_id"].to_pylist(), idx["text"].to_pylist(), act, cnt):
+        item_ids[i], text[i], active[i], kcore[i] = iid or "", t or "", bool(a), bool(c)
+    return Catalogue(item_ids, text, active, kcore)
 
 
 def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int, int] = (0, 1),
@@ -107,11 +135,8 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
     rank, world = shard
     if not 0 <= rank < world:
         raise ValueError(f"shard rank {rank} is not one of {world} workers")
-    idx = _read(spec, "item_index", versions.get("item_index")).to_pyarrow_table(columns=["item_idx", "text"])
-    num_items = int(max(idx["item_idx"].to_pylist() or [0]))
-    item_text = [""] * (num_items + 1)
-    for i, t in zip(idx["item_idx"].to_pylist(), idx["text"].to_pylist()):
-        item_text[i] = t or ""
+    catalogue = read_catalogue(spec, versions.get("item_index"))
+    num_items = catalogue.num_items
     seq = _read(spec, "sequences", versions.get("sequences")).to_pyarrow_dataset()
     users: dict[str, list] = {s: [] for s in SPLITS}
     lengths: dict[str, list] = {s: [] for s in SPLITS}
@@ -155,7 +180,7 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
                          np.asarray([x[2] for x in r], dtype=np.int64), [x[3] for x in r],
                          np.asarray([x[4] for x in r], dtype=np.int64))
 
-    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, item_text, versions,
+    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, catalogue, versions,
                    np.asarray([r[0] for r in held["train"]], dtype=np.int64), (rank, world), rows, sizes,
                    {"train": glen["train"], "train_valid": glen["valid"] + 1}, [r[3] for r in held["train"]])
 

@@ -23,7 +23,7 @@ def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] 
     resolved = [resolve_model(spec, m) for m in (models or [None])]
     init_ray(spec)
     data = load_sequences(spec)
-    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    item_emb = minilm_item_embeddings(spec.model, data.item_text)
     rows = []
     for r in resolved:
         row = {"model": r.label, "name": r.name, "version": r.version}

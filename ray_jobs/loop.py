@@ -15,19 +15,23 @@ Documented behaviour, the same on both backends:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from jobs.files import write_atomic
 from jobs.spec import JobSpec
+from ray_jobs.catalogue import Catalogue, CatalogueMismatch
 from ray_jobs.checkpoint import (
     ModelCheckpoint,
     read_model,
@@ -36,9 +40,9 @@ from ray_jobs.checkpoint import (
 )
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
-from ray_jobs.models import build_model, reads_time
+from ray_jobs.models import build_model, load_weights, reads_time
 from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model, return_freed_memory
-from ray_jobs.scoring import CosineScores, evaluate_sharded, scorer
+from ray_jobs.scoring import CosineScores, evaluate_sharded, scorable_items, scorer
 
 VALID_METRIC = "ndcg@10"
 REPORTED = ("hr@10", "ndcg@10", "hr@50", "mrr")
@@ -55,7 +59,7 @@ class TrainState:
     module: nn.Module                     # what the optimizer trains; `.model` is the recommender
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    item_text: list[str]
+    catalogue: Catalogue                  # the items trained on (by index), recorded in every checkpoint
     versions: dict[str, int]              # Delta versions of the gold tables read
     epoch: int = 0
     step: int = 0
@@ -93,7 +97,11 @@ class TrainState:
                 setattr(self, k, progress[k])
 
     def model_checkpoint(self, weights: dict[str, torch.Tensor], extra: dict | None = None) -> ModelCheckpoint:
-        return ModelCheckpoint(weights, self.spec, self.item_text, self.versions, self.progress(), extra or {})
+        return ModelCheckpoint.of(weights, self.spec, self.catalogue, self.versions, self.progress(), extra)
+
+    def scorable(self) -> np.ndarray:
+        """Items the model in training can score: all for a text model, the trained ones for an ID model."""
+        return scorable_items(self.spec.model.kind, self.catalogue.kcore, self.catalogue.num_items)
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,44 +131,67 @@ def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_de
                              fused=(device.type == "cuda") or None)
 
 
-def warm_start(spec: JobSpec, data: SeqData) -> tuple[str | None, str]:
-    """(checkpoint file or None, what happened) for `train.init_from`: its weights are used only when
-    the model was trained on this item catalogue with this model section; otherwise a fresh start."""
+@dataclass
+class WarmStart:
+    """What `train.init_from` gave: the start checkpoint (None: a fresh start) and the MLflow tag
+    `warm_start` that says what happened (extended by how many items, or why it fell back)."""
+    path: str | None
+    tag: str
+
+
+def warm_start(spec: JobSpec, data: SeqData) -> WarmStart:
+    """`train.init_from`: its weights are used when its model section is this run's and the current
+    item catalogue extends the one it was trained on (every index it knows names the same item);
+    new items get rows by the model's rule (`ray_jobs.models.ITEM_ROWS`) and the optimizer starts
+    afresh. A real mismatch — renumbered ids, another model section — is a fresh start, tagged with
+    the reason."""
     if not spec.train.init_from:
-        return None, "fresh start"
+        return WarmStart(None, "fresh start")
     resolved = resolve_model(spec, spec.train.init_from)
     ckpt = read_model(resolved.path)
-    if list(ckpt.item_text) != list(data.item_text):
-        return None, f"fresh start: {resolved.label} was trained on another item catalogue"
     same = ckpt.spec.model.model_dump(exclude={"cache_dir"}) == spec.model.model_dump(exclude={"cache_dir"})
     if not same or ckpt.spec.data.max_seq_len != spec.data.max_seq_len:
-        return None, f"fresh start: {resolved.label} has another model section"
-    return resolved.path, f"warm start from {resolved.label} (version {resolved.version})"
+        return WarmStart(None, f"fresh start: {resolved.label} has another model section")
+    try:
+        ext = ckpt.check_data(data, resolved.label)
+    except CatalogueMismatch as exc:
+        return WarmStart(None, f"fresh start: {exc}")
+    where = f"from {resolved.label} (version {resolved.version})"
+    if ext.identical:
+        return WarmStart(resolved.path, f"warm start {where}")
+    return WarmStart(resolved.path, f"extended (+{ext.new_items} items, {len(ext.changed)} texts changed) {where}")
 
 
 def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file: str | None = None) -> TrainState:
-    """A training run: the spec's model (weights from `init_file` for a warm start) and loss as one
-    module, AdamW, warmup + cosine."""
+    """A training run: the spec's model (weights from `init_file` for a warm start, extended to this
+    catalogue) and loss as one module, AdamW, warmup + cosine. Negatives and the full softmax range
+    over the items the gold sequences hold (`SeqData.training_items`)."""
     t = spec.train
     torch.manual_seed(t.seed)
-    model = build_model(spec, data.item_text, data.versions.get("item_index"))
+    model = build_model(spec, data.item_text)
     if init_file:
-        model.load_state_dict(read_model(init_file).weights)
-    module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine)).to(device)
+        ckpt = read_model(init_file)
+        load_weights(model, spec.model.kind, ckpt.weights, ckpt.check_data(data, init_file))
+    module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine),
+                          torch.from_numpy(data.training_items())).to(device)
     optimizer = adamw(module.parameters(), t.lr, device, (0.9, t.adam_beta2), t.weight_decay)
     total = t.epochs * math.ceil(len(fit_windows(spec, data)) / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
-    return TrainState(spec, module, optimizer, scheduler, data.item_text, dict(data.versions))
+    return TrainState(spec, module, optimizer, scheduler, data.catalogue, dict(data.versions))
 
 
-def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: torch.device) -> TrainState:
-    """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr."""
+def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: torch.device,
+                    listed: np.ndarray | None = None) -> TrainState:
+    """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr.
+    `listed`: the items lists may hold (what the aligned model is recorded as trained on)."""
     if reads_time(policy):
         raise ValueError("align.init: the start model reads event timestamps (HSTU with model.time_buckets > 0); "
                          "alignment rolls out lists from item histories only — start from a model without a time bias")
     module = CosineScores(policy).to(device)
-    return TrainState(spec, module, adamw(module.parameters(), spec.align.lr, device), None, data.item_text,
+    c = data.catalogue
+    catalogue = c if listed is None else Catalogue(c.item_ids, c.item_text, c.active, c.kcore & listed)
+    return TrainState(spec, module, adamw(module.parameters(), spec.align.lr, device), None, catalogue,
                       dict(data.versions))
 
 
@@ -204,9 +235,10 @@ class Backend(ABC):
 
     def evaluate(self, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
         """Full ranking of a split, users shared among the workers; the same result on every rank."""
-        score = scorer(self.scoring_model(), self.state.spec.data.max_seq_len)
+        scorable = self.state.scorable()
+        score = scorer(self.scoring_model(), self.state.spec.data.max_seq_len, scorable=scorable)
         return evaluate_sharded(self.state.spec, score, data, split, self.rank, self.world,
-                                self.comm.all_gather_object, item_emb)
+                                self.comm.all_gather_object, item_emb, scorable)
 
     @abstractmethod
     def save(self, metrics: dict) -> None:
@@ -244,7 +276,7 @@ class LocalBackend(Backend):
         if not os.path.exists(self.last):
             return False
         s, ckpt = self.state, read_model(self.last)
-        ckpt.check_catalogue(s.item_text, s.versions.get("item_index"), f"resuming from {self.last}")
+        ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {self.last}")
         resume = ckpt.extra["resume"]
         s.module.load_state_dict({**{f"model.{k}": v for k, v in ckpt.weights.items()}, **resume["module"]})
         s.optimizer.load_state_dict(resume["optimizer"])
@@ -255,7 +287,9 @@ class LocalBackend(Backend):
         s.restore_progress(ckpt.progress)
         s.restarts += 1
         if os.path.exists(self.best):
-            s.model_weights = self._saved_weights = read_model(self.best).weights
+            best = read_model(self.best)
+            best.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming with {self.best}")
+            s.model_weights = self._saved_weights = best.weights
         return True
 
 
@@ -312,8 +346,11 @@ class DeepSpeedBackend(Backend):
         with tempfile.TemporaryDirectory() as d:
             self.engine.save_checkpoint(d, tag="state", client_state={
                 "progress": s.progress(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
-            if self.rank == 0 and s.model_weights is not None:
-                save_model(os.path.join(d, "model.pt"), s.model_checkpoint(s.model_weights))
+            if self.rank == 0:
+                write_atomic(os.path.join(d, CATALOGUE_FILE), lambda tmp: Path(tmp).write_text(json.dumps(
+                    {"item_ids": s.catalogue.item_ids, "text_hashes": s.catalogue.text_hashes()})))
+                if s.model_weights is not None:
+                    save_model(os.path.join(d, "model.pt"), s.model_checkpoint(s.model_weights))
             self.comm.barrier()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -324,16 +361,35 @@ class DeepSpeedBackend(Backend):
             return False
         s = self.state
         with checkpoint.as_directory() as d:
+            check_run_catalogue(d, s.catalogue, f"resuming from {checkpoint.path}")  # every rank, before any shard
             _, client = self.engine.load_checkpoint(d, tag="state")
             s.restore_progress(client["progress"])
             for k, v in s.stateful.items():
                 v.load_state_dict(client["stateful"][k])
             if self.rank == 0 and os.path.exists(os.path.join(d, "model.pt")):
                 ckpt = read_model(os.path.join(d, "model.pt"))
-                ckpt.check_catalogue(s.item_text, s.versions.get("item_index"), f"resuming from {checkpoint.path}")
+                ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {checkpoint.path}")
                 s.model_weights = ckpt.weights
         s.restarts += 1
         return True
+
+
+CATALOGUE_FILE = "catalogue.json"
+
+
+def check_run_catalogue(folder: str, catalogue: Catalogue, label: str) -> None:
+    """A Ray Train checkpoint's catalogue (`catalogue.json`: item ids and text hashes by index, or
+    for an older checkpoint its `model.pt`) must be the run's: checked on every rank before any
+    DeepSpeed shard is read, so a checkpoint of another lineage is refused before it is loaded."""
+    path = os.path.join(folder, CATALOGUE_FILE)
+    if os.path.exists(path):
+        doc = json.loads(Path(path).read_text())
+        if doc.get("item_ids") != catalogue.item_ids or doc.get("text_hashes") != catalogue.text_hashes():
+            raise CatalogueMismatch(f"{label}: the checkpoint's item catalogue ({len(doc.get('item_ids', [])) - 1} "
+                                    f"items) is not the run's ({catalogue.num_items} items); a run resumes only on "
+                                    "the versions it started on")
+    elif os.path.exists(os.path.join(folder, "model.pt")):
+        read_model(os.path.join(folder, "model.pt")).require_same_catalogue(catalogue, None, label)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -454,7 +510,8 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
         torch.manual_seed((t.seed * 7919 + state.step) * 104_729 + backend.rank)  # dropout: replayed on resume too
         inputs, targets = inputs.to(backend.device), targets.to(backend.device)
         stamps = None if stamps is None else stamps.to(backend.device)
-        negatives = draw_negatives(t, data.num_items, targets, state.step, backend.rank, backend.world).to(backend.device)
+        negatives = draw_negatives(t, state.module.universe, targets, state.step, backend.rank,
+                                   backend.world).to(backend.device)
         counts = backend.comm.all_sum(torch.stack([(targets != 0).sum(), (inputs[:, -1] != 0).sum()]).float())
         loss_sum = backend.forward(inputs, targets, negatives, "sum", stamps)
         backend.step(loss_sum * backend.world / counts[0].clamp(min=1))

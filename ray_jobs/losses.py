@@ -21,26 +21,27 @@ def gather_negatives(neg: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(neg), dim=0)
 
 
-def sample_negatives(num_items: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`count` item ids drawn uniformly from 1..num_items (0 is padding)."""
-    return torch.randint(1, num_items + 1, (count,), generator=generator)
+def sample_negatives(universe: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`count` item ids drawn uniformly from `universe` (the sorted ids models train on: the k-core;
+    when it is 1..n the draws are those of `randint(1, n + 1)`)."""
+    return universe[torch.randint(0, len(universe), (count,), generator=generator)]
 
 
-def step_negatives(num_items: int, count: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+def step_negatives(universe: torch.Tensor, count: int, seed: int, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """This worker's share of the step's negative pool. Every worker draws the same pool from
     (seed, step) and keeps every world-th id, so the all-gathered pool is the single-process pool
     (reordered), and a resumed run draws what the uninterrupted run drew."""
-    pool = sample_negatives(num_items, count, torch.Generator().manual_seed(seed * 1_000_003 + step))
+    pool = sample_negatives(universe, count, torch.Generator().manual_seed(seed * 1_000_003 + step))
     return pool[rank::world]
 
 
-def position_negatives(num_items: int, shape: tuple[int, ...], count: int, seed: int, step: int,
+def position_negatives(universe: torch.Tensor, shape: tuple[int, ...], count: int, seed: int, step: int,
                        rank: int = 0) -> torch.Tensor:
-    """(*shape, count) item ids, uniform over 1..num_items, drawn afresh for every position (the
+    """(*shape, count) item ids, uniform over `universe`, drawn afresh for every position (the
     sampled softmax of generative-recommenders' SASRec). Seeded by (seed, step, rank), so a resumed
     run draws what the uninterrupted run drew."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
-    return torch.randint(1, num_items + 1, (*shape, count), generator=gen)
+    return universe[torch.randint(0, len(universe), (*shape, count), generator=gen)]
 
 
 class InfoNCE(nn.Module):
@@ -109,9 +110,10 @@ class InfoNCE(nn.Module):
         return self._cross_entropy(pos_logit, neg_logits.masked_fill(too_close, float("-inf")), reduction)
 
     def full(self, out: torch.Tensor, pos_ids: torch.Tensor, table: torch.Tensor, valid: torch.Tensor,
-             reduction: str = "mean") -> torch.Tensor:
+             reduction: str = "mean", outside: torch.Tensor | None = None) -> torch.Tensor:
         """Full softmax: every position against the whole catalogue. table: (num_items + 1, d), row 0
-        = padding (never a candidate); items closer than `mask_cosine` to the target are masked."""
+        = padding (never a candidate), nor the items `outside` (a mask: not trained on) are; items
+        closer than `mask_cosine` to the target are masked."""
         out, pos_ids = out[valid], pos_ids[valid]
         if out.shape[0] == 0:
             return out.sum() * 0.0 + table.sum() * 0.0
@@ -120,24 +122,29 @@ class InfoNCE(nn.Module):
         with torch.no_grad():
             blocked = (table[pos_ids] @ table.T) > self.mask_cosine
             blocked[:, 0] = True
+            if outside is not None:
+                blocked |= outside
             blocked[torch.arange(len(pos_ids), device=pos_ids.device), pos_ids] = False
         return F.cross_entropy(logits.masked_fill(blocked, float("-inf")) * self.scale(), pos_ids,
                                reduction=reduction)
 
 
-def draw_negatives(t: TrainSpec, num_items: int, targets: torch.Tensor, step: int, rank: int = 0,
+def draw_negatives(t: TrainSpec, universe: torch.Tensor, targets: torch.Tensor, step: int, rank: int = 0,
                    world: int = 1) -> torch.Tensor:
-    """The step's negatives for `sequence_loss`: this worker's share of the shared pool (R,), or
-    R per position (B, L, R) when `train.negative_sampling` is per_position, or nothing (full softmax)."""
+    """The step's negatives for `sequence_loss`, drawn from `universe` (the training items): this
+    worker's share of the shared pool (R,), or R per position (B, L, R) when
+    `train.negative_sampling` is per_position, or nothing (full softmax)."""
+    universe = universe.cpu()
     if t.negative_sampling == "full":
         return torch.empty(0, dtype=torch.long)
     if t.negative_sampling == "per_position":
-        return position_negatives(num_items, tuple(targets.shape), t.negatives, t.seed, step, rank)
-    return step_negatives(num_items, t.negatives, t.seed, step, rank, world)
+        return position_negatives(universe, tuple(targets.shape), t.negatives, t.seed, step, rank)
+    return step_negatives(universe, t.negatives, t.seed, step, rank, world)
 
 
 def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targets: torch.Tensor,
-                  negatives: torch.Tensor, reduction: str = "mean", times: torch.Tensor | None = None) -> torch.Tensor:
+                  negatives: torch.Tensor, reduction: str = "mean", times: torch.Tensor | None = None,
+                  outside: torch.Tensor | None = None) -> torch.Tensor:
     """Every non-padded position predicts its next item against the step's negatives (this worker's
     share of a shared pool, all-gathered when distributed; per-position ids; or none: full softmax).
     `times`: the inputs' timestamps and then the last target's (train_batches), for a model that
@@ -148,7 +155,8 @@ def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targ
         d = out.shape[-1]
         valid = (targets != 0).reshape(-1)
         if negatives.numel() == 0:
-            return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(), valid, reduction)
+            return loss_fn.full(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(), valid, reduction,
+                                outside)
         if negatives.dim() == 3:  # (B, L, R): per-position negatives against the whole item table
             return loss_fn.per_position(out.reshape(-1, d), targets.reshape(-1), model.all_item_embeddings(),
                                         negatives.reshape(-1, negatives.shape[-1]), valid, reduction)
@@ -158,12 +166,22 @@ def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targ
 
 class SequenceLoss(nn.Module):
     """Model and loss as one module, so an optimizer (or a DeepSpeed engine) owns every trained
-    parameter, a learnable temperature included, and ZeRO-3 gathers them all inside one forward."""
+    parameter, a learnable temperature included, and ZeRO-3 gathers them all inside one forward.
+    `universe`: the sorted ids of the items trained on (negatives come from them; a full softmax
+    ranks against them only); default every id of the model's catalogue."""
 
-    def __init__(self, model: nn.Module, loss_fn: InfoNCE) -> None:
+    def __init__(self, model: nn.Module, loss_fn: InfoNCE, universe: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
+        n = model.num_items
+        universe = torch.arange(1, n + 1) if universe is None else universe.to(torch.long)
+        outside = torch.ones(n + 1, dtype=torch.bool)
+        outside[universe] = False
+        self.register_buffer("universe", universe, persistent=False)
+        self.register_buffer("outside", outside, persistent=False)
+        self.restricted = bool(outside[1:].any())
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 reduction: str = "mean", times: torch.Tensor | None = None) -> torch.Tensor:
-        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction, times)
+        return sequence_loss(self.model, self.loss_fn, inputs, targets, negatives, reduction, times,
+                             self.outside if self.restricted else None)

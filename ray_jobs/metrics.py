@@ -1,5 +1,10 @@
 """Full-ranking evaluation: every user scored against the whole catalogue, history masked.
 
+The catalogue a split is ranked over is given as a boolean mask of candidate items (active items,
+or the k-core's: `eval.candidates`); items outside it, and items a model can't score (-inf from its
+score function: an ID model and an item it never trained on), are never ranked: a target among them
+is a miss.
+
 Accuracy (HR = Recall for one held-out item, NDCG, MRR), beyond-accuracy (coverage, intra-list
 diversity, tail-exposure share, exposure Gini) and slices (cold targets, short/long histories).
 """
@@ -21,10 +26,13 @@ def call_scores(score_fn: ScoreFn, histories: list[np.ndarray], times: list[np.n
     return score_fn(histories)
 
 
-def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
-    """Padding (column 0) and every item already in the user's history can't be recommended."""
+def mask_scores(scores: torch.Tensor, histories: list[np.ndarray], candidates: np.ndarray | None = None) -> torch.Tensor:
+    """Padding (column 0), items outside `candidates` (a boolean mask over item ids) and every item
+    already in the user's history can't be recommended."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")
+    if candidates is not None:
+        scores[:, torch.as_tensor(~np.asarray(candidates, bool))] = float("-inf")
     rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)]) if histories else np.zeros(0)
     cols = np.concatenate(histories) if histories else np.zeros(0)
     if len(cols):
@@ -33,21 +41,25 @@ def mask_scores(scores: torch.Tensor, histories: list[np.ndarray]) -> torch.Tens
 
 
 def rank_and_topk(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, k_max: int,
-                  batch_size: int, times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """0-based rank of each target among the unmasked items, and each user's top-k_max item ids.
-    `times`: the histories' timestamps, each followed by its target's (`EvalSplit.stamps`), for a
-    score function that reads them."""
+                  batch_size: int, times: list[np.ndarray] | None = None,
+                  candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target among the unmasked items (a target that can't be ranked — masked,
+    outside `candidates`, unscorable — gets the number of columns: a miss at any K), and each user's
+    top-k_max item ids (0 where fewer items could be ranked). `times`: the histories' timestamps,
+    each followed by its target's (`EvalSplit.stamps`), for a score function that reads them."""
     ranks, tops = [], []
     for start in range(0, len(histories), batch_size):
         hist = histories[start:start + batch_size]
         stamps = None if times is None else times[start:start + batch_size]
         tgt = torch.as_tensor(targets[start:start + batch_size], dtype=torch.long)
         with torch.no_grad():
-            scores = mask_scores(call_scores(score_fn, hist, stamps).float(), hist)
+            scores = mask_scores(call_scores(score_fn, hist, stamps).float(), hist, candidates)
         target_scores = scores.gather(1, tgt[:, None])
         # ties count against the target: a constant model must not look good
-        ranks.append(((scores > target_scores).sum(1) + (scores == target_scores).sum(1) - 1).numpy())
-        tops.append(torch.topk(scores, min(k_max, scores.shape[1] - 1), dim=1).indices.numpy())
+        rank = (scores > target_scores).sum(1) + (scores == target_scores).sum(1) - 1
+        ranks.append(torch.where(torch.isneginf(target_scores[:, 0]), scores.shape[1], rank).numpy())
+        top = torch.topk(scores, min(k_max, scores.shape[1] - 1), dim=1)
+        tops.append(torch.where(torch.isneginf(top.values), 0, top.indices).numpy())
     return np.concatenate(ranks), np.concatenate(tops)
 
 
@@ -64,7 +76,9 @@ def mrr(ranks: np.ndarray) -> float:
 
 
 def coverage(top: np.ndarray, k: int, num_items: int) -> float:
-    return len(np.unique(top[:, :k])) / num_items
+    """Share of the `num_items` candidates that appear in some top-k list (0, no item, not counted)."""
+    shown = np.unique(top[:, :k])
+    return len(shown[shown > 0]) / max(num_items, 1)
 
 
 def intra_list_diversity(top: np.ndarray, k: int, item_emb: np.ndarray) -> float:
@@ -103,7 +117,10 @@ def gini(counts: np.ndarray) -> float:
 
 
 def exposure_gini(top: np.ndarray, k: int, num_items: int) -> float:
-    return gini(np.bincount(top[:, :k].ravel(), minlength=num_items + 1)[1:])
+    """Gini of how often each of the `num_items` candidates is shown (those never shown count as 0)."""
+    counts = np.bincount(top[:, :k].ravel())[1:]
+    counts = np.sort(counts[counts > 0])
+    return gini(np.concatenate([np.zeros(max(num_items - len(counts), 0)), counts]))
 
 
 def accuracy(ranks: np.ndarray, ks: list[int]) -> dict:
@@ -118,13 +135,16 @@ def accuracy(ranks: np.ndarray, ks: list[int]) -> dict:
 def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, num_items: int,
              popularity: np.ndarray, ks: list[int] = (5, 10, 20, 50, 200), batch_size: int = 1024,
              item_emb: np.ndarray | None = None, tail_fraction: float = 0.8, cold_item_max: int = 10,
-             short_history_max: int = 20, times: list[np.ndarray] | None = None) -> dict:
+             short_history_max: int = 20, times: list[np.ndarray] | None = None,
+             candidates: np.ndarray | None = None) -> dict:
     """Every metric for one split. `popularity` (train interactions per item id) defines tail
     items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity;
-    `times` (the histories' timestamps) goes to a score function that reads them."""
-    ks = usable_ks(ks, num_items)
-    ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size, times)
-    return summarize(ranks, top, np.asarray([len(h) for h in histories]), targets, num_items, popularity, ks,
+    `times` (the histories' timestamps) goes to a score function that reads them; `candidates`
+    (a boolean mask over item ids) is what is ranked (default: every item)."""
+    n_candidates = num_items if candidates is None else int(np.asarray(candidates, bool)[1:].sum())
+    ks = usable_ks(ks, n_candidates)
+    ranks, top = rank_and_topk(score_fn, histories, targets, max(ks), batch_size, times, candidates)
+    return summarize(ranks, top, np.asarray([len(h) for h in histories]), targets, n_candidates, popularity, ks,
                      item_emb, tail_fraction, cold_item_max, short_history_max)
 
 

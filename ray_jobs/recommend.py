@@ -2,16 +2,21 @@
 
     python -m ray_jobs.recommend --spec S [--model models:/NAME@champion | PATH] [--k 100]
 
-Every user of `user_index` gets K items. A user's whole known sequence (everything up to and
-including the test item; for a user with fewer than 3 interactions, who has no test row, the 1–2
-items of the train row) is the model's history; items in it are never recommended. A user with no
-sequence at all gets the most popular items. The job reports how many users each case covered. Users are split over Ray tasks (on GPUs when train.use_gpu);
-the driver commits one Delta write that replaces only the rows of the same model name and version,
-so a rerun is idempotent and other models' and versions' rows stay for comparison.
+Every user of `user_index` gets up to K items, chosen among the active catalogue items the model can
+score (an HLLM scores items new since its training from their text; an ID model skips them). A
+user's whole known sequence (everything up to and including the test item; for a user with fewer
+than 3 interactions, who has no test row, the 1–2 items of the train row) is the model's history;
+items in it are never recommended, nor are padding, inactive items or anything the model scored
+-inf: where fewer than K items remain a user gets fewer rows, and the job says how many. A user with
+no sequence at all gets the most popular active items. The job reports how many users each case
+covered. Users are split over Ray tasks (on GPUs when train.use_gpu); the driver commits one Delta
+write that replaces only the rows of the same model name and version, so a rerun is idempotent and
+other models' and versions' rows stay for comparison.
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -21,10 +26,10 @@ from deltalake.exceptions import TableNotFoundError
 
 from jobs.lake import table_path
 from jobs.spec import JobSpec, absolute_paths, storage_options
-from ray_jobs.checkpoint import load_model
+from ray_jobs.catalogue import Catalogue
 from ray_jobs.data import load_sequences
 from ray_jobs.runtime import DagsterReport, init_ray, job_main, json_metadata, ray_get, resolve_model
-from ray_jobs.scoring import scorer, top_k
+from ray_jobs.scoring import load_for_catalogue, top_k
 
 
 def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], int]:
@@ -45,39 +50,45 @@ def full_histories(data) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]
             len(short))
 
 
-def popular_top(popularity: np.ndarray, n_users: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The K most popular items (training interactions; ties by id) for each of `n_users` users
-    without any known item, with their share of interactions as the score."""
+def popular_top(popularity: np.ndarray, n_users: int, k: int, active: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The K most popular items (training interactions; ties by id; only `active` ones when given)
+    for each of `n_users` users without any known item, with their share of interactions as the score."""
     order = np.lexsort((np.arange(len(popularity)), -popularity))
-    order = order[order != 0][:k]
+    order = order[(order != 0) & (True if active is None else active[order])][:k]
     share = (popularity[order] / max(int(popularity.sum()), 1)).astype(np.float32)
     return np.tile(order, (n_users, 1)), np.tile(share, (n_users, 1))
 
 
-def _top_task(checkpoint: str, cache_dir: str | None, item_text: list[str], item_index_version: int,
+def _top_task(checkpoint: str, cache_dir: str | None, catalogue: Catalogue, item_index_version: int,
               histories: list[np.ndarray], times: list[np.ndarray], k: int, batch_size: int, use_gpu: bool):
-    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
-    ckpt.check_catalogue(item_text, item_index_version, checkpoint)
+    loaded = load_for_catalogue(checkpoint, catalogue, item_index_version, cache_dir)
     if use_gpu:
-        model.to("cuda")
-    return top_k(scorer(model, ckpt.spec.data.max_seq_len), histories, k, batch_size, times)
+        loaded.model.to("cuda")
+    ids, scores = top_k(loaded.score_function(), histories, k, batch_size, times, catalogue.active)
+    return ids, scores, int((catalogue.active & ~loaded.scorable).sum())
 
 
 def recommendations_table(users: np.ndarray, user_ids: dict, item_ids: list[str], top: np.ndarray, scores: np.ndarray,
                           model_name: str, model_version: str) -> pa.Table:
-    """One row per (user, rank): ids, score and the model that produced it."""
+    """One row per (user, rank) of every recommendation that is an item with a finite score: ids,
+    score and the model that produced it (a user with fewer items left gets fewer rows)."""
     n, k = top.shape
+    keep = (top > 0) & np.isfinite(scores)
+    rank = np.cumsum(keep, axis=1)
+    user_of = np.repeat(users, k).reshape(n, k)[keep]
+    rows = int(keep.sum())
     created = datetime.now(timezone.utc)
     return pa.table({
-        "user_idx": pa.array(np.repeat(users, k).astype(np.int32)),
-        "user_id": pa.array([user_ids.get(int(u)) for u in np.repeat(users, k)], pa.string()),
-        "rank": pa.array(np.tile(np.arange(1, k + 1), n).astype(np.int32)),
-        "item_idx": pa.array(top.ravel().astype(np.int32)),
-        "item_id": pa.array([item_ids[i] for i in top.ravel()], pa.string()),
-        "score": pa.array(scores.ravel().astype(np.float32)),
-        "model_name": pa.array([model_name] * (n * k), pa.string()),
-        "model_version": pa.array([model_version] * (n * k), pa.string()),
-        "created_at": pa.array([created] * (n * k), pa.timestamp("us", tz="UTC")),
+        "user_idx": pa.array(user_of.astype(np.int32)),
+        "user_id": pa.array([user_ids.get(int(u)) for u in user_of], pa.string()),
+        "rank": pa.array(rank[keep].astype(np.int32)),
+        "item_idx": pa.array(top[keep].astype(np.int32)),
+        "item_id": pa.array([item_ids[i] for i in top[keep]], pa.string()),
+        "score": pa.array(scores[keep].astype(np.float32)),
+        "model_name": pa.array([model_name] * rows, pa.string()),
+        "model_version": pa.array([model_version] * rows, pa.string()),
+        "created_at": pa.array([created] * rows, pa.timestamp("us", tz="UTC")),
     })
 
 
@@ -106,37 +117,43 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     resolved = resolve_model(spec, model)
     data = load_sequences(spec)
     users, histories, times, n_short = full_histories(data)
-    k = min(k, data.num_items - 1)
+    catalogue = data.catalogue
+    k = max(1, min(k, int(catalogue.active.sum())))
     init_ray(spec)
     use_gpu = spec.train.use_gpu
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_top_task)
-    parts = ray_get([task.remote(resolved.path, resolved.cache_dir, data.item_text, data.versions["item_index"],
+    parts = ray_get([task.remote(resolved.path, resolved.cache_dir, catalogue, data.versions["item_index"],
                                  histories[r::workers], times[r::workers], k, spec.eval.batch_size, use_gpu)
                       for r in range(workers)])
     top = np.empty((len(users), k), dtype=np.int64)
     scores = np.empty((len(users), k), dtype=np.float32)
-    for r, (ids, vals) in enumerate(parts):
+    for r, (ids, vals, _) in enumerate(parts):
         top[r::workers], scores[r::workers] = ids, vals
+    unscorable = parts[0][2]
     opts = storage_options(spec)
     uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts, version=data.versions.get("user_index")
                       ).to_pyarrow_table(columns=["user_idx", "user_id"])
     user_ids = dict(zip(uidx["user_idx"].to_pylist(), uidx["user_id"].to_pylist()))
     cold = np.asarray(sorted(set(user_ids) - set(users.tolist())), dtype=np.int64)
     if len(cold):
-        pop_top, pop_scores = popular_top(data.popularity, len(cold), k)
+        pop_top, pop_scores = popular_top(data.popularity, len(cold), k, catalogue.active)
+        pad = k - pop_top.shape[1]
+        if pad:
+            pop_top = np.hstack([pop_top, np.zeros((len(cold), pad), np.int64)])
+            pop_scores = np.hstack([pop_scores, np.full((len(cold), pad), -np.inf, np.float32)])
         users, top, scores = np.concatenate([users, cold]), np.vstack([top, pop_top]), np.vstack([scores, pop_scores])
-    iidx = DeltaTable(table_path(spec, "item_index"), storage_options=opts,
-                      version=data.versions["item_index"]).to_pyarrow_table(columns=["item_idx", "item_id"])
-    item_ids = [""] * (data.num_items + 1)
-    for i, iid in zip(iidx["item_idx"].to_pylist(), iidx["item_id"].to_pylist()):
-        item_ids[i] = iid
-    table = recommendations_table(users, user_ids, item_ids, top, scores, resolved.name, resolved.version)
+    table = recommendations_table(users, user_ids, catalogue.item_ids, top, scores, resolved.name, resolved.version)
+    short_lists = int((((top > 0) & np.isfinite(scores)).sum(1) < k).sum())
+    if short_lists:
+        warnings.warn(f"recommend: {short_lists} users got fewer than {k} items (fewer unseen, active items the model "
+                      "can score remain for them)", RuntimeWarning)
     delta_version = write_recommendations(spec, table, resolved.name, resolved.version)
     preview = table.slice(0, min(10, table.num_rows)).select(["user_id", "rank", "item_id", "score"]).to_pylist()
     return {"table": table_path(spec, "recommendations"), "delta_version": delta_version, "users": int(len(users)),
             "users_by_source": {"model": int(len(users) - len(cold) - n_short), "model_short_history": n_short,
                                 "popularity": int(len(cold))},
-            "rows": table.num_rows, "k": k, "model_name": resolved.name, "model_version": resolved.version,
+            "rows": table.num_rows, "k": k, "users_with_fewer_than_k": short_lists, "unscorable_items": unscorable,
+            "model_name": resolved.name, "model_version": resolved.version,
             "versions": data.versions, "preview": preview}
 
 
@@ -145,7 +162,9 @@ def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
     lines += [f"| {r['user_id']} | {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in out["preview"]]
     return DagsterReport(metadata={
         "path": {"raw_value": out["table"], "type": "path"}, "delta_version": out["delta_version"], "users": out["users"],
-        "users_by_source": json_metadata(out["users_by_source"]), "rows": out["rows"], "k": out["k"], "model_name": out["model_name"], "model_version": out["model_version"],
+        "users_by_source": json_metadata(out["users_by_source"]), "rows": out["rows"], "k": out["k"],
+        "users_with_fewer_than_k": out["users_with_fewer_than_k"], "unscorable_items": out["unscorable_items"],
+        "model_name": out["model_name"], "model_version": out["model_version"],
         "delta_versions_read": json_metadata(out["versions"]), "preview": {"raw_value": "\n".join(lines), "type": "md"}}, checks={})
 
 

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, tracking_uri
-from ray_jobs.checkpoint import ModelCheckpoint, load_model, read_model
+from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import SeqData, load_sequences
-from ray_jobs.scoring import merge_shards, rank_shard, scorer
+from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
-USER_ERRORS = (SpecError, FileNotFoundError, ValueError)
+USER_ERRORS = (SpecError, FileNotFoundError, ValueError)  # CatalogueMismatch, SourceError, UnsafeFile are ValueErrors
 
 
 # ----------------------------------------------------------------------------- process
@@ -281,24 +281,24 @@ def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank
                cache_dir: str | None, use_gpu: bool):
     spec = JobSpec.model_validate(spec_doc)
     data = load_sequences(spec, versions, shard=(rank, world))
-    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
-    ckpt.check_data(data, checkpoint)
+    loaded = load_for_catalogue(checkpoint, data.catalogue, versions.get("item_index"), cache_dir)
     if use_gpu:
-        model.to("cuda")
-    return rank_shard(spec, scorer(model, ckpt.spec.data.max_seq_len), data, split)
+        loaded.model.to("cuda")
+    return rank_shard(spec, loaded.score_function(), data, split), loaded.scorable
 
 
 def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,
                          item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> dict:
-    """Full-ranking metrics of a checkpoint, its users spread over `workers` Ray tasks (each reads
-    the gold tables itself at the pinned versions, loads the model, on a GPU when train.use_gpu;
-    `cache_dir` points a cached-mode HLLM at its item-embedding cache)."""
+    """Full-ranking metrics of a checkpoint on the data's catalogue (the one it was trained on or a
+    later one that extends it), its users spread over `workers` Ray tasks (each reads the gold
+    tables itself at the pinned versions, loads the model, on a GPU when train.use_gpu; `cache_dir`
+    points a cached-mode HLLM at its item-embedding cache)."""
     import ray
     data = data or load_sequences(spec)
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
-    shards = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
-                                  cache_dir, spec.train.use_gpu) for r in range(workers)])
-    result = merge_shards(spec, data, split, shards, item_emb)
+    parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
+                                 cache_dir, spec.train.use_gpu) for r in range(workers)])
+    result = merge_shards(spec, data, split, [p[0] for p in parts], item_emb, parts[0][1])
     result.update(split=split, versions=data.versions, workers=workers)
     return result
 

@@ -6,6 +6,7 @@ align jobs, the MLflow pyfunc, the CLI and the benchmarks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -14,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.spec import JobSpec
-from ray_jobs.checkpoint import load_model
+from ray_jobs.catalogue import Catalogue, Extension
+from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
-from ray_jobs.models import reads_time
+from ray_jobs.models import reads_time, scores_unseen_items
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
 # (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
@@ -41,7 +43,7 @@ class CosineScores(nn.Module):
         return cosine_scores(self.model.user_embeddings(ids), self.model.all_item_embeddings())
 
 
-def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
+def scorer(model: nn.Module, max_len: int, chunk: int = 64, scorable: np.ndarray | None = None) -> ScoreFn:
     """Histories -> cosine scores against every item, on the model's device, returned on the CPU.
 
     Users are encoded in chunks of similar history length, each trimmed to its longest history
@@ -54,8 +56,12 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
     A model that reads timestamps (HSTU's time bias) gets each history's timestamps followed by the
     time the prediction is for (len(history) + 1 entries each, `EvalSplit.stamps`), left padded the
     same way: the score function then takes (histories, times) and says so (`reads_time`, see
-    call_scores)."""
+    call_scores).
+
+    `scorable` (a boolean mask over item ids): items the model can score; the others get -inf (an ID
+    model and an item it never trained on)."""
     device = next(model.parameters()).device
+    unscorable = None if scorable is None else torch.as_tensor(~np.asarray(scorable, bool))
     catalogue: list[torch.Tensor] = []
     timed = reads_time(model)
     reuse = getattr(model, "reads_catalogue", False)  # HLLM: history items read from the catalogue
@@ -85,21 +91,71 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64) -> ScoreFn:
                     parts.append(model.user_embeddings(ids, **extra))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
             user[torch.as_tensor(order, device=device)] = torch.cat(parts)
-            return cosine_scores(user, catalogue[0]).float().cpu()
+            scores = cosine_scores(user, catalogue[0]).float().cpu()
+            if unscorable is not None:
+                scores[:, unscorable] = float("-inf")
+            return scores
     score.reads_time = timed
     return score
 
 
+@dataclass
+class LoadedModel:
+    """A checkpoint's model on the current catalogue: what it scores, and how the catalogue grew."""
+    model: nn.Module
+    ckpt: ModelCheckpoint
+    extension: Extension
+    scorable: np.ndarray            # items it can score: a text model every one, an ID model those it trained on
+
+    def score_function(self) -> ScoreFn:
+        return scorer(self.model, self.ckpt.spec.data.max_seq_len, scorable=self.scorable)
+
+
+def load_for_catalogue(checkpoint: str, catalogue: Catalogue, item_index_version: int | None = None,
+                       cache_dir: str | None = None, label: str | None = None) -> LoadedModel:
+    """Load a checkpoint to score `catalogue`, the one it was trained on or a later one that extends
+    it (`CatalogueMismatch` otherwise): a text model (HLLM) embeds the new and changed items from
+    their text; an ID model scores only the items it trained on."""
+    ckpt = read_model(checkpoint)
+    ext = ckpt.check_catalogue(catalogue, item_index_version, label or checkpoint)
+    model = ckpt.build(cache_dir, catalogue)
+    return LoadedModel(model, ckpt, ext, scorable_items(ckpt.spec.model.kind, ckpt.catalogue.seen_mask(),
+                                                        catalogue.num_items))
+
+
+def scorable_items(kind: str, seen: np.ndarray, num_items: int) -> np.ndarray:
+    """Items a model of `kind` that trained on `seen` (a mask over its own catalogue) can score in a
+    catalogue of `num_items`: every one for a text model, else those it trained on."""
+    if scores_unseen_items(kind):
+        mask = np.ones(num_items + 1, bool)
+    else:
+        mask = np.zeros(num_items + 1, bool)
+        mask[:len(seen)] = seen
+    mask[0] = False
+    return mask
+
+
+def candidate_items(spec: JobSpec, catalogue: Catalogue) -> np.ndarray:
+    """What is ranked (`eval.candidates`): every active item, or only the k-core's (every model the
+    same set: the leave-one-out benchmark)."""
+    mask = catalogue.active.copy() if spec.eval.candidates == "catalogue" else catalogue.active & catalogue.kcore
+    mask[0] = False
+    return mask
+
+
 def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
-          times: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each history's k best unseen items (ids, scores), best first; history items and padding masked.
+          times: list[np.ndarray] | None = None, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each history's k best unseen items (ids, scores), best first; history items, padding, items
+    outside `candidates` and items the model can't score masked. Where fewer than k items remain for
+    a history, its row ends in id 0 with score -inf (callers drop those: `recommendation_rows`).
     `times`: the histories' timestamps and the prediction's time, for a score function that reads them."""
     ids, vals = [], []
     for i in range(0, len(histories), batch_size):
         h = histories[i:i + batch_size]
         stamps = None if times is None else times[i:i + batch_size]
-        top = torch.topk(mask_scores(call_scores(score, h, stamps).float(), h), k, dim=1)
-        ids.append(top.indices.numpy())
+        scores = mask_scores(call_scores(score, h, stamps).float(), h, candidates)
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        ids.append(torch.where(torch.isneginf(top.values), 0, top.indices).numpy())
         vals.append(top.values.numpy())
     if not ids:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
@@ -108,26 +164,40 @@ def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
 
 # ----------------------------------------------------------------------------- full ranking
 
-def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
-    """Full-ranking metrics of any score function on one split, with the spec's eval settings."""
+def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, item_emb: np.ndarray | None = None,
+                   scorable: np.ndarray | None = None) -> dict:
+    """Full-ranking metrics of any score function on one split, with the spec's eval settings, over
+    the spec's candidates; `scorable`: the items the model can score (the rest are counted as
+    `unscorable_items`)."""
     s, e = data.split(split), spec.eval
-    return evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
-                    e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max, s.stamps())
+    cand = candidate_items(spec, data.catalogue)
+    result = evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
+                      e.ks, e.batch_size, item_emb, e.tail_share, e.cold_item_max, e.short_history_max, s.stamps(),
+                      cand)
+    return with_candidate_counts(result, cand, scorable)
+
+
+def with_candidate_counts(result: dict, cand: np.ndarray, scorable: np.ndarray | None) -> dict:
+    """`candidates` ranked and, of them, `unscorable_items` the model could not score, in the metrics."""
+    result["metrics"]["candidates"] = int(cand.sum())
+    result["metrics"]["unscorable_items"] = 0 if scorable is None else int((cand & ~scorable).sum())
+    return result
 
 
 def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: np.ndarray | None = None) -> Shard:
     """Target ranks and top-k_max lists of the users of a split that `data` holds (its shard), or of
-    the given rows of them."""
+    the given rows of them, over the spec's candidates."""
     s = data.split(split)
     rows = np.arange(len(s.targets)) if rows is None else rows
-    k_max = max(usable_ks(spec.eval.ks, data.num_items))
+    cand = candidate_items(spec, data.catalogue)
+    k_max = max(usable_ks(spec.eval.ks, int(cand.sum())))
     histories = [s.histories[i] for i in rows]
-    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size, s.stamps(rows))
+    ranks, top = rank_and_topk(score, histories, s.targets[rows], k_max, spec.eval.batch_size, s.stamps(rows), cand)
     return data.rows[split][rows], ranks, top, np.asarray([len(h) for h in histories], dtype=np.int64), s.targets[rows]
 
 
 def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
-                 item_emb: np.ndarray | None = None) -> dict:
+                 item_emb: np.ndarray | None = None, scorable: np.ndarray | None = None) -> dict:
     """Metrics of a split from every shard's users, put back in user order: exactly what one process
     evaluating every user reports (popularity and the split's size are global in every shard)."""
     rows = np.concatenate([p[0] for p in shards])
@@ -137,12 +207,15 @@ def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
         raise ValueError(f"evaluation shards of split {split} do not cover its {n} users exactly once")
     ranks, top, lengths, targets = (np.concatenate([p[i] for p in shards])[order] for i in range(1, 5))
     e = spec.eval
-    return summarize(ranks, top, lengths, targets, data.num_items, data.popularity,
-                     e.ks, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+    cand = candidate_items(spec, data.catalogue)
+    result = summarize(ranks, top, lengths, targets, int(cand.sum()), data.popularity,
+                       e.ks, item_emb, e.tail_share, e.cold_item_max, e.short_history_max)
+    return with_candidate_counts(result, cand, scorable)
 
 
 def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rank: int, world: int,
-                     gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None) -> dict:
+                     gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None,
+                     scorable: np.ndarray | None = None) -> dict:
     """Full ranking with the split's users shared among `world` workers: each ranks the users its
     data shard holds (or, when every worker holds every user, every world-th of them), `gather`
     collects every worker's, and every worker returns the same metrics."""
@@ -152,23 +225,23 @@ def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, r
         rows = np.arange(rank, len(data.split(split).targets), world)
     else:
         raise ValueError(f"worker {rank} of {world} was given the data shard {data.shard}")
-    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split, rows)), item_emb)
+    return merge_shards(spec, data, split, gather(rank_shard(spec, score, data, split, rows)), item_emb, scorable)
 
 
 # ----------------------------------------------------------------------------- any model kind
 
 def score_function(spec: JobSpec, data: SeqData, item_emb: np.ndarray, checkpoint: str | None = None,
-                   cache_dir: str | None = None) -> tuple[ScoreFn, str]:
-    """(score function, label) for the spec's model kind: popularity and the transition graph are
-    built from the training sequences; a trained model (sasrec, hllm) is loaded from `checkpoint`."""
+                   cache_dir: str | None = None) -> tuple[ScoreFn, str, np.ndarray | None]:
+    """(score function, label, items it can score or None for all) for the spec's model kind:
+    popularity and the transition graph are built from the training sequences; a trained model
+    (sasrec, hstu, hllm) is loaded from `checkpoint` onto the data's catalogue."""
     m = spec.model
     if m.kind == "pop":
-        return Popularity(data.popularity).score, "pop"
+        return Popularity(data.popularity).score, "pop", None
     if m.kind == "graph":
         return TransitionGraph(data.train, data.num_items, item_emb, data.popularity, m.graph_hops,
-                               m.graph_last_items).score, "graph"
+                               m.graph_last_items).score, "graph", None
     if not checkpoint:
         raise ValueError(f"model.kind={m.kind}: a trained model needs a checkpoint file to score")
-    model, ckpt = load_model(checkpoint, cache_dir=cache_dir)
-    ckpt.check_data(data, checkpoint)
-    return scorer(model, ckpt.spec.data.max_seq_len), f"{ckpt.spec.model.kind} ({checkpoint})"
+    loaded = load_for_catalogue(checkpoint, data.catalogue, data.versions.get("item_index"), cache_dir)
+    return loaded.score_function(), f"{loaded.ckpt.spec.model.kind} ({checkpoint})", loaded.scorable

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+import shutil
 import subprocess
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +26,14 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from jobs.spec import JobSpec, dump_spec, flat_doc, mask_uri, public_doc, tracking_uri
-from ray_jobs.checkpoint import load_model, read_model
+from jobs.secrets import flat_doc, mask_uri, public_doc
+from jobs.spec import JobSpec, dump_spec, tracking_uri
+from ray_jobs.catalogue import Catalogue
+from ray_jobs.checkpoint import read_model
 from ray_jobs.loop import Reporter
 from ray_jobs.models import reads_request_time
-from ray_jobs.models.hllm import cache_file
-from ray_jobs.scoring import scorer, top_k
+from ray_jobs.models.hllm import item_cache
+from ray_jobs.scoring import load_for_catalogue, top_k
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,43 +180,55 @@ class MetricLogger(Reporter):
 
 
 class Recommender:
-    """The registered model's pyfunc: item-id histories -> top-K item ids with scores, history masked.
+    """The registered model's pyfunc, in the source's own item ids: histories of item ids -> top-K
+    item ids with scores, history items masked.
 
-    Input: a DataFrame with a `history` column (lists of item ids, oldest first) or a list of
-    lists; for a model that reads timestamps (HSTU with a time bias) also a `timestamps` column
-    (epoch seconds of each history item) and, where its bias measures gaps from the predicted
-    event's time (`model.query_time: target`), a `request_time` column (epoch seconds the
-    recommendations are for; optional otherwise). Params: `k` (default 10). Output: a DataFrame
-    with `item_ids` and `scores` lists.
+    Input: a DataFrame with a `history` column (lists of the source's item ids, oldest first; numbers
+    are read as their text) or a list of lists; for a model that reads timestamps (HSTU with a time
+    bias) also a `timestamps` column (epoch seconds of each history item) and, where its bias
+    measures gaps from the predicted event's time (`model.query_time: target`), a `request_time`
+    column (epoch seconds the recommendations are for; optional otherwise). History items the
+    catalogue does not know are skipped and counted. Params: `k` (default 10). Output: a DataFrame
+    with `item_ids` (source ids), `scores` and `unknown_history_items`; never an inactive item,
+    padding or a -inf score (fewer than k items where fewer remain).
 
     The registered model holds data only: `MLmodel` names this installed module as the pyfunc
     loader (`loader_module`), and `data/` holds `model.pt` (weights read with
-    `torch.load(weights_only=True)`) and, for a cached-mode HLLM, its item-embedding cache. No
-    pickle and no code travel with it, so loading it needs llmrec installed and runs nothing from
-    the registry."""
+    `torch.load(weights_only=True)`), `catalogue.parquet` (the item index it serves: index, source
+    id, text, active) and, for a cached-mode HLLM, the item embeddings of that catalogue
+    (safetensors). No pickle and no code travel with it, so loading it needs llmrec installed and
+    runs nothing from the registry (`llmrec verify-model` checks a registered model for that)."""
 
     def __init__(self, data_path: str) -> None:
         files = {f: os.path.join(data_path, f) for f in os.listdir(data_path)}
         if "model.pt" not in files:
             raise FileNotFoundError(f"{data_path}: no model.pt in the registered model's data")
-        caches = [f for f in files if f.startswith("items-") and f.endswith(".pt")]
-        self.model, ckpt = load_model(files["model.pt"], cache_dir=data_path if caches else None)
-        self.score = scorer(self.model, ckpt.spec.data.max_seq_len)
-        self.num_items = ckpt.num_items
+        ckpt = read_model(files["model.pt"])
+        if CATALOGUE_FILE in files:
+            self.catalogue = read_catalogue_file(files[CATALOGUE_FILE])
+        else:  # registered before catalogues were shipped: the model's own, known by index only
+            ids = ckpt.item_ids or [str(i) if i else "" for i in range(ckpt.num_items + 1)]
+            self.catalogue = Catalogue(ids, ckpt.item_text)
+        loaded = load_for_catalogue(files["model.pt"], self.catalogue, cache_dir=data_path, label="registered model")
+        self.model, self.score = loaded.model, loaded.score_function()
+        self.index = self.catalogue.index_of()
+        self.num_items = self.catalogue.num_items
 
     def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
         frame = isinstance(model_input, pd.DataFrame)
-        histories = [np.asarray(h, dtype=np.int64).reshape(-1)
-                     for h in (model_input["history"] if frame else model_input)]
-        keep = [(h > 0) & (h <= self.num_items) for h in histories]  # unknown ids and padding dropped
+        raw = [list(np.asarray(h, dtype=object).reshape(-1)) for h in (model_input["history"] if frame else model_input)]
+        known = [[self.index.get(str(i)) for i in h] for h in raw]
+        keep = [np.asarray([x is not None for x in h], dtype=bool) for h in known]
+        histories = [np.asarray([x for x in h if x is not None], dtype=np.int64) for h in known]
+        unknown = [int((~m).sum()) for m in keep]
         times = None
         if self.score.reads_time:
             if not frame or "timestamps" not in model_input:
                 raise ValueError("this model reads event timestamps: the input needs a `timestamps` column "
                                  "(epoch seconds of each history item) beside `history`")
             times = [np.asarray(t, dtype=np.int64).reshape(-1) for t in model_input["timestamps"]]
-            if any(len(t) != len(h) for t, h in zip(times, histories)):
+            if any(len(t) != len(h) for t, h in zip(times, raw)):
                 raise ValueError("input: each row's `timestamps` must have one entry per `history` item")
             if "request_time" in model_input:
                 asked = [int(x) for x in model_input["request_time"]]
@@ -223,9 +238,39 @@ class Recommender:
             else:  # read by nothing: the model measures gaps from each event
                 asked = [int(t.max()) if len(t) else 0 for t in times]
             times = [np.append(t[m], q) for t, m, q in zip(times, keep, asked)]
-        histories = [h[m] for h, m in zip(histories, keep)]
-        ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024, times=times)
-        return pd.DataFrame({"item_ids": [r.tolist() for r in ids], "scores": [r.tolist() for r in scores]})
+        ids, scores = top_k(self.score, histories, min(k, self.num_items), batch_size=1024, times=times,
+                            candidates=self.catalogue.active)
+        rows = [[(self.catalogue.item_ids[i], float(v)) for i, v in zip(r, sc) if i > 0 and np.isfinite(v)]
+                for r, sc in zip(ids, scores)]
+        return pd.DataFrame({"item_ids": [[i for i, _ in r] for r in rows], "scores": [[v for _, v in r] for r in rows],
+                             "unknown_history_items": unknown})
+
+
+CATALOGUE_FILE = "catalogue.parquet"
+
+
+def write_catalogue_file(catalogue: Catalogue, path: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = range(1, catalogue.num_items + 1)
+    pq.write_table(pa.table({"item_idx": pa.array(list(rows), pa.int32()),
+                             "item_id": [catalogue.item_ids[i] for i in rows],
+                             "text": [catalogue.item_text[i] for i in rows],
+                             "active": pa.array(catalogue.active[1:].tolist(), pa.bool_()),
+                             "kcore": pa.array(catalogue.kcore[1:].tolist(), pa.bool_())}), path)
+    return path
+
+
+def read_catalogue_file(path: str) -> Catalogue:
+    import pyarrow.parquet as pq
+    t = pq.read_table(path).to_pylist()
+    n = max((r["item_idx"] for r in t), default=0)
+    ids, text = [""] * (n + 1), [""] * (n + 1)
+    active, kcore = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    for r in t:
+        i = r["item_idx"]
+        ids[i], text[i], active[i], kcore[i] = r["item_id"], r["text"], r["active"], r["kcore"]
+    return Catalogue(ids, text, active, kcore)
 
 
 def _load_pyfunc(data_path: str) -> Recommender:
@@ -233,26 +278,31 @@ def _load_pyfunc(data_path: str) -> Recommender:
     return Recommender(data_path)
 
 
-def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, alias: str = "challenger") -> int:
-    """Log the pyfunc (the checkpoint, and a cached-mode HLLM's item-embedding cache, as its data;
-    `Recommender` as its installed loader) to the run, register it under the spec's model name,
-    point `alias` at the new version."""
-    import shutil
+def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, catalogue: Catalogue | None = None,
+                    alias: str = "challenger") -> int:
+    """Log the pyfunc (the checkpoint, the catalogue it serves — by default the one it was trained on —
+    and a cached-mode HLLM's item embeddings of it, as its data; `Recommender` as its installed
+    loader) to the run, register it under the spec's model name, point `alias` at the new version."""
     import tempfile
     uri = tracking_uri(spec)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     ckpt = read_model(checkpoint_file)
-    item_cache = cache_file(ckpt.spec.model, ckpt.versions.get("item_index"))
-    example = pd.DataFrame({"history": [[1, 2, 3]]})
-    signature = mlflow.models.infer_signature(example, pd.DataFrame({"item_ids": [[4, 5]], "scores": [[0.9, 0.8]]}),
-                                              params={"k": 10})
+    if catalogue is None:
+        ids = ckpt.item_ids or [str(i) if i else "" for i in range(ckpt.num_items + 1)]
+        catalogue = Catalogue(ids, ckpt.item_text, kcore=ckpt.catalogue.seen_mask())
+    example = pd.DataFrame({"history": [["1", "2", "3"]]})
+    signature = mlflow.models.infer_signature(
+        example, pd.DataFrame({"item_ids": [["4", "5"]], "scores": [[0.9, 0.8]], "unknown_history_items": [0]}),
+        params={"k": 10})
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = os.path.join(tmp, "data")
         os.makedirs(data)
         shutil.copyfile(checkpoint_file, os.path.join(data, "model.pt"))
-        if item_cache:
-            shutil.copyfile(item_cache, os.path.join(data, os.path.basename(item_cache)))
+        write_catalogue_file(catalogue, os.path.join(data, CATALOGUE_FILE))
+        m = ckpt.spec.model
+        if m.kind == "hllm" and m.mode == "cached":  # the catalogue's embeddings, computed where the cache is
+            item_cache(m).export(catalogue.item_text, data)
         info = mlflow.pyfunc.log_model(
             name="model", loader_module="ray_jobs.tracking", data_path=data, signature=signature,
             pip_requirements=[f"mlflow=={mlflow.__version__}"], registered_model_name=model_name(spec))
@@ -262,7 +312,8 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, alias: str
 
 
 def publish(spec: JobSpec, run_id: str, model_path: str, metrics: dict[str, float], documents: dict[str, object],
-            plots: dict[str, Callable[[str], str]], tags: dict[str, object], register: bool) -> tuple[int | None, dict]:
+            plots: dict[str, Callable[[str], str]], tags: dict[str, object], register: bool,
+            catalogue: Catalogue | None = None) -> tuple[int | None, dict]:
     """A finished run's results into its MLflow run: final metrics, JSON documents, plots (each drawn
     by its function into `plots/` beside the model file, and kept there), tags; then the model
     registered. Returns (registered version or None, plot name -> file)."""
@@ -277,7 +328,7 @@ def publish(spec: JobSpec, run_id: str, model_path: str, metrics: dict[str, floa
         for path in files.values():
             mlflow.log_artifact(path, "plots")
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
-    return (log_recommender(spec, run_id, model_path) if register else None), files
+    return (log_recommender(spec, run_id, model_path, catalogue) if register else None), files
 
 
 def run_link(spec: JobSpec, run_id: str) -> str:

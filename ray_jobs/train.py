@@ -58,7 +58,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     """Train in this process, resuming from `<checkpoint_dir>/<name>/last.pt` unless `resume` is
     False; `stop_after_epoch` ends this call early, as an interruption would."""
     data = data or load_sequences(spec)
-    state = training_state(spec, data, torch.device("cpu"), warm_start(spec, data)[0])
+    state = training_state(spec, data, torch.device("cpu"), warm_start(spec, data).path)
     backend = LocalBackend(state, local_dir(spec))
     if resume:
         backend.restore()
@@ -74,7 +74,7 @@ def train_worker(cfg: dict) -> None:
     data = load_sequences(spec, cfg["versions"], shard=(ctx.rank, ctx.world))  # this worker's users only
     state = training_state(spec, data, ctx.device, cfg.get("init_file"))
     backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
-                               lambda: build_model(spec, data.item_text, data.versions.get("item_index")))
+                               lambda: build_model(spec, data.item_text))
     backend.restore()
     reporter = tracking.MetricLogger(tracking_uri(spec), cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
         else Reporter()
@@ -88,7 +88,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     check_storage_path(spec)
     init_ray(spec)
     data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
-    init_file, started = warm_start(spec, data)
+    start = warm_start(spec, data)
     ds_cfg = deepspeed_config(spec, spec.train.workers)
     run_id = tracking.start_run(spec, run_name, "train",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
@@ -96,8 +96,8 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     with tracking.failed_on_error(spec, run_id):
         checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
                                               "deepspeed": ds_cfg, "run_id": run_id,
-                                              "pid_dir": pid_dir, "init_file": init_file}, run_name, "training")
-        return finish(spec, run_name, run_id, checkpoint, data, started, register)
+                                              "pid_dir": pid_dir, "init_file": start.path}, run_name, "training")
+        return finish(spec, run_name, run_id, checkpoint, data, start.tag, register)
 
 
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData, started: str, register: bool) -> dict:
@@ -105,7 +105,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData,
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress
-    item_emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])  # for ILD
+    item_emb = minilm_item_embeddings(spec.model, data.item_text)  # for ILD
     results = {split: evaluate_distributed(spec, out_file, split, spec.train.workers, data, item_emb)
                for split in ("valid", "test")}
     popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split, item_emb)
@@ -121,7 +121,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData,
         plots={"metrics_vs_k.png": lambda path: tracking.plot_metrics_vs_k(results, path),
                "training_curves.png": lambda path: tracking.plot_training_curves(p["history"], path)},
         tags={"best_epoch": p["best_epoch"], "stopped": p["stopped"], "restarts": p["restarts"], "warm_start": started},
-        register=register)
+        register=register, catalogue=data.catalogue)
     return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
             "model_version": version, "best_epoch": p["best_epoch"], "epochs_run": p["epoch"], "steps": p["step"],
             "restarts": p["restarts"], "stopped": p["stopped"], "seconds": p["seconds"], "versions": data.versions,

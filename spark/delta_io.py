@@ -1,7 +1,8 @@
 """Delta Lake I/O: native format("delta") + SQL MERGE where the session has Delta, delta-rs otherwise.
 
-Every writer returns the table version it committed; every reader can pin a version. Commits are
-atomic (Delta's log), so a failed write leaves the previous version intact.
+Every writer returns the table version it committed and reports it to `jobs.lake.committed`; every
+reader can pin a version. Commits are atomic (Delta's log), so a failed write leaves the previous
+version intact; a log that can't be read is `jobs.lake.LakeCorrupt`, naming the table.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
 from pyspark.sql import DataFrame
 
+from jobs.lake import committed, latest_version, open_table
 from spark.session import Engine
 
 
@@ -24,10 +25,7 @@ def normalize_path(path: str) -> str:
 
 def table_version(path: str, storage_options: dict | None = None) -> int | None:
     """The latest committed version, or None when there is no Delta table at `path`."""
-    try:
-        return DeltaTable(normalize_path(path), storage_options=storage_options or None).version()
-    except TableNotFoundError:
-        return None
+    return latest_version(normalize_path(path), storage_options)
 
 
 def table_exists(path: str, storage_options: dict | None = None) -> bool:
@@ -35,7 +33,7 @@ def table_exists(path: str, storage_options: dict | None = None) -> bool:
 
 
 def table_history(path: str, storage_options: dict | None = None) -> list[dict]:
-    return DeltaTable(normalize_path(path), storage_options=storage_options or None).history()
+    return open_table(normalize_path(path), options=storage_options).history()
 
 
 def read_table(engine: Engine, path: str, version: int | None = None,
@@ -48,7 +46,7 @@ def read_table(engine: Engine, path: str, version: int | None = None,
         if version is not None:
             reader = reader.option("versionAsOf", version)
         return reader.load(path)
-    dt = DeltaTable(path, version=version, storage_options=storage_options or None)
+    dt = open_table(path, version, storage_options)
     uris = dt.file_uris()
     features = dt.protocol().reader_features or []
     if uris and not dt.metadata().partition_columns and "deletionVectors" not in features:
@@ -77,7 +75,9 @@ def write_table(engine: Engine, df: DataFrame, path: str, mode: str = "overwrite
         reader = dataset.scanner(batch_size=32768, batch_readahead=1, fragment_readahead=1).to_reader()
         write_deltalake(path, reader, mode=mode, schema_mode="overwrite" if mode == "overwrite" else None,
                         target_file_size=32 * 1024 * 1024, storage_options=storage_options or None)
-    return table_version(path, storage_options)
+    version = table_version(path, storage_options)
+    committed(path, version)
+    return version
 
 
 def _arrow_schema(df: DataFrame):
@@ -98,27 +98,35 @@ def merge_table(engine: Engine, source: DataFrame, path: str, keys: list[str],
     """Upsert `source` into the table at `path` on `keys`.
 
     Rows whose keys are new are inserted; rows whose keys exist and whose `compare` columns differ
-    are updated; everything else is left alone. A source with nothing new commits nothing, so
-    re-running the same load is a no-op (same version, same contents). `source` must be unique on
-    `keys`.
+    (NULLs compare equal to NULLs) have those columns updated — every other column keeps the value
+    it was inserted with (when a row first landed, for one); everything else is left alone. A source
+    with nothing new commits nothing, so re-running the same load is a no-op (same version, same
+    contents). `source` must be unique on `keys`.
     """
     path = normalize_path(path)
-    if not table_exists(path, storage_options):
+    base = table_version(path, storage_options)
+    if base is None:
         n = source.count()
         return MergeResult(write_table(engine, source, path, "overwrite", storage_options), n, 0, True)
-    target = read_table(engine, path, storage_options=storage_options)
+    target = read_table(engine, path, base, storage_options)
     compare = list(compare or [])
     fresh = source.join(target.select(*keys), on=keys, how="left_anti")
-    changed = source.join(target.select(*keys, *compare), on=keys + compare, how="left_anti") if compare else fresh
+    if compare:
+        t = target.select(*keys, *compare).toDF(*[f"_t_{c}" for c in (*keys, *compare)])
+        same = [source[k] == t[f"_t_{k}"] for k in keys] + [source[c].eqNullSafe(t[f"_t_{c}"]) for c in compare]
+        changed = source.join(t, on=same, how="left_anti")
+    else:
+        changed = fresh
     n_new = fresh.count()
     n_changed = changed.count() if compare else n_new
     if n_changed == 0:
-        return MergeResult(table_version(path, storage_options), 0, 0, False)
+        return MergeResult(base, 0, 0, False)
     on = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
     if engine.native_delta:
         view = f"llmrec_merge_{uuid.uuid4().hex}"
         changed.createOrReplaceTempView(view)
-        matched = "WHEN MATCHED THEN UPDATE SET * " if compare else ""
+        matched = ("WHEN MATCHED THEN UPDATE SET " + ", ".join(f"t.`{c}` = s.`{c}`" for c in compare) + " ") \
+            if compare else ""
         engine.session.sql(
             f"MERGE INTO delta.`{path}` AS t USING {view} AS s ON {on} {matched}WHEN NOT MATCHED THEN INSERT *"
         ).collect()
@@ -127,6 +135,8 @@ def merge_table(engine: Engine, source: DataFrame, path: str, keys: list[str],
         merger = DeltaTable(path, storage_options=storage_options or None).merge(
             source=changed.toArrow(), predicate=on.replace("`", ""), source_alias="s", target_alias="t")
         if compare:
-            merger = merger.when_matched_update_all()
+            merger = merger.when_matched_update(updates={c: f"s.{c}" for c in compare})
         merger.when_not_matched_insert_all().execute()
-    return MergeResult(table_version(path, storage_options), n_new, n_changed - n_new, True)
+    version = table_version(path, storage_options)
+    committed(path, version)
+    return MergeResult(version, n_new, n_changed - n_new, True)

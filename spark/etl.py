@@ -10,12 +10,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
-from deltalake import DeltaTable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.files import write_atomic
-from jobs.lake import TABLES, dataset_root, etl_lock, publish
+from jobs.lake import (TABLES, current_publication, dataset_root, etl_lock, open_table, publish,
+                       rollback_unpublished)
 from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec, storage_options
 from spark import quality
@@ -23,11 +23,13 @@ from spark.delta_io import MergeResult, merge_table, read_table, table_version, 
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
 from spark.sources import RawSource, SourceError, landing_days, read_landing_day, read_source
-from spark.transforms import (EmptyData, assign_ids, build_item_index, build_sequences, collapse_repeats, deduplicate,
-                              filter_min_value, index_interactions, kcore, leave_one_out, line_checks, quarantine_rows,
-                              tag_interactions, temporal_split, typed_interactions)
+from spark.transforms import (EmptyData, build_item_index, build_sequences, collapse_repeats, deduplicate,
+                              extend_index, filter_min_value, first_appearance, index_interactions, interaction_counts,
+                              kcore, leave_one_out, line_checks, quarantine_rows, tag_interactions, temporal_split,
+                              typed_interactions)
 
 NATURAL_KEY = ["user_id", "item_id", "ts"]
+ITEM_FIELDS = ["title", "categories", "description", "attributes", "active"]  # what a changed item text is
 # The tables an ETL run writes, each with the tables it is built from (the Dagster asset graph).
 ETL_TABLES: dict[str, list[str]] = {
     "interactions_raw": [], "quarantine": ["interactions_raw"], "interactions": ["interactions_raw"], "items": [],
@@ -55,6 +57,10 @@ class Accounting:
 
 @dataclass
 class GoldStats:
+    """`users` / `items`: rows of the lineage's indexes (every id ever given; inactive items stay);
+    `items_active`: catalogue items that can be recommended; `items_in_kcore`: those the models train
+    on; `items_without_metadata`: catalogue items with no metadata yet (their text is their id);
+    `new_items` / `new_users`: ids this build added to the published index."""
     interactions_after_filters: int
     interactions: int
     users: int
@@ -62,6 +68,11 @@ class GoldStats:
     kcore_rounds: list[dict]
     sequences_by_split: dict[str, int]
     temporal_cuts: list[int] | None
+    items_active: int = 0
+    items_in_kcore: int = 0
+    items_without_metadata: int = 0
+    new_items: int = 0
+    new_users: int = 0
 
 
 @dataclass
@@ -71,6 +82,7 @@ class GoldBuild:
     versions: dict[str, int]
     checks: list[CheckResult]
     published: int | None = None   # the publication's commit, None when a check failed (nothing published)
+    lineage: str | None = None     # the id lineage the build extends (None: a new one)
 
     @property
     def checks_passed(self) -> bool:
@@ -89,6 +101,8 @@ class IngestResult:
     gold: GoldBuild | None = None
     gold_skipped: str | None = None
     accounting: Accounting | None = None
+    items: MergeResult | None = None   # the day's item metadata MERGEd into silver/items (None: no items file)
+    repairs: list[dict] = field(default_factory=list)  # rolled back before the day (`jobs.lake.rollback_unpublished`)
 
 
 @dataclass
@@ -108,6 +122,8 @@ class EtlSummary:
     landing: list[IngestResult] = field(default_factory=list)
     last_ingest: IngestResult | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
+    repairs: list[dict] = field(default_factory=list)  # what was rolled back first (`jobs.lake.rollback_unpublished`)
+    lineage: str | None = None
 
     @property
     def checks_passed(self) -> bool:
@@ -126,12 +142,13 @@ class EtlSummary:
                                 GoldBuild(GoldStats(**gold["gold"]), gold["versions"],
                                           [CheckResult(**c) for c in gold["checks"]], gold.get("published"))
                                 if gold else None, d.get("gold_skipped"),
-                                Accounting(**d["accounting"]) if d.get("accounting") else None)
+                                Accounting(**d["accounting"]) if d.get("accounting") else None,
+                                MergeResult(**d["items"]) if d.get("items") else None, d.get("repairs", []))
         return cls(doc["spec"], doc["dataset"], doc["engine"], doc["lake"], doc["source"], doc["ingest_date"],
                    Accounting(**doc["accounting"]) if doc.get("accounting") else None, GoldStats(**doc["gold"]),
                    doc["versions"], [CheckResult(**c) for c in doc["checks"]], doc.get("published"),
                    [ingest(x) for x in doc.get("landing", [])], ingest(doc.get("last_ingest")),
-                   doc.get("step_seconds", {}))
+                   doc.get("step_seconds", {}), doc.get("repairs", []), doc.get("lineage"))
 
 
 @dataclass
@@ -155,7 +172,7 @@ class Lake:
 
     def count(self, table: str, version: int | None = None) -> int:
         """Row count from the Delta log's file statistics (no scan)."""
-        return DeltaTable(self.path(table), version=version, storage_options=self.storage_options or None).count()
+        return open_table(self.path(table), version, self.storage_options, table).count()
 
     def write(self, engine: Engine, df: DataFrame, table: str) -> int:
         return write_table(engine, df, self.path(table), "overwrite", self.storage_options)
@@ -213,19 +230,21 @@ def tag(src: RawSource, spec: JobSpec, bronze: DataFrame) -> DataFrame:
                             (earliest, latest), src.user_id_pattern, src.item_id_pattern)
 
 
-def silver_items(tagged_items: DataFrame) -> DataFrame:
-    """One metadata row per item id (the first by verbatim text where a feed repeats an item)."""
+def silver_items(tagged_items: DataFrame, landed_on: str | None = None) -> DataFrame:
+    """One metadata row per item id (the first by verbatim text where a feed repeats an item), with
+    the landing day it came with (NULL: the base source)."""
     w = Window.partitionBy("item_id").orderBy("raw")
     return (tagged_items.filter(F.col("reason").isNull()).withColumn("_rn", F.row_number().over(w))
             .filter(F.col("_rn") == 1)
-            .select("item_id", "title", "categories", "description", "attributes"))
+            .select("item_id", *ITEM_FIELDS, F.lit(landed_on).cast("date").alias("landed_on")))
 
 
 def items_from_interactions(silver: DataFrame) -> DataFrame:
     """Sources without metadata: every item id, no text fields (item text falls back to the id)."""
     return silver.select("item_id").distinct().select(
         "item_id", F.lit(None).cast("string").alias("title"), F.lit(None).cast("array<string>").alias("categories"),
-        F.lit(None).cast("string").alias("description"), F.lit(None).cast("string").alias("attributes"))
+        F.lit(None).cast("string").alias("description"), F.lit(None).cast("string").alias("attributes"),
+        F.lit(True).alias("active"), F.lit(None).cast("date").alias("landed_on"))
 
 
 def _bronze_columns(df: DataFrame) -> DataFrame:
@@ -244,12 +263,35 @@ def locked(fn):
     return run
 
 
-@locked
-def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
-    """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold."""
+def rolled_back_on_failure(fn):
+    """A writer, under the ETL lock, that starts from the published version set (what a failed or
+    killed earlier run left ahead of it is rolled back first: `jobs.lake.rollback_unpublished`) and
+    rolls its own commits back when it raises. Its result's `repairs` say what was rolled back."""
+    @functools.wraps(fn)
+    def run(spec: JobSpec, *args, **kwargs):
+        with etl_lock(spec):
+            repairs = rollback_unpublished(spec, list(ETL_TABLES))
+            try:
+                result = fn(spec, *args, **kwargs)
+            except BaseException:
+                rollback_unpublished(spec, list(ETL_TABLES))
+                raise
+            result.repairs = [asdict(r) for r in repairs] + getattr(result, "repairs", [])
+            return result
+    return run
+
+
+@rolled_back_on_failure
+def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool = False) -> EtlSummary:
+    """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold. The
+    ids of the published index are kept (`renumber`: start a new id lineage instead). A run whose
+    checks fail publishes nothing and rolls its commits back (readers and the next writer keep the
+    published set; the failed versions stay readable by time travel, listed in the summary)."""
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
     check_landing(spec)
+    days = list(landing_days(d.landing)) if d.landing is not None else []
+    landed = {day: read_landing_day(engine, d.landing, day, d.max_line_bytes) for day in days}  # checked before writing
     with steps.step("read source"):
         src = read_source(engine, d.source, d.max_line_bytes)
         if src.interactions.limit(1).count() == 0:  # before anything is written
@@ -274,14 +316,13 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET) -> EtlSummary:
         lake.write(engine, items, "items")
     with steps.step("accounting"):
         accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
-    landed = []
-    if d.landing is not None:
-        for day in landing_days(d.landing):
-            landed.append(ingest_day(spec, engine, day, steps, rebuild_gold=False))
-    build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None)
+    ingested = [merge_day(spec, engine, day, steps, landed[day]) for day in days]
+    build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None, renumber=renumber)
     summary = EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, ingest_date, accounting,
-                         build.gold, build.versions, build.checks, build.published, landed,
-                         step_seconds={k: round(v, 3) for k, v in steps.timings.items()})
+                         build.gold, build.versions, build.checks, build.published, ingested,
+                         step_seconds={k: round(v, 3) for k, v in steps.timings.items()}, lineage=build.lineage)
+    if build.published is None:
+        summary.repairs = [asdict(r) for r in rollback_unpublished(spec, list(ETL_TABLES))]
     write_summary(lake, summary)
     return summary
 
@@ -314,57 +355,93 @@ def conflicting_keys(typed: DataFrame) -> int:
     return typed.groupBy(*NATURAL_KEY).agg(F.countDistinct("value").alias("n")).filter(F.col("n") > 1).count()
 
 
-def account_day(tagged: DataFrame) -> Accounting:
+def account_day(tagged: DataFrame, items_tagged: DataFrame | None = None) -> Accounting:
     """Where every row of a landed day went, from its tagged rows (before the MERGEs)."""
     raw_rows = tagged.count()
     reasons = {r["reason"]: int(r["count"]) for r in tagged.filter(F.col("reason").isNotNull())
                .groupBy("reason").count().collect()}
+    item_reasons = {} if items_tagged is None else \
+        {r["reason"]: int(r["count"]) for r in items_tagged.filter(F.col("reason").isNotNull())
+         .groupBy("reason").count().collect()}
     typed = typed_interactions(tagged)
     valid_rows, kept = typed.count(), deduplicate(typed).count()
     quarantined = sum(reasons.values())
     return Accounting(raw_rows, quarantined, dict(sorted(reasons.items())), valid_rows - kept, kept,
-                      raw_rows == valid_rows + quarantined, {}, conflicting_keys(typed))
+                      raw_rows == valid_rows + quarantined, dict(sorted(item_reasons.items())), conflicting_keys(typed))
 
 
 # ----------------------------------------------------------------------------- incremental
 
-@locked
-def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET, rebuild_gold: bool = True) -> IngestResult:
-    """MERGE one landed day into bronze, quarantine and silver on their keys, then rebuild gold.
+@rolled_back_on_failure
+def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) -> IngestResult:
+    """MERGE one landed day into bronze, quarantine and silver (interactions, and items when the day
+    brings metadata) on their keys, then rebuild gold and publish it when its checks pass.
 
-    Re-running the same day inserts nothing and commits nothing: the table versions stay put."""
+    Re-running the same day inserts nothing and commits nothing: the table versions stay put. A day
+    whose gold fails its checks publishes nothing and its commits are rolled back."""
     lake, d = Lake.of(spec), spec.data
     if d.landing is None:
         raise ValueError(f"spec {spec.name}: data.landing is not configured; nothing to ingest for {day}")
     check_landing(spec)
-    if lake.version("interactions") is None:
-        raise ValueError(f"spec {spec.name}: no silver table at {lake.path('interactions')}; run `llmrec etl` first")
+    publication = current_publication(spec)
+    if lake.version("interactions") is None or publication is None:
+        raise ValueError(f"spec {spec.name}: no published silver table at {lake.path('interactions')}; "
+                         "run `llmrec etl` first")
+    check_silver_schema(lake, engine)
+    src = read_landing_day(engine, d.landing, day, d.max_line_bytes)  # headers and columns checked before writing
+    result = merge_day(spec, engine, day, steps, src)
+    # anything committed must be published (what is not is rolled back by the next writer): gold is
+    # rebuilt whenever the day changed a table, and only then
+    changed = [r for r in (result.bronze, result.quarantine, result.silver, result.items) if r is not None and r.committed]
+    if changed or "sequences" not in publication.versions:
+        result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}")
+        previous = read_summary(lake)
+        write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
+                                    published=g.published, last_ingest=result, lineage=g.lineage)
+                      if previous else EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, today_utc(),
+                                                  None, g.gold, g.versions, g.checks, g.published, last_ingest=result,
+                                                  lineage=g.lineage))
+        if g.published is None:
+            rollback_unpublished(spec, list(ETL_TABLES))
+    else:
+        result.gold_skipped = f"silver unchanged at version {result.silver.version}"
+    return result
+
+
+def check_silver_schema(lake: Lake, engine: Engine) -> None:
+    """A lake built before silver recorded when rows landed can't take a MERGE of the new schema."""
+    columns = set(lake.read(engine, "interactions").columns) | set(lake.read(engine, "items").columns)
+    if not {"landed_on", "active"} <= columns:
+        raise ValueError(f"dataset at {lake.root}: its silver tables predate landing days and the item catalogue "
+                         "(no landed_on / active columns); run `llmrec etl` once to rebuild them (ids are kept)")
+
+
+def merge_day(spec: JobSpec, engine: Engine, day: str, steps: Steps, src: RawSource) -> IngestResult:
+    """One landed day MERGEd into bronze, quarantine and silver (gold is the caller's)."""
+    lake = Lake.of(spec)
+    opts = lake.storage_options
     with steps.step(f"landing {day}: read"):
-        src: RawSource = read_landing_day(engine, d.landing, day, d.max_line_bytes)
         bronze = engine.materialize(_bronze_columns(add_record_ids(src.interactions, today_utc())))
+        items_tagged = None if src.items is None else \
+            engine.materialize(tag_items(add_record_ids(src.items, today_utc()), src.item_id_pattern))
     with steps.step(f"landing {day}: bronze merge"):
-        r_raw = merge_table(engine, bronze, lake.path("interactions_raw"), ["record_id"],
-                            storage_options=lake.storage_options)
+        r_raw = merge_table(engine, bronze, lake.path("interactions_raw"), ["record_id"], storage_options=opts)
     tagged = tag(src, spec, bronze)
     with steps.step(f"landing {day}: quarantine merge"):
-        r_q = merge_table(engine, quarantine_rows(tagged, "interaction"), lake.path("quarantine"), ["record_id"],
-                          storage_options=lake.storage_options)
+        q = quarantine_rows(tagged, "interaction")
+        if items_tagged is not None:
+            q = q.unionByName(quarantine_rows(items_tagged, "item"))
+        r_q = merge_table(engine, q, lake.path("quarantine"), ["record_id"], storage_options=opts)
     with steps.step(f"landing {day}: silver merge"):
-        r_s = merge_table(engine, deduplicate(typed_interactions(tagged)), lake.path("interactions"), NATURAL_KEY,
-                          compare=["value"], storage_options=lake.storage_options)
-    result = IngestResult(day, bronze.count(), r_raw, r_q, r_s, accounting=account_day(tagged))
-    if rebuild_gold:
-        previous = read_summary(lake)
-        built_from = previous.versions.get("interactions") if previous else None
-        if r_s.committed or built_from != r_s.version or lake.version("sequences") is None:
-            result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}")
-            write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
-                                        published=g.published, last_ingest=result)
-                          if previous else EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, today_utc(),
-                                                      None, g.gold, g.versions, g.checks, g.published, last_ingest=result))
-        else:
-            result.gold_skipped = f"silver unchanged at version {r_s.version}"
-    return result
+        r_s = merge_table(engine, deduplicate(typed_interactions(tagged, day)), lake.path("interactions"), NATURAL_KEY,
+                          compare=["value"], storage_options=opts)
+    r_items = None
+    if items_tagged is not None:
+        with steps.step(f"landing {day}: items merge"):
+            r_items = merge_table(engine, silver_items(items_tagged, day), lake.path("items"), ["item_id"],
+                                  compare=ITEM_FIELDS, storage_options=opts)
+    return IngestResult(day, bronze.count(), r_raw, r_q, r_s, accounting=account_day(tagged, items_tagged),
+                        items=r_items)
 
 
 # ----------------------------------------------------------------------------- gold
@@ -384,15 +461,42 @@ def split_cuts(df: DataFrame, spec: JobSpec) -> tuple[int, int]:
     return valid, test
 
 
+def with_catalogue_columns(items: DataFrame, silver: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Silver tables as this code reads them: a lake built before landing days and the catalogue gets
+    `landed_on` NULL (the base) and every item active."""
+    if "landed_on" not in silver.columns:
+        silver = silver.withColumn("landed_on", F.lit(None).cast("date"))
+    if "landed_on" not in items.columns:
+        items = items.withColumn("landed_on", F.lit(None).cast("date"))
+    if "active" not in items.columns:
+        items = items.withColumn("active", F.lit(True))
+    return items, silver
+
+
 @locked
-def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None) -> GoldBuild:
-    """Gold tables from the latest silver version: filters, k-core, ids, item text, sequences, splits,
-    then the data-quality checks; with `publish_as`, the version set is published (readers switch to
-    it) only when every check passed."""
+def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None,
+               renumber: bool = False) -> GoldBuild:
+    """Gold tables from the silver this run wrote: the lineage's indexes (ids of the published index
+    kept, new users and items appended: `extend_index`), filters, k-core, item text, sequences,
+    splits, then the data-quality checks; with `publish_as`, the version set is published (readers
+    switch to it) only when every check passed. `renumber` starts a new id lineage."""
     lake, d = Lake.of(spec), spec.data
     v_silver, v_items = lake.version("interactions"), lake.version("items")
+    publication = None if renumber else current_publication(spec)
+    with steps.step("gold: ids"):
+        items, silver = with_catalogue_columns(lake.read(engine, "items", v_items),
+                                               lake.read(engine, "interactions", v_silver))
+        prev_items = prev_users = None
+        if publication is not None and {"item_index", "user_index"} <= set(publication.versions):
+            prev_items = lake.read(engine, "item_index", publication.versions["item_index"]).select("item_idx", "item_id")
+            prev_users = lake.read(engine, "user_index", publication.versions["user_index"]).select("user_idx", "user_id")
+        listed = items.select("item_id", "landed_on", F.lit(None).cast("bigint").alias("ts"))
+        catalogue = engine.materialize(silver.select("item_id", "landed_on", "ts").unionByName(listed))
+        item_ids = engine.materialize(extend_index(prev_items, first_appearance(catalogue, "item_id"),
+                                                   "item_id", "item_idx"))
+        user_ids = engine.materialize(extend_index(prev_users, first_appearance(silver, "user_id"),
+                                                   "user_id", "user_idx"))
     with steps.step("gold: filters + k-core"):
-        silver = lake.read(engine, "interactions", v_silver)
         df = filter_min_value(collapse_repeats(silver, d.dedup), d.min_value)
         if d.dedup != "natural_key":  # the window of collapse_repeats is worth computing once
             df = engine.materialize(df)
@@ -401,11 +505,11 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
             raise EmptyData(f"no interaction is left after data.min_value={d.min_value} and data.dedup={d.dedup}")
         df, rounds = kcore(df, d.kcore.user, d.kcore.item, d.kcore.max_rounds, engine.materialize)
     with steps.step("gold/user_index + item_index"):
-        v_users = lake.write(engine, assign_ids(df, "user_id", "user_idx"), "user_index")
-        items = lake.read(engine, "items", v_items)
-        item_ids = assign_ids(df, "item_id", "item_idx")
-        v_index = lake.write(engine, build_item_index(item_ids, items, d.item_text.template, d.item_text.max_chars),
-                             "item_index")
+        user_table = user_ids.join(interaction_counts(df, "user_id"), "user_id", "left").select(
+            "user_idx", "user_id", F.coalesce(F.col("n_interactions"), F.lit(0)).cast("bigint").alias("n_interactions"))
+        v_users = lake.write(engine, user_table, "user_index")
+        v_index = lake.write(engine, build_item_index(item_ids, items, catalogue, interaction_counts(df, "item_id"),
+                                                      d.item_text.template, d.item_text.max_chars), "item_index")
     users = lake.read(engine, "user_index", v_users)
     item_index = lake.read(engine, "item_index", v_index)
     with steps.step("gold/sequences"):
@@ -419,7 +523,11 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
         v_seq = lake.write(engine, splits, "sequences")
     sequences = lake.read(engine, "sequences", v_seq)
     with steps.step("quality checks"):
-        n_users, n_items = users.count(), item_index.count()
+        figures = item_index.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.col("active").cast("int")).alias("active"),
+                                 F.sum((F.col("n_interactions") > 0).cast("int")).alias("kcore"),
+                                 F.sum((F.col("active") & F.col("title").isNull() & F.col("description").isNull()
+                                        & F.col("categories").isNull()).cast("int")).alias("bare")).collect()[0]
+        n_users = users.count()
         n_inter = df.count()
         per_split = {r["split"]: int(r["count"]) for r in sequences.groupBy("split").count().collect()}
         checks = [
@@ -428,18 +536,31 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
                                 else index_interactions(df, users, item_index), d.kcore.user, d.kcore.item),
             quality.check_no_leakage(sequences),
             quality.check_sequence_items_indexed(sequences, item_index),
+            quality.check_index_stable(prev_items, item_index, "item_id", "item_idx", prev_users, users),
         ]
         q = lake.read(engine, "quarantine").filter(F.col("kind") == "interaction").count()
         raw = lake.count("interactions_raw")
         checks.append(quality.check_quarantine_share(raw, q, d.max_quarantine_share))
     versions = {t: lake.version(t) for t in ETL_TABLES}
-    build = GoldBuild(GoldStats(n_filtered, n_inter, n_users, n_items, rounds, dict(sorted(per_split.items())),
-                                list(cuts) if cuts else None),
-                      {k: v for k, v in versions.items() if v is not None}, checks)
+    new_items = int(figures["rows"]) - (prev_items.count() if prev_items is not None else 0)
+    new_users = n_users - (prev_users.count() if prev_users is not None else 0)
+    build = GoldBuild(GoldStats(n_filtered, n_inter, n_users, int(figures["rows"]), rounds,
+                                dict(sorted(per_split.items())), list(cuts) if cuts else None,
+                                int(figures["active"] or 0), int(figures["kcore"] or 0), int(figures["bare"] or 0),
+                                new_items, new_users),
+                      {k: v for k, v in versions.items() if v is not None}, checks,
+                      lineage=None if renumber or publication is None else publication.lineage)
     if publish_as and build.checks_passed:
         with steps.step("publish"):
-            build.published = publish(spec, build.versions, publish_as)
+            lineage = build.lineage or new_lineage()
+            build.published = publish(spec, build.versions, publish_as + (" (renumbered)" if renumber else ""), lineage)
+            build.lineage = lineage
     return build
+
+
+def new_lineage() -> str:
+    import uuid
+    return uuid.uuid4().hex[:12]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -448,7 +569,7 @@ def write_summary(lake: Lake, summary: EtlSummary) -> None:
     if "://" in lake.summary_path:
         return
     text = json.dumps(summary.to_dict(), indent=2, default=str)
-    write_atomic(lake.summary_path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(lake.summary_path, lambda tmp: Path(tmp).write_text(text))  # never follows a planted link
 
 
 def read_summary(lake: Lake) -> EtlSummary | None:

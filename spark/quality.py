@@ -10,7 +10,7 @@ from spark.transforms import kcore_satisfied, min_interactions
 
 # The table each check guards (the Dagster asset checks are declared from this).
 CHECKS = {"no_null_ids": "interactions", "kcore_holds": "sequences", "no_train_test_leakage": "sequences",
-          "sequence_items_indexed": "sequences", "quarantine_share": "quarantine"}
+          "sequence_items_indexed": "sequences", "ids_stable": "item_index", "quarantine_share": "quarantine"}
 
 
 @dataclass
@@ -83,3 +83,23 @@ def check_quarantine_share(n_raw: int, n_quarantined: int, max_share: float) -> 
     return CheckResult("quarantine_share", share <= max_share, f"quarantined share of raw rows <= {max_share}",
                        {"raw_rows": n_raw, "quarantined_rows": n_quarantined, "share": round(share, 6),
                         "max_share": max_share})
+
+
+def check_index_stable(prev_items: DataFrame | None, items: DataFrame, item_key: str, item_idx: str,
+                       prev_users: DataFrame | None, users: DataFrame) -> CheckResult:
+    """Every id of the published indexes still names the same item and user (ids are never
+    renumbered within a lineage), and no id names two keys."""
+    def moved(prev: DataFrame | None, now: DataFrame, key: str, idx: str) -> int:
+        if prev is None:
+            return 0
+        return prev.select(idx, key).join(now.select(idx, key), [idx, key], "left_anti").count()
+
+    def doubled(now: DataFrame, idx: str) -> int:
+        return now.groupBy(idx).count().filter(F.col("count") > 1).count()
+
+    m_items, m_users = moved(prev_items, items, item_key, item_idx), moved(prev_users, users, "user_id", "user_idx")
+    d_items, d_users = doubled(items, item_idx), doubled(users, "user_idx")
+    return CheckResult("ids_stable", m_items + m_users + d_items + d_users == 0,
+                       "every published item and user id keeps its key; no id is given twice",
+                       {"items_renumbered": m_items, "users_renumbered": m_users, "item_ids_doubled": d_items,
+                        "user_ids_doubled": d_users})

@@ -12,7 +12,8 @@ from typing import Iterator
 
 from pyspark.sql import DataFrame, SparkSession
 
-from jobs.spec import SparkSpec, from_env
+from jobs.secrets import from_env
+from jobs.spec import SparkSpec
 
 # Global windows (dense id assignment) are intended; PySpark's Connect client warns on each one.
 warnings.filterwarnings("ignore", message=".*No Partition Defined for Window operation.*")

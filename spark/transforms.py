@@ -64,7 +64,10 @@ def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = N
     if has_value:
         checks += [
             ("missing_value", F.col("value").isNull()),
-            ("unparsable_value", F.col("value_d").isNull() | F.isnan(F.col("value_d"))),
+            ("unparsable_value", F.col("value_d").isNull()),
+            # NaN and +-Infinity parse as doubles but are no rating: quarantined whatever data.value_range says
+            ("non_finite_value", F.isnan(F.col("value_d")) | ~F.col("value_d").between(-1.7976931348623157e308,
+                                                                                      1.7976931348623157e308)),
         ]
     out_of_range = F.lit(False)
     if value_min is not None:
@@ -78,11 +81,12 @@ def tag_interactions(raw: DataFrame, ts_format: str, value_min: float | None = N
     return raw.withColumn("ts_s", ts_s).withColumn("value_d", value_d).withColumn("reason", reason)
 
 
-def typed_interactions(tagged: DataFrame) -> DataFrame:
-    """Valid tagged rows in the silver schema (user_id, item_id, ts, value, event_date)."""
+def typed_interactions(tagged: DataFrame, landed_on: str | None = None) -> DataFrame:
+    """Valid tagged rows in the silver schema (user_id, item_id, ts, value, event_date, landed_on):
+    `landed_on` is the landing day the rows came with (NULL: the base source)."""
     return tagged.filter(F.col("reason").isNull()).select(
         "user_id", "item_id", F.col("ts_s").alias("ts"), F.col("value_d").alias("value"),
-        epoch_to_date(F.col("ts_s")).alias("event_date"))
+        epoch_to_date(F.col("ts_s")).alias("event_date"), F.lit(landed_on).cast("date").alias("landed_on"))
 
 
 def quarantine_rows(tagged: DataFrame, kind: str) -> DataFrame:
@@ -94,7 +98,8 @@ def quarantine_rows(tagged: DataFrame, kind: str) -> DataFrame:
 def deduplicate(df: DataFrame) -> DataFrame:
     """One row per natural key (user_id, item_id, ts); conflicting values resolve to the largest."""
     return df.groupBy("user_id", "item_id", "ts").agg(F.max("value").alias("value"),
-                                                      F.min("event_date").alias("event_date"))
+                                                      F.min("event_date").alias("event_date"),
+                                                      F.min("landed_on").alias("landed_on"))
 
 
 def collapse_repeats(df: DataFrame, mode: str) -> DataFrame:
@@ -122,8 +127,8 @@ def kcore_round(df: DataFrame, user_k: int, item_k: int) -> DataFrame:
     return df
 
 
-class KCoreNotConverged(RuntimeError):
-    pass
+class KCoreNotConverged(ValueError):
+    """The k-core filter still removed rows after `data.kcore.max_rounds` rounds (the message says how many)."""
 
 
 class EmptyData(ValueError):
@@ -169,17 +174,42 @@ def kcore(df: DataFrame, user_k: int, item_k: int, max_rounds: int = 100,
         before = after
     if kcore_holds(df, user_k, item_k):
         return df, rounds
-    raise KCoreNotConverged(f"k-core (user>={user_k}, item>={item_k}) still removing rows after {max_rounds} rounds")
+    raise KCoreNotConverged(f"data.kcore (user >= {user_k}, item >= {item_k}) still removes rows after {max_rounds} "
+                            "rounds: raise data.kcore.max_rounds or lower the bounds")
 
 
-def assign_ids(df: DataFrame, key: str, idx: str) -> DataFrame:
-    """Dense ids from 1 (0 is padding) in order of first appearance (earliest ts), ties by key.
+BASE_LANDING = "0001-01-01"  # `first_landed` of what came with the base source
 
-    The order depends only on the data, so re-running on the same data gives the same ids, and new
-    keys that first appear later in time get ids after the existing ones."""
-    first = df.groupBy(key).agg(F.min("ts").alias("_first_ts"), F.count(F.lit(1)).alias("n_interactions"))
-    w = Window.orderBy(F.col("_first_ts"), F.col(key))
-    return first.select(F.row_number().over(w).cast("int").alias(idx), key, "n_interactions")
+
+def first_appearance(df: DataFrame, key: str) -> DataFrame:
+    """Per key of `df` (rows with `landed_on` and, for interactions, `ts`): the first landing it came
+    with (`first_landed`; the base source, NULL `landed_on`, counts as BASE_LANDING) and its earliest
+    time (`first_ts`, NULL for a key known only from metadata)."""
+    ts = F.col("ts") if "ts" in df.columns else F.lit(None).cast("bigint")
+    landed = F.coalesce(F.col("landed_on"), F.lit(BASE_LANDING).cast("date"))  # the base comes before every day
+    return df.groupBy(key).agg(F.min(landed).alias("first_landed"), F.min(ts).alias("first_ts"))
+
+
+def extend_index(previous: DataFrame | None, keys: DataFrame, key: str, idx: str) -> DataFrame:
+    """Stable dense ids (0 is padding): every key of `previous` keeps its id; keys it lacks take the
+    next free ids in order of first landing (the base source first, then landed days in date order),
+    then earliest time (keys known only from metadata last), then key. The order depends only on
+    the data and on when it landed, so a rebuild of the base plus days 1..n gives the ids the daily
+    ingests gave, one day at a time. `keys`: (key, first_landed, first_ts), e.g. `first_appearance`."""
+    if previous is None:
+        known, offset = keys.limit(0).select(F.lit(0).cast("int").alias(idx), key), 0
+    else:
+        known = previous.select(F.col(idx).cast("int").alias(idx), key)
+        offset = known.agg(F.max(idx)).collect()[0][0] or 0
+    new = keys.join(known.select(key), key, "left_anti")
+    w = Window.orderBy(F.col("first_landed"), F.col("first_ts").asc_nulls_last(), F.col(key))
+    fresh = new.select((F.row_number().over(w) + F.lit(offset)).cast("int").alias(idx), key)
+    return known.unionByName(fresh)
+
+
+def interaction_counts(df: DataFrame, key: str) -> DataFrame:
+    """(key, n_interactions) over the frame: what the models train on, after filters and k-core."""
+    return df.groupBy(key).agg(F.count(F.lit(1)).alias("n_interactions"))
 
 
 _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -211,12 +241,20 @@ def render_text(template: str, max_chars: int) -> Column:
     return F.substring(text, 1, max_chars)
 
 
-def build_item_index(ids: DataFrame, items: DataFrame, template: str, max_chars: int) -> DataFrame:
-    """`item_index`: ids joined to item metadata, with the rendered item text."""
-    meta = items.select("item_id", "title", "categories", "description", "attributes")
-    joined = ids.join(meta, "item_id", "left")
+def build_item_index(ids: DataFrame, items: DataFrame, catalogue: DataFrame, counts: DataFrame, template: str,
+                     max_chars: int) -> DataFrame:
+    """`item_index`: every id of the lineage joined to its item metadata, with the rendered item text;
+    `active` when the item is in today's catalogue (`catalogue`: its item ids) and its metadata does
+    not remove it; `n_interactions` in the gold interactions (0: a cold or unrated item, a candidate
+    for a model that scores text, not a training item)."""
+    meta = items.select("item_id", "title", "categories", "description", "attributes",
+                        F.col("active").alias("_listed"))
+    present = catalogue.select("item_id").distinct().withColumn("_present", F.lit(True))
+    joined = ids.join(meta, "item_id", "left").join(present, "item_id", "left").join(counts, "item_id", "left")
+    active = F.coalesce(F.col("_present"), F.lit(False)) & F.coalesce(F.col("_listed"), F.lit(True))
     return joined.select("item_idx", "item_id", "title", "categories", "description", "attributes",
-                         "n_interactions", render_text(template, max_chars).alias("text"))
+                         F.coalesce(F.col("n_interactions"), F.lit(0)).cast("bigint").alias("n_interactions"),
+                         active.alias("active"), render_text(template, max_chars).alias("text"))
 
 
 def index_interactions(df: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:

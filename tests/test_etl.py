@@ -114,7 +114,8 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     spec = make_spec(kcore={"user": 5, "item": 5})
     first = run_etl(spec, sail)
     g = first.gold
-    assert (g.users, g.items, g.interactions) == (943, 1349, 99287)
+    assert (g.users, g.items, g.interactions) == (943, 1682, 99287)  # the index holds every catalogue item
+    assert (g.items_active, g.items_in_kcore, g.new_items, g.new_users) == (1682, 1349, 1682, 943)
     assert first.accounting.raw_rows == 100000 and first.accounting.accounted
     assert g.sequences_by_split == {"test": 943, "train": 943, "valid": 943}
     assert [r["removed"] for r in g.kcore_rounds] == [713]
@@ -126,7 +127,8 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     test_rows = seq.filter(pc.equal(seq["split"], "test"))
     lengths = pc.add(pc.list_value_length(test_rows["item_ids"]), 1)
     assert pc.sum(lengths).as_py() == 99287
-    assert DeltaTable(lake.path("item_index")).to_pyarrow_table().num_rows == 1349
+    index = DeltaTable(lake.path("item_index")).to_pyarrow_table()
+    assert index.num_rows == 1682 and pc.sum(pc.greater(index["n_interactions"], 0)).as_py() == 1349
     assert DeltaTable(lake.path("interactions")).count() == 100000
     # a re-run commits version 1 everywhere with the same contents; version 0 stays readable
     second = run_etl(spec, sail)
@@ -172,7 +174,7 @@ def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_p
     landing = tmp_path / "landing"
     landing.mkdir()
     spec = make_spec(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
-                     value_range={"min": 1, "max": 5}, landing={"path": str(landing)})
+                     value_range={"min": 1, "max": 5}, landing={"path": str(landing)}, max_quarantine_share=1.0)
     run_etl(spec, engine)
     lake = Lake.of(spec)
     base = {t: lake.version(t) for t in ("interactions_raw", "quarantine", "interactions")}

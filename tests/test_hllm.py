@@ -8,7 +8,8 @@ import torch
 
 from jobs.spec import ModelSpec
 from ray_jobs.losses import InfoNCE, sequence_loss
-from ray_jobs.models.hllm import HLLM, ItemLLM, cache_key, embed_all_items
+from ray_jobs.models.embedding_cache import EmbeddingCache
+from ray_jobs.models.hllm import HLLM, ItemLLM, cache_settings, embed_all_items, item_cache
 
 TEXTS = ["", "Title: Toy Story. Genres: Animation, Comedy.", "Title: Heat. Genres: Action, Crime.",
          "Title: Nixon. Genres: Drama.", "Title: Babe. Genres: Children's, Comedy.", "Title: Casino. Genres: Drama."]
@@ -50,7 +51,7 @@ def test_end_to_end_random_llama_trains_the_item_llm(tmp_path):
 def test_cached_minilm_freezes_the_item_llm_and_matches_recomputation(tmp_path):
     torch.manual_seed(0)
     s = spec("minilm", "cached", tmp_path)
-    model = HLLM(s, TEXTS, max_len=4, item_index_version=7)
+    model = HLLM(s, TEXTS, max_len=4)
     assert model.item_llm is None and model.item_table.shape == (6, 384)
     # only the adapter and the user LLM learn: the item embeddings are a buffer, not a parameter
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
@@ -62,7 +63,7 @@ def test_cached_minilm_freezes_the_item_llm_and_matches_recomputation(tmp_path):
     optimizer.step()
     assert torch.equal(model.item_table, table) and not torch.equal(model.adapter[0].weight, adapter)
     # the stored artifact equals a fresh per-item encoding by the same encoder
-    path = os.path.join(s.cache_dir, cache_key(s, 7) + ".pt")
+    path = item_cache(s).path
     assert os.path.exists(path)
     encoder = ItemLLM(s).eval()
     tokens = encoder.tokenize(TEXTS)
@@ -70,7 +71,10 @@ def test_cached_minilm_freezes_the_item_llm_and_matches_recomputation(tmp_path):
         one_by_one = torch.stack([encoder(tokens["input_ids"][i:i + 1], tokens["attention_mask"][i:i + 1])[0]
                                   for i in range(1, len(TEXTS))])
     assert torch.allclose(model.item_table[1:], one_by_one, atol=1e-5)
-    assert torch.allclose(torch.load(path), model.item_table)
+    from safetensors.torch import load_file
+    stored = load_file(path)
+    assert stored["vectors"].shape == (5, 384) and stored["hashes"].shape == (5, 32)  # one row per text, padding none
+    assert torch.allclose(item_cache(s).table(TEXTS, lambda rows: pytest.fail("all cached")), model.item_table)
     batched = embed_all_items(encoder, tokens["input_ids"], tokens["attention_mask"], batch_size=2)
     assert torch.allclose(batched, model.item_table, atol=1e-5)  # batch size doesn't change embeddings
 
@@ -120,10 +124,10 @@ def test_a_step_runs_each_distinct_item_through_the_item_llm_once(tmp_path, monk
 def test_save_load_round_trip(tmp_path, mode):
     torch.manual_seed(0)
     s = spec("minilm" if mode == "cached" else "random:llama", mode, tmp_path)
-    model = HLLM(s, TEXTS, max_len=4, item_index_version=1).eval()
+    model = HLLM(s, TEXTS, max_len=4).eval()
     torch.save(model.state_dict(), tmp_path / "m.pt")
     torch.manual_seed(1)
-    again = HLLM(s, TEXTS, max_len=4, item_index_version=1).eval()
+    again = HLLM(s, TEXTS, max_len=4).eval()
     again.load_state_dict(torch.load(tmp_path / "m.pt"))
     ids = torch.tensor([[0, 1, 2, 3]])
     with torch.no_grad():
@@ -165,8 +169,8 @@ def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
     with pytest.raises(ValueError, match="item_pooling=item_token needs a causal item LLM"):
         ItemLLM(spec("minilm", "cached", tmp_path, item_pooling="item_token"))
     # the pooling is part of the cache key: a table pooled one way is never read as another
-    assert cache_key(spec("random:llama", "cached", tmp_path), 1) != \
-        cache_key(spec("random:llama", "cached", tmp_path, item_pooling="last"), 1)
+    assert item_cache(spec("random:llama", "cached", tmp_path)).dir != \
+        item_cache(spec("random:llama", "cached", tmp_path, item_pooling="last")).dir
 
 
 def _smollm2_gguf() -> str:
@@ -188,13 +192,12 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     encoder = ItemLLM(s).eval()
     assert encoder.causal and encoder.pooling == "mean" and encoder.dim == 576
     tokens = encoder.tokenize(TEXTS)
-    table = cached_item_table(s, encoder, tokens["input_ids"], tokens["attention_mask"], 3)  # what HLLM stores
+    table = cached_item_table(s, encoder, TEXTS, tokens["input_ids"], tokens["attention_mask"])  # what HLLM stores
     assert table.shape == (6, 576) and torch.isfinite(table).all() and torch.all(table[0] == 0)
     assert not torch.allclose(table[1], table[2])
     again = embed_all_items(encoder, tokens["input_ids"], tokens["attention_mask"], batch_size=2)
     assert torch.allclose(again, table, atol=1e-4)
-    stored = os.path.join(s.cache_dir, cache_key(s, 3) + ".pt")
-    assert torch.allclose(torch.load(stored), table)
+    assert torch.allclose(item_cache(s).table(TEXTS, lambda rows: pytest.fail("all cached")), table)
     # the packaged name resolves to the same file
     named = ItemLLM(spec("smollm2", "cached", tmp_path)).eval()
     assert torch.allclose(embed_all_items(named, tokens["input_ids"], tokens["attention_mask"]), table, atol=1e-5)
@@ -231,7 +234,7 @@ def test_id_text_fusion_under_full_softmax_matches_a_hand_written_loss(tmp_path)
     """`model.item_id_embedding`: each item is adapter(text) + a learned ID vector; with
     `negative_sampling: full` the loss is the cross-entropy of the target among every item by cosine."""
     torch.manual_seed(0)
-    model = HLLM(spec("minilm", "cached", tmp_path, item_id_embedding=True), TEXTS, max_len=4, item_index_version=3)
+    model = HLLM(spec("minilm", "cached", tmp_path, item_id_embedding=True), TEXTS, max_len=4)
     with torch.no_grad():
         model.id_emb.weight[1:].normal_(0, 0.5)  # large enough that fusion changes the ranking
     model.eval()
@@ -278,3 +281,32 @@ def test_scoring_runs_the_last_layer_for_the_last_position_only_and_equals_the_f
     model.train()  # training (and the alignment policy) takes the full forward, with its gradients
     model.user_embeddings(ids).sum().backward()
     assert model.user_llm.layers[-1].mlp.down_proj.weight.grad is not None
+
+
+def test_the_embedding_cache_is_keyed_by_content_and_embeds_only_new_or_changed_items(tmp_path):
+    """A grown catalogue (one new item, one changed text, the rest as before) embeds two texts; a
+    catalogue with the same number of items but other texts (a rebuilt lake, another dataset) gets
+    none of the old vectors by position; other settings are another cache."""
+    s = spec("minilm", "cached", tmp_path)
+    encoder = ItemLLM(s).eval()
+    calls: list[int] = []
+
+    def embed(texts):
+        def run(rows):
+            calls.append(len(rows))
+            tokens = encoder.tokenize([texts[i] for i in rows])
+            return embed_all_items(encoder, tokens["input_ids"], tokens["attention_mask"], zero_first=False)
+        return run
+
+    cache = item_cache(s)
+    first = cache.table(TEXTS, embed(TEXTS))
+    assert calls == [5] and cache.computed == 5 and torch.all(first[0] == 0)
+    grown = TEXTS[:2] + ["Title: Heat. Genres: Action, Crime, Thriller."] + TEXTS[3:] + ["Title: Fargo. Genres: Crime."]
+    second = cache.table(grown, embed(grown))
+    assert calls == [5, 2] and cache.computed == 2
+    assert torch.equal(second[[1, 3, 4, 5]], first[[1, 3, 4, 5]]) and not torch.allclose(second[2], first[2])
+    shuffled = [""] + TEXTS[1:][::-1]  # same row count, other items at each index
+    third = cache.table(shuffled, embed(shuffled))
+    assert cache.computed == 0 and torch.equal(third[1], first[5]) and torch.equal(third[5], first[1])
+    assert EmbeddingCache(s.cache_dir, cache_settings(s) + "other").table(TEXTS, embed(TEXTS)).shape == (6, 384)
+    assert calls[-1] == 5

@@ -14,8 +14,8 @@ from ray_jobs.metrics import evaluate
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.hstu import HSTU, time_bucket
-from ray_jobs.scoring import evaluate_split, scorer, top_k
-from ray_jobs.tracking import Recommender
+from ray_jobs.scoring import evaluate_split, load_for_catalogue, top_k
+from ray_jobs.tracking import Recommender, write_catalogue_file
 from ray_jobs.train import train_local
 
 
@@ -231,7 +231,7 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     assert any(layer.rel_time.abs().sum() > 0 for layer in model.layers)  # the time bias was trained
 
     # scoring reads the timestamps: without them a clear error, with them the reported metric
-    score = scorer(model, spec.data.max_seq_len)
+    score = load_for_catalogue(result.checkpoint, data.catalogue).score_function()
     assert score.reads_time
     with pytest.raises(ValueError, match="timestamps"):
         score(data.valid.histories[:4])
@@ -250,15 +250,17 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     # the registered model's pyfunc takes `timestamps` and the `request_time` beside `history`
     folder = tmp_path / "registered"
     folder.mkdir()
-    save_model(str(folder / "model.pt"), ModelCheckpoint(model.state_dict(), spec, data.item_text, data.versions))
+    save_model(str(folder / "model.pt"), ModelCheckpoint.of(model.state_dict(), spec, data.catalogue, data.versions))
+    write_catalogue_file(data.catalogue, str(folder / "catalogue.parquet"))
     rec = Recommender(str(folder))
     test_stamps = data.test.stamps()
-    rows = pd.DataFrame({"history": [h.tolist() for h in data.test.histories[:3]],
+    source_ids = data.catalogue.item_ids
+    rows = pd.DataFrame({"history": [[source_ids[i] for i in h] for h in data.test.histories[:3]],
                          "timestamps": [t.tolist() for t in data.test.times[:3]],
                          "request_time": [int(t) for t in data.test.target_times[:3]]})
     out = rec.predict(rows, {"k": 5})
-    ids, _ = top_k(score, data.test.histories[:3], 5, 64, test_stamps[:3])
-    assert out["item_ids"].tolist() == ids.tolist()
+    ids, _ = top_k(score, data.test.histories[:3], 5, 64, test_stamps[:3], data.catalogue.active)
+    assert out["item_ids"].tolist() == [[source_ids[i] for i in r] for r in ids]
     with pytest.raises(ValueError, match="`timestamps` column"):
         rec.predict(rows[["history"]])
     with pytest.raises(ValueError, match="`request_time` column"):

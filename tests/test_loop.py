@@ -86,8 +86,11 @@ def test_resume_refuses_a_rebuilt_catalogue(ml100k_lake, tmp_path):
     spec = _spec(ml100k_lake, tmp_path, "train.epochs=1")
     train_local(spec)
     data = load_sequences(spec)
-    data.item_text[5] = "Title: something else entirely."
+    data.item_text[5] = "Title: something else entirely."  # a changed text: a run resumes on its own versions only
     state = training_state(spec, data, torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"resuming from .*last\.pt: the model was trained on a catalogue of 1349 "
-                                         r"items .* first difference at item id 5"):
+    with pytest.raises(ValueError, match=r"resuming from .*last\.pt: the run started on a catalogue of 1682 items and "
+                                         r"the data now holds 1682 \(1 texts changed\)"):
         LocalBackend(state, str(tmp_path / spec.name)).restore()
+    data.catalogue.item_ids[5] = "another-item"  # a renumbered index: a mismatch whatever the use
+    with pytest.raises(ValueError, match=r"index 5 names another item id"):
+        LocalBackend(training_state(spec, data, torch.device("cpu")), str(tmp_path / spec.name)).restore()

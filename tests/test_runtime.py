@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from jobs.files import write_atomic
 from jobs.spec import load_spec
+from ray_jobs.catalogue import Catalogue
 from ray_jobs.checkpoint import ModelCheckpoint, load, load_model, read_model, save_model
 from ray_jobs.models import build_model
 from ray_jobs.runtime import Collectives, collective_device
@@ -120,18 +121,29 @@ def test_model_checkpoint_round_trip_and_catalogue_check(tmp_path):
     spec = load_spec("movielens-100k-smoke", ["model.dim=8"])
     items = ["", "Title: A.", "Title: B.", "Title: C."]
     model = build_model(spec, items)
-    ckpt = ModelCheckpoint({k: v.clone() for k, v in model.state_dict().items()}, spec, items,
-                           {"item_index": 4, "sequences": 2}, {"best_epoch": 3, "history": [{"loss": 1.5}]})
+    ids = ["", "a", "b", "c"]
+    ckpt = ModelCheckpoint.of({k: v.clone() for k, v in model.state_dict().items()}, spec, Catalogue(ids, items),
+                              {"item_index": 4, "sequences": 2}, {"best_epoch": 3, "history": [{"loss": 1.5}]})
     path = save_model(str(tmp_path / "m.pt"), ckpt)
     again, back = load_model(path)
-    assert back.spec == spec and back.item_text == items and back.progress["best_epoch"] == 3
+    assert back.spec == spec and back.item_text == items and back.item_ids == ids and back.progress["best_epoch"] == 3
+    assert back.seen.tolist() == [False, True, True, True]
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
-    back.check_catalogue(items, 9, "m.pt")  # same items under another table version: accepted
-    with pytest.raises(ValueError, match=r"m\.pt: the model was trained on a catalogue of 3 items \(item_index version 4\) "
-                                         r"but the gold tables now hold 4 \(version 5\), one catalogue extends the other"):
-        back.check_catalogue(items + ["Title: D."], 5, "m.pt")
-    with pytest.raises(ValueError, match="first difference at item id 2"):
-        back.check_catalogue(["", "Title: A.", "Title: Z.", "Title: C."], 5, "m.pt")
+    assert back.check_catalogue(Catalogue(ids, items), 9, "m.pt").identical  # same items, another version: accepted
+    grown = back.check_catalogue(Catalogue(ids + ["d"], items + ["Title: D."]), 5, "m.pt")  # one extends the other
+    assert (grown.known, grown.new_items, grown.changed) == (3, 1, [])
+    edited = back.check_catalogue(Catalogue(ids, ["", "Title: A.", "Title: Z.", "Title: C."]), 5, "m.pt")
+    assert edited.changed == [2] and not edited.identical  # a changed text is not a mismatch
+    with pytest.raises(ValueError, match=r"m\.pt: the model was trained on a catalogue of 3 items \(item_index version "
+                                         r"4 vs 5\) .* index 2 names another item id \('b' then, 'z' now\)"):
+        back.check_catalogue(Catalogue(["", "a", "z", "c"], items), 5, "m.pt")
+    with pytest.raises(ValueError, match="catalogue of 3 items .* now hold 2"):
+        back.check_catalogue(Catalogue(ids[:3], items[:3]), 5, "m.pt")
+    # a checkpoint written before item ids were recorded: known by its texts
+    old = ModelCheckpoint(ckpt.weights, spec, items, {"item_index": 4})
+    assert old.check_catalogue(Catalogue(["", "x", "y", "z", "w"], items + ["Title: D."]), 5, "old").new_items == 1
+    with pytest.raises(ValueError, match="index 2 names another item text"):
+        old.check_catalogue(Catalogue(ids, ["", "Title: A.", "Title: Z.", "Title: C."]), 5, "old")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an llmrec model checkpoint"):
         read_model(str(tmp_path / "other.pt"))

@@ -11,7 +11,7 @@ from ray_jobs.losses import InfoNCE, draw_negatives, sequence_loss
 from ray_jobs.metrics import evaluate
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.sasrec import SASRec
-from ray_jobs.scoring import evaluate_split, scorer
+from ray_jobs.scoring import evaluate_split, load_for_catalogue, scorer
 from ray_jobs.train import train_local
 
 
@@ -105,12 +105,15 @@ def test_per_position_negatives_are_drawn_per_position_and_replayable():
     from jobs.spec import TrainSpec
     t = TrainSpec(negatives=16, negative_sampling="per_position")
     targets = torch.ones(4, 7, dtype=torch.long)
-    a = draw_negatives(t, 500, targets, step=3)
+    universe = torch.arange(1, 501)
+    a = draw_negatives(t, universe, targets, step=3)
     assert a.shape == (4, 7, 16) and a.min() >= 1 and a.max() <= 500
     assert not torch.equal(a[0, 0], a[0, 1])  # every position has its own draw
-    assert torch.equal(a, draw_negatives(t, 500, targets, step=3))  # a resumed run redraws the same
-    assert not torch.equal(a, draw_negatives(t, 500, targets, step=4))
-    assert draw_negatives(TrainSpec(negatives=16), 500, targets, step=3).shape == (16,)
+    assert torch.equal(a, draw_negatives(t, universe, targets, step=3))  # a resumed run redraws the same
+    assert not torch.equal(a, draw_negatives(t, universe, targets, step=4))
+    assert draw_negatives(TrainSpec(negatives=16), universe, targets, step=3).shape == (16,)
+    some = torch.tensor([3, 9, 40])  # only the training items are drawn
+    assert set(draw_negatives(t, some, targets, step=3).unique().tolist()) <= {3, 9, 40}
 
 
 @pytest.mark.parametrize("block", ["pre_ln", "original"])
@@ -144,7 +147,8 @@ def _spec(lake, tmp_path, *extra):
 def test_sequences_from_gold_tables(ml100k, tmp_path):
     spec = _spec(ml100k, tmp_path)
     data = load_sequences(spec)
-    assert data.num_items == 1349 and len(data.train) == 943
+    assert data.num_items == 1682 and len(data.train) == 943  # the index holds every catalogue item
+    assert len(data.training_items()) == 1349 and data.catalogue.active[1:].all()  # the k-core's are trained on
     assert len(data.valid.targets) == len(data.test.targets) == 943
     # the test history is the valid history plus the valid target
     assert all(np.array_equal(t, np.append(v, vt)) for t, v, vt in
@@ -166,8 +170,11 @@ def test_sasrec_beats_popularity_on_movielens_100k(ml100k, tmp_path):
     assert losses[-1] < losses[0] * 0.8
     model, ckpt = load_model(result.checkpoint)
     assert ckpt.progress["best_epoch"] == result.best_epoch
-    again = evaluate_split(spec, scorer(model, spec.data.max_seq_len), data, "valid")["metrics"]["ndcg@10"]
-    assert again == pytest.approx(result.best_metric)  # the saved best model reproduces its score
+    loaded = load_for_catalogue(result.checkpoint, data.catalogue)
+    assert loaded.scorable.sum() == 1349  # an ID model scores the items it trained on, not the 333 cold ones
+    again = evaluate_split(spec, loaded.score_function(), data, "valid", scorable=loaded.scorable)["metrics"]
+    assert again["ndcg@10"] == pytest.approx(result.best_metric)  # the saved best model reproduces its score
+    assert (again["candidates"], again["unscorable_items"]) == (1682, 333)
 
 
 def test_resume_continues_exactly(ml100k, tmp_path):
@@ -196,7 +203,7 @@ def test_evaluate_cli_for_baselines(ml100k, tmp_path):
     from ray_jobs.models.hllm import minilm_item_embeddings
     spec = load_spec("movielens-100k-smoke", [f"lake.root={ml100k}", f"model.cache_dir={tmp_path / 'cache'}"])
     data = load_sequences(spec)
-    emb = minilm_item_embeddings(spec.model, data.item_text, data.versions["item_index"])
+    emb = minilm_item_embeddings(spec.model, data.item_text)
     expected = {"pop": Popularity(data.popularity).score,
                 "graph": TransitionGraph(data.train, data.num_items, emb, data.popularity, spec.model.graph_hops,
                                          spec.model.graph_last_items).score}

@@ -2,8 +2,8 @@
 import pytest
 from pyspark.sql import functions as F
 
-from spark.transforms import (assign_ids, build_sequences, deduplicate, kcore, leave_one_out, render_text,
-                              tag_interactions, temporal_split, typed_interactions)
+from spark.transforms import (build_sequences, deduplicate, extend_index, first_appearance, kcore, leave_one_out,
+                              render_text, tag_interactions, temporal_split, typed_interactions)
 
 RAW_SCHEMA = "user_id string, item_id string, ts string, value string, raw string, parse_error string, source_file string"
 
@@ -38,23 +38,41 @@ def test_deduplicate_natural_key(engine):
     df = engine.session.createDataFrame(
         [("u1", "i1", 100, 4.0), ("u1", "i1", 100, 4.0), ("u1", "i1", 100, 5.0), ("u1", "i1", 200, 3.0),
          ("u2", "i1", 100, 2.0)], "user_id string, item_id string, ts long, value double"
-    ).withColumn("event_date", F.lit("2020-01-01").cast("date"))
+    ).withColumn("event_date", F.lit("2020-01-01").cast("date")).withColumn("landed_on", F.lit(None).cast("date"))
     out = sorted((r.user_id, r.item_id, r.ts, r.value) for r in deduplicate(df).collect())
     assert out == [("u1", "i1", 100, 5.0), ("u1", "i1", 200, 3.0), ("u2", "i1", 100, 2.0)]
 
 
-def test_ids_are_stable_and_ordered_by_first_appearance(engine):
-    rows = [("u1", "B", 5), ("u1", "A", 9), ("u2", "C", 5), ("u2", "B", 1)]
-    ids = {r.item_id: r.item_idx for r in assign_ids(pairs(engine, rows), "item_id", "item_idx").collect()}
-    # B first seen at 1, then C and ... A at 9; ties on first ts broken by id
-    assert ids == {"B": 1, "C": 2, "A": 3}
-    again = {r.item_id: r.item_idx for r in assign_ids(pairs(engine, list(reversed(rows))), "item_id", "item_idx").collect()}
+def landed(engine, rows):
+    """(item_id, ts or None, landed_on day or None) rows: interactions, or metadata when ts is None."""
+    return engine.session.createDataFrame(rows, "item_id string, ts long, landed_on string") \
+        .withColumn("landed_on", F.col("landed_on").cast("date"))
+
+
+def ids_of(df) -> dict:
+    return {r.item_id: r.item_idx for r in df.collect()}
+
+
+def test_ids_are_stable_and_ordered_by_first_landing_then_time(engine):
+    base = [("B", 5, None), ("A", 9, None), ("C", 5, None), ("B", 1, None), ("M", None, None)]
+    ids = ids_of(extend_index(None, first_appearance(landed(engine, base), "item_id"), "item_id", "item_idx"))
+    # base: B first seen at 1, then C at 5 and A at 9; M has metadata only: last; ties by id
+    assert ids == {"B": 1, "C": 2, "A": 3, "M": 4}
+    again = ids_of(extend_index(None, first_appearance(landed(engine, list(reversed(base))), "item_id"),
+                                "item_id", "item_idx"))
     assert again == ids
-    grown = {r.item_id: r.item_idx for r in
-             assign_ids(pairs(engine, rows + [("u3", "D", 50)]), "item_id", "item_idx").collect()}
-    assert grown == {**ids, "D": 4}
-    counts = {r.item_id: r.n_interactions for r in assign_ids(pairs(engine, rows), "item_id", "item_idx").collect()}
-    assert counts == {"A": 1, "B": 2, "C": 1}
+    # a landed day with an event older than the base's (late data) still takes the next ids
+    day = [("D", 3, "2026-01-02"), ("A", 10, "2026-01-02"), ("E", 2, "2026-01-02")]
+    previous = engine.session.createDataFrame(list(ids.items()), "item_id string, item_idx int")
+    grown = ids_of(extend_index(previous, first_appearance(landed(engine, day), "item_id"), "item_id", "item_idx"))
+    assert grown == {**ids, "E": 5, "D": 6}
+    # the same from scratch over base + day: the ids the daily extension gave
+    fresh = ids_of(extend_index(None, first_appearance(landed(engine, base + day), "item_id"), "item_id", "item_idx"))
+    assert fresh == grown
+    # an item gone from the data keeps its id in the index (extension never drops or renumbers)
+    later = ids_of(extend_index(previous, first_appearance(landed(engine, [("Z", 1, "2026-01-03")]), "item_id"),
+                                "item_id", "item_idx"))
+    assert later == {**ids, "Z": 5}
 
 
 def _seq_rows(engine, seqs):
@@ -109,6 +127,8 @@ def test_tag_interactions_reasons(engine):
         ("u", "i", "978300760", None, "no value"),
         ("u", "i", "978300760", "abc", "bad value"),
         ("u", "i", "978300760", "NaN", "nan value"),
+        ("u", "i", "978300760", "inf", "inf value"),
+        ("u", "i", "978300760", "-Infinity", "-inf value"),
         ("u", "i", "978300760", "9", "high value"),
         ("u", "i", "978300760", "0.5", "low value"),
     ]
@@ -120,7 +140,8 @@ def test_tag_interactions_reasons(engine):
         "ok": None, "float epoch": None, "no user": "missing_user_id", "no item": "missing_item_id",
         "no ts": "missing_timestamp", "bad ts": "unparsable_timestamp", "huge ts": "unparsable_timestamp",
         "negative ts": "timestamp_out_of_range", "no value": "missing_value", "bad value": "unparsable_value",
-        "nan value": "unparsable_value", "high value": "value_out_of_range", "low value": "value_out_of_range",
+        "nan value": "non_finite_value", "inf value": "non_finite_value", "-inf value": "non_finite_value",
+            "high value": "value_out_of_range", "low value": "value_out_of_range",
         "broken": "malformed_line",
     }
     typed = sorted((r.ts, r.value, str(r.event_date)) for r in typed_interactions(tagged).collect())

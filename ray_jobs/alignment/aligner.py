@@ -139,8 +139,10 @@ class Aligner:
 
     def __init__(self, cfg: AlignSpec, data: AlignData, num_items: int, max_len: int, item_emb: torch.Tensor,
                  tail: torch.Tensor, reference: nn.Module, comm: Collectives | None = None,
-                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 candidates: np.ndarray | None = None) -> None:
         self.cfg, self.data, self.num_items, self.max_len = cfg, data, num_items, max_len
+        self.candidates = candidates  # items a list may hold (the training items the start model scores); None: all
         self.item_emb = F.normalize(item_emb.float(), dim=-1)
         self.tail = tail
         self.comm = comm or Collectives()
@@ -164,7 +166,7 @@ class Aligner:
         flow back to the policy on its device when enabled)."""
         ctx = [self.data.contexts[i] for i in rows]
         s = scores(left_pad(ctx, self.max_len).to(self.device)).float().cpu()
-        return mask_scores(s / self.cfg.temperature, ctx)
+        return mask_scores(s / self.cfg.temperature, ctx, self.candidates)
 
     def reward_gains(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Reward term -> per-pick gains (B, N, K); each term's list value is their sum along K."""

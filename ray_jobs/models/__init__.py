@@ -30,7 +30,7 @@ def one_item_pass(model: nn.Module, *ids: torch.Tensor) -> AbstractContextManage
     return share(*ids) if share is not None else nullcontext()
 
 
-def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | None = None) -> nn.Module:
+def build_model(spec: JobSpec, item_text: list[str]) -> nn.Module:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
     m = spec.model
     if m.kind == "sasrec":
@@ -42,5 +42,53 @@ def build_model(spec: JobSpec, item_text: list[str], item_index_version: int | N
                     m.query_time, m.attention_dim, m.block)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
-        return HLLM(m, item_text, spec.data.max_seq_len, item_index_version)
+        return HLLM(m, item_text, spec.data.max_seq_len)
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
+
+
+# Weights with one row per item id, and how the rows of items a model has not been trained on are
+# set when it meets a grown catalogue (`load_weights`):
+# - init: the model's own initialisation, where a cold start would put a new item (ID models; an ID
+#   model never scores an item it did not train on, so the row matters only once it trains);
+# - zero: an HLLM's ID embedding: a new item's text alone places it;
+# - text: a cached HLLM's frozen item embeddings: new items and items whose text changed are embedded
+#   from their text (the content-keyed cache computes only those).
+ITEM_ROWS = {"sasrec": {"item_emb.weight": "init"}, "hstu": {"item_emb.weight": "init"},
+             "hllm": {"id_emb.weight": "zero", "item_table": "text"}}
+TEXT_MODELS = ("hllm",)  # score any item from its text, also one they never trained on
+
+
+def scores_unseen_items(kind: str) -> bool:
+    return kind in TEXT_MODELS
+
+
+def load_weights(model: nn.Module, kind: str, weights: dict[str, torch.Tensor], extension=None) -> None:
+    """Load trained `weights` into `model`, which is built on the same catalogue or, with
+    `extension` (`ray_jobs.catalogue.Extension`), on one that extends the trained one: every weight
+    is copied, and of the per-item weights (`ITEM_ROWS`) the rows of known items; new rows follow
+    the rule of their weight, and a cached HLLM keeps fresh text embeddings for changed texts."""
+    if extension is None or extension.identical:
+        model.load_state_dict(weights)
+        return
+    state = model.state_dict()
+    rules = ITEM_ROWS.get(kind, {})
+    known = extension.known + 1
+    for key, value in weights.items():
+        if key not in state:
+            raise ValueError(f"weight {key} of the trained model has no place in the {kind} model")
+        rule = rules.get(key)
+        if rule is None:
+            state[key] = value
+            continue
+        grown = state[key].clone()
+        if rule == "text":
+            fresh = grown[extension.changed].clone() if extension.changed else None
+            grown[:known] = value[:known]
+            if fresh is not None:
+                grown[extension.changed] = fresh
+        else:
+            grown[:known] = value[:known]
+            if rule == "zero":
+                grown[known:] = 0
+        state[key] = grown
+    model.load_state_dict(state)

@@ -11,8 +11,9 @@ LLM reads the sequence of item embeddings and predicts the next one (Chen et al.
 - Item side, optionally (`model.item_id_embedding`): the text representation plus a learned item-ID
   embedding (ID + text fusion), reported apart from text only so the text's share stays visible.
 - Modes: `end_to_end` (both trained), `cached` (item LLM frozen; every item embedded once in
-  batches and stored as an artifact keyed by model + item-table version; a trainable adapter on
-  top), `lora` (peft adapters on the item LLM, the rest of it frozen).
+  batches and kept in a cache keyed per item by its text and the item-model settings, so a grown
+  catalogue embeds only its new or changed items; a trainable adapter on top), `lora` (peft
+  adapters on the item LLM, the rest of it frozen).
 
 The model exposes what the trainer needs: `forward(ids)`, `item_embeddings(ids)`,
 `all_item_embeddings()`, `user_embeddings(ids)` — the same surface as SASRec — and `one_item_pass`,
@@ -21,15 +22,14 @@ LLM, activation checkpointing is on by default: `model.item_llm_checkpointing`).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from jobs.files import write_atomic
 from jobs.spec import LLMSize, ModelSpec
+from ray_jobs.models.embedding_cache import EmbeddingCache
 
 CAUSAL_TYPES = {"llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "qwen3", "gpt2", "gpt_neox", "smollm3"}
 
@@ -135,25 +135,19 @@ class ItemLLM(nn.Module):
         return hidden[:, -1]
 
 
-def cache_key(spec: ModelSpec, item_index_version: int | None) -> str:
-    """Names the item-embedding artifact: item model + text settings + the item table version."""
-    ident = f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
-            f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return f"items-{digest}-v{item_index_version}"
+def cache_settings(spec: ModelSpec) -> str:
+    """What an item embedding depends on besides the text: the item model, its size, the prompt,
+    truncation and pooling (the item-embedding cache's folder is named by it)."""
+    return f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
+           f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
 
 
-def cache_file(spec: ModelSpec, item_index_version: int | None) -> str | None:
-    """A cached-mode HLLM's item-embedding file, if it exists (what a registered model ships)."""
-    if spec.kind != "hllm" or spec.mode != "cached":
-        return None
-    path = os.path.join(spec.cache_dir, cache_key(spec, item_index_version) + ".pt")
-    return path if os.path.exists(path) else None
+def item_cache(spec: ModelSpec) -> EmbeddingCache:
+    return EmbeddingCache(spec.cache_dir, cache_settings(spec))
 
 
 class HLLM(nn.Module):
-    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
-                 item_index_version: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int) -> None:
         super().__init__()
         self.spec, self.mode, self.max_len = spec, spec.mode, max_len
         self.num_items = len(item_text) - 1
@@ -168,7 +162,7 @@ class HLLM(nn.Module):
         if self.mode == "cached":
             for p in item_llm.parameters():
                 p.requires_grad_(False)
-            table = cached_item_table(spec, item_llm, self.item_input_ids, self.item_attention, item_index_version)
+            table = cached_item_table(spec, item_llm, item_text, self.item_input_ids, self.item_attention)
             self.register_buffer("item_table", table, persistent=True)
             self.item_llm = None  # not needed once every item is embedded
             # the trainable adapter on top of the frozen item embeddings
@@ -295,43 +289,38 @@ def _last_query_layer(layer: nn.Module, x: torch.Tensor, causal: torch.Tensor | 
     return y + layer.mlp(layer.post_attention_layernorm(y))
 
 
-def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
-                      version: int | None) -> torch.Tensor:
-    """Every item's embedding, loaded from `<cache_dir>/<cache_key>.pt` when the same item model,
-    text settings and item-table version were embedded before; computed and stored otherwise."""
-    path = os.path.join(spec.cache_dir, cache_key(spec, version) + ".pt")
-    if version is not None and os.path.exists(path):
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        if table.shape[0] == input_ids.shape[0]:
-            return table
-    table = embed_all_items(item_llm, input_ids, attention)
-    if version is not None:
-        write_atomic(path, lambda tmp: torch.save(table, tmp))
-    return table
+def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, item_text: list[str], input_ids: torch.Tensor,
+                      attention: torch.Tensor) -> torch.Tensor:
+    """Every item's embedding by the frozen item LLM: from the content-keyed cache where the same text
+    was embedded with the same settings before, computed (and added to it) otherwise."""
+    return item_cache(spec).table(item_text, lambda rows: embed_all_items(item_llm, input_ids[rows], attention[rows],
+                                                                          zero_first=False))
 
 
-def item_text_embeddings(spec: ModelSpec, item_text: list[str], version: int | None) -> torch.Tensor:
+def item_text_embeddings(spec: ModelSpec, item_text: list[str]) -> torch.Tensor:
     """(num_items + 1, d) embeddings of the item texts by `spec.item_llm` (frozen): what the graph
     baseline ranks by and what intra-list diversity is measured in."""
     item_llm = ItemLLM(spec)
     tokens = item_llm.tokenize(item_text)
-    return cached_item_table(spec, item_llm, tokens["input_ids"], tokens["attention_mask"], version)
+    return cached_item_table(spec, item_llm, item_text, tokens["input_ids"], tokens["attention_mask"])
 
 
-def minilm_item_embeddings(spec: ModelSpec, item_text: list[str], version: int | None):
+def minilm_item_embeddings(spec: ModelSpec, item_text: list[str]):
     """all-MiniLM-L6-v2 embeddings of the item texts as numpy (cached like any item table): the
     space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs."""
-    return item_text_embeddings(spec.model_copy(update={"item_llm": "minilm"}), item_text, version).numpy()
+    return item_text_embeddings(spec.model_copy(update={"item_llm": "minilm"}), item_text).numpy()
 
 
 @torch.no_grad()
 def embed_all_items(item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
-                    batch_size: int = 128) -> torch.Tensor:
-    """Every item's embedding from the (frozen) item LLM, in batches; row 0 (padding) is zeros."""
+                    batch_size: int = 128, zero_first: bool = True) -> torch.Tensor:
+    """Each row's embedding from the (frozen) item LLM, in batches; with `zero_first`, row 0 is the
+    padding item and is zeros."""
     was_training = item_llm.training
     item_llm.eval()
     rows = [item_llm(input_ids[i:i + batch_size], attention[i:i + batch_size]) for i in range(0, len(input_ids), batch_size)]
     item_llm.train(was_training)
     table = torch.cat(rows).float()
-    table[0] = 0.0
+    if zero_first:
+        table[0] = 0.0
     return table
