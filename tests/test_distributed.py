@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import load_model, read_model
 from ray_jobs.data import load_sequences
-from ray_jobs.scoring import evaluate_split, scorer
+from ray_jobs.scoring import evaluate_split, load_for_catalogue, scorer
 from ray_jobs.train import run, train_local
 
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
@@ -91,8 +92,9 @@ def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrid
     assert ckpt.progress["history"][1]["loss"] < ckpt.progress["history"][0]["loss"]
 
     # distributed evaluation of the saved model equals the single-process evaluator exactly
-    reference = evaluate_split(spec, scorer(dist_model, spec.data.max_seq_len), data, "test")["metrics"]
-    assert out["test"] == reference
+    loaded = load_for_catalogue(out["model_file"], data.catalogue)
+    reference = evaluate_split(spec, loaded.score_function(), data, "test", scorable=loaded.scorable)["metrics"]
+    assert out["test"] == reference and reference["unscorable_items"] == 333  # the cold items an ID model never saw
 
     # MLflow: params, per-step metrics from rank 0, the registered pyfunc behind the challenger alias
     mlflow.set_tracking_uri(spec.tracking.uri)
@@ -110,12 +112,14 @@ def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrid
     assert int(version.version) == out["model_version"] == 1
     model = mlflow.pyfunc.load_model("models:/dist-eq@challenger")
     history = data.test.histories[0]
-    pred = model.predict(pd.DataFrame({"history": [history.tolist()]}), params={"k": 20})
+    ids = data.catalogue.item_ids
+    pred = model.predict(pd.DataFrame({"history": [[ids[i] for i in history] + ["no-such-item"]]}), params={"k": 20})
     items, scores = pred["item_ids"][0], pred["scores"][0]
-    assert len(items) == 20 and not set(items) & set(history.tolist()) and scores == sorted(scores, reverse=True)
-    expected = torch.topk(scorer(dist_model, 50)([history])[0].index_fill(0, torch.as_tensor(np.append(history, 0)),
+    assert pred["unknown_history_items"][0] == 1  # skipped and counted
+    assert len(items) == 20 and not set(items) & {ids[i] for i in history} and scores == sorted(scores, reverse=True)
+    expected = torch.topk(loaded.score_function()([history])[0].index_fill(0, torch.as_tensor(np.append(history, 0)),
                                                                            float("-inf")), 20).indices.tolist()
-    assert items == expected
+    assert items == [ids[i] for i in expected]
 
 
 def test_hstu_with_its_time_bias_on_two_workers_matches_single_process(tmp_path, local_ray, ray_overrides):
@@ -187,13 +191,13 @@ def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_ru
     tags = client.get_run(out["run_id"]).data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["dagster.run_id"] == "abc123"
     local = mlflow.artifacts.download_artifacts(f"runs:/{out['run_id']}/model", dst_path=str(tmp_path / "dl"))
-    shipped = list(Path(local).rglob("items-*.pt"))
-    assert len(shipped) == 1
+    shipped = list(Path(local).rglob("items-*/embeddings.safetensors"))
+    assert len(shipped) == 1 and list(Path(local).rglob("catalogue.parquet"))
     # the registered model loads and scores with the shipped cache only (the original cache is gone)
-    for f in (tmp_path / "cache").iterdir():
-        f.unlink()
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
     model = mlflow.pyfunc.load_model("models:/dist-hllm@challenger")
-    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3]]}), params={"k": 7})
+    pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 7})
     assert len(pred["item_ids"][0]) == 7 and not list((tmp_path / "cache").iterdir())
     assert out["test"]["hr@10"] > 0
 
@@ -226,7 +230,7 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     assert out["aligned_test"]["users"] == out["base_test"]["users"] == 943 and "ild@10" in out["aligned_test"]
     assert out["model_version"] == 1 and client.get_run(out["run_id"]).data.tags["llmrec.align.method"] == "blade"
     model = mlflow.pyfunc.load_model("models:/align-smoke@challenger")
-    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3]]}), params={"k": 5})
+    pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 5})
     assert len(pred["item_ids"][0]) == 5
 
 

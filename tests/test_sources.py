@@ -194,4 +194,5 @@ def test_packaged_movielens_1m_keeps_every_row(sail, make_spec):
     summary = run_etl(spec, sail)
     acc = summary.accounting
     assert (acc.raw_rows, acc.quarantined_rows, acc.silver_rows) == (1_000_209, 0, 1_000_209) and acc.accounted
-    assert acc.item_rows_quarantined_by_reason == {} and (summary.gold.users, summary.gold.items) == (6040, 3706)
+    assert acc.item_rows_quarantined_by_reason == {} and (summary.gold.users, summary.gold.items) == (6040, 3883)
+    assert summary.gold.items_in_kcore == 3706  # 3,883 movies in the catalogue, 3,706 of them rated

@@ -74,8 +74,8 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path,
     run_ = client.search_runs([client.get_experiment_by_name("llmrec").experiment_id])[0]
     assert run_.data.params["name"] == "dist-submit" and "train/loss" in run_.data.metrics
     model = mlflow.pyfunc.load_model("models:/dist-submit@challenger")
-    pred = model.predict(pd.DataFrame({"history": [[1, 2, 3], [50]]}), params={"k": 5})
-    assert [len(x) for x in pred["item_ids"]] == [5, 5] and 2 not in pred["item_ids"][0]
+    pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"], ["50"]]}), params={"k": 5})
+    assert [len(x) for x in pred["item_ids"]] == [5, 5] and "2" not in pred["item_ids"][0]
 
     # the Jobs API path (what Dagster uses): batch recommendations from the registered model
     rec = subprocess.run([str(BIN / "llmrec"), "submit", "recommend", "--address", address,
