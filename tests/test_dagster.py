@@ -56,7 +56,7 @@ def test_materialize_data_assets_publishes_the_version_set(tmp_path):
     assert result.success
     mats = {m.asset_key: m.metadata for m in result.asset_materializations_for_node("lake_tables")}
     assert mats[AssetKey(["gold", "user_index"])]["rows"].value == 943
-    assert mats[AssetKey(["gold", "item_index"])]["rows"].value == 1349
+    assert mats[AssetKey(["gold", "item_index"])]["rows"].value == 1682  # every catalogue item, 1,349 in the k-core
     assert "| item_idx | item_id | text |" in mats[AssetKey(["gold", "item_index"])]["preview"].value
     seq = mats[AssetKey(["gold", "sequences"])]
     assert seq["delta_version"].value == 0 and seq["published"].value is True
@@ -235,7 +235,8 @@ def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_pat
             ev = entry.dagster_event.event_specific_data
             checks[(ev.asset_key.to_user_string(), ev.check_name)] = ev.passed
     assert checks[("trained_model", "beats_popularity")] and checks[("aligned_model", "kl_and_coverage_within_bounds")]
-    assert checks[("gold/sequences", "no_train_test_leakage")] and len(checks) == 7
+    assert checks[("gold/sequences", "no_train_test_leakage")] and checks[("gold/item_index", "ids_stable")]
+    assert len(checks) == 8
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     champion = str(client.get_model_version_by_alias("dagster-loop", "champion").version)
     assert champion == gate["champion_version"]
