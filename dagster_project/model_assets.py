@@ -9,7 +9,8 @@ for this lineage (`data.pinned_versions`), never the latest of each table.
 
 import json
 
-from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue,
+                     asset)
 
 from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
@@ -81,13 +82,22 @@ def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
                                    description="KL to the trained model at most checks.max_align_kl; coverage@10 "
                                                "at least checks.min_coverage_ratio of the trained model's")])
 def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
-    """The trained model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by default)."""
+    """The trained model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by
+    default); with `align.enabled: false`, the trained model passed on as it is (recorded as skipped)."""
     trained = upstream(context, AssetKey("trained_model"))
     job = spec.load()
+    if not job.align.enabled:
+        context.log.info("align.enabled is false: the trained model goes on unaligned")
+        yield MaterializeResult(metadata={"skipped": "align.enabled is false", "model_file": MetadataValue.path(
+            trained["model_file"]), "model_version": trained["model_version"],
+            "delta_versions": MetadataValue.json(trained["delta_versions"])})
+        yield AssetCheckResult(check_name="kl_and_coverage_within_bounds", passed=True,
+                               metadata={"skipped": "not aligned: the trained model itself"})
+        return
     run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
-    return run_job(context, "ray_jobs.align", spec, ray, mlflow,
-                   [versions_override(trained["delta_versions"]), f"align.init={trained['model_file']}"],
-                   ["--run-name", run_name]).get_results()
+    yield from run_job(context, "ray_jobs.align", spec, ray, mlflow,
+                       [versions_override(trained["delta_versions"]), f"align.init={trained['model_file']}"],
+                       ["--run-name", run_name]).get_results()
 
 
 @asset(key="evaluation_report", group_name="evaluation", kinds={"ray", "mlflow"},
@@ -95,19 +105,42 @@ def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
 def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: RayResource,
                       mlflow: MLflowResource) -> MaterializeResult:
     """The trained model, the aligned model and the current champion, evaluated by one
-    `ray_jobs.evaluate` job on the same split data (valid and test, full ranking)."""
+    `ray_jobs.evaluate` job on the same split data (valid and test, full ranking) over today's
+    catalogue (the champion may be older than some items: an HLLM scores them from their text, an ID
+    model counts them as unscorable). In a nightly run (partitioned by the landed day), the models
+    that served that day — the champion and the previous night's candidate — are also judged on it
+    (next-day metrics, beside the leave-one-out figures; the gate still decides on validation)."""
     job = spec.load(*mlflow.spec_overrides())
     trained, aligned = upstream(context, AssetKey("trained_model")), upstream(context, AssetKey("aligned_model"))
-    models = [trained["model_file"], aligned["model_file"]]
+    models = [f"trained={trained['model_file']}"]
+    if aligned["model_file"] != trained["model_file"]:
+        models.append(f"aligned={aligned['model_file']}")
     champion = current_champion(mlflow, job)
+    name = job.registered_model_name()
     if champion is not None:
-        models.append(f"models:/{job.registered_model_name()}@{CHAMPION}")
+        models.append(f"champion=models:/{name}@{CHAMPION}")
+    args = [x for m in models for x in ("--model", m)] + ["--split", "valid", "--split", "test"]
+    served = []
+    if context.has_partition_key and champion is not None:
+        served = [f"champion=models:/{name}/{champion}"]
+        previous = previous_candidate(mlflow, job, {champion, str(trained["model_version"]),
+                                                    str(aligned["model_version"])})
+        if previous is not None:
+            served.append(f"candidate=models:/{name}/{previous}")
+        args += ["--next-day", context.partition_key, *[x for m in served for x in ("--next-day-model", m)]]
     result = run_job(context, "ray_jobs.evaluate", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
-                     [x for m in models for x in ("--model", m)] + ["--split", "valid", "--split", "test"]
-                     ).get_materialize_result()
+                     args).get_materialize_result()
     candidates = {trained["model_file"]: str(trained["model_version"]), aligned["model_file"]: str(aligned["model_version"])}
     return MaterializeResult(metadata={**result.metadata, "candidates": MetadataValue.json(candidates),
                                        "champion_version": champion or "none"})
+
+
+def previous_candidate(mlflow: MLflowResource, spec: JobSpec, exclude: set[str]) -> str | None:
+    """The newest registered version an earlier gate judged (tagged with its decision), other than
+    `exclude`: the candidate the previous night produced."""
+    versions = mlflow.client(spec).search_model_versions(f"name='{spec.registered_model_name()}'")
+    judged = [int(v.version) for v in versions if "llmrec.gate.decision" in (v.tags or {}) and v.version not in exclude]
+    return str(max(judged)) if judged else None
 
 
 def current_champion(mlflow: MLflowResource, spec: JobSpec) -> str | None:

@@ -269,6 +269,7 @@ class Publication:
     versions: dict[str, int]
     source: str
     lineage: str | None      # the id lineage (`llmrec etl --renumber` starts a new one)
+    days: dict[str, str]     # landed days this publication includes -> their content fingerprints
 
 
 def publications(spec: JobSpec) -> list[Publication]:
@@ -292,7 +293,7 @@ def publications(spec: JobSpec) -> list[Publication]:
             raise LakeCorrupt(f"table {PUBLISHED} ({path}): publication {r.get('publication', i)} holds no version "
                               f"set ({exc})") from None
         out.append(Publication(r.get("publication") if r.get("publication") is not None else i, versions,
-                               r.get("source") or "", r.get("lineage")))
+                               r.get("source") or "", r.get("lineage"), json.loads(r.get("landed_days") or "{}")))
     return sorted(out, key=lambda p: p.number)
 
 
@@ -307,7 +308,8 @@ def _rows_in_commit_order(path: str, latest: int, options: dict | None) -> list[
     return rows
 
 
-def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str | None = None) -> int:
+def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str | None = None,
+            days: dict[str, str] | None = None) -> int:
     """Make `versions` the dataset's published set (one atomic append, numbered by the commit it
     becomes: commit order, never a wall clock, decides which set is current); returns that number.
     Called under the ETL lock, so numbers never race."""
@@ -321,7 +323,8 @@ def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str |
     lineage = lineage or (previous[-1].lineage if previous else None) or uuid.uuid4().hex[:12]
     row = pa.table({"published_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
                     "versions": [json.dumps(versions, sort_keys=True)], "source": [source],
-                    "publication": pa.array([number], pa.int64()), "lineage": [lineage]})
+                    "publication": pa.array([number], pa.int64()), "lineage": [lineage],
+                    "landed_days": [json.dumps(days or {}, sort_keys=True)]})
     write_deltalake(path, row, mode="append", storage_options=opts, schema_mode="merge")
     committed(path, latest_version(path, opts, PUBLISHED))
     return number
@@ -337,6 +340,20 @@ def published_versions(spec: JobSpec) -> dict[str, int] | None:
     None when nothing was published."""
     p = current_publication(spec)
     return dict(p.versions) if p else None
+
+
+def ingested_days(spec: JobSpec) -> dict[str, str]:
+    """Landed days the published data includes (of the current id lineage) -> the fingerprint of the
+    files that were ingested: what the landing sensor, the nightly schedule and `llmrec ingest`
+    compare the landing folder with."""
+    pubs = publications(spec)
+    if not pubs:
+        return {}
+    days: dict[str, str] = {}
+    for p in pubs:
+        if p.lineage == pubs[-1].lineage:
+            days.update(p.days)
+    return days
 
 
 def read_versions(spec: JobSpec) -> dict[str, int]:

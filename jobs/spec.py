@@ -130,6 +130,9 @@ class LandingSpec(Strict):
     path: str
     items: ItemFiles | None = Field(None, description="format and columns of the days' items files (none: a day's "
                                     "items file is an error)")
+    missing_day_wait_hours: float = Field(24.0, ge=0, description="Dagster: a landed day waits this long for a "
+                                          "missing earlier day, then is ingested with the gap reported as a failed "
+                                          "check (the missing day is ingested as a backfill when it arrives)")
     format: Literal["csv", "parquet", "json"] = "csv"
     columns: ColumnMap = ColumnMap(user_id="user_id", item_id="item_id", ts="ts", value="value")
     ts_format: str = "epoch_s"
@@ -448,6 +451,8 @@ class AlignSpec(Strict):
     dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature on list log-ratio differences")
     dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
     eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")
+    enabled: bool = Field(True, description="Dagster: align the trained model (false: the aligned_model asset "
+                          "passes the trained model on unchanged and records that it did)")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = only at the end)")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: the run evaluates, checkpoints "
                                       "and ships the policy of the step that crosses it")

@@ -1,55 +1,110 @@
 """The evaluation job: full-ranking metrics of trained models, users split over Ray tasks (on GPUs
 when train.use_gpu), ranks and top lists gathered, metrics computed once from them — the same
-numbers as the single-process evaluator. Several models are compared on the same data version.
+numbers as the single-process evaluator. Several models are compared on the same data version, each
+on the current catalogue (which may have grown since it was trained: an HLLM scores the new items
+from their text, an ID model counts them as unscorable). With `--next-day DAY`, the models that
+served that day are also judged on it (`ray_jobs.next_day`).
 
-    python -m ray_jobs.evaluate --spec S [--model models:/NAME@alias | PATH ...] [--split valid --split test] [--workers 2]
+    python -m ray_jobs.evaluate --spec S [--model [ROLE=]models:/NAME@alias | [ROLE=]PATH ...] [--split valid --split test]
+                                [--next-day YYYY-MM-DD --next-day-model [ROLE=]REF ...] [--workers 2]
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from jobs.spec import JobSpec, absolute_paths
 from ray_jobs.data import load_sequences
 from ray_jobs.metrics import markdown_table
 from ray_jobs.models.hllm import minilm_item_embeddings
+from ray_jobs.next_day import evaluate_next_day, load_next_day
 from ray_jobs.runtime import DagsterReport, evaluate_distributed, init_ray, job_main, json_metadata, resolve_model
+from ray_jobs.scoring import load_for_catalogue
+
+ROLE = re.compile(r"([a-z][a-z0-9_]*)=(.+)")
 
 
-def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] = ("test",), workers: int = 2) -> dict:
-    """Metrics of each model (a registry URI, a checkpoint file; default the training run's model.pt)
-    on each split of the current read set of the gold tables; a model trained on another item
-    catalogue is refused. Returns {"versions", "models": [{"model", "name", "version", <split>: metrics}]}."""
+def with_role(ref: str | None) -> tuple[str | None, str | None]:
+    """`trained=/path/model.pt` -> ("trained", "/path/model.pt"); a bare reference has no role."""
+    m = ROLE.fullmatch(ref or "")
+    return (m.group(1), m.group(2)) if m and "://" not in m.group(1) else (None, ref)
+
+
+def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] = ("test",), workers: int = 2,
+        next_day: str | None = None, next_day_models: list[str] | None = None) -> dict:
+    """Metrics of each model (a registry URI, a checkpoint file; default the training run's model.pt,
+    each optionally named by a role) on each split of the current read set of the gold tables; a
+    model trained on a catalogue the current one does not extend is refused. With `next_day`, the
+    `next_day_models` are judged on that day's interactions. Returns {"versions", "splits", "models":
+    [{"model", "role", "name", "version", <split>: metrics}], "next_day": [...]}."""
     spec = absolute_paths(spec)
-    resolved = [resolve_model(spec, m) for m in (models or [None])]
+    named = [with_role(m) for m in (models or [None])]
+    resolved = [(role, resolve_model(spec, ref)) for role, ref in named]
     init_ray(spec)
     data = load_sequences(spec)
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
     rows = []
-    for r in resolved:
-        row = {"model": r.label, "name": r.name, "version": r.version}
+    for role, r in resolved:
+        row = {"model": r.label, "role": role, "name": r.name, "version": r.version}
         for split in splits:
             result = evaluate_distributed(spec, r.path, split, workers, data, item_emb, r.cache_dir)
             row[split] = result["metrics"] | result["beyond_accuracy"]
         rows.append(row)
-    return {"versions": data.versions, "splits": list(splits), "models": rows}
+    out = {"versions": data.versions, "splits": list(splits), "models": rows}
+    if next_day:
+        queries = load_next_day(spec, data.versions, next_day)
+        out["next_day"] = []
+        for role, ref in (with_role(m) for m in next_day_models or []):
+            r = resolve_model(spec, ref)
+            loaded = load_for_catalogue(r.path, data.catalogue, data.versions.get("item_index"), r.cache_dir)
+            result = evaluate_next_day(loaded.score_function(), queries, data.catalogue.active, loaded.scorable,
+                                       loaded.ckpt.spec.data.max_seq_len)
+            out["next_day"].append({"model": r.label, "role": role, "name": r.name, "version": r.version, **result})
+    return out
+
+
+def row_label(r: dict, split: str | None = None) -> str:
+    """A model's row label: its role and registry version (`trained v3 (valid)`), else its reference."""
+    version = r["version"] if not str(r["version"]).startswith("file:") else None
+    base = f"{r['role']}" + (f" v{version}" if version else "") if r.get("role") else r["model"]
+    return f"{base} ({split})" if split else base
+
+
+def next_day_table(rows: list[dict]) -> str:
+    lines = ["| model | day | users | NDCG@10 | Recall@10 | HR@10 | new-item hit share@10 | new items recommended "
+             "| unscorable items |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {row_label(r)} | {r['day']} | {m['users']} | {m.get('ndcg@10', 0):.4f} | "
+                     f"{m.get('recall@10', 0):.4f} | {m.get('hr@10', 0):.4f} | {m['new_item_hit_share@10']:.3f} | "
+                     f"{m['new_items_recommended@10']} | {m['unscorable_items']} |")
+    return "\n".join(lines)
 
 
 def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
-    table = markdown_table({f"{r['model']} ({split})": {"metrics": r[split], "beyond_accuracy": r[split]}
+    table = markdown_table({row_label(r, split): {"metrics": r[split], "beyond_accuracy": r[split]}
                             for r in out["models"] for split in out["splits"]})
-    return DagsterReport(metadata={"metrics": {"raw_value": table, "type": "md"}, "results": json_metadata(out["models"]),
-                                   "delta_versions": json_metadata(out["versions"])}, checks={})
+    meta = {"metrics": {"raw_value": table, "type": "md"}, "results": json_metadata(out["models"]),
+            "delta_versions": json_metadata(out["versions"])}
+    if out.get("next_day") is not None:
+        meta["next_day"] = {"raw_value": next_day_table(out["next_day"]), "type": "md"}
+        meta["next_day_results"] = json_metadata(out["next_day"])
+    return DagsterReport(metadata=meta, checks={})
 
 
 def main(argv: list[str] | None = None) -> int:
     def options(ap) -> None:
         ap.add_argument("--model", "--checkpoint", dest="models", action="append",
-                        help="models:/NAME@alias or a checkpoint file, repeatable (default: the training run's model.pt)")
+                        help="[ROLE=]models:/NAME@alias or [ROLE=]a checkpoint file, repeatable (default: the training "
+                             "run's model.pt)")
         ap.add_argument("--split", dest="splits", action="append", choices=["valid", "test"],
                         help="repeatable (default: test)")
+        ap.add_argument("--next-day", help="also judge --next-day-model models on this day's interactions (YYYY-MM-DD)")
+        ap.add_argument("--next-day-model", dest="next_day_models", action="append", default=[],
+                        help="[ROLE=]a model that served --next-day (repeatable)")
         ap.add_argument("--workers", type=int, default=2)
-    return job_main(__doc__, options, lambda spec, a: run(spec, a.models, tuple(a.splits or ["test"]), a.workers),
-                    argv, dagster_report)
+    return job_main(__doc__, options, lambda spec, a: run(spec, a.models, tuple(a.splits or ["test"]), a.workers,
+                                                          a.next_day, a.next_day_models), argv, dagster_report)
 
 
 if __name__ == "__main__":

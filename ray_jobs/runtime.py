@@ -314,29 +314,46 @@ class ResolvedModel:
     version: str             # registry version, or file:<path>
 
 
+_downloads: list[str] = []  # registry downloads of this process, removed when it exits
+
+
+def _remove_downloads() -> None:
+    import shutil
+    for folder in _downloads:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
-    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION` (downloaded from the
-    registry into `<train.storage_path>/_registry/`), a checkpoint file, or by default the training
-    run's `model.pt`."""
+    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION`, a checkpoint file, or by
+    default the training run's `model.pt`. An alias is resolved to its version first and that version
+    is downloaded (an alias moved meanwhile can't mix two versions), into
+    `<train.storage_path>/_registry/` (every node of a cluster mounts it: workers read the file too);
+    the download is removed when this process exits."""
     if ref and ref.startswith("models:/"):
+        import atexit
+
         import mlflow
         uri = tracking_uri(spec)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        # under train.storage_path, which every node of a cluster mounts: workers read the file too
+        name, _, alias = ref.removeprefix("models:/").partition("@")
+        if alias:
+            version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        else:
+            name, _, version = name.partition("/")
         folder = os.path.join(absolute_paths(spec).train.storage_path, "_registry")
         os.makedirs(folder, exist_ok=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="model-", dir=folder))
+        target = tempfile.mkdtemp(prefix="model-", dir=folder)
+        if not _downloads:
+            atexit.register(_remove_downloads)
+        _downloads.append(target)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=target)
         files = {f: os.path.join(r, f) for r, _, fs in os.walk(local) for f in fs}
         if "model.pt" not in files:
             raise FileNotFoundError(f"{ref}: no model.pt checkpoint inside the registered model")
-        caches = [p for f, p in files.items() if f.startswith("items-") and f.endswith(".pt")]
-        name, _, alias = ref.removeprefix("models:/").partition("@")
-        if alias:
-            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-        else:
-            name, _, version = name.partition("/")
-        return ResolvedModel(files["model.pt"], os.path.dirname(caches[0]) if caches else None, ref, name, str(version))
+        data = os.path.dirname(files["model.pt"])
+        shipped_cache = any(e.startswith("items-") for e in os.listdir(data))
+        return ResolvedModel(files["model.pt"], data if shipped_cache else None, ref, name, version)
     path = os.path.abspath(ref or model_file(spec))
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained model at {path}: train first (llmrec train) or name a checkpoint "

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.files import write_atomic
-from jobs.lake import (TABLES, current_publication, dataset_root, etl_lock, open_table, publish,
+from jobs.lake import (TABLES, current_publication, dataset_root, etl_lock, ingested_days, open_table, publish,
                        rollback_unpublished)
 from jobs.progress import QUIET, Steps
 from jobs.spec import JobSpec, storage_options
@@ -22,7 +22,7 @@ from spark import quality
 from spark.delta_io import MergeResult, merge_table, read_table, table_version, write_table
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
-from spark.sources import RawSource, SourceError, landing_days, read_landing_day, read_source
+from spark.sources import RawSource, SourceError, day_fingerprint, landing_days, read_landing_day, read_source
 from spark.transforms import (EmptyData, build_item_index, build_sequences, collapse_repeats, deduplicate,
                               extend_index, filter_min_value, first_appearance, index_interactions, interaction_counts,
                               kcore, leave_one_out, line_checks, quarantine_rows, tag_interactions, temporal_split,
@@ -290,8 +290,10 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
     check_landing(spec)
-    days = list(landing_days(d.landing)) if d.landing is not None else []
+    files = landing_days(d.landing) if d.landing is not None else {}
+    days = list(files)
     landed = {day: read_landing_day(engine, d.landing, day, d.max_line_bytes) for day in days}  # checked before writing
+    fingerprints = {day: day_fingerprint(f, d.landing.path) for day, f in files.items()}
     with steps.step("read source"):
         src = read_source(engine, d.source, d.max_line_bytes)
         if src.interactions.limit(1).count() == 0:  # before anything is written
@@ -317,7 +319,8 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
     with steps.step("accounting"):
         accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
     ingested = [merge_day(spec, engine, day, steps, landed[day]) for day in days]
-    build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None, renumber=renumber)
+    build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None, renumber=renumber,
+                       days=fingerprints)
     summary = EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, ingest_date, accounting,
                          build.gold, build.versions, build.checks, build.published, ingested,
                          step_seconds={k: round(v, 3) for k, v in steps.timings.items()}, lineage=build.lineage)
@@ -389,12 +392,16 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) ->
                          "run `llmrec etl` first")
     check_silver_schema(lake, engine)
     src = read_landing_day(engine, d.landing, day, d.max_line_bytes)  # headers and columns checked before writing
+    fingerprint = {day: day_fingerprint(landing_days(d.landing)[day], d.landing.path)}
     result = merge_day(spec, engine, day, steps, src)
     # anything committed must be published (what is not is rolled back by the next writer): gold is
     # rebuilt whenever the day changed a table, and only then
     changed = [r for r in (result.bronze, result.quarantine, result.silver, result.items) if r is not None and r.committed]
+    if not changed and ingested_days(spec).get(day) != fingerprint[day]:
+        # files that change nothing are still this day's delivery: recorded, so they are not asked for again
+        publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint)
     if changed or "sequences" not in publication.versions:
-        result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}")
+        result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}", days=fingerprint)
         previous = read_summary(lake)
         write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
                                     published=g.published, last_ingest=result, lineage=g.lineage)
@@ -475,7 +482,7 @@ def with_catalogue_columns(items: DataFrame, silver: DataFrame) -> tuple[DataFra
 
 @locked
 def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None,
-               renumber: bool = False) -> GoldBuild:
+               renumber: bool = False, days: dict[str, str] | None = None) -> GoldBuild:
     """Gold tables from the silver this run wrote: the lineage's indexes (ids of the published index
     kept, new users and items appended: `extend_index`), filters, k-core, item text, sequences,
     splits, then the data-quality checks; with `publish_as`, the version set is published (readers
@@ -553,7 +560,8 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
     if publish_as and build.checks_passed:
         with steps.step("publish"):
             lineage = build.lineage or new_lineage()
-            build.published = publish(spec, build.versions, publish_as + (" (renumbered)" if renumber else ""), lineage)
+            build.published = publish(spec, build.versions, publish_as + (" (renumbered)" if renumber else ""), lineage,
+                                      days)
             build.lineage = lineage
     return build
 

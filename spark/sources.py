@@ -11,6 +11,7 @@ import codecs
 import csv
 import glob
 import gzip
+import hashlib
 import importlib.util
 import os
 import re
@@ -498,6 +499,19 @@ class LandedFiles:
 def is_items_file(relative: str) -> bool:
     parts = relative.replace(os.sep, "/").split("/")
     return "items" in parts[:-1] or ".items." in parts[-1]
+
+
+def day_fingerprint(files: LandedFiles, root: str) -> str:
+    """A landed day's content: a hash of its files' names (relative to the landing folder) and bytes.
+    A re-delivered day with other contents has another fingerprint; the same files again, the same."""
+    digest = hashlib.sha256()
+    for f in sorted(files.interactions + files.items):
+        digest.update(os.path.relpath(f, root).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
 
 
 def landing_days(spec: LandingSpec) -> dict[str, LandedFiles]:
