@@ -1,0 +1,176 @@
+"""Models across catalogue versions on MovieLens-100K: a day-0 SASRec and a day-0 cached HLLM meet a
+landed day that brings one new item (watched by 8 known users, with its metadata) and one new user.
+Evaluation, recommendations, alignment, the registered pyfunc and warm start all take the grown
+catalogue: the HLLM scores and recommends the new item from its text, the ID model counts it as
+unscorable; warm start keeps every known row and initialises the new ones by their rule."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from jobs.lake import published_versions
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import read_model
+from ray_jobs.data import load_sequences
+from ray_jobs.next_day import evaluate_next_day, list_metrics, load_next_day
+from ray_jobs.scoring import evaluate_split, load_for_catalogue, top_k
+from ray_jobs.train import train_local
+from spark.etl import ingest_day
+
+SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
+NEW_ITEM, NEW_USER, DAY = "9999", "5000", "1998-04-23"  # the day after ML-100K's last rating
+WATCHERS = ["1", "2", "5", "6", "7", "10", "13", "15"]
+DAY_TS = 893_289_600  # 1998-04-23 00:00 UTC
+LANDING_ITEMS = {"columns": {"item_id": "item_id", "title": "title", "categories": "genres", "attributes": ["year"]}}
+
+
+def overrides(lake, tmp, *extra) -> list[str]:
+    return [f"lake.root={lake}", f"train.checkpoint_dir={tmp}/ckpt", f"model.cache_dir={tmp}/cache",
+            f"data.landing={{path: {tmp}/landing, items: {LANDING_ITEMS}}}", "train.batch_size=128",
+            "train.eval_every=1", "model.dropout=0.0", *extra]
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory, ml100k_lake, engines):
+    """Day-0 models on a copy of the shared lake, then the landed day that grows the catalogue."""
+    tmp = tmp_path_factory.mktemp("grown")
+    lake = tmp / "lake"
+    shutil.copytree(ml100k_lake, lake)
+    (tmp / "landing").mkdir()
+    sasrec = load_spec(SMOKE, overrides(lake, tmp, "name=day0-sasrec", "model.kind=sasrec", "model.dim=16",
+                                        "train.epochs=2", "train.lr=0.003"))
+    hllm = load_spec(SMOKE, overrides(lake, tmp, "name=day0-hllm", "model.kind=hllm", "model.item_id_embedding=true",
+                                      "train.epochs=2", "train.lr=0.005", "train.negatives=512"))
+    day0 = {"sasrec": train_local(sasrec, resume=False).checkpoint, "hllm": train_local(hllm, resume=False).checkpoint}
+    before = load_sequences(sasrec)
+    rows = [f"{u},{NEW_ITEM},{DAY_TS + 60 * k},{4 + k % 2}" for k, u in enumerate(WATCHERS)]
+    rows += [f"{NEW_USER},{item},{DAY_TS + 1000 + k},{4 + k % 2}" for k, item in enumerate((NEW_ITEM, 50, 181, 100, 258))]
+    (tmp / "landing" / f"{DAY}.csv").write_text("user_id,item_id,ts,value\n" + "\n".join(rows) + "\n")
+    (tmp / "landing" / f"{DAY}.items.csv").write_text("item_id,title,genres,year\n"
+                                                      f"{NEW_ITEM},Galaxy Quest,Comedy|Sci-Fi,1999\n")
+    result = ingest_day(sasrec, engines.get("sail"), DAY)
+    assert result.gold.published is not None and result.gold.gold.new_items == 1 and result.gold.gold.new_users == 1
+    return {"tmp": tmp, "sasrec": sasrec, "hllm": hllm, "day0": day0, "before": before, "after": load_sequences(sasrec)}
+
+
+def test_day0_models_score_the_grown_catalogue(grown):
+    before, after = grown["before"], grown["after"]
+    new = after.catalogue.index_of()[NEW_ITEM]
+    assert after.num_items == before.num_items + 1 == new and after.item_text[new].startswith("Title: Galaxy Quest")
+    assert after.item_text[:new] == before.item_text  # every known index names what it named
+    sasrec = load_for_catalogue(grown["day0"]["sasrec"], after.catalogue)
+    hllm = load_for_catalogue(grown["day0"]["hllm"], after.catalogue)
+    assert sasrec.extension.new_items == hllm.extension.new_items == 1
+    assert not sasrec.scorable[new] and hllm.scorable[new]
+    ev = evaluate_split(grown["sasrec"], sasrec.score_function(), after, "test", scorable=sasrec.scorable)["metrics"]
+    assert ev["unscorable_items"] == 333 + 1 and ev["candidates"] == after.num_items  # cold items + the new one
+    eh = evaluate_split(grown["hllm"], hllm.score_function(), after, "test", scorable=hllm.scorable)["metrics"]
+    assert eh["unscorable_items"] == 0 and eh["users"] == 944  # the new user has a test row (3 items)
+    # the HLLM puts the new item, from its text alone, in some users' top 50; the ID model never does
+    histories = after.test.histories[:300]
+    ids, scores = top_k(hllm.score_function(), histories, 50, 128, candidates=after.catalogue.active)
+    assert (ids == new).any() and np.isfinite(scores).all()
+    ids, _ = top_k(sasrec.score_function(), histories, 50, 128, candidates=after.catalogue.active)
+    assert not (ids == new).any()
+    # a fusion HLLM gives the new item a zero ID vector: its representation is its text's alone
+    assert torch.all(hllm.model.id_emb.weight[new] == 0)
+    cached = read_model(grown["day0"]["hllm"]).weights["item_table"]
+    assert torch.equal(hllm.model.item_table[:new], cached)  # known items' embeddings as trained, bit for bit
+
+
+def test_warm_start_extends_exactly(grown, tmp_path):
+    from ray_jobs.loop import training_state, warm_start
+    after = grown["after"]
+    new = after.catalogue.index_of()[NEW_ITEM]
+    for kind in ("sasrec", "hllm"):
+        spec = grown[kind].model_copy(update={"train": grown[kind].train.model_copy(update={
+            "init_from": grown["day0"][kind], "checkpoint_dir": str(tmp_path)})})
+        start = warm_start(spec, after)
+        assert start.path == grown["day0"][kind] and start.tag.startswith("extended (+1 items, 0 texts changed)")
+        state = training_state(spec, after, torch.device("cpu"), start.path)
+        trained = read_model(grown["day0"][kind]).weights
+        weights = state.model.state_dict()
+        for key, value in trained.items():
+            if value.shape == weights[key].shape:
+                assert torch.equal(weights[key], value), key  # every other weight as trained
+            else:
+                assert torch.equal(weights[key][:new], value), key  # known rows bit-equal
+        if kind == "sasrec":  # the model's own initialisation: truncated N(0, 0.02), not zero, not a copy
+            row = weights["item_emb.weight"][new]
+            assert row.abs().max() <= 0.04 and row.abs().sum() > 0
+        else:
+            assert torch.all(weights["id_emb.weight"][new] == 0)
+        assert all(not s for s in state.optimizer.state.values())  # the optimizer starts afresh
+    after.catalogue.item_ids[3], kept = "renumbered", after.catalogue.item_ids[3]
+    try:
+        spec = grown["sasrec"].model_copy(update={"train": grown["sasrec"].train.model_copy(update={
+            "init_from": grown["day0"]["sasrec"]})})
+        fallback = warm_start(spec, after)
+        assert fallback.path is None and fallback.tag.startswith("fresh start:") and "index 3" in fallback.tag
+    finally:
+        after.catalogue.item_ids[3] = kept
+
+
+def test_the_registered_pyfunc_speaks_source_ids_over_the_grown_catalogue(grown, tmp_path):
+    """A day-0 HLLM registered with today's catalogue: raw ids in and out, unknown history items
+    skipped and counted, the new item recommendable from its text, never padding or an inactive item."""
+    import mlflow
+
+    from ray_jobs import tracking
+    after = grown["after"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = grown["hllm"].model_copy(update={"tracking": grown["hllm"].tracking.model_copy(update={"uri": uri})})
+    run_id = tracking.start_run(spec, "pyfunc", "train")
+    version = tracking.log_recommender(spec, run_id, grown["day0"]["hllm"], after.catalogue)
+    model = mlflow.pyfunc.load_model(f"models:/{spec.registered_model_name()}/{version}")
+    ids = after.catalogue.item_ids
+    histories = [[ids[i] for i in h] for h in after.test.histories[:40]]
+    out = model.predict(pd.DataFrame({"history": [h + ["not-an-item"] for h in histories]}), params={"k": 50})
+    assert out["unknown_history_items"].tolist() == [1] * 40
+    assert all(len(r) == 50 and "" not in r and not set(r) & set(h) for r, h in zip(out["item_ids"], histories))
+    assert any(NEW_ITEM in r for r in out["item_ids"]) and all(np.isfinite(s).all() for s in out["scores"])
+
+
+def test_next_day_metrics_of_the_models_that_served_the_day(grown):
+    """Day 1's queries from the lake: users active that day, their history before it, the day's new
+    items as targets; the new user's history is empty (popular items); Recall/NDCG by hand."""
+    spec, after = grown["sasrec"], grown["after"]
+    q = load_next_day(spec, published_versions(spec), DAY)
+    new = after.catalogue.index_of()[NEW_ITEM]
+    assert len(q) == 9 and q.new_item[new] and q.new_user.sum() == 1  # 8 watchers + the new user
+    assert all(new in t for t in q.targets) and sum(len(h) == 0 for h in q.histories) == 1
+    for kind in ("sasrec", "hllm"):
+        loaded = load_for_catalogue(grown["day0"][kind], after.catalogue)
+        r = evaluate_next_day(loaded.score_function(), q, after.catalogue.active, loaded.scorable, 50)
+        assert r["metrics"]["users"] == 9 and 0 <= r["metrics"]["ndcg@10"] <= 1
+        assert r["slices"]["new_users"]["users"] == 1 and r["slices"]["new_items"]["users"] == 9
+        assert r["metrics"]["unscorable_items"] == (334 if kind == "sasrec" else 0)
+    top = np.array([[5, 7, 9], [2, 3, 4]])
+    m = list_metrics(top, [np.array([7, 4, 8]), np.array([1])], ks=(3,))
+    dcg = 1 / np.log2(3)  # user 0: hit at rank 2 of 3 relevant
+    assert m["recall@3"] == pytest.approx((1 / 3 + 0) / 2) and m["hr@3"] == 0.5
+    assert m["ndcg@3"] == pytest.approx((dcg / (1 + 1 / np.log2(3) + 1 / np.log2(4))) / 2)
+
+
+def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, local_ray, tmp_path):
+    from deltalake import DeltaTable
+
+    from ray_jobs import recommend
+    from ray_jobs.align import run as align
+    spec = grown["hllm"].model_copy(update={"train": grown["hllm"].train.model_copy(update={
+        "storage_path": str(tmp_path / "ray"), "workers": 1, "max_failures": 0}),
+        "tracking": grown["hllm"].tracking.model_copy(update={"uri": f"sqlite:///{tmp_path}/mlflow.db"})})
+    out = recommend.run(spec, grown["day0"]["hllm"], k=20, workers=1)
+    table = DeltaTable(out["table"]).to_pandas()
+    mine = table[table["model_version"] == out["model_version"]]
+    assert NEW_USER in set(mine["user_id"]) and (mine["item_id"] == NEW_ITEM).any()
+    assert np.isfinite(mine["score"]).all() and (mine["item_idx"] > 0).all() and out["unscorable_items"] == 0
+    a = spec.align.model_copy(update={"init": grown["day0"]["hllm"], "steps": 1, "users_per_step": 16, "rollouts": 4,
+                                      "eval_every": 0, "checkpoint_every": 0})
+    aligned = align(spec.model_copy(update={"align": a}), register=False)
+    assert aligned["steps"] == 1 and np.isfinite(aligned["last_step"]["reward_mean"])
+    assert read_model(aligned["model_file"]).num_items == grown["after"].num_items  # aligned on today's catalogue
