@@ -302,6 +302,7 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, catalogue:
         write_catalogue_file(catalogue, os.path.join(data, CATALOGUE_FILE))
         m = ckpt.spec.model
         if m.kind == "hllm" and m.mode == "cached":  # the catalogue's embeddings, computed where the cache is
+            ckpt.build(catalogue=catalogue)  # embeds what the cache lacks: items newer than the model
             item_cache(m).export(catalogue.item_text, data)
         info = mlflow.pyfunc.log_model(
             name="model", loader_module="ray_jobs.tracking", data_path=data, signature=signature,

@@ -118,9 +118,10 @@ def test_warm_start_extends_exactly(grown, tmp_path):
         after.catalogue.item_ids[3] = kept
 
 
-def test_the_registered_pyfunc_speaks_source_ids_over_the_grown_catalogue(grown, tmp_path):
+def test_the_registered_pyfunc_speaks_source_ids_over_the_grown_catalogue(grown, tmp_path, local_server, free_port):
     """A day-0 HLLM registered with today's catalogue: raw ids in and out, unknown history items
-    skipped and counted, the new item recommendable from its text, never padding or an inactive item."""
+    skipped and counted, the new item recommendable from its text, never padding or an inactive item
+    — in process and through a real `mlflow models serve` on 127.0.0.1."""
     import mlflow
 
     from ray_jobs import tracking
@@ -139,6 +140,25 @@ def test_the_registered_pyfunc_speaks_source_ids_over_the_grown_catalogue(grown,
     assert out["unknown_history_items"].tolist() == [1] * len(histories)
     assert all(len(r) == 200 and "" not in r and not set(r) & set(h) for r, h in zip(out["item_ids"], histories))
     assert any(NEW_ITEM in r for r in out["item_ids"]) and all(np.isfinite(s).all() for s in out["scores"])
+
+    import json
+    import os
+    import sys
+    import urllib.request
+    from pathlib import Path
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    local_server([mlflow_bin, "models", "serve", "-m", f"models:/{spec.registered_model_name()}/{version}",
+                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+                 f"http://127.0.0.1:{port}/ping", env)
+    body = json.dumps({"dataframe_split": {"columns": ["history"], "data": [[histories[0] + ["not-an-item"]]]},
+                       "params": {"k": 10}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"][0]
+    assert answer["item_ids"] == out["item_ids"][0][:10] and answer["unknown_history_items"] == 1
+    assert all(isinstance(i, str) for i in answer["item_ids"])
 
 
 def test_next_day_metrics_of_the_models_that_served_the_day(grown):
