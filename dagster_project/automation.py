@@ -100,7 +100,8 @@ def landing_sensor(running: bool):
         if any(not r.is_finished for r in runs):
             return SkipReason(f"{plan.day} is being ingested")
         failed = [r for r in runs if r.is_failure]
-        last = max((context.instance.get_run_record_by_id(r.run_id).end_time or 0 for r in failed), default=0)
+        records = [context.instance.get_run_record_by_id(r.run_id) for r in failed]
+        last = max((rec.end_time or rec.update_timestamp.timestamp() for rec in records), default=0)
         if len(failed) >= MAX_ATTEMPTS:
             return SkipReason(f"{plan.day} failed {len(failed)} times as it is; fix the data and deliver it again "
                               "(other contents are tried afresh)")

@@ -104,7 +104,13 @@ def latest_version(path: str, options: dict | None = None, table: str | None = N
 
 # ----------------------------------------------------------------------------- the lock
 
-_held: dict[str, int] = {}  # lock file -> nesting depth in this process (a full run ingests landed days)
+_local = threading.local()  # per thread: lock file -> nesting depth (a full run ingests landed days under its lock)
+
+
+def _depths() -> dict[str, int]:
+    if not hasattr(_local, "held"):
+        _local.held = {}
+    return _local.held
 
 
 @contextmanager
@@ -120,6 +126,7 @@ def etl_lock(spec: JobSpec) -> Iterator[None]:
     version), deleted at the end (`ObjectStoreLease`)."""
     root = dataset_root(spec)
     key = f"{root}/{LOCK}"
+    _held = _depths()
     if _held.get(key):
         _held[key] += 1
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from dagster import (AssetKey, AssetSelection, DagsterInstance, build_schedule_context, build_sensor_context,
+from dagster import (AssetKey, DagsterInstance, build_schedule_context, build_sensor_context,
                      materialize)
 from deltalake import DeltaTable
 
@@ -141,27 +141,116 @@ def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_
     assert {t: lake.version(t) for t in ETL_TABLES} == lake_versions
 
 
+def test_landing_plan_keeps_date_order_and_waits_for_a_missing_day(tmp_path):
+    from dagster_project.landing import plan_landing
+    from spark.sources import LandedFiles, day_fingerprint
+    days = {}
+    for d in ("2026-11-20", "2026-11-21", "2026-11-23"):
+        (tmp_path / f"{d}.csv").write_text(f"u,i,t\n1,{d},1\n")
+        days[d] = LandedFiles([str(tmp_path / f"{d}.csv")], [])
+    fp = {d: day_fingerprint(f, str(tmp_path)) for d, f in days.items()}
+    now = os.path.getmtime(tmp_path / "2026-11-23.csv")
+    assert plan_landing(days, {}, str(tmp_path), now, 24).day == "2026-11-20"  # never a later day first
+    done = {d: fp[d] for d in ("2026-11-20", "2026-11-21")}
+    waiting = plan_landing(days, done, str(tmp_path), now + 3600, 24)
+    assert waiting.day is None and waiting.waiting_for == ["2026-11-22"] and "waits for missing day" in waiting.reason
+    gone = plan_landing(days, done, str(tmp_path), now + 25 * 3600, 24)
+    assert gone.day == "2026-11-23" and gone.skipped == ["2026-11-22"]
+    # the missing day arrives later: ingested as a backfill, then nothing is pending
+    (tmp_path / "2026-11-22.csv").write_text("u,i,t\n1,x,1\n")
+    days["2026-11-22"] = LandedFiles([str(tmp_path / "2026-11-22.csv")], [])
+    late = plan_landing(days, {**done, "2026-11-23": fp["2026-11-23"]}, str(tmp_path), now, 24)
+    assert late.day == "2026-11-22" and not late.missing
+    # a re-delivered day (other contents) is ingested again, before any later pending day
+    (tmp_path / "2026-11-20.csv").write_text("u,i,t\n1,a,1\n2,b,2\n")
+    again = plan_landing(days, {**done, "2026-11-22": "x"}, str(tmp_path), now, 24)
+    assert again.day == "2026-11-20" and again.pending == ["2026-11-20", "2026-11-22", "2026-11-23"]
+
+
 def test_schedule_and_sensors_evaluate_to_the_right_run_requests(landing_spec, tmp_path, monkeypatch):
+    """The sensor asks for one day at a time in date order, asks again for a day whose run failed
+    (after a pause) and for a re-delivered day; the nightly schedule ingests the next pending day (or
+    the latest again) and retrains; the local code location gets these jobs when its spec lands days;
+    a run that finds the lake held by another ETL is retried until it gets it."""
+    import threading
+
+    from dagster_project import automation, data_assets
+    from dagster_project.definitions import local_definitions
+    from jobs.lake import etl_lock, ingested_days
     defs = build_definitions(landing_spec, NO_RAY, MLflowResource(), landing=True)
     instance = stack_instance(tmp_path / "instance")
     sensor = defs.get_sensor_def("landing_folder")
-    result = sensor(build_sensor_context(instance=instance, resources={"spec": landing_spec}))
-    assert sorted(r.partition_key for r in result.run_requests) == ["2026-11-20", "2026-11-21"]
-    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == ["2026-11-20", "2026-11-21"]
-    assert {r.run_key for r in result.run_requests} == {"landing-2026-11-20", "landing-2026-11-21"}
+
+    def tick():
+        return sensor(build_sensor_context(instance=instance, resources={"spec": landing_spec}))
+    first = tick()
+    [request] = first.run_requests
+    assert request.partition_key == "2026-11-20" and request.run_key.startswith("landing-2026-11-20-")
+    assert first.dynamic_partitions_requests[0].partition_keys == ["2026-11-20"]
     instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-20", "2026-11-21"])
-    again = sensor(build_sensor_context(instance=instance, resources={"spec": landing_spec}))
-    assert "no new day" in again.skip_message
+    ingest = defs.resolve_job_def("ingest_landing_day")
+    fingerprint = request.tags["llmrec/fingerprint"]
+    # a run of day 20 that fails (its lake has no published set yet): the sensor pauses, then asks again
+    empty = SpecResource(spec_path=SMOKE, overrides=[*landing_spec.overrides, f"lake.root={tmp_path}/not-built"])
+    failed = ingest.execute_in_process(instance=instance, partition_key="2026-11-20", raise_on_error=False,
+                                       tags={"llmrec/fingerprint": fingerprint},
+                                       resources={"spec": empty, "spark": SparkResource(engine="sail")})
+    assert not failed.success and "trying again" in tick().skip_message
+    monkeypatch.setattr(automation, "RETRY_MINUTES", 0)
+    [retry] = tick().run_requests
+    assert retry.partition_key == "2026-11-20" and retry.run_key != request.run_key and retry.run_key.endswith("-1")
+    # day 21 out of order is refused; day 20 goes through although another ETL holds the lake at first
+    res = {"spec": landing_spec, "spark": SparkResource(engine="sail")}
+    early = materialize([landed_day], partition_key="2026-11-21", resources=res, instance=instance, raise_on_error=False)
+    assert not early.success and "2026-11-20 is ingested before it" in str(early.all_events)
+    monkeypatch.setattr(data_assets, "BUSY_WAIT_S", 1)
+    spec = landing_spec.load()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with etl_lock(spec):
+            held.set()
+            release.wait(30)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    threading.Timer(3, release.set).start()
+    busy_first = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
+    holder.join()
+    assert busy_first.success and ingested_days(spec)["2026-11-20"] == fingerprint
+    retried = [e for e in busy_first.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert retried  # LakeBusy became a retry, not a lost day
+    [nxt] = tick().run_requests
+    assert nxt.partition_key == "2026-11-21"
+    # a re-delivered day 20 (one more row): asked for again, before day 21
+    landing = Path(spec.data.landing.path)
+    (landing / "2026-11-20.csv").write_text((landing / "2026-11-20.csv").read_text() + "196,3,893286702,2\n")
+    [redelivered] = tick().run_requests
+    assert redelivered.partition_key == "2026-11-20" and redelivered.tags["llmrec/fingerprint"] != fingerprint
+    again = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
+    meta = again.asset_materializations_for_node("bronze__landed_day")[0].metadata
+    assert meta["silver_inserted"].value == 1 and meta["silver_updated"].value == 0  # only what changed
+
     schedule = defs.get_schedule_def("nightly_retraining")
     assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "nightly"
     at = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
-    tick = schedule(build_schedule_context(instance=instance, scheduled_execution_time=at, resources={"spec": landing_spec}))
-    assert tick.partition_key == "2026-11-21"  # yesterday's landed day, ingested and retrained in one run
+    tick_ = schedule(build_schedule_context(instance=instance, scheduled_execution_time=at,
+                                            resources={"spec": landing_spec}))
+    assert tick_.partition_key == "2026-11-21"  # the next pending day, ingested and retrained in one run
+    materialize([landed_day], partition_key="2026-11-21", resources=res, instance=instance)
     later = schedule(build_schedule_context(instance=instance, resources={"spec": landing_spec},
                                             scheduled_execution_time=datetime(2026, 12, 5, 2, 0, tzinfo=timezone.utc)))
-    assert later.partition_key == "2026-11-21"  # no file for yesterday: the latest landed day again, a no-op MERGE
+    assert later.partition_key == "2026-11-21"  # nothing new: the latest landed day again, a no-op MERGE
     plain = build_definitions(SpecResource(spec_path=SMOKE), NO_RAY, MLflowResource()).get_schedule_def("nightly_retraining")
     assert plain.job_name == "retrain" and plain(build_schedule_context(instance=instance, scheduled_execution_time=at)).run_key
+    local = local_definitions(SMOKE)
+    assert "bronze/landed_day" not in {k.to_user_string() for k in local.resolve_asset_graph().get_all_asset_keys()}
+    (tmp_path / "feed.yaml").write_text(f"base: {ROOT / SMOKE}\ndata:\n  landing: {{path: {landing}}}\n")
+    fed = local_definitions(str(tmp_path / "feed.yaml"))
+    assert "bronze/landed_day" in {k.to_user_string() for k in fed.resolve_asset_graph().get_all_asset_keys()}
+    assert fed.resolve_job_def("nightly") and fed.get_sensor_def("landing_folder")
+    assert data_assets.lake_tables.op.pool == data_assets.landed_day.op.pool == "llmrec_lake"
+
     # the failure sensor writes a summary of a failed run: a landed day on a spec without landing
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     bad = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}/empty"])
@@ -199,7 +288,10 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # two whole-graph materialisations through Ray: ~10 min on 2 cores, near the default 600 s hang guard
-def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_path, ml100k_lake, monkeypatch):
+def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, monkeypatch):
+    """The whole graph through `dagster asset materialize`, then the nightly job over two landed days:
+    the first brings a new item and a new user, the champion is evaluated on the grown catalogue and
+    judged on the day it served, a worse challenger is kept out, recommendations cover the new user."""
     import shutil
     lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
     shutil.copytree(ml100k_lake, lake)
@@ -255,29 +347,58 @@ def test_whole_graph_through_the_cli_then_a_worse_challenger_is_kept_out(tmp_pat
         newer = run_etl(spec, engine)
     assert newer.published is not None and newer.versions["sequences"] == trained["delta_versions"]["sequences"] + 1
 
-    # a worse challenger (one epoch at a tiny learning rate): the gate keeps the champion
-    from dagster_project.definitions import defs
-    # (its floor lowered, so that it reaches the gate instead of being stopped by beats_popularity)
+    # night 1: the nightly job (Dagster, partition = the landed day) ingests a day that brings a new item
+    # (with its metadata) and a new user, trains a worse challenger (one epoch at a tiny learning rate),
+    # evaluates it beside the day-0 champion on the grown catalogue, and the gate keeps the champion
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "1998-04-23.csv").write_text("user_id,item_id,ts,value\n" + "\n".join(
+        [f"{u},9999,{893289600 + k},5" for k, u in enumerate(range(1, 9))]
+        + [f"5000,{i},{893289700 + k},4" for k, i in enumerate((9999, 50, 181, 100, 258))]) + "\n")
+    (landing / "1998-04-23.items.csv").write_text("item_id,title,genres,year\n9999,Galaxy Quest,Comedy|Sci-Fi,1999\n")
+    feed = [f"data.landing={{path: {landing}, items: {{columns: {{item_id: item_id, title: title, categories: genres, "
+            f"attributes: [year]}}}}}}"]
+    nightly = build_definitions(SpecResource(spec_path=SMOKE), RayResource(), MLflowResource(),
+                                landing=True).resolve_job_def("nightly")
+    instance.add_dynamic_partitions("landing_days", ["1998-04-23"])
     worse = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "train.lr=0.00001",
                                                                  "align.lr=0.000001", "align.steps=2",
-                                                                 "checks.min_gain_over_popularity=-1"))
-    job = defs.get_implicit_global_asset_job_def().get_subset(
-        asset_selection=AssetSelection.groups("training", "alignment", "evaluation", "serving").resolve(
-            defs.resolve_asset_graph()))
-    second = job.execute_in_process(instance=instance, resources={
-        "spec": worse, "mlflow": MLflowResource(tracking_uri=uri), "ray": RayResource(num_cpus=2)})
-    assert second.success
-    trained2, gate2 = meta("trained_model"), meta("champion_model")
-    assert trained2["delta_versions"] == trained["delta_versions"]  # pinned: not the newer published set
-    assert client.get_run(trained2["mlflow_run_id"]).data.params["delta_version.sequences"] == \
-        str(trained["delta_versions"]["sequences"])
+                                                                 "checks.min_gain_over_popularity=-1", *feed))
+    resources = {"spec": worse, "mlflow": MLflowResource(tracking_uri=uri), "ray": RayResource(num_cpus=2),
+                 "spark": SparkResource()}
+    first = nightly.execute_in_process(instance=instance, partition_key="1998-04-23", resources=resources)
+    assert first.success
+    day, trained2, report, gate2, recs2 = (meta(k) for k in ("bronze/landed_day", "trained_model", "evaluation_report",
+                                                            "champion_model", "gold/recommendations"))
+    assert day["new_items"] == 1 and day["new_users"] == 1 and day["items_inserted"] == 1 and day["published"]
+    assert trained2["delta_versions"] == published_versions(load_spec(SMOKE, [f"lake.root={lake}"]))
+    champion_row = next(r for r in report["results"] if r["role"] == "champion")
+    assert champion_row["test"]["unscorable_items"] == 0 and champion_row["test"]["candidates"] == 1683
+    served = report["next_day_results"]  # the model that served the day: the champion (its gate's own candidate)
+    assert [r["role"] for r in served] == ["champion"] and served[0]["metrics"]["users"] == 9
+    assert "| champion v" in report["next_day"] and served[0]["metrics"]["unscorable_items"] == 0
     assert gate2["promote"] is False and gate2["champion_version"] == champion
     assert str(client.get_model_version_by_alias("dagster-loop", "champion").version) == champion
     kept = client.get_model_version("dagster-loop", gate2["candidate"]).tags
     assert kept["llmrec.gate.decision"] == "kept" and float(kept["llmrec.gate.champion_metric"]) == gate2["champion_metric"]
-    rows = DeltaTable(recs["path"]).to_pandas()
-    rows = rows[rows["model_name"] == recs["model_name"]]
-    assert len(rows) == 943 * recs["k"] and set(rows["model_version"]) == {champion}  # same champion: replaced
+    rows = DeltaTable(recs2["path"]).to_pandas()
+    rows = rows[rows["model_name"] == recs2["model_name"]]
+    assert set(rows["model_version"]) == {champion} and "5000" in set(rows["user_id"])  # the new user is served
+    assert len(rows) == 944 * recs2["k"] and (rows["item_id"] != "").all()
+
+    # night 2: a quiet day, alignment switched off, the usual training: the second night succeeds too,
+    # and night 1's (kept) candidate is among the models judged on the day it served
+    (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
+    instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
+    usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=2", "align.enabled=false",
+                                                                 *feed))
+    second = nightly.execute_in_process(instance=instance, partition_key="1998-04-24",
+                                        resources={**resources, "spec": usual})
+    assert second.success
+    aligned3, report3 = meta("aligned_model"), meta("evaluation_report")
+    assert aligned3["skipped"] == "align.enabled is false"
+    served = {r["role"]: r["version"] for r in report3["next_day_results"]}
+    assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
 
 
 class _KubeApi:
