@@ -26,6 +26,7 @@ from deltalake import DeltaTable
 from dagster_project.landing import landing_plan
 from dagster_project.resources import SparkResource, SpecResource
 from jobs.lake import LakeBusy
+from jobs.secrets import scrubbed_errors
 from spark.etl import ETL_TABLES, TABLES, Lake, engine_for, ingest_day, run_etl
 from spark.quality import CHECKS
 
@@ -65,7 +66,7 @@ def lake_tables(context: AssetExecutionContext, spec: SpecResource, spark: Spark
     the version set is published for readers only when every check passes."""
     job = spec.load(*spark.spec_overrides())
     try:
-        with engine_for(job) as engine:
+        with scrubbed_errors(), engine_for(job) as engine:
             summary = run_etl(job, engine)
     except LakeBusy as exc:
         raise busy_retry(exc) from exc
@@ -114,7 +115,7 @@ def landed_day(context: AssetExecutionContext, spec: SpecResource, spark: SparkR
         raise Failure(f"landed day {day} is not next: " + (f"{plan.day} is ingested before it" if plan.day else
                                                            plan.reason))
     try:
-        with engine_for(job) as engine:
+        with scrubbed_errors(), engine_for(job) as engine:
             r = ingest_day(job, engine, day)
     except LakeBusy as exc:
         raise busy_retry(exc) from exc

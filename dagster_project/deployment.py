@@ -21,6 +21,7 @@ from dagster_project.model_assets import (
     trained_model,
 )
 from dagster_project.resources import MLflowResource, RayResource, SparkResource, SpecResource
+from jobs.secrets import install_redaction
 
 
 def build_definitions(spec: SpecResource, ray: RayResource, mlflow: MLflowResource, landing: bool = False,
@@ -29,7 +30,9 @@ def build_definitions(spec: SpecResource, ray: RayResource, mlflow: MLflowResour
     """The asset graph (data -> training -> alignment -> evaluation -> serving), its checks, the
     nightly schedule and the sensors. `landing` (a deployment whose spec has `data.landing`) adds the
     partitioned `bronze/landed_day` asset and the jobs that ingest it. Runs execute in one process
-    (one Ray head per run when none is configured)."""
+    (one Ray head per run when none is configured). Building them installs the process's redaction
+    (`jobs.secrets.install_redaction`): the code location is a process edge too."""
+    install_redaction()
     assets = [lake_tables, trained_model, aligned_model, evaluation_report, champion_model, recommendations]
     jobs = [retrain_job]
     sensors = [failure_sensor(automation_running)]

@@ -16,7 +16,7 @@ from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
 from dagster_project.resources import MLflowResource, RayResource, SpecResource
 from jobs.lake import published_versions
-from jobs.secrets import check_override_secrets
+from jobs.secrets import check_override_secrets, scrubbed_errors
 from jobs.spec import JobSpec
 
 CHAMPION = "champion"
@@ -48,12 +48,15 @@ def pinned_versions(context: AssetExecutionContext, spec: JobSpec) -> dict[str, 
 
 def run_job(context: AssetExecutionContext, module: str, spec: SpecResource, ray: RayResource, mlflow: MLflowResource,
             overrides: list[str], args: list[str] = ()):
-    """Submit `python -m <module>` with the deployment's spec and overrides as a Ray job through Pipes."""
-    base = spec.load(*mlflow.spec_overrides())
-    sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
-    check_override_secrets(sets)
-    entry = ["python", "-m", module, "--spec", ray.job_spec_path(spec), *[x for o in sets for x in ("--set", o)], *args]
-    return ray.run(context, module.rsplit(".", 1)[-1], spec.load(*sets), entry)
+    """Submit `python -m <module>` with the deployment's spec and overrides as a Ray job through Pipes
+    (an error on the way is redacted before Dagster records it)."""
+    with scrubbed_errors():
+        base = spec.load(*mlflow.spec_overrides())
+        sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
+        check_override_secrets(sets)
+        entry = ["python", "-m", module, "--spec", ray.job_spec_path(spec), *[x for o in sets for x in ("--set", o)],
+                 *args]
+        return ray.run(context, module.rsplit(".", 1)[-1], spec.load(*sets), entry)
 
 
 def versions_override(versions: dict[str, int]) -> str:
@@ -139,15 +142,19 @@ def previous_candidate(mlflow: MLflowResource, spec: JobSpec, exclude: set[str])
     """The newest registered version an earlier gate judged (tagged with its decision), other than
     `exclude`: the candidate the previous night produced."""
     versions = mlflow.client(spec).search_model_versions(f"name='{spec.registered_model_name()}'")
-    judged = [int(v.version) for v in versions if "llmrec.gate.decision" in (v.tags or {}) and v.version not in exclude]
+    judged = [int(v.version) for v in versions if "llmrec.gate.decision" in (v.tags or {})
+              and str(v.version) not in exclude]
     return str(max(judged)) if judged else None
 
 
 def current_champion(mlflow: MLflowResource, spec: JobSpec) -> str | None:
     from mlflow.exceptions import MlflowException
     try:
-        return str(mlflow.client(spec).get_model_version_by_alias(spec.registered_model_name(), CHAMPION).version)
-    except MlflowException:
+        with scrubbed_errors():
+            return str(mlflow.client(spec).get_model_version_by_alias(spec.registered_model_name(), CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
+            raise  # an unreachable registry is a failure, not "no champion"
         return None
 
 
@@ -156,7 +163,11 @@ def champion_model(context: AssetExecutionContext, spec: SpecResource, mlflow: M
     """The champion/challenger gate: the best new model takes the registry alias `champion` only when
     it beats the current champion on `gate.metric` (`gate.split`) by more than `gate.margin`; the
     decision and both figures are recorded here and as MLflow tags either way."""
-    job = spec.load(*mlflow.spec_overrides())
+    with scrubbed_errors():
+        return decide_and_tag(context, spec.load(*mlflow.spec_overrides()), mlflow)
+
+
+def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowResource) -> MaterializeResult:
     report = upstream(context, AssetKey("evaluation_report"))
     champion = report["champion_version"]
     decision = decide(report["results"], report["candidates"], None if champion == "none" else champion, job.gate)

@@ -19,10 +19,18 @@ from jobs.files import UnsafeFile
 from jobs.lake import LakeBusy, LakeCorrupt
 from jobs.progress import Steps
 from jobs.secrets import check_override_secrets, install_redaction, mask_uri, redact, redacted_exception
-from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path
+from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path, safe_name
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
+
+
+def run_name(value: str) -> str:
+    """An argparse type: a run name becomes a folder, so it is a safe name (`jobs.spec.safe_name`)."""
+    try:
+        return safe_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -156,6 +164,17 @@ def submit_overrides(spec, address: str) -> list[str]:
     return local_overrides(spec)
 
 
+def job_arg_overrides(job_args: list[str]) -> list[str]:
+    """The `--set` overrides hidden in `--job-arg` values (`--set=K=V`, or `--set` then `K=V`)."""
+    out, it = [], iter(job_args)
+    for a in it:
+        if a.startswith("--set="):
+            out.append(a.split("=", 1)[1])
+        elif a == "--set":
+            out.append(next(it, ""))
+    return out
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """`ray job submit` through the Jobs API: upload the project, run the entrypoint, stream logs."""
     import asyncio
@@ -172,7 +191,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--spec {args.spec}: must lie inside the project ({root}) to travel with the job") from None
     overrides = args.overrides + submit_overrides(spec, args.address)
-    check_override_secrets(overrides)
+    check_override_secrets(overrides + job_arg_overrides(args.job_args))
     entry = ["python", "-m", SUBMIT_ENTRYPOINTS[args.job], "--spec", spec_arg]
     for o in overrides:
         entry += ["--set", o]
@@ -201,6 +220,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = client.get_job_status(job_id)
     errors.print(f"job {job_id}: {status}", highlight=False)
     return 0 if status == JobStatus.SUCCEEDED else 4
+
+
+def cmd_verify_model(args: argparse.Namespace) -> int:
+    """Check a registered (or downloaded) model before anyone loads it: its `MLmodel` names our loader
+    and nothing else, and every file is data of a known kind, read as such. Exit 0 when it is, 3 (and
+    what is wrong, file by file) when it is not."""
+    import tempfile
+
+    from ray_jobs.registry_check import verify_model_folder
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model
+        if args.model.startswith(("models:/", "runs:/")):
+            import mlflow
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=args.model, dst_path=tmp)
+        elif not os.path.isdir(folder):
+            raise FileNotFoundError(f"{args.model}: neither a models:/ or runs:/ URI nor a folder")
+        findings = verify_model_folder(folder)
+    for f in findings:
+        console.print(f"{'ok  ' if f.ok else 'FAIL'} {f.path}: {f.what}", highlight=False, markup=False)
+    bad = [f for f in findings if not f.ok]
+    console.print(f"{args.model}: {'data only, loads with the llmrec loader' if not bad else f'{len(bad)} problem(s)'}",
+                  highlight=False, markup=False)
+    return 0 if not bad else 3
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
@@ -319,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the spec's model on the gold tables (--local: one process)")
     _spec_args(p)
     p.add_argument("--local", action="store_true", help="single-process trainer (no Ray)")
-    p.add_argument("--run-name", help="Ray Train run name (default: the spec name); the same name resumes")
+    p.add_argument("--run-name", type=run_name, help="Ray Train run name (default: the spec name); the same name resumes")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint instead of resuming")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -327,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="list-wise alignment (align.method: blade | static_bon | grpo | dpo) of a "
                        "trained model on Ray Train + DeepSpeed; registers the aligned model")
     _spec_args(p)
-    p.add_argument("--run-name", help="Ray Train run name (default: <spec>-align-<method>); the same name resumes")
+    p.add_argument("--run-name", type=run_name,
+                   help="Ray Train run name (default: <spec>-align-<method>); the same name resumes")
     p.add_argument("--no-register", action="store_true", help="log the model to MLflow but do not register it")
     p.set_defaults(func=cmd_align)
 
@@ -347,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-arg", dest="job_args", action="append", default=[],
                    help="extra argument for the job entrypoint, e.g. --job-arg=--run-name=nightly (repeatable)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("verify-model", help="check a registered model (models:/NAME@alias, runs:/..., or a folder) "
+                       "is data only with our loader, before anyone loads it")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_verify_model)
 
     p = sub.add_parser("tables", help="list the dataset's Delta tables with version and row count")
     _spec_args(p)

@@ -177,9 +177,10 @@ class ObjectStoreLease:
     deleting it after checking it is still ours. A store that can't do conditional puts refuses the
     ETL with an error that says so (never an unguarded write)."""
 
-    def __init__(self, root: str, options: dict, dataset: str, ttl: float = 1800.0) -> None:
+    def __init__(self, root: str, options: dict, dataset: str, ttl: float = 1800.0, store=None) -> None:
         from obstore.store import from_url
-        self.store = from_url(root, config={k.lower(): v for k, v in options.items()} or None)
+        self.store = store if store is not None else from_url(root, config={k.lower(): v for k, v in options.items()}
+                                                              or None)
         self.root, self.dataset, self.ttl = root, dataset, ttl
         self.token = uuid.uuid4().hex
         self.version: dict | None = None
@@ -194,13 +195,18 @@ class ObjectStoreLease:
         result = obstore.put(self.store, LEASE, self._body(), mode=mode)
         self.version = {"e_tag": result["e_tag"], "version": result.get("version")}
 
+    @staticmethod
+    def _update(meta: dict) -> dict:
+        """A put mode that succeeds only over exactly this version of the object (compare-and-swap)."""
+        return {k: meta[k] for k in ("e_tag", "version") if meta.get(k) is not None}
+
     def acquire(self) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError, NotSupportedError, PreconditionError
         try:
             self._put("create")
             return
-        except NotSupportedError:
+        except (NotSupportedError, NotImplementedError):
             raise LakeBusy(f"dataset {self.dataset} at {self.root}: this object store cannot create an object only if "
                            "it is absent, so concurrent ETLs cannot be excluded; refusing to write "
                            "(configure the store's conditional puts, e.g. S3 with If-None-Match)") from None
@@ -214,17 +220,17 @@ class ObjectStoreLease:
                            "nothing was changed: run again when it has finished")
         meta = current.meta
         try:
-            self._put({"e_tag": meta["e_tag"], "version": meta.get("version")})
+            self._put(self._update(meta))
         except (PreconditionError, AlreadyExistsError):
             raise LakeBusy(f"dataset {self.dataset} at {self.root}: another ETL took the expired lease first; "
                            "nothing was changed") from None
-        except NotSupportedError:
+        except (NotSupportedError, NotImplementedError):
             raise LakeBusy(f"dataset {self.dataset} at {self.root}: the lease {LEASE} of {doc.get('holder')} expired, "
                            "but this store cannot replace it atomically; delete it once you are sure no ETL runs") from None
 
     def renew(self) -> None:
         """Push the expiry forward: a compare-and-swap on the version this holder wrote last."""
-        self._put({"e_tag": self.version["e_tag"], "version": self.version.get("version")})
+        self._put(self._update(self.version))
 
     def release(self) -> None:
         import obstore

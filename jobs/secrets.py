@@ -18,7 +18,8 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from jobs.errors import SpecError
 
@@ -205,6 +206,33 @@ def install_redaction() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         shown(redact(message), category, filename, lineno, file if file is not None else sys.stderr, line)
     warnings.showwarning = show
+
+
+def scrub(exc: BaseException) -> BaseException:
+    """Redact an exception's message in place, and its causes' (what a framework that records the
+    exception — Dagster's event log — will print)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.args = tuple(redact(a) if isinstance(a, str) else a for a in e.args)
+        for attr in ("message", "msg", "description"):
+            if isinstance(getattr(e, attr, None), str):
+                try:
+                    setattr(e, attr, redact(getattr(e, attr)))
+                except AttributeError:
+                    pass
+        e = e.__cause__ or e.__context__
+    return exc
+
+
+@contextmanager
+def scrubbed_errors() -> Iterator[None]:
+    """Re-raise whatever the block raises with every message in its chain redacted (`scrub`)."""
+    try:
+        yield
+    except Exception as exc:
+        raise scrub(exc)
 
 
 def redacted_exception(exc: BaseException) -> str:

@@ -391,15 +391,36 @@ def markdown_image(path: str, title: str) -> dict:
     return {"raw_value": f"![{title}](data:image/png;base64,{data})", "type": "md"}
 
 
+class JobStopped(KeyboardInterrupt):
+    """The job was asked to stop (SIGTERM: `ray job stop`, a cancelled Dagster run); a KeyboardInterrupt
+    so that nothing on the way out mistakes it for an error of the job, and every run it had open is
+    ended as KILLED (`tracking.failed_on_error`)."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into `JobStopped` in this (main) thread, so open MLflow runs are closed on the way out."""
+    import signal
+
+    def stop(signum, frame):
+        raise JobStopped(f"stopped by signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+
+
 def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
              run: Callable[[JobSpec, argparse.Namespace], dict], argv: list[str] | None = None,
              report: Callable[[JobSpec, dict], DagsterReport] | None = None) -> int:
     """`python -m ray_jobs.<job> --spec S [--set k=v ...] [job options]`: run the job, print its
     result as JSON; a user mistake (bad spec, missing model, mismatched data) is one line on
-    stderr and exit code 2. Launched by Dagster Pipes (`DAGSTER_PIPES_CONTEXT` set), the MLflow run
-    is tagged with the Dagster run and asset, and `report` turns the result into the asset's
+    stderr and exit code 2; anything else a traceback and exit 1 — both redacted (`jobs.secrets`), as
+    is every log record and warning of the job; SIGTERM stops the job with its MLflow runs marked
+    KILLED (exit 143). Launched by Dagster Pipes (`DAGSTER_PIPES_CONTEXT` set), the MLflow run is
+    tagged with the Dagster run and asset, and `report` turns the result into the asset's
     materialization metadata and check results."""
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    from jobs.secrets import install_redaction, redact, redacted_exception
+    install_redaction()
+    stop_on_sigterm()
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     ap.add_argument("--spec", required=True, help="spec YAML (path, or a name under jobs/specs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -421,7 +442,14 @@ def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
                     for name, (passed, meta) in r.checks.items():
                         pipes.report_asset_check(check_name=name, passed=passed, metadata=meta)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)}",
+              file=sys.stderr)
         return 2
+    except JobStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 143
+    except Exception as exc:
+        print(redacted_exception(exc), file=sys.stderr)
+        return 1
     print(json.dumps(out, indent=2, default=float))
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from jobs.secrets import flat_doc, mask_uri, public_doc
+from jobs.secrets import flat_doc, mask_uri, public_doc, redact
 from jobs.spec import JobSpec, dump_spec, tracking_uri
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.checkpoint import read_model
@@ -72,13 +72,14 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
     if spec.tracking.dagster_asset:
         tags["dagster.asset_key"] = spec.tracking.dagster_asset
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
-    params = flatten(public_doc(spec))
-    params.update({k: str(v) for k, v in (extra_params or {}).items()})
-    items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    for name, text in {"spec.yaml": dump_spec(spec), **(artifacts or {})}.items():
-        client.log_text(run.info.run_id, text, name)
+    with failed_on_error(spec, run.info.run_id):  # a run whose set-up fails is ended, never left RUNNING
+        params = flatten(public_doc(spec))
+        params.update({k: str(v) for k, v in (extra_params or {}).items()})
+        items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
+        for name, text in {"spec.yaml": dump_spec(spec), **(artifacts or {})}.items():
+            client.log_text(run.info.run_id, text, name)
     return run.info.run_id
 
 
@@ -93,11 +94,16 @@ def artifact_location(uri: str) -> str | None:
 
 @contextmanager
 def failed_on_error(spec: JobSpec, run_id: str):
-    """Mark the run FAILED when the block raises (else it would stay RUNNING forever), and re-raise."""
+    """End the run when the block raises (else it would stay RUNNING forever) — KILLED when the job was
+    stopped (SIGTERM: a Ray job stop or a cancelled Dagster run; Ctrl-C), FAILED otherwise — and re-raise."""
     try:
         yield
-    except BaseException:
-        MlflowClient(tracking_uri(spec)).set_terminated(run_id, status="FAILED")
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            MlflowClient(tracking_uri(spec)).set_terminated(run_id, status=status)
+        except Exception as unreachable:  # the tracking server is the failure: the error in hand is the news
+            warnings.warn(f"MLflow run {run_id} could not be marked {status}: {redact(unreachable)}", RuntimeWarning)
         raise
 
 
@@ -157,7 +163,7 @@ class MetricLogger(Reporter):
         except Exception as exc:  # an outage: MlflowException, requests' ConnectionError, timeouts
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
-                warnings.warn(f"MLflow tracking unreachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                warnings.warn(f"MLflow tracking unreachable ({type(exc).__name__}: {redact(str(exc)).splitlines()[0][:200]}); "
                               f"keeping metrics and retrying every {self.retry_after:.0f} s", RuntimeWarning)
             self.next_try = time.monotonic() + self.retry_after
             return False

@@ -386,17 +386,18 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert set(rows["model_version"]) == {champion} and "5000" in set(rows["user_id"])  # the new user is served
     assert len(rows) == 944 * recs2["k"] and (rows["item_id"] != "").all()
 
-    # night 2: a quiet day, alignment switched off, the usual training: the second night succeeds too,
-    # and night 1's (kept) candidate is among the models judged on the day it served
+    # night 2: a quiet day, alignment switched off, the nightly warm start from the champion (trained on
+    # the catalogue before night 1: extended by the new item): the second night succeeds too, and night
+    # 1's (kept) candidate is among the models judged on the day it served
     (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
     instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
-    usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=2", "align.enabled=false",
-                                                                 *feed))
+    usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "align.enabled=false",
+                                                                 "train.warm_start_from_champion=true", *feed))
     second = nightly.execute_in_process(instance=instance, partition_key="1998-04-24",
                                         resources={**resources, "spec": usual})
     assert second.success
-    aligned3, report3 = meta("aligned_model"), meta("evaluation_report")
-    assert aligned3["skipped"] == "align.enabled is false"
+    trained3, aligned3, report3 = meta("trained_model"), meta("aligned_model"), meta("evaluation_report")
+    assert trained3["warm_start"].startswith("extended (+1 items") and aligned3["skipped"] == "align.enabled is false"
     served = {r["role"]: r["version"] for r in report3["next_day_results"]}
     assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
 

@@ -97,7 +97,9 @@ def test_images_are_pinned_and_agree_across_files():
     images = set()
     for p in list((ROOT / "infra").rglob("*.yaml")):
         images |= set(re.findall(r"^\s*-?\s*image:\s*(\S+)", p.read_text(), re.M))
-    assert images == {f"ghcr.io/llmrec/llmrec-gpu:{version}", f"ghcr.io/llmrec/llmrec-cpu:{version}"}, images
+    ours = {f"ghcr.io/llmrec/llmrec-gpu:{version}", f"ghcr.io/llmrec/llmrec-cpu:{version}"}
+    proxy = images - ours
+    assert images >= ours and proxy == {"quay.io/oauth2-proxy/oauth2-proxy:v7.8.1"}, images  # a pinned release
     for dockerfile in (ROOT / "infra/docker").glob("Dockerfile*"):
         text = dockerfile.read_text()
         base = re.search(r"^FROM (\S+)", text, re.M).group(1)
@@ -122,6 +124,35 @@ def test_dagster_and_mlflow_deployments_point_at_each_other():
     assert code["command"][-1] == "dagster_project.production" and importlib.util.find_spec("dagster_project.production")
     mlflow_svc = [d for d in _docs(ROOT / "infra/mlflow/mlflow.yaml") if d["kind"] == "Service"][0]
     assert f"@{mlflow_svc['metadata']['name']}.llmrec.svc:{mlflow_svc['spec']['ports'][0]['port']}" in spec.tracking.uri
+
+
+def test_production_manifests_keep_the_ui_and_the_registry_behind_authentication():
+    """No cluster here: the manifests are read. The Dagster webserver listens on its pod's loopback,
+    reachable only through the OIDC proxy beside it, behind a ClusterIP Service and a NetworkPolicy
+    admitting the proxy's port alone; nothing exposes it outside the cluster. MLflow's auth config is
+    written at start from the Secret (no password in a ConfigMap), its user database a Postgres
+    database from the Secret (persistent), never a file in the pod."""
+    dagster = {(d["kind"], d["metadata"]["name"]): d for d in _docs(ROOT / "infra/dagster/k8s.yaml")}
+    pod = dagster["Deployment", "dagster-webserver"]["spec"]["template"]["spec"]
+    web, proxy = pod["containers"]
+    assert web["command"][web["command"].index("-h") + 1] == "127.0.0.1" and "ports" not in web
+    assert proxy["args"][:2] == ["--http-address=0.0.0.0:4180", "--upstream=http://127.0.0.1:3000"]
+    assert {e["name"] for e in proxy["env"] if "secretKeyRef" in e["valueFrom"]} >= {"OAUTH2_PROXY_CLIENT_SECRET",
+                                                                                       "OAUTH2_PROXY_COOKIE_SECRET"}
+    service = dagster["Service", "dagster-webserver"]["spec"]
+    assert service["type"] == "ClusterIP" and service["ports"][0]["targetPort"] == 4180
+    policy = dagster["NetworkPolicy", "dagster-webserver"]["spec"]
+    assert policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": 4180}]}]
+    everything = [d for p in (ROOT / "infra").rglob("*.yaml") for d in _docs(p) if isinstance(d, dict)]
+    assert not [d for d in everything if d.get("kind") == "Ingress" or
+                (d.get("kind") == "Service" and d["spec"].get("type") in ("NodePort", "LoadBalancer"))]
+    mlflow_docs = _docs(ROOT / "infra/mlflow/mlflow.yaml")
+    assert not [d for d in mlflow_docs if d["kind"] == "ConfigMap"]  # the auth config is no ConfigMap
+    container = next(d for d in mlflow_docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(container["args"])
+    assert "admin_password = %s" in script and '"$MLFLOW_TRACKING_PASSWORD"' in script and "umask 077" in script
+    assert '"$MLFLOW_AUTH_DATABASE_URI"' in script and "sqlite" not in script
+    assert {e["name"]: e["value"] for e in container["env"]}["MLFLOW_AUTH_CONFIG_PATH"].startswith("/run/mlflow/")
 
 
 def test_shellcheck_passes_on_every_script():

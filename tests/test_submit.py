@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +34,7 @@ def ray_head(tmp_path, free_port):
     # the session's in-process Ray (tests/conftest.py) holds the default agent and client ports
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash),
            "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2",
-           "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}", "LLMREC_TEST_TOKEN": CANARY}
+           "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "LLMREC_TEST_TOKEN": CANARY}
     up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     yield up.stdout.strip().splitlines()[-1], env
@@ -129,10 +130,11 @@ def _jobs_api(address: str, path: str, token: bool = True):
 
 
 def _head_env(free_port) -> dict:
-    dash = free_port()  # Ray's socket paths must stay short: the temp dir goes under /tmp
+    # Ray's socket paths must stay short: a private (0700, unpredictable) temp dir directly under /tmp
     return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(free_port()),
-            "RAY_DASHBOARD_PORT": str(dash), "RAY_AGENT_PORT": str(free_port()),
-            "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "1", "RAY_HEAD_DIR": f"/tmp/llmrec-ray-{dash}"}
+            "RAY_DASHBOARD_PORT": str(free_port()), "RAY_AGENT_PORT": str(free_port()),
+            "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "1",
+            "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
 
 
 def _group_alive(pgid: int) -> bool:
@@ -165,9 +167,21 @@ def test_local_heads_require_the_token_and_stop_by_their_own_process_group(tmp_p
         assert _jobs_api(address, "/api/jobs/") == []
         pgid_a = int(Path(a["RAY_HEAD_DIR"], "head.pgid").read_text())
         pgid_b = int(Path(b["RAY_HEAD_DIR"], "head.pgid").read_text())
+        assert oct(Path(a["RAY_HEAD_DIR"]).stat().st_mode & 0o777) == "0o700"
+        record_b = Path(b["RAY_HEAD_DIR"], "head.record").read_text()
         subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=a, check=True, capture_output=True, timeout=120)
         assert not _group_alive(pgid_a)  # nothing of head a outlives ray-down.sh
         assert _group_alive(pgid_b)
+        # planted or stale records under head a's folder stop nothing: head b's group with a wrong start
+        # time, a record naming this test's own process, and the same again once the head is gone
+        fields = dict(line.split("=", 1) for line in record_b.split())
+        for planted in ({**fields, "start": "1"}, {**fields, "pid": str(os.getpid())},
+                        {**fields, "pgid": str(os.getpgid(0))}):
+            Path(a["RAY_HEAD_DIR"], "head.record").write_text("".join(f"{k}={v}\n" for k, v in planted.items()))
+            down = subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=a, capture_output=True, text=True,
+                                  timeout=120)
+            assert down.returncode == 0 and "stopping nothing" in down.stdout, down.stdout + down.stderr
+            assert _group_alive(pgid_b)
         assert _jobs_api(f"http://127.0.0.1:{b['RAY_DASHBOARD_PORT']}", "/api/jobs/") == []  # head b still answers
     finally:
         for env in heads:

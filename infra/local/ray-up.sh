@@ -6,14 +6,21 @@
 #   RAY_PORT (GCS, default 6379)  RAY_DASHBOARD_PORT (Jobs API, default 8265)
 #   RAY_AGENT_PORT (dashboard agent, default 52365)  RAY_CLIENT_PORT (Ray client server, default 10001):
 #   set both to run a second head (or beside an in-process Ray, whose agent takes 52365) on one machine
-#   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (Ray temp dir; default /tmp/llmrec-ray-<dashboard port>)
-# Prints the Jobs API address. Stop it with infra/local/ray-down.sh (same RAY_HEAD_DIR).
+#   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (Ray temp dir and the head's record; default
+#   ~/.llmrec/ray-<dashboard port>: a folder of this user's only, mode 0700, never a shared /tmp name)
+# Prints the Jobs API address. Stop it with infra/local/ray-down.sh (same RAY_HEAD_DIR): it signals
+# the head's process group only after checking, from the record written here (the GCS server's pid,
+# start time and command line), that the group is still this head.
 set -euo pipefail
 RAY=${RAY:-ray}
 PORT=${RAY_PORT:-6379}
 DASH=${RAY_DASHBOARD_PORT:-8265}
-DIR=${RAY_HEAD_DIR:-/tmp/llmrec-ray-$DASH}
+DIR=${RAY_HEAD_DIR:-$HOME/.llmrec/ray-$DASH}
+umask 077
+[ -L "$DIR" ] && { echo "$DIR is a symbolic link: refusing to use it" >&2; exit 1; }
 mkdir -p "$DIR"
+chmod 700 "$DIR"
+[ "$(stat -c '%u' "$DIR")" = "$(id -u)" ] || { echo "$DIR is not owned by $(id -un): refusing to use it" >&2; exit 1; }
 # Token authentication even on loopback: the Jobs API runs arbitrary code. Clients need
 # RAY_AUTH_MODE=token (llmrec submit sets it when ~/.ray/auth_token exists).
 export RAY_AUTH_MODE=token
@@ -30,6 +37,14 @@ args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0
 # shellcheck disable=SC2016  # $$, $0 and $@ belong to the inner shell
 setsid -w bash -c 'echo $$ > "$0/head.pgid"; exec "$@"' "$DIR" "$RAY" start "${args[@]}" >"$DIR/start.log" 2>&1 \
   || { cat "$DIR/start.log" >&2; exit 1; }
+pgid=$(cat "$DIR/head.pgid")
+# The head's record: the GCS server of this group (it lives as long as the head), with its start time
+# (field 22 of /proc/<pid>/stat, clock ticks since boot) and a hash of its command line (it names $DIR).
+gcs=$(pgrep -g "$pgid" -f gcs_server | head -n 1 || true)
+[ -n "$gcs" ] || { echo "no GCS server in process group $pgid: the head did not start" >&2; cat "$DIR/start.log" >&2; exit 1; }
+started=$(awk '{print $22}' "/proc/$gcs/stat")
+cmd=$(tr '\0' ' ' < "/proc/$gcs/cmdline" | sha256sum | cut -d' ' -f1)
+printf 'pgid=%s\npid=%s\nstart=%s\ncmd=%s\n' "$pgid" "$gcs" "$started" "$cmd" > "$DIR/head.record"
 for _ in $(seq 1 60); do
   # any HTTP answer (401 without the token included) means the Jobs API is up
   python3 -c "

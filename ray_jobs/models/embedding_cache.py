@@ -93,4 +93,5 @@ class EmbeddingCache:
         table = self.table(texts, absent)
         target = EmbeddingCache(folder, self.settings)
         target._add(text_digests(texts[1:]), table[1:])
+        os.remove(os.path.join(target.dir, ".lock"))  # what ships is data only
         return target.path
