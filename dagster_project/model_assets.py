@@ -134,8 +134,50 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     result = run_job(context, "ray_jobs.evaluate", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
                      args).get_materialize_result()
     candidates = {trained["model_file"]: str(trained["model_version"]), aligned["model_file"]: str(aligned["model_version"])}
+    extra = {}
+    if "next_day_results" in result.metadata:
+        days = next_day_history(context) + [r for r in result.metadata["next_day_results"].value]
+        extra["next_day_curve"] = MetadataValue.md(next_day_plot(days))
     return MaterializeResult(metadata={**result.metadata, "candidates": MetadataValue.json(candidates),
-                                       "champion_version": champion or "none"})
+                                       "champion_version": champion or "none", **extra})
+
+
+def next_day_history(context: AssetExecutionContext, limit: int = 60) -> list[dict]:
+    """The next-day results of this asset's earlier nightly materialisations, oldest first."""
+    from dagster import AssetRecordsFilter
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("evaluation_report")), limit=limit).records
+    rows = []
+    for record in reversed(records):
+        meta = record.asset_materialization.metadata if record.asset_materialization else {}
+        if "next_day_results" in meta:
+            rows += list(meta["next_day_results"].value)
+    return rows
+
+
+def next_day_plot(rows: list[dict]) -> str:
+    """Next-day NDCG@10 by day of the champion that served each day and of the candidate beside it,
+    as inline markdown (the UI shows it without file access)."""
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for role in ("champion", "candidate"):
+        points = sorted({r["day"]: r["metrics"].get("ndcg@10", 0.0) for r in rows if r.get("role") == role}.items())
+        if points:
+            ax.plot([d[5:] for d, _ in points], [v for _, v in points], marker="o", label=f"{role} (served the day)"
+                    if role == "champion" else role)
+    ax.set_title("next-day NDCG@10 (the day's interactions)")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return f"![next-day NDCG@10](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
 def previous_candidate(mlflow: MLflowResource, spec: JobSpec, exclude: set[str]) -> str | None:

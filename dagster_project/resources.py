@@ -88,7 +88,7 @@ class RayResource(ConfigurableResource):
         if self.address or self.launcher == "kuberay":
             yield self
             return
-        head_dir = tempfile.mkdtemp(prefix="llmrec-dagster-ray-")
+        head_dir = tempfile.mkdtemp(prefix="llmrec-ray-")  # private (0700); short: Ray's socket paths live under it
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY": f"{bin_dir}/ray",
                "RAY_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port()),

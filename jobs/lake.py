@@ -168,6 +168,40 @@ def holder_line() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
 
 
+CLIENT_OPTIONS = {"allow_http", "allow_invalid_certificates", "connect_timeout", "timeout", "proxy_url",
+                  "pool_idle_timeout", "pool_max_idle_per_host", "user_agent", "read_timeout"}
+RENAMED = {"endpoint_url": "endpoint"}
+
+
+def object_store(root: str, options: dict, dataset: str):
+    """An obstore store for a lake root with the lake's storage options, written the way delta-rs takes
+    them (`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...): client options apart,
+    provider prefixes dropped; a few retries, so an unreachable store fails within a minute."""
+    from datetime import timedelta
+
+    from obstore.store import from_url
+    config, client = {}, {}
+    for key, value in options.items():
+        k = key.lower()
+        for prefix in ("aws_", "google_", "azure_"):
+            k = k.removeprefix(prefix)
+        k = RENAMED.get(k, k)
+        if k in CLIENT_OPTIONS:
+            client[k] = value.lower() == "true" if k.startswith("allow_") else value
+        else:
+            config[k] = value
+    try:
+        return from_url(root, config=config or None, client_options=client or None,
+                        retry_config={"max_retries": 2, "backoff": {"init_backoff": timedelta(seconds=1)},
+                                      "retry_timeout": timedelta(seconds=30)})
+    except BaseException as exc:  # obstore raises (and panics, a BaseException) on options it does not know
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise LakeBusy(f"dataset {dataset} at {root}: the object store can't be opened with lake.storage_options "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
+                       ) from None
+
+
 class ObjectStoreLease:
     """A lease on an object-store lake: `<root>/_etl/lease.json` holding who holds it and until when.
 
@@ -178,9 +212,7 @@ class ObjectStoreLease:
     ETL with an error that says so (never an unguarded write)."""
 
     def __init__(self, root: str, options: dict, dataset: str, ttl: float = 1800.0, store=None) -> None:
-        from obstore.store import from_url
-        self.store = store if store is not None else from_url(root, config={k.lower(): v for k, v in options.items()}
-                                                              or None)
+        self.store = store if store is not None else object_store(root, options, dataset)
         self.root, self.dataset, self.ttl = root, dataset, ttl
         self.token = uuid.uuid4().hex
         self.version: dict | None = None
@@ -192,7 +224,12 @@ class ObjectStoreLease:
 
     def _put(self, mode) -> None:
         import obstore
-        result = obstore.put(self.store, LEASE, self._body(), mode=mode)
+        from obstore.exceptions import GenericError, PermissionDeniedError, UnauthenticatedError
+        try:
+            result = obstore.put(self.store, LEASE, self._body(), mode=mode)
+        except (GenericError, PermissionDeniedError, UnauthenticatedError) as exc:  # unreachable, refused
+            raise ConnectionError(f"dataset {self.dataset}: the object store at {self.root} could not be written "
+                                  f"({str(exc).splitlines()[0]}); nothing was changed") from None
         self.version = {"e_tag": result["e_tag"], "version": result.get("version")}
 
     @staticmethod

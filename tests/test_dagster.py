@@ -63,7 +63,7 @@ def test_materialize_data_assets_publishes_the_version_set(tmp_path):
     assert seq["published_versions"].value == published_versions(resource.load())
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"no_null_ids": True, "kcore_holds": True, "no_train_test_leakage": True,
-                      "sequence_items_indexed": True, "quarantine_share": True}
+                      "sequence_items_indexed": True, "ids_stable": True, "quarantine_share": True}
 
 
 def test_leaky_data_fails_a_blocking_check_publishes_nothing_and_training_never_runs(tmp_path, monkeypatch):
@@ -400,6 +400,7 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert trained3["warm_start"].startswith("extended (+1 items") and aligned3["skipped"] == "align.enabled is false"
     served = {r["role"]: r["version"] for r in report3["next_day_results"]}
     assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
+    assert report3["next_day_curve"].startswith("![next-day NDCG@10](data:image/png;base64,")  # both nights
 
 
 class _KubeApi:

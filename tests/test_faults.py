@@ -1,7 +1,7 @@
 """Faults fed for real (reliability and security): model files and DeepSpeed shards that would run
 code, credentials that must not leave the process, concurrent ETLs on one lake. The faults that need
 a Ray head, a tracking server or the ETL live beside their subject (test_submit, test_etl,
-test_distributed) and are listed in the README's "Failure behaviour" section."""
+test_distributed) and are listed in the failure table of docs/operator-guide.md."""
 from __future__ import annotations
 
 import os

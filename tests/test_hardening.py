@@ -245,3 +245,62 @@ def test_ingest_starts_from_the_published_set_after_a_failed_full_etl(sail, make
     silver = DeltaTable(Lake.of(good).path("interactions")).to_pyarrow_table()
     assert silver.num_rows == rows_before + 1  # the published rows plus the day: nothing of the failed run
     assert not {"x1", "x2"} & set(silver["user_id"].to_pylist())
+
+
+def test_a_credential_never_leaves_a_process_on_an_error_path(tmp_path, monkeypatch):
+    """A canary credential in the tracking URI's password and in the object store's secret key, with
+    the server and the store unreachable: the CLI, a job entry point, the metric reporter's warning,
+    a Dagster run's event log and the failure sensor's summary all fail without it, and so does every
+    file they leave."""
+    import uuid
+    import warnings
+
+    from dagster import DagsterInstance, build_run_status_sensor_context, materialize
+
+    from dagster_project.data_assets import lake_tables
+    from dagster_project.deployment import build_definitions
+    from dagster_project.resources import MLflowResource, RayResource, SparkResource, SpecResource
+    from ray_jobs.tracking import MetricLogger
+    canary = f"canary-{uuid.uuid4().hex}"
+    env = {**os.environ, "LLMREC_CANARY": canary, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    monkeypatch.setenv("LLMREC_CANARY", canary)
+    tracking = "tracking.uri=http://llmrec:${env:LLMREC_CANARY}@127.0.0.1:9"
+    store = ("lake.storage_options={AWS_ACCESS_KEY_ID: key, AWS_SECRET_ACCESS_KEY: '${env:LLMREC_CANARY}', "
+             "AWS_ENDPOINT_URL: 'http://127.0.0.1:9', AWS_REGION: us-east-1, AWS_ALLOW_HTTP: 'true'}")
+    outputs = []
+    for args, code in (([LLMREC, "report", "--spec", "movielens-100k-smoke", "--set", tracking], 2),
+                       ([LLMREC, "etl", "--quiet", "--spec", "movielens-100k-smoke", "--set", "lake.root=s3://bucket/lake",
+                         "--set", store], 2),
+                       ([sys.executable, "-m", "ray_jobs.evaluate", "--spec", "movielens-100k-smoke", "--set", tracking,
+                         "--set", f"lake.root={tmp_path}/lake", "--model", "models:/m@champion"], 1)):
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert "127.0.0.1:9" in proc.stderr  # the failure is told, its credential is not
+        outputs.append(proc.stdout + proc.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger = MetricLogger(f"http://llmrec:{canary}@127.0.0.1:9", "run", flush_every=1, system_metrics_every=60,
+                              final_wait=0)
+        logger.log(1, {"train/loss": 1.0})
+        logger.close()
+    outputs += [str(w.message) for w in caught]
+    assert any("MLflow tracking unreachable" in o for o in outputs)
+
+    spec = SpecResource(spec_path="movielens-100k-smoke", overrides=["lake.root=s3://bucket/lake", store])
+    instance = DagsterInstance.ephemeral()
+    failed = materialize([lake_tables], resources={"spec": spec, "spark": SparkResource()}, instance=instance,
+                         raise_on_error=False)
+    assert not failed.success
+    outputs += [str(e) for e in instance.all_logs(failed.run_id)]
+    assert any("could not be written" in o for o in outputs[-5:] + [str(failed.all_events)])
+    defs = build_definitions(spec, RayResource(address="http://127.0.0.1:1"), MLflowResource())
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    event = next(e for e in instance.all_logs(failed.run_id)
+                 if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE")
+    ctx = build_run_status_sensor_context(sensor_name="run_failure_summary", dagster_instance=instance,
+                                          dagster_run=instance.get_run_by_id(failed.run_id),
+                                          dagster_event=event.dagster_event).for_run_failure()
+    defs.get_sensor_def("run_failure_summary")._run_status_sensor_fn(ctx)
+    files = [p.read_bytes().decode(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and not [o for o in outputs + files if canary in o]

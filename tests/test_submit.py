@@ -186,3 +186,55 @@ def test_local_heads_require_the_token_and_stop_by_their_own_process_group(tmp_p
     finally:
         for env in heads:
             subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
+
+
+def test_a_cancelled_dagster_run_stops_its_ray_job_and_the_mlflow_run_ends_killed(ml100k_lake, tmp_path, ray_head,
+                                                                                   ray_overrides):
+    """`dagster asset materialize` of trained_model against a local head, interrupted once training runs:
+    dagster-ray stops the Ray job, the job's SIGTERM handler ends its MLflow run as KILLED (never left
+    RUNNING), and the Ray job is STOPPED."""
+    import signal
+
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    address, env = ray_head
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = ray_overrides(tmp_path, "cancelled", "train.epochs=200", "train.workers=1", f"tracking.uri={uri}",
+                              "train.batch_size=32")
+    config = {"resources": {"spec": {"config": {"spec_path": "jobs/specs/movielens-100k-smoke.yaml",
+                                                "overrides": overrides}},
+                            "ray": {"config": {"address": address}}, "mlflow": {"config": {"tracking_uri": uri}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    home = tmp_path / "dagster"
+    home.mkdir()
+    run_env = {**env, "DAGSTER_HOME": str(home), "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
+                             "--select", "trained_model", "-c", str(tmp_path / "run.yaml")],
+                            cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_ = None
+    try:
+        for _ in range(240):  # until the job's run has logged a training step
+            exp = client.get_experiment_by_name("llmrec")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and "train/loss" in client.get_run(runs[0].info.run_id).data.metrics:
+                run_ = runs[0]
+                break
+            assert proc.poll() is None, "the Dagster run ended before training started"
+            time.sleep(1)
+        assert run_ is not None and run_.info.status == "RUNNING"
+        os.killpg(proc.pid, signal.SIGINT)  # what terminating the run does to its process
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for _ in range(60):
+        if client.get_run(run_.info.run_id).info.status != "RUNNING":
+            break
+        time.sleep(1)
+    assert client.get_run(run_.info.run_id).info.status == "KILLED"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    jobs = JobSubmissionClient(address).list_jobs()
+    assert jobs and all(j.status in (JobStatus.STOPPED, JobStatus.FAILED) for j in jobs
+                        if j.entrypoint and "ray_jobs.train" in j.entrypoint)

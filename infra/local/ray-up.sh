@@ -6,8 +6,9 @@
 #   RAY_PORT (GCS, default 6379)  RAY_DASHBOARD_PORT (Jobs API, default 8265)
 #   RAY_AGENT_PORT (dashboard agent, default 52365)  RAY_CLIENT_PORT (Ray client server, default 10001):
 #   set both to run a second head (or beside an in-process Ray, whose agent takes 52365) on one machine
-#   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (Ray temp dir and the head's record; default
-#   ~/.llmrec/ray-<dashboard port>: a folder of this user's only, mode 0700, never a shared /tmp name)
+#   RAY_NUM_CPUS (default: all)   RAY_HEAD_DIR (the head's record, and Ray's temp dir under ray/;
+#   default ~/.llmrec/ray-<dashboard port>: a folder of this user's only, mode 0700 — Ray opens its
+#   own temp dir to everyone, so it lives inside — never a shared /tmp name)
 # Prints the Jobs API address. Stop it with infra/local/ray-down.sh (same RAY_HEAD_DIR): it signals
 # the head's process group only after checking, from the record written here (the GCS server's pid,
 # start time and command line), that the group is still this head.
@@ -27,7 +28,7 @@ export RAY_AUTH_MODE=token
 [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ] || "$RAY" get-auth-token --generate >/dev/null
 args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH"
       --dashboard-agent-listen-port "${RAY_AGENT_PORT:-52365}" --ray-client-server-port "${RAY_CLIENT_PORT:-10001}"
-      --temp-dir "$DIR" --disable-usage-stats)
+      --temp-dir "$DIR/ray" --disable-usage-stats)
 [ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus "$RAY_NUM_CPUS")
 [ -f "$DIR/head.pgid" ] && kill -0 -- "-$(cat "$DIR/head.pgid")" 2>/dev/null && {
   echo "a head is already running under $DIR (process group $(cat "$DIR/head.pgid")): infra/local/ray-down.sh first" >&2; exit 1; }
