@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,8 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address)
     else:
         start_local_ray(spec.cluster.num_cpus, {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"})
+    if _stop_installed:
+        stop_on_sigterm()  # ray.init puts its own SIGTERM handler (a bare exit) in place of the job's
 
 
 def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
@@ -397,13 +400,37 @@ class JobStopped(KeyboardInterrupt):
     ended as KILLED (`tracking.failed_on_error`)."""
 
 
+_stop_hooks: list[Callable[[], None]] = []
+_stopped: list[int] = []
+_stop_installed: list[bool] = []
+
+
+def on_stop(hook: Callable[[], None]) -> None:
+    """Run `hook` as soon as the job is asked to stop (before anything unwinds: Ray sends SIGKILL a few
+    seconds after SIGTERM, so what must be recorded is recorded first)."""
+    _stop_hooks.append(hook)
+
+
+def stop_requested() -> bool:
+    return bool(_stopped)
+
+
 def stop_on_sigterm() -> None:
-    """Turn SIGTERM into `JobStopped` in this (main) thread, so open MLflow runs are closed on the way out."""
+    """On SIGTERM: run the stop hooks (the open MLflow runs are ended KILLED), then raise `JobStopped`
+    in this (main) thread."""
     import signal
 
     def stop(signum, frame):
+        _stopped.append(signum)
+        for hook in list(_stop_hooks):
+            try:
+                hook()
+            except Exception as exc:  # a hook that fails must not keep the job from stopping
+                print(f"on stop: {type(exc).__name__}", file=sys.stderr)
         raise JobStopped(f"stopped by signal {signum}")
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        _stop_installed.append(True)
 
 
 def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],

@@ -33,6 +33,7 @@ from ray_jobs.checkpoint import read_model
 from ray_jobs.loop import Reporter
 from ray_jobs.models import reads_request_time
 from ray_jobs.models.hllm import item_cache
+from ray_jobs.runtime import on_stop, stop_requested
 from ray_jobs.scoring import load_for_catalogue, top_k
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,7 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
     if spec.tracking.dagster_asset:
         tags["dagster.asset_key"] = spec.tracking.dagster_asset
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
+    _open_runs[run.info.run_id] = uri
     with failed_on_error(spec, run.info.run_id):  # a run whose set-up fails is ended, never left RUNNING
         params = flatten(public_doc(spec))
         params.update({k: str(v) for k, v in (extra_params or {}).items()})
@@ -92,14 +94,31 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+_open_runs: dict[str, str] = {}  # run id -> tracking URI of the runs this process started and has not ended
+
+
+def end_open_runs(status: str = "KILLED") -> None:
+    """End every run this process started and has not ended (the job is being stopped)."""
+    for run_id, uri in list(_open_runs.items()):
+        MlflowClient(uri).set_terminated(run_id, status=status)
+        _open_runs.pop(run_id, None)
+
+
+on_stop(end_open_runs)
+
+
 @contextmanager
 def failed_on_error(spec: JobSpec, run_id: str):
     """End the run when the block raises (else it would stay RUNNING forever) — KILLED when the job was
-    stopped (SIGTERM: a Ray job stop or a cancelled Dagster run; Ctrl-C), FAILED otherwise — and re-raise."""
+    stopped (SIGTERM: a Ray job stop or a cancelled Dagster run, however the stop unwinds; Ctrl-C),
+    FAILED otherwise — and re-raise."""
     try:
         yield
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        if run_id not in _open_runs and stop_requested():
+            raise  # ended KILLED already, when the stop came
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) or stop_requested() else "FAILED"
+        _open_runs.pop(run_id, None)
         try:
             MlflowClient(tracking_uri(spec)).set_terminated(run_id, status=status)
         except Exception as unreachable:  # the tracking server is the failure: the error in hand is the news
@@ -335,7 +354,9 @@ def publish(spec: JobSpec, run_id: str, model_path: str, metrics: dict[str, floa
         for path in files.values():
             mlflow.log_artifact(path, "plots")
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
-    return (log_recommender(spec, run_id, model_path, catalogue) if register else None), files
+    version = log_recommender(spec, run_id, model_path, catalogue) if register else None
+    _open_runs.pop(run_id, None)  # ended FINISHED by the blocks above
+    return version, files
 
 
 def run_link(spec: JobSpec, run_id: str) -> str:
