@@ -99,7 +99,7 @@ def landing_sensor(running: bool):
             "dagster/partition": plan.day, "llmrec/fingerprint": plan.fingerprints[plan.day]}))
         if any(not r.is_finished for r in runs):
             return SkipReason(f"{plan.day} is being ingested")
-        failed = [r for r in runs if r.is_failure]
+        failed = [r for r in runs if r.is_failure_or_canceled]  # a cancelled try is a try: a new run key
         records = [context.instance.get_run_record_by_id(r.run_id) for r in failed]
         last = max((rec.end_time or rec.update_timestamp.timestamp() for rec in records), default=0)
         if len(failed) >= MAX_ATTEMPTS:

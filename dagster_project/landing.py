@@ -32,18 +32,19 @@ def arrival(files: LandedFiles) -> float:
 def plan_landing(days: dict[str, LandedFiles], ingested: dict[str, str], root: str, now: float,
                  wait_hours: float) -> LandingPlan:
     """The earliest landed day whose files differ from what was ingested (new, or re-delivered) is
-    next — never a later one first. Calendar days between the first day ever landed and it that never
-    landed are missing: the day waits for them until `wait_hours` after it arrived, then goes ahead
-    with them skipped."""
+    next — never a later one first. Calendar days after the latest ingested day (or the first landed
+    one) and before it that never landed are missing: the day waits for them until `wait_hours` after
+    it arrived, then goes ahead with them skipped — once: later days count from it. A missing day that
+    lands afterwards is earlier than the latest ingested one: a backfill, ingested at once."""
     fps = {d: day_fingerprint(f, root) for d, f in days.items()}
     pending = [d for d in sorted(days) if ingested.get(d) != fps[d]]
     if not pending:
         return LandingPlan(None, [], reason="every landed day is ingested as it is", fingerprints=fps)
     day = pending[0]
     known = set(days) | set(ingested)
-    first = date.fromisoformat(min(known))
-    missing = [(first + timedelta(n)).isoformat() for n in range((date.fromisoformat(day) - first).days)]
-    missing = [d for d in missing if d not in known]
+    start = date.fromisoformat(max(ingested) if ingested else min(days))
+    gap = (date.fromisoformat(day) - start).days
+    missing = [d for d in ((start + timedelta(n)).isoformat() for n in range(1, max(gap, 0))) if d not in known]
     if not missing:
         return LandingPlan(day, pending, fingerprints=fps, reason=f"{day} is the earliest day to ingest")
     waited = (now - arrival(days[day])) / 3600

@@ -74,9 +74,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         with steps.step(f"start spark ({spec.spark.engine})"):
             engine = stack.enter_context(etl.engine_for(spec))
         days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
-        results = [etl.ingest_day(spec, engine, day, steps) for day in days]
+        results = []
+        for day in days:  # in date order; a day whose gold fails its checks stops the rest (it was rolled back)
+            results.append(etl.ingest_day(spec, engine, day, steps))
+            if results[-1].gold is not None and results[-1].gold.published is None:
+                break
     print(json.dumps([dataclasses.asdict(r) for r in results], indent=2, default=str))
-    return 0 if all(r.accounting.accounted for r in results) else 3
+    failed = [r.day for r in results if not r.accounting.accounted or (r.gold is not None and r.gold.published is None)]
+    if failed:
+        errors.print(f"day {failed[0]}: its rows are not accounted for or its gold failed a check: nothing of it was "
+                     "published" + (f"; {len(days) - len(results)} later day(s) not ingested" if len(results) < len(days)
+                                    else ""), highlight=False)
+    return 3 if failed else 0
 
 
 def _version() -> str:
@@ -246,19 +255,20 @@ def cmd_verify_model(args: argparse.Namespace) -> int:
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
+    """Every table's latest version, rows and last operation (delta-rs only: no Spark is started)."""
+    from jobs.lake import TABLES, open_table, published_versions, table_path
+    from jobs.spec import storage_options
     spec = load_spec(args.spec, args.overrides)
-    etl, delta_io = _layer("spark.etl"), _layer("spark.delta_io")
-    lake = etl.Lake.of(spec)
     table = Table("table", "path", "version", "rows", "last operation")
-    for name in etl.TABLES:
-        path, v = lake.path(name), lake.version(name)
-        if v is None:
+    for name in TABLES:
+        path = table_path(spec, name)
+        t = open_table(path, options=storage_options(spec), table=name)
+        if t is None:
             table.add_row(name, path, "-", "-", "-")
             continue
-        last = delta_io.table_history(path, lake.storage_options)[0].get("operation", "?")
-        table.add_row(name, path, str(v), f"{lake.count(name):,}", last)
+        table.add_row(name, path, str(t.version()), f"{t.count():,}", t.history(1)[0].get("operation", "?"))
     console.print(table)
-    published = _layer("jobs.lake").published_versions(spec)
+    published = published_versions(spec)
     console.print(f"published version set (what readers use): {json.dumps(published) if published else 'none'}")
     return 0
 

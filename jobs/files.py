@@ -4,7 +4,6 @@ truncate or write some other file)."""
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Callable
 
 
@@ -24,22 +23,21 @@ def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> str:
-    """Call `write(tmp)` to fill a temporary file beside `path`, then rename it over `path`.
+    """Call `write(tmp)` to fill a temporary file, then rename it over `path`.
 
-    The temporary name is unique per call and created exclusively without following links, so two
-    writers of the same file never share one and nothing planted under that name is written through;
-    the rename replaces a link at `path` itself, never its target. The last rename wins whole. On
-    failure the temporary file is removed and `path` is untouched."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    os.close(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    The temporary file lives in a private folder (mode 0700, made for this call) beside `path`, so
+    `write` may reopen it by name without anyone being able to plant a link there; the rename
+    replaces a link at `path` itself, never its target. Two writers never share a temporary file; the
+    last rename wins whole. On failure the temporary folder is removed and `path` is untouched."""
+    import shutil
+    import tempfile
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    private = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    tmp = os.path.join(private, "new")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     return path

@@ -47,6 +47,11 @@ class LakeBusy(RuntimeError):
     """Another ETL holds the dataset's lock; the message names it."""
 
 
+class LakeUnsupported(ValueError):
+    """An object store the lake's settings can't open, or one that can't exclude concurrent ETLs
+    (no conditional puts): a configuration to fix, not a lake to wait for."""
+
+
 class LakeCorrupt(RuntimeError):
     """A table's Delta log can't be read; the message names the table and what is wrong."""
 
@@ -135,12 +140,14 @@ def etl_lock(spec: JobSpec) -> Iterator[None]:
             _held[key] -= 1
         return
     if "://" in root:
-        with ObjectStoreLease(root, storage_options(spec) or {}, spec.data.name).held():
-            _held[key] = 1
+        lease = ObjectStoreLease(root, storage_options(spec) or {}, spec.data.name)
+        with lease.held():
+            _held[key], _leases[root] = 1, lease
             try:
                 yield
             finally:
                 del _held[key]
+                _leases.pop(root, None)
         return
     os.makedirs(os.path.dirname(key), exist_ok=True)
     fd = open_nofollow(key, os.O_RDWR | os.O_CREAT)
@@ -197,9 +204,21 @@ def object_store(root: str, options: dict, dataset: str):
     except BaseException as exc:  # obstore raises (and panics, a BaseException) on options it does not know
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise LakeBusy(f"dataset {dataset} at {root}: the object store can't be opened with lake.storage_options "
+        raise LakeUnsupported(f"dataset {dataset} at {root}: the object store can't be opened with lake.storage_options "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
                        ) from None
+
+
+_leases: dict[str, "ObjectStoreLease"] = {}  # object-store dataset root -> the lease this process holds on it
+
+
+def check_lease(spec: JobSpec) -> None:
+    """Before a commit that others must not race (a publication, a rollback): an object-store lake's
+    lease must still be this process's — one lost to an outage longer than its expiry may have been
+    taken over, and then this run stops instead of publishing over the new holder's work."""
+    lease = _leases.get(dataset_root(spec))
+    if lease is not None:
+        lease.check()
 
 
 class ObjectStoreLease:
@@ -216,6 +235,7 @@ class ObjectStoreLease:
         self.root, self.dataset, self.ttl = root, dataset, ttl
         self.token = uuid.uuid4().hex
         self.version: dict | None = None
+        self.lost = False
         self._stop = threading.Event()
 
     def _body(self) -> bytes:
@@ -244,12 +264,16 @@ class ObjectStoreLease:
             self._put("create")
             return
         except (NotSupportedError, NotImplementedError):
-            raise LakeBusy(f"dataset {self.dataset} at {self.root}: this object store cannot create an object only if "
+            raise LakeUnsupported(f"dataset {self.dataset} at {self.root}: this object store cannot create an object only if "
                            "it is absent, so concurrent ETLs cannot be excluded; refusing to write "
                            "(configure the store's conditional puts, e.g. S3 with If-None-Match)") from None
         except AlreadyExistsError:
             pass
-        current = obstore.get(self.store, LEASE)
+        try:
+            current = obstore.get(self.store, LEASE)
+        except FileNotFoundError:  # released between our create and our read: try once more
+            self._put("create")
+            return
         doc = json.loads(bytes(current.bytes()))
         if doc.get("expires", 0) > time.time():
             raise LakeBusy(f"dataset {self.dataset} at {self.root} is being written by another ETL ({doc.get('holder')}, "
@@ -262,14 +286,28 @@ class ObjectStoreLease:
             raise LakeBusy(f"dataset {self.dataset} at {self.root}: another ETL took the expired lease first; "
                            "nothing was changed") from None
         except (NotSupportedError, NotImplementedError):
-            raise LakeBusy(f"dataset {self.dataset} at {self.root}: the lease {LEASE} of {doc.get('holder')} expired, "
+            raise LakeUnsupported(f"dataset {self.dataset} at {self.root}: the lease {LEASE} of {doc.get('holder')} expired, "
                            "but this store cannot replace it atomically; delete it once you are sure no ETL runs") from None
 
     def renew(self) -> None:
         """Push the expiry forward: a compare-and-swap on the version this holder wrote last."""
         self._put(self._update(self.version))
 
+    def check(self) -> None:
+        """The lease is still this holder's and unexpired (`LakeBusy` otherwise)."""
+        import obstore
+        try:
+            doc = json.loads(bytes(obstore.get(self.store, LEASE).bytes()))
+        except FileNotFoundError:
+            doc = {}
+        if self.lost or doc.get("token") != self.token or doc.get("expires", 0) <= time.time():
+            self.lost = True
+            raise LakeBusy(f"dataset {self.dataset} at {self.root}: this ETL lost its lease (held now by "
+                           f"{doc.get('holder', 'nobody')}); it stops before publishing anything")
+
     def release(self) -> None:
+        """Delete the lease when it is still ours. (Object stores have no conditional delete: between the
+        check and the delete another holder can only have taken it over if ours had expired.)"""
         import obstore
         try:
             doc = json.loads(bytes(obstore.get(self.store, LEASE).bytes()))
@@ -286,7 +324,8 @@ class ObjectStoreLease:
             while not self._stop.wait(self.ttl / 3):
                 try:
                     self.renew()
-                except Exception:  # lost it (taken over after expiry): the run's commits still go through Delta
+                except Exception:  # taken over after an outage longer than the expiry: publication is refused
+                    self.lost = True
                     return
         renewer = threading.Thread(target=keep, name="etl-lease", daemon=True)
         renewer.start()
@@ -348,13 +387,19 @@ def publications(spec: JobSpec) -> list[Publication]:
 
 
 def _rows_in_commit_order(path: str, latest: int, options: dict | None) -> list[dict]:
-    """Rows of an append-only log, numbered by the commit that added each (its version)."""
-    rows, seen = [], 0
+    """Rows of an append-only log, numbered by the commit that added each (its version): each
+    version's rows less the previous version's, as multisets (row order in a snapshot means nothing).
+    Only a log written before publications were numbered needs this, once: the next publication
+    rewrites it numbered (`publish`)."""
+    from collections import Counter
+    rows, before = [], Counter()
     for v in range(latest + 1):
         snapshot = open_table(path, v, options, PUBLISHED).to_pyarrow_table().to_pylist()
-        for r in snapshot[seen:]:
-            rows.append({**r, "publication": v})
-        seen = len(snapshot)
+        keyed = {json.dumps(r, sort_keys=True, default=str): r for r in snapshot}
+        now = Counter(json.dumps(r, sort_keys=True, default=str) for r in snapshot)
+        for key, n in (now - before).items():
+            rows += [{**keyed[key], "publication": v}] * n
+        before = now
     return rows
 
 
@@ -365,17 +410,27 @@ def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str |
     Called under the ETL lock, so numbers never race."""
     import pyarrow as pa
     from deltalake import write_deltalake
+    check_lease(spec)
     path = f"{dataset_root(spec)}/{PUBLISHED}"
     previous = publications(spec)
     opts = storage_options(spec)
     head = latest_version(path, opts, PUBLISHED)
     number = 0 if head is None else head + 1  # the commit this append becomes (no other writer: the lock)
     lineage = lineage or (previous[-1].lineage if previous else None) or uuid.uuid4().hex[:12]
-    row = pa.table({"published_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
-                    "versions": [json.dumps(versions, sort_keys=True)], "source": [source],
-                    "publication": pa.array([number], pa.int64()), "lineage": [lineage],
-                    "landed_days": [json.dumps(days or {}, sort_keys=True)]})
-    write_deltalake(path, row, mode="append", storage_options=opts, schema_mode="merge")
+
+    def rows(pubs: list[Publication]) -> pa.Table:
+        return pa.table({"published_at": pa.array([datetime.now(timezone.utc)] * len(pubs), pa.timestamp("us", tz="UTC")),
+                         "versions": [json.dumps(p.versions, sort_keys=True) for p in pubs],
+                         "source": [p.source for p in pubs], "publication": pa.array([p.number for p in pubs], pa.int64()),
+                         "lineage": [p.lineage for p in pubs],
+                         "landed_days": [json.dumps(p.days, sort_keys=True) for p in pubs]})
+    new = Publication(number, versions, source, lineage, days or {})
+    table = open_table(path, options=opts, table=PUBLISHED)
+    if table is not None and "publication" not in table.schema().to_arrow().names:
+        # a log written before publications were numbered: rewritten once, numbered, in this one commit
+        write_deltalake(path, rows([*previous, new]), mode="overwrite", storage_options=opts, schema_mode="overwrite")
+    else:
+        write_deltalake(path, rows([new]), mode="append", storage_options=opts, schema_mode="merge")
     committed(path, latest_version(path, opts, PUBLISHED))
     return number
 
@@ -436,6 +491,7 @@ def rollback_unpublished(spec: JobSpec, tables: list[str]) -> list[Repair]:
     with Delta RESTORE — one new commit whose contents are the published version's. A torn commit
     at or below the published version is real corruption: `LakeCorrupt`. Tables with no published
     version are left to the writer (a full ETL overwrites them)."""
+    check_lease(spec)
     repairs = set_aside_torn_commits(f"{dataset_root(spec)}/{PUBLISHED}", -1, PUBLISHED)
     published = published_versions(spec) or {}
     opts = storage_options(spec)

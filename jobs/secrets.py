@@ -27,11 +27,14 @@ _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|account_key|sas|signature|"
                          r"private|session_key|api_key|apikey|auth", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)([^/@]*)@", re.IGNORECASE)
-_URI_SECRET_PARAM = re.compile(r"([;?&](?:token|password|secret|key|sig|access_token|api_key)=)([^;&]*)", re.IGNORECASE)
+_PARAMS = r"token|password|secret|key|sig|access_token|api_key|client_secret|x-amz-security-token|x-amz-signature|" \
+          r"x-amz-credential|x-goog-signature|x-goog-credential"
+_URI_SECRET_PARAM = re.compile(rf"([;?&](?:{_PARAMS})=)([^;&]*)", re.IGNORECASE)
 # user info anywhere in a text (an error message quoting a URL): scheme://<anything but / @ and blanks>@
 _TEXT_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)([^\s/@'\"<>]+)@", re.IGNORECASE)
-_TEXT_SECRET_PARAM = re.compile(r"([;?&](?:token|password|secret|key|sig|access_token|api_key)=)([^;&\s'\"<>]*)",
-                                re.IGNORECASE)
+_TEXT_SECRET_PARAM = re.compile(rf"([;?&](?:{_PARAMS})=)([^;&\s'\"<>]*)", re.IGNORECASE)
+# storage URIs whose user part names a container, not a user: abfss://container@account.dfs.core.windows.net/
+CONTAINER_SCHEMES = ("abfs://", "abfss://", "wasb://", "wasbs://", "az://", "adl://")
 MASK = "***"
 CREDENTIAL_SECTIONS = (("lake", "storage_options"), ("spark", "conf"))
 URI_FIELDS = (("tracking", "uri"), ("spark", "remote"))
@@ -57,7 +60,9 @@ def from_env(value: str, where: str) -> str:
 
 
 def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(key))
+    """A settings key that names a credential (`aws_secret_access_key`, Hadoop's
+    `fs.azure.account.key.<account>...`: dots and dashes read as underscores)."""
+    return bool(_SECRET_KEY.search(re.sub(r"[.\-]", "_", key)))
 
 
 def mask_uri(uri: str) -> str:
@@ -66,7 +71,8 @@ def mask_uri(uri: str) -> str:
     def userinfo(m: re.Match) -> str:
         user, colon, password = m.group(2).partition(":")
         if not colon:
-            return m.group(0) if _ENV_REF.fullmatch(user) else m.group(1) + MASK + "@"
+            keep = _ENV_REF.fullmatch(user) or m.group(1).lower() in CONTAINER_SCHEMES
+            return m.group(0) if keep else m.group(1) + MASK + "@"
         return m.group(1) + user + ":" + (password if _ENV_REF.fullmatch(password) else MASK) + "@"
     uri = _URI_USERINFO.sub(userinfo, uri)
     return _URI_SECRET_PARAM.sub(lambda m: m.group(0) if _ENV_REF.fullmatch(m.group(2)) else m.group(1) + MASK, uri)
@@ -147,7 +153,7 @@ def redact_uris(text: str) -> str:
     """User info and token parameters of every URI in `text` masked (references kept)."""
     def userinfo(m: re.Match) -> str:
         user, colon, password = m.group(2).partition(":")
-        if _ENV_REF.fullmatch(password if colon else user):
+        if _ENV_REF.fullmatch(password if colon else user) or (not colon and m.group(1).lower() in CONTAINER_SCHEMES):
             return m.group(0)
         return m.group(1) + (f"{user}:{MASK}" if colon else MASK) + "@"
     text = _TEXT_USERINFO.sub(userinfo, text)

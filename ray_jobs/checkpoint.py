@@ -129,7 +129,9 @@ class ModelCheckpoint:
         if cache_dir:
             spec = spec.model_copy(update={"model": spec.model.model_copy(update={"cache_dir": cache_dir})})
         ext = None if catalogue is None else self.check_catalogue(catalogue, None, "model")
-        model = build_model(spec, self.item_text if catalogue is None else catalogue.item_text)
+        table = self.weights.get("item_table")  # a cached HLLM's frozen item embeddings: not embedded again
+        model = build_model(spec, self.item_text if catalogue is None else catalogue.item_text,
+                            None if table is None else (self.item_text, table))
         load_weights(model, spec.model.kind, self.weights, ext)
         return model.eval()
 

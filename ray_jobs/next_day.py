@@ -95,8 +95,10 @@ def load_next_day(spec: JobSpec, versions: dict[str, int], day: str, trained_thr
         times.append(h_ts)
         targets.append(np.asarray(day_items, dtype=np.int64))
         new_user.append(ts[a] >= since)
+    new_item = first_seen >= since
+    new_item[0] = False  # padding (0) fills short lists: never a new item
     return NextDay(day, np.asarray(out_users, dtype=np.int64), hist, times, targets, np.asarray(new_user, bool),
-                   first_seen >= since, popularity, n)
+                   new_item, popularity, n)
 
 
 def rank_lists(score: ScoreFn, q: NextDay, candidates: np.ndarray, k: int, batch_size: int = 512,

@@ -316,10 +316,13 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, catalogue:
     if catalogue is None:
         ids = ckpt.item_ids or [str(i) if i else "" for i in range(ckpt.num_items + 1)]
         catalogue = Catalogue(ids, ckpt.item_text, kcore=ckpt.catalogue.seen_mask())
-    example = pd.DataFrame({"history": [["1", "2", "3"]]})
-    signature = mlflow.models.infer_signature(
-        example, pd.DataFrame({"item_ids": [["4", "5"]], "scores": [[0.9, 0.8]], "unknown_history_items": [0]}),
-        params={"k": 10})
+    from mlflow.types.schema import AnyType, Array, ColSpec, Schema
+    outputs = mlflow.models.infer_signature(
+        pd.DataFrame({"history": [["1"]]}),
+        pd.DataFrame({"item_ids": [["4", "5"]], "scores": [[0.9, 0.8]], "unknown_history_items": [0]}), params={"k": 10})
+    # item ids as the source names them: text, or numbers read as their text (MovieLens' integer ids)
+    signature = mlflow.models.ModelSignature(Schema([ColSpec(Array(AnyType()), "history")]), outputs.outputs,
+                                             outputs.params)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = os.path.join(tmp, "data")
         os.makedirs(data)

@@ -423,6 +423,15 @@ def check_silver_schema(lake: Lake, engine: Engine) -> None:
                          "(no landed_on / active columns); run `llmrec etl` once to rebuild them (ids are kept)")
 
 
+def mapped_item_fields(files) -> list[str]:
+    """The item fields a landed items file carries (its column mapping): only those are compared and
+    updated — a feed that maps `item_id` and `active` alone deactivates items without erasing their text."""
+    c = files.columns
+    mapped = {"title": c.title, "categories": c.categories, "description": c.description, "attributes": c.attributes,
+              "active": c.active}
+    return [f for f in ITEM_FIELDS if mapped[f]]
+
+
 def merge_day(spec: JobSpec, engine: Engine, day: str, steps: Steps, src: RawSource) -> IngestResult:
     """One landed day MERGEd into bronze, quarantine and silver (gold is the caller's)."""
     lake = Lake.of(spec)
@@ -446,7 +455,7 @@ def merge_day(spec: JobSpec, engine: Engine, day: str, steps: Steps, src: RawSou
     if items_tagged is not None:
         with steps.step(f"landing {day}: items merge"):
             r_items = merge_table(engine, silver_items(items_tagged, day), lake.path("items"), ["item_id"],
-                                  compare=ITEM_FIELDS, storage_options=opts)
+                                  compare=mapped_item_fields(spec.data.landing.items), storage_options=opts)
     return IngestResult(day, bronze.count(), r_raw, r_q, r_s, accounting=account_day(tagged, items_tagged),
                         items=r_items)
 

@@ -501,9 +501,21 @@ def is_items_file(relative: str) -> bool:
     return "items" in parts[:-1] or ".items." in parts[-1]
 
 
+_fingerprints: dict[tuple, str] = {}  # (file, size, mtime) of a day's files -> its fingerprint
+
+
 def day_fingerprint(files: LandedFiles, root: str) -> str:
     """A landed day's content: a hash of its files' names (relative to the landing folder) and bytes.
-    A re-delivered day with other contents has another fingerprint; the same files again, the same."""
+    A re-delivered day with other contents has another fingerprint; the same files again, the same.
+    Remembered by the files' names, sizes and modification times, so the landing sensor reads a
+    day's bytes once, not on every tick."""
+    stamp = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files.interactions + files.items))
+    if stamp not in _fingerprints:
+        _fingerprints[stamp] = _content_fingerprint(files, root)
+    return _fingerprints[stamp]
+
+
+def _content_fingerprint(files: LandedFiles, root: str) -> str:
     digest = hashlib.sha256()
     for f in sorted(files.interactions + files.items):
         digest.update(os.path.relpath(f, root).encode() + b"\0")

@@ -156,6 +156,11 @@ def test_landing_plan_keeps_date_order_and_waits_for_a_missing_day(tmp_path):
     assert waiting.day is None and waiting.waiting_for == ["2026-11-22"] and "waits for missing day" in waiting.reason
     gone = plan_landing(days, done, str(tmp_path), now + 25 * 3600, 24)
     assert gone.day == "2026-11-23" and gone.skipped == ["2026-11-22"]
+    (tmp_path / "2026-11-24.csv").write_text("u,i,t\n1,z,1\n")  # the next day does not wait for 22 again
+    days["2026-11-24"] = LandedFiles([str(tmp_path / "2026-11-24.csv")], [])
+    after = plan_landing(days, {**done, "2026-11-23": fp["2026-11-23"]}, str(tmp_path), now, 24)
+    assert after.day == "2026-11-24" and not after.missing
+    del days["2026-11-24"]
     # the missing day arrives later: ingested as a backfill, then nothing is pending
     (tmp_path / "2026-11-22.csv").write_text("u,i,t\n1,x,1\n")
     days["2026-11-22"] = LandedFiles([str(tmp_path / "2026-11-22.csv")], [])

@@ -87,6 +87,8 @@ def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_p
         "ray_jobs.tracking"
     model = mlflow.pyfunc.load_model("models:/data-only@challenger")
     assert [len(x) for x in model.predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2})["item_ids"]] == [2]
+    as_numbers = model.predict(pd.DataFrame({"history": [[1, 2]]}), params={"k": 2})  # numbers are read as their text
+    assert as_numbers["unknown_history_items"].tolist() == [0] and len(as_numbers["item_ids"][0]) == 2
 
     marker = tmp_path / "marker"
     [weights] = local.rglob("model.pt")

@@ -17,7 +17,8 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from jobs.files import UnsafeFile, write_atomic
-from jobs.lake import PUBLISHED, LakeBusy, ObjectStoreLease, dataset_root, etl_lock, published_versions
+from jobs.lake import (PUBLISHED, LakeBusy, LakeUnsupported, ObjectStoreLease, dataset_root, etl_lock,
+                       published_versions)
 from jobs.secrets import check_override_secrets
 from jobs.spec import SpecError, load_spec, safe_name
 from spark.etl import Lake, ingest_day, run_etl
@@ -86,6 +87,30 @@ def test_the_published_set_is_chosen_by_commit_order_not_by_clock(sail, make_spe
     assert second.published < DeltaTable(path).version()
 
 
+def test_a_publication_log_from_before_numbering_is_read_in_commit_order_and_rewritten_once(sail, make_spec):
+    """A lake published by earlier code (rows without numbers, wall clocks out of order): the last
+    commit is the published set; the next publication rewrites the log numbered, in one commit."""
+    from datetime import datetime, timedelta, timezone
+
+    from jobs.lake import publications
+    spec = make_spec()
+    versions = run_etl(spec, sail).versions
+    path = f"{dataset_root(spec)}/{PUBLISHED}"
+    import shutil
+    shutil.rmtree(path)
+    now = datetime.now(timezone.utc)
+    for n, shift in enumerate((0, 5, -5)):  # the last one's clock is behind
+        write_deltalake(path, pa.table({"published_at": pa.array([now + timedelta(hours=shift)], pa.timestamp("us", tz="UTC")),
+                                        "versions": [json.dumps(versions)], "source": [f"old {n}"]}), mode="append")
+    assert [p.source for p in publications(spec)] == ["old 0", "old 1", "old 2"]  # by commit, not by clock
+    assert published_versions(spec) == versions
+    run_etl(spec, sail)
+    table = DeltaTable(path)
+    assert "publication" in table.schema().to_arrow().names and len(table.history()) == 4  # three appends, one rewrite
+    assert [p.source for p in publications(spec)] == ["old 0", "old 1", "old 2", "etl"]
+    assert [p.number for p in publications(spec)] == [0, 1, 2, 3]
+
+
 def test_known_failures_are_one_line_and_exit_2(tmp_path):
     def cli(*args):
         return subprocess.run([LLMREC, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -135,10 +160,11 @@ def test_files_we_create_never_follow_a_planted_link(make_spec, tmp_path):
             pass
     assert victim.read_text() == "keep me"
     target = tmp_path / "summary.json"
-    planted = f"{target}.{os.getpid()}-deadbeef.tmp"  # even a guessed temporary name is created exclusively
-    os.symlink(victim, planted)
-    write_atomic(str(target), lambda tmp: Path(tmp).write_text("new"))
+    seen = []
+    write_atomic(str(target), lambda tmp: seen.append(oct(os.stat(os.path.dirname(tmp)).st_mode & 0o777))
+                 or Path(tmp).write_text("new"))
     assert target.read_text() == "new" and victim.read_text() == "keep me"
+    assert seen == ["0o700"] and sorted(p.name for p in tmp_path.iterdir()) == ["lake", "summary.json", "victim.txt"]
     link = tmp_path / "link.json"
     link.symlink_to(victim)
     write_atomic(str(link), lambda tmp: Path(tmp).write_text("replaced"))  # the link itself is replaced
@@ -171,7 +197,7 @@ def test_an_object_store_lake_is_guarded_by_a_conditional_lease(tmp_path):
     late.release()
     (tmp_path / "bucket").mkdir()  # a local "object store" can create-if-absent but not swap
     ObjectStoreLease(f"file://{tmp_path}/bucket", {}, "ds", ttl=-1).acquire()
-    with pytest.raises(LakeBusy, match="cannot replace it atomically"):
+    with pytest.raises(LakeUnsupported, match="cannot replace it atomically"):
         ObjectStoreLease(f"file://{tmp_path}/bucket", {}, "ds").acquire()
 
 

@@ -30,8 +30,9 @@ def one_item_pass(model: nn.Module, *ids: torch.Tensor) -> AbstractContextManage
     return share(*ids) if share is not None else nullcontext()
 
 
-def build_model(spec: JobSpec, item_text: list[str]) -> nn.Module:
-    """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding)."""
+def build_model(spec: JobSpec, item_text: list[str], known: tuple[list[str], torch.Tensor] | None = None) -> nn.Module:
+    """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding).
+    `known`: texts and frozen item embeddings at hand (a cached HLLM's checkpoint): not recomputed."""
     m = spec.model
     if m.kind == "sasrec":
         from ray_jobs.models.sasrec import SASRec
@@ -42,7 +43,7 @@ def build_model(spec: JobSpec, item_text: list[str]) -> nn.Module:
                     m.query_time, m.attention_dim, m.block)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
-        return HLLM(m, item_text, spec.data.max_seq_len)
+        return HLLM(m, item_text, spec.data.max_seq_len, known)
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
 
 

@@ -45,24 +45,33 @@ class EmbeddingCache:
         stored = load_file(self.path)
         return stored["hashes"], stored["vectors"]
 
-    def table(self, texts: list[str], embed: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    def table(self, texts: list[str], embed: Callable[[list[int]], torch.Tensor],
+              seed: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
         """(len(texts), d) float32: row i is the embedding of `texts[i]`; row 0 (padding) is zeros.
-        Texts not in the cache are embedded by `embed(rows)` (rows: positions in `texts`) and added."""
+        Texts neither in the cache nor in `seed` (texts and their rows, e.g. a checkpoint's table,
+        computed with these settings) are embedded by `embed(rows)` (rows: positions in `texts`), and
+        what was not stored is added (a read-only cache, e.g. a registered model's, is left as it is)."""
         digests = text_digests(texts)
-        stored = self._read()
-        known: dict[bytes, int] = {} if stored is None else {bytes(h.tolist()): i for i, h in enumerate(stored[0])}
         keys = [bytes(d.tolist()) for d in digests]
-        missing = [i for i in range(1, len(texts)) if keys[i] not in known]
+        stored = self._read()
+        rows: dict[bytes, torch.Tensor] = {} if stored is None else \
+            {bytes(h.tolist()): v for h, v in zip(stored[0], stored[1])}
+        seeded = {} if seed is None else {bytes(h.tolist()): v for h, v in zip(text_digests(seed[0][1:]), seed[1][1:])}
+        missing = [i for i in range(1, len(texts)) if keys[i] not in rows and keys[i] not in seeded]
         self.computed = len(missing)
-        fresh = embed(missing).float() if missing else None
-        dim = fresh.shape[1] if fresh is not None else stored[1].shape[1]
+        fresh = dict(zip(missing, embed(missing).float())) if missing else {}
+        dim = next(iter([*rows.values(), *seeded.values(), *fresh.values()])).shape[0] if len(texts) > 1 else 0
         out = torch.zeros((len(texts), dim), dtype=torch.float32)
         for i in range(1, len(texts)):
-            if keys[i] in known:
-                out[i] = stored[1][known[keys[i]]]
-        if missing:
-            out[torch.as_tensor(missing)] = fresh
-            self._add(digests[missing], fresh)
+            out[i] = fresh[i] if i in fresh else rows.get(keys[i], seeded.get(keys[i]))
+        new = [i for i in range(1, len(texts)) if keys[i] not in rows]
+        if new:
+            try:
+                self._add(digests[new], out[new])
+            except OSError as exc:
+                import warnings
+                warnings.warn(f"item-embedding cache {self.dir} not written ({exc}); the embeddings are used "
+                              "without being cached", RuntimeWarning)
         return out
 
     def _add(self, hashes: torch.Tensor, vectors: torch.Tensor) -> None:

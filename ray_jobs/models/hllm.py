@@ -147,7 +147,10 @@ def item_cache(spec: ModelSpec) -> EmbeddingCache:
 
 
 class HLLM(nn.Module):
-    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int) -> None:
+    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
+                 known: tuple[list[str], torch.Tensor] | None = None) -> None:
+        """`known`: texts and their frozen embeddings already at hand (a cached-mode checkpoint's
+        table): only the other items go through the item LLM."""
         super().__init__()
         self.spec, self.mode, self.max_len = spec, spec.mode, max_len
         self.num_items = len(item_text) - 1
@@ -162,7 +165,7 @@ class HLLM(nn.Module):
         if self.mode == "cached":
             for p in item_llm.parameters():
                 p.requires_grad_(False)
-            table = cached_item_table(spec, item_llm, item_text, self.item_input_ids, self.item_attention)
+            table = cached_item_table(spec, item_llm, item_text, self.item_input_ids, self.item_attention, known)
             self.register_buffer("item_table", table, persistent=True)
             self.item_llm = None  # not needed once every item is embedded
             # the trainable adapter on top of the frozen item embeddings
@@ -290,11 +293,11 @@ def _last_query_layer(layer: nn.Module, x: torch.Tensor, causal: torch.Tensor | 
 
 
 def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, item_text: list[str], input_ids: torch.Tensor,
-                      attention: torch.Tensor) -> torch.Tensor:
+                      attention: torch.Tensor, known: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
     """Every item's embedding by the frozen item LLM: from the content-keyed cache where the same text
-    was embedded with the same settings before, computed (and added to it) otherwise."""
+    was embedded with the same settings before (or from `known`), computed (and added to it) otherwise."""
     return item_cache(spec).table(item_text, lambda rows: embed_all_items(item_llm, input_ids[rows], attention[rows],
-                                                                          zero_first=False))
+                                                                          zero_first=False), known)
 
 
 def item_text_embeddings(spec: ModelSpec, item_text: list[str]) -> torch.Tensor:
