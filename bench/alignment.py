@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from jobs.spec import load_spec, tracking_uri  # noqa: E402
+from jobs.results import ROOT, provenance, write_result
+from jobs.spec import load_spec, tracking_uri
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr", "coverage@10", "ild@10", "tail_share@10", "gini@10")
 METHODS = "static_bon,blade,grpo,flame,gflownet,dpo"
@@ -114,15 +110,13 @@ def main() -> None:
     curves_png = str(Path(args.out).with_name(Path(args.out).stem + "-curves.png"))
     plot({m: average_curves([c["steps"] for c in cs]) for m, cs in curves.items()}, curves_png,
          {m: average_evals([c["evals"] for c in cs]) for m, cs in curves.items()})
-    doc = {"spec": args.spec, "overrides": overrides, "init": spec.align.init, "seeds": seeds,
+    doc = {**provenance(), "spec": args.spec, "overrides": overrides, "init": spec.align.init, "seeds": seeds,
            "align": spec.align.model_dump(mode="json"), "table": rows,
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
            "runs": {m: [{k: v for k, v in o.items() if k not in ("plots",)} for o in outs] for m, outs in runs.items()},
            "curves": {m: {"steps": average_curves([c["steps"] for c in cs]),
-                          "evals": average_evals([c["evals"] for c in cs])} for m, cs in curves.items()},
-           "command": " ".join(["python", "bench/alignment.py", *sys.argv[1:]])}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2, default=float))
+                          "evals": average_evals([c["evals"] for c in cs])} for m, cs in curves.items()}}
+    write_result(args.out, doc)
     mlflow.set_tracking_uri(tracking_uri(spec))
     mlflow.set_experiment(spec.tracking.experiment)
     with mlflow.start_run(run_name="bench-alignment"):

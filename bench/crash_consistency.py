@@ -16,10 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobs.results import ROOT, provenance, write_result
 
 
 def main() -> int:
@@ -35,14 +34,10 @@ def main() -> int:
         seconds = time.perf_counter() - started
         detail = json.loads(points.read_text()) if points.exists() else {"commits": {}, "points": []}
     bad = [p for p in detail["points"] if not (p["reader_consistent"] and p["final_equals_clean"])]
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": "python bench/crash_consistency.py",
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "commits_per_step": detail["commits"], "injection_points": len(detail["points"]),
+    result = {**provenance(), "commits_per_step": detail["commits"], "injection_points": len(detail["points"]),
               "torn_and_orphan_cases": 4, "sigkill_seeds": 6, "inconsistencies": len(bad),
               "pytest_passed": proc.returncode == 0, "seconds": round(seconds, 1), "points": detail["points"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"{result['injection_points']} injection points (commits per step {detail['commits']}), "
           f"4 torn/orphan cases, 6 SIGKILL seeds: {len(bad)} inconsistencies; pytest "
           f"{'passed' if proc.returncode == 0 else 'FAILED'} in {seconds:.0f} s -> {args.out}")

@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 
 import statistics
 
 import psutil
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-GIB = 1024 ** 3
+from jobs.results import GIB, ROOT, provenance, write_result
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
@@ -104,10 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     sizes = [int(s) for s in args.synthetic.split(",") if s]
-    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
-                                 "python": platform.python_version()},
-                     "movielens_1m": {}, "synthetic": {}}
+    results: dict = {**provenance(), "movielens_1m": {}, "synthetic": {}}
     with tempfile.TemporaryDirectory(prefix="llmrec-bench-") as tmp:
         def pandas_run(i: int) -> dict:
             m = measure([sys.executable, "bench/pandas_etl.py", "--out", os.path.join(tmp, f"pandas-{i}")])
@@ -148,10 +142,7 @@ def main() -> None:
                     (runs[hi]["seconds"] / runs[lo]["seconds"]) / (int(hi) / int(lo)), 3)
             results["synthetic"][engine] = runs
     print_table(results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"written {args.out}")
+    write_result(args.out, results)
 
 
 def print_table(r: dict) -> None:

@@ -14,18 +14,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import torch  # noqa: E402
+import torch
 
-from jobs.spec import load_spec  # noqa: E402
-from ray_jobs.checkpoint import load_model  # noqa: E402
-from ray_jobs.data import load_sequences  # noqa: E402
-from ray_jobs.models import build_model  # noqa: E402
-from ray_jobs.scoring import evaluate_split, scorer  # noqa: E402
+from jobs.results import provenance, write_result
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import load_model
+from ray_jobs.data import load_sequences
+from ray_jobs.models import build_model
+from ray_jobs.scoring import evaluate_split, scorer
 
 DEFAULT_MODELS = ["sasrec=.checkpoints/movielens-1m-sasrec-full/best.pt", "hstu=.checkpoints/movielens-1m-hstu/best.pt",
                   "hllm=jobs/specs/movielens-1m-hllm.yaml"]
@@ -65,10 +63,8 @@ def main() -> None:
     print(f"\n| model | weights | users x items | median s ({args.repeats} runs) |\n|---|---|---|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['weights']} | {r['users']:,} x {r['items']:,} | {r['median_seconds']:.2f} |")
-    with open(args.out, "w") as fh:
-        json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": args.spec,
-                   "split": args.split, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
-    print(f"written {args.out}")
+    write_result(args.out, {**provenance(), "spec": args.spec, "split": args.split,
+                            "threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

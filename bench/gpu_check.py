@@ -8,15 +8,12 @@ writes bench/results/gpu_check.json (date, GPU, commit, seconds and metrics per 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jobs.results import provenance, write_result
+
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
 TINY_LLM = "{hidden: 64, layers: 2, heads: 2, intermediate: 128}"
 
@@ -33,10 +30,7 @@ def main() -> None:
               f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"model.cache_dir={tmp}/cache", "train.workers=1",
               "train.use_gpu=true", "train.cpus_per_worker=2", "train.deepspeed=zero2", "train.epochs=1",
               "train.batch_size=128", "train.max_failures=0"]
-    report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                    "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                             text=True).stdout.strip(), "stages": {}}
+    report: dict = {**provenance(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "stages": {}}
 
     def stage(name: str, fn):
         t0 = time.perf_counter()
@@ -72,9 +66,7 @@ def main() -> None:
             load_spec(SMOKE, common + ["name=gpu-sasrec", f"align.init={sasrec}", "align.steps=5",
                                        "align.users_per_step=32", "align.rollouts=8", "align.eval_every=0"]))))
     report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
-    out = ROOT / "bench" / "results" / "gpu_check.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"written {out}")
+    write_result(Path(__file__).resolve().parent / "results" / "gpu_check.json", report)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import pandas as pd
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from spark.sources import packaged_movielens_dir  # noqa: E402  (locates the wheel's files, no Spark)
+from spark.sources import packaged_movielens_dir  # locates the wheel's files, no Spark
 
 
 def run(out: str, k: int = 5) -> dict:

@@ -16,22 +16,19 @@ row instead of training it (its saved history gives the timings and the training
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import sys
 import time
-from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.spec import load_spec  # noqa: E402
-from ray_jobs.checkpoint import read_model  # noqa: E402
-from ray_jobs.data import load_sequences  # noqa: E402
-from ray_jobs.metrics import markdown_table  # noqa: E402
-from ray_jobs.models import TRAINABLE  # noqa: E402
-from ray_jobs.models.hllm import minilm_item_embeddings  # noqa: E402
-from ray_jobs.scoring import evaluate_split, score_function  # noqa: E402
-from ray_jobs.train import train_local  # noqa: E402
+from jobs.results import provenance, write_result
+from jobs.spec import load_spec
+from ray_jobs.checkpoint import read_model
+from ray_jobs.data import load_sequences
+from ray_jobs.metrics import markdown_table
+from ray_jobs.models import TRAINABLE
+from ray_jobs.models.hllm import minilm_item_embeddings
+from ray_jobs.scoring import evaluate_split, score_function
+from ray_jobs.train import train_local
 
 
 def peak_rss_gib() -> float:
@@ -110,13 +107,10 @@ def main() -> None:
         print(f"\ntime-to-quality {name}: " + ", ".join(f"{c['seconds']}s->{list(c.values())[-1]}" for c in curve))
     print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"quality-{spec.data.name}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": args.spec,
-                   "overrides": args.overrides, "versions": data.versions, "peak_rss_gib": round(peak_rss_gib(), 3),
-                   "models": [{"name": n, "config": configs.get(n, {}), "metrics": results[n], "timing": timings.get(n, {}),
-                               "time_to_quality": curves.get(n, [])} for n in results]}, fh, indent=2)
-    print(f"written {out}")
+    write_result(out, {**provenance(), "spec": args.spec, "overrides": args.overrides, "versions": data.versions,
+                       "peak_rss_gib": round(peak_rss_gib(), 3),
+                       "models": [{"name": n, "config": configs.get(n, {}), "metrics": results[n],
+                                   "timing": timings.get(n, {}), "time_to_quality": curves.get(n, [])} for n in results]})
 
 
 if __name__ == "__main__":

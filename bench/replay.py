@@ -38,7 +38,8 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from jobs.results import ROOT, provenance, write_result
+
 SPEC = "jobs/specs/movielens-1m-replay.yaml"
 CUT = date(2000, 8, 1)
 RESULTS = ROOT / "bench" / "results" / "replay-movielens-1m.json"
@@ -317,10 +318,8 @@ def main() -> int:
     results = load_results()
     if not (data / "staged").exists():
         results["data"] = prepare(data, args.nights)
-    results.update(command="python bench/replay.py " + " ".join(sys.argv[1:]), spec=SPEC, cut=str(CUT),
-                   nightly_minutes=args.nightly_minutes, base_minutes=args.base_minutes,
-                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True).stdout.strip())
+    results.update(**provenance(), spec=SPEC, cut=str(CUT), nightly_minutes=args.nightly_minutes,
+                   base_minutes=args.base_minutes)
 
     def record(model: str, night: str, doc: dict) -> None:
         entry = results["models"].setdefault(model, {"nights": {}})
@@ -330,7 +329,7 @@ def main() -> int:
             entry["nights"][night] = doc
         results["summary"] = summary(results)
         results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        RESULTS.write_text(json.dumps(results, indent=2, default=str))
+        write_result(RESULTS, results)
         plot(results, RESULTS.with_suffix(".png"))
         print(f"{model} {night}: done", flush=True)
 

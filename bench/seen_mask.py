@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
-from datetime import datetime, timezone
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.spec import load_spec  # noqa: E402
-from ray_jobs.data import EvalSplit, load_sequences  # noqa: E402
-from ray_jobs.scoring import score_function  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from tie_order import metrics_of, write_result  # noqa: E402  (the same test-split figures and JSON output)
+from jobs.results import provenance, write_result
+from jobs.spec import load_spec
+from ray_jobs.data import EvalSplit, load_sequences
+from ray_jobs.metrics import headline
+from ray_jobs.scoring import evaluate_split, score_function
 
 
 def window_only(split: EvalSplit, window: int) -> EvalSplit:
@@ -51,12 +46,12 @@ def main() -> None:
     extra = int(sum(max(len(h) - window, 0) for h in data.test.histories))
     print(f"{longer} of {len(data.test.targets)} test users have more than {window} history items "
           f"({extra} items in all that only the whole-history mask removes)")
-    result = {"spec": args.spec, "window": window, "users": len(data.test.targets), "users_longer_than_window": longer,
-              "items_outside_windows": extra, "models": {}, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {**provenance(), "spec": args.spec, "window": window, "users": len(data.test.targets), "users_longer_than_window": longer,
+              "items_outside_windows": extra, "models": {}}
     for name, path in (c.split("=", 1) for c in args.checkpoint):
         score, _, _ = score_function(spec, data, np.zeros((0, 0)), path)
-        row = {"whole_history_mask": metrics_of(spec, score, data, data.test),
-               "window_mask": metrics_of(spec, score, data, cut)}
+        row = {"whole_history_mask": headline(evaluate_split(spec, score, data, data.test)["metrics"]),
+               "window_mask": headline(evaluate_split(spec, score, data, cut)["metrics"])}
         result["models"][name] = {"checkpoint": path} | row
         a, b = row["whole_history_mask"], row["window_mask"]
         print(f"{name}: test HR@10 / NDCG@10, whole-history mask {a['hr@10']:.4f} / {a['ndcg@10']:.4f}; "

@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import sys
-from datetime import datetime, timezone
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs.spec import load_spec  # noqa: E402
-from ray_jobs.data import EvalSplit, SeqData, load_sequences  # noqa: E402
-from ray_jobs.scoring import evaluate_split, score_function  # noqa: E402
-
-REPORTED = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+from jobs.results import provenance, write_result
+from jobs.spec import load_spec
+from ray_jobs.data import EvalSplit, SeqData, load_sequences
+from ray_jobs.metrics import HEADLINE, headline
+from ray_jobs.scoring import evaluate_split, score_function
 
 
 def tied_rows(split: EvalSplit) -> np.ndarray:
@@ -92,18 +87,7 @@ def shuffle_ties_everywhere(data: SeqData, seed: int) -> SeqData:
 
 
 def metrics_of(spec, score, data: SeqData, split: EvalSplit, rows: np.ndarray | None = None) -> dict:
-    if rows is not None:
-        split = EvalSplit(split.users[rows], [split.histories[i] for i in rows], split.targets[rows],
-                          [split.times[i] for i in rows], split.target_times[rows])
-    out = evaluate_split(spec, score, dataclasses.replace(data, test=split), "test")["metrics"]
-    return {k: round(float(out[k]), 4) for k in REPORTED}
-
-
-def write_result(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    return headline(evaluate_split(spec, score, data, split if rows is None else split.subset(rows))["metrics"])
 
 
 def main() -> None:
@@ -129,16 +113,15 @@ def main() -> None:
         target_rank.append(float((pop[group] > pop[data.test.targets[i]]).sum()) / (len(group) - 1))
     print(f"{len(tied)} of {len(data.test.targets)} test targets share their second with earlier events; the gold "
           f"target's popularity rank within its group averages {np.mean(target_rank):.3f} (random order: 0.5)")
-    result = {"spec": args.spec, "users": len(data.test.targets), "tied_users": len(tied),
-              "gold_target_popularity_rank": round(float(np.mean(target_rank)), 4), "models": {},
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {**provenance(), "spec": args.spec, "users": len(data.test.targets), "tied_users": len(tied),
+              "gold_target_popularity_rank": round(float(np.mean(target_rank)), 4), "models": {}}
     for name, path in (c.split("=", 1) for c in args.checkpoint):
         score, _, _ = score_function(spec, data, np.zeros((0, 0)), path)
         row = {"gold": metrics_of(spec, score, data, data.test), "gold_tied": metrics_of(spec, score, data, data.test, tied)}
         shuffled = [reorder_ties(data.test, np.random.default_rng(seed)) for seed in range(args.seeds)]
         row["random"] = [metrics_of(spec, score, data, s) for s in shuffled]
         row["random_tied"] = [metrics_of(spec, score, data, s, tied) for s in shuffled]
-        row["random_mean"] = {k: round(float(np.mean([r[k] for r in row["random"]])), 4) for k in REPORTED}
+        row["random_mean"] = {k: round(float(np.mean([r[k] for r in row["random"]])), 4) for k in HEADLINE}
         result["models"][name] = {"checkpoint": path} | row
         print(f"{name}: test HR@10 / NDCG@10, gold order {row['gold']['hr@10']:.4f} / {row['gold']['ndcg@10']:.4f}; "
               f"random tie order (mean of {args.seeds}) {row['random_mean']['hr@10']:.4f} / "

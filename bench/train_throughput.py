@@ -23,9 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jobs.results import provenance, write_result
 
 CONFIGS = {
     "local": ("single-process loop (llmrec train --local, 2 threads)", []),
@@ -147,11 +146,8 @@ def synthetic(n: int, lake: str) -> None:
                   f"{k['interactions_held']:,} | {k['load_s']} | {k['first_step_s']} | {k['peak_rss_gib_after_load']} | "
                   f"{k['peak_rss_gib_after_step']} |")
     out = os.path.join(os.path.dirname(__file__), "results", f"train_synthetic_{n}.json")
-    with open(out, "w") as fh:
-        json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "interactions": n, "etl_s": etl_s,
-                   "spec": SYNTHETIC_SPEC, "overrides": synthetic_cli_overrides(n, lake), "cpus": os.cpu_count(),
-                   "rows": rows}, fh, indent=2)
-    print(f"written {out}")
+    write_result(out, {**provenance(), "interactions": n, "etl_s": etl_s, "spec": SYNTHETIC_SPEC,
+                       "overrides": synthetic_cli_overrides(n, lake), "rows": rows})
 
 
 def synthetic_cli_overrides(n: int, lake: str) -> list[str]:
@@ -198,10 +194,7 @@ def main() -> None:
         print(f"| {r['label']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s'] or '-'} | {ratio} | {r['steps']} | "
               f"{r['wall_s']} | {r['peak_rss_gib']} |")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", "train_throughput.json")
-    with open(out, "w") as fh:
-        json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": args.spec,
-                   "overrides": args.overrides, "device": "cpu", "cpus": os.cpu_count(), "rows": rows}, fh, indent=2)
-    print(f"written {out}")
+    write_result(out, {**provenance(), "spec": args.spec, "overrides": args.overrides, "device": "cpu", "rows": rows})
 
 
 if __name__ == "__main__":

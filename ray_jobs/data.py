@@ -32,6 +32,12 @@ class EvalSplit:
     times: list[np.ndarray] = field(default_factory=list)  # epoch seconds of each history item
     target_times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of each target
 
+    def subset(self, rows: np.ndarray) -> EvalSplit:
+        """The given rows of the split, in that order."""
+        return EvalSplit(self.users[rows], [self.histories[i] for i in rows], self.targets[rows],
+                         [self.times[i] for i in rows] if self.times else [],
+                         self.target_times[rows] if self.times else self.target_times)
+
     def stamps(self, rows: np.ndarray | None = None) -> list[np.ndarray] | None:
         """Each history's timestamps followed by its target's (the time the prediction is for): what a
         score function that reads time takes, for every row or the given ones; None when the split
@@ -86,7 +92,10 @@ class SeqData:
         rows = self.rows["train" if fit_on == "train" else "valid"]
         return dict(zip(rows.tolist(), self.fit_sequences(fit_on, times)))
 
-    def split(self, name: str) -> EvalSplit:
+    def split(self, name: str | EvalSplit) -> EvalSplit:
+        """A split by name; an `EvalSplit` (a reordered or cut copy of one, over this catalogue) as it is."""
+        if isinstance(name, EvalSplit):
+            return name
         if name not in ("valid", "test"):
             raise ValueError(f"split must be valid or test, got {name!r}")
         return self.valid if name == "valid" else self.test

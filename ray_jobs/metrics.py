@@ -132,6 +132,14 @@ def accuracy(ranks: np.ndarray, ks: list[int]) -> dict:
     return out
 
 
+HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+
+
+def headline(metrics: dict, keys: tuple[str, ...] = HEADLINE) -> dict:
+    """The figures tables report, rounded to four places."""
+    return {k: round(float(metrics[k]), 4) for k in keys}
+
+
 def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray, num_items: int,
              popularity: np.ndarray, ks: list[int] = (5, 10, 20, 50, 200), batch_size: int = 1024,
              item_emb: np.ndarray | None = None, tail_fraction: float = 0.8, cold_item_max: int = 10,

@@ -17,7 +17,7 @@ from torch import nn
 from jobs.spec import JobSpec
 from ray_jobs.catalogue import Catalogue, Extension
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
-from ray_jobs.data import SeqData, left_pad
+from ray_jobs.data import EvalSplit, SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
 from ray_jobs.models import reads_time, scores_unseen_items
 from ray_jobs.models.baselines import Popularity, TransitionGraph
@@ -164,10 +164,10 @@ def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
 
 # ----------------------------------------------------------------------------- full ranking
 
-def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, item_emb: np.ndarray | None = None,
+def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str | EvalSplit, item_emb: np.ndarray | None = None,
                    scorable: np.ndarray | None = None) -> dict:
-    """Full-ranking metrics of any score function on one split, with the spec's eval settings, over
-    the spec's candidates; `scorable`: the items the model can score (the rest are counted as
+    """Full-ranking metrics of any score function on one split (by name, or an `EvalSplit` over the
+    data's catalogue), with the spec's eval settings, over the spec's candidates; `scorable`: the items the model can score (the rest are counted as
     `unscorable_items`)."""
     s, e = data.split(split), spec.eval
     cand = candidate_items(spec, data.catalogue)

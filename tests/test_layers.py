@@ -72,3 +72,17 @@ def test_no_import_cycle_in_ray_jobs():
         if start not in state:
             cycle = visit(start, [start])
             assert cycle is None, " -> ".join(cycle)
+
+
+def test_bench_scripts_import_the_installed_project():
+    """Benchmarks are clients of the package: no `sys.path` edits, no script imported from another."""
+    bad = []
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("insert", "append") and \
+                    isinstance(node.value, ast.Attribute) and node.value.attr == "path":
+                bad.append(f"{path.name}:{node.lineno} edits sys.path")
+        bad += [f"{path.name} imports the script {t}" for t, _ in imports(path, top_level_only=False) if t in scripts]
+    assert not bad, bad

@@ -1,0 +1,58 @@
+"""Benchmark result files (`bench/results/*.json`): what every one carries about how it was made
+(when, the command, the commit, the machine), written whole or not at all."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024 ** 3
+
+
+def commit() -> str:
+    """The project's commit (short hash, "+dirty" when tracked files differ), or "" outside a checkout."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    head = git("rev-parse", "--short", "HEAD")
+    return f"{head}+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else head
+
+
+def machine() -> dict:
+    import psutil
+    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+
+
+def provenance() -> dict:
+    """Date (UTC), the command as typed, the commit and the machine: the head of every result file."""
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "-c", *sys.argv[1:]])
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "commit": commit(), "machine": machine()}
+
+
+def _plain(value):
+    """numpy scalars as numbers, anything else JSON can't hold (dates, paths) as text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def write_result(path: str | os.PathLike, result: dict) -> None:
+    """The result as indented JSON, replacing `path` whole (a reader never sees half a file)."""
+    from jobs.files import write_atomic
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=2, default=_plain)
+            fh.write("\n")
+    write_atomic(str(path), fill)
+    print("wrote", path, flush=True)
