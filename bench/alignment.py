@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.results import ROOT, provenance, write_result
+from jobs.provenance import ROOT, provenance, write_result
 from jobs.spec import load_spec, tracking_uri
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr", "coverage@10", "ild@10", "tail_share@10", "gini@10")
@@ -81,9 +81,8 @@ def main() -> None:
         for seed in seeds:
             spec_m = load_spec(args.spec, overrides + [f"align.method={method}", f"align.seed={seed}"])
             t0 = time.perf_counter()
-            out = run(spec_m, run_name=f"bench-align-{method}-s{seed}-{int(time.time())}", register=False)
-            out["wall_seconds"] = time.perf_counter() - t0
-            out["seed"] = seed
+            outcome = run(spec_m, run_name=f"bench-align-{method}-s{seed}-{int(time.time())}", register=False)
+            out = {**outcome.to_dict(), **outcome.results, "wall_seconds": time.perf_counter() - t0, "seed": seed}
             runs[method].append(out)
             local = client.download_artifacts(out["run_id"], "alignment_curves.json", "/tmp")
             curves[method].append(json.loads(Path(local).read_text()))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.results import ROOT, provenance, write_result
+from jobs.provenance import ROOT, provenance, write_result
 
 
 def main() -> int:

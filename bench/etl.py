@@ -23,7 +23,7 @@ import statistics
 
 import psutil
 
-from jobs.results import GIB, ROOT, provenance, write_result
+from jobs.provenance import GIB, ROOT, provenance, write_result
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:

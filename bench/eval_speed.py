@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import load_model
 from ray_jobs.data import load_sequences
@@ -56,9 +56,9 @@ def main() -> None:
             t0 = time.perf_counter()
             result = evaluate_split(spec, scorer(model, max_len), data, args.split)
             seconds.append(round(time.perf_counter() - t0, 3))
-        rows.append({"model": name, "source": source, "weights": weights, "users": result["metrics"]["users"],
+        rows.append({"model": name, "source": source, "weights": weights, "users": result.metrics["users"],
                      "items": data.num_items, "seconds": seconds, "median_seconds": statistics.median(seconds),
-                     "ndcg@10": result["metrics"]["ndcg@10"]})
+                     "ndcg@10": result.metrics["ndcg@10"]})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| model | weights | users x items | median s ({args.repeats} runs) |\n|---|---|---|---:|")
     for r in rows:

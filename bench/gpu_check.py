@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
 TINY_LLM = "{hidden: 64, layers: 2, heads: 2, intermediate: 128}"
@@ -47,8 +47,8 @@ def main() -> None:
     def trained(name: str, *extra: str):
         spec = load_spec(SMOKE, common + [f"name=gpu-{name}", *extra])
         out = train.run(spec)
-        return {"steps": out["steps"], "stopped": out["stopped"], "test_hr@10": out["test"]["hr@10"],
-                "test_ndcg@10": out["test"]["ndcg@10"], "model_file": out["model_file"]}
+        return {"steps": out.steps, "stopped": out.stopped, "test_hr@10": out.test["hr@10"],
+                "test_ndcg@10": out.test["ndcg@10"], "model_file": out.model_file}
 
     stage("etl", etl)
     stage("train_sasrec", lambda: trained("sasrec", "model.kind=sasrec", "train.negative_sampling=per_position"))
@@ -58,11 +58,11 @@ def main() -> None:
                                              "train.batch_size=64"))
     sasrec = report["stages"]["train_sasrec"]["model_file"]
     stage("evaluate_sasrec", lambda: {k: v for k, v in evaluate.run(
-        load_spec(SMOKE, common + ["name=gpu-sasrec"]), [sasrec], ("test",), 1)["models"][0]["test"].items()
+        load_spec(SMOKE, common + ["name=gpu-sasrec"]), [sasrec], ("test",), 1).models[0].results["test"].items()
         if k in ("hr@10", "ndcg@10")})
     stage("align_sasrec_5_steps", lambda: (lambda out: {
-        "steps": out["steps"], "first_reward": out["first_step"]["reward_mean"], "last_reward": out["last_step"]["reward_mean"],
-        "kl_last": out["last_step"]["kl"], "aligned_test_ndcg@10": out["aligned_test"]["ndcg@10"]})(align.run(
+        "steps": out.steps, "first_reward": out.first_step["reward_mean"], "last_reward": out.last_step["reward_mean"],
+        "kl_last": out.last_kl, "aligned_test_ndcg@10": out.results["aligned_test"]["ndcg@10"]})(align.run(
             load_spec(SMOKE, common + ["name=gpu-sasrec", f"align.init={sasrec}", "align.steps=5",
                                        "align.users_per_step=32", "align.rollouts=8", "align.eval_every=0"]))))
     report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)

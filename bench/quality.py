@@ -20,13 +20,13 @@ import os
 import resource
 import time
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import read_model
 from ray_jobs.data import load_sequences
 from ray_jobs.metrics import markdown_table
 from ray_jobs.models import TRAINABLE
-from ray_jobs.models.hllm import minilm_item_embeddings
+from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.scoring import evaluate_split, score_function
 from ray_jobs.train import train_local
 
@@ -81,10 +81,10 @@ def main() -> None:
             run_spec, p = ckpt.spec, ckpt.progress
             split = "valid" if run_spec.train.fit_on == "train" else "test"
             curves[name] = [{"seconds": round(h["seconds"], 1), "epoch": h["epoch"], f"{split}_hr@10": round(h[f"{split}_hr@10"], 4)}
-                            for h in p["history"] if f"{split}_hr@10" in h]
-            peaks = [h["peak_rss_gib"] for h in p["history"] if "peak_rss_gib" in h]
-            timings[name] = {"train_seconds": round(p["seconds"], 1), "epochs": p["epoch"], "best_epoch": p["best_epoch"],
-                             "stopped": stopped or p["stopped"],
+                            for h in p.history if f"{split}_hr@10" in h]
+            peaks = [h["peak_rss_gib"] for h in p.history if "peak_rss_gib" in h]
+            timings[name] = {"train_seconds": round(p.seconds, 1), "epochs": p.epoch, "best_epoch": p.best_epoch,
+                             "stopped": stopped or p.stopped,
                              "train_peak_rss_gib": round(max(peaks), 3) if peaks else None}
             configs[name] = {"spec": row_spec, "model": run_spec.model.model_dump(mode="json"),
                              "train": run_spec.train.model_dump(mode="json"), "checkpoint": given.get(name)}
@@ -95,13 +95,13 @@ def main() -> None:
             configs[name] = {}
         score, _, _ = score_function(run_spec, data, text_emb, checkpoint)
         run_eval(name, score)
-        print(f"{name}: test hr@10 {results[name]['metrics']['hr@10']:.4f} ndcg@10 {results[name]['metrics']['ndcg@10']:.4f} "
+        print(f"{name}: test hr@10 {results[name].metrics['hr@10']:.4f} ndcg@10 {results[name].metrics['ndcg@10']:.4f} "
               f"{timings.get(name, {})}", flush=True)
-    print("\n" + markdown_table(results))
+    print("\n" + markdown_table({n: r.flat() for n, r in results.items()}))
     print("\n| model | ild@10 | train s | train peak RSS GiB | eval s (all users, full catalogue) |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         t = timings.get(name, {})
-        print(f"| {name} | {r['beyond_accuracy'].get('ild@10', float('nan')):.4f} | {t.get('train_seconds', 0)} | "
+        print(f"| {name} | {r.beyond_accuracy.get('ild@10', float('nan')):.4f} | {t.get('train_seconds', 0)} | "
               f"{t.get('train_peak_rss_gib') or '-'} | {t['eval_seconds']} |")
     for name, curve in curves.items():
         print(f"\ntime-to-quality {name}: " + ", ".join(f"{c['seconds']}s->{list(c.values())[-1]}" for c in curve))
@@ -109,7 +109,7 @@ def main() -> None:
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"quality-{spec.data.name}.json")
     write_result(out, {**provenance(), "spec": args.spec, "overrides": args.overrides, "versions": data.versions,
                        "peak_rss_gib": round(peak_rss_gib(), 3),
-                       "models": [{"name": n, "config": configs.get(n, {}), "metrics": results[n],
+                       "models": [{"name": n, "config": configs.get(n, {}), "metrics": results[n].to_dict(),
                                    "timing": timings.get(n, {}), "time_to_quality": curves.get(n, [])} for n in results]})
 
 

@@ -38,7 +38,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from jobs.results import ROOT, provenance, write_result
+from jobs.provenance import ROOT, provenance, write_result
 
 SPEC = "jobs/specs/movielens-1m-replay.yaml"
 CUT = date(2000, 8, 1)
@@ -198,7 +198,7 @@ class Replay:
         if proc.returncode != 0:
             raise RuntimeError(f"{self.model}: scratch training of night {night} failed: {proc.stderr[-3000:]}")
         out = json.loads(proc.stdout[proc.stdout.index("{"):])
-        return {"file": out["model_file"], "train_seconds": out["seconds"], "wall_seconds":
+        return {"file": out["model"]["model_file"], "train_seconds": out["seconds"], "wall_seconds":
                 round(time.perf_counter() - started, 1)}
 
     def judge(self, day: str, models: dict[str, str]) -> dict[str, dict]:
@@ -214,7 +214,7 @@ class Replay:
         for name, path in models.items():
             loaded = load_for_catalogue(path, data.catalogue, data.versions.get("item_index"), spec.model.cache_dir)
             out[name] = evaluate_next_day(loaded.score_function(), queries, data.catalogue.active, loaded.scorable,
-                                          loaded.ckpt.spec.data.max_seq_len)
+                                          loaded.ckpt.spec.data.max_seq_len).to_dict()
         return out
 
     def run(self, nights: int, record) -> None:

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 from jobs.spec import load_spec
 from ray_jobs.data import EvalSplit, load_sequences
 from ray_jobs.metrics import headline
@@ -50,8 +50,8 @@ def main() -> None:
               "items_outside_windows": extra, "models": {}}
     for name, path in (c.split("=", 1) for c in args.checkpoint):
         score, _, _ = score_function(spec, data, np.zeros((0, 0)), path)
-        row = {"whole_history_mask": headline(evaluate_split(spec, score, data, data.test)["metrics"]),
-               "window_mask": headline(evaluate_split(spec, score, data, cut)["metrics"])}
+        row = {"whole_history_mask": headline(evaluate_split(spec, score, data, data.test).metrics),
+               "window_mask": headline(evaluate_split(spec, score, data, cut).metrics)}
         result["models"][name] = {"checkpoint": path} | row
         a, b = row["whole_history_mask"], row["window_mask"]
         print(f"{name}: test HR@10 / NDCG@10, whole-history mask {a['hr@10']:.4f} / {a['ndcg@10']:.4f}; "

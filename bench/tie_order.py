@@ -25,7 +25,7 @@ import dataclasses
 
 import numpy as np
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 from jobs.spec import load_spec
 from ray_jobs.data import EvalSplit, SeqData, load_sequences
 from ray_jobs.metrics import HEADLINE, headline
@@ -87,7 +87,7 @@ def shuffle_ties_everywhere(data: SeqData, seed: int) -> SeqData:
 
 
 def metrics_of(spec, score, data: SeqData, split: EvalSplit, rows: np.ndarray | None = None) -> dict:
-    return headline(evaluate_split(spec, score, data, split if rows is None else split.subset(rows))["metrics"])
+    return headline(evaluate_split(spec, score, data, split if rows is None else split.subset(rows)).metrics)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 
 CONFIGS = {
     "local": ("single-process loop (llmrec train --local, 2 threads)", []),
@@ -49,7 +49,7 @@ def run_one(spec_path: str, overrides: list[str], config: str) -> dict:
     if config == "local":
         record = train_local(spec, resume=False).history[0]
     else:
-        record = read_model(run(spec, register=False)["model_file"]).progress["history"][0]
+        record = read_model(run(spec, register=False).model_file).progress.history[0]
     peak, tokens = record["peak_rss_gib"], record["tokens_per_s"]
     return {"config": config, "label": CONFIGS[config][0], "seq_per_s": round(record["seq_per_s"], 1),
             "tokens_per_s": round(tokens, 0) if tokens else None, "steps": record["step"],
@@ -102,7 +102,8 @@ def first_step_worker(cfg: dict) -> None:
 
 def synthetic_one(n: int, lake: str, workers: int) -> dict:
     from jobs.lake import read_versions
-    from ray_jobs.runtime import deepspeed_config, fit, init_ray
+    from ray_jobs.distributed import deepspeed_config
+    from ray_jobs.runtime import fit, init_ray
     spec = synthetic_spec(n, lake, workers)
     init_ray(spec)
     out_dir = tempfile.mkdtemp(prefix="llmrec-bench-first-step-")

@@ -25,9 +25,9 @@ from deltalake import DeltaTable
 
 from dagster_project.landing import landing_plan
 from dagster_project.resources import SparkResource, SpecResource
-from jobs.lake import LakeBusy
+from jobs.lake import TABLES, Lake, LakeBusy
 from jobs.secrets import scrubbed_errors
-from spark.etl import ETL_TABLES, TABLES, Lake, engine_for, ingest_day, run_etl
+from spark.etl import ETL_TABLES, engine_for, ingest_day, run_etl
 from spark.quality import CHECKS
 
 LANDING_DAYS = DynamicPartitionsDefinition(name="landing_days")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from jobs.contracts import EvaluationReport
 from jobs.spec import GateSpec
 
 
@@ -20,23 +21,23 @@ class GateDecision:
         return asdict(self)
 
 
-def decide(rows: list[dict], candidates: dict[str, str], champion: str | None, gate: GateSpec) -> GateDecision:
-    """rows: the evaluation report (each {"model": label, "version", <split>: metrics}), every model
-    measured on the same data version; candidates: label -> registry version of the new models. The
-    best candidate on `gate.metric` (on `gate.split`) becomes champion when there is none, or when it
-    beats the champion's figure by more than `gate.margin`."""
-    metric = f"{gate.split}/{gate.metric}"
-    new = [r for r in rows if r["model"] in candidates]
+def decide(report: EvaluationReport, gate: GateSpec) -> GateDecision:
+    """Every model of the report measured on the same data version; its candidates (the new models,
+    by file, with their registry versions) against its champion. The best candidate on `gate.metric`
+    (on `gate.split`) becomes champion when there is none, or when it beats the champion's figure by
+    more than `gate.margin`."""
+    metric, champion, rows = f"{gate.split}/{gate.metric}", report.champion_version, report.evaluation.models
+    new = [r for r in rows if r.model in report.candidates]
     if not new:
         return GateDecision(False, None, None, champion, None, metric, "no new model to judge")
-    best = max(new, key=lambda r: r[gate.split][gate.metric])
-    version, score = candidates[best["model"]], best[gate.split][gate.metric]
+    best = max(new, key=lambda r: r.results[gate.split][gate.metric])
+    version, score = report.candidates[best.model], best.results[gate.split][gate.metric]
     if champion is None:
         return GateDecision(True, version, score, None, None, metric, "no champion yet: the best new model becomes champion")
-    current = next((r for r in rows if r["model"].startswith("models:/") and r["version"] == champion), None)
+    current = next((r for r in rows if r.model.startswith("models:/") and r.version == champion), None)
     if current is None:
         raise ValueError(f"the evaluation report has no row for champion version {champion}")
-    held = current[gate.split][gate.metric]
+    held = current.results[gate.split][gate.metric]
     if version == champion:
         return GateDecision(False, version, score, champion, held, metric, "the best new model is already champion")
     if score > held + gate.margin:

@@ -15,11 +15,11 @@ from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, As
 from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
 from dagster_project.resources import MLflowResource, RayResource, SpecResource
+from jobs.contracts import CHAMPION, Check, EvaluateOutcome, EvaluationReport, ModelRecord, Tag
 from jobs.lake import published_versions
+from jobs.rayjob import job_command
 from jobs.secrets import check_override_secrets, scrubbed_errors
 from jobs.spec import JobSpec
-
-CHAMPION = "champion"
 
 
 def upstream(context: AssetExecutionContext, key: AssetKey) -> dict:
@@ -28,6 +28,19 @@ def upstream(context: AssetExecutionContext, key: AssetKey) -> dict:
     if event is None or event.asset_materialization is None:
         raise ValueError(f"asset {key.to_user_string()} has not been materialized yet")
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def model_record(context: AssetExecutionContext, key: str) -> ModelRecord:
+    """The model an upstream model asset (trained_model, aligned_model) holds."""
+    return ModelRecord.from_metadata(upstream(context, AssetKey(key)))
+
+
+def dagster_metadata(raw: dict) -> dict:
+    """Pipes-form metadata (`jobs.contracts.meta`) as Dagster metadata values."""
+    kinds = {"path": MetadataValue.path, "json": MetadataValue.json, "md": MetadataValue.md,
+             "null": lambda _: MetadataValue.null()}
+    return {k: kinds[v["type"]](v["raw_value"]) if isinstance(v, dict) and v.get("type") in kinds else v
+            for k, v in raw.items()}
 
 
 def pinned_versions(context: AssetExecutionContext, spec: JobSpec) -> dict[str, int]:
@@ -46,17 +59,15 @@ def pinned_versions(context: AssetExecutionContext, spec: JobSpec) -> dict[str, 
     return {k: int(v) for k, v in versions.items()}
 
 
-def run_job(context: AssetExecutionContext, module: str, spec: SpecResource, ray: RayResource, mlflow: MLflowResource,
+def run_job(context: AssetExecutionContext, job: str, spec: SpecResource, ray: RayResource, mlflow: MLflowResource,
             overrides: list[str], args: list[str] = ()):
-    """Submit `python -m <module>` with the deployment's spec and overrides as a Ray job through Pipes
+    """Submit `python -m ray_jobs.<job>` with the deployment's spec and overrides as a Ray job through Pipes
     (an error on the way is redacted before Dagster records it)."""
     with scrubbed_errors():
         base = spec.load(*mlflow.spec_overrides())
         sets = [*spec.overrides, *ray.spec_overrides(base), *mlflow.spec_overrides(), *overrides]
         check_override_secrets(sets)
-        entry = ["python", "-m", module, "--spec", ray.job_spec_path(spec), *[x for o in sets for x in ("--set", o)],
-                 *args]
-        return ray.run(context, module.rsplit(".", 1)[-1], spec.load(*sets), entry)
+        return ray.run(context, job, spec.load(*sets), job_command(job, ray.job_spec_path(spec), sets, args))
 
 
 def versions_override(versions: dict[str, int]) -> str:
@@ -65,7 +76,7 @@ def versions_override(versions: dict[str, int]) -> str:
 
 @asset(key="trained_model", group_name="training", kinds={"ray", "pytorch", "mlflow"},
        deps=[asset_key("sequences"), asset_key("item_index")],
-       check_specs=[AssetCheckSpec("beats_popularity", asset="trained_model", blocking=True,
+       check_specs=[AssetCheckSpec(Check.BEATS_POPULARITY, asset="trained_model", blocking=True,
                                    description="validation NDCG@10 above popularity's by checks.min_gain_over_popularity")])
 def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
     """The spec's recommender (HLLM or SASRec) trained by `ray_jobs.train` on Ray Train + DeepSpeed,
@@ -76,30 +87,29 @@ def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
     warm = []
     if job.train.warm_start_from_champion and current_champion(mlflow, job) is not None:
         warm = [f"train.init_from=models:/{job.registered_model_name()}@{CHAMPION}"]
-    return run_job(context, "ray_jobs.train", spec, ray, mlflow, [versions_override(versions), *warm],
+    return run_job(context, "train", spec, ray, mlflow, [versions_override(versions), *warm],
                    ["--run-name", run_name]).get_results()
 
 
 @asset(key="aligned_model", group_name="alignment", kinds={"ray", "pytorch", "mlflow"}, deps=["trained_model"],
-       check_specs=[AssetCheckSpec("kl_and_coverage_within_bounds", asset="aligned_model", blocking=True,
+       check_specs=[AssetCheckSpec(Check.ALIGN_BOUNDS, asset="aligned_model", blocking=True,
                                    description="KL to the trained model at most checks.max_align_kl; coverage@10 "
                                                "at least checks.min_coverage_ratio of the trained model's")])
 def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
     """The trained model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by
     default); with `align.enabled: false`, the trained model passed on as it is (recorded as skipped)."""
-    trained = upstream(context, AssetKey("trained_model"))
+    trained = model_record(context, "trained_model")
     job = spec.load()
     if not job.align.enabled:
         context.log.info("align.enabled is false: the trained model goes on unaligned")
-        yield MaterializeResult(metadata={"skipped": "align.enabled is false", "model_file": MetadataValue.path(
-            trained["model_file"]), "model_version": trained["model_version"],
-            "delta_versions": MetadataValue.json(trained["delta_versions"])})
-        yield AssetCheckResult(check_name="kl_and_coverage_within_bounds", passed=True,
+        yield MaterializeResult(metadata={"skipped": "align.enabled is false",
+                                          **dagster_metadata(trained.to_metadata())})
+        yield AssetCheckResult(check_name=Check.ALIGN_BOUNDS, passed=True,
                                metadata={"skipped": "not aligned: the trained model itself"})
         return
     run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
-    yield from run_job(context, "ray_jobs.align", spec, ray, mlflow,
-                       [versions_override(trained["delta_versions"]), f"align.init={trained['model_file']}"],
+    yield from run_job(context, "align", spec, ray, mlflow,
+                       [versions_override(trained.delta_versions), f"align.init={trained.model_file}"],
                        ["--run-name", run_name]).get_results()
 
 
@@ -114,10 +124,10 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     that served that day — the champion and the previous night's candidate — are also judged on it
     (next-day metrics, beside the leave-one-out figures; the gate still decides on validation)."""
     job = spec.load(*mlflow.spec_overrides())
-    trained, aligned = upstream(context, AssetKey("trained_model")), upstream(context, AssetKey("aligned_model"))
-    models = [f"trained={trained['model_file']}"]
-    if aligned["model_file"] != trained["model_file"]:
-        models.append(f"aligned={aligned['model_file']}")
+    trained, aligned = model_record(context, "trained_model"), model_record(context, "aligned_model")
+    models = [f"trained={trained.model_file}"]
+    if aligned.model_file != trained.model_file:
+        models.append(f"aligned={aligned.model_file}")
     champion = current_champion(mlflow, job)
     name = job.registered_model_name()
     if champion is not None:
@@ -126,20 +136,21 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     served = []
     if context.has_partition_key and champion is not None:
         served = [f"champion=models:/{name}/{champion}"]
-        previous = previous_candidate(mlflow, job, {champion, str(trained["model_version"]),
-                                                    str(aligned["model_version"])})
+        previous = previous_candidate(mlflow, job, {champion, str(trained.model_version), str(aligned.model_version)})
         if previous is not None:
             served.append(f"candidate=models:/{name}/{previous}")
         args += ["--next-day", context.partition_key, *[x for m in served for x in ("--next-day-model", m)]]
-    result = run_job(context, "ray_jobs.evaluate", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
+    result = run_job(context, "evaluate", spec, ray, mlflow, [versions_override(trained.delta_versions)],
                      args).get_materialize_result()
-    candidates = {trained["model_file"]: str(trained["model_version"]), aligned["model_file"]: str(aligned["model_version"])}
+    evaluation = EvaluateOutcome.from_dict({"versions": result.metadata["delta_versions"].value,
+                                            "splits": result.metadata["splits"].value,
+                                            "models": result.metadata["results"].value})
+    report = EvaluationReport(evaluation, {m.model_file: str(m.model_version) for m in (trained, aligned)}, champion)
     extra = {}
     if "next_day_results" in result.metadata:
         days = next_day_history(context) + [r for r in result.metadata["next_day_results"].value]
         extra["next_day_curve"] = MetadataValue.md(next_day_plot(days))
-    return MaterializeResult(metadata={**result.metadata, "candidates": MetadataValue.json(candidates),
-                                       "champion_version": champion or "none", **extra})
+    return MaterializeResult(metadata={**result.metadata, **dagster_metadata(report.to_metadata()), **extra})
 
 
 def next_day_history(context: AssetExecutionContext, limit: int = 60) -> list[dict]:
@@ -184,7 +195,7 @@ def previous_candidate(mlflow: MLflowResource, spec: JobSpec, exclude: set[str])
     """The newest registered version an earlier gate judged (tagged with its decision), other than
     `exclude`: the candidate the previous night produced."""
     versions = mlflow.client(spec).search_model_versions(f"name='{spec.registered_model_name()}'")
-    judged = [int(v.version) for v in versions if "llmrec.gate.decision" in (v.tags or {})
+    judged = [int(v.version) for v in versions if Tag.GATE_DECISION in (v.tags or {})
               and str(v.version) not in exclude]
     return str(max(judged)) if judged else None
 
@@ -210,18 +221,17 @@ def champion_model(context: AssetExecutionContext, spec: SpecResource, mlflow: M
 
 
 def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowResource) -> MaterializeResult:
-    report = upstream(context, AssetKey("evaluation_report"))
-    champion = report["champion_version"]
-    decision = decide(report["results"], report["candidates"], None if champion == "none" else champion, job.gate)
+    report = EvaluationReport.from_metadata(upstream(context, AssetKey("evaluation_report")))
+    decision = decide(report, job.gate)
     client, name = mlflow.client(job), job.registered_model_name()
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, decision.candidate)
     if decision.candidate is not None:
-        tags = {"llmrec.gate.decision": "promoted" if decision.promote else "kept",
-                "llmrec.gate.metric": decision.metric, "llmrec.gate.reason": decision.reason,
-                "llmrec.gate.candidate_metric": str(decision.candidate_metric),
-                "llmrec.gate.champion_metric": str(decision.champion_metric),
-                "llmrec.gate.champion_version": str(decision.champion)}
+        tags = {Tag.GATE_DECISION: "promoted" if decision.promote else "kept",
+                Tag.GATE_METRIC: decision.metric, Tag.GATE_REASON: decision.reason,
+                Tag.GATE_CANDIDATE_METRIC: str(decision.candidate_metric),
+                Tag.GATE_CHAMPION_METRIC: str(decision.champion_metric),
+                Tag.GATE_CHAMPION_VERSION: str(decision.champion)}
         version = client.get_model_version(name, decision.candidate)
         for k, v in tags.items():
             client.set_model_version_tag(name, decision.candidate, k, v)
@@ -229,8 +239,8 @@ def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowR
     serving = decision.candidate if decision.promote else decision.champion
     context.log.info(f"champion gate: {decision.reason}; champion is version {serving}")
     return MaterializeResult(metadata={**{k: v for k, v in decision.as_dict().items() if v is not None},
-                                       "model_name": name, "champion_version": serving or "none",
-                                       "model_uri": f"models:/{name}@{CHAMPION}"})
+                                       "model_name": name, "champion_version": MetadataValue.null() if serving is None
+                                       else serving, "model_uri": f"models:/{name}@{CHAMPION}"})
 
 
 @asset(key=asset_key("recommendations"), group_name="serving", kinds={"ray", "delta"}, deps=["champion_model"])
@@ -239,8 +249,8 @@ def recommendations(context: AssetExecutionContext, spec: SpecResource, ray: Ray
     """Top-K for every user from the champion (`ray_jobs.recommend`) into gold/recommendations."""
     job = spec.load(*mlflow.spec_overrides())
     champion = upstream(context, AssetKey("champion_model"))
-    if champion["champion_version"] == "none":
+    if champion.get("champion_version") is None:
         raise ValueError("no champion model: the gate has promoted nothing yet")
-    trained = upstream(context, AssetKey("trained_model"))
-    return run_job(context, "ray_jobs.recommend", spec, ray, mlflow, [versions_override(trained["delta_versions"])],
+    trained = model_record(context, "trained_model")
+    return run_job(context, "recommend", spec, ray, mlflow, [versions_override(trained.delta_versions)],
                    ["--model", f"models:/{job.registered_model_name()}@{CHAMPION}"]).get_materialize_result()

@@ -16,9 +16,10 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from jobs.render import SPEC_DIR, K8sOptions, ray_job_with_cluster
-from jobs.spec import JobSpec, load_spec, local_overrides, resolve_spec_path
+from jobs.rayjob import PROJECT, client_token_auth, project_spec_path, submit_when_ready
+from jobs.spec import JobSpec, load_spec, local_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT
 
 
 class SpecResource(ConfigurableResource):
@@ -32,11 +33,7 @@ class SpecResource(ConfigurableResource):
 
     def job_spec_path(self) -> str:
         """The spec as a path inside the project: a submitted job runs in an uploaded copy of it."""
-        path = resolve_spec_path(self.spec_path).resolve()
-        try:
-            return str(path.relative_to(ROOT))
-        except ValueError:
-            raise ValueError(f"spec {self.spec_path}: must lie inside the project ({ROOT}) to travel with a Ray job") from None
+        return project_spec_path(self.spec_path)
 
 
 class SparkResource(ConfigurableResource):
@@ -98,7 +95,7 @@ class RayResource(ConfigurableResource):
         up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
         if up.returncode != 0:
             raise RuntimeError(f"local Ray head did not start: {up.stderr[-2000:]}")
-        os.environ["RAY_AUTH_MODE"] = "token"  # the head requires the token; the Jobs API client reads it
+        client_token_auth()  # the head requires the token ray-up.sh made; the Jobs API client reads the mode
         self._local_address = up.stdout.strip().splitlines()[-1]
         context.log.info(f"local Ray head at {self._local_address} (temp dir {head_dir})")
         try:
@@ -127,7 +124,7 @@ class RayResource(ConfigurableResource):
         return f"{SPEC_DIR}/spec.yaml" if self.launcher == "kuberay" else spec.job_spec_path()
 
     def run(self, context, job: str, spec: JobSpec, entrypoint: list[str]):
-        """Run `entrypoint` (a `python -m ray_jobs.<job>` command) as a Ray job through Dagster Pipes."""
+        """Run `entrypoint` (`jobs.rayjob.job_command`) as a Ray job through Dagster Pipes."""
         if self.launcher == "kuberay":
             from dagster_ray.kuberay import PipesKubeRayJobClient
             from dagster_ray.kuberay.client import RayJobClient
@@ -144,24 +141,17 @@ class RayResource(ConfigurableResource):
             return client.run(context=context, ray_job=manifest)
         from dagster_ray import PipesRayJobClient
         return PipesRayJobClient(address=self.dashboard, poll_interval=2).run(context=context, submit_job_params={
-            "entrypoint": shlex.join(entrypoint), "runtime_env": {"working_dir": str(ROOT)}})
+            "entrypoint": shlex.join(entrypoint), "runtime_env": {"working_dir": str(PROJECT)}})
 
 
-def _wait_for_job_agent(address: str, attempts: int = 60) -> None:
-    """A fresh head answers its dashboard before its job agent runs ("No available agent to submit
-    job"): submit a no-op job until one is taken, and wait for it."""
+def _wait_for_job_agent(address: str) -> None:
+    """A fresh head answers its dashboard before its job agent runs: a no-op job, submitted once an
+    agent takes it, and waited for."""
     import time
 
     from ray.job_submission import JobSubmissionClient
     client = JobSubmissionClient(address)
-    for attempt in range(attempts):
-        try:
-            job = client.submit_job(entrypoint="true")
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(2)
+    job = submit_when_ready(client, attempts=60, entrypoint="true")
     while not client.get_job_status(job).is_terminal():
         time.sleep(0.5)
 

@@ -4,22 +4,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import sys
-import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.contracts import CHAMPION, Tag, final_metric
 from jobs.files import UnsafeFile
-from jobs.lake import LakeBusy, LakeCorrupt
+from jobs.lake import Lake, LakeBusy, LakeCorrupt
 from jobs.progress import Steps
+from jobs.rayjob import JOB_MODULES
 from jobs.secrets import check_override_secrets, install_redaction, mask_uri, redact, redacted_exception
-from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, resolve_spec_path, safe_name
+from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, safe_name
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
@@ -39,19 +38,14 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                    help="override a spec field, e.g. --set spark.engine=local (repeatable)")
 
 
-def _layer(module: str):
-    """Stages live in other layers; they are imported only when their command runs."""
-    return importlib.import_module(module)
-
-
 def cmd_spec(args: argparse.Namespace) -> int:
     print(dump_spec(load_spec(args.spec, args.overrides)), end="")
     return 0
 
 
 def cmd_etl(args: argparse.Namespace) -> int:
+    from spark import etl  # each command imports its layer when it runs: `llmrec --help` starts fast
     spec = load_spec(args.spec, args.overrides)
-    etl = _layer("spark.etl")
     steps = Steps(enabled=not args.quiet)
     with contextlib.ExitStack() as stack:
         with steps.step(f"start spark ({spec.spark.engine})"):
@@ -61,19 +55,20 @@ def cmd_etl(args: argparse.Namespace) -> int:
         errors.print(f"--renumber: a new id lineage ({summary.lineage}); models trained on earlier ids no longer "
                      "match this lake's catalogue", highlight=False)
     summary.step_seconds = {k: round(v, 3) for k, v in steps.timings.items()}
-    return _report(summary, args.summary_out, etl.Lake.of(spec))
+    return _report(summary, args.summary_out, Lake.of(spec))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     if spec.data.landing is None:
         raise ValueError(f"spec {args.spec}: data.landing is not configured; there is nothing to ingest")
-    etl = _layer("spark.etl")
+    from spark import etl
+    from spark.sources import landing_days
     steps = Steps(enabled=not args.quiet)
     with contextlib.ExitStack() as stack:
         with steps.step(f"start spark ({spec.spark.engine})"):
             engine = stack.enter_context(etl.engine_for(spec))
-        days = [args.date] if args.date else list(_layer("spark.sources").landing_days(spec.data.landing))
+        days = [args.date] if args.date else list(landing_days(spec.data.landing))
         results = []
         for day in days:  # in date order; a day whose gold fails its checks stops the rest (it was rolled back)
             results.append(etl.ingest_day(spec, engine, day, steps))
@@ -98,7 +93,7 @@ def _version() -> str:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Manifests from the spec: printed, or one file each under --out."""
-    render = _layer("jobs.render")
+    from jobs import render
     opts = render.K8sOptions(image=args.image, namespace=args.namespace, shared_claim=args.shared_claim,
                              credentials_secret=args.credentials_secret, shm_size=args.shm_size,
                              worker_memory=args.worker_memory, max_workers=args.max_workers)
@@ -115,12 +110,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ray_jobs import train
+    from ray_jobs.loop import ConsoleReporter, Reporter
     spec = load_spec(args.spec, args.overrides)
-    train = _layer("ray_jobs.train")
     if not args.local:
-        print(json.dumps(train.run(spec, args.run_name), indent=2, default=float))
+        print(json.dumps(train.run(spec, args.run_name).to_dict(), indent=2, default=float))
         return 0
-    reporter = _layer("ray_jobs.loop").Reporter() if args.quiet else _layer("ray_jobs.loop").ConsoleReporter()
+    reporter = Reporter() if args.quiet else ConsoleReporter()
     result = train.train_local(spec, resume=not args.restart, reporter=reporter)
     split = "valid" if spec.train.fit_on == "train" else "test"
     out = {f"best_{split}_ndcg@10" if split == "valid" else "final_test_ndcg@10": result.best_metric,
@@ -134,34 +130,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
+    from ray_jobs import align
     spec = load_spec(args.spec, args.overrides)
-    out = _layer("ray_jobs.align").run(spec, args.run_name, register=not args.no_register)
-    print(json.dumps(out, indent=2, default=float))
+    out = align.run(spec, args.run_name, register=not args.no_register)
+    print(json.dumps(out.to_dict(), indent=2, default=float))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """In this process: a baseline (model.kind pop / graph) or a trained checkpoint on one split."""
+    from ray_jobs import scoring
+    from ray_jobs.data import load_sequences
+    from ray_jobs.metrics import markdown_table
+    from ray_jobs.models.llm import minilm_item_embeddings
+    from ray_jobs.train import local_dir
     spec = load_spec(args.spec, args.overrides)
-    data = _layer("ray_jobs.data").load_sequences(spec)
-    scoring, hllm = _layer("ray_jobs.scoring"), _layer("ray_jobs.models.hllm")
-    text_emb = hllm.minilm_item_embeddings(spec.model, data.item_text)
+    data = load_sequences(spec)
+    text_emb = minilm_item_embeddings(spec.model, data.item_text)
     checkpoint = None
     if spec.model.kind not in ("pop", "graph"):
-        checkpoint = args.checkpoint or os.path.join(_layer("ray_jobs.train").local_dir(spec), "best.pt")
+        checkpoint = args.checkpoint or os.path.join(local_dir(spec), "best.pt")
     score, name, scorable = scoring.score_function(spec, data, text_emb, checkpoint)
     result = scoring.evaluate_split(spec, score, data, args.split, text_emb, scorable)
-    result.update(model=name, split=args.split, versions=data.versions)
-    console.print(_layer("ray_jobs.metrics").markdown_table({name: result}), highlight=False)
+    result.split, result.versions = args.split, data.versions
+    console.print(markdown_table({name: result.flat()}), highlight=False)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+            json.dump({"model": name, **result.to_dict()}, fh, indent=2)
         console.print(f"written {args.out}")
     return 0
 
 
-SUBMIT_ENTRYPOINTS = {"train": "ray_jobs.train", "align": "ray_jobs.align", "evaluate": "ray_jobs.evaluate",
-                      "recommend": "ray_jobs.recommend"}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 
 
@@ -187,35 +186,19 @@ def job_arg_overrides(job_args: list[str]) -> list[str]:
 def cmd_submit(args: argparse.Namespace) -> int:
     """`ray job submit` through the Jobs API: upload the project, run the entrypoint, stream logs."""
     import asyncio
-    import shlex
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                                              or Path("~/.ray/auth_token").expanduser().exists()):
-        os.environ["RAY_AUTH_MODE"] = "token"  # a head started by infra/local/ray-up.sh requires the token
+
+    from jobs.rayjob import PROJECT, client_token_auth, job_command_line, project_spec_path, submit_when_ready
+    client_token_auth()  # before Ray is imported: a head started by infra/local/ray-up.sh requires the token
     from ray.job_submission import JobStatus, JobSubmissionClient
     spec = load_spec(args.spec, args.overrides)
-    root = Path(__file__).resolve().parents[1]
-    spec_path = Path(resolve_spec_path(args.spec)).resolve()
-    try:
-        spec_arg = str(spec_path.relative_to(root))
-    except ValueError:
-        raise ValueError(f"--spec {args.spec}: must lie inside the project ({root}) to travel with the job") from None
+    spec_arg = project_spec_path(args.spec)
     overrides = args.overrides + submit_overrides(spec, args.address)
     check_override_secrets(overrides + job_arg_overrides(args.job_args))
-    entry = ["python", "-m", SUBMIT_ENTRYPOINTS[args.job], "--spec", spec_arg]
-    for o in overrides:
-        entry += ["--set", o]
-    entry += args.job_args
+    entry = job_command_line(args.job, spec_arg, overrides, args.job_args)
     client = JobSubmissionClient(args.address)
-    for attempt in range(20):  # a head that just started answers before its job agent is ready
-        try:
-            job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(root)},
-                                       submission_id=args.submission_id)
-            break
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or attempt == 19:
-                raise
-            time.sleep(3)
-    errors.print(f"submitted {job_id} to {args.address}: {shlex.join(entry)}", highlight=False)
+    job_id = submit_when_ready(client, entrypoint=entry, runtime_env={"working_dir": str(PROJECT)},
+                               submission_id=args.submission_id)
+    errors.print(f"submitted {job_id} to {args.address}: {entry}", highlight=False)
     if args.no_wait:
         print(job_id)
         return 0
@@ -319,30 +302,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     def latest(kind: str):
         if exp is None:
             return None
-        runs = client.search_runs([exp.experiment_id], f"tags.`llmrec.kind` = '{kind}' and tags.`llmrec.spec` = '{spec.name}'",
+        runs = client.search_runs([exp.experiment_id], f"tags.`{Tag.KIND}` = '{kind}' and tags.`{Tag.SPEC}` = '{spec.name}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
     try:
-        champion = client.get_model_version_by_alias(name, "champion")
+        champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    cols = [("valid NDCG@10", "valid/ndcg_at_10"), ("HR@10", "test/hr_at_10"), ("NDCG@10", "test/ndcg_at_10"),
-            ("cover@10", "test/coverage_at_10"), ("tail@10", "test/tail_share_at_10"), ("ILD@10", "test/ild_at_10")]
+    cols = [("valid NDCG@10", "valid", "ndcg@10"), ("HR@10", "test", "hr@10"), ("NDCG@10", "test", "ndcg@10"),
+            ("cover@10", "test", "coverage@10"), ("tail@10", "test", "tail_share@10"), ("ILD@10", "test", "ild@10")]
     t = Table(title=f"{spec.name}: full ranking over the catalogue, test split unless marked")
     t.add_column("model")
-    for label, _ in cols:
+    for label, _, _ in cols:
         t.add_column(label, justify="right")
     train, align = latest("train"), latest("align")
     rows = [("popularity", train, "popularity"), ("trained", train, "final"), ("aligned", align, "final")]
     wide = Console(width=max(console.width, 100))
-    for label, run, prefix in rows:
+    for label, run, role in rows:
         if run is not None:
             m = run.data.metrics
-            mark = " (champion)" if prefix == "final" and champion is not None and champion.run_id == run.info.run_id else ""
-            t.add_row(f"{label}{mark}", *[f"{m[f'{prefix}_{k}']:.4f}" if f"{prefix}_{k}" in m else "–" for _, k in cols])
+            mark = " (champion)" if role == "final" and champion is not None and champion.run_id == run.info.run_id else ""
+            keys = [final_metric(role, split, metric) for _, split, metric in cols]
+            t.add_row(f"{label}{mark}", *[f"{m[k]:.4f}" if k in m else "–" for k in keys])
     wide.print(t)
-    wide.print(f"champion: {f'models:/{name}@champion = version {champion.version}' if champion else 'none yet'}")
+    wide.print(f"champion: {f'models:/{name}@{CHAMPION} = version {champion.version}' if champion else 'none yet'}")
     wide.print(f"recommendations: {table_path(spec, 'recommendations')} (Delta; `llmrec tables --spec {args.spec}`)")
     wide.print("look at it all: `make ui` (Dagster, http://127.0.0.1:3000) and "
                f"`.venv/bin/mlflow ui --backend-store-uri {mask_uri(uri)} --host 127.0.0.1` (MLflow)", soft_wrap=True)
@@ -392,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("submit", help="submit a job (train | align | evaluate | recommend) to a Ray cluster, stream its logs")
-    p.add_argument("job", choices=sorted(SUBMIT_ENTRYPOINTS))
+    p.add_argument("job", choices=sorted(JOB_MODULES))
     _spec_args(p)
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--submission-id", help="job id to use (default: generated)")

@@ -244,7 +244,11 @@ class ObjectStoreLease:
 
     def _put(self, mode) -> None:
         import obstore
-        from obstore.exceptions import GenericError, PermissionDeniedError, UnauthenticatedError
+        from obstore.exceptions import (
+            GenericError,
+            PermissionDeniedError,
+            UnauthenticatedError,
+        )
         try:
             result = obstore.put(self.store, LEASE, self._body(), mode=mode)
         except (GenericError, PermissionDeniedError, UnauthenticatedError) as exc:  # unreachable, refused
@@ -259,7 +263,11 @@ class ObjectStoreLease:
 
     def acquire(self) -> None:
         import obstore
-        from obstore.exceptions import AlreadyExistsError, NotSupportedError, PreconditionError
+        from obstore.exceptions import (
+            AlreadyExistsError,
+            NotSupportedError,
+            PreconditionError,
+        )
         try:
             self._put("create")
             return
@@ -339,15 +347,45 @@ class ObjectStoreLease:
 
 # ----------------------------------------------------------------------------- paths
 
+@dataclass(frozen=True)
+class Lake:
+    """One dataset's tables: `<lake.root>/<data.name>/<layer>/<table>` (absolute for local paths),
+    with the storage options they are read and written with."""
+    root: str
+    storage_options: dict
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> "Lake":
+        return cls(absolute_path(f"{spec.lake.root.rstrip('/')}/{spec.data.name}"), storage_options(spec) or {})
+
+    def path(self, table: str) -> str:
+        if table not in TABLES:
+            raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}")
+        return f"{self.root}/{TABLES[table]}"
+
+    def open(self, table: str, version: int | None = None):
+        """The table (delta-rs) at `version` (default: its latest), None when it does not exist."""
+        return open_table(self.path(table), version, self.storage_options, table)
+
+    def version(self, table: str) -> int | None:
+        return latest_version(self.path(table), self.storage_options, table)
+
+    def count(self, table: str, version: int | None = None) -> int:
+        """Row count from the Delta log's file statistics (no scan)."""
+        return self.open(table, version).count()
+
+    @property
+    def summary_path(self) -> str:
+        return f"{self.root}/_etl/summary.json"
+
+
 def dataset_root(spec: JobSpec) -> str:
     """`<lake.root>/<data.name>`, absolute for local paths."""
-    return absolute_path(spec.dataset_root())
+    return Lake.of(spec).root
 
 
 def table_path(spec: JobSpec, table: str) -> str:
-    if table not in TABLES:
-        raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}")
-    return f"{dataset_root(spec)}/{TABLES[table]}"
+    return Lake.of(spec).path(table)
 
 
 # ----------------------------------------------------------------------------- the published set

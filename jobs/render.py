@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import yaml
 
+from jobs.rayjob import JOB_MODULES, job_command_line
 from jobs.secrets import env_references, literal_credentials
 from jobs.spec import JobSpec, SpecError, dump_spec
 
 SPEC_DIR = "/etc/llmrec"  # where the ConfigMap's spec.yaml is mounted on the head
 SHARED = "/mnt/shared"   # where the shared volume is mounted on every pod
-ENTRYPOINTS = {"train": "ray_jobs.train", "align": "ray_jobs.align", "evaluate": "ray_jobs.evaluate",
-               "recommend": "ray_jobs.recommend"}
 PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
 _PINNED_TAG = re.compile(r"^[^\s:@]+(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$")
 
@@ -125,7 +124,7 @@ def ray_cluster(spec: JobSpec, opts: K8sOptions) -> dict:
 def ray_job(spec: JobSpec, job: str, opts: K8sOptions) -> dict:
     """A RayJob that runs `python -m ray_jobs.<job>` with the mounted spec on the spec's RayCluster
     (kept running between jobs); the submitter pod carries the token to reach the Jobs API."""
-    entry = f"python -m {ENTRYPOINTS[job]} --spec {SPEC_DIR}/spec.yaml"
+    entry = job_command_line(job, f"{SPEC_DIR}/spec.yaml")
     submitter = {"spec": {"restartPolicy": "Never", "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
                           "containers": [{"name": "submitter", "image": opts.image, "env": _env(spec, opts)[:2]}]}}
     return {"apiVersion": "ray.io/v1", "kind": "RayJob",
@@ -163,7 +162,7 @@ def render_k8s(spec: JobSpec, opts: K8sOptions) -> dict[str, str]:
     check_image(opts.image)
     check_cluster_spec(spec)
     docs = {"configmap.yaml": config_map(spec, opts), "raycluster.yaml": ray_cluster(spec, opts)}
-    docs |= {f"rayjob-{job}.yaml": ray_job(spec, job, opts) for job in ENTRYPOINTS}
+    docs |= {f"rayjob-{job}.yaml": ray_job(spec, job, opts) for job in JOB_MODULES}
     header = f"# rendered by `llmrec render k8s --spec {spec.name}`: edit the spec, not this file\n"
     return {name: header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False) for name, doc in docs.items()}
 

@@ -531,9 +531,6 @@ class JobSpec(Strict):
     gate: GateSpec = GateSpec()
     checks: ChecksSpec = ChecksSpec()
 
-    def dataset_root(self) -> str:
-        return f"{self.lake.root.rstrip('/')}/{self.data.name}"
-
     def registered_model_name(self) -> str:
         """The MLflow registry name of the models this spec trains and aligns."""
         return self.tracking.model_name or self.name

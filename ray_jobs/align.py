@@ -16,43 +16,27 @@ curves and registers the aligned model (alias `challenger`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 import torch
 
+from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, meta
 from jobs.spec import JobSpec, absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import load_sequences
-from ray_jobs.loop import (
-    DeepSpeedBackend,
-    Reporter,
-    StepPlan,
-    alignment_state,
-    run_steps,
-)
+from ray_jobs.distributed import deepspeed_config
+from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
+from ray_jobs.loop import DeepSpeedBackend, Reporter, StepPlan, alignment_state, run_steps
 from ray_jobs.metrics import markdown_table, tail_items
 from ray_jobs.models import TRAINABLE
-from ray_jobs.models.hllm import minilm_item_embeddings
-from ray_jobs.runtime import (
-    DagsterReport,
-    check_storage_path,
-    deepspeed_config,
-    evaluate_distributed,
-    final_model,
-    fit,
-    init_ray,
-    job_main,
-    json_metadata,
-    markdown_image,
-    resolve_model,
-    run_dir,
-    run_options,
-    worker_context,
-)
+from ray_jobs.models.llm import minilm_item_embeddings
+from ray_jobs.registry import check_storage_path, resolve_model, run_dir
+from ray_jobs.runtime import evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import scorable_items
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")
@@ -74,20 +58,21 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})
 
 
-def align_worker(cfg: dict) -> None:
+def align_worker(config: dict) -> None:
     """One Ray Train worker: the step loop over a DeepSpeed engine on the policy; rank 0 logs to MLflow."""
-    spec = JobSpec.model_validate(cfg["spec"])
+    cfg = AlignWorkerConfig.from_dict(config)
+    spec = JobSpec.model_validate(cfg.spec)
     a = spec.align
-    ctx = worker_context(spec, cfg.get("pid_dir"))
-    data = load_sequences(spec, cfg["versions"])
-    init = read_model(cfg["init"])
+    ctx = worker_context(spec, cfg.pid_dir)
+    data = load_sequences(spec, cfg.versions)
+    init = read_model(cfg.init)
     torch.manual_seed(a.seed)
 
     def start_model():  # on this data's catalogue, which extends the start model's
-        return init.build(cfg["cache_dir"], data.catalogue)
+        return init.build(cfg.cache_dir, data.catalogue)
     listed = data.catalogue.kcore & scorable_items(init.spec.model.kind, init.catalogue.seen_mask(), data.num_items)
     state = alignment_state(spec, start_model(), data, ctx.device, listed)
-    backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device, start_model)
+    backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device, start_model)
     backend.train(False)  # no dropout: rollouts and the trained log-probabilities come from one policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
     aligner = Aligner(a, AlignData.build(data.train, data.num_items, a.holdout, a.list_size), data.num_items,
@@ -97,22 +82,21 @@ def align_worker(cfg: dict) -> None:
     state.stateful["aligner"] = aligner
     if not backend.restore():
         aligner.init_reference(a.seed)
-    reporter = tracking.MetricLogger(tracking_uri(spec), cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
-        else Reporter()
+    reporter = tracking.MetricLogger(tracking_uri(spec), cfg.run_id) if ctx.rank == 0 and cfg.run_id else Reporter()
 
     def step(i: int):
         loss, stats = aligner.step(backend.forward, i, a.seed)
         return loss, stats.as_dict()
 
     def evaluate(i: int) -> dict:
-        r = backend.evaluate(data, "valid", item_emb)
-        return {"step": i} | {k: r["metrics"][k] for k in EVAL_KEYS} | {k: r["beyond_accuracy"][k] for k in BEYOND_KEYS}
+        r = backend.evaluate(data, "valid", item_emb).flat()
+        return {"step": i} | {k: r[k] for k in EVAL_KEYS + BEYOND_KEYS}
 
     run_steps(state, backend, StepPlan(a.steps, a.eval_every, a.checkpoint_every, a.max_minutes), step, evaluate,
               reporter)
 
 
-def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:
+def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> AlignOutcome:
     """Align on Ray, write `<storage>/<run>/model.pt`, evaluate start vs aligned, log and register."""
     spec = absolute_paths(spec)
     run_name = run_name or default_run_name(spec)
@@ -136,65 +120,57 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name,
                                  "align.init_model": start.label}, {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     with tracking.failed_on_error(spec, run_id):
-        checkpoint = fit(spec, align_worker,
-                         {"spec": spec.model_dump(mode="json"), "versions": data.versions, "deepspeed": ds_cfg,
-                          "init": start.path, "cache_dir": cache_dir, "run_id": run_id,
-                          "pid_dir": pid_dir}, run_name, "alignment")
+        config = AlignWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, start.path, cache_dir, run_id,
+                                   pid_dir)
+        checkpoint = fit(spec, align_worker, config.to_dict(), run_name, "alignment")
         return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
 
 
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb, start, cache_dir: str | None,
-           register: bool) -> dict:
+           register: bool) -> AlignOutcome:
     """Driver side after fit: model.pt, start vs aligned on valid and test, MLflow, registry."""
     t = spec.train
     aligned = final_model(checkpoint)
     p = aligned.progress
     aligned.extra = {"align": {"method": spec.align.method, "init": start.label}}
-    aligned.progress = {k: v for k, v in p.items() if k != "history"}
+    aligned.progress = dataclasses.replace(p, history=[])  # the step records go to MLflow, not into the model
     out_file = save_model(os.path.join(run_dir(spec, run_name), "model.pt"), aligned)
     results = {f"{name}_{split}": evaluate_distributed(spec, path, split, t.workers, data, item_emb, cache_dir)
                for name, path in (("base", start.path), ("aligned", out_file)) for split in ("valid", "test")}
     metrics = {}
     for key, r in results.items():
         name, split = key.split("_")
-        metrics.update(tracking.final_metrics(f"{'final' if name == 'aligned' else 'base'}_{split}", r))
+        metrics.update(tracking.final_metrics("final" if name == "aligned" else "base", split, r))
     version, plots = tracking.publish(
         spec, run_id, out_file, metrics,
-        documents={"alignment_curves.json": {"steps": p["history"], "evals": p["evals"]}, "evaluation.json": results},
+        documents={"alignment_curves.json": {"steps": p.history, "evals": p.evals},
+                   "evaluation.json": {k: r.to_dict() for k, r in results.items()}},
         plots={"alignment_curves.png": lambda path: tracking.plot_alignment_curves(
-            {spec.align.method: p["history"]}, path, {spec.align.method: p["evals"]})},
-        tags={"llmrec.align.method": spec.align.method, "llmrec.align.init": start.label, "restarts": p["restarts"],
-              "stopped": p["stopped"]},
+            {spec.align.method: p.history}, path, {spec.align.method: p.evals})},
+        tags={Tag.ALIGN_METHOD: spec.align.method, Tag.ALIGN_INIT: start.label, "restarts": p.restarts,
+              "stopped": p.stopped},
         register=register, catalogue=data.catalogue)
-    history = p["history"]
-    return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
-            "model_version": version, "method": spec.align.method, "steps": p["step"], "restarts": p["restarts"],
-            "stopped": p["stopped"], "seconds": p["seconds"], "first_step": history[0] if history else None,
-            "last_step": history[-1] if history else None, "evals": p["evals"], "init": start.label,
-            "versions": data.versions, "plots": plots,
-            **{k: r["metrics"] | r["beyond_accuracy"] for k, r in results.items()}}
+    model = ModelRecord(out_file, spec.registered_model_name(), version, data.versions, run_id)
+    return AlignOutcome(run_name, run_id, model, spec.align.method, start.label, p.step, p.restarts, p.stopped,
+                        p.seconds, p.history[0] if p.history else None, p.history[-1] if p.history else None, p.evals,
+                        {k: r.flat() for k, r in results.items()}, plots)
 
 
-def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+def dagster_report(spec: JobSpec, out: AlignOutcome) -> DagsterReport:
     """The aligned_model asset's metadata, and its check: the KL to the start model within
     `checks.max_align_kl` and coverage@10 not collapsed (at least `checks.min_coverage_ratio` of the start's)."""
-    rows = {f"{name} ({split})": {"metrics": out[f"{name}_{split}"], "beyond_accuracy": out[f"{name}_{split}"]}
-            for name in ("base", "aligned") for split in ("valid", "test")}
-    last = out["last_step"] or {}
-    kl = last.get("kl", 0.0)
-    coverage = out["aligned_valid"]["coverage@10"] / max(out["base_valid"]["coverage@10"], 1e-12)
+    rows = {f"{name} ({split})": out.results[f"{name}_{split}"] for name in ("base", "aligned") for split in ("valid", "test")}
     c = spec.checks
     return DagsterReport(
-        metadata={"mlflow_run": tracking.run_link(spec, out["run_id"]), "mlflow_run_id": out["run_id"],
-                  "method": out["method"], "init": out["init"], "model_name": out["model_name"],
-                  "model_version": out["model_version"], "model_file": {"raw_value": out["model_file"], "type": "path"},
-                  "delta_versions": json_metadata(out["versions"]), "steps": out["steps"], "stopped": out["stopped"],
-                  "align_seconds": round(out["seconds"], 1), "valid_ndcg@10": out["aligned_valid"]["ndcg@10"],
-                  "base_valid_ndcg@10": out["base_valid"]["ndcg@10"], "last_kl": kl,
-                  "metrics": {"raw_value": markdown_table(rows), "type": "md"},
-                  "alignment_curves": markdown_image(out["plots"]["alignment_curves.png"], "reward and gradient curves")},
-        checks={"kl_and_coverage_within_bounds": (kl <= c.max_align_kl and coverage >= c.min_coverage_ratio, {
-            "last_kl": kl, "max_kl": c.max_align_kl, "coverage_ratio": coverage, "min_coverage_ratio": c.min_coverage_ratio})})
+        metadata={**out.model.to_metadata(), "mlflow_run": tracking.run_link(spec, out.run_id),
+                  "method": out.method, "init": out.init, "steps": out.steps, "stopped": out.stopped,
+                  "align_seconds": round(out.seconds, 1), "valid_ndcg@10": out.results["aligned_valid"]["ndcg@10"],
+                  "base_valid_ndcg@10": out.results["base_valid"]["ndcg@10"], "last_kl": out.last_kl,
+                  "metrics": meta(markdown_table(rows), "md"),
+                  "alignment_curves": markdown_image(out.plots["alignment_curves.png"], "reward and gradient curves")},
+        checks={Check.ALIGN_BOUNDS: (out.last_kl <= c.max_align_kl and out.coverage_ratio >= c.min_coverage_ratio, {
+            "last_kl": out.last_kl, "max_kl": c.max_align_kl, "coverage_ratio": out.coverage_ratio,
+            "min_coverage_ratio": c.min_coverage_ratio})})
 
 
 def main(argv: list[str] | None = None) -> int:

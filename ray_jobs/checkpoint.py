@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.contracts import RunProgress
 from jobs.files import write_atomic
 from jobs.secrets import public_doc
 from jobs.spec import JobSpec
@@ -66,16 +67,16 @@ class ModelCheckpoint:
     spec: JobSpec
     item_text: list[str]                 # index = item id, "" at 0 (padding)
     versions: dict[str, int]             # Delta versions of the gold tables read
-    progress: dict = field(default_factory=dict)   # counters and history of the run (TrainState.progress)
+    progress: RunProgress = field(default_factory=RunProgress)  # counters and history of the run
     extra: dict = field(default_factory=dict)      # resume state (optimizer, scheduler, loss) or job notes
     item_ids: list[str] | None = None    # index = item id, the item it names (None: an old checkpoint)
     seen: np.ndarray | None = None       # the items it trained on (None: every item)
 
     @classmethod
     def of(cls, weights: dict[str, torch.Tensor], spec: JobSpec, catalogue: Catalogue, versions: dict[str, int],
-           progress: dict | None = None, extra: dict | None = None) -> "ModelCheckpoint":
+           progress: RunProgress | None = None, extra: dict | None = None) -> "ModelCheckpoint":
         """A checkpoint of a model trained on `catalogue` (the items it trained on: its k-core)."""
-        return cls(weights, spec, list(catalogue.item_text), dict(versions), progress or {}, extra or {},
+        return cls(weights, spec, list(catalogue.item_text), dict(versions), progress or RunProgress(), extra or {},
                    list(catalogue.item_ids), catalogue.kcore.copy())
 
     @property
@@ -88,7 +89,7 @@ class ModelCheckpoint:
 
     def payload(self) -> dict:
         doc = {"format": FORMAT, "weights": self.weights, "spec": public_doc(self.spec),
-               "item_text": list(self.item_text), "versions": dict(self.versions), "progress": self.progress,
+               "item_text": list(self.item_text), "versions": dict(self.versions), "progress": self.progress.to_dict(),
                "extra": self.extra}
         if self.item_ids is not None:
             doc["item_ids"] = list(self.item_ids)
@@ -102,7 +103,8 @@ class ModelCheckpoint:
             raise ValueError(f"{path}: not an llmrec model checkpoint ({FORMAT})")
         seen = payload.get("seen")
         return cls(payload["weights"], JobSpec.model_validate(payload["spec"]), payload["item_text"],
-                   payload["versions"], payload.get("progress", {}), payload.get("extra", {}), payload.get("item_ids"),
+                   payload["versions"], RunProgress.from_dict(payload.get("progress") or {}), payload.get("extra", {}),
+                   payload.get("item_ids"),
                    None if seen is None else seen.numpy().astype(bool))
 
     def check_data(self, data, label: str) -> Extension:

@@ -185,13 +185,15 @@ def load_sequences(spec: JobSpec, versions: dict | None = None, shard: tuple[int
 
     def eval_split(name: str) -> EvalSplit:
         r = held[name]
-        return EvalSplit(np.asarray([x[0] for x in r], dtype=np.int64), [x[1] for x in r],
-                         np.asarray([x[2] for x in r], dtype=np.int64), [x[3] for x in r],
-                         np.asarray([x[4] for x in r], dtype=np.int64))
+        return EvalSplit(users=np.asarray([x[0] for x in r], dtype=np.int64), histories=[x[1] for x in r],
+                         targets=np.asarray([x[2] for x in r], dtype=np.int64), times=[x[3] for x in r],
+                         target_times=np.asarray([x[4] for x in r], dtype=np.int64))
 
-    return SeqData(num_items, train, eval_split("valid"), eval_split("test"), popularity, catalogue, versions,
-                   np.asarray([r[0] for r in held["train"]], dtype=np.int64), (rank, world), rows, sizes,
-                   {"train": glen["train"], "train_valid": glen["valid"] + 1}, [r[3] for r in held["train"]])
+    return SeqData(num_items=num_items, train=train, valid=eval_split("valid"), test=eval_split("test"),
+                   popularity=popularity, catalogue=catalogue, versions=versions,
+                   train_users=np.asarray([r[0] for r in held["train"]], dtype=np.int64), shard=(rank, world),
+                   rows=rows, sizes=sizes, lengths={"train": glen["train"], "train_valid": glen["valid"] + 1},
+                   train_times=[r[3] for r in held["train"]])
 
 
 @dataclass

@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 import sys
 
+from jobs.contracts import EvaluateOutcome, ModelRow, meta
 from jobs.spec import JobSpec, absolute_paths
 from ray_jobs.data import load_sequences
+from ray_jobs.entrypoint import DagsterReport, job_main
 from ray_jobs.metrics import markdown_table
-from ray_jobs.models.hllm import minilm_item_embeddings
+from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.next_day import evaluate_next_day, load_next_day
-from ray_jobs.runtime import DagsterReport, evaluate_distributed, init_ray, job_main, json_metadata, resolve_model
+from ray_jobs.registry import resolve_model
+from ray_jobs.runtime import evaluate_distributed, init_ray
 from ray_jobs.scoring import load_for_catalogue
 
 ROLE = re.compile(r"([a-z][a-z0-9_]*)=(.+)")
@@ -31,65 +34,55 @@ def with_role(ref: str | None) -> tuple[str | None, str | None]:
 
 
 def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] = ("test",), workers: int = 2,
-        next_day: str | None = None, next_day_models: list[str] | None = None) -> dict:
+        next_day: str | None = None, next_day_models: list[str] | None = None) -> EvaluateOutcome:
     """Metrics of each model (a registry URI, a checkpoint file; default the training run's model.pt,
     each optionally named by a role) on each split of the current read set of the gold tables; a
     model trained on a catalogue the current one does not extend is refused. With `next_day`, the
-    `next_day_models` are judged on that day's interactions. Returns {"versions", "splits", "models":
-    [{"model", "role", "name", "version", <split>: metrics}], "next_day": [...]}."""
+    `next_day_models` are judged on that day's interactions."""
     spec = absolute_paths(spec)
     named = [with_role(m) for m in (models or [None])]
     resolved = [(role, resolve_model(spec, ref)) for role, ref in named]
     init_ray(spec)
     data = load_sequences(spec)
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
-    rows = []
-    for role, r in resolved:
-        row = {"model": r.label, "role": role, "name": r.name, "version": r.version}
-        for split in splits:
-            result = evaluate_distributed(spec, r.path, split, workers, data, item_emb, r.cache_dir)
-            row[split] = result["metrics"] | result["beyond_accuracy"]
-        rows.append(row)
-    out = {"versions": data.versions, "splits": list(splits), "models": rows}
+    out = EvaluateOutcome(data.versions, list(splits), [
+        ModelRow(r.label, role, r.name, r.version, {split: evaluate_distributed(
+            spec, r.path, split, workers, data, item_emb, r.cache_dir).flat() for split in splits})
+        for role, r in resolved])
     if next_day:
         queries = load_next_day(spec, data.versions, next_day)
-        out["next_day"] = []
+        out.next_day = []
         for role, ref in (with_role(m) for m in next_day_models or []):
             r = resolve_model(spec, ref)
             loaded = load_for_catalogue(r.path, data.catalogue, data.versions.get("item_index"), r.cache_dir)
             result = evaluate_next_day(loaded.score_function(), queries, data.catalogue.active, loaded.scorable,
                                        loaded.ckpt.spec.data.max_seq_len)
-            out["next_day"].append({"model": r.label, "role": role, "name": r.name, "version": r.version, **result})
+            out.next_day.append(ModelRow(r.label, role, r.name, r.version, day=result.day, metrics=result.metrics,
+                                         slices=result.slices))
     return out
 
 
-def row_label(r: dict, split: str | None = None) -> str:
-    """A model's row label: its role and registry version (`trained v3 (valid)`), else its reference."""
-    version = r["version"] if not str(r["version"]).startswith("file:") else None
-    base = f"{r['role']}" + (f" v{version}" if version else "") if r.get("role") else r["model"]
-    return f"{base} ({split})" if split else base
-
-
-def next_day_table(rows: list[dict]) -> str:
+def next_day_table(rows: list[ModelRow]) -> str:
     lines = ["| model | day | users | NDCG@10 | Recall@10 | HR@10 | new-item hit share@10 | new items recommended "
              "| unscorable items |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        m = r["metrics"]
-        lines.append(f"| {row_label(r)} | {r['day']} | {m['users']} | {m.get('ndcg@10', 0):.4f} | "
+        m = r.metrics
+        lines.append(f"| {r.label()} | {r.day} | {m['users']} | {m.get('ndcg@10', 0):.4f} | "
                      f"{m.get('recall@10', 0):.4f} | {m.get('hr@10', 0):.4f} | {m['new_item_hit_share@10']:.3f} | "
                      f"{m['new_items_recommended@10']} | {m['unscorable_items']} |")
     return "\n".join(lines)
 
 
-def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
-    table = markdown_table({row_label(r, split): {"metrics": r[split], "beyond_accuracy": r[split]}
-                            for r in out["models"] for split in out["splits"]})
-    meta = {"metrics": {"raw_value": table, "type": "md"}, "results": json_metadata(out["models"]),
-            "delta_versions": json_metadata(out["versions"])}
-    if out.get("next_day") is not None:
-        meta["next_day"] = {"raw_value": next_day_table(out["next_day"]), "type": "md"}
-        meta["next_day_results"] = json_metadata(out["next_day"])
-    return DagsterReport(metadata=meta, checks={})
+def dagster_report(spec: JobSpec, out: EvaluateOutcome) -> DagsterReport:
+    """The evaluation_report asset's metadata: a table labelled by role and registry version, every
+    model's figures (what the gate reads), and the next-day judgement when there is one."""
+    table = markdown_table({r.label(split): r.results[split] for r in out.models for split in out.splits})
+    metadata = {"metrics": meta(table, "md"), "results": meta([r.to_dict() for r in out.models], "json"),
+                "splits": meta(out.splits, "json"), "delta_versions": meta(out.versions, "json")}
+    if out.next_day is not None:
+        metadata["next_day"] = meta(next_day_table(out.next_day), "md")
+        metadata["next_day_results"] = meta([r.to_dict() for r in out.next_day], "json")
+    return DagsterReport(metadata=metadata, checks={})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ Documented behaviour, the same on both backends:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,19 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
 from jobs.spec import JobSpec
 from ray_jobs.catalogue import Catalogue, CatalogueMismatch
-from ray_jobs.checkpoint import (
-    ModelCheckpoint,
-    read_model,
-    safe_deepspeed_loads,
-    save_model,
-)
+from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_loads, save_model
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
+from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, return_freed_memory
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
-from ray_jobs.models import build_model, load_weights, reads_time
-from ray_jobs.runtime import Collectives, collective_device, prepare_deepspeed, resolve_model, return_freed_memory
+from ray_jobs.models import build_model, load_weights
+from ray_jobs.registry import resolve_model
 from ray_jobs.scoring import CosineScores, evaluate_sharded, scorable_items, scorer
 
 VALID_METRIC = "ndcg@10"
@@ -78,8 +76,7 @@ class TrainState:
     model_weights: dict[str, torch.Tensor] | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)  # more state saved with each checkpoint
 
-    PROGRESS = ("epoch", "step", "batch", "epoch_losses", "best_metric", "best_epoch", "bad_evals", "seconds", "restarts",
-                "stopped", "history", "evals")
+    PROGRESS = tuple(f.name for f in dataclasses.fields(RunProgress))  # what every checkpoint records
 
     @property
     def model(self) -> nn.Module:
@@ -88,13 +85,12 @@ class TrainState:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0] if self.scheduler else self.optimizer.param_groups[0]["lr"]
 
-    def progress(self) -> dict:
-        return {k: getattr(self, k) for k in self.PROGRESS}
+    def progress(self) -> RunProgress:
+        return RunProgress(**{k: getattr(self, k) for k in self.PROGRESS})
 
-    def restore_progress(self, progress: dict) -> None:
+    def restore_progress(self, progress: RunProgress) -> None:
         for k in self.PROGRESS:
-            if k in progress:
-                setattr(self, k, progress[k])
+            setattr(self, k, getattr(progress, k))
 
     def model_checkpoint(self, weights: dict[str, torch.Tensor], extra: dict | None = None) -> ModelCheckpoint:
         return ModelCheckpoint.of(weights, self.spec, self.catalogue, self.versions, self.progress(), extra)
@@ -185,7 +181,7 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
                     listed: np.ndarray | None = None) -> TrainState:
     """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr.
     `listed`: the items lists may hold (what the aligned model is recorded as trained on)."""
-    if reads_time(policy):
+    if policy.reads_time:
         raise ValueError("align.init: the start model reads event timestamps (HSTU with model.time_buckets > 0); "
                          "alignment rolls out lists from item histories only — start from a model without a time bias")
     module = CosineScores(policy).to(device)
@@ -233,7 +229,7 @@ class Backend(ABC):
     def scoring_model(self) -> nn.Module:
         return self.state.model
 
-    def evaluate(self, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> dict:
+    def evaluate(self, data: SeqData, split: str, item_emb: np.ndarray | None = None) -> EvalResult:
         """Full ranking of a split, users shared among the workers; the same result on every rank."""
         scorable = self.state.scorable()
         score = scorer(self.scoring_model(), self.state.spec.data.max_seq_len, scorable=scorable)
@@ -345,7 +341,7 @@ class DeepSpeedBackend(Backend):
         s = self.state
         with tempfile.TemporaryDirectory() as d:
             self.engine.save_checkpoint(d, tag="state", client_state={
-                "progress": s.progress(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
+                "progress": s.progress().to_dict(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
             if self.rank == 0:
                 write_atomic(os.path.join(d, CATALOGUE_FILE), lambda tmp: Path(tmp).write_text(json.dumps(
                     {"item_ids": s.catalogue.item_ids, "text_hashes": s.catalogue.text_hashes()})))
@@ -363,7 +359,7 @@ class DeepSpeedBackend(Backend):
         with checkpoint.as_directory() as d:
             check_run_catalogue(d, s.catalogue, f"resuming from {checkpoint.path}")  # every rank, before any shard
             _, client = self.engine.load_checkpoint(d, tag="state")
-            s.restore_progress(client["progress"])
+            s.restore_progress(RunProgress.from_dict(client["progress"]))
             for k, v in s.stateful.items():
                 v.load_state_dict(client["stateful"][k])
             if self.rank == 0 and os.path.exists(os.path.join(d, "model.pt")):
@@ -500,7 +496,7 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
     started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
     if data.shard != (backend.rank, backend.world):
         raise ValueError(f"worker {backend.rank} of {backend.world} was given the data shard {data.shard}")
-    times = data.fit_rows(t.fit_on, times=True) if reads_time(state.model) else None
+    times = data.fit_rows(t.fit_on, times=True) if state.model.reads_time else None
     batches = train_batches(windows, data.fit_rows(t.fit_on), spec.data.max_seq_len, t.batch_size, rng,
                             t.length_buckets, times)
     for b, (inputs, targets, stamps) in enumerate(batches):
@@ -535,7 +531,7 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
 
 def evaluate_epoch(state: TrainState, backend: Backend, data: SeqData, monitor: str) -> dict:
     """Evaluate on the monitored split; on valid, keep the weights when NDCG@10 improves."""
-    scores = backend.evaluate(data, monitor)["metrics"]
+    scores = backend.evaluate(data, monitor).metrics
     if monitor == "valid":
         if scores[VALID_METRIC] > state.best_metric:
             state.best_metric, state.best_epoch, state.bad_evals = scores[VALID_METRIC], state.epoch, 0

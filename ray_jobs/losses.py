@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.spec import TrainSpec
-from ray_jobs.models import one_item_pass
 
 
 def gather_negatives(neg: torch.Tensor) -> torch.Tensor:
@@ -150,7 +149,7 @@ def sequence_loss(model: nn.Module, loss_fn: InfoNCE, inputs: torch.Tensor, targ
     `times`: the inputs' timestamps and then the last target's (train_batches), for a model that
     reads them (HSTU's time bias)."""
     shared = negatives.dim() == 1 and negatives.numel() > 0
-    with one_item_pass(model, *((inputs, targets, negatives) if shared else ())):  # else every item is scored
+    with model.one_item_pass(*((inputs, targets, negatives) if shared else ())):  # else every item is scored
         out = model(inputs) if times is None else model(inputs, times)
         d = out.shape[-1]
         valid = (targets != 0).reshape(-1)

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from jobs.contracts import EvalResult
+
 ScoreFn = Callable[..., torch.Tensor]  # histories [, their timestamps] -> (B, num_items + 1) scores
 
 
@@ -144,7 +146,7 @@ def evaluate(score_fn: ScoreFn, histories: list[np.ndarray], targets: np.ndarray
              popularity: np.ndarray, ks: list[int] = (5, 10, 20, 50, 200), batch_size: int = 1024,
              item_emb: np.ndarray | None = None, tail_fraction: float = 0.8, cold_item_max: int = 10,
              short_history_max: int = 20, times: list[np.ndarray] | None = None,
-             candidates: np.ndarray | None = None) -> dict:
+             candidates: np.ndarray | None = None) -> EvalResult:
     """Every metric for one split. `popularity` (train interactions per item id) defines tail
     items and cold targets; `item_emb` (item text embeddings) enables intra-list diversity;
     `times` (the histories' timestamps) goes to a score function that reads them; `candidates`
@@ -162,14 +164,14 @@ def usable_ks(ks, num_items: int) -> list[int]:
 
 def summarize(ranks: np.ndarray, top: np.ndarray, lengths: np.ndarray, targets: np.ndarray, num_items: int,
               popularity: np.ndarray, ks: list[int], item_emb: np.ndarray | None = None, tail_fraction: float = 0.8,
-              cold_item_max: int = 10, short_history_max: int = 20) -> dict:
+              cold_item_max: int = 10, short_history_max: int = 20) -> EvalResult:
     """Metrics from per-user target ranks and top lists (rows in user order) — what distributed
     evaluation gathers from its workers, so it reports exactly what one process would."""
     ks = usable_ks(ks, num_items)
-    result = {"metrics": accuracy(ranks, ks), "beyond_accuracy": {}, "slices": {}}
+    result = EvalResult(accuracy(ranks, ks))
     tail = tail_items(popularity, tail_fraction)
     for k in ks:
-        b = result["beyond_accuracy"]
+        b = result.beyond_accuracy
         b[f"coverage@{k}"] = coverage(top, k, num_items)
         b[f"tail_share@{k}"] = tail_share(top, k, tail)
         b[f"gini@{k}"] = exposure_gini(top, k, num_items)
@@ -179,16 +181,16 @@ def summarize(ranks: np.ndarray, top: np.ndarray, lengths: np.ndarray, targets: 
               "short_histories": lengths <= short_history_max, "long_histories": lengths > short_history_max}
     for name, sel in slices.items():
         if sel.any():
-            result["slices"][name] = accuracy(ranks[sel], [k for k in ks if k in (10, 50)])
+            result.slices[name] = accuracy(ranks[sel], [k for k in ks if k in (10, 50)])
     return result
 
 
-def markdown_table(results: dict[str, dict], ks: tuple[int, ...] = (10, 50)) -> str:
-    """One row per model: HR/NDCG @ks, MRR, coverage and tail share @10."""
+def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50)) -> str:
+    """One row per model (its figures, `EvalResult.flat()`): HR/NDCG @ks, MRR, coverage and tail share @10."""
     cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     extra = ["coverage@10", "tail_share@10"]
     lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for name, r in results.items():
-        vals = [r["metrics"].get(c, float("nan")) for c in cols] + [r["beyond_accuracy"].get(c, float("nan")) for c in extra]
+        vals = [r.get(c, float("nan")) for c in cols + extra]
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" if v == v else "–" for v in vals) + " |")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pyarrow.compute as pc
 
+from jobs.contracts import NextDayResult
 from jobs.lake import open_table, table_path
 from jobs.spec import JobSpec, storage_options
 from ray_jobs.data import read_catalogue
@@ -141,24 +142,25 @@ def list_metrics(top: np.ndarray, targets: list[np.ndarray], ks=KS) -> dict[str,
 
 
 def evaluate_next_day(score: ScoreFn, q: NextDay, candidates: np.ndarray, scorable: np.ndarray | None = None,
-                      max_len: int | None = None, ks=KS) -> dict:
+                      max_len: int | None = None, ks=KS) -> NextDayResult:
     """Next-day metrics of one model: overall, for the targets that are new items (each user's new
     items only, users who had any), for new users; the share of hits that are new items; how many
     candidates the model could not score."""
     top = rank_lists(score, q, candidates, max(ks), max_len=max_len)
-    result = {"day": q.day, "metrics": list_metrics(top, q.targets, ks), "slices": {}}
+    result = NextDayResult(q.day, list_metrics(top, q.targets, ks))
     fresh = [(j, t[q.new_item[t]]) for j, t in enumerate(q.targets) if q.new_item[t].any()]
     if fresh:
         rows = [j for j, _ in fresh]
-        result["slices"]["new_items"] = list_metrics(top[rows], [t for _, t in fresh], ks)
+        result.slices["new_items"] = list_metrics(top[rows], [t for _, t in fresh], ks)
     if q.new_user.any():
         rows = np.flatnonzero(q.new_user)
-        result["slices"]["new_users"] = list_metrics(top[rows], [q.targets[j] for j in rows], ks)
+        result.slices["new_users"] = list_metrics(top[rows], [q.targets[j] for j in rows], ks)
     hits = [(row[np.isin(row, t)]) for row, t in zip(top[:, :10], q.targets)]
     hit_items = np.concatenate(hits) if hits else np.zeros(0, np.int64)
-    result["metrics"]["new_item_hit_share@10"] = float(q.new_item[hit_items].mean()) if len(hit_items) else 0.0
-    result["metrics"]["new_items_recommended@10"] = int(len(np.unique(top[:, :10][q.new_item[top[:, :10]]])))
-    result["metrics"]["candidates"] = int(candidates.sum())
-    result["metrics"]["unscorable_items"] = 0 if scorable is None else int((candidates & ~scorable).sum())
-    result["metrics"]["new_items_in_targets"] = int(sum(q.new_item[t].sum() for t in q.targets))
+    m = result.metrics
+    m["new_item_hit_share@10"] = float(q.new_item[hit_items].mean()) if len(hit_items) else 0.0
+    m["new_items_recommended@10"] = int(len(np.unique(top[:, :10][q.new_item[top[:, :10]]])))
+    m["candidates"] = int(candidates.sum())
+    m["unscorable_items"] = 0 if scorable is None else int((candidates & ~scorable).sum())
+    m["new_items_in_targets"] = int(sum(q.new_item[t].sum() for t in q.targets))
     return result

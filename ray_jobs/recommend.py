@@ -24,11 +24,14 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
+from jobs.contracts import RecommendOutcome, meta
 from jobs.lake import table_path
 from jobs.spec import JobSpec, absolute_paths, storage_options
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.data import load_sequences
-from ray_jobs.runtime import DagsterReport, init_ray, job_main, json_metadata, ray_get, resolve_model
+from ray_jobs.entrypoint import DagsterReport, job_main
+from ray_jobs.registry import resolve_model
+from ray_jobs.runtime import init_ray, ray_get
 from ray_jobs.scoring import load_for_catalogue, top_k
 
 
@@ -111,7 +114,7 @@ def write_recommendations(spec: JobSpec, table: pa.Table, model_name: str, model
     return DeltaTable(path, storage_options=opts).version()
 
 
-def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2) -> dict:
+def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2) -> RecommendOutcome:
     import ray
     spec = absolute_paths(spec)
     resolved = resolve_model(spec, model)
@@ -149,23 +152,22 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
                       "can score remain for them)", RuntimeWarning)
     delta_version = write_recommendations(spec, table, resolved.name, resolved.version)
     preview = table.slice(0, min(10, table.num_rows)).select(["user_id", "rank", "item_id", "score"]).to_pylist()
-    return {"table": table_path(spec, "recommendations"), "delta_version": delta_version, "users": int(len(users)),
-            "users_by_source": {"model": int(len(users) - len(cold) - n_short), "model_short_history": n_short,
-                                "popularity": int(len(cold))},
-            "rows": table.num_rows, "k": k, "users_with_fewer_than_k": short_lists, "unscorable_items": unscorable,
-            "model_name": resolved.name, "model_version": resolved.version,
-            "versions": data.versions, "preview": preview}
+    by_source = {"model": int(len(users) - len(cold) - n_short), "model_short_history": n_short,
+                 "popularity": int(len(cold))}
+    return RecommendOutcome(table_path(spec, "recommendations"), delta_version, int(len(users)), by_source,
+                            table.num_rows, k, short_lists, unscorable, resolved.name, resolved.version, data.versions,
+                            preview)
 
 
-def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+def dagster_report(spec: JobSpec, out: RecommendOutcome) -> DagsterReport:
     lines = ["| user_id | rank | item_id | score |", "|---|---:|---|---:|"]
-    lines += [f"| {r['user_id']} | {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in out["preview"]]
+    lines += [f"| {r['user_id']} | {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in out.preview]
     return DagsterReport(metadata={
-        "path": {"raw_value": out["table"], "type": "path"}, "delta_version": out["delta_version"], "users": out["users"],
-        "users_by_source": json_metadata(out["users_by_source"]), "rows": out["rows"], "k": out["k"],
-        "users_with_fewer_than_k": out["users_with_fewer_than_k"], "unscorable_items": out["unscorable_items"],
-        "model_name": out["model_name"], "model_version": out["model_version"],
-        "delta_versions_read": json_metadata(out["versions"]), "preview": {"raw_value": "\n".join(lines), "type": "md"}}, checks={})
+        "path": meta(out.table, "path"), "delta_version": out.delta_version, "users": out.users,
+        "users_by_source": meta(out.users_by_source, "json"), "rows": out.rows, "k": out.k,
+        "users_with_fewer_than_k": out.users_with_fewer_than_k, "unscorable_items": out.unscorable_items,
+        "model_name": out.model_name, "model_version": out.model_version,
+        "delta_versions_read": meta(out.versions, "json"), "preview": meta("\n".join(lines), "md")}, checks={})
 
 
 def main(argv: list[str] | None = None) -> int:

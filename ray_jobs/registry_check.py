@@ -1,6 +1,7 @@
 """Is a registered model data only? The checks `llmrec verify-model` runs on a downloaded model folder
 before anyone calls `mlflow.pyfunc.load_model` on it: `MLmodel` must name this project's loader
-(`ray_jobs.tracking`) as its pyfunc `loader_module` and nothing that carries code (a `python_model`,
+(`ray_jobs.serving`, or `ray_jobs.tracking` for models registered before it moved) as its pyfunc
+`loader_module` and nothing that carries code (a `python_model`,
 cloudpickle), and every file must be data of a kind we read as data — the checkpoint with
 `torch.load(weights_only=True)`, Parquet, safetensors, and MLmodel's own text files."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import yaml
 
-LOADER = "ray_jobs.tracking"
+LOADERS = ("ray_jobs.serving", "ray_jobs.tracking")  # `serving.LOADER_MODULE` and the earlier one; kept in step by a test
 TEXT_FILES = {"MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "registered_model_meta",
               "input_example.json", "serving_input_example.json"}
 
@@ -45,11 +46,11 @@ def _loader(path: str) -> Finding:
     pyfunc = (doc.get("flavors") or {}).get("python_function") or {}
     loader = pyfunc.get("loader_module")
     code = [k for k in ("python_model", "cloudpickle_version", "code") if pyfunc.get(k)]
-    if loader != LOADER:
-        return Finding("MLmodel", False, f"pyfunc loader_module is {loader!r}, not {LOADER!r}")
+    if loader not in LOADERS:
+        return Finding("MLmodel", False, f"pyfunc loader_module is {loader!r}, not one of {', '.join(LOADERS)}")
     if code or set(doc.get("flavors") or {}) - {"python_function"}:
         return Finding("MLmodel", False, f"carries code or other flavors: {code or sorted(doc['flavors'])}")
-    return Finding("MLmodel", True, f"loader_module {LOADER}, no code")
+    return Finding("MLmodel", True, f"loader_module {loader}, no code")
 
 
 def _file(rel: str, path: str) -> Finding:

@@ -1,68 +1,26 @@
-"""The Ray layer under the four jobs: joining or starting Ray, the Ray Train `TorchTrainer`, the
-DeepSpeed config, run paths, collectives on the device the process group handles, distributed
-full-ranking evaluation on Ray tasks, `models:/` resolution, and the `python -m ray_jobs.<job>`
-entry point every job uses.
-"""
+"""The Ray layer under the four jobs: joining or starting Ray, the Ray Train `TorchTrainer` with its
+workers' context, and full-ranking evaluation spread over Ray tasks."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import secrets
-import sys
-import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, tracking_uri
+from jobs.contracts import EvalResult
+from jobs.rayjob import local_token_auth
+from jobs.spec import JobSpec, absolute_paths
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import SeqData, load_sequences
+from ray_jobs.distributed import process_group_backend
+from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
-
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
-USER_ERRORS = (SpecError, FileNotFoundError, ValueError)  # CatalogueMismatch, SourceError, UnsafeFile are ValueErrors
-
-
-# ----------------------------------------------------------------------------- process
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Have glibc give every freed block of `threshold` bytes or more straight back to the OS (a
-    fixed mmap threshold). By default glibc raises that threshold to the largest block freed so far
-    (up to 32 MiB): from then on a training step's many 1-32 MiB activations come from the heap,
-    and what the heap fragments keeps counting as resident — HLLM's peak RSS on ML-1M grew by
-    0.3-0.4 GiB an epoch that way. Training and alignment call this first (in every Ray worker
-    too). Returns whether it took effect (False where libc is not glibc)."""
-    import ctypes
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 # ----------------------------------------------------------------------------- Ray
-
-def local_token_auth() -> bool:
-    """Token authentication for a Ray this process starts itself: Ray 2.60's GCS, raylet and agents
-    listen on every interface whatever the node address, so a local Ray is only private if it asks
-    for a token. A fresh random token goes into this process's environment (inherited by the Ray
-    processes it starts, never written anywhere); Ray reads the mode when it is imported, so this
-    must run first. Returns whether the mode is (now) token; an explicit RAY_AUTH_MODE is kept."""
-    if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    return os.environ.get("RAY_AUTH_MODE") == "token"
-
 
 def init_ray(spec: JobSpec) -> None:
     """Join the spec's Ray cluster, the one this process was submitted to, or start a local one
@@ -77,8 +35,7 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address)
     else:
         start_local_ray(spec.cluster.num_cpus, {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"})
-    if _stop_installed:
-        stop_on_sigterm()  # ray.init puts its own SIGTERM handler (a bare exit) in place of the job's
+    reinstall_stop_handler()
 
 
 def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
@@ -107,73 +64,7 @@ def ray_get(refs):
         raise
 
 
-# ----------------------------------------------------------------------------- run paths
-
-def run_dir(spec: JobSpec, run_name: str) -> str:
-    return os.path.join(absolute_paths(spec).train.storage_path, run_name)
-
-
-def model_file(spec: JobSpec, run_name: str | None = None) -> str:
-    """The model a Ray run ships: `<train.storage_path>/<run>/model.pt`."""
-    return os.path.join(run_dir(spec, run_name or spec.name), "model.pt")
-
-
-def check_storage_path(spec: JobSpec) -> None:
-    """Fail before training, not after it: the final model.pt is written and read with local file I/O."""
-    if "://" in spec.train.storage_path:
-        raise ValueError(f"train.storage_path={spec.train.storage_path!r}: the final model.pt is written and read "
-                         "with local file I/O; use a path every node mounts (NFS, a FUSE-mounted bucket)")
-
-
-# ----------------------------------------------------------------------------- Ray Train + DeepSpeed
-
-def deepspeed_config(spec: JobSpec, world: int, batch_size: int | None = None) -> dict:
-    """The spec's DeepSpeed JSON with the global batch (`batch_size`, default train.batch_size)
-    split over `world` workers and clipping from the spec; bf16 only on GPU. The optimizer and
-    schedule are the loop's (AdamW, warmup + cosine), never the JSON's."""
-    name = spec.train.deepspeed
-    path = DEEPSPEED_DIR / f"{name}.json" if name in ("zero1", "zero2", "zero3") else Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"train.deepspeed={name!r}: no such config ({path})")
-    cfg = json.loads(path.read_text())
-    micro = max(1, (batch_size or spec.train.batch_size) // world)
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, train_batch_size=micro * world,
-               gradient_clipping=spec.train.grad_clip)
-    cfg.pop("optimizer", None)
-    cfg.pop("scheduler", None)
-    if not spec.train.use_gpu:
-        cfg["bf16"] = {"enabled": False}
-        cfg.pop("fp16", None)
-    return cfg
-
-
-def prepare_deepspeed(use_gpu: bool, max_lock_age_s: float = 300.0) -> None:
-    """Call in a worker before `deepspeed.initialize`.
-
-    Stale build locks: torch C++-extension builds (DeepSpeed's JIT ops) run under a `lock` file; a
-    process killed mid-build leaves it behind and every later worker waits on it forever. A lock
-    older than `max_lock_age_s` (a build takes well under a minute) is removed.
-
-    On CPU, DeepSpeed is kept off its shared-memory communication op. Training reduces gradients
-    through torch.distributed (gloo) either way; the op only serves inference all-reduce, yet
-    DeepSpeed JIT-compiles it (g++, ~40 s) and initialises /dev/shm buffers in every engine, which
-    needs a large /dev/shm and AVX2/AVX-512 (without them one rank faults and its peers wait on
-    the shared flags forever)."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    for lock in root.glob("*/*/lock"):
-        try:
-            if time.time() - lock.stat().st_mtime > max_lock_age_s:
-                lock.unlink()
-        except FileNotFoundError:
-            pass
-    if not use_gpu:
-        import deepspeed.ops
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def process_group_backend(use_gpu: bool) -> str:
-    return "nccl" if use_gpu else "gloo"
-
+# ----------------------------------------------------------------------------- Ray Train
 
 def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):
     """Run `worker` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
@@ -232,52 +123,6 @@ def final_model(checkpoint) -> ModelCheckpoint:
         return read_model(path)
 
 
-# ----------------------------------------------------------------------------- collectives
-
-def collective_device(backend: str, device: torch.device) -> torch.device:
-    """The device a process group's collectives take tensors on: CUDA under NCCL (it handles
-    nothing else), the CPU under gloo."""
-    if "nccl" in backend:
-        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class Collectives:
-    """Sums, maxima, object gathers and barriers across the worker group, each run on the device
-    the process group handles (`collective_device`); a tensor comes back on the device it was
-    given on. Without a process group (one process) every call is the identity."""
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.active else (0, 1)
-        self.device = device or (collective_device(dist.get_backend(), torch.device("cpu")) if self.active
-                                 else torch.device("cpu"))
-
-    def _reduce(self, x: torch.Tensor, op) -> torch.Tensor:
-        if not self.active:
-            return x
-        y = x.detach().to(self.device, copy=True)
-        dist.all_reduce(y, op=op)
-        return y.to(x.device)
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(x, dist.ReduceOp.SUM)
-
-    def all_max(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(x, dist.ReduceOp.MAX)
-
-    def all_gather_object(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-
 # ----------------------------------------------------------------------------- evaluation on Ray tasks
 
 def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int,
@@ -291,7 +136,7 @@ def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank
 
 
 def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,
-                         item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> dict:
+                         item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> EvalResult:
     """Full-ranking metrics of a checkpoint on the data's catalogue (the one it was trained on or a
     later one that extends it), its users spread over `workers` Ray tasks (each reads the gold
     tables itself at the pinned versions, loads the model, on a GPU when train.use_gpu; `cache_dir`
@@ -302,181 +147,7 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: in
     parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
                                  cache_dir, spec.train.use_gpu) for r in range(workers)])
     result = merge_shards(spec, data, split, [p[0] for p in parts], item_emb, parts[0][1])
-    result.update(split=split, versions=data.versions, workers=workers)
+    result.split, result.versions, result.workers = split, data.versions, workers
     return result
 
 
-# ----------------------------------------------------------------------------- models from the registry
-
-@dataclass
-class ResolvedModel:
-    path: str                # a local model.pt
-    cache_dir: str | None    # a cached-mode HLLM's shipped item-embedding folder, if any
-    label: str               # what the user named: a models:/ URI or the file
-    name: str                # registered model name (or the spec's)
-    version: str             # registry version, or file:<path>
-
-
-_downloads: list[str] = []  # registry downloads of this process, removed when it exits
-
-
-def _remove_downloads() -> None:
-    import shutil
-    for folder in _downloads:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
-    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION`, a checkpoint file, or by
-    default the training run's `model.pt`. An alias is resolved to its version first and that version
-    is downloaded (an alias moved meanwhile can't mix two versions), into
-    `<train.storage_path>/_registry/` (every node of a cluster mounts it: workers read the file too);
-    the download is removed when this process exits."""
-    if ref and ref.startswith("models:/"):
-        import atexit
-
-        import mlflow
-        uri = tracking_uri(spec)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        name, _, alias = ref.removeprefix("models:/").partition("@")
-        if alias:
-            version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-        else:
-            name, _, version = name.partition("/")
-        folder = os.path.join(absolute_paths(spec).train.storage_path, "_registry")
-        os.makedirs(folder, exist_ok=True)
-        target = tempfile.mkdtemp(prefix="model-", dir=folder)
-        if not _downloads:
-            atexit.register(_remove_downloads)
-        _downloads.append(target)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=target)
-        files = {f: os.path.join(r, f) for r, _, fs in os.walk(local) for f in fs}
-        if "model.pt" not in files:
-            raise FileNotFoundError(f"{ref}: no model.pt checkpoint inside the registered model")
-        data = os.path.dirname(files["model.pt"])
-        shipped_cache = any(e.startswith("items-") for e in os.listdir(data))
-        return ResolvedModel(files["model.pt"], data if shipped_cache else None, ref, name, version)
-    path = os.path.abspath(ref or model_file(spec))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trained model at {path}: train first (llmrec train) or name a checkpoint "
-                                "file or models:/NAME@alias")
-    return ResolvedModel(path, None, path, spec.tracking.model_name or spec.name, f"file:{path}")
-
-
-# ----------------------------------------------------------------------------- entry point
-
-def run_options(default_name: str) -> Callable[[argparse.ArgumentParser], None]:
-    """The options of a job that runs on Ray Train and registers a model."""
-    def add(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--run-name", help=f"Ray Train run name (default: {default_name}); the same name resumes")
-        ap.add_argument("--no-register", action="store_true", help="log the model but do not register it")
-    return add
-
-
-@dataclass
-class DagsterReport:
-    """What a job tells the Dagster asset that launched it (through Dagster Pipes): materialization
-    metadata and the results of the asset's checks (name -> (passed, metadata))."""
-    metadata: dict
-    checks: dict[str, tuple[bool, dict]]
-
-
-def json_metadata(value) -> dict:
-    """A dict or list as Dagster JSON metadata (Pipes takes only scalars bare)."""
-    return {"raw_value": value, "type": "json"}
-
-
-def markdown_image(path: str, title: str) -> dict:
-    """A PNG as Dagster markdown metadata (inline, so the UI shows it without file access)."""
-    import base64
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return {"raw_value": f"![{title}](data:image/png;base64,{data})", "type": "md"}
-
-
-class JobStopped(KeyboardInterrupt):
-    """The job was asked to stop (SIGTERM: `ray job stop`, a cancelled Dagster run); a KeyboardInterrupt
-    so that nothing on the way out mistakes it for an error of the job, and every run it had open is
-    ended as KILLED (`tracking.failed_on_error`)."""
-
-
-_stop_hooks: list[Callable[[], None]] = []
-_stopped: list[int] = []
-_stop_installed: list[bool] = []
-
-
-def on_stop(hook: Callable[[], None]) -> None:
-    """Run `hook` as soon as the job is asked to stop (before anything unwinds: Ray sends SIGKILL a few
-    seconds after SIGTERM, so what must be recorded is recorded first)."""
-    _stop_hooks.append(hook)
-
-
-def stop_requested() -> bool:
-    return bool(_stopped)
-
-
-def stop_on_sigterm() -> None:
-    """On SIGTERM: run the stop hooks (the open MLflow runs are ended KILLED), then raise `JobStopped`
-    in this (main) thread."""
-    import signal
-
-    def stop(signum, frame):
-        _stopped.append(signum)
-        for hook in list(_stop_hooks):
-            try:
-                hook()
-            except Exception as exc:  # a hook that fails must not keep the job from stopping
-                print(f"on stop: {type(exc).__name__}", file=sys.stderr)
-        raise JobStopped(f"stopped by signal {signum}")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-        _stop_installed.append(True)
-
-
-def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
-             run: Callable[[JobSpec, argparse.Namespace], dict], argv: list[str] | None = None,
-             report: Callable[[JobSpec, dict], DagsterReport] | None = None) -> int:
-    """`python -m ray_jobs.<job> --spec S [--set k=v ...] [job options]`: run the job, print its
-    result as JSON; a user mistake (bad spec, missing model, mismatched data) is one line on
-    stderr and exit code 2; anything else a traceback and exit 1 — both redacted (`jobs.secrets`), as
-    is every log record and warning of the job; SIGTERM stops the job with its MLflow runs marked
-    KILLED (exit 143). Launched by Dagster Pipes (`DAGSTER_PIPES_CONTEXT` set), the MLflow run is
-    tagged with the Dagster run and asset, and `report` turns the result into the asset's
-    materialization metadata and check results."""
-    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-
-    from jobs.secrets import install_redaction, redact, redacted_exception
-    install_redaction()
-    stop_on_sigterm()
-    ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
-    ap.add_argument("--spec", required=True, help="spec YAML (path, or a name under jobs/specs)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        spec = load_spec(args.spec, args.overrides)
-        if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-            out = run(spec, args)
-        else:
-            with open_dagster_pipes() as pipes:
-                asset = pipes.asset_keys[0] if pipes.is_asset_step else None
-                spec = spec.model_copy(update={"tracking": spec.tracking.model_copy(
-                    update={"dagster_run_id": pipes.run_id, "dagster_asset": asset})})
-                out = run(spec, args)
-                if report is not None:
-                    r = report(spec, out)
-                    pipes.report_asset_materialization(metadata=r.metadata)
-                    for name, (passed, meta) in r.checks.items():
-                        pipes.report_asset_check(check_name=name, passed=passed, metadata=meta)
-    except USER_ERRORS as exc:
-        print(f"error: {redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)}",
-              file=sys.stderr)
-        return 2
-    except JobStopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 143
-    except Exception as exc:
-        print(redacted_exception(exc), file=sys.stderr)
-        return 1
-    print(json.dumps(out, indent=2, default=float))
-    return 0

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.contracts import EvalResult
 from jobs.spec import JobSpec
 from ray_jobs.catalogue import Catalogue, Extension
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import EvalSplit, SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
-from ray_jobs.models import reads_time, scores_unseen_items
+from ray_jobs.models import SequenceRecommender, scores_unseen_items
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
 # (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
@@ -43,7 +44,7 @@ class CosineScores(nn.Module):
         return cosine_scores(self.model.user_embeddings(ids), self.model.all_item_embeddings())
 
 
-def scorer(model: nn.Module, max_len: int, chunk: int = 64, scorable: np.ndarray | None = None) -> ScoreFn:
+def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: np.ndarray | None = None) -> ScoreFn:
     """Histories -> cosine scores against every item, on the model's device, returned on the CPU.
 
     Users are encoded in chunks of similar history length, each trimmed to its longest history
@@ -63,8 +64,8 @@ def scorer(model: nn.Module, max_len: int, chunk: int = 64, scorable: np.ndarray
     device = next(model.parameters()).device
     unscorable = None if scorable is None else torch.as_tensor(~np.asarray(scorable, bool))
     catalogue: list[torch.Tensor] = []
-    timed = reads_time(model)
-    reuse = getattr(model, "reads_catalogue", False)  # HLLM: history items read from the catalogue
+    timed = model.reads_time
+    reuse = model.reads_catalogue  # HLLM: history items read from the catalogue
 
     def score(histories: list[np.ndarray], times: list[np.ndarray] | None = None) -> torch.Tensor:
         model.eval()
@@ -164,11 +165,11 @@ def top_k(score: ScoreFn, histories: list[np.ndarray], k: int, batch_size: int,
 
 # ----------------------------------------------------------------------------- full ranking
 
-def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str | EvalSplit, item_emb: np.ndarray | None = None,
-                   scorable: np.ndarray | None = None) -> dict:
+def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str | EvalSplit,
+                   item_emb: np.ndarray | None = None, scorable: np.ndarray | None = None) -> EvalResult:
     """Full-ranking metrics of any score function on one split (by name, or an `EvalSplit` over the
-    data's catalogue), with the spec's eval settings, over the spec's candidates; `scorable`: the items the model can score (the rest are counted as
-    `unscorable_items`)."""
+    data's catalogue), with the spec's eval settings, over the spec's candidates; `scorable`: the
+    items the model can score (the rest are counted as `unscorable_items`)."""
     s, e = data.split(split), spec.eval
     cand = candidate_items(spec, data.catalogue)
     result = evaluate(score, s.histories, s.targets, data.num_items, data.popularity,
@@ -177,10 +178,10 @@ def evaluate_split(spec: JobSpec, score: ScoreFn, data: SeqData, split: str | Ev
     return with_candidate_counts(result, cand, scorable)
 
 
-def with_candidate_counts(result: dict, cand: np.ndarray, scorable: np.ndarray | None) -> dict:
+def with_candidate_counts(result: EvalResult, cand: np.ndarray, scorable: np.ndarray | None) -> EvalResult:
     """`candidates` ranked and, of them, `unscorable_items` the model could not score, in the metrics."""
-    result["metrics"]["candidates"] = int(cand.sum())
-    result["metrics"]["unscorable_items"] = 0 if scorable is None else int((cand & ~scorable).sum())
+    result.metrics["candidates"] = int(cand.sum())
+    result.metrics["unscorable_items"] = 0 if scorable is None else int((cand & ~scorable).sum())
     return result
 
 
@@ -197,7 +198,7 @@ def rank_shard(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rows: n
 
 
 def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
-                 item_emb: np.ndarray | None = None, scorable: np.ndarray | None = None) -> dict:
+                 item_emb: np.ndarray | None = None, scorable: np.ndarray | None = None) -> EvalResult:
     """Metrics of a split from every shard's users, put back in user order: exactly what one process
     evaluating every user reports (popularity and the split's size are global in every shard)."""
     rows = np.concatenate([p[0] for p in shards])
@@ -215,7 +216,7 @@ def merge_shards(spec: JobSpec, data: SeqData, split: str, shards: list[Shard],
 
 def evaluate_sharded(spec: JobSpec, score: ScoreFn, data: SeqData, split: str, rank: int, world: int,
                      gather: Callable[[Shard], list[Shard]], item_emb: np.ndarray | None = None,
-                     scorable: np.ndarray | None = None) -> dict:
+                     scorable: np.ndarray | None = None) -> EvalResult:
     """Full ranking with the split's users shared among `world` workers: each ranks the users its
     data shard holds (or, when every worker holds every user, every world-th of them), `gather`
     collects every worker's, and every worker returns the same metrics."""

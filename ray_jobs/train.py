@@ -21,18 +21,20 @@ from dataclasses import dataclass
 
 import torch
 
+from jobs.contracts import Check, ModelRecord, TrainOutcome, TrainWorkerConfig, meta
 from jobs.spec import JobSpec, absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.checkpoint import save_model
 from ray_jobs.data import SeqData, load_sequences
+from ray_jobs.distributed import deepspeed_config
+from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
 from ray_jobs.loop import DeepSpeedBackend, LocalBackend, Reporter, run_epochs, training_state, warm_start
 from ray_jobs.metrics import markdown_table
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
-from ray_jobs.models.hllm import minilm_item_embeddings
-from ray_jobs.runtime import (DagsterReport, check_storage_path, deepspeed_config, evaluate_distributed, final_model,
-                              fit, init_ray, job_main, json_metadata, markdown_image, model_file, run_options,
-                              worker_context)
+from ray_jobs.models.llm import minilm_item_embeddings
+from ray_jobs.registry import check_storage_path, model_file
+from ray_jobs.runtime import evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import evaluate_split
 
 
@@ -67,21 +69,21 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
                        backend.best, state.history)
 
 
-def train_worker(cfg: dict) -> None:
+def train_worker(config: dict) -> None:
     """One Ray Train worker: the loop over a DeepSpeed engine; rank 0 logs to MLflow."""
-    spec = JobSpec.model_validate(cfg["spec"])
-    ctx = worker_context(spec, cfg.get("pid_dir"))
-    data = load_sequences(spec, cfg["versions"], shard=(ctx.rank, ctx.world))  # this worker's users only
-    state = training_state(spec, data, ctx.device, cfg.get("init_file"))
-    backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
+    cfg = TrainWorkerConfig.from_dict(config)
+    spec = JobSpec.model_validate(cfg.spec)
+    ctx = worker_context(spec, cfg.pid_dir)
+    data = load_sequences(spec, cfg.versions, shard=(ctx.rank, ctx.world))  # this worker's users only
+    state = training_state(spec, data, ctx.device, cfg.init_file)
+    backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device,
                                lambda: build_model(spec, data.item_text))
     backend.restore()
-    reporter = tracking.MetricLogger(tracking_uri(spec), cfg["run_id"]) if ctx.rank == 0 and cfg.get("run_id") \
-        else Reporter()
+    reporter = tracking.MetricLogger(tracking_uri(spec), cfg.run_id) if ctx.rank == 0 and cfg.run_id else Reporter()
     run_epochs(state, backend, data, reporter)
 
 
-def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> dict:
+def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> TrainOutcome:
     """Train on Ray, write `<storage>/<run>/model.pt`, evaluate it, log it to MLflow and register it."""
     run_name = run_name or spec.name
     spec = absolute_paths(spec)
@@ -94,13 +96,13 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     with tracking.failed_on_error(spec, run_id):
-        checkpoint = fit(spec, train_worker, {"spec": spec.model_dump(mode="json"), "versions": data.versions,
-                                              "deepspeed": ds_cfg, "run_id": run_id,
-                                              "pid_dir": pid_dir, "init_file": start.path}, run_name, "training")
+        config = TrainWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, run_id, pid_dir, start.path)
+        checkpoint = fit(spec, train_worker, config.to_dict(), run_name, "training")
         return finish(spec, run_name, run_id, checkpoint, data, start.tag, register)
 
 
-def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData, started: str, register: bool) -> dict:
+def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData, started: str,
+           register: bool) -> TrainOutcome:
     """Driver side after fit: model.pt, evaluation on valid and test beside popularity, MLflow, registry."""
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
@@ -110,43 +112,36 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData,
                for split in ("valid", "test")}
     popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split, item_emb)
                for split in ("valid", "test")}
-    popularity = popular["valid"]["metrics"]
     metrics = {}
     for split in ("valid", "test"):
-        metrics |= tracking.final_metrics(f"final_{split}", results[split])
-        metrics |= tracking.final_metrics(f"popularity_{split}", popular[split])
+        metrics |= tracking.final_metrics("final", split, results[split])
+        metrics |= tracking.final_metrics("popularity", split, popular[split])
     version, plots = tracking.publish(
         spec, run_id, out_file, metrics,
-        documents={"evaluation.json": results},
+        documents={"evaluation.json": {split: r.to_dict() for split, r in results.items()}},
         plots={"metrics_vs_k.png": lambda path: tracking.plot_metrics_vs_k(results, path),
-               "training_curves.png": lambda path: tracking.plot_training_curves(p["history"], path)},
-        tags={"best_epoch": p["best_epoch"], "stopped": p["stopped"], "restarts": p["restarts"], "warm_start": started},
+               "training_curves.png": lambda path: tracking.plot_training_curves(p.history, path)},
+        tags={"best_epoch": p.best_epoch, "stopped": p.stopped, "restarts": p.restarts, "warm_start": started},
         register=register, catalogue=data.catalogue)
-    return {"run_name": run_name, "run_id": run_id, "model_file": out_file, "model_name": tracking.model_name(spec),
-            "model_version": version, "best_epoch": p["best_epoch"], "epochs_run": p["epoch"], "steps": p["step"],
-            "restarts": p["restarts"], "stopped": p["stopped"], "seconds": p["seconds"], "versions": data.versions,
-            "valid": results["valid"]["metrics"], "test": results["test"]["metrics"],
-            "popularity_valid": popularity, "plots": plots, "warm_start": started}
+    model = ModelRecord(out_file, spec.registered_model_name(), version, data.versions, run_id)
+    return TrainOutcome(run_name, run_id, model, p.best_epoch, p.epoch, p.step, p.restarts, p.stopped, p.seconds, started,
+                        results["valid"].metrics, results["test"].metrics, popular["valid"].metrics, plots)
 
 
-def dagster_report(spec: JobSpec, out: dict) -> DagsterReport:
+def dagster_report(spec: JobSpec, out: TrainOutcome) -> DagsterReport:
     """The trained_model asset's metadata, and its check: validation NDCG@10 above popularity's."""
-    table = markdown_table({"popularity (valid)": {"metrics": out["popularity_valid"], "beyond_accuracy": {}},
-                            "trained (valid)": {"metrics": out["valid"], "beyond_accuracy": {}},
-                            "trained (test)": {"metrics": out["test"], "beyond_accuracy": {}}})
-    gain = out["valid"]["ndcg@10"] - out["popularity_valid"]["ndcg@10"]
+    table = markdown_table({"popularity (valid)": out.popularity_valid, "trained (valid)": out.valid,
+                            "trained (test)": out.test})
     return DagsterReport(
-        metadata={"mlflow_run": tracking.run_link(spec, out["run_id"]), "mlflow_run_id": out["run_id"],
-                  "model_name": out["model_name"], "model_version": out["model_version"],
-                  "model_file": {"raw_value": out["model_file"], "type": "path"}, "delta_versions": json_metadata(out["versions"]),
-                  "stopped": out["stopped"], "epochs": out["epochs_run"], "best_epoch": out["best_epoch"],
-                  "warm_start": out["warm_start"],
-                  "train_seconds": round(out["seconds"], 1), "valid_ndcg@10": out["valid"]["ndcg@10"],
-                  "test_ndcg@10": out["test"]["ndcg@10"], "metrics": {"raw_value": table, "type": "md"},
-                  "training_curve": markdown_image(out["plots"]["training_curves.png"], "training curve"),
-                  "metrics_vs_k": markdown_image(out["plots"]["metrics_vs_k.png"], "metrics vs K")},
-        checks={"beats_popularity": (gain > spec.checks.min_gain_over_popularity, {
-            "valid_ndcg@10": out["valid"]["ndcg@10"], "popularity_valid_ndcg@10": out["popularity_valid"]["ndcg@10"],
+        metadata={**out.model.to_metadata(), "mlflow_run": tracking.run_link(spec, out.run_id),
+                  "stopped": out.stopped, "epochs": out.epochs_run, "best_epoch": out.best_epoch,
+                  "warm_start": out.warm_start, "train_seconds": round(out.seconds, 1),
+                  "valid_ndcg@10": out.valid["ndcg@10"], "test_ndcg@10": out.test["ndcg@10"],
+                  "metrics": meta(table, "md"),
+                  "training_curve": markdown_image(out.plots["training_curves.png"], "training curve"),
+                  "metrics_vs_k": markdown_image(out.plots["metrics_vs_k.png"], "metrics vs K")},
+        checks={Check.BEATS_POPULARITY: (out.gain_over_popularity > spec.checks.min_gain_over_popularity, {
+            "valid_ndcg@10": out.valid["ndcg@10"], "popularity_valid_ndcg@10": out.popularity_valid["ndcg@10"],
             "required_gain": spec.checks.min_gain_over_popularity})})
 
 

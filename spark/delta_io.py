@@ -14,18 +14,14 @@ import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 from pyspark.sql import DataFrame
 
-from jobs.lake import committed, latest_version, open_table
+from jobs.lake import Lake, committed, latest_version, open_table
+from jobs.spec import absolute_path  # Spark SQL and delta-rs resolve relative paths differently
 from spark.session import Engine
-
-
-def normalize_path(path: str) -> str:
-    """Local paths become absolute (Spark SQL and delta-rs resolve relative paths differently)."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def table_version(path: str, storage_options: dict | None = None) -> int | None:
     """The latest committed version, or None when there is no Delta table at `path`."""
-    return latest_version(normalize_path(path), storage_options)
+    return latest_version(absolute_path(path), storage_options)
 
 
 def table_exists(path: str, storage_options: dict | None = None) -> bool:
@@ -33,12 +29,12 @@ def table_exists(path: str, storage_options: dict | None = None) -> bool:
 
 
 def table_history(path: str, storage_options: dict | None = None) -> list[dict]:
-    return open_table(normalize_path(path), options=storage_options).history()
+    return open_table(absolute_path(path), options=storage_options).history()
 
 
 def read_table(engine: Engine, path: str, version: int | None = None,
                storage_options: dict | None = None) -> DataFrame:
-    path = normalize_path(path)
+    path = absolute_path(path)
     if not table_exists(path, storage_options):
         raise FileNotFoundError(f"no Delta table at {path}")
     if engine.native_delta:
@@ -55,12 +51,22 @@ def read_table(engine: Engine, path: str, version: int | None = None,
     return engine.session.createDataFrame(dt.to_pyarrow_table())
 
 
+def read_lake(engine: Engine, lake: Lake, table: str, version: int | None = None) -> DataFrame:
+    """A table of the dataset (at `version`, default its latest) as a Spark DataFrame."""
+    return read_table(engine, lake.path(table), version, lake.storage_options)
+
+
+def write_lake(engine: Engine, df: DataFrame, lake: Lake, table: str) -> int:
+    """Replace a table of the dataset with `df`; returns the committed version."""
+    return write_table(engine, df, lake.path(table), "overwrite", lake.storage_options)
+
+
 def write_table(engine: Engine, df: DataFrame, path: str, mode: str = "overwrite",
                 storage_options: dict | None = None) -> int:
     """Write `df` as a Delta table (mode overwrite|append) and return the committed version."""
     if mode not in ("overwrite", "append"):
         raise ValueError(f"write_table({path}): mode must be overwrite or append, got {mode!r}")
-    path = normalize_path(path)
+    path = absolute_path(path)
     if engine.native_delta:
         writer = df.write.format("delta").mode(mode)
         if mode == "overwrite":
@@ -103,7 +109,7 @@ def merge_table(engine: Engine, source: DataFrame, path: str, keys: list[str],
     with nothing new commits nothing, so re-running the same load is a no-op (same version, same
     contents). `source` must be unique on `keys`.
     """
-    path = normalize_path(path)
+    path = absolute_path(path)
     base = table_version(path, storage_options)
     if base is None:
         n = source.count()

@@ -14,12 +14,11 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.files import write_atomic
-from jobs.lake import (TABLES, current_publication, dataset_root, etl_lock, ingested_days, open_table, publish,
-                       rollback_unpublished)
+from jobs.lake import Lake, current_publication, etl_lock, ingested_days, publish, rollback_unpublished
 from jobs.progress import QUIET, Steps
-from jobs.spec import JobSpec, storage_options
+from jobs.spec import JobSpec
 from spark import quality
-from spark.delta_io import MergeResult, merge_table, read_table, table_version, write_table
+from spark.delta_io import MergeResult, merge_table, read_lake, write_lake
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
 from spark.sources import RawSource, SourceError, day_fingerprint, landing_days, read_landing_day, read_source
@@ -151,37 +150,6 @@ class EtlSummary:
                    doc.get("step_seconds", {}), doc.get("repairs", []), doc.get("lineage"))
 
 
-@dataclass
-class Lake:
-    """Where a dataset's tables live: `<lake.root>/<data.name>/<layer>/<table>`."""
-    root: str
-    storage_options: dict
-
-    @classmethod
-    def of(cls, spec: JobSpec) -> "Lake":
-        return cls(dataset_root(spec), storage_options(spec) or {})
-
-    def path(self, table: str) -> str:
-        return f"{self.root}/{TABLES[table]}"
-
-    def version(self, table: str) -> int | None:
-        return table_version(self.path(table), self.storage_options)
-
-    def read(self, engine: Engine, table: str, version: int | None = None) -> DataFrame:
-        return read_table(engine, self.path(table), version, self.storage_options)
-
-    def count(self, table: str, version: int | None = None) -> int:
-        """Row count from the Delta log's file statistics (no scan)."""
-        return open_table(self.path(table), version, self.storage_options, table).count()
-
-    def write(self, engine: Engine, df: DataFrame, table: str) -> int:
-        return write_table(engine, df, self.path(table), "overwrite", self.storage_options)
-
-    @property
-    def summary_path(self) -> str:
-        return f"{self.root}/_etl/summary.json"
-
-
 @contextmanager
 def engine_for(spec: JobSpec) -> Iterator[Engine]:
     """The spec's engine, stopped on exit; on remote/cluster engines scratch data goes under the
@@ -299,8 +267,8 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
         if src.interactions.limit(1).count() == 0:  # before anything is written
             raise SourceError(f"data.source ({d.source.kind}) has no rows: nothing to build")
     with steps.step("bronze/interactions_raw"):
-        v_raw = lake.write(engine, _bronze_columns(add_record_ids(src.interactions, ingest_date)), "interactions_raw")
-    bronze = lake.read(engine, "interactions_raw", v_raw)
+        v_raw = write_lake(engine, _bronze_columns(add_record_ids(src.interactions, ingest_date)), lake, "interactions_raw")
+    bronze = read_lake(engine, lake, "interactions_raw", v_raw)
     tagged = tag(src, spec, bronze)
     items_tagged = None
     if src.items is not None:
@@ -309,13 +277,13 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
         q = quarantine_rows(tagged, "interaction")
         if items_tagged is not None:
             q = q.unionByName(quarantine_rows(items_tagged, "item"))
-        v_q = lake.write(engine, q, "quarantine")
+        v_q = write_lake(engine, q, lake, "quarantine")
     with steps.step("silver/interactions"):
-        v_silver = lake.write(engine, deduplicate(typed_interactions(tagged)), "interactions")
+        v_silver = write_lake(engine, deduplicate(typed_interactions(tagged)), lake, "interactions")
     with steps.step("silver/items"):
         items = silver_items(items_tagged) if items_tagged is not None else \
-            items_from_interactions(lake.read(engine, "interactions", v_silver))
-        lake.write(engine, items, "items")
+            items_from_interactions(read_lake(engine, lake, "interactions", v_silver))
+        write_lake(engine, items, lake, "items")
     with steps.step("accounting"):
         accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
     ingested = [merge_day(spec, engine, day, steps, landed[day]) for day in days]
@@ -343,7 +311,7 @@ def _account(engine: Engine, lake: Lake, tagged: DataFrame, v_raw: int, v_q: int
     raw = valid + quarantined, i.e. raw = silver + quarantined + duplicates removed."""
     raw_rows = lake.count("interactions_raw", v_raw)
     reasons: dict[str, dict[str, int]] = {"interaction": {}, "item": {}}
-    for r in lake.read(engine, "quarantine", v_q).groupBy("kind", "reason").count().collect():
+    for r in read_lake(engine, lake, "quarantine", v_q).groupBy("kind", "reason").count().collect():
         reasons[r["kind"]][r["reason"]] = int(r["count"])
     quarantined = sum(reasons["interaction"].values())
     valid_rows = typed_interactions(tagged).count()
@@ -417,7 +385,7 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) ->
 
 def check_silver_schema(lake: Lake, engine: Engine) -> None:
     """A lake built before silver recorded when rows landed can't take a MERGE of the new schema."""
-    columns = set(lake.read(engine, "interactions").columns) | set(lake.read(engine, "items").columns)
+    columns = set(read_lake(engine, lake, "interactions").columns) | set(read_lake(engine, lake, "items").columns)
     if not {"landed_on", "active"} <= columns:
         raise ValueError(f"dataset at {lake.root}: its silver tables predate landing days and the item catalogue "
                          "(no landed_on / active columns); run `llmrec etl` once to rebuild them (ids are kept)")
@@ -500,12 +468,12 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
     v_silver, v_items = lake.version("interactions"), lake.version("items")
     publication = None if renumber else current_publication(spec)
     with steps.step("gold: ids"):
-        items, silver = with_catalogue_columns(lake.read(engine, "items", v_items),
-                                               lake.read(engine, "interactions", v_silver))
+        items, silver = with_catalogue_columns(read_lake(engine, lake, "items", v_items),
+                                               read_lake(engine, lake, "interactions", v_silver))
         prev_items = prev_users = None
         if publication is not None and {"item_index", "user_index"} <= set(publication.versions):
-            prev_items = lake.read(engine, "item_index", publication.versions["item_index"]).select("item_idx", "item_id")
-            prev_users = lake.read(engine, "user_index", publication.versions["user_index"]).select("user_idx", "user_id")
+            prev_items = read_lake(engine, lake, "item_index", publication.versions["item_index"]).select("item_idx", "item_id")
+            prev_users = read_lake(engine, lake, "user_index", publication.versions["user_index"]).select("user_idx", "user_id")
         listed = items.select("item_id", "landed_on", F.lit(None).cast("bigint").alias("ts"))
         catalogue = engine.materialize(silver.select("item_id", "landed_on", "ts").unionByName(listed))
         item_ids = engine.materialize(extend_index(prev_items, first_appearance(catalogue, "item_id"),
@@ -523,11 +491,11 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
     with steps.step("gold/user_index + item_index"):
         user_table = user_ids.join(interaction_counts(df, "user_id"), "user_id", "left").select(
             "user_idx", "user_id", F.coalesce(F.col("n_interactions"), F.lit(0)).cast("bigint").alias("n_interactions"))
-        v_users = lake.write(engine, user_table, "user_index")
-        v_index = lake.write(engine, build_item_index(item_ids, items, catalogue, interaction_counts(df, "item_id"),
-                                                      d.item_text.template, d.item_text.max_chars), "item_index")
-    users = lake.read(engine, "user_index", v_users)
-    item_index = lake.read(engine, "item_index", v_index)
+        v_users = write_lake(engine, user_table, lake, "user_index")
+        v_index = write_lake(engine, build_item_index(item_ids, items, catalogue, interaction_counts(df, "item_id"),
+                                                      d.item_text.template, d.item_text.max_chars), lake, "item_index")
+    users = read_lake(engine, lake, "user_index", v_users)
+    item_index = read_lake(engine, lake, "item_index", v_index)
     with steps.step("gold/sequences"):
         seqs = build_sequences(index_interactions(df, users, item_index))
         if d.split.kind == "leave_one_out":
@@ -536,8 +504,8 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
         else:
             cuts = split_cuts(df, spec)
             splits = temporal_split(seqs, *cuts)
-        v_seq = lake.write(engine, splits, "sequences")
-    sequences = lake.read(engine, "sequences", v_seq)
+        v_seq = write_lake(engine, splits, lake, "sequences")
+    sequences = read_lake(engine, lake, "sequences", v_seq)
     with steps.step("quality checks"):
         figures = item_index.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.col("active").cast("int")).alias("active"),
                                  F.sum((F.col("n_interactions") > 0).cast("int")).alias("kcore"),
@@ -554,7 +522,7 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
             quality.check_sequence_items_indexed(sequences, item_index),
             quality.check_index_stable(prev_items, item_index, "item_id", "item_idx", prev_users, users),
         ]
-        q = lake.read(engine, "quarantine").filter(F.col("kind") == "interaction").count()
+        q = read_lake(engine, lake, "quarantine").filter(F.col("kind") == "interaction").count()
         raw = lake.count("interactions_raw")
         checks.append(quality.check_quarantine_share(raw, q, d.max_quarantine_share))
     versions = {t: lake.version(t) for t in ETL_TABLES}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.runtime import local_token_auth
+from jobs.rayjob import local_token_auth
 
 local_token_auth()  # before anything imports ray: the session's local Ray and heads ask for one token
 

@@ -10,9 +10,9 @@ from deltalake import DeltaTable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.lake import ingested_days, published_versions
+from jobs.lake import Lake, ingested_days, published_versions
 from ray_jobs.data import load_sequences
-from spark.etl import Lake, ingest_day, run_etl
+from spark.etl import ingest_day, run_etl
 
 DAY0 = int(datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp())
 ITEMS = {"columns": {"item_id": "item", "title": "title", "categories": "genres", "attributes": ["year"]}}

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from deltalake import DeltaTable
 
-from jobs.lake import PUBLISHED, LakeCorrupt, dataset_root, published_versions
+from jobs.lake import PUBLISHED, Lake, LakeCorrupt, dataset_root, published_versions
 from ray_jobs.data import load_sequences
-from spark.etl import ETL_TABLES, Lake, ingest_day, run_etl
+from spark.etl import ETL_TABLES, ingest_day, run_etl
 from test_catalogue import BASE, BASE_ITEMS, at, land, landing_spec
 
 ROOT = Path(__file__).resolve().parents[1]

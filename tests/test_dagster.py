@@ -91,21 +91,31 @@ def test_leaky_data_fails_a_blocking_check_publishes_nothing_and_training_never_
 
 
 def test_gate_decisions():
+    from jobs.contracts import EvaluateOutcome, EvaluationReport, ModelRow
     gate = GateSpec(metric="ndcg@10", split="valid", margin=0.01)
-    rows = [{"model": "/r/a/model.pt", "version": "file", "valid": {"ndcg@10": 0.20}},
-            {"model": "/r/b/model.pt", "version": "file", "valid": {"ndcg@10": 0.25}},
-            {"model": "models:/m@champion", "version": "1", "valid": {"ndcg@10": 0.23}}]
+    rows = [ModelRow("/r/a/model.pt", "trained", "m", "file:/r/a/model.pt", {"valid": {"ndcg@10": 0.20}}),
+            ModelRow("/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt", {"valid": {"ndcg@10": 0.25}}),
+            ModelRow("models:/m@champion", "champion", "m", "1", {"valid": {"ndcg@10": 0.23}})]
     cands = {"/r/a/model.pt": "2", "/r/b/model.pt": "3"}
-    first = decide(rows[:2], cands, None, gate)
+
+    def report(models, candidates, champion):
+        return EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], models), candidates, champion)
+    first = decide(report(rows[:2], cands, None), gate)
     assert first.promote and first.candidate == "3" and first.candidate_metric == 0.25 and first.champion is None
-    win = decide(rows, cands, "1", gate)
+    win = decide(report(rows, cands, "1"), gate)
     assert win.promote and win.candidate == "3" and win.champion_metric == 0.23
-    lose = decide(rows, cands, "1", GateSpec(margin=0.05))
+    lose = decide(report(rows, cands, "1"), GateSpec(margin=0.05))
     assert not lose.promote and lose.candidate == "3" and "does not beat the champion's 0.2300 by more than 0.05" in lose.reason
-    same = decide(rows, {"/r/b/model.pt": "1"}, "1", gate)
+    same = decide(report(rows, {"/r/b/model.pt": "1"}, "1"), gate)
     assert not same.promote and "already champion" in same.reason
     with pytest.raises(ValueError, match="no row for champion version 7"):
-        decide(rows, cands, "7", gate)
+        decide(report(rows, cands, "7"), gate)
+    # what the evaluation_report asset records is what the gate reads back ("none" from before: no champion)
+    plain = {k: v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v
+             for k, v in report(rows, cands, "1").to_metadata().items()}
+    assert EvaluationReport.from_metadata(plain) == report(rows, cands, "1")
+    assert EvaluationReport.from_metadata({**plain, "champion_version": "none"}).champion_version is None
+    assert [r.label("valid") for r in rows] == ["trained (valid)", "aligned (valid)", "champion v1 (valid)"]
 
 
 @pytest.fixture
@@ -136,7 +146,8 @@ def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_
     meta = again.asset_materializations_for_node("bronze__landed_day")[0].metadata
     assert (meta["bronze_inserted"].value, meta["quarantine_inserted"].value, meta["silver_inserted"].value) == (0, 0, 0)
     assert meta["gold_rebuilt"].value is False and published_versions(spec) == lake_versions
-    from spark.etl import ETL_TABLES, Lake
+    from jobs.lake import Lake
+    from spark.etl import ETL_TABLES
     lake = Lake.of(spec)
     assert {t: lake.version(t) for t in ETL_TABLES} == lake_versions
 
@@ -378,7 +389,7 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert day["new_items"] == 1 and day["new_users"] == 1 and day["items_inserted"] == 1 and day["published"]
     assert trained2["delta_versions"] == published_versions(load_spec(SMOKE, [f"lake.root={lake}"]))
     champion_row = next(r for r in report["results"] if r["role"] == "champion")
-    assert champion_row["test"]["unscorable_items"] == 0 and champion_row["test"]["candidates"] == 1683
+    assert champion_row["results"]["test"]["unscorable_items"] == 0 and champion_row["results"]["test"]["candidates"] == 1683
     served = report["next_day_results"]  # the model that served the day: the champion (its gate's own candidate)
     assert [r["role"] for r in served] == ["champion"] and served[0]["metrics"]["users"] == 9
     assert "| champion v" in report["next_day"] and served[0]["metrics"]["unscorable_items"] == 0
@@ -465,7 +476,7 @@ def test_kuberay_launcher_creates_the_specs_rayjob_through_dagster_ray(tmp_path)
 
     @asset
     def probe(context, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
-        return run_job(context, "ray_jobs.train", spec, ray, mlflow, ['data.pinned_versions={"sequences": 3}'],
+        return run_job(context, "train", spec, ray, mlflow, ['data.pinned_versions={"sequences": 3}'],
                        ["--run-name", "nightly"]).get_results()
 
     # entered, so that Dagster's current definitions-state storage is this live instance's (an

@@ -62,54 +62,54 @@ def test_one_ray_worker_runs_the_local_loop(tmp_path, local_ray, ray_overrides):
                                               "train.cpus_per_worker=2", "train.deepspeed=zero2", *extra))
         on_ray = run(spec, register=False)
         local = train_local(spec, resume=False)
-        ray_ckpt, local_ckpt = read_model(on_ray["model_file"]), read_model(local.checkpoint)
+        ray_ckpt, local_ckpt = read_model(on_ray.model_file), read_model(local.checkpoint)
         if case == "valid":
-            assert local.stopped == on_ray["stopped"] == "epochs" and local.epochs_run == 3
+            assert local.stopped == on_ray.stopped == "epochs" and local.epochs_run == 3
         else:  # the budget is spent in epoch 1, which is evaluated (on test) and shipped as the model
-            assert local.stopped == on_ray["stopped"] == "time_budget" and local.epochs_run == on_ray["epochs_run"] == 1
-            assert "test_ndcg@10" in local.history[0] and local.best_epoch == ray_ckpt.progress["best_epoch"] == 1
-        assert ray_ckpt.progress["best_epoch"] == local.best_epoch and on_ray["steps"] == local.steps
-        _same_history(ray_ckpt.progress["history"], local.history, metric_tol=3e-3)
+            assert local.stopped == on_ray.stopped == "time_budget" and local.epochs_run == on_ray.epochs_run == 1
+            assert "test_ndcg@10" in local.history[0] and local.best_epoch == ray_ckpt.progress.best_epoch == 1
+        assert ray_ckpt.progress.best_epoch == local.best_epoch and on_ray.steps == local.steps
+        _same_history(ray_ckpt.progress.history, local.history, metric_tol=3e-3)
         _close_weights(ray_ckpt.weights, local_ckpt.weights)
 
 
 def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrides):
     spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-eq", "train.epochs=2", "train.deepspeed=zero2"))
     out = run(spec)
-    assert out["epochs_run"] == 2 and out["steps"] == 2 * 19 and out["best_epoch"] in (1, 2)
+    assert out.epochs_run == 2 and out.steps == 2 * 19 and out.best_epoch in (1, 2)
 
     # the same spec in one process, same seeds, same global batches, same negative pool per step
     single = train_local(spec, resume=False)
-    assert single.steps == out["steps"]
-    dist_model, ckpt = load_model(out["model_file"])
+    assert single.steps == out.steps
+    dist_model, ckpt = load_model(out.model_file)
     local_model, local_ckpt = load_model(single.checkpoint)
-    assert ckpt.progress["best_epoch"] == single.best_epoch
+    assert ckpt.progress.best_epoch == single.best_epoch
     _close_weights(ckpt.weights, local_ckpt.weights)
     data = load_sequences(spec)
     hist = data.valid.histories[:200]
     assert torch.allclose(scorer(dist_model, 50)(hist), scorer(local_model, 50)(hist), atol=1e-3)
-    _same_history(ckpt.progress["history"], single.history, metric_tol=5e-3)
-    assert ckpt.progress["history"][1]["loss"] < ckpt.progress["history"][0]["loss"]
+    _same_history(ckpt.progress.history, single.history, metric_tol=5e-3)
+    assert ckpt.progress.history[1]["loss"] < ckpt.progress.history[0]["loss"]
 
     # distributed evaluation of the saved model equals the single-process evaluator exactly
-    loaded = load_for_catalogue(out["model_file"], data.catalogue)
-    reference = evaluate_split(spec, loaded.score_function(), data, "test", scorable=loaded.scorable)["metrics"]
-    assert out["test"] == reference and reference["unscorable_items"] == 333  # the cold items an ID model never saw
+    loaded = load_for_catalogue(out.model_file, data.catalogue)
+    reference = evaluate_split(spec, loaded.score_function(), data, "test", scorable=loaded.scorable).metrics
+    assert out.test == reference and reference["unscorable_items"] == 333  # the cold items an ID model never saw
 
     # MLflow: params, per-step metrics from rank 0, the registered pyfunc behind the challenger alias
     mlflow.set_tracking_uri(spec.tracking.uri)
     mlflow.set_registry_uri(spec.tracking.uri)
     client = mlflow.MlflowClient()
-    run_ = client.get_run(out["run_id"])
+    run_ = client.get_run(out.run_id)
     assert run_.data.params["train.workers"] == "2" and run_.data.params["delta_version.sequences"] == "0"
     assert run_.data.tags["llmrec.kind"] == "train" and len(run_.data.tags["git.commit"]) >= 7
-    assert len(client.get_metric_history(out["run_id"], "train/loss")) == out["steps"]
+    assert len(client.get_metric_history(out.run_id, "train/loss")) == out.steps
     assert run_.data.metrics["final_test/hr_at_10"] == pytest.approx(reference["hr@10"])
     assert "system/cpu_utilization_percentage" in run_.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
+    artifacts = {a.path for a in client.list_artifacts(out.run_id, "plots")}
     assert artifacts == {"plots/metrics_vs_k.png", "plots/training_curves.png"}
     version = client.get_model_version_by_alias("dist-eq", "challenger")
-    assert int(version.version) == out["model_version"] == 1
+    assert int(version.version) == out.model_version == 1
     model = mlflow.pyfunc.load_model("models:/dist-eq@challenger")
     history = data.test.histories[0]
     ids = data.catalogue.item_ids
@@ -130,11 +130,11 @@ def test_hstu_with_its_time_bias_on_two_workers_matches_single_process(tmp_path,
                                           "train.epochs=1", "train.deepspeed=zero2"))
     out = run(spec, register=False)
     single = train_local(spec, resume=False)
-    dist_model, ckpt = load_model(out["model_file"])
+    dist_model, ckpt = load_model(out.model_file)
     local_model, local_ckpt = load_model(single.checkpoint)
-    assert out["steps"] == single.steps == 19 and ckpt.spec.model.block == "original"
+    assert out.steps == single.steps == 19 and ckpt.spec.model.block == "original"
     _close_weights(ckpt.weights, local_ckpt.weights)
-    _same_history(ckpt.progress["history"], single.history, metric_tol=5e-3)
+    _same_history(ckpt.progress.history, single.history, metric_tol=5e-3)
     data = load_sequences(spec)
     stamps = data.valid.stamps()[:200]
     assert torch.allclose(scorer(dist_model, 50)(data.valid.histories[:200], stamps),
@@ -146,8 +146,8 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     pid_dir.mkdir()
     spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=4", "train.checkpoint_every=5",
                                           "train.max_failures=2", "train.deepspeed=zero1"))
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run(spec, pid_dir=str(pid_dir), register=False)))
+    outcomes: list = []
+    thread = threading.Thread(target=lambda: outcomes.append(run(spec, pid_dir=str(pid_dir), register=False)))
     thread.start()
     snapshot = tmp_path / "ray" / "dist-ft" / "checkpoint_manager_snapshot.json"
 
@@ -165,15 +165,16 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     victim = int((pid_dir / "rank1.pid").read_text())
     os.kill(victim, signal.SIGKILL)
     thread.join(900)
-    assert result, "the run did not finish after the worker was killed"
-    assert result["restarts"] >= 1 and result["steps"] == 4 * 19 and result["epochs_run"] == 4
+    assert outcomes, "the run did not finish after the worker was killed"
+    result = outcomes[0]
+    assert result.restarts >= 1 and result.steps == 4 * 19 and result.epochs_run == 4
 
     # started again under the same name with a longer schedule: resumes, trains only epoch 5
     longer = load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=5", "train.deepspeed=zero1"))
     again = run(longer, register=False)
-    history = read_model(again["model_file"]).progress["history"]
-    assert again["steps"] == 5 * 19 and [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
-    assert again["restarts"] == result["restarts"] + 1
+    history = read_model(again.model_file).progress.history
+    assert again.steps == 5 * 19 and [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert again.restarts == result.restarts + 1
 
 
 def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_run(tmp_path, local_ray, ray_overrides):
@@ -188,9 +189,9 @@ def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_ru
                                           "tracking.dagster_run_id=abc123", "train.deepspeed=zero3"))
     out = run(spec)
     client = mlflow.MlflowClient()
-    tags = client.get_run(out["run_id"]).data.tags
+    tags = client.get_run(out.run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["dagster.run_id"] == "abc123"
-    local = mlflow.artifacts.download_artifacts(f"runs:/{out['run_id']}/model", dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(f"runs:/{out.run_id}/model", dst_path=str(tmp_path / "dl"))
     shipped = list(Path(local).rglob("items-*/embeddings.safetensors"))
     assert len(shipped) == 1 and list(Path(local).rglob("catalogue.parquet"))
     # the registered model loads and scores with the shipped cache only (the original cache is gone)
@@ -199,7 +200,7 @@ def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_ru
     model = mlflow.pyfunc.load_model("models:/dist-hllm@challenger")
     pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 7})
     assert len(pred["item_ids"][0]) == 7 and not list((tmp_path / "cache").iterdir())
-    assert out["test"]["hr@10"] > 0
+    assert out.test["hr@10"] > 0
 
 
 def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_ray, ray_overrides):
@@ -214,12 +215,12 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
                         "align.users_per_step=64", "align.rollouts=8", "align.eval_every=0", "align.checkpoint_every=10",
                         "align.rewards.ndcg=1.0", "align.rewards.tail=0.5"]
     first = align(load_spec(SMOKE, overrides + ["align.steps=20"]), register=False)
-    assert first["steps"] == 20 and first["stopped"] == "steps"
-    out = align(load_spec(SMOKE, overrides + ["align.steps=40"]), run_name=first["run_name"])
+    assert first.steps == 20 and first.stopped == "steps"
+    out = align(load_spec(SMOKE, overrides + ["align.steps=40"]), run_name=first.run_name)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    steps = client.get_metric_history(out["run_id"], "align/reward_mean")
+    steps = client.get_metric_history(out.run_id, "align/reward_mean")
     assert sorted(m.step for m in steps) == list(range(21, 41))  # resumed at step 20, not started over
-    history = json.loads(Path(client.download_artifacts(out["run_id"], "alignment_curves.json", str(tmp_path))).read_text())
+    history = json.loads(Path(client.download_artifacts(out.run_id, "alignment_curves.json", str(tmp_path))).read_text())
     rewards = [h["reward_mean"] for h in history["steps"]]
     assert len(rewards) == 40 and np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.005
     kls = [h["kl"] for h in history["steps"]]
@@ -227,8 +228,8 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     # adaptive KL control holds the policy near align.kl_target: beta rose while KL was above it
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and max(kls[-5:]) < 0.25 and kls[-1] < max(kls)
     assert max(betas) > betas[0]
-    assert out["aligned_test"]["users"] == out["base_test"]["users"] == 943 and "ild@10" in out["aligned_test"]
-    assert out["model_version"] == 1 and client.get_run(out["run_id"]).data.tags["llmrec.align.method"] == "blade"
+    assert out.results["aligned_test"]["users"] == out.results["base_test"]["users"] == 943 and "ild@10" in out.results["aligned_test"]
+    assert out.model_version == 1 and client.get_run(out.run_id).data.tags["llmrec.align.method"] == "blade"
     model = mlflow.pyfunc.load_model("models:/align-smoke@challenger")
     pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 5})
     assert len(pred["item_ids"][0]) == 5

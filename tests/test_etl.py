@@ -11,11 +11,11 @@ from deltalake import DeltaTable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.lake import etl_lock, published_versions
+from jobs.lake import TABLES, Lake, etl_lock, published_versions
 from jobs.spec import load_spec
 from ray_jobs.data import load_sequences
 from spark.delta_io import MergeResult, read_table
-from spark.etl import TABLES, Lake, build_gold, engine_for, ingest_day, run_etl
+from spark.etl import build_gold, engine_for, ingest_day, run_etl
 
 GOOD = [  # user::movie::rating::ts — 3 users x 4 movies
     "1::10::4::978300760", "1::11::3::978300761", "1::12::5::978300762", "1::13::2::978300763",

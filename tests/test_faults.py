@@ -5,6 +5,7 @@ test_distributed) and are listed in the failure table of docs/operator-guide.md.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,23 +73,30 @@ def test_a_crafted_deepspeed_shard_is_refused_and_runs_nothing(tmp_path):
 def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_path):
     """The pyfunc names an installed loader and carries model.pt: no pickle, no code; replacing its
     model.pt with a crafted pickle makes loading fail without running it."""
-    from ray_jobs import tracking
+    from ray_jobs import serving, tracking
+    from ray_jobs.registry_check import LOADERS
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = load_spec("movielens-100k-smoke", ["model.dim=8", f"tracking.uri={uri}", "name=data-only"])
     ckpt = _tiny_checkpoint(spec, tmp_path / "model.pt")
     run_id = tracking.start_run(spec, "data-only", "train")
-    assert tracking.log_recommender(spec, run_id, ckpt) == 1
+    assert serving.log_recommender(spec, run_id, ckpt) == 1
+    assert LOADERS == (serving.LOADER_MODULE, *serving.LEGACY_LOADER_MODULES)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts("models:/data-only@challenger", dst_path=str(tmp_path / "dl")))
     files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle", ".py"))], files
     assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == \
-        "ray_jobs.tracking"
+        "ray_jobs.serving"
     model = mlflow.pyfunc.load_model("models:/data-only@challenger")
     assert [len(x) for x in model.predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2})["item_ids"]] == [2]
     as_numbers = model.predict(pd.DataFrame({"history": [[1, 2]]}), params={"k": 2})  # numbers are read as their text
     assert as_numbers["unknown_history_items"].tolist() == [0] and len(as_numbers["item_ids"][0]) == 2
+    old = local.parent / "registered-before"  # a model registered while the loader lived in ray_jobs.tracking
+    shutil.copytree(local, old)
+    (old / "MLmodel").write_text((old / "MLmodel").read_text().replace("ray_jobs.serving", "ray_jobs.tracking"))
+    assert mlflow.pyfunc.load_model(str(old)).predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2}).equals(
+        model.predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2}))
 
     marker = tmp_path / "marker"
     [weights] = local.rglob("model.pt")
@@ -167,7 +175,7 @@ def test_every_user_gets_recommendations_short_histories_included(sail, make_spe
     table = DeltaTable(table_path(spec, "recommendations")).to_pandas()
     assert set(table["user_idx"]) == set(users["user_idx"]) and len(table) == len(users) * 5
     silent = int((users["n_interactions"] == 0).sum())  # in the lineage's index, no 5-star rating: popular items
-    assert silent > 0 and out["users_by_source"] == {"model": len(data.test.users), "model_short_history": len(short),
+    assert silent > 0 and out.users_by_source == {"model": len(data.test.users), "model_short_history": len(short),
                                                      "popularity": silent}
     for u, seen in short.items():
         assert not set(table[table.user_idx == u]["item_idx"]) & seen

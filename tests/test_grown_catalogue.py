@@ -67,9 +67,9 @@ def test_day0_models_score_the_grown_catalogue(grown):
     hllm = load_for_catalogue(grown["day0"]["hllm"], after.catalogue)
     assert sasrec.extension.new_items == hllm.extension.new_items == 1
     assert not sasrec.scorable[new] and hllm.scorable[new]
-    ev = evaluate_split(grown["sasrec"], sasrec.score_function(), after, "test", scorable=sasrec.scorable)["metrics"]
+    ev = evaluate_split(grown["sasrec"], sasrec.score_function(), after, "test", scorable=sasrec.scorable).metrics
     assert ev["unscorable_items"] == 333 + 1 and ev["candidates"] == after.num_items  # cold items + the new one
-    eh = evaluate_split(grown["hllm"], hllm.score_function(), after, "test", scorable=hllm.scorable)["metrics"]
+    eh = evaluate_split(grown["hllm"], hllm.score_function(), after, "test", scorable=hllm.scorable).metrics
     assert eh["unscorable_items"] == 0 and eh["users"] == 944  # the new user has a test row (3 items)
     # the HLLM ranks the new item from its text alone (two epochs of training: within some users' top
     # 200 of 1,683); the ID model never lists it
@@ -124,12 +124,12 @@ def test_the_registered_pyfunc_speaks_source_ids_over_the_grown_catalogue(grown,
     — in process and through a real `mlflow models serve` on 127.0.0.1."""
     import mlflow
 
-    from ray_jobs import tracking
+    from ray_jobs import serving, tracking
     after = grown["after"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = grown["hllm"].model_copy(update={"tracking": grown["hllm"].tracking.model_copy(update={"uri": uri})})
     run_id = tracking.start_run(spec, "pyfunc", "train")
-    version = tracking.log_recommender(spec, run_id, grown["day0"]["hllm"], after.catalogue)
+    version = serving.log_recommender(spec, run_id, grown["day0"]["hllm"], after.catalogue)
     model = mlflow.pyfunc.load_model(f"models:/{spec.registered_model_name()}/{version}")
     ids = after.catalogue.item_ids
     histories = [[ids[i] for i in h] for h in after.test.histories[:40]]
@@ -172,9 +172,9 @@ def test_next_day_metrics_of_the_models_that_served_the_day(grown):
     for kind in ("sasrec", "hllm"):
         loaded = load_for_catalogue(grown["day0"][kind], after.catalogue)
         r = evaluate_next_day(loaded.score_function(), q, after.catalogue.active, loaded.scorable, 50)
-        assert r["metrics"]["users"] == 9 and 0 <= r["metrics"]["ndcg@10"] <= 1
-        assert r["slices"]["new_users"]["users"] == 1 and r["slices"]["new_items"]["users"] == 9
-        assert r["metrics"]["unscorable_items"] == (334 if kind == "sasrec" else 0)
+        assert r.metrics["users"] == 9 and 0 <= r.metrics["ndcg@10"] <= 1
+        assert r.slices["new_users"]["users"] == 1 and r.slices["new_items"]["users"] == 9
+        assert r.metrics["unscorable_items"] == (334 if kind == "sasrec" else 0)
     top = np.array([[5, 7, 9], [2, 3, 4]])
     m = list_metrics(top, [np.array([7, 4, 8]), np.array([1])], ks=(3,))
     dcg = 1 / np.log2(3)  # user 0: hit at rank 2 of 3 relevant
@@ -191,12 +191,12 @@ def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, l
         "storage_path": str(tmp_path / "ray"), "workers": 1, "max_failures": 0}),
         "tracking": grown["hllm"].tracking.model_copy(update={"uri": f"sqlite:///{tmp_path}/mlflow.db"})})
     out = recommend.run(spec, grown["day0"]["hllm"], k=200, workers=1)
-    table = DeltaTable(out["table"]).to_pandas()
-    mine = table[table["model_version"] == out["model_version"]]
+    table = DeltaTable(out.table).to_pandas()
+    mine = table[table["model_version"] == out.model_version]
     assert NEW_USER in set(mine["user_id"]) and (mine["item_id"] == NEW_ITEM).any()
-    assert np.isfinite(mine["score"]).all() and (mine["item_idx"] > 0).all() and out["unscorable_items"] == 0
+    assert np.isfinite(mine["score"]).all() and (mine["item_idx"] > 0).all() and out.unscorable_items == 0
     a = spec.align.model_copy(update={"init": grown["day0"]["hllm"], "steps": 1, "users_per_step": 16, "rollouts": 4,
                                       "eval_every": 0, "checkpoint_every": 0})
     aligned = align(spec.model_copy(update={"align": a}), register=False)
-    assert aligned["steps"] == 1 and np.isfinite(aligned["last_step"]["reward_mean"])
-    assert read_model(aligned["model_file"]).num_items == grown["after"].num_items  # aligned on today's catalogue
+    assert aligned.steps == 1 and np.isfinite(aligned.last_step["reward_mean"])
+    assert read_model(aligned.model_file).num_items == grown["after"].num_items  # aligned on today's catalogue

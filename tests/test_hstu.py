@@ -15,7 +15,7 @@ from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.hstu import HSTU, time_bucket
 from ray_jobs.scoring import evaluate_split, load_for_catalogue, top_k
-from ray_jobs.tracking import Recommender, write_catalogue_file
+from ray_jobs.serving import Recommender, write_catalogue_file
 from ray_jobs.train import train_local
 
 
@@ -222,7 +222,7 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     assert [len(t) for t in data.train_times] == [len(s) for s in data.train]
     assert all(np.all(np.diff(t) >= 0) for t in data.train_times[:50])  # oldest first, as the items
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
-                   data.popularity)["metrics"]["ndcg@10"]
+                   data.popularity).metrics["ndcg@10"]
     result = train_local(spec, data)
     assert result.best_metric > pop * 1.2, (result.best_metric, pop)
     losses = [h["loss"] for h in result.history]
@@ -235,7 +235,7 @@ def test_hstu_with_time_bias_beats_popularity_on_movielens_100k(ml100k_lake, tmp
     assert score.reads_time
     with pytest.raises(ValueError, match="timestamps"):
         score(data.valid.histories[:4])
-    assert evaluate_split(spec, score, data, "valid")["metrics"]["ndcg@10"] == pytest.approx(result.best_metric)
+    assert evaluate_split(spec, score, data, "valid").metrics["ndcg@10"] == pytest.approx(result.best_metric)
     # evaluation reads each target's timestamp as the time of the prediction: asked at other times,
     # the same histories score differently
     stamps = data.valid.stamps()

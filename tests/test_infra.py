@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.render import ENTRYPOINTS, PORTS, SHARED, SPEC_DIR, K8sOptions, render_k8s
+from jobs.rayjob import JOB_MODULES
+from jobs.render import PORTS, SHARED, SPEC_DIR, K8sOptions, render_k8s
 from jobs.spec import SpecError, load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_rendered_manifests_follow_the_spec():
     assert validate_spec(yaml.safe_load(config["data"]["spec.yaml"])) == spec
     head_mounts = {m["mountPath"]: m["name"] for m in head["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert head_mounts[SPEC_DIR] == "spec"
-    for job, module in ENTRYPOINTS.items():
+    for job, module in JOB_MODULES.items():
         rj = files[f"rayjob-{job}.yaml"]["spec"]
         assert rj["clusterSelector"] == {"ray.io/cluster": spec.name}
         assert rj["entrypoint"] == f"python -m {module} --spec {SPEC_DIR}/spec.yaml"

@@ -50,7 +50,7 @@ def test_early_stopping_keeps_the_best_validation_model(ml100k_lake, tmp_path):
     best = max(range(len(scores)), key=scores.__getitem__)
     assert result.stopped == "early_stopping" and result.epochs_run == best + 1 + 2
     assert result.best_epoch == best + 1 and result.best_metric == scores[best]
-    assert read_model(result.checkpoint).progress["best_epoch"] == best + 1
+    assert read_model(result.checkpoint).progress.best_epoch == best + 1
 
 
 class CrashAt(Reporter):
@@ -70,7 +70,7 @@ def test_crash_mid_epoch_resumes_from_the_step_checkpoint_and_replays_exactly(ml
     with pytest.raises(KeyboardInterrupt):
         train_local(spec, reporter=CrashAt(27))
     saved = read_model(str(tmp_path / "b" / spec.name / "last.pt")).progress
-    assert (saved["step"], saved["epoch"], saved["batch"]) == (25, 1, 6)
+    assert (saved.step, saved.epoch, saved.batch) == (25, 1, 6)
     data = load_sequences(spec)
     state = training_state(spec, data, torch.device("cpu"))
     backend = LocalBackend(state, str(tmp_path / "b" / spec.name))

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from jobs.contracts import RunProgress
 from jobs.files import write_atomic
 from jobs.spec import load_spec
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.checkpoint import ModelCheckpoint, load, load_model, read_model, save_model
 from ray_jobs.models import build_model
-from ray_jobs.runtime import Collectives, collective_device
+from ray_jobs.distributed import Collectives, collective_device
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "barrier", "broadcast",
@@ -35,7 +36,7 @@ def test_collective_device_follows_the_process_group_backend():
 
 
 def test_no_loop_calls_torch_distributed_around_the_backend():
-    """Every collective of the jobs goes through runtime.Collectives, which puts tensors on the
+    """Every collective of the jobs goes through distributed.Collectives, which puts tensors on the
     device the process group handles (NCCL takes CUDA tensors only). The one exception is the
     differentiable all-gather of the loss's negatives, which runs on the model's own device."""
     offenders = []
@@ -47,12 +48,12 @@ def test_no_loop_calls_torch_distributed_around_the_backend():
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner}.{node.func.attr}")
         if path.name == "losses.py":
             assert "from torch.distributed.nn.functional import all_gather" in path.read_text()
-    assert sorted(offenders) == sorted(f"ray_jobs/runtime.py:{n}" for n in _collectives_lines()), offenders
+    assert sorted(offenders) == sorted(f"ray_jobs/distributed.py:{n}" for n in _collectives_lines()), offenders
 
 
 def _collectives_lines() -> list[str]:
     """The lines of Collectives' own calls (the only place allowed)."""
-    src = (ROOT / "ray_jobs" / "runtime.py").read_text()
+    src = (ROOT / "ray_jobs" / "distributed.py").read_text()
     tree = ast.parse(src)
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Collectives")
     return [f"{n.lineno} dist.{n.func.attr}" for n in ast.walk(cls)
@@ -123,10 +124,10 @@ def test_model_checkpoint_round_trip_and_catalogue_check(tmp_path):
     model = build_model(spec, items)
     ids = ["", "a", "b", "c"]
     ckpt = ModelCheckpoint.of({k: v.clone() for k, v in model.state_dict().items()}, spec, Catalogue(ids, items),
-                              {"item_index": 4, "sequences": 2}, {"best_epoch": 3, "history": [{"loss": 1.5}]})
+                              {"item_index": 4, "sequences": 2}, RunProgress(best_epoch=3, history=[{"loss": 1.5}]))
     path = save_model(str(tmp_path / "m.pt"), ckpt)
     again, back = load_model(path)
-    assert back.spec == spec and back.item_text == items and back.item_ids == ids and back.progress["best_epoch"] == 3
+    assert back.spec == spec and back.item_text == items and back.item_ids == ids and back.progress.best_epoch == 3
     assert back.seen.tolist() == [False, True, True, True]
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
     assert back.check_catalogue(Catalogue(ids, items), 9, "m.pt").identical  # same items, another version: accepted
@@ -179,7 +180,7 @@ def test_job_entry_points_report_user_mistakes_in_one_line(tmp_path):
 
 FRAGMENTS = """
 import torch
-from ray_jobs.runtime import return_freed_memory
+from ray_jobs.distributed import return_freed_memory
 def rss():
     return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
 assert return_freed_memory()

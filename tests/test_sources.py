@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from spark.etl import Lake, run_etl
+from jobs.lake import Lake
+from spark.etl import run_etl
 from spark.sources import SourceError, list_files, read_source
 
 

@@ -119,7 +119,7 @@ def test_base_inheritance_merges_overrides_and_refuses_bad_chains(tmp_path):
 
 def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     from jobs.spec import absolute_paths
-    from ray_jobs.runtime import deepspeed_config
+    from ray_jobs.distributed import deepspeed_config
     monkeypatch.chdir(tmp_path)
     spec = load_spec("movielens-1m-hllm-gpu")
     assert spec.train.use_gpu and spec.train.workers == 8 and spec.train.deepspeed == "zero2"

@@ -163,16 +163,16 @@ def test_sasrec_beats_popularity_on_movielens_100k(ml100k, tmp_path):
     spec = _spec(ml100k, tmp_path, "train.epochs=30")
     data = load_sequences(spec)
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
-                   data.popularity)["metrics"]["ndcg@10"]
+                   data.popularity).metrics["ndcg@10"]
     result = train_local(spec, data)
     assert result.best_metric > pop, (result.best_metric, pop)
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] * 0.8
     model, ckpt = load_model(result.checkpoint)
-    assert ckpt.progress["best_epoch"] == result.best_epoch
+    assert ckpt.progress.best_epoch == result.best_epoch
     loaded = load_for_catalogue(result.checkpoint, data.catalogue)
     assert loaded.scorable.sum() == 1349  # an ID model scores the items it trained on, not the 333 cold ones
-    again = evaluate_split(spec, loaded.score_function(), data, "valid", scorable=loaded.scorable)["metrics"]
+    again = evaluate_split(spec, loaded.score_function(), data, "valid", scorable=loaded.scorable).metrics
     assert again["ndcg@10"] == pytest.approx(result.best_metric)  # the saved best model reproduces its score
     assert (again["candidates"], again["unscorable_items"]) == (1682, 333)
 
@@ -200,7 +200,7 @@ def test_evaluate_cli_for_baselines(ml100k, tmp_path):
     import sys
 
     from ray_jobs.models.baselines import TransitionGraph
-    from ray_jobs.models.hllm import minilm_item_embeddings
+    from ray_jobs.models.llm import minilm_item_embeddings
     spec = load_spec("movielens-100k-smoke", [f"lake.root={ml100k}", f"model.cache_dir={tmp_path / 'cache'}"])
     data = load_sequences(spec)
     emb = minilm_item_embeddings(spec.model, data.item_text)
@@ -216,8 +216,8 @@ def test_evaluate_cli_for_baselines(ml100k, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
         want = evaluate_split(spec, score, data, "test", emb)
-        assert result["metrics"] == pytest.approx(want["metrics"], rel=1e-12)
-        assert result["beyond_accuracy"] == pytest.approx(want["beyond_accuracy"], rel=1e-6)
+        assert result["metrics"] == pytest.approx(want.metrics, rel=1e-12)
+        assert result["beyond_accuracy"] == pytest.approx(want.beyond_accuracy, rel=1e-6)
         assert result["metrics"]["users"] == 943 and "| " + kind in proc.stdout
     # the popularity figure by hand: the test target's rank among unseen items ordered by train counts
     ranks = []

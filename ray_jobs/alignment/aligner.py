@@ -18,7 +18,7 @@ from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs
 from ray_jobs.data import left_pad
 from ray_jobs.metrics import mask_scores
-from ray_jobs.runtime import Collectives
+from ray_jobs.distributed import Collectives
 from ray_jobs.scoring import CosineScores
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # left-padded histories (B, L) -> cosine scores (B, n + 1)

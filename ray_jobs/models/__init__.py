@@ -1,7 +1,8 @@
 """The sequence models (SASRec, HSTU, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -11,26 +12,39 @@ from jobs.spec import JobSpec
 TRAINABLE = ("sasrec", "hstu", "hllm")
 
 
-def reads_time(model: nn.Module) -> bool:
-    """Whether a model's forward needs the events' timestamps beside the item ids (HSTU's time bias)."""
-    return bool(getattr(model, "time_buckets", 0))
+@runtime_checkable
+class SequenceRecommender(Protocol):
+    """What every sequence model declares and offers; the loop, the loss, the scorer and the served
+    pyfunc read these and nothing else.
+
+    - `forward(ids[, times])`: (B, L) left-padded item ids -> (B, L, d) next-item queries.
+    - `user_embeddings(ids[, times] | ids, catalogue=...)`: the query at the last position, (B, d).
+    - `item_embeddings(ids)`, `all_item_embeddings()`: item vectors in the same space (row 0: padding).
+    - `one_item_pass(*ids)`: a block in which the item side runs once for the distinct items of `ids`
+      (none: the whole catalogue) and every item lookup reads from it (HLLM); ID models look items
+      up in a table, which costs nothing to repeat, so theirs does nothing."""
+    num_items: int
+    reads_time: bool       # forward and user_embeddings take each event's timestamp (HSTU's time bias)
+    query_time: str        # "event" | "target": what a time bias measures gaps from
+    reads_catalogue: bool  # user_embeddings may take the catalogue vectors the scorer already computed
+
+    def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def all_item_embeddings(self) -> torch.Tensor: ...
+
+    def user_embeddings(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor: ...
+
+    def one_item_pass(self, *ids: torch.Tensor) -> AbstractContextManager: ...
 
 
-def reads_request_time(model: nn.Module) -> bool:
+def reads_request_time(model: SequenceRecommender) -> bool:
     """Whether a time-reading model measures gaps from the time the prediction is for
     (`model.query_time: target`), so that time is an input it cannot do without."""
-    return reads_time(model) and getattr(model, "query_time", "event") == "target"
+    return model.reads_time and model.query_time == "target"
 
 
-def one_item_pass(model: nn.Module, *ids: torch.Tensor) -> AbstractContextManager:
-    """A block in which the model's item side runs once for the distinct items of `ids` (none: the
-    whole catalogue) and every item lookup reads from it — HLLM's `one_item_pass`; ID models look
-    items up in a table, which costs nothing to repeat."""
-    share = getattr(model, "one_item_pass", None)
-    return share(*ids) if share is not None else nullcontext()
-
-
-def build_model(spec: JobSpec, item_text: list[str], known: tuple[list[str], torch.Tensor] | None = None) -> nn.Module:
+def build_model(spec: JobSpec, item_text: list[str],
+                known: tuple[list[str], torch.Tensor] | None = None) -> SequenceRecommender:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding).
     `known`: texts and frozen item embeddings at hand (a cached HLLM's checkpoint): not recomputed."""
     m = spec.model

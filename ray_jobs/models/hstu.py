@@ -115,6 +115,7 @@ class HSTU(IdSequenceModel):
         if query_time not in QUERY_TIMES:
             raise ValueError(f"model.query_time must be one of {QUERY_TIMES}, got {query_time!r}")
         self.time_buckets, self.query_time = time_buckets, query_time
+        self.reads_time = bool(time_buckets)
         self.layers = nn.ModuleList(HSTUBlock(dim, heads, max_len, dropout, time_buckets=time_buckets,
                                               attention_dim=attention_dim, original=original) for _ in range(blocks))
         self.final_norm = nn.Identity() if original else nn.LayerNorm(dim, eps=1e-6)

@@ -3,6 +3,8 @@ output side's item vectors), learned positions counted from the right end of a `
 from each sequence's first item), input dropout, and the scoring surface the trainer and evaluator use."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -16,6 +18,11 @@ def check_block(block: str, kind: str) -> None:
 
 
 class IdSequenceModel(nn.Module):
+    """The item-ID part of a `SequenceRecommender` (`ray_jobs.models`)."""
+    reads_time = False
+    query_time = "event"
+    reads_catalogue = False
+
     def __init__(self, num_items: int, max_len: int, dim: int, dropout: float,
                  positions_from_start: bool = False) -> None:
         super().__init__()
@@ -60,3 +67,7 @@ class IdSequenceModel(nn.Module):
     def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """The representation at the last position (the next-item query), (B, dim)."""
         return self.forward(ids, last_only=True)[:, -1]
+
+    def one_item_pass(self, *ids: torch.Tensor) -> AbstractContextManager:
+        """Item lookups are table reads: nothing to share."""
+        return nullcontext()

@@ -1,5 +1,6 @@
-"""Benchmark result files (`bench/results/*.json`): what every one carries about how it was made
-(when, the command, the commit, the machine), written whole or not at all."""
+"""How a figure or a run was made: when, the command, the commit, the machine. Benchmark result
+files (`bench/results/*.json`) carry it and are written whole or not at all; MLflow runs are
+tagged with the commit."""
 from __future__ import annotations
 
 import json

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from jobs.results import provenance, write_result
+from jobs.provenance import provenance, write_result
 
 
 def test_provenance_names_the_commit_the_command_and_the_machine():
