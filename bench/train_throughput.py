@@ -74,7 +74,7 @@ def first_step_worker(cfg: dict) -> None:
     import math
 
     import numpy as np  # noqa: F401  (numpy arrays travel in the shard)
-    from jobs.spec import JobSpec
+    from jobs.schema import JobSpec
     from ray_jobs.data import load_sequences
     from ray_jobs.loop import Clock, DeepSpeedBackend, Reporter, fit_windows, peak_rss_gib, train_epoch, training_state
     from ray_jobs.models import build_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from jobs.contracts import EvaluationReport
-from jobs.spec import GateSpec
+from jobs.schema import GateSpec
 
 
 @dataclass

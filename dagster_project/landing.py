@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 
 from jobs.lake import ingested_days
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 from spark.sources import LandedFiles, day_fingerprint, landing_days
 
 

@@ -19,7 +19,7 @@ from jobs.contracts import CHAMPION, Check, EvaluateOutcome, EvaluationReport, M
 from jobs.lake import published_versions
 from jobs.rayjob import job_command
 from jobs.secrets import check_override_secrets, scrubbed_errors
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 
 
 def upstream(context: AssetExecutionContext, key: AssetKey) -> dict:

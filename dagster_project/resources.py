@@ -17,7 +17,8 @@ from pydantic import Field, PrivateAttr
 
 from jobs.render import SPEC_DIR, K8sOptions, ray_job_with_cluster
 from jobs.rayjob import PROJECT, client_token_auth, project_spec_path, submit_when_ready
-from jobs.spec import JobSpec, load_spec, local_overrides
+from jobs.schema import JobSpec
+from jobs.spec import load_spec, local_overrides
 
 ROOT = PROJECT
 

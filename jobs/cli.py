@@ -18,7 +18,9 @@ from jobs.lake import Lake, LakeBusy, LakeCorrupt
 from jobs.progress import Steps
 from jobs.rayjob import JOB_MODULES
 from jobs.secrets import check_override_secrets, install_redaction, mask_uri, redact, redacted_exception
-from jobs.spec import SpecError, dump_spec, load_spec, local_overrides, safe_name
+from jobs.errors import SpecError
+from jobs.schema import safe_name
+from jobs.spec import dump_spec, load_spec, local_overrides
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from jobs.files import open_nofollow
-from jobs.spec import JobSpec, absolute_path, storage_options
+from jobs.schema import JobSpec
+from jobs.spec import absolute_path, storage_options
 
 TABLES = {
     "interactions_raw": "bronze/interactions_raw",

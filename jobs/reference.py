@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 
 PREAMBLE = """# The job spec: reference
 

@@ -14,7 +14,9 @@ import yaml
 
 from jobs.rayjob import JOB_MODULES, job_command_line
 from jobs.secrets import env_references, literal_credentials
-from jobs.spec import JobSpec, SpecError, dump_spec
+from jobs.errors import SpecError
+from jobs.schema import JobSpec
+from jobs.spec import dump_spec
 
 SPEC_DIR = "/etc/llmrec"  # where the ConfigMap's spec.yaml is mounted on the head
 SHARED = "/mnt/shared"   # where the shared volume is mounted on every pod

@@ -24,7 +24,8 @@ import sys
 import torch
 
 from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, meta
-from jobs.spec import JobSpec, absolute_paths, tracking_uri
+from jobs.schema import JobSpec
+from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model

@@ -20,7 +20,7 @@ from torch import nn
 from jobs.contracts import RunProgress
 from jobs.files import write_atomic
 from jobs.secrets import public_doc
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 from ray_jobs.catalogue import Catalogue, CatalogueMismatch, Extension, ModelCatalogue
 from ray_jobs.models import build_model, load_weights
 
@@ -102,7 +102,7 @@ class ModelCheckpoint:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path}: not an llmrec model checkpoint ({FORMAT})")
         seen = payload.get("seen")
-        return cls(payload["weights"], JobSpec.model_validate(payload["spec"]), payload["item_text"],
+        return cls(payload["weights"], JobSpec.from_saved(payload["spec"]), payload["item_text"],
                    payload["versions"], RunProgress.from_dict(payload.get("progress") or {}), payload.get("extra", {}),
                    payload.get("item_ids"),
                    None if seen is None else seen.numpy().astype(bool))

@@ -17,7 +17,8 @@ import torch
 from deltalake import DeltaTable
 
 from jobs.lake import open_table, read_versions, table_path
-from jobs.spec import JobSpec, storage_options
+from jobs.schema import JobSpec
+from jobs.spec import storage_options
 from ray_jobs.catalogue import Catalogue
 
 

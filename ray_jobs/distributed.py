@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "jobs" / "deepspeed"
 

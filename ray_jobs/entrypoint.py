@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from jobs.contracts import Record, meta
-from jobs.spec import JobSpec, SpecError, load_spec
+from jobs.errors import SpecError
+from jobs.schema import JobSpec
+from jobs.spec import load_spec
 
 USER_ERRORS = (SpecError, FileNotFoundError, ValueError)  # CatalogueMismatch, SourceError, UnsafeFile are ValueErrors
 

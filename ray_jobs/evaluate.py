@@ -14,7 +14,8 @@ import re
 import sys
 
 from jobs.contracts import EvaluateOutcome, ModelRow, meta
-from jobs.spec import JobSpec, absolute_paths
+from jobs.schema import JobSpec
+from jobs.spec import absolute_paths
 from ray_jobs.data import load_sequences
 from ray_jobs.entrypoint import DagsterReport, job_main
 from ray_jobs.metrics import markdown_table

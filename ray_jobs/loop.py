@@ -32,7 +32,7 @@ from torch import nn
 
 from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 from ray_jobs.catalogue import Catalogue, CatalogueMismatch
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_loads, save_model
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds

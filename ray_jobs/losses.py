@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.spec import TrainSpec
+from jobs.schema import TrainSpec
 
 
 def gather_negatives(neg: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 
 from jobs.contracts import NextDayResult
 from jobs.lake import open_table, table_path
-from jobs.spec import JobSpec, storage_options
+from jobs.schema import JobSpec
+from jobs.spec import storage_options
 from ray_jobs.data import read_catalogue
 from ray_jobs.metrics import ScoreFn, call_scores, mask_scores
 

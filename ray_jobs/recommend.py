@@ -26,7 +26,8 @@ from deltalake.exceptions import TableNotFoundError
 
 from jobs.contracts import RecommendOutcome, meta
 from jobs.lake import table_path
-from jobs.spec import JobSpec, absolute_paths, storage_options
+from jobs.schema import JobSpec
+from jobs.spec import absolute_paths, storage_options
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.data import load_sequences
 from ray_jobs.entrypoint import DagsterReport, job_main

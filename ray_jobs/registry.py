@@ -6,7 +6,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from jobs.spec import JobSpec, absolute_paths, tracking_uri
+from jobs.schema import JobSpec
+
+from jobs.spec import absolute_paths, tracking_uri
 
 
 def run_dir(spec: JobSpec, run_name: str) -> str:

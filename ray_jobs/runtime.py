@@ -12,7 +12,8 @@ import torch
 
 from jobs.contracts import EvalResult
 from jobs.rayjob import local_token_auth
-from jobs.spec import JobSpec, absolute_paths
+from jobs.schema import JobSpec
+from jobs.spec import absolute_paths
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import process_group_backend

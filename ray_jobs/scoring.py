@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.contracts import EvalResult
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 from ray_jobs.catalogue import Catalogue, Extension
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import EvalSplit, SeqData, left_pad

@@ -12,7 +12,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from jobs.contracts import CHALLENGER
-from jobs.spec import JobSpec, tracking_uri
+from jobs.schema import JobSpec
+from jobs.spec import tracking_uri
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.checkpoint import read_model
 from ray_jobs.models import reads_request_time

@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 from jobs.contracts import EvalResult, Tag, final_metric, mlflow_metric
 from jobs.provenance import commit
 from jobs.secrets import flat_doc, mask_uri, public_doc, redact
-from jobs.spec import JobSpec, dump_spec, tracking_uri
+from jobs.schema import JobSpec
+from jobs.spec import dump_spec, tracking_uri
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.entrypoint import on_stop, stop_requested
 from ray_jobs.loop import Reporter

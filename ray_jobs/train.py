@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from jobs.contracts import Check, ModelRecord, TrainOutcome, TrainWorkerConfig, meta
-from jobs.spec import JobSpec, absolute_paths, tracking_uri
+from jobs.schema import JobSpec
+from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.checkpoint import save_model
 from ray_jobs.data import SeqData, load_sequences

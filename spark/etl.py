@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from jobs.files import write_atomic
 from jobs.lake import Lake, current_publication, etl_lock, ingested_days, publish, rollback_unpublished
 from jobs.progress import QUIET, Steps
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 from spark import quality
 from spark.delta_io import MergeResult, merge_table, read_lake, write_lake
 from spark.quality import CheckResult

@@ -13,7 +13,7 @@ from typing import Iterator
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.secrets import from_env
-from jobs.spec import SparkSpec
+from jobs.schema import SparkSpec
 
 # Global windows (dense id assignment) are intended; PySpark's Connect client warns on each one.
 warnings.filterwarnings("ignore", message=".*No Partition Defined for Window operation.*")

@@ -23,8 +23,7 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from jobs.spec import (AmazonSource, GenericSource, ItemFiles, LandingSpec, MovieLensPackagedSource, MovieLensSource,
-                       SyntheticSource)
+from jobs.schema import AmazonSource, GenericSource, ItemFiles, LandingSpec, MovieLensPackagedSource, MovieLensSource, SyntheticSource
 from spark.session import Engine
 from spark.transforms import OVERSIZE
 

@@ -17,7 +17,9 @@ from jobs.rayjob import local_token_auth
 
 local_token_auth()  # before anything imports ray: the session's local Ray and heads ask for one token
 
-from jobs.spec import JobSpec, load_spec, validate_spec  # noqa: E402
+from jobs.schema import JobSpec
+
+from jobs.spec import load_spec, validate_spec  # noqa: E402
 from spark.session import Engine, start_engine  # noqa: E402
 
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
@@ -125,12 +127,14 @@ def free_port():
 
 @pytest.fixture
 def ray_overrides(ml100k_lake):
-    """`--set` overrides of a small SASRec run on the shared lake, its checkpoints, Ray storage and
-    MLflow store under `tmp`."""
+    """`--set` overrides of a small run (SASRec unless `extra` names another model.kind) on the shared
+    lake, its checkpoints, Ray storage and MLflow store under `tmp`."""
     def make(tmp: Path, name: str, *extra: str) -> list[str]:
+        kind = next((e.split("=", 1)[1] for e in extra if e.startswith("model.kind=")), "sasrec")
+        shape = ["model.dim=32", "model.dropout=0.0"] if kind in ("sasrec", "hstu") else []
         return [f"name={name}", f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp}/ckpt",
-                f"train.storage_path={tmp}/ray", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "model.kind=sasrec",
-                "model.dim=32", "model.dropout=0.0", "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
+                f"train.storage_path={tmp}/ray", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"model.kind={kind}",
+                *shape, "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
                 "train.eval_every=1", "train.workers=2", "train.max_failures=0", *extra]
     return make
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from jobs.spec import AlignSpec
+from jobs.schema import AlignSpec
 from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.aligner import AlignData, Aligner, StepStats, StepSums, posterior_groups
 from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs

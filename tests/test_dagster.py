@@ -19,7 +19,8 @@ from dagster_project.deployment import build_definitions
 from dagster_project.gate import decide
 from dagster_project.resources import MLflowResource, RayResource, SparkResource, SpecResource
 from jobs.lake import published_versions
-from jobs.spec import GateSpec, load_spec
+from jobs.schema import GateSpec
+from jobs.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

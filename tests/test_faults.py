@@ -139,7 +139,9 @@ def test_literal_credentials_in_a_spec_are_masked_everywhere_they_go(tmp_path, m
     assert refused.returncode == 2 and "a credential would be written on the job's command line" in refused.stderr
     assert CANARY not in refused.stdout + refused.stderr
 
-    from jobs.spec import SpecError, storage_options, tracking_uri
+    from jobs.errors import SpecError
+
+    from jobs.spec import storage_options, tracking_uri
     env_spec = load_spec("movielens-100k-smoke", ["lake.storage_options.AZURE_STORAGE_SAS_TOKEN=${env:LLMREC_SAS}",
                                                   "tracking.uri=http://llmrec:${env:LLMREC_TOKEN}@mlflow:5000"])
     with pytest.raises(SpecError, match="lake.storage_options.AZURE_STORAGE_SAS_TOKEN: environment variable LLMREC_SAS"):
@@ -157,7 +159,7 @@ def test_every_user_gets_recommendations_short_histories_included(sail, make_spe
     from deltalake import DeltaTable
 
     from jobs.lake import table_path
-    from jobs.spec import JobSpec
+    from jobs.schema import JobSpec
     from ray_jobs import recommend
     from ray_jobs.data import load_sequences
     from ray_jobs.train import train_local

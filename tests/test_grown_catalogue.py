@@ -32,7 +32,7 @@ LANDING_ITEMS = {"columns": {"item_id": "item_id", "title": "title", "categories
 def overrides(lake, tmp, *extra) -> list[str]:
     return [f"lake.root={lake}", f"train.checkpoint_dir={tmp}/ckpt", f"model.cache_dir={tmp}/cache",
             f"data.landing={{path: {tmp}/landing, items: {LANDING_ITEMS}}}", "train.batch_size=128",
-            "train.eval_every=1", "model.dropout=0.0", *extra]
+            "train.eval_every=1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def grown(tmp_path_factory, ml100k_lake, engines):
     lake = tmp / "lake"
     shutil.copytree(ml100k_lake, lake)
     (tmp / "landing").mkdir()
-    sasrec = load_spec(SMOKE, overrides(lake, tmp, "name=day0-sasrec", "model.kind=sasrec", "model.dim=16",
+    sasrec = load_spec(SMOKE, overrides(lake, tmp, "name=day0-sasrec", "model.kind=sasrec", "model.dim=16", "model.dropout=0.0",
                                         "train.epochs=2", "train.lr=0.003"))
     hllm = load_spec(SMOKE, overrides(lake, tmp, "name=day0-hllm", "model.kind=hllm", "model.item_id_embedding=true",
                                       "train.epochs=2", "train.lr=0.005", "train.negatives=512"))

@@ -20,7 +20,9 @@ from jobs.files import UnsafeFile, write_atomic
 from jobs.lake import (PUBLISHED, Lake, LakeBusy, LakeUnsupported, ObjectStoreLease, dataset_root, etl_lock,
                        published_versions)
 from jobs.secrets import check_override_secrets
-from jobs.spec import SpecError, load_spec, safe_name
+from jobs.errors import SpecError
+from jobs.schema import safe_name
+from jobs.spec import load_spec
 from spark.etl import ingest_day, run_etl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from jobs.spec import ModelSpec
+from jobs.schema import HLLMSpec
 from ray_jobs.losses import InfoNCE, sequence_loss
 from ray_jobs.models.embedding_cache import EmbeddingCache
 from ray_jobs.models.hllm import HLLM
@@ -17,8 +17,8 @@ TEXTS = ["", "Title: Toy Story. Genres: Animation, Comedy.", "Title: Heat. Genre
 TINY = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}
 
 
-def spec(item_llm: str, mode: str, tmp_path, **kw) -> ModelSpec:
-    return ModelSpec(kind="hllm", item_llm=item_llm, item_llm_size=TINY, user_llm="random:llama",
+def spec(item_llm: str, mode: str, tmp_path, **kw) -> HLLMSpec:
+    return HLLMSpec(kind="hllm", item_llm=item_llm, item_llm_size=TINY, user_llm="random:llama",
                      user_llm_size={"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}, mode=mode,
                      max_item_tokens=24, cache_dir=str(tmp_path / "cache"), **kw)
 
@@ -93,7 +93,6 @@ def test_a_step_runs_each_distinct_item_through_the_item_llm_once(tmp_path, monk
     """A training step's inputs, targets and negatives share most items: `one_item_pass` runs their
     union through the item LLM once (not once per lookup), and neither it nor activation
     checkpointing changes the loss or any gradient."""
-    import ray_jobs.losses
     runs = {}
     for name, checkpointing, shared in [("separate", False, False), ("one pass", False, True),
                                         ("one pass, checkpointed", True, True)]:
@@ -104,7 +103,7 @@ def test_a_step_runs_each_distinct_item_through_the_item_llm_once(tmp_path, monk
         model.item_llm.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
         with monkeypatch.context() as m:
             if not shared:
-                m.setattr(ray_jobs.losses, "one_item_pass", lambda *a: contextlib.nullcontext())
+                m.setattr(model, "one_item_pass", lambda *a: contextlib.nullcontext())
             loss = step(model)
         runs[name] = (batches, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert runs["separate"][0] == [6, 6, 5]  # inputs, targets, negatives: each through the item LLM
@@ -214,8 +213,8 @@ def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(
     script = f"""
 import torch
 from ray_jobs.models.llm import ItemLLM
-from jobs.spec import ModelSpec
-s = ModelSpec(kind="hllm", item_llm={repo!r}, mode="cached", max_item_tokens=24)
+from jobs.schema import HLLMSpec
+s = HLLMSpec(kind="hllm", item_llm={repo!r}, mode="cached", max_item_tokens=24)
 m = ItemLLM(s).eval()
 t = m.tokenize({TEXTS!r})
 with torch.no_grad():
@@ -263,7 +262,7 @@ def test_id_text_fusion_under_full_softmax_matches_a_hand_written_loss(tmp_path)
 
 def test_scoring_runs_the_last_layer_for_the_last_position_only_and_equals_the_full_forward(tmp_path):
     torch.manual_seed(0)
-    s = ModelSpec(kind="hllm", item_llm="minilm", mode="cached", user_llm="random:llama",
+    s = HLLMSpec(kind="hllm", item_llm="minilm", mode="cached", user_llm="random:llama",
                   user_llm_size={"hidden": 16, "layers": 2, "heads": 4, "intermediate": 32},
                   cache_dir=str(tmp_path / "cache"))
     model = HLLM(s, TEXTS, max_len=40).eval()

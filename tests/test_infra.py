@@ -17,7 +17,8 @@ import yaml
 
 from jobs.rayjob import JOB_MODULES
 from jobs.render import PORTS, SHARED, SPEC_DIR, K8sOptions, render_k8s
-from jobs.spec import SpecError, load_spec, validate_spec
+from jobs.errors import SpecError
+from jobs.spec import load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_SPEC = "jobs/specs/movielens-1m-hllm-k8s.yaml"
@@ -168,7 +169,7 @@ def test_shellcheck_passes_on_every_script():
 
 
 def test_the_spark_driver_is_reachable_on_a_cluster_and_private_locally():
-    from jobs.spec import SparkSpec
+    from jobs.schema import SparkSpec
     from spark.session import driver_addresses
     assert driver_addresses(SparkSpec(engine="local", driver_host="10.0.0.5")) == {
         "spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"}

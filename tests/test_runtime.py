@@ -4,6 +4,7 @@ writes, and the jobs' entry point."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pickle
 import subprocess
@@ -148,6 +149,56 @@ def test_model_checkpoint_round_trip_and_catalogue_check(tmp_path):
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an llmrec model checkpoint"):
         read_model(str(tmp_path / "other.pt"))
+
+
+FLAT_MODEL_SECTIONS = json.loads((Path(__file__).parent / "fixtures" / "flat-model-sections.json").read_text())
+
+
+def _saved_flat(path: Path, kind: str) -> Path:
+    """The checkpoint at `path` as versions before the model union wrote it: one flat model section
+    holding every kind's fields (the fixture is such a section, dumped by that code)."""
+    payload = load(str(path))
+    flat = {**FLAT_MODEL_SECTIONS[kind], "cache_dir": payload["spec"]["model"]["cache_dir"]}
+    assert {k: flat[k] for k in payload["spec"]["model"]} == payload["spec"]["model"]  # the same settings
+    payload["spec"]["model"] = flat
+    old = path.with_name(f"flat-{path.name}")
+    write_atomic(str(old), lambda tmp: torch.save(payload, tmp))
+    return old
+
+
+def test_a_checkpoint_with_the_old_flat_model_section_evaluates_identically(tmp_path, ml100k_lake):
+    from ray_jobs.data import load_sequences
+    from ray_jobs.scoring import evaluate_split, load_for_catalogue
+    spec = load_spec("movielens-100k-smoke", [f"lake.root={ml100k_lake}", "model.block=original"])
+    data = load_sequences(spec)
+    torch.manual_seed(0)
+    model = build_model(spec, data.item_text)
+    path = Path(save_model(str(tmp_path / "sasrec.pt"), ModelCheckpoint.of(model.state_dict(), spec, data.catalogue,
+                                                                           data.versions)))
+    metrics = []
+    for p in (path, _saved_flat(path, "sasrec")):
+        loaded = load_for_catalogue(str(p), data.catalogue)
+        assert loaded.ckpt.spec.model == spec.model
+        metrics.append(evaluate_split(spec, loaded.score_function(), data, "valid", scorable=loaded.scorable).metrics)
+    assert metrics[0] == metrics[1] and metrics[0]["ndcg@10"] > 0
+
+
+def test_an_hllm_checkpoint_with_the_old_flat_model_section_scores_identically(tmp_path):
+    spec = load_spec("movielens-100k-smoke", ["model.kind=hllm", "model.item_llm=minilm", "model.mode=cached",
+                                              "model.user_dropout=0.2", f"model.cache_dir={tmp_path}/cache"])
+    items, ids = ["", "Title: A.", "Title: B.", "Title: C."], ["", "a", "b", "c"]
+    torch.manual_seed(0)
+    model = build_model(spec, items)
+    path = Path(save_model(str(tmp_path / "hllm.pt"), ModelCheckpoint.of(model.state_dict(), spec,
+                                                                         Catalogue(ids, items), {"item_index": 1})))
+    history = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    scores = []
+    for p in (path, _saved_flat(path, "hllm")):
+        again, ckpt = load_model(str(p))
+        assert ckpt.spec.model == spec.model
+        with torch.no_grad():
+            scores.append(again.user_embeddings(history) @ again.all_item_embeddings().T)
+    assert torch.equal(scores[0], scores[1])
 
 
 def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):

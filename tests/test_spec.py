@@ -3,7 +3,9 @@ import glob
 import pytest
 import yaml
 
-from jobs.spec import SpecError, apply_overrides, dump_spec, load_spec, parse_override, validate_spec
+from jobs.errors import SpecError
+
+from jobs.spec import apply_overrides, dump_spec, load_spec, parse_override, validate_spec
 
 
 def test_packaged_specs_load():
@@ -55,6 +57,42 @@ def test_source_kind_switch_and_missing_key():
     assert spec.data.source.kind == "synthetic" and spec.data.source.n_interactions == 100
     with pytest.raises(SpecError, match=r"missing key 'data\.source\.reviews'"):
         load_spec("jobs/specs/movielens-1m.yaml", ["data.source={kind: amazon2023}"])
+
+
+def test_each_model_kind_has_its_own_fields():
+    from jobs.schema import HLLMSpec, HSTUSpec, SASRecSpec
+    assert isinstance(load_spec("movielens-100k-smoke").model, SASRecSpec)  # kind defaults to sasrec
+    hstu = load_spec("movielens-1m-hstu-ref").model
+    assert isinstance(hstu, HSTUSpec) and (hstu.time_buckets, hstu.query_time) == (128, "target")
+    assert not hasattr(hstu, "item_llm")
+    with pytest.raises(SpecError, match=r"model\.item_llm is a field of model\.kind=hllm, not of sasrec"):
+        load_spec("movielens-100k-smoke", ["model.item_llm=smollm2"])
+    with pytest.raises(SpecError, match=r"model\.time_buckets is a field of model\.kind=hstu, not of hllm"):
+        load_spec("movielens-1m-hllm", ["model.time_buckets=8"])
+    with pytest.raises(SpecError, match=r"unknown key 'model\.itemllm'"):
+        load_spec("movielens-1m-hllm", ["model.itemllm=x"])
+    with pytest.raises(SpecError, match=r"does not match any of the expected tags: 'sasrec', 'hstu', 'hllm'"):
+        load_spec("movielens-100k-smoke", ["model.kind=bert4rec"])
+    # switching kind on the command line keeps what the new kind shares (cache_dir) and what is set beside it
+    sasrec = load_spec("movielens-1m-replay", ["model.kind=sasrec", "model.dim=64"]).model
+    assert isinstance(sasrec, SASRecSpec) and sasrec.dim == 64 and sasrec.cache_dir == ".replay/cache"
+    hllm = load_spec("movielens-1m-hstu", ["model.kind=hllm", "model.mode=lora"]).model
+    assert isinstance(hllm, HLLMSpec) and hllm.mode == "lora"
+    with pytest.raises(SpecError, match=r"model\.dim is a field of model\.kind=sasrec/hstu, not of hllm"):
+        load_spec("movielens-1m-hstu", ["model.kind=hllm", "model.dim=64"])
+
+
+def test_a_saved_flat_model_section_loads_without_other_kinds_fields():
+    """Specs saved with checkpoints before the model union held every kind's fields in one section."""
+    import json
+    from jobs.schema import JobSpec
+    flat = json.loads(open("tests/fixtures/flat-model-sections.json").read())
+    doc = load_spec("movielens-100k-smoke").model_dump(mode="json")
+    hllm = JobSpec.from_saved({**doc, "model": flat["hllm"]}).model
+    assert hllm.kind == "hllm" and hllm.user_dropout == 0.2 and "dim" not in hllm.model_dump()
+    assert JobSpec.from_saved({**doc, "model": flat["sasrec"]}).model.block == "original"
+    with pytest.raises(SpecError, match=r"model\.item_llm is a field of model\.kind=hllm"):
+        validate_spec({**doc, "model": flat["sasrec"]})  # a spec a user writes is held to its kind
 
 
 def test_override_parsing_errors():

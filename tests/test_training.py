@@ -102,7 +102,7 @@ def test_length_buckets_cover_every_window_once_and_trimming_keeps_the_loss():
 
 
 def test_per_position_negatives_are_drawn_per_position_and_replayable():
-    from jobs.spec import TrainSpec
+    from jobs.schema import TrainSpec
     t = TrainSpec(negatives=16, negative_sampling="per_position")
     targets = torch.ones(4, 7, dtype=torch.long)
     universe = torch.arange(1, 501)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.spec import AlignSpec, BladeSpec
+from jobs.schema import AlignSpec, BladeSpec
 from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs
 from ray_jobs.data import left_pad

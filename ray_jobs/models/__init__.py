@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from jobs.spec import JobSpec
+from jobs.schema import JobSpec
 
 TRAINABLE = ("sasrec", "hstu", "hllm")
 
@@ -50,11 +50,10 @@ def build_model(spec: JobSpec, item_text: list[str],
     m = spec.model
     if m.kind == "sasrec":
         from ray_jobs.models.sasrec import SASRec
-        return SASRec(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.block)
+        return SASRec.of(m, len(item_text) - 1, spec.data.max_seq_len)
     if m.kind == "hstu":
         from ray_jobs.models.hstu import HSTU
-        return HSTU(len(item_text) - 1, spec.data.max_seq_len, m.dim, m.blocks, m.heads, m.dropout, m.time_buckets,
-                    m.query_time, m.attention_dim, m.block)
+        return HSTU.of(m, len(item_text) - 1, spec.data.max_seq_len)
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, known)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from jobs.spec import ModelSpec
+from jobs.schema import HLLMSpec
 from ray_jobs.models.llm import ItemLLM, cached_item_table, load_backbone
 
 
@@ -37,7 +37,7 @@ class HLLM(nn.Module):
     query_time = "event"
     reads_catalogue = True  # scoring may hand user_embeddings the catalogue it already computed
 
-    def __init__(self, spec: ModelSpec, item_text: list[str], max_len: int,
+    def __init__(self, spec: HLLMSpec, item_text: list[str], max_len: int,
                  known: tuple[list[str], torch.Tensor] | None = None) -> None:
         """`known`: texts and their frozen embeddings already at hand (a cached-mode checkpoint's
         table): only the other items go through the item LLM."""

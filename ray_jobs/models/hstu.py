@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.schema import HSTUSpec
 from ray_jobs.models.ids import IdSequenceModel, check_block
 
 
@@ -123,6 +124,11 @@ class HSTU(IdSequenceModel):
         for layer in self.layers:
             layer.init_weights()
         self.zero_padding()
+
+    @classmethod
+    def of(cls, spec: HSTUSpec, num_items: int, max_len: int) -> "HSTU":
+        return cls(num_items, max_len, spec.dim, spec.blocks, spec.heads, spec.dropout, spec.time_buckets,
+                   spec.query_time, spec.attention_dim, spec.block)
 
     def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1 (last_only: the

@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from jobs.spec import LLMSize, ModelSpec
+from jobs.schema import HLLMSpec, LLMSize, ModelBase
 from ray_jobs.models.embedding_cache import EmbeddingCache
 
 CAUSAL_TYPES = {"llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "qwen3", "gpt2", "gpt_neox", "smollm3"}
@@ -68,7 +68,7 @@ def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = Non
     return AutoModel.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
 
 
-def item_pooling(spec: ModelSpec, causal: bool) -> str:
+def item_pooling(spec: HLLMSpec, causal: bool) -> str:
     """The pooling `auto` resolves to: mean for encoders and frozen (cached) causal LMs, else item_token."""
     if spec.item_pooling != "auto":
         return spec.item_pooling
@@ -79,7 +79,7 @@ class ItemLLM(nn.Module):
     """Text -> item embedding: mean over the text tokens, the last text token's state, or a learned
     [ITEM] token appended after the text (causal LMs only; see `item_pooling`)."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: HLLMSpec) -> None:
         super().__init__()
         self.backbone, self.tokenizer = load_backbone(spec.item_llm, spec.item_llm_size)
         cfg = self.backbone.config
@@ -117,18 +117,18 @@ class ItemLLM(nn.Module):
         return hidden[:, -1]
 
 
-def cache_settings(spec: ModelSpec) -> str:
+def cache_settings(spec: HLLMSpec) -> str:
     """What an item embedding depends on besides the text: the item model, its size, the prompt,
     truncation and pooling (the item-embedding cache's folder is named by it)."""
     return f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
            f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
 
 
-def item_cache(spec: ModelSpec) -> EmbeddingCache:
+def item_cache(spec: HLLMSpec) -> EmbeddingCache:
     return EmbeddingCache(spec.cache_dir, cache_settings(spec))
 
 
-def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, item_text: list[str], input_ids: torch.Tensor,
+def cached_item_table(spec: HLLMSpec, item_llm: ItemLLM, item_text: list[str], input_ids: torch.Tensor,
                       attention: torch.Tensor, known: tuple[list[str], torch.Tensor] | None = None) -> torch.Tensor:
     """Every item's embedding by the frozen item LLM: from the content-keyed cache where the same text
     was embedded with the same settings before (or from `known`), computed (and added to it) otherwise."""
@@ -136,7 +136,7 @@ def cached_item_table(spec: ModelSpec, item_llm: ItemLLM, item_text: list[str], 
                                                                           zero_first=False), known)
 
 
-def item_text_embeddings(spec: ModelSpec, item_text: list[str]) -> torch.Tensor:
+def item_text_embeddings(spec: HLLMSpec, item_text: list[str]) -> torch.Tensor:
     """(num_items + 1, d) embeddings of the item texts by `spec.item_llm` (frozen): what the graph
     baseline ranks by and what intra-list diversity is measured in."""
     item_llm = ItemLLM(spec)
@@ -144,10 +144,13 @@ def item_text_embeddings(spec: ModelSpec, item_text: list[str]) -> torch.Tensor:
     return cached_item_table(spec, item_llm, item_text, tokens["input_ids"], tokens["attention_mask"])
 
 
-def minilm_item_embeddings(spec: ModelSpec, item_text: list[str]):
+def minilm_item_embeddings(spec: ModelBase, item_text: list[str]):
     """all-MiniLM-L6-v2 embeddings of the item texts as numpy (cached like any item table): the
-    space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs."""
-    return item_text_embeddings(spec.model_copy(update={"item_llm": "minilm"}), item_text).numpy()
+    space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs
+    (an HLLM's item-text settings apply; other kinds take HLLM's defaults)."""
+    minilm = spec.model_copy(update={"item_llm": "minilm"}) if isinstance(spec, HLLMSpec) \
+        else HLLMSpec(kind="hllm", cache_dir=spec.cache_dir)
+    return item_text_embeddings(minilm, item_text).numpy()
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jobs.schema import SASRecSpec
 from ray_jobs.models.ids import IdSequenceModel, check_block
 
 
@@ -68,6 +69,10 @@ class SASRec(IdSequenceModel):
             self.norm = nn.LayerNorm(dim)
             nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
         self.zero_padding()
+
+    @classmethod
+    def of(cls, spec: SASRecSpec, num_items: int, max_len: int) -> "SASRec":
+        return cls(num_items, max_len, spec.dim, spec.blocks, spec.heads, spec.dropout, spec.block)
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only:
