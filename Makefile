@@ -41,8 +41,9 @@ $(DAGSTER_HOME)/dagster.yaml: infra/dagster/dagster.local.yaml
 # The whole loop as users run it: every asset materialised through Dagster (ETL, training and
 # alignment as Ray jobs on a local head, evaluation, the champion gate, recommendations), then the table.
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	DAGSTER_HOME=$(DAGSTER_HOME) LLMREC_SPEC=$(SPEC) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster asset materialize \
-	  -m dagster_project.definitions --select '*' \
+	DAGSTER_HOME=$(DAGSTER_HOME) LLMREC_SPEC=$(SPEC) PATH=$(CURDIR)/$(BIN):$$PATH \
+	  $(BIN)/python -m dagster_project.progress --log $(DAGSTER_HOME)/demo.log -- \
+	  $(BIN)/dagster asset materialize -m dagster_project.definitions --select '*' \
 	  --config-json '{"resources": {"spec": {"config": {"spec_path": "$(SPEC)"}}}}'
 	$(BIN)/llmrec report --spec $(SPEC)
 

@@ -76,9 +76,9 @@ def first_step_worker(cfg: dict) -> None:
     import numpy as np  # noqa: F401  (numpy arrays travel in the shard)
     from jobs.schema import JobSpec
     from ray_jobs.data import load_sequences
-    from ray_jobs.loop import Clock, DeepSpeedBackend, Reporter, fit_windows, peak_rss_gib, train_epoch, training_state
+    from ray_jobs.loop import Clock, Reporter, fit_windows, peak_rss_gib, train_epoch, training_state
     from ray_jobs.models import build_model
-    from ray_jobs.runtime import worker_context
+    from ray_jobs.runtime import DeepSpeedBackend, worker_context
     spec = JobSpec.model_validate(cfg["spec"])
     ctx = worker_context(spec)
     t0 = time.perf_counter()

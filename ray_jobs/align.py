@@ -32,12 +32,12 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
-from ray_jobs.loop import DeepSpeedBackend, Reporter, StepPlan, alignment_state, run_steps
+from ray_jobs.loop import Reporter, StepPlan, alignment_state, run_steps
 from ray_jobs.metrics import markdown_table, tail_items
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.registry import check_storage_path, resolve_model, run_dir
-from ray_jobs.runtime import evaluate_distributed, final_model, fit, init_ray, worker_context
+from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import scorable_items
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")

@@ -1,7 +1,9 @@
 """The Ray layer under the four jobs: joining or starting Ray, the Ray Train `TorchTrainer` with its
-workers' context, and full-ranking evaluation spread over Ray tasks."""
+workers' context, the loop's backend on a Ray Train worker (a DeepSpeed engine, checkpoints through
+`ray.train.report`), and full-ranking evaluation spread over Ray tasks."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,15 +11,18 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from jobs.contracts import EvalResult
+from jobs.contracts import EvalResult, RunProgress
+from jobs.files import write_atomic
 from jobs.rayjob import local_token_auth
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths
-from ray_jobs.checkpoint import ModelCheckpoint, read_model
+from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_loads, save_model
 from ray_jobs.data import SeqData, load_sequences
-from ray_jobs.distributed import process_group_backend
+from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, process_group_backend
 from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
+from ray_jobs.loop import CATALOGUE_FILE, Backend, TrainState, check_run_catalogue, weights_of
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
 
@@ -152,3 +157,82 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: in
     return result
 
 
+class DeepSpeedBackend(Backend):
+    """A Ray Train worker: a DeepSpeed engine over the state's module (ZeRO stage and precision from
+    the config), collectives on the process group's device, checkpoints through `ray.train.report`:
+    DeepSpeed's shards from every rank plus rank 0's `model.pt` (the weights the run ships)."""
+
+    def __init__(self, state: TrainState, ds_config: dict, rank: int, world: int, device: torch.device,
+                 rebuild: Callable[[], nn.Module]) -> None:
+        super().__init__(state, device)
+        import deepspeed
+        import torch.distributed as dist
+        self.rank, self.world, self.rebuild = rank, world, rebuild
+        prepare_deepspeed(device.type == "cuda")
+        self.engine, _, _, _ = deepspeed.initialize(model=state.module, optimizer=state.optimizer,
+                                                    lr_scheduler=state.scheduler, config=ds_config,
+                                                    dist_init_required=False)
+        safe_deepspeed_loads(self.engine)
+        self.zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+        self.comm = Collectives(collective_device(dist.get_backend(), device))
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every rank must call this under ZeRO-3 (the parameters are gathered from all of them)."""
+        if not self.zero3:
+            return weights_of(self.state.model)
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            return weights_of(self.state.model)
+
+    def scoring_model(self) -> nn.Module:
+        """ZeRO-3 re-partitions parameters after each submodule's forward: score a gathered copy."""
+        if not self.zero3:
+            return self.state.model
+        model = self.rebuild()
+        model.load_state_dict(self.full_weights())
+        return model.to(self.device)
+
+    def save(self, metrics: dict) -> None:
+        import tempfile
+
+        import ray.train
+        s = self.state
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag="state", client_state={
+                "progress": s.progress().to_dict(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
+            if self.rank == 0:
+                write_atomic(os.path.join(d, CATALOGUE_FILE), lambda tmp: Path(tmp).write_text(json.dumps(
+                    {"item_ids": s.catalogue.item_ids, "text_hashes": s.catalogue.text_hashes()})))
+                if s.model_weights is not None:
+                    save_model(os.path.join(d, "model.pt"), s.model_checkpoint(s.model_weights))
+            self.comm.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def restore(self) -> bool:
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return False
+        s = self.state
+        with checkpoint.as_directory() as d:
+            check_run_catalogue(d, s.catalogue, f"resuming from {checkpoint.path}")  # every rank, before any shard
+            _, client = self.engine.load_checkpoint(d, tag="state")
+            s.restore_progress(RunProgress.from_dict(client["progress"]))
+            for k, v in s.stateful.items():
+                v.load_state_dict(client["stateful"][k])
+            if self.rank == 0 and os.path.exists(os.path.join(d, "model.pt")):
+                ckpt = read_model(os.path.join(d, "model.pt"))
+                ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {checkpoint.path}")
+                s.model_weights = ckpt.weights
+        s.restarts += 1
+        return True

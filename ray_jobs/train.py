@@ -29,13 +29,13 @@ from ray_jobs.checkpoint import save_model
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
-from ray_jobs.loop import DeepSpeedBackend, LocalBackend, Reporter, run_epochs, training_state, warm_start
+from ray_jobs.loop import LocalBackend, Reporter, run_epochs, training_state, warm_start
 from ray_jobs.metrics import markdown_table
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.registry import check_storage_path, model_file
-from ray_jobs.runtime import evaluate_distributed, final_model, fit, init_ray, worker_context
+from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import evaluate_split
 
 

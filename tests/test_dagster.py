@@ -317,10 +317,16 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
                             "mlflow": {"config": {"tracking_uri": uri}}, "ray": {"config": {"num_cpus": 2}}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "DAGSTER_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    proc = subprocess.run([str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
+    log = home / "demo.log"  # as `make demo` runs it: a line per step here, the whole output in the log
+    proc = subprocess.run([str(BIN / "python"), "-m", "dagster_project.progress", "--log", str(log), "--",
+                           str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
                            "--select", "*", "-c", str(tmp_path / "run.yaml")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:] + log.read_text()[-4000:]
+    steps = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("  ok ")]
+    assert {"trained_model", "aligned_model", "evaluation_report", "champion_model", "gold__recommendations"} <= set(steps)
+    assert len(proc.stdout.splitlines()) == len(steps) + 2 and "STEP_SUCCESS" in log.read_text()
+    assert any(line.split()[1] == "trained_model" and "valid_ndcg@10=0." in line for line in proc.stdout.splitlines())
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = DagsterInstance.get()

@@ -1,6 +1,7 @@
 """The layering, read from the source: data flows one way (`jobs` → `spark` → `ray_jobs` → MLflow →
 `dagster_project`), the four jobs are siblings that never import each other, no private name crosses
-a module, and no module of `ray_jobs/` takes part in an import cycle."""
+a module, the training loop sits beneath the Ray layer, and no module of `ray_jobs/` takes part in an
+import cycle."""
 from __future__ import annotations
 
 import ast
@@ -49,6 +50,15 @@ def test_data_flows_one_way_and_jobs_stay_siblings():
             bad += [f"{name} takes private {n} from {target}" for n in names
                     if n.startswith("_") and top in ALLOWED and not n.startswith("__")]
     assert not bad, bad
+
+
+def test_the_training_loop_sits_beneath_the_ray_layer():
+    """The loop reaches collectives and DeepSpeed through `ray_jobs.distributed`; the Ray layer
+    (`runtime`), the registry's entry point and the jobs are above it."""
+    above = {"ray", "ray_jobs.runtime", "ray_jobs.entrypoint", "ray_jobs.tracking", "ray_jobs.serving"} | JOBS
+    for name in ("ray_jobs.loop", "ray_jobs.distributed", "ray_jobs.losses", "ray_jobs.checkpoint"):
+        taken = {t for t, _ in imports(modules()[name], top_level_only=False)}
+        assert not {t for t in taken if t in above or t.startswith("ray.")}, (name, taken & above)
 
 
 def test_no_import_cycle_in_ray_jobs():
