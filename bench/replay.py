@@ -38,6 +38,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from jobs.contracts import ModelRecord
 from jobs.provenance import ROOT, provenance, write_result
 
 SPEC = "jobs/specs/movielens-1m-replay.yaml"
@@ -162,7 +163,7 @@ class Replay:
         if not result.success:
             raise RuntimeError(f"{self.model}: night 0 failed")
         trained, gate = self.meta(instance, "trained_model"), self.meta(instance, "champion_model")
-        return {"champion_version": gate["champion_version"], "champion_file": trained["model_file"],
+        return {"champion_version": gate["champion_version"], "champion_file": ModelRecord.from_metadata(trained).model_file,
                 "train_seconds": trained["train_seconds"], "valid_ndcg@10": trained["valid_ndcg@10"],
                 "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -178,10 +179,11 @@ class Replay:
             raise RuntimeError(f"{self.model}: the nightly job failed on {day}")
         landed, trained, report, gate = (self.meta(instance, k) for k in ("bronze/landed_day", "trained_model",
                                                                             "evaluation_report", "champion_model"))
+        record = ModelRecord.from_metadata(trained)
         return {"landed": {k: landed.get(k) for k in ("rows", "new_items", "new_users", "items_inserted",
                                                       "items_without_metadata")},
                 "train_seconds": trained["train_seconds"], "warm_start": trained["warm_start"],
-                "trained_version": str(trained["model_version"]), "trained_file": trained["model_file"],
+                "trained_version": str(record.model_version), "trained_file": record.model_file,
                 "served": report.get("next_day_results", []), "gate": {k: gate.get(k) for k in (
                     "promote", "reason", "candidate", "candidate_metric", "champion_metric", "champion_version")},
                 "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -198,7 +200,7 @@ class Replay:
         if proc.returncode != 0:
             raise RuntimeError(f"{self.model}: scratch training of night {night} failed: {proc.stderr[-3000:]}")
         out = json.loads(proc.stdout[proc.stdout.index("{"):])
-        return {"file": out["model"]["model_file"], "train_seconds": out["seconds"], "wall_seconds":
+        return {"file": ModelRecord.from_dict(out["model"]).model_file, "train_seconds": out["seconds"], "wall_seconds":
                 round(time.perf_counter() - started, 1)}
 
     def judge(self, day: str, models: dict[str, str]) -> dict[str, dict]:
