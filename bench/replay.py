@@ -22,7 +22,8 @@ lake, registry and Dagster instance under .replay/<model>/.
 
 Resumable: every night's results go to bench/results/replay-movielens-1m.json as it finishes; a
 rerun skips the finished nights of a model whose working folder is still there (the champions and
-the scratch models live in it), and starts that model over otherwise. The PNG of next-day NDCG@10
+the scratch models live in it), and starts that model over otherwise. A night cut short is run again
+from a copy of the working folder taken before it, so no night's registry or lake sees a night twice. The PNG of next-day NDCG@10
 per night and policy is written beside the JSON."""
 from __future__ import annotations
 
@@ -232,9 +233,17 @@ class Replay:
         scratch_file = frozen
         for k in range(1, nights + 1):
             day = str(CUT + timedelta(k - 1))
+            before = self.work.with_name(f"{self.work.name}.before-{day}")
             if day in state["nights"]:
                 scratch_file = state["nights"][day]["scratch"]["file"]
+                shutil.rmtree(before, ignore_errors=True)
                 continue
+            if before.exists():  # this night was cut short: run it again from the state before it
+                shutil.rmtree(self.work)
+                shutil.copytree(before, self.work, symlinks=True)
+                state = self.state()
+            else:
+                shutil.copytree(self.work, before, symlinks=True)
             for f in (ROOT / ".replay" / "data" / "staged").glob(f"{day}*"):
                 shutil.copy(f, self.work / "landing" / f.name)
             b = self.nightly(day)  # ingests the day; the served models are judged on it inside Dagster
@@ -247,6 +256,7 @@ class Replay:
             state["nights"][day] = night
             self.save_state(state)
             record(self.model, day, night)
+            shutil.rmtree(before)
             scratch_file = c["file"]
 
 
