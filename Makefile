@@ -12,7 +12,7 @@ UI_PORT ?= 3000
 # say which: TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu128 (CUDA 12.8).
 TORCH_INDEX ?=
 
-.PHONY: install demo ui test bench-etl bench-train clean
+.PHONY: install demo ui test test-fast bench-etl bench-train clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests --durations=25
+
+# Development: the tests not marked slow (no shared lake, Ray cluster, server or JVM); CI runs `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow" --durations=10
 
 bench-etl: $(STAMP)
 	$(BIN)/python bench/etl.py

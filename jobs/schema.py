@@ -290,6 +290,7 @@ class LLMSize(Strict):
 
 class ModelBase(Strict):
     """What every model family has."""
+    kind: str = Field(description="the model family")
     cache_dir: str = Field("./.cache/item-embeddings", description="item-embedding artifacts: HLLM's cached mode "
                            "and the MiniLM embeddings every kind measures intra-list diversity with")
 

@@ -68,11 +68,20 @@ def sail(engines) -> Engine:
     return engines.get("sail")
 
 
+# what makes a test slow without a mark of its own: the shared lake (a Spark ETL), a Ray cluster, a
+# server process, the day-0 models of test_grown_catalogue
+SLOW_FIXTURES = {"ml100k_lake", "local_ray", "local_server", "ray_overrides", "grown"}
+
+
 def pytest_collection_modifyitems(items):
-    """Run every JVM-engine test after the Sail ones so the JVM starts once."""
+    """Mark JVM-engine tests and tests on slow fixtures `slow` (`make test-fast` leaves them out), and
+    run every JVM-engine test after the Sail ones so the JVM starts once."""
     def uses_local(item) -> bool:
         callspec = getattr(item, "callspec", None)
         return bool(callspec and "local" in callspec.params.values()) or item.get_closest_marker("jvm") is not None
+    for item in items:
+        if uses_local(item) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=uses_local)
 
 

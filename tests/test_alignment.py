@@ -275,6 +275,7 @@ def test_align_data_holds_out_training_items_only():
         AlignData.build([np.array([1])], 20, holdout=1, list_size=3)
 
 
+@pytest.mark.slow
 def test_adaptive_kl_control_raises_beta_when_kl_exceeds_target():
     aligner, policy, cfg = _toy("grpo", kl_target=1e-6, kl_rate=0.5, lr=1e-2)
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)

@@ -14,6 +14,8 @@ from jobs.lake import Lake, ingested_days, published_versions
 from ray_jobs.data import load_sequences
 from spark.etl import ingest_day, run_etl
 
+pytestmark = pytest.mark.slow
+
 DAY0 = int(datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp())
 ITEMS = {"columns": {"item_id": "item", "title": "title", "categories": "genres", "attributes": ["year"]}}
 

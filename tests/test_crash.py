@@ -26,6 +26,8 @@ from ray_jobs.data import load_sequences
 from spark.etl import ETL_TABLES, ingest_day, run_etl
 from test_catalogue import BASE, BASE_ITEMS, at, land, landing_spec
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "crash_driver.py"
 DAY1 = [("u1", "x", at(1, 1), 5), ("u2", "x", at(1, 2), 4), ("u4", "x", at(1, 3), 5), ("u4", "a", at(1, 4), 3)]

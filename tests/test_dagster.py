@@ -51,6 +51,7 @@ def test_definitions_load():
     assert production.get_sensor_def("landing_folder").default_status.value == "RUNNING"
 
 
+@pytest.mark.slow
 def test_materialize_data_assets_publishes_the_version_set(tmp_path):
     resource = SpecResource(spec_path=SMOKE, overrides=[f"lake.root={tmp_path}"])
     result = materialize([lake_tables], resources={"spec": resource, "spark": SparkResource()})

@@ -109,7 +109,7 @@ def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrid
     artifacts = {a.path for a in client.list_artifacts(out.run_id, "plots")}
     assert artifacts == {"plots/metrics_vs_k.png", "plots/training_curves.png"}
     version = client.get_model_version_by_alias("dist-eq", "challenger")
-    assert int(version.version) == out.model_version == 1
+    assert int(version.version) == out.model.model_version == 1
     model = mlflow.pyfunc.load_model("models:/dist-eq@challenger")
     history = data.test.histories[0]
     ids = data.catalogue.item_ids
@@ -229,7 +229,7 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and max(kls[-5:]) < 0.25 and kls[-1] < max(kls)
     assert max(betas) > betas[0]
     assert out.results["aligned_test"]["users"] == out.results["base_test"]["users"] == 943 and "ild@10" in out.results["aligned_test"]
-    assert out.model_version == 1 and client.get_run(out.run_id).data.tags["llmrec.align.method"] == "blade"
+    assert out.model.model_version == 1 and client.get_run(out.run_id).data.tags["llmrec.align.method"] == "blade"
     model = mlflow.pyfunc.load_model("models:/align-smoke@challenger")
     pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 5})
     assert len(pred["item_ids"][0]) == 5

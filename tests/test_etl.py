@@ -150,6 +150,7 @@ def _table_rows(path: str) -> list:
     return sorted(json.dumps(r, sort_keys=True, default=str) for r in t.to_pylist())
 
 
+@pytest.mark.slow
 def test_engines_build_identical_tables(sail, tmp_path):
     """The same spec on Sail (in process) and on JVM Spark (through the CLI) gives identical tables."""
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={tmp_path / 'sail'}"])
@@ -170,6 +171,7 @@ LANDED_DAY1 = "user_id,item_id,ts,value\n1,10,978400000,4\n4,10,978400001,5\n4,1
 LANDED_DAY2 = "user_id,item_id,ts,value\n4,10,978400001,2\n5,12,978500000,5\n"
 
 
+@pytest.mark.slow
 def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()
@@ -250,6 +252,7 @@ def test_build_gold_refuses_nothing_silently(sail, make_spec):
         build_gold(spec, sail)
 
 
+@pytest.mark.slow
 def test_etl_cli_writes_summary(tmp_path):
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "etl", "--spec", "movielens-100k-smoke",

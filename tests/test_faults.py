@@ -193,6 +193,7 @@ def test_popular_top_ranks_by_training_interactions():
     assert top.tolist() == [[2, 3, 1]] * 2 and np.allclose(scores[0], [9 / 24, 9 / 24, 5 / 24])
 
 
+@pytest.mark.slow
 def test_a_tracking_outage_mid_run_loses_no_metric_and_raises_nothing(tmp_path, free_port):
     """The worker's metric logger against a real MLflow server that is stopped mid-run and started
     again: logging during the outage neither raises nor blocks for long, warns, and every metric
@@ -244,6 +245,7 @@ def test_a_tracking_outage_mid_run_loses_no_metric_and_raises_nothing(tmp_path, 
         stop(server)
 
 
+@pytest.mark.slow
 def test_a_local_ray_started_by_a_job_refuses_clients_without_its_token(tmp_path):
     """A job without a cluster address starts its own Ray with a fresh token (Ray's GCS and raylet
     listen on every interface): a client on the same machine without the token is refused, the job

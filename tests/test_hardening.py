@@ -226,6 +226,7 @@ def test_recommendations_never_hold_history_padding_or_minus_infinity():
     assert [len(table[table.user_idx == u]) for u in (1, 2, 3)] == [5, 0, 28]
 
 
+@pytest.mark.slow
 def test_verify_model_accepts_ours_and_refuses_code_or_another_loader(tmp_path):
     from ray_jobs import serving, tracking
     from test_faults import _tiny_checkpoint as tiny_checkpoint
@@ -275,6 +276,7 @@ def test_ingest_starts_from_the_published_set_after_a_failed_full_etl(sail, make
     assert not {"x1", "x2"} & set(silver["user_id"].to_pylist())
 
 
+@pytest.mark.slow
 def test_a_credential_never_leaves_a_process_on_an_error_path(tmp_path, monkeypatch):
     """A canary credential in the tracking URI's password and in the object store's secret key, with
     the server and the store unreachable: the CLI, a job entry point, the metric reporter's warning,

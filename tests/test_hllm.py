@@ -180,6 +180,7 @@ def _smollm2_gguf() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_smollm2_from_gguf_and_from_a_hub_id_offline_embed_items_in_cached_mode(tmp_path, monkeypatch):
     import subprocess
     import sys

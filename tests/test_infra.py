@@ -179,6 +179,7 @@ def test_the_spark_driver_is_reachable_on_a_cluster_and_private_locally():
         "spark.driver.host": "driver.llmrec.svc", "spark.driver.bindAddress": "0.0.0.0"}
 
 
+@pytest.mark.slow
 def test_the_images_requirement_set_resolves(tmp_path):
     """What the images install after torch (`pip install -c constraints.txt .` in both Dockerfiles)
     resolves with pip's own resolver (`--dry-run`: nothing is installed), torch held at the pin;

