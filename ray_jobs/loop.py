@@ -50,26 +50,16 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-@dataclass
-class TrainState:
+@dataclass(kw_only=True)
+class TrainState(RunProgress):
+    """A run in memory: what it trains, on which catalogue and versions, and its progress (the
+    `RunProgress` fields every checkpoint records)."""
     spec: JobSpec
     module: nn.Module                     # what the optimizer trains; `.model` is the recommender
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     catalogue: Catalogue                  # the items trained on (by index), recorded in every checkpoint
     versions: dict[str, int]              # Delta versions of the gold tables read
-    epoch: int = 0
-    step: int = 0
-    batch: int = 0                        # batches of the current epoch already trained
-    epoch_losses: list[float] = field(default_factory=list)  # their losses (a resumed epoch's record has all)
-    best_metric: float = -1.0
-    best_epoch: int = 0
-    bad_evals: int = 0
-    seconds: float = 0.0
-    restarts: int = 0                     # times the run resumed from a checkpoint
-    stopped: str = ""                     # epochs | steps | early_stopping | time_budget | interrupted
-    history: list[dict] = field(default_factory=list)   # a record per epoch (training) or step (alignment)
-    evals: list[dict] = field(default_factory=list)     # alignment: validation records by step
     # the weights the run ships (held by rank 0): the best on validation; the newest for a refit
     # and for alignment
     model_weights: dict[str, torch.Tensor] | None = None
@@ -173,7 +163,8 @@ def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file
     total = t.epochs * math.ceil(len(fit_windows(spec, data)) / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.min_lr_ratio))
-    return TrainState(spec, module, optimizer, scheduler, data.catalogue, dict(data.versions))
+    return TrainState(spec=spec, module=module, optimizer=optimizer, scheduler=scheduler, catalogue=data.catalogue,
+                      versions=dict(data.versions))
 
 
 def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: torch.device,
@@ -186,8 +177,8 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
     module = CosineScores(policy).to(device)
     c = data.catalogue
     catalogue = c if listed is None else Catalogue(c.item_ids, c.item_text, c.active, c.kcore & listed)
-    return TrainState(spec, module, adamw(module.parameters(), spec.align.lr, device), None, catalogue,
-                      dict(data.versions))
+    return TrainState(spec=spec, module=module, optimizer=adamw(module.parameters(), spec.align.lr, device),
+                      scheduler=None, catalogue=catalogue, versions=dict(data.versions))
 
 
 # ----------------------------------------------------------------------------- backends
