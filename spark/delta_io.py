@@ -37,11 +37,11 @@ def read_table(engine: Engine, path: str, version: int | None = None,
     path = absolute_path(path)
     if not table_exists(path, storage_options):
         raise FileNotFoundError(f"no Delta table at {path}")
-    if engine.native_delta:
-        reader = engine.session.read.format("delta")
-        if version is not None:
-            reader = reader.option("versionAsOf", version)
-        return reader.load(path)
+    if engine.native_delta and version is None:
+        return engine.session.read.format("delta").load(path)
+    # A pinned version's files come from delta-rs for every engine: Sail (0.7) cannot read a version
+    # older than the table's latest checkpoint ("Missing commit file"), which a living lake reaches
+    # on its tenth commit.
     dt = open_table(path, version, storage_options)
     uris = dt.file_uris()
     features = dt.protocol().reader_features or []
