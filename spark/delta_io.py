@@ -10,9 +10,11 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 from pyspark.sql import DataFrame
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from jobs.lake import Lake, committed, latest_version, open_table
 from jobs.spec import absolute_path  # Spark SQL and delta-rs resolve relative paths differently
@@ -44,6 +46,8 @@ def read_table(engine: Engine, path: str, version: int | None = None,
     # on its tenth commit.
     dt = open_table(path, version, storage_options)
     uris = dt.file_uris()
+    if not uris:  # an empty version (a quarantine that caught nothing): its columns, no rows
+        return engine.session.createDataFrame([], schema=from_arrow_schema(pa.schema(dt.schema().to_arrow())))
     features = dt.protocol().reader_features or []
     if uris and not dt.metadata().partition_columns and "deletionVectors" not in features:
         # Spark reads the version's data files itself: nothing passes through the driver.

@@ -162,6 +162,8 @@ def test_a_version_older_than_the_latest_checkpoint_reads_back(sail, tmp_path):
     DeltaTable(path).create_checkpoint()
     assert [read_table(sail, path, v).count() for v in (0, 5, 10, 11)] == [1, 6, 11, 12]
     assert read_table(sail, path).count() == 12
+    write_deltalake(str(tmp_path / "empty"), pa.table({"v": pa.array([], pa.int64())}))  # no data file at all
+    assert read_table(sail, str(tmp_path / "empty"), 0).columns == ["v"]
 
 
 def test_engines_build_identical_tables(sail, tmp_path):
