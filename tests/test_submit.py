@@ -4,6 +4,7 @@ recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,12 +29,19 @@ pytestmark = pytest.mark.slow
 CANARY = f"canary-{uuid.uuid4().hex}"
 
 
-@pytest.fixture
-def ray_head(tmp_path, free_port):
-    port, dash = free_port(), free_port()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """One local head for the tests that submit to it (each tells its own jobs apart)."""
+    port, dash = _free_port(), _free_port()
     # the session's in-process Ray (tests/conftest.py) holds the default agent and client ports
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash),
-           "RAY_AGENT_PORT": str(free_port()), "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "2",
+           "RAY_AGENT_PORT": str(_free_port()), "RAY_CLIENT_PORT": str(_free_port()), "RAY_NUM_CPUS": "2",
            "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "LLMREC_TEST_TOKEN": CANARY}
     up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
@@ -208,6 +216,8 @@ def test_a_cancelled_dagster_run_stops_its_ray_job_and_the_mlflow_run_ends_kille
     home = tmp_path / "dagster"
     home.mkdir()
     run_env = {**env, "DAGSTER_HOME": str(home), "RAY_AUTH_MODE": "token"}
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    earlier = {j.submission_id for j in JobSubmissionClient(address).list_jobs()}  # the head is shared
     proc = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
                              "--select", "trained_model", "-c", str(tmp_path / "run.yaml")],
                             cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -234,7 +244,6 @@ def test_a_cancelled_dagster_run_stops_its_ray_job_and_the_mlflow_run_ends_kille
             break
         time.sleep(1)
     assert client.get_run(run_.info.run_id).info.status == "KILLED"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    jobs = JobSubmissionClient(address).list_jobs()
+    jobs = [j for j in JobSubmissionClient(address).list_jobs() if j.submission_id not in earlier]
     assert jobs and all(j.status in (JobStatus.STOPPED, JobStatus.FAILED) for j in jobs
                         if j.entrypoint and "ray_jobs.train" in j.entrypoint)
