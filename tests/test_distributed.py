@@ -54,7 +54,7 @@ def test_one_ray_worker_runs_the_local_loop(tmp_path, local_ray, ray_overrides):
     """One loop: the same spec in this process and on one Ray Train worker (DeepSpeed ZeRO-2) gives
     the same history, the same stop and the same shipped model — for a validated run and for a
     refit stopped by its time budget between two evaluations."""
-    cases = {"valid": ["train.epochs=3", "train.eval_every=1"],
+    cases = {"valid": ["train.epochs=2", "train.eval_every=1"],
              "refit-budget": ["train.epochs=3", "train.eval_every=2", "train.fit_on=train_valid",
                               "train.max_minutes=0.000001"]}
     for case, extra in cases.items():
@@ -64,7 +64,7 @@ def test_one_ray_worker_runs_the_local_loop(tmp_path, local_ray, ray_overrides):
         local = train_local(spec, resume=False)
         ray_ckpt, local_ckpt = read_model(on_ray.model_file), read_model(local.checkpoint)
         if case == "valid":
-            assert local.stopped == on_ray.stopped == "epochs" and local.epochs_run == 3
+            assert local.stopped == on_ray.stopped == "epochs" and local.epochs_run == 2
         else:  # the budget is spent in epoch 1, which is evaluated (on test) and shipped as the model
             assert local.stopped == on_ray.stopped == "time_budget" and local.epochs_run == on_ray.epochs_run == 1
             assert "test_ndcg@10" in local.history[0] and local.best_epoch == ray_ckpt.progress.best_epoch == 1
