@@ -49,7 +49,7 @@ def read_table(engine: Engine, path: str, version: int | None = None,
     if not uris:  # an empty version (a quarantine that caught nothing): its columns, no rows
         return engine.session.createDataFrame([], schema=from_arrow_schema(pa.schema(dt.schema().to_arrow())))
     features = dt.protocol().reader_features or []
-    if uris and not dt.metadata().partition_columns and "deletionVectors" not in features:
+    if not dt.metadata().partition_columns and "deletionVectors" not in features:
         # Spark reads the version's data files itself: nothing passes through the driver.
         return engine.session.read.parquet(*uris)
     return engine.session.createDataFrame(dt.to_pyarrow_table())
