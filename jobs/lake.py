@@ -103,6 +103,18 @@ def open_table(path: str, version: int | None = None, options: dict | None = Non
                           "repaired by the next `llmrec etl` or `llmrec ingest`)") from None
 
 
+def read_rows(table) -> list[dict]:
+    """Every row of a (small) table at its loaded version, read by delta-rs' own query engine. Not
+    `to_pyarrow_table`: pyarrow's scanner over delta-rs' filesystem handler can leave I/O threads
+    running when the interpreter exits, and a command that read through it then sometimes aborts
+    after its work is done ("terminate called without an active exception", exit 134;
+    delta-io/delta-rs#2184) — `llmrec tables` did, one run in two on a replayed lake."""
+    import pyarrow as pa
+    from deltalake import QueryBuilder
+    return pa.RecordBatchReader.from_stream(QueryBuilder().register("t", table).execute("SELECT * FROM t")
+                                            ).read_all().to_pylist()
+
+
 def latest_version(path: str, options: dict | None = None, table: str | None = None) -> int | None:
     t = open_table(path, options=options, table=table)
     return None if t is None else t.version()
@@ -408,7 +420,7 @@ def publications(spec: JobSpec) -> list[Publication]:
     if table is None:
         return []
     try:
-        rows = table.to_pyarrow_table().to_pylist()
+        rows = read_rows(table)
     except Exception as exc:
         raise LakeCorrupt(f"table {PUBLISHED} ({path}): its data cannot be read ({delta_error_line(exc)})") from None
     if any(r.get("publication") is None for r in rows):  # written before numbering: one commit per row
@@ -433,7 +445,7 @@ def _rows_in_commit_order(path: str, latest: int, options: dict | None) -> list[
     from collections import Counter
     rows, before = [], Counter()
     for v in range(latest + 1):
-        snapshot = open_table(path, v, options, PUBLISHED).to_pyarrow_table().to_pylist()
+        snapshot = read_rows(open_table(path, v, options, PUBLISHED))
         keyed = {json.dumps(r, sort_keys=True, default=str): r for r in snapshot}
         now = Counter(json.dumps(r, sort_keys=True, default=str) for r in snapshot)
         for key, n in (now - before).items():

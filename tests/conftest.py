@@ -7,8 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from jobs.spec import load_spec, validate_spec  # noqa: E402
 from spark.session import Engine, start_engine  # noqa: E402
 
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 ENGINES = ["sail", "local"]
 
@@ -123,6 +127,26 @@ def local_ray():
     start_local_ray(2, {"DS_ACCELERATOR": "cpu", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """One local head (infra/local/ray-up.sh, 127.0.0.1, 2 CPUs, stopped by its process group) for the
+    tests of a module that submit to it; each tells its own jobs apart. Its environment carries a
+    credential the jobs may read (`${env:LLMREC_TEST_TOKEN}` in a spec), a canary no output may show."""
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    # the in-process Ray of `local_ray` holds the default agent and client ports
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_PORT": str(port()),
+           "RAY_DASHBOARD_PORT": str(port()), "RAY_AGENT_PORT": str(port()), "RAY_CLIENT_PORT": str(port()),
+           "RAY_NUM_CPUS": "2", "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+           "LLMREC_TEST_TOKEN": f"canary-{uuid.uuid4().hex}"}
+    up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    yield up.stdout.strip().splitlines()[-1], env
+    subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture

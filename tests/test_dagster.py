@@ -306,10 +306,11 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # two whole-graph materialisations through Ray: ~10 min on 2 cores, near the default 600 s hang guard
-def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, monkeypatch):
+def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, ray_head, monkeypatch):
     """The whole graph through `dagster asset materialize`, then the nightly job over two landed days:
     the first brings a new item and a new user, the champion is evaluated on the grown catalogue and
-    judged on the day it served, a worse challenger is kept out, recommendations cover the new user."""
+    judged on the day it served, a worse challenger is kept out, recommendations cover the new user.
+    The graph run starts its own local head (as `make demo` does); the nights share one head."""
     import shutil
     lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
     shutil.copytree(ml100k_lake, lake)
@@ -372,8 +373,9 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert newer.published is not None and newer.versions["sequences"] == trained["delta_versions"]["sequences"] + 1
 
     # night 1: the nightly job (Dagster, partition = the landed day) ingests a day that brings a new item
-    # (with its metadata) and a new user, trains a worse challenger (one epoch at a tiny learning rate),
-    # evaluates it beside the day-0 champion on the grown catalogue, and the gate keeps the champion
+    # (with its metadata) and a new user, trains a worse challenger (one epoch at a tiny learning rate,
+    # alignment switched off), evaluates it beside the day-0 champion on the grown catalogue, and the
+    # gate keeps the champion
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "1998-04-23.csv").write_text("user_id,item_id,ts,value\n" + "\n".join(
@@ -386,14 +388,15 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
                                 landing=True).resolve_job_def("nightly")
     instance.add_dynamic_partitions("landing_days", ["1998-04-23"])
     worse = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "train.lr=0.00001",
-                                                                 "align.lr=0.000001", "align.steps=2",
+                                                                 "align.enabled=false",
                                                                  "checks.min_gain_over_popularity=-1", *feed))
-    resources = {"spec": worse, "mlflow": MLflowResource(tracking_uri=uri), "ray": RayResource(num_cpus=2),
+    resources = {"spec": worse, "mlflow": MLflowResource(tracking_uri=uri), "ray": RayResource(address=ray_head[0]),
                  "spark": SparkResource()}
     first = nightly.execute_in_process(instance=instance, partition_key="1998-04-23", resources=resources)
     assert first.success
     day, trained2, report, gate2, recs2 = (meta(k) for k in ("bronze/landed_day", "trained_model", "evaluation_report",
                                                             "champion_model", "gold/recommendations"))
+    assert meta("aligned_model")["skipped"] == "align.enabled is false"
     assert day["new_items"] == 1 and day["new_users"] == 1 and day["items_inserted"] == 1 and day["published"]
     assert trained2["delta_versions"] == published_versions(load_spec(SMOKE, [f"lake.root={lake}"]))
     champion_row = next(r for r in report["results"] if r["role"] == "champion")
@@ -410,18 +413,19 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert set(rows["model_version"]) == {champion} and "5000" in set(rows["user_id"])  # the new user is served
     assert len(rows) == 944 * recs2["k"] and (rows["item_id"] != "").all()
 
-    # night 2: a quiet day, alignment switched off, the nightly warm start from the champion (trained on
-    # the catalogue before night 1: extended by the new item): the second night succeeds too, and night
-    # 1's (kept) candidate is among the models judged on the day it served
+    # night 2: a quiet day, the nightly warm start from the champion (trained on the catalogue before
+    # night 1: extended by the new item), up to the evaluation (recommendations as on night 1): the
+    # second night succeeds too, and night 1's (kept) candidate is among the models judged on the day it served
     (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
     instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
     usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "align.enabled=false",
                                                                  "train.warm_start_from_champion=true", *feed))
-    second = nightly.execute_in_process(instance=instance, partition_key="1998-04-24",
-                                        resources={**resources, "spec": usual})
+    nightly2 = build_definitions(usual, resources["ray"], resources["mlflow"], landing=True).resolve_job_def("nightly")
+    second = nightly2.execute_in_process(instance=instance, partition_key="1998-04-24", asset_selection=[
+        AssetKey.from_user_string(k) for k in ("bronze/landed_day", "trained_model", "aligned_model", "evaluation_report")])
     assert second.success
-    trained3, aligned3, report3 = meta("trained_model"), meta("aligned_model"), meta("evaluation_report")
-    assert trained3["warm_start"].startswith("extended (+1 items") and aligned3["skipped"] == "align.enabled is false"
+    trained3, report3 = meta("trained_model"), meta("evaluation_report")
+    assert trained3["warm_start"].startswith("extended (+1 items")
     served = {r["role"]: r["version"] for r in report3["next_day_results"]}
     assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
     assert report3["next_day_curve"].startswith("![next-day NDCG@10](data:image/png;base64,")  # both nights

@@ -4,12 +4,10 @@ recommendations, logging to a live MLflow server (infra/local/mlflow-up.sh)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -24,29 +22,6 @@ from ray_jobs.data import load_sequences
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-# a credential the jobs read from the environment of the head (`${env:LLMREC_TEST_TOKEN}` in the
-# spec): it must appear in no MLflow param or artifact, checkpoint, log or job command line
-CANARY = f"canary-{uuid.uuid4().hex}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """One local head for the tests that submit to it (each tells its own jobs apart)."""
-    port, dash = _free_port(), _free_port()
-    # the session's in-process Ray (tests/conftest.py) holds the default agent and client ports
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(port), "RAY_DASHBOARD_PORT": str(dash),
-           "RAY_AGENT_PORT": str(_free_port()), "RAY_CLIENT_PORT": str(_free_port()), "RAY_NUM_CPUS": "2",
-           "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), "LLMREC_TEST_TOKEN": CANARY}
-    up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr
-    yield up.stdout.strip().splitlines()[-1], env
-    subprocess.run([str(ROOT / "infra/local/ray-down.sh")], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -61,6 +36,7 @@ def mlflow_server(tmp_path, free_port, local_server):
 
 def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path, ray_head, mlflow_server, ray_overrides):
     address, env = ray_head
+    canary = env["LLMREC_TEST_TOKEN"]  # must appear in no MLflow param or artifact, checkpoint, log or command line
     lake = ml100k_lake
     authed = mlflow_server.replace("http://", "http://llmrec:${env:LLMREC_TEST_TOKEN}@")
     overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={authed}",
@@ -116,9 +92,9 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path,
     outputs = [done.stdout, done.stderr, rec.stdout, rec.stderr, align.stdout, align.stderr]
     outputs += [j["entrypoint"] for j in _jobs_api(address, "/api/jobs/")]
     assert any("${env:LLMREC_TEST_TOKEN}" in o for o in outputs[6:])
-    assert not [o[max(o.find(CANARY) - 300, 0):o.find(CANARY) + 50] for o in outputs if CANARY in o]
+    assert not [o[max(o.find(canary) - 300, 0):o.find(canary) + 50] for o in outputs if canary in o]
     leaks = [str(f) for folder in (tmp_path, Path(env["RAY_HEAD_DIR"])) for f in folder.rglob("*")
-             if f.is_file() and CANARY.encode() in f.read_bytes()]
+             if f.is_file() and canary.encode() in f.read_bytes()]
     assert not leaks, leaks
 
 

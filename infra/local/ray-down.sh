@@ -23,10 +23,12 @@ stale() { echo "$RECORD is stale ($1): no process of that head is left to stop; 
 running() {  # members of the group that have not exited (exited ones wait, as zombies, to be reaped)
   ps -eo pgid=,stat= | awk -v g="$pgid" '$1 == g && $2 !~ /^Z/' | grep -q .
 }
+# RAY_DOWN_GRACE seconds (default 5) between TERM and KILL: enough for a running job's SIGTERM handler
+# to end its MLflow run; the head's own processes do not exit on TERM sooner than Ray's 16 s stop grace.
 kill -TERM -- "-$pgid" 2>/dev/null || stale "process group $pgid is gone"
-for _ in $(seq 1 40); do
+for _ in $(seq 1 $((${RAY_DOWN_GRACE:-5} * 4))); do
   running || break
-  sleep 0.5
+  sleep 0.25
 done
 running && kill -KILL -- "-$pgid" 2>/dev/null
 for _ in $(seq 1 20); do running || break; sleep 0.5; done
