@@ -125,21 +125,12 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     (next-day metrics, beside the leave-one-out figures; the gate still decides on validation)."""
     job = spec.load(*mlflow.spec_overrides())
     trained, aligned = model_record(context, "trained_model"), model_record(context, "aligned_model")
-    models = [f"trained={trained.model_file}"]
-    if aligned.model_file != trained.model_file:
-        models.append(f"aligned={aligned.model_file}")
     champion = current_champion(mlflow, job)
-    name = job.registered_model_name()
-    if champion is not None:
-        models.append(f"champion=models:/{name}@{CHAMPION}")
-    args = [x for m in models for x in ("--model", m)] + ["--split", "valid", "--split", "test"]
-    served = []
-    if context.has_partition_key and champion is not None:
-        served = [f"champion=models:/{name}/{champion}"]
+    day = context.partition_key if context.has_partition_key else None
+    previous = None
+    if day is not None and champion is not None:
         previous = previous_candidate(mlflow, job, {champion, str(trained.model_version), str(aligned.model_version)})
-        if previous is not None:
-            served.append(f"candidate=models:/{name}/{previous}")
-        args += ["--next-day", context.partition_key, *[x for m in served for x in ("--next-day-model", m)]]
+    args = evaluation_args(job.registered_model_name(), trained, aligned, champion, day, previous)
     result = run_job(context, "evaluate", spec, ray, mlflow, [versions_override(trained.delta_versions)],
                      args).get_materialize_result()
     evaluation = EvaluateOutcome.from_dict({"versions": result.metadata["delta_versions"].value,
@@ -151,6 +142,23 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
         days = next_day_history(context) + [r for r in result.metadata["next_day_results"].value]
         extra["next_day_curve"] = MetadataValue.md(next_day_plot(days))
     return MaterializeResult(metadata={**result.metadata, **dagster_metadata(report.to_metadata()), **extra})
+
+
+def evaluation_args(name: str, trained: ModelRecord, aligned: ModelRecord, champion: str | None, day: str | None,
+                    previous: str | None) -> list[str]:
+    """The evaluate job's arguments: the trained and aligned models (one, when alignment was skipped)
+    and the champion on valid and test; on a landed `day`, the models that served it — the champion
+    and `previous`, the candidate the night before judged — on that day's interactions."""
+    models = [f"trained={trained.model_file}"]
+    if aligned.model_file != trained.model_file:
+        models.append(f"aligned={aligned.model_file}")
+    if champion is not None:
+        models.append(f"champion=models:/{name}@{CHAMPION}")
+    args = [x for m in models for x in ("--model", m)] + ["--split", "valid", "--split", "test"]
+    if day is not None and champion is not None:
+        served = [f"champion=models:/{name}/{champion}"] + ([f"candidate=models:/{name}/{previous}"] if previous else [])
+        args += ["--next-day", day, *[x for m in served for x in ("--next-day-model", m)]]
+    return args
 
 
 def next_day_history(context: AssetExecutionContext, limit: int = 60) -> list[dict]:

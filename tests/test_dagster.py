@@ -305,12 +305,13 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # two whole-graph materialisations through Ray: ~10 min on 2 cores, near the default 600 s hang guard
+@pytest.mark.timeout(1500)  # the whole graph and two nights through Ray: ~6 min on 2 cores, past the default 600 s hang guard
 def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, ray_head, monkeypatch):
-    """The whole graph through `dagster asset materialize`, then the nightly job over two landed days:
-    the first brings a new item and a new user, the champion is evaluated on the grown catalogue and
-    judged on the day it served, a worse challenger is kept out, recommendations cover the new user.
-    The graph run starts its own local head (as `make demo` does); the nights share one head."""
+    """The whole graph through `dagster asset materialize` (which starts its own local Ray head, as
+    `make demo` does), then the nightly job over two landed days (on one shared head): the first
+    brings a new item and a new user, the champion is evaluated on the grown catalogue and judged on
+    the day it served, a worse challenger is kept out, recommendations cover the new user; the second
+    warm-starts from the champion (extended by the new item) and judges the kept candidate too."""
     import shutil
     lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
     shutil.copytree(ml100k_lake, lake)
@@ -414,21 +415,48 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert len(rows) == 944 * recs2["k"] and (rows["item_id"] != "").all()
 
     # night 2: a quiet day, the nightly warm start from the champion (trained on the catalogue before
-    # night 1: extended by the new item), up to the evaluation (recommendations as on night 1): the
-    # second night succeeds too, and night 1's (kept) candidate is among the models judged on the day it served
+    # night 1: extended by the new item): the second night succeeds too, and night 1's (kept) candidate
+    # is among the models judged on the day it served
     (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
     instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
     usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "align.enabled=false",
                                                                  "train.warm_start_from_champion=true", *feed))
-    nightly2 = build_definitions(usual, resources["ray"], resources["mlflow"], landing=True).resolve_job_def("nightly")
-    second = nightly2.execute_in_process(instance=instance, partition_key="1998-04-24", asset_selection=[
-        AssetKey.from_user_string(k) for k in ("bronze/landed_day", "trained_model", "aligned_model", "evaluation_report")])
+    second = nightly.execute_in_process(instance=instance, partition_key="1998-04-24",
+                                        resources={**resources, "spec": usual})
     assert second.success
     trained3, report3 = meta("trained_model"), meta("evaluation_report")
     assert trained3["warm_start"].startswith("extended (+1 items")
     served = {r["role"]: r["version"] for r in report3["next_day_results"]}
     assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
     assert report3["next_day_curve"].startswith("![next-day NDCG@10](data:image/png;base64,")  # both nights
+
+
+
+def test_the_next_night_judges_the_champion_and_the_candidate_kept_the_night_before(tmp_path):
+    """What `evaluation_report` asks the evaluate job for: the night's new models and the champion on
+    valid and test; on a landed day, the models that served it — the champion and the newest version
+    an earlier gate judged (kept), read from a real registry — on that day's interactions."""
+    from dagster_project.model_assets import evaluation_args, previous_candidate
+    from jobs.contracts import ModelRecord, Tag
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("loop")
+    for v in range(1, 5):
+        client.create_model_version("loop", source=f"{tmp_path}/v{v}")
+    client.set_model_version_tag("loop", "1", Tag.GATE_DECISION, "promoted")
+    client.set_model_version_tag("loop", "3", Tag.GATE_DECISION, "kept")
+    spec = load_spec(SMOKE, ["name=loop", f"tracking.uri={uri}"])
+    mlflow_resource = MLflowResource(tracking_uri=uri)
+    trained = ModelRecord("/m/trained.pt", "loop", 4, {})
+    assert previous_candidate(mlflow_resource, spec, {"1", "4"}) == "3"
+    assert previous_candidate(mlflow_resource, spec, {"1", "3", "4"}) is None  # v2 was never judged
+    nightly = evaluation_args("loop", trained, trained, "1", "1998-04-24", "3")
+    assert nightly == ["--model", "trained=/m/trained.pt", "--model", "champion=models:/loop@champion",
+                       "--split", "valid", "--split", "test", "--next-day", "1998-04-24",
+                       "--next-day-model", "champion=models:/loop/1", "--next-day-model", "candidate=models:/loop/3"]
+    aligned = ModelRecord("/m/aligned.pt", "loop", 5, {})
+    assert evaluation_args("loop", trained, aligned, None, None, None) == [
+        "--model", "trained=/m/trained.pt", "--model", "aligned=/m/aligned.pt", "--split", "valid", "--split", "test"]
 
 
 class _KubeApi:

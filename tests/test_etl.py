@@ -55,10 +55,10 @@ def bad_movielens(tmp_path):
     return folder
 
 
-def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
-    spec = make_spec(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
+def test_bad_input_lands_in_quarantine(sail, make_spec, bad_movielens):
+    spec = make_spec(source={"kind": "movielens", "path": str(bad_movielens)},
                      value_range={"min": 1, "max": 5}, kcore={"user": 2, "item": 2})
-    summary = run_etl(spec, engine)
+    summary = run_etl(spec, sail)
     acc = summary.accounting
     expected = {}
     for reason in BAD.values():
@@ -91,17 +91,18 @@ def test_bad_input_lands_in_quarantine(engine, make_spec, bad_movielens):
         load_sequences(spec)
 
 
-def test_readers_keep_the_published_set_when_a_rerun_fails_its_checks(engine, make_spec, bad_movielens):
+def test_readers_keep_the_published_set_when_a_rerun_fails_its_checks(sail, make_spec, bad_movielens):
     """A passing run publishes its versions; a rerun whose checks fail rewrites the tables but
-    publishes nothing, and readers still get the first run's rows."""
-    base = dict(engine=engine.name, source={"kind": "movielens", "path": str(bad_movielens)},
+    publishes nothing, and readers still get the first run's rows (publishing is the same on every
+    engine: the tables' writes on the JVM are in test_engines_build_identical_tables and the MERGEs)."""
+    base = dict(source={"kind": "movielens", "path": str(bad_movielens)},
                 value_range={"min": 1, "max": 5}, kcore={"user": 2, "item": 2})
     good = make_spec(**base, max_quarantine_share=1.0)
-    first = run_etl(good, engine)
+    first = run_etl(good, sail)
     assert first.published == 0 and published_versions(good) == first.versions
     before = load_sequences(good)
     strict = make_spec(**base, max_quarantine_share=0.05)
-    second = run_etl(strict, engine)
+    second = run_etl(strict, sail)
     assert second.published is None and all(v == 1 for v in second.versions.values())
     assert published_versions(strict) == first.versions
     after = load_sequences(strict)
@@ -166,20 +167,28 @@ def test_a_version_older_than_the_latest_checkpoint_reads_back(sail, tmp_path):
     assert read_table(sail, str(tmp_path / "empty"), 0).columns == ["v"]
 
 
-def test_engines_build_identical_tables(sail, tmp_path):
-    """The same spec on Sail (in process) and on JVM Spark (through the CLI) gives identical tables."""
-    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={tmp_path / 'sail'}"])
-    run_etl(spec, sail)
-    local_lake = tmp_path / "local"
-    cli = [sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", "jobs/specs/movielens-100k-smoke.yaml",
-           "--set", "spark.engine=local", "--set", f"lake.root={local_lake}"]
+def test_engines_build_identical_tables(sail, tmp_path, bad_movielens):
+    """The same spec on Sail (in process) and on JVM Spark (through the CLI) gives identical tables —
+    on the bad input, so the JVM quarantines every line as Sail does (test_bad_input_lands_in_quarantine
+    checks Sail's reasons line by line)."""
+    import yaml
+
+    from conftest import _spec_doc
+    data = {"source": {"kind": "movielens", "path": str(bad_movielens)}, "value_range": {"min": 1, "max": 5},
+            "kcore": {"user": 2, "item": 2}, "max_quarantine_share": 1.0}
+    lakes = {"sail": tmp_path / "sail", "local": tmp_path / "local"}
+    specs = {engine: tmp_path / f"{engine}.yaml" for engine in lakes}
+    for engine, path in specs.items():
+        path.write_text(yaml.safe_dump(_spec_doc(str(lakes[engine]), engine, **data)))
+    run_etl(load_spec(str(specs["sail"])), sail)
+    cli = [sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", str(specs["local"])]
     proc = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engine local" in proc.stdout
     for table in ("interactions_raw", "quarantine", "interactions", "items", "item_index", "user_index", "sequences"):
-        a = _table_rows(f"{Lake.of(spec).root}/{TABLES[table]}")
-        b = _table_rows(f"{local_lake}/{spec.data.name}/{TABLES[table]}")
-        assert a == b, table
+        a = _table_rows(f"{lakes['sail']}/ds/{TABLES[table]}")
+        b = _table_rows(f"{lakes['local']}/ds/{TABLES[table]}")
+        assert a == b and a, table
 
 
 LANDED_DAY1 = "user_id,item_id,ts,value\n1,10,978400000,4\n4,10,978400001,5\n4,11,978400002,3\nbad,,978400003,4\n"

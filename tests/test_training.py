@@ -160,7 +160,7 @@ def test_sequences_from_gold_tables(ml100k, tmp_path):
 
 
 def test_sasrec_beats_popularity_on_movielens_100k(ml100k, tmp_path):
-    spec = _spec(ml100k, tmp_path, "train.epochs=30")
+    spec = _spec(ml100k, tmp_path, "train.epochs=15")  # validation NDCG@10 0.047 at epoch 15, popularity 0.035
     data = load_sequences(spec)
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
                    data.popularity).metrics["ndcg@10"]
