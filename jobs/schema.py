@@ -284,7 +284,8 @@ class LLMSize(Strict):
     """The shape of a random-initialised transformer (LlamaConfig / Qwen2Config)."""
     hidden: int = Field(128, gt=0, description="hidden width")
     layers: int = Field(2, gt=0, description="transformer layers")
-    heads: int = Field(4, gt=0, description="attention heads (and key/value heads)")
+    heads: int = Field(4, gt=0, description="attention heads")
+    kv_heads: int = Field(0, ge=0, description="key/value heads (0 = heads; fewer: grouped-query attention)")
     intermediate: int = Field(256, gt=0, description="MLP width")
 
 
@@ -311,9 +312,8 @@ class SASRecSpec(IdTransformer):
         "block: layer-normed queries on raw keys/values, its initialisation, no final norm)")
 
 
-class HSTUSpec(IdTransformer):
-    """HSTU (Zhai et al. 2024): pointwise-normalised attention with relative position and time biases."""
-    kind: Literal["hstu"] = Field(description="the model family")
+class HSTUUnits(Strict):
+    """The HSTU units' own settings (an HSTU model's, and an HLLM's HSTU user model's)."""
     block: Literal["pre_ln", "original"] = Field(
         "pre_ln", description="pre_ln (LayerNorms with scale and shift, a final LayerNorm) or original "
         "(generative-recommenders' code: plain LayerNorms, no final norm, bias-free U/V/Q/K and relative biases "
@@ -327,11 +327,22 @@ class HSTUSpec(IdTransformer):
     attention_dim: int = Field(0, ge=0, description="width of U, V, Q and K per head (0 = dim / heads)")
 
     @model_validator(mode="after")
-    def _query_time_needs_a_time_bias(self) -> "HSTUSpec":
+    def _query_time_needs_a_time_bias(self):
         if self.query_time == "target" and not self.time_buckets:
-            raise ValueError("model.query_time=target needs a time bias (model.time_buckets > 0): without one no "
-                             "time is read")
+            raise ValueError("query_time=target needs a time bias (time_buckets > 0): without one no time is read")
         return self
+
+
+class HSTUSpec(HSTUUnits, IdTransformer):
+    """HSTU (Zhai et al. 2024): pointwise-normalised attention with relative position and time biases."""
+    kind: Literal["hstu"] = Field(description="the model family")
+
+
+class HSTUUser(HSTUUnits):
+    """An HLLM's HSTU user model (`model.user_model: hstu`): HSTU units over the item vectors."""
+    dim: int = Field(64, gt=0, description="width of the item vectors and of the units")
+    blocks: int = Field(2, gt=0, description="HSTU units")
+    heads: int = Field(1, gt=0, description="attention heads")
 
 
 class HLLMSpec(ModelBase):
@@ -340,8 +351,16 @@ class HLLMSpec(ModelBase):
     item_llm: str = Field("minilm", description="item LLM: minilm (packaged, offline), a hub id, a local folder, a "
                           ".gguf file, or random:llama / random:qwen2 (random init of item_llm_size)")
     item_llm_size: LLMSize = Field(default_factory=lambda: LLMSize())
-    user_llm: str = Field("random:llama", description="user LLM: random:llama / random:qwen2, hub id or folder")
+    user_llm: str = Field("random:llama", description="user LLM: random:llama / random:qwen2 (random init of "
+                          "user_llm_size), smollm2 (packaged, offline), a hub id, a local folder or a .gguf file")
     user_llm_size: LLMSize = Field(default_factory=lambda: LLMSize(hidden=64, layers=2, heads=2, intermediate=128))
+    user_llm_layers: int = Field(0, ge=0, description="a pretrained user LLM: keep only its first k layers "
+                                 "(0 = all; the initialisation of a k-layer user LLM)")
+    user_model: Literal["llm", "hstu"] = Field(
+        "llm", description="what reads the sequence of item vectors: llm (the causal `user_llm`) or hstu (HSTU "
+        "units, `user_hstu`: relative position and time biases, pointwise attention)")
+    user_hstu: HSTUUser = Field(default_factory=lambda: HSTUUser(),
+                                description="user_model=hstu: the units (their dropout is user_dropout)")
     mode: Literal["end_to_end", "cached", "lora"] = Field("cached", description="item-LLM training mode")
     adapter_hidden: int = Field(0, ge=0, description="cached mode: hidden width of the MLP adapter on the frozen "
                                 "item embeddings (0 = the user LLM's width)")

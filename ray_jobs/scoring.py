@@ -87,7 +87,7 @@ def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: 
                 ids = left_pad([histories[i] for i in rows], width).to(device)
                 if timed:
                     stamps = left_pad([times[i] for i in rows], width + 1).to(device)
-                    parts.append(model.user_embeddings(ids, stamps))
+                    parts.append(model.user_embeddings(ids, stamps, **extra))
                 else:
                     parts.append(model.user_embeddings(ids, **extra))
             user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)

@@ -18,9 +18,9 @@ TINY = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64}
 
 
 def spec(item_llm: str, mode: str, tmp_path, **kw) -> HLLMSpec:
-    return HLLMSpec(kind="hllm", item_llm=item_llm, item_llm_size=TINY, user_llm="random:llama",
-                     user_llm_size={"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}, mode=mode,
-                     max_item_tokens=24, cache_dir=str(tmp_path / "cache"), **kw)
+    user = {"user_llm": "random:llama", "user_llm_size": {"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}}
+    return HLLMSpec(kind="hllm", item_llm=item_llm, item_llm_size=TINY, mode=mode, max_item_tokens=24,
+                    cache_dir=str(tmp_path / "cache"), **{**user, **kw})
 
 
 def step(model) -> torch.Tensor:
@@ -311,3 +311,88 @@ def test_the_embedding_cache_is_keyed_by_content_and_embeds_only_new_or_changed_
     assert cache.computed == 0 and torch.equal(third[1], first[5]) and torch.equal(third[5], first[1])
     assert EmbeddingCache(s.cache_dir, cache_settings(s) + "other").table(TEXTS, embed(TEXTS)).shape == (6, 384)
     assert calls[-1] == 5
+
+
+def _hstu_user(tmp_path, **hstu) -> HLLMSpec:
+    return spec("minilm", "cached", tmp_path, item_id_embedding=True, user_model="hstu",
+                user_hstu={"dim": 16, "blocks": 2, "heads": 2, "block": "original", **hstu})
+
+
+def test_an_hstu_user_model_is_causal_and_reads_timestamps_when_it_has_a_time_bias(tmp_path):
+    """`model.user_model: hstu`: HSTU units over the item vectors; a later item never changes an
+    earlier position, padding is inert, and with a time bias the timestamps are an input."""
+    torch.manual_seed(0)
+    model = HLLM(_hstu_user(tmp_path), TEXTS, max_len=4).eval()
+    assert model.user_llm is None and not model.reads_time
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter", "id_emb", "user_hstu"}
+    a, b = model(torch.tensor([[0, 1, 2, 3]])), model(torch.tensor([[0, 1, 2, 5]]))
+    assert torch.allclose(a[:, :3], b[:, :3]) and not torch.allclose(a[:, 3], b[:, 3])
+    assert torch.allclose(model(torch.tensor([[0, 0, 2, 3]]))[:, 2:], model(torch.tensor([[0, 2, 3]]))[:, 1:], atol=1e-6)
+    assert torch.allclose(model.user_embeddings(torch.tensor([[0, 1, 2, 3]])), a[:, -1], atol=1e-6)
+    model.train()
+    loss = step(model)
+    assert torch.isfinite(loss) and model.user_hstu.layers[0].uvqk.weight.grad.abs().sum() > 0
+
+    timed = HLLM(_hstu_user(tmp_path, time_buckets=16, query_time="target"), TEXTS, max_len=4).eval()
+    assert timed.reads_time and timed.query_time == "target"
+    ids = torch.tensor([[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="timestamp"):
+        timed(ids)
+    near, far = torch.tensor([[0, 10, 20, 30, 40]]), torch.tensor([[0, 10, 20, 30, 10 ** 8]])
+    assert not torch.allclose(timed.user_embeddings(ids, near), timed.user_embeddings(ids, far))
+
+
+def test_an_hstu_user_model_over_id_vectors_scores_as_the_id_hstu(tmp_path):
+    """With its item vectors made exactly ID embeddings (the text adapter's output zeroed, the ID
+    embedding copied) and the ID HSTU's unit weights, the HLLM scores every item as the ID HSTU does."""
+    from ray_jobs.models.hstu import HSTU
+    from ray_jobs.scoring import scorer
+    torch.manual_seed(0)
+    hstu = HSTU(5, max_len=4, dim=16, blocks=2, heads=2, dropout=0.0, time_buckets=16, query_time="target",
+                block="original").eval()
+    model = HLLM(_hstu_user(tmp_path, time_buckets=16, query_time="target"), TEXTS, max_len=4).eval()
+    weights = {k: v for k, v in hstu.state_dict().items() if k != "item_emb.weight"}
+    model.user_hstu.load_state_dict(weights)
+    with torch.no_grad():
+        model.adapter[-1].weight.zero_()
+        model.adapter[-1].bias.zero_()
+        model.id_emb.weight.copy_(hstu.item_emb.weight)
+    histories = [torch.tensor([1, 2, 3]).numpy(), torch.tensor([4]).numpy(), torch.tensor([5, 1, 2, 3, 4]).numpy()]
+    times = [torch.tensor([10, 500, 9000, 9100]).numpy(), torch.tensor([7, 86400]).numpy(),
+             torch.tensor([1, 2, 3, 4, 5, 99999]).numpy()]
+    ours, reference = scorer(model, 4)(histories, times), scorer(hstu, 4)(histories, times)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_a_pretrained_user_llm_keeps_exactly_the_first_k_layers_of_the_gguf(tmp_path):
+    """`model.user_llm: smollm2` with `user_llm_layers: k`: the user LLM is SmolLM2-135M's first k
+    decoder layers (de-quantised from the packaged Q4_1 GGUF), compared tensor by tensor with the
+    GGUF's own de-quantisation; the random initialisation of the same shape has the same config."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    s = spec("minilm", "cached", tmp_path, user_llm="smollm2", user_llm_layers=2,
+             user_llm_size={"hidden": 576, "layers": 2, "heads": 9, "kv_heads": 3, "intermediate": 1536})
+    model = HLLM(s, TEXTS, max_len=4)
+    llm = model.user_llm
+    assert len(llm.layers) == llm.config.num_hidden_layers == 2 and llm.config.hidden_size == 576
+    reader = GGUFReader(_smollm2_gguf())
+    tensors = {t.name: t for t in reader.tensors}
+    assert "blk.29.ffn_down.weight" in tensors  # the file has 30 layers; two are kept
+
+    def gguf(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]).copy())
+    for k in range(2):  # (q and k are stored permuted for llama.cpp's rotary layout; v, o and the MLP are not)
+        layer = llm.layers[k]
+        for name, weight in (("attn_v", layer.self_attn.v_proj.weight), ("attn_output", layer.self_attn.o_proj.weight),
+                             ("ffn_down", layer.mlp.down_proj.weight), ("ffn_up", layer.mlp.up_proj.weight)):
+            assert torch.equal(weight.detach().float(), gguf(f"blk.{k}.{name}.weight").float()), (k, name)
+    random = HLLM(s.model_copy(update={"user_llm": "random:llama", "user_llm_layers": 0}), TEXTS, max_len=4).user_llm
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    assert [getattr(random.config, a) for a in shape] == [getattr(llm.config, a) for a in shape]
+    def shapes(m) -> dict:  # but the token embedding: a user LLM reads item vectors, never tokens
+        return {n: p.shape for n, p in m.named_parameters() if not n.startswith("embed_tokens")}
+    assert shapes(random) == shapes(llm)
+    with pytest.raises(ValueError, match="only 30 layers"):
+        HLLM(s.model_copy(update={"user_llm_layers": 31}), TEXTS, max_len=4)

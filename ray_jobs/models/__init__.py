@@ -18,7 +18,7 @@ class SequenceRecommender(Protocol):
     pyfunc read these and nothing else.
 
     - `forward(ids[, times])`: (B, L) left-padded item ids -> (B, L, d) next-item queries.
-    - `user_embeddings(ids[, times] | ids, catalogue=...)`: the query at the last position, (B, d).
+    - `user_embeddings(ids[, times][, catalogue=...])`: the query at the last position, (B, d).
     - `item_embeddings(ids)`, `all_item_embeddings()`: item vectors in the same space (row 0: padding).
     - `one_item_pass(*ids)`: a block in which the item side runs once for the distinct items of `ids`
       (none: the whole catalogue) and every item lookup reads from it (HLLM); ID models look items

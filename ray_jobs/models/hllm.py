@@ -6,8 +6,10 @@ LLM reads the sequence of item embeddings and predicts the next one (Chen et al.
   size. Pooling (`model.item_pooling`): encoders mean-pool the text tokens; a causal LM that trains
   (end_to_end, lora) reads a learned [ITEM] embedding appended after the text; a frozen causal LM
   (cached mode) mean-pools too — an [ITEM] token that never trains would be a random probe.
-- User LLM: a causal transformer fed `inputs_embeds` (random-initialised or pretrained), with a
-  projection from the item width to its own width.
+- User model (`model.user_model`): a causal LLM fed `inputs_embeds` (random-initialised, or
+  pretrained — `user_llm_layers` keeps the first k layers of one), or HSTU units (`user_hstu`: the
+  ID HSTU's units, relative position and time biases, reading the item vectors in place of ID
+  embeddings). The item side projects to its width.
 - Item side, optionally (`model.item_id_embedding`): the text representation plus a learned item-ID
   embedding (ID + text fusion), reported apart from text only so the text's share stays visible.
 - Modes: `end_to_end` (both trained), `cached` (item LLM frozen; every item embedded once in
@@ -48,10 +50,19 @@ class HLLM(nn.Module):
         tokens = item_llm.tokenize(item_text)
         self.register_buffer("item_input_ids", tokens["input_ids"], persistent=False)
         self.register_buffer("item_attention", tokens["attention_mask"], persistent=False)
-        self.user_llm, _ = load_backbone(spec.user_llm, spec.user_llm_size, vocab_for_random=8,
-                                         attention_dropout=spec.user_dropout)
-        self.input_dropout = nn.Dropout(spec.user_dropout)
-        user_dim = self.user_llm.config.hidden_size
+        self.user_llm = self.user_hstu = None
+        if spec.user_model == "hstu":
+            from ray_jobs.models.hstu import HSTU
+            h = spec.user_hstu
+            self.user_hstu = HSTU(None, max_len, h.dim, h.blocks, h.heads, spec.user_dropout, h.time_buckets,
+                                  h.query_time, h.attention_dim, h.block)  # its input dropout is user_dropout
+            self.reads_time, self.query_time = self.user_hstu.reads_time, h.query_time
+            self.input_dropout, user_dim = nn.Identity(), h.dim
+        else:
+            self.user_llm, _ = load_backbone(spec.user_llm, spec.user_llm_size, vocab_for_random=8,
+                                             attention_dropout=spec.user_dropout, layers=spec.user_llm_layers)
+            self.input_dropout = nn.Dropout(spec.user_dropout)
+            user_dim = self.user_llm.config.hidden_size
         if self.mode == "cached":
             for p in item_llm.parameters():
                 p.requires_grad_(False)
@@ -125,19 +136,26 @@ class HLLM(nn.Module):
         ids = torch.arange(self.num_items + 1, device=self.item_input_ids.device)
         return torch.cat([self.item_embeddings(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: (B, L) left-padded item ids -> (B, L, user_dim); position t predicts item t+1."""
+    def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: (B, L) left-padded item ids -> (B, L, user_dim); position t predicts item t+1. times:
+        an HSTU user model with a time bias reads them (`HSTU.forward`)."""
+        if self.user_hstu is not None:
+            return self.user_hstu.encode(self.item_embeddings(ids), ids != 0, times)
         mask = (ids != 0).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.user_llm(inputs_embeds=self.input_dropout(self.item_embeddings(ids)), attention_mask=mask,
                              position_ids=positions).last_hidden_state
 
-    def user_embeddings(self, ids: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
+    def user_embeddings(self, ids: torch.Tensor, times: torch.Tensor | None = None,
+                        catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """The next-item query of each history, (B, user_dim). Scoring a Llama user LLM (eval mode)
-        runs its last layer for the last position only: the keys and values still come from every
-        position, the queries, attention output and MLP of the other positions are never read; and
-        given `catalogue` (all_item_embeddings() of these weights) the histories' item vectors are
-        read from it instead of going through the item side again."""
+        or HSTU units runs the last layer for the last position only: the keys and values still come
+        from every position, the queries, attention output and MLP of the other positions are never
+        read; and given `catalogue` (all_item_embeddings() of these weights) the histories' item
+        vectors are read from it instead of going through the item side again."""
+        if self.user_hstu is not None:
+            x = self.item_embeddings(ids) if catalogue is None else catalogue[ids]
+            return self.user_hstu.encode(x, ids != 0, times, last_only=True)[:, -1]
         if self.training or self.user_llm.config.model_type != "llama":
             return self.forward(ids)[:, -1]
         return self._last_position(ids, catalogue)

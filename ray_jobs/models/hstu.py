@@ -107,7 +107,7 @@ class HSTU(IdSequenceModel):
     """Item embeddings (scaled by sqrt(dim)) plus learned absolute positions, `blocks` HSTU units, a
     final LayerNorm (none with block="original"); the next-item query at position t is the output at t."""
 
-    def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
+    def __init__(self, num_items: int | None, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, time_buckets: int = 0, query_time: str = "event",
                  attention_dim: int = 0, block: str = "pre_ln") -> None:
         check_block(block, "hstu")
@@ -135,7 +135,13 @@ class HSTU(IdSequenceModel):
         last position, (B, 1, dim)). times, needed with a time bias: (B, L + 1) epoch seconds, each
         item's timestamp aligned with `ids`, then the time of the event the last position predicts
         (in training the last target's timestamp; when scoring the time the recommendation is for)."""
-        b, length = ids.shape
+        return self.encode(self.item_emb(ids), ids != 0, times, last_only)
+
+    def encode(self, vectors: torch.Tensor, real: torch.Tensor, times: torch.Tensor | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """`forward` of item vectors given as such, (B, L, dim), with the (B, L) mask of real items:
+        HSTU units reading items that come from elsewhere (an HLLM's item side, `model.user_model: hstu`)."""
+        b, length = real.shape
         gaps = None
         if self.time_buckets:
             if times is None or tuple(times.shape) != (b, length + 1):
@@ -144,8 +150,8 @@ class HSTU(IdSequenceModel):
                                  f"{(b, length + 1)}), got {None if times is None else tuple(times.shape)}")
             events = times[:, :-1]
             gaps = time_bucket(times[:, 1:] if self.query_time == "target" else events, events, self.time_buckets)
-        x, keep = self.embed(ids)
-        causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=ids.device))
+        x, keep = self.embed_vectors(vectors, real)
+        causal = torch.tril(torch.ones(length, length, dtype=x.dtype, device=x.device))
         allowed = (causal[None] * keep.transpose(1, 2))[:, None]  # (B, 1, L, L): key j valid and j <= i
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):

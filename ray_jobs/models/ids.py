@@ -23,24 +23,27 @@ class IdSequenceModel(nn.Module):
     query_time = "event"
     reads_catalogue = False
 
-    def __init__(self, num_items: int, max_len: int, dim: int, dropout: float,
+    def __init__(self, num_items: int | None, max_len: int, dim: int, dropout: float,
                  positions_from_start: bool = False) -> None:
+        """`num_items` None: no item-ID table — the items' vectors come from elsewhere (`embed_vectors`)."""
         super().__init__()
         self.num_items, self.max_len = num_items, max_len
         self.positions_from_start = positions_from_start
-        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.item_emb = None if num_items is None else nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
 
     def init_truncated(self) -> None:
         """Item ids N(0, 0.02) and positions N(0, 1/dim), both truncated at 2 std (SASRec paper, HSTU)."""
-        dim = self.item_emb.embedding_dim
-        nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
+        dim = self.pos_emb.embedding_dim
+        if self.item_emb is not None:
+            nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
         nn.init.trunc_normal_(self.pos_emb.weight, std=dim ** -0.5, a=-2 * dim ** -0.5, b=2 * dim ** -0.5)
 
     def zero_padding(self) -> None:
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        if self.item_emb is not None:
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) left-padded ids -> the input stream (B, L, dim) and the (B, L, 1) mask of real items.
@@ -48,13 +51,17 @@ class IdSequenceModel(nn.Module):
         with positions_from_start, from each sequence's first item (0, 1, ...; generative-recommenders'
         right-padded layout). Either way a batch trimmed of its leading all-padding columns (see
         scoring.scorer) gets the same positions as the full window."""
-        length = ids.shape[1]
-        real = ids != 0
+        return self.embed_vectors(self.item_emb(ids), ids != 0)
+
+    def embed_vectors(self, vectors: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed` of item vectors given as such, (B, L, dim), with the (B, L) mask of real items: the
+        input stream of a model whose items come from elsewhere (an HLLM's item side)."""
+        length = real.shape[1]
         if self.positions_from_start:
             pos = (real.cumsum(1) - 1).clamp_(min=0)  # (B, L); padding reads position 0 and is zeroed below
         else:
-            pos = torch.arange(self.max_len - length, self.max_len, device=ids.device)[None]
-        x = self.item_emb(ids) * (self.item_emb.embedding_dim ** 0.5) + self.pos_emb(pos)
+            pos = torch.arange(self.max_len - length, self.max_len, device=real.device)[None]
+        x = vectors * (vectors.shape[-1] ** 0.5) + self.pos_emb(pos)
         keep = real.unsqueeze(-1).to(x.dtype)
         return self.drop(x) * keep, keep
 

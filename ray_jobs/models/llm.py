@@ -39,14 +39,36 @@ def _random_config(kind: str, size: LLMSize, vocab: int, attention_dropout: floa
     if cls is None:
         raise ValueError(f"random:{kind}: supported random architectures are llama and qwen2")
     return cls(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
-               num_attention_heads=size.heads, num_key_value_heads=size.heads,
+               num_attention_heads=size.heads, num_key_value_heads=size.kv_heads or size.heads,
                intermediate_size=size.intermediate, max_position_embeddings=4096, tie_word_embeddings=False,
                attention_dropout=attention_dropout)
 
 
-def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None, attention_dropout: float = 0.0):
+def load_backbone(source: str, size: LLMSize, vocab_for_random: int | None = None, attention_dropout: float = 0.0,
+                  layers: int = 0):
     """(model, tokenizer or None) for a source; the model is the base transformer (no LM head).
-    attention_dropout applies to random-initialised models and to pretrained ones whose config has it."""
+    attention_dropout applies to random-initialised models and to pretrained ones whose config has it;
+    `layers` > 0 keeps a pretrained model's first `layers` layers (a random one has `size.layers`)."""
+    model, tokenizer = _load_backbone(source, size, vocab_for_random, attention_dropout)
+    if layers and not source.startswith("random:"):
+        truncate_layers(model, layers, source)
+    return model, tokenizer
+
+
+def truncate_layers(model: nn.Module, k: int, source: str) -> None:
+    """Keep a decoder's first `k` layers (its embeddings, final norm and rotary tables unchanged)."""
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"user_llm_layers: {source} has no decoder layer list to truncate")
+    if k > len(blocks):
+        raise ValueError(f"user_llm_layers={k}: {source} has only {len(blocks)} layers")
+    model.layers = blocks[:k]
+    model.config.num_hidden_layers = k
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:k]
+
+
+def _load_backbone(source: str, size: LLMSize, vocab_for_random: int | None, attention_dropout: float):
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
