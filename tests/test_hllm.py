@@ -396,3 +396,25 @@ def test_a_pretrained_user_llm_keeps_exactly_the_first_k_layers_of_the_gguf(tmp_
     assert shapes(random) == shapes(llm)
     with pytest.raises(ValueError, match="only 30 layers"):
         HLLM(s.model_copy(update={"user_llm_layers": 31}), TEXTS, max_len=4)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_measures_one_hllm_step_in_a_ray_worker(tmp_path):
+    """`bench/gpu_check.py --dry-run`: the GPU check's HLLM step on the CPU at tiny sizes, in a Ray
+    worker, printed as one JSON line and written with --out (what a lent GPU runs at the stated size,
+    MFU included)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(tmp_path / "step.json")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"hllm_step"')]
+    assert len(lines) == 1, done.stdout[-2000:]
+    step = json.loads(lines[0])["hllm_step"]
+    assert step == json.loads((tmp_path / "step.json").read_text())["hllm_step"]
+    assert step["device"] == "cpu" and step["mode"] == "end_to_end" and step["mfu"] is None and step["peak_gpu_gib"] is None
+    assert step["users_per_step"] * step["positions"] / step["step_seconds"] == pytest.approx(step["tokens_per_s"], rel=1e-3)
+    assert step["flops_per_step"] > 0 and step["achieved_tflops"] == pytest.approx(
+        step["flops_per_step"] / step["step_seconds"] / 1e12, abs=1e-3)
