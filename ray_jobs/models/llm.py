@@ -161,9 +161,11 @@ def cached_item_table(spec: HLLMSpec, item_llm: ItemLLM, item_text: list[str], i
 def item_text_embeddings(spec: HLLMSpec, item_text: list[str]) -> torch.Tensor:
     """(num_items + 1, d) embeddings of the item texts by `spec.item_llm` (frozen): what the graph
     baseline ranks by and what intra-list diversity is measured in."""
-    item_llm = ItemLLM(spec)
-    tokens = item_llm.tokenize(item_text)
-    return cached_item_table(spec, item_llm, item_text, tokens["input_ids"], tokens["attention_mask"])
+    def embed(rows: list[int]) -> torch.Tensor:  # the item LLM is loaded only when the cache lacks a text
+        item_llm = ItemLLM(spec)
+        tokens = item_llm.tokenize(item_text)  # the whole catalogue, padded as one batch, as cached_item_table
+        return embed_all_items(item_llm, tokens["input_ids"][rows], tokens["attention_mask"][rows], zero_first=False)
+    return item_cache(spec).table(item_text, embed)
 
 
 def minilm_item_embeddings(spec: ModelBase, item_text: list[str]):
