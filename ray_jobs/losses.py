@@ -3,6 +3,7 @@ no negatives = full softmax), the step's negatives, and model + loss as one trai
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,19 @@ def position_negatives(universe: torch.Tensor, shape: tuple[int, ...], count: in
     return universe[torch.randint(0, len(universe), (*shape, count), generator=gen)]
 
 
+@contextmanager
+def fp32(device: torch.device):
+    """Autocast off: what runs inside computes in float32 whatever the model's precision (bf16 under
+    autocast or a DeepSpeed bf16 engine). The loss upcasts its vectors and keeps its logits, the
+    softmax and the cross-entropy here: cosine logits times a scale of 20 (temperature 0.05) would
+    keep about two significant digits in bf16."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
 class InfoNCE(nn.Module):
-    """-log softmax of the positive among [positive, negatives], on cosine similarities.
+    """-log softmax of the positive among [positive, negatives], on cosine similarities, in float32
+    (`fp32`) whatever precision the model runs in.
 
     Temperature is fixed or a learnable CLIP-style logit scale (init 1/0.07, clamped to <= 100).
     Negatives whose cosine to the positive exceeds `mask_cosine` (the positive itself, or a
@@ -67,15 +79,16 @@ class InfoNCE(nn.Module):
                 reduction: str = "mean") -> torch.Tensor:
         """out, pos: (N, d) predictions and positives; neg: (R, d) shared negatives; valid: (N,) bool.
         reduction: "mean" over valid positions, or "sum" (distributed training normalises globally)."""
-        out, pos, neg = out[valid], pos[valid], neg
-        if out.shape[0] == 0:
-            return out.sum() * 0.0 + neg.sum() * 0.0
-        out, pos, neg = F.normalize(out, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
-        pos_logit = (out * pos).sum(-1, keepdim=True)
-        neg_logits = out @ neg.T
-        too_close = (pos @ neg.T).detach() > self.mask_cosine
-        neg_logits = neg_logits.masked_fill(too_close, float("-inf"))
-        return self._cross_entropy(pos_logit, neg_logits, reduction)
+        with fp32(out.device):
+            out, pos, neg = out[valid].float(), pos[valid].float(), neg.float()
+            if out.shape[0] == 0:
+                return out.sum() * 0.0 + neg.sum() * 0.0
+            out, pos, neg = F.normalize(out, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+            pos_logit = (out * pos).sum(-1, keepdim=True)
+            neg_logits = out @ neg.T
+            too_close = (pos @ neg.T).detach() > self.mask_cosine
+            neg_logits = neg_logits.masked_fill(too_close, float("-inf"))
+            return self._cross_entropy(pos_logit, neg_logits, reduction)
 
     def _cross_entropy(self, pos_logit: torch.Tensor, neg_logits: torch.Tensor, reduction: str) -> torch.Tensor:
         logits = torch.cat([pos_logit, neg_logits], dim=1) * self.scale()
@@ -90,7 +103,11 @@ class InfoNCE(nn.Module):
         Negatives equal to the target, or closer than `mask_cosine` to it, are masked. When the
         catalogue is smaller than R * d the logits against the whole table are one matmul and the
         negatives are gathered from it (cheaper and lighter than gathering (N, R, d) vectors)."""
-        out, pos_ids, neg_ids = out[valid], pos_ids[valid], neg_ids[valid]
+        with fp32(out.device):
+            return self._per_position(out[valid].float(), pos_ids[valid], table.float(), neg_ids[valid], reduction)
+
+    def _per_position(self, out: torch.Tensor, pos_ids: torch.Tensor, table: torch.Tensor, neg_ids: torch.Tensor,
+                      reduction: str) -> torch.Tensor:
         if out.shape[0] == 0:
             return out.sum() * 0.0 + table.sum() * 0.0
         out, table = F.normalize(out, dim=-1), F.normalize(table, dim=-1)
@@ -113,19 +130,20 @@ class InfoNCE(nn.Module):
         """Full softmax: every position against the whole catalogue. table: (num_items + 1, d), row 0
         = padding (never a candidate), nor the items `outside` (a mask: not trained on) are; items
         closer than `mask_cosine` to the target are masked."""
-        out, pos_ids = out[valid], pos_ids[valid]
-        if out.shape[0] == 0:
-            return out.sum() * 0.0 + table.sum() * 0.0
-        out, table = F.normalize(out, dim=-1), F.normalize(table, dim=-1)
-        logits = out @ table.T
-        with torch.no_grad():
-            blocked = (table[pos_ids] @ table.T) > self.mask_cosine
-            blocked[:, 0] = True
-            if outside is not None:
-                blocked |= outside
-            blocked[torch.arange(len(pos_ids), device=pos_ids.device), pos_ids] = False
-        return F.cross_entropy(logits.masked_fill(blocked, float("-inf")) * self.scale(), pos_ids,
-                               reduction=reduction)
+        with fp32(out.device):
+            out, pos_ids, table = out[valid].float(), pos_ids[valid], table.float()
+            if out.shape[0] == 0:
+                return out.sum() * 0.0 + table.sum() * 0.0
+            out, table = F.normalize(out, dim=-1), F.normalize(table, dim=-1)
+            logits = out @ table.T
+            with torch.no_grad():
+                blocked = (table[pos_ids] @ table.T) > self.mask_cosine
+                blocked[:, 0] = True
+                if outside is not None:
+                    blocked |= outside
+                blocked[torch.arange(len(pos_ids), device=pos_ids.device), pos_ids] = False
+            return F.cross_entropy(logits.masked_fill(blocked, float("-inf")) * self.scale(), pos_ids,
+                                   reduction=reduction)
 
 
 def draw_negatives(t: TrainSpec, universe: torch.Tensor, targets: torch.Tensor, step: int, rank: int = 0,

@@ -99,3 +99,29 @@ def test_full_softmax_equals_every_item_as_a_negative():
     one = fn.full(out[:1], pos_ids[:1], dup, valid[:1])
     keep = [i for i in range(1, 13) if i != 7 and i != int(pos_ids[0])]
     assert one.item() == pytest.approx(per_position_reference(out[:1], pos_ids[:1], dup, [keep], 0.2), rel=1e-5)
+
+
+def test_logits_and_softmax_stay_float32_under_bf16_autocast():
+    """Under bf16 autocast (CPU here, as a GPU recipe trains) every form of the loss computes its
+    logits, softmax and cross-entropy in float32 from upcast vectors: the same loss and gradients as
+    without autocast, where bf16 logits at scale 20 would be off in the second digit."""
+    torch.manual_seed(0)
+    loss_fn = InfoNCE(0.05)
+    out, pos, neg = torch.randn(64, 32), torch.randn(64, 32), torch.randn(256, 32)
+    table, valid = torch.randn(500, 32), torch.ones(64, dtype=torch.bool)
+    pos_ids, neg_ids = torch.randint(1, 500, (64,)), torch.randint(1, 500, (64, 20))
+    forms = {"shared": lambda o: loss_fn(o, pos, neg, valid),
+             "per_position": lambda o: loss_fn.per_position(o, pos_ids, table, neg_ids, valid),
+             "full": lambda o: loss_fn.full(o, pos_ids, table, valid)}
+    for name, form in forms.items():
+        plain = out.clone().requires_grad_(True)
+        reference = form(plain)
+        reference.backward()
+        half = out.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = form(half.to(torch.bfloat16))  # a bf16 model's output, as a DeepSpeed bf16 engine gives
+        loss.backward()
+        assert loss.dtype == torch.float32, name
+        # what is left is the bf16 rounding of the model's output itself (3 significant digits)
+        assert loss.item() == pytest.approx(reference.item(), rel=2e-3), name
+        assert torch.allclose(half.grad, plain.grad, rtol=0.05, atol=1e-4), name

@@ -184,8 +184,8 @@ def test_a_cancelled_dagster_run_stops_its_ray_job_and_the_mlflow_run_ends_kille
     earlier = {j.submission_id for j in JobSubmissionClient(address).list_jobs()}  # the head is shared
     proc = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "-m", "dagster_project.definitions",
                              "--select", "trained_model", "-c", str(tmp_path / "run.yaml")],
-                            cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            cwd=ROOT, env=run_env, stdout=open(tmp_path / "dagster.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_ = None
     try:
@@ -195,7 +195,8 @@ def test_a_cancelled_dagster_run_stops_its_ray_job_and_the_mlflow_run_ends_kille
             if runs and "train/loss" in client.get_run(runs[0].info.run_id).data.metrics:
                 run_ = runs[0]
                 break
-            assert proc.poll() is None, "the Dagster run ended before training started"
+            assert proc.poll() is None, "the Dagster run ended before training started: " + \
+                (tmp_path / "dagster.log").read_text()[-3000:]
             time.sleep(1)
         assert run_ is not None and run_.info.status == "RUNNING"
         os.killpg(proc.pid, signal.SIGINT)  # what terminating the run does to its process
