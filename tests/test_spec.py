@@ -128,6 +128,7 @@ def test_ml1m_protocol_specs_share_one_data_block():
         assert "base: base/movielens-1m-full.yaml" in open(f"jobs/specs/{n}.yaml").read()
     gpu = load_spec("movielens-1m-hllm-gpu")  # the default's data with shorter histories
     assert gpu.data.max_seq_len == 50 and gpu.data.model_copy(update={"max_seq_len": 200}) == load_spec("movielens-1m").data
+    assert gpu.model.item_llm == gpu.model.user_llm == "smollm2" and gpu.model.mode == "end_to_end"  # pretrained towers
 
 
 def test_base_inheritance_merges_overrides_and_refuses_bad_chains(tmp_path):
