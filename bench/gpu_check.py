@@ -105,6 +105,16 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if use_gpu else None}
 
 
+def not_bf16_share(model_file: str) -> float:
+    """Share of the shipped weights' values that bf16 cannot hold: near 1 when the run shipped its fp32
+    master copy, 0 when it shipped the bf16 module's weights."""
+    import torch
+
+    from ray_jobs.checkpoint import read_model
+    values = torch.cat([w.float().ravel() for w in read_model(model_file).weights.values() if w.is_floating_point()])
+    return round(float((values != values.bfloat16().float()).float().mean()), 4)
+
+
 def hllm_step(use_gpu: bool) -> dict:
     """`measure_hllm_step` at its stated size, in a Ray worker (one GPU when use_gpu)."""
     import ray
@@ -157,7 +167,8 @@ def main() -> None:
         spec = load_spec(SMOKE, common + [f"name=gpu-{name}", *extra])
         out = train.run(spec)
         return {"steps": out.steps, "stopped": out.stopped, "test_hr@10": out.test["hr@10"],
-                "test_ndcg@10": out.test["ndcg@10"], "model_file": out.model_file}
+                "test_ndcg@10": out.test["ndcg@10"], "model_file": out.model_file,
+                "shipped_not_bf16_share": not_bf16_share(out.model_file)}
 
     stage("etl", etl)
     stage("train_sasrec", lambda: trained("sasrec", "model.kind=sasrec", "train.negative_sampling=per_position"))

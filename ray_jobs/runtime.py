@@ -174,6 +174,7 @@ class DeepSpeedBackend(Backend):
                                                     dist_init_required=False)
         safe_deepspeed_loads(self.engine)
         self.zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
         self.comm = Collectives(collective_device(dist.get_backend(), device))
 
     def forward(self, *args):
@@ -187,12 +188,23 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """Every rank must call this under ZeRO-3 (the parameters are gathered from all of them)."""
+        """The model's weights in fp32. Every rank calls this (the loops decide on all-reduced figures):
+        under ZeRO-3 the parameters are gathered from all of them, and in bf16 each trained parameter
+        is read from the optimizer's fp32 master copy (assembled from every rank's partition) — the
+        bf16 module holds the same weights rounded to three significant digits."""
         if not self.zero3:
-            return weights_of(self.state.model)
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-            return weights_of(self.state.model)
+            weights = weights_of(self.state.model)
+        else:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                weights = weights_of(self.state.model)
+        if self.bf16:
+            from deepspeed.utils import safe_get_full_fp32_param
+            for name, param in self.state.model.named_parameters():
+                master = safe_get_full_fp32_param(param) if param.requires_grad else None
+                if master is not None:
+                    weights[name] = master.detach().float().cpu().clone()
+        return weights
 
     def scoring_model(self) -> nn.Module:
         """ZeRO-3 re-partitions parameters after each submodule's forward: score a gathered copy."""
