@@ -97,7 +97,7 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
     return {"device": gpu or "cpu", "item_llm": spec.model.item_llm, "mode": spec.model.mode,
             "user_llm_size": spec.model.user_llm_size.model_dump(), "users_per_step": users, "positions": length,
-            "trained_params": sum(p.numel() for p in trained), "step_seconds": round(seconds, 4),
+            "trained_params": sum(p.numel() for p in trained), "step_seconds": round(seconds, 6),
             "tokens_per_s": round(users * length / seconds, 1),
             "item_tokens_per_s": round(distinct * spec.model.max_item_tokens / seconds, 1),
             "flops_per_step": int(flops), "achieved_tflops": round(flops / seconds / 1e12, 3),
