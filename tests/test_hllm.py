@@ -394,8 +394,9 @@ def test_a_pretrained_user_llm_keeps_exactly_the_first_k_layers_of_the_gguf(tmp_
     def shapes(m) -> dict:  # but the token embedding: a user LLM reads item vectors, never tokens
         return {n: p.shape for n, p in m.named_parameters() if not n.startswith("embed_tokens")}
     assert shapes(random) == shapes(llm)
-    with pytest.raises(ValueError, match="only 30 layers"):
-        HLLM(s.model_copy(update={"user_llm_layers": 31}), TEXTS, max_len=4)
+    from ray_jobs.models.llm import truncate_layers
+    with pytest.raises(ValueError, match="user_llm_layers=3: smollm2 has only 2 layers"):
+        truncate_layers(llm, 3, "smollm2")
 
 
 @pytest.mark.slow
