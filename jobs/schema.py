@@ -571,13 +571,35 @@ class AlignSpec(Strict):
     seed: int = Field(0, description="seed of the rollouts and the user batches")
 
 
+class GateConstraint(Strict):
+    """One condition of a declared gate rule: the candidate's `metric` against the champion's."""
+    metric: str = Field(description="a figure of the evaluation: accuracy (ndcg@10, hr@10, ...) or beyond "
+                        "accuracy (tail_share@10, ild@10, coverage@10, ...)")
+    min_change: float = Field(description="candidate minus champion must be at least this (negative: the "
+                              "largest drop allowed)")
+    relative: bool = Field(False, description="the change as a fraction of the champion's figure (0.2 = 20% higher)")
+
+    def describe(self) -> str:
+        if self.relative:
+            return f"{self.metric} {'at least' if self.min_change >= 0 else 'at most'} " \
+                   f"{abs(self.min_change):.0%} {'higher' if self.min_change >= 0 else 'lower'}, relative"
+        if self.min_change >= 0:
+            return f"{self.metric} higher by at least {self.min_change}"
+        return f"{self.metric} not lower by more than {-self.min_change}"
+
+
 class GateSpec(Strict):
     """The champion gate: a new model takes the registry alias `champion` only when it beats the current
-    champion on `split` by more than `margin` in `metric` (measured on the same data version)."""
-    metric: str = Field("ndcg@10", description="metric of the full-ranking evaluation, e.g. ndcg@10, hr@10, mrr")
+    champion on `split` by more than `margin` in `metric` — or, with `constraints` (a declared rule),
+    when it meets every one of them (measured on the same data version)."""
+    metric: str = Field("ndcg@10", description="metric of the full-ranking evaluation, e.g. ndcg@10, hr@10, mrr; "
+                        "the best new model on it is the candidate")
     split: Literal["valid", "test"] = Field("valid",
         description="the split the gate compares on (valid; test only for experiments)")
-    margin: float = Field(0.0, ge=0, description="absolute improvement required over the champion")
+    margin: float = Field(0.0, ge=0, description="absolute improvement required over the champion (without constraints)")
+    constraints: list[GateConstraint] = Field(default_factory=list, description="a declared rule instead of the "
+        "margin: the candidate is promoted when it meets every condition, e.g. ndcg@10 not lower by more than "
+        "0.002 and tail_share@10 at least 20% higher, relative")
 
 
 class ChecksSpec(Strict):

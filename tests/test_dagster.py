@@ -120,6 +120,35 @@ def test_gate_decisions():
     assert [r.label("valid") for r in rows] == ["trained (valid)", "aligned (valid)", "champion v1 (valid)"]
 
 
+def test_a_declared_gate_rule_promotes_a_model_that_trades_accuracy_within_bounds():
+    """`gate.constraints`: NDCG@10 not lower by more than 0.002 and tail share at least 20% higher,
+    relative — an aligned model that trades a little accuracy for the tail is promoted, one that
+    trades too much or gains too little tail is kept out, every condition in the reason."""
+    from jobs.contracts import EvaluateOutcome, EvaluationReport, ModelRow
+    from jobs.schema import GateConstraint
+    rule = GateSpec(constraints=[GateConstraint(metric="ndcg@10", min_change=-0.002),
+                                 GateConstraint(metric="tail_share@10", min_change=0.2, relative=True)])
+    champion = ModelRow("models:/m@champion", "champion", "m", "1", {"valid": {"ndcg@10": 0.200, "tail_share@10": 0.10}})
+
+    def judged(ndcg: float, tail: float):
+        row = ModelRow("/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt",
+                       {"valid": {"ndcg@10": ndcg, "tail_share@10": tail}})
+        return decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [row, champion]),
+                                       {"/r/b/model.pt": "2"}, "1"), rule)
+    traded = judged(0.1985, 0.125)
+    assert traded.promote and traded.reason == ("meets the rule: ndcg@10 not lower by more than 0.002: 0.1985 vs 0.2000; "
+                                                "tail_share@10 at least 20% higher, relative: 0.1250 vs 0.1000")
+    too_costly = judged(0.1970, 0.200)
+    assert not too_costly.promote and too_costly.reason == (
+        "does not meet the rule: ndcg@10 not lower by more than 0.002: 0.1970 vs 0.2000")
+    too_little = judged(0.2100, 0.115)  # more accurate, but the rule asks for the tail
+    assert not too_little.promote and "tail_share@10 at least 20% higher, relative: 0.1150 vs 0.1000" in too_little.reason
+    with pytest.raises(ValueError, match="aligned \\(valid\\) has no ild@10"):
+        decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [champion.__class__(
+            "/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt", {"valid": {"ndcg@10": 0.3}}), champion]),
+            {"/r/b/model.pt": "2"}, "1"), GateSpec(constraints=[GateConstraint(metric="ild@10", min_change=0)]))
+
+
 @pytest.fixture
 def landing_spec(tmp_path, ml100k_lake):
     """A copy of the shared ML-100K lake with a landing folder of two days (real ML-100K ids)."""
