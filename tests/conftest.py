@@ -129,20 +129,25 @@ def local_ray():
     ray.shutdown()
 
 
+def head_env(num_cpus: int, **extra: str) -> dict:
+    """The environment of infra/local/ray-up.sh for a head of its own: free ports (the in-process Ray
+    of `local_ray` holds the default agent and client ports) and a private (0700, unpredictable) temp
+    dir directly under /tmp (Ray's socket paths must stay short)."""
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_PORT": str(port()),
+            "RAY_DASHBOARD_PORT": str(port()), "RAY_AGENT_PORT": str(port()), "RAY_CLIENT_PORT": str(port()),
+            "RAY_NUM_CPUS": str(num_cpus), "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"), **extra}
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """One local head (infra/local/ray-up.sh, 127.0.0.1, 2 CPUs, stopped by its process group) for the
     tests of a module that submit to it; each tells its own jobs apart. Its environment carries a
     credential the jobs may read (`${env:LLMREC_TEST_TOKEN}` in a spec), a canary no output may show."""
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    # the in-process Ray of `local_ray` holds the default agent and client ports
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_PORT": str(port()),
-           "RAY_DASHBOARD_PORT": str(port()), "RAY_AGENT_PORT": str(port()), "RAY_CLIENT_PORT": str(port()),
-           "RAY_NUM_CPUS": "2", "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-           "LLMREC_TEST_TOKEN": f"canary-{uuid.uuid4().hex}"}
+    env = head_env(2, LLMREC_TEST_TOKEN=f"canary-{uuid.uuid4().hex}")
     up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr
     yield up.stdout.strip().splitlines()[-1], env

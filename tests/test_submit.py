@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -104,14 +103,6 @@ def _jobs_api(address: str, path: str, token: bool = True):
         return json.loads(r.read())
 
 
-def _head_env(free_port) -> dict:
-    # Ray's socket paths must stay short: a private (0700, unpredictable) temp dir directly under /tmp
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_PORT": str(free_port()),
-            "RAY_DASHBOARD_PORT": str(free_port()), "RAY_AGENT_PORT": str(free_port()),
-            "RAY_CLIENT_PORT": str(free_port()), "RAY_NUM_CPUS": "1",
-            "RAY_HEAD_DIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
-
-
 def _group_alive(pgid: int) -> bool:
     """Some process of the group still runs (exited ones that wait to be reaped do not count)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -124,12 +115,13 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def test_local_heads_require_the_token_and_stop_by_their_own_process_group(tmp_path, free_port, ray_head):
+def test_local_heads_require_the_token_and_stop_by_their_own_process_group(tmp_path, ray_head):
     """Two heads on one machine (a fresh one, a, and the module's, b): the Jobs API refuses a request
     without the token; ray-down.sh stops every process of its own head (by the recorded process
     group) and leaves the other running."""
     import urllib.error
-    a, b = _head_env(free_port), ray_head[1]
+    from conftest import head_env
+    a, b = head_env(1), ray_head[1]
     try:
         up = subprocess.run([str(ROOT / "infra/local/ray-up.sh")], env=a, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stderr
