@@ -76,7 +76,8 @@ def align_worker(config: dict) -> None:
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device, start_model)
     backend.train(False)  # no dropout: rollouts and the trained log-probabilities come from one policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
-    aligner = Aligner(a, AlignData.build(data.train, data.num_items, a.holdout, a.list_size), data.num_items,
+    times = data.train_times if state.model.reads_time else None  # a time-reading start model (HSTU's time bias)
+    aligner = Aligner(a, AlignData.build(data.train, data.num_items, a.holdout, a.list_size, times), data.num_items,
                       spec.data.max_seq_len, torch.from_numpy(item_emb),
                       torch.from_numpy(tail_items(data.popularity, spec.eval.tail_share)),
                       start_model(), backend.comm, ctx.device, backend.dtype, listed)

@@ -171,9 +171,6 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
                     listed: np.ndarray | None = None) -> TrainState:
     """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr.
     `listed`: the items lists may hold (what the aligned model is recorded as trained on)."""
-    if policy.reads_time:
-        raise ValueError("align.init: the start model reads event timestamps (HSTU with model.time_buckets > 0); "
-                         "alignment rolls out lists from item histories only — start from a model without a time bias")
     module = CosineScores(policy).to(device)
     c = data.catalogue
     catalogue = c if listed is None else Catalogue(c.item_ids, c.item_text, c.active, c.kcore & listed)

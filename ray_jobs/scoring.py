@@ -33,15 +33,18 @@ def cosine_scores(user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
 
 
 class CosineScores(nn.Module):
-    """Left-padded histories (B, L) -> cosine scores of every item (B, n + 1), with gradients: the
-    alignment policy's logits (times its temperature)."""
+    """Left-padded histories (B, L) — and, for a model that reads them, their timestamps followed by
+    the time of the prediction (B, L + 1) — -> cosine scores of every item (B, n + 1), with
+    gradients: the alignment policy's logits (times its temperature)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.reads_time = model.reads_time
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return cosine_scores(self.model.user_embeddings(ids), self.model.all_item_embeddings())
+    def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        user = self.model.user_embeddings(ids) if times is None else self.model.user_embeddings(ids, times)
+        return cosine_scores(user, self.model.all_item_embeddings())
 
 
 def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: np.ndarray | None = None) -> ScoreFn:

@@ -21,7 +21,7 @@ from ray_jobs.metrics import mask_scores
 from ray_jobs.distributed import Collectives
 from ray_jobs.scoring import CosineScores
 
-Scores = Callable[[torch.Tensor], torch.Tensor]  # left-padded histories (B, L) -> cosine scores (B, n + 1)
+Scores = Callable[..., torch.Tensor]  # left-padded histories (B, L)[, their times (B, L + 1)] -> cosine scores (B, n + 1)
 REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure")
 
 
@@ -100,10 +100,14 @@ class AlignData:
     users: np.ndarray              # row in SeqData.train
     contexts: list[np.ndarray]
     relevant: torch.Tensor         # (U, holdout), 0-padded
+    stamps: list[np.ndarray] | None = None  # with `times`: each context's timestamps, then the first held-out item's
 
     @classmethod
-    def build(cls, train: list[np.ndarray], num_items: int, holdout: int, list_size: int) -> "AlignData":
-        users, contexts, relevant = [], [], []
+    def build(cls, train: list[np.ndarray], num_items: int, holdout: int, list_size: int,
+              times: list[np.ndarray] | None = None) -> "AlignData":
+        """`times` (SeqData.train_times), for a start model that reads timestamps: a context is
+        scored at the time of its first held-out item, the moment its list would be shown."""
+        users, contexts, relevant, stamps = [], [], [], []
         for u, seq in enumerate(train):
             ctx = seq[:-holdout]
             # at least one context item, a held-out item, and K unseen items to fill a list
@@ -111,12 +115,14 @@ class AlignData:
                 users.append(u)
                 contexts.append(ctx)
                 relevant.append(seq[-holdout:])
+                if times is not None:
+                    stamps.append(times[u][:len(ctx) + 1])
         if not users:
             raise ValueError(f"alignment: no user has more than align.holdout={holdout} training items")
         rel = torch.zeros((len(users), holdout), dtype=torch.long)
         for i, r in enumerate(relevant):
             rel[i, :len(r)] = torch.as_tensor(r)
-        return cls(np.asarray(users), contexts, rel)
+        return cls(np.asarray(users), contexts, rel, stamps if times is not None else None)
 
 
 def posterior_groups(cfg: BladeSpec, data: AlignData) -> np.ndarray:
@@ -165,8 +171,12 @@ class Aligner:
         """Masked policy logits (B, n + 1) of the given AlignData rows, on the CPU in fp32 (gradients
         flow back to the policy on its device when enabled)."""
         ctx = [self.data.contexts[i] for i in rows]
-        s = scores(left_pad(ctx, self.max_len).to(self.device)).float().cpu()
-        return mask_scores(s / self.cfg.temperature, ctx, self.candidates)
+        ids = left_pad(ctx, self.max_len).to(self.device)
+        if self.data.stamps is None:
+            s = scores(ids)
+        else:  # a time-reading model: each context's timestamps, then the time its list is for
+            s = scores(ids, left_pad([self.data.stamps[i] for i in rows], self.max_len + 1).to(self.device))
+        return mask_scores(s.float().cpu() / self.cfg.temperature, ctx, self.candidates)
 
     def reward_gains(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Reward term -> per-pick gains (B, N, K); each term's list value is their sum along K."""
