@@ -548,10 +548,16 @@ class AlignSpec(Strict):
     users_per_step: int = Field(64, gt=0, description="users per global batch")
     rollouts: int = Field(16, ge=2, description="N lists sampled per user per step")
     list_size: int = Field(10, ge=1, description="K, items per list")
+    epochs: int = Field(1, ge=1, description="optimizer steps on each batch of rollouts (every method: all spend the "
+                        "same lists and steps); after the first they are off-policy, importance-weighted in the KL "
+                        "and clipped in grpo/flame")
+    clip: float = Field(0.2, gt=0, lt=1, description="grpo, flame: PPO ratio clip eps, the surrogate uses "
+                        "clip(pi/pi_old, 1 - eps, 1 + eps) (per pick; for grpo the list ratio ^ 1/K)")
     temperature: float = Field(0.05, gt=0, description="policy = softmax(cosine / temperature) over unseen items")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy")
-    beta: float = Field(0.05, ge=0, description="weight of KL(policy || reference); the start value when kl_target is set")
-    kl_target: float | None = Field(None, gt=0, description="adapt beta each step toward this KL: "
+    beta: float = Field(0.05, ge=0, description="weight of the per-pick KL(policy || reference) (whole-list "
+                        "Plackett–Luce KL / K) in the loss; the start value when kl_target is set")
+    kl_target: float | None = Field(None, gt=0, description="adapt beta each step toward this whole-list KL (nats per list): "
                                     "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
     kl_rate: float = Field(0.1, gt=0, description="adaptation rate of beta (with kl_target)")
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
@@ -605,7 +611,8 @@ class GateSpec(Strict):
 class ChecksSpec(Strict):
     """Model checks that block everything downstream in Dagster when they fail."""
     min_gain_over_popularity: float = Field(0.0, description="trained model: valid NDCG@10 must exceed popularity's by more")
-    max_align_kl: float = Field(1.0, gt=0, description="aligned model: KL(policy || reference) at the last step at most this")
+    max_align_kl: float = Field(5.0, gt=0, description="aligned model: the whole-list KL(policy || reference) "
+                                "(nats per list) at the last step at most this")
     min_coverage_ratio: float = Field(0.5, ge=0, description="aligned model: coverage@10 at least this share of the start model's")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from scipy import stats
 from jobs.schema import AlignSpec
 from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.aligner import AlignData, Aligner, StepStats, StepSums, posterior_groups
-from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs
+from ray_jobs.alignment.plackett_luce import exact_list_kl, gumbel_topk, list_kl, list_log_prob, pick_log_probs
 from ray_jobs.models.sasrec import SASRec
 from ray_jobs.scoring import CosineScores
 
@@ -62,17 +64,61 @@ def test_gumbel_topk_frequencies_match_exact_probabilities():
     assert all(len(set(x)) == k for x in lists.tolist())
 
 
-def test_masked_items_never_sampled_and_kl():
+def test_masked_items_never_sampled():
     logits = torch.zeros(1, 6)
     logits[0, [0, 2]] = float("-inf")
     lists = gumbel_topk(logits, 3, 500, torch.Generator().manual_seed(0))
     assert not torch.isin(lists, torch.tensor([0, 2])).any()
-    assert masked_kl(logits, logits).item() == pytest.approx(0.0)
-    other = logits.clone()
-    other[0, 1] = 1.0
-    p, q = torch.softmax(logits[0], 0), torch.softmax(other[0], 0)
-    expect = sum(p[i] * (torch.log(p[i]) - torch.log(q[i])) for i in (1, 3, 4, 5))
-    assert masked_kl(logits, other).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_whole_list_kl_by_enumeration_equals_a_hand_computation():
+    """Weights (1, 2, 3) against (1, 1, 1), lists of K = 2: six ordered lists, written out."""
+    p, q = torch.tensor([0.0, math.log(2), math.log(3)], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    w = [1, 2, 3]
+    by_hand = 0.0
+    for a, b in itertools.permutations(range(3), 2):
+        pa = w[a] / 6 * w[b] / (6 - w[a])
+        by_hand += pa * math.log(pa / (1 / 3 * 1 / 2))
+    assert exact_list_kl(p, q, 2) == pytest.approx(by_hand, rel=1e-12)
+    assert exact_list_kl(p, p, 2) == pytest.approx(0.0, abs=1e-15)
+    # a masked item (-inf in both) takes no part; K = 1 is the first-pick KL
+    pm = torch.tensor([0.5, float("-inf"), -0.2, 1.0], dtype=torch.float64)
+    qm = torch.tensor([0.0, float("-inf"), 0.3, 0.1], dtype=torch.float64)
+    first = torch.softmax(pm[[0, 2, 3]], 0) * (torch.log_softmax(pm[[0, 2, 3]], 0) - torch.log_softmax(qm[[0, 2, 3]], 0))
+    assert exact_list_kl(pm, qm, 1) == pytest.approx(first.sum().item(), rel=1e-9)
+    assert exact_list_kl(pm, qm, 3) > exact_list_kl(pm, qm, 1)  # later picks add their own divergence
+
+
+def test_rollout_kl_estimate_matches_the_exact_whole_list_kl_on_and_off_policy():
+    """The estimator on lists sampled from the policy itself, and on lists sampled from an older
+    policy (importance-weighted), agrees with enumeration within Monte-Carlo error."""
+    torch.manual_seed(4)
+    n, k, samples = 6, 3, 200_000
+    policy, ref, old = (torch.randn(1, n, dtype=torch.float64) for _ in range(3))
+    exact = exact_list_kl(policy[0], ref[0], k)
+    for sampler in (policy, old):
+        lists = gumbel_topk(sampler, k, samples, torch.Generator().manual_seed(9))
+        lp, lp_ref, lp_b = (list_log_prob(x, lists) for x in (policy, ref, sampler))
+        est = list_kl(lp, lp_ref, lp_b).item()
+        w = torch.exp(lp - lp_b)
+        se = (w * (lp - lp_ref)).std().item() / samples ** 0.5
+        assert abs(est - exact) < 4 * se, (est, exact, se)
+    assert list_kl(list_log_prob(ref, lists), list_log_prob(ref, lists), list_log_prob(old, lists)).item() == 0.0
+
+
+def test_rollout_kl_gradient_is_the_gradient_of_the_exact_kl():
+    torch.manual_seed(5)
+    n, k = 5, 2
+    ref = torch.randn(1, n, dtype=torch.float64)
+    logits = torch.randn(1, n, dtype=torch.float64, requires_grad=True)
+    lists = _all_lists(n, k)[None]
+    lp = list_log_prob(logits, lists)
+    exact = (lp.exp() * (lp - list_log_prob(ref, lists))).sum()
+    (g_exact,) = torch.autograd.grad(exact, logits)
+    sampled = gumbel_topk(logits.detach(), k, 100_000, torch.Generator().manual_seed(1))
+    lp_s = list_log_prob(logits, sampled)
+    (g_est,) = torch.autograd.grad(list_kl(lp_s, list_log_prob(ref, sampled), lp_s.detach()).sum(), logits)
+    assert torch.allclose(g_est, g_exact, atol=0.03), (g_est, g_exact)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -166,6 +212,26 @@ def test_grpo_weights_and_dpo_loss():
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))))
 
 
+def test_clipped_objective_is_the_ppo_formula():
+    """min(rho·A, clip(rho, 1 - eps, 1 + eps)·A) written out for each case of sign and ratio."""
+    eps = 0.2
+    rho = torch.tensor([0.5, 0.9, 1.0, 1.5, 0.5, 1.1, 1.5], dtype=torch.float64)
+    adv = torch.tensor([1.0, 2.0, -1.0, 1.0, -2.0, -1.0, -0.5], dtype=torch.float64)
+    by_hand = [0.5 * 1.0,   # A > 0, rho below the range: min(0.5, 0.8) keeps rho·A (the pessimistic bound)
+               0.9 * 2.0,   # inside the range: rho·A
+               -1.0,        # rho = 1
+               1.2 * 1.0,   # A > 0 and rho above 1 + eps: clipped, no gain past the bound
+               0.8 * -2.0,  # A < 0 and rho below 1 - eps: clipped
+               1.1 * -1.0,  # inside
+               1.5 * -0.5]  # A < 0 and rho above the range: the unclipped, worse value
+    log_ratio = torch.log(rho).requires_grad_(True)
+    out = methods.ppo_clipped(log_ratio, adv, eps)
+    assert out.tolist() == pytest.approx(by_hand, abs=1e-12)
+    out.sum().backward()  # no gradient where the clip is active
+    active = torch.tensor([False, False, False, True, True, False, False])
+    assert (log_ratio.grad[active] == 0).all() and (log_ratio.grad[~active] != 0).all()
+
+
 # ----------------------------------------------------------------------------- one step
 
 def _toy(method: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[Aligner, CosineScores, AlignSpec]:
@@ -207,7 +273,7 @@ def test_step_statistics_match_the_rollouts_by_hand():
     """Every named statistic of a step, recomputed from the same rollouts (sampling is seeded by
     step and rank, so `rollouts` draws the lists `step` trains on)."""
     aligner, policy, cfg = _toy("static_bon")
-    ro = aligner.rollouts(policy, step=3, seed=0)  # before step(): the exposure term reads today's exposure
+    ro = aligner.rollouts(policy, batch=3, seed=0)  # before step(): the exposure term reads today's exposure
     r = ro.reward.double()
     loss, m = aligner.step(policy, step=3, seed=0)
     lists, users = r.numel(), len(ro.rows)
@@ -233,13 +299,14 @@ def test_step_sums_combine_ranks_into_global_statistics():
     a = StepSums(users=2, lists=4, reward=2.0, reward_sq=1.5, kl=0.2, grad_norm=1.0, entropy=2.0, flat_groups=1,
                  policy_loss=-0.4, ndcg=1.0, diversity=2.0, tail=0.4, exposure=0.0)
     b = StepSums(users=1, lists=2, reward=1.6, reward_sq=1.3, kl=0.1, grad_norm=0.5, entropy=1.0, flat_groups=0,
-                 policy_loss=-0.2, ndcg=0.5, diversity=1.0, tail=0.6, exposure=0.3)
+                 policy_loss=-0.2, clipped=1.5, ndcg=0.5, diversity=1.0, tail=0.6, exposure=0.3)
     total = StepSums(*(x + y for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
     s = StepStats.of(total, reward_max=0.9, beta=0.05, has_entropy=True)
     assert s.reward_mean == pytest.approx(3.6 / 6) and s.reward_std == pytest.approx((2.8 / 6 - 0.36) ** 0.5)
     assert s.kl == pytest.approx(0.3 / 3) and s.effective_grad_norm == pytest.approx(1.5 / 3)
     assert s.weight_entropy == pytest.approx(1.0) and s.flat_groups == pytest.approx(1 / 3)
     assert s.policy_loss == pytest.approx(-0.2) and s.reward_tail == pytest.approx(1.0 / 6)
+    assert s.clipped_share == pytest.approx(1.5 / 6)
     assert StepStats.of(total, 0.9, 0.05, has_entropy=False).weight_entropy is None
     assert set(s.as_dict()) == {f.name for f in dataclasses.fields(StepStats)}
 
@@ -251,6 +318,51 @@ def test_reference_follows_the_policy_dtype():
     loss, m = aligner.step(policy, step=0, seed=0)
     loss.backward()
     assert torch.isfinite(loss) and m.kl == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["grpo", "flame", "blade"])
+def test_epochs_reuse_one_rollout_batch_off_policy(method):
+    """align.epochs = 3: steps 0-2 train on batch 0's lists (sampled once, posterior and exposure
+    updated once), the later epochs are importance-weighted and clipped; step 3 samples batch 1."""
+    aligner, policy, cfg = _toy(method, epochs=3, clip=0.1)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.03)
+    stats, exposures, lists, kappas = [], [], [], []
+    for step in range(4):
+        loss, m = aligner.step(policy, step, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stats.append(m)
+        exposures.append(aligner.exposure.clone())
+        lists.append(aligner.batch.rollouts.lists)
+        kappas.append(aligner.posterior.kappa.copy())
+    assert aligner.batch.index == 1
+    assert torch.equal(lists[0], lists[1]) and torch.equal(lists[0], lists[2]) and not torch.equal(lists[0], lists[3])
+    assert torch.equal(exposures[0], exposures[2]) and not torch.equal(exposures[2], exposures[3])
+    assert stats[0].kl == pytest.approx(0.0, abs=1e-6) and stats[2].kl > 0     # the policy moved off the reference
+    assert stats[0].reward_mean == stats[2].reward_mean                         # the same lists' rewards
+    if method == "blade":  # one posterior update per batch
+        assert np.array_equal(kappas[0], kappas[2]) and not np.array_equal(kappas[2], kappas[3])
+    else:
+        assert stats[0].clipped_share == 0 and stats[2].clipped_share > 0       # later epochs hit the clip
+
+
+def test_a_run_resumed_between_epochs_continues_on_the_same_rollouts():
+    aligner, policy, cfg = _toy("grpo", epochs=2)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.03)
+    loss, _ = aligner.step(policy, 0, 0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    state = aligner.state_dict()
+    path = Path(tempfile.mkdtemp()) / "aligner.pt"
+    torch.save(state, path)
+    resumed, _, _ = _toy("grpo", epochs=2)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    expect, m = aligner.step(policy, 1, 0)
+    got, m2 = resumed.step(policy, 1, 0)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-6) and m2.kl == pytest.approx(m.kl, rel=1e-6)
+    assert torch.equal(resumed.batch.rollouts.lists, aligner.batch.rollouts.lists)
 
 
 def test_blade_user_posterior_moves_with_rewards():

@@ -206,7 +206,7 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     base = ray_overrides(tmp_path, "align-smoke", "train.epochs=4", "train.negatives=512", "train.lr=0.005")
     result = train_local(load_spec(SMOKE, base))
     overrides = base + [f"align.init={result.checkpoint}", "align.method=blade", "align.lr=0.001", "align.beta=0.05",
-                        "align.kl_target=0.1", "align.kl_rate=0.3",
+                        "align.kl_target=1.0", "align.kl_rate=0.3",
                         "align.users_per_step=64", "align.rollouts=8", "align.eval_every=0", "align.checkpoint_every=10",
                         "align.rewards.ndcg=1.0", "align.rewards.tail=0.5"]
     first = align(load_spec(SMOKE, overrides + ["align.steps=20"]), register=False)
@@ -221,7 +221,7 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     kls = [h["kl"] for h in history["steps"]]
     betas = [h["beta"] for h in history["steps"]]
     # adaptive KL control holds the policy near align.kl_target: beta rose while KL was above it
-    assert kls[0] == pytest.approx(0.0, abs=1e-6) and max(kls[-5:]) < 0.25 and kls[-1] < max(kls)
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and max(kls[-5:]) < 2.5 and kls[-1] < max(kls)
     assert max(betas) > betas[0]
     assert out.results["aligned_test"]["users"] == out.results["base_test"]["users"] == 943 and "ild@10" in out.results["aligned_test"]
     assert out.model.model_version == 1 and client.get_run(out.run_id).data.tags["llmrec.align.method"] == "blade"

@@ -15,7 +15,7 @@ from torch import nn
 
 from jobs.schema import AlignSpec, BladeSpec
 from ray_jobs.alignment import methods, rewards
-from ray_jobs.alignment.plackett_luce import gumbel_topk, list_log_prob, masked_kl, pick_log_probs
+from ray_jobs.alignment.plackett_luce import gumbel_topk, list_kl, list_log_prob, pick_log_probs
 from ray_jobs.data import left_pad
 from ray_jobs.metrics import mask_scores
 from ray_jobs.distributed import Collectives
@@ -38,6 +38,7 @@ class StepSums:
     entropy: float = 0.0
     flat_groups: float = 0.0
     policy_loss: float = 0.0
+    clipped: float = 0.0
     ndcg: float = 0.0
     diversity: float = 0.0
     tail: float = 0.0
@@ -49,9 +50,10 @@ class StepSums:
 
 @dataclass
 class StepStats:
-    """What a step logs, over every rank's users and lists: reward moments, the mean KL to the
-    reference per user, the effective gradient norm (|d policy loss / d logits| per user), the
-    weight entropy (Best-of-N methods), the share of users whose lists all scored the same."""
+    """What a step logs, over every rank's users and lists: reward moments, the mean whole-list KL to
+    the reference per user (nats per list), the effective gradient norm (|d policy loss / d logits|
+    per user), the weight entropy (Best-of-N methods), the share of users whose lists all scored the
+    same, the share of ratios outside the clip range (grpo: lists, flame: picks; 0 for the others)."""
     reward_mean: float
     reward_std: float
     reward_max: float
@@ -61,6 +63,7 @@ class StepStats:
     sampled_log_ratio: float
     flat_groups: float
     policy_loss: float
+    clipped_share: float
     beta: float
     reward_ndcg: float
     reward_diversity: float
@@ -73,7 +76,7 @@ class StepStats:
         mean = s.reward / lists
         return cls(mean, max(s.reward_sq / lists - mean * mean, 0.0) ** 0.5, reward_max, s.kl / users,
                    s.grad_norm / users, s.entropy / users if has_entropy else None, s.log_ratio / lists,
-                   s.flat_groups / users, s.policy_loss / users, beta,
+                   s.flat_groups / users, s.policy_loss / users, s.clipped / lists, beta,
                    *(getattr(s, t) / lists for t in REWARD_TERMS))
 
     def as_dict(self) -> dict:
@@ -84,13 +87,40 @@ class StepStats:
 class Rollouts:
     """A step's sampled lists for this rank's users, with their policy logits and rewards."""
     rows: np.ndarray                 # AlignData rows
-    logits: torch.Tensor             # (B, n + 1) masked policy logits (with gradients)
+    logits: torch.Tensor | None      # (B, n + 1) masked policy logits (with gradients; None once restored)
     ref_logits: torch.Tensor         # (B, n + 1) masked reference logits
     lists: torch.Tensor              # (B, N, K) item ids
     terms: dict[str, torch.Tensor]   # reward term -> (B, N)
     reward: torch.Tensor             # (B, N) weighted list reward
     gains: torch.Tensor              # (B, N, K) weighted per-pick gains (sum along K = reward)
     global_users: int                # users in the step's global batch
+
+
+@dataclass
+class Batch:
+    """A rollout batch and what stays fixed over its align.epochs optimizer steps."""
+    index: int                       # rollout batch (step // align.epochs)
+    rollouts: Rollouts
+    pick_old: torch.Tensor           # (B, N, K) log pi_old(y_j | y_<j) of the policy that sampled the lists
+    lp_ref: torch.Tensor             # (B, N) log pi_ref(list), whole list
+    weights: torch.Tensor | None     # (B, N) blade / static_bon / grpo candidate weights
+    entropy: torch.Tensor | None     # (B,) their entropy (Best-of-N methods)
+    advantages: torch.Tensor | None  # (B, N, K) flame's per-pick advantages
+
+    TENSORS = ("pick_old", "lp_ref", "weights", "entropy", "advantages")
+
+    def to_state(self) -> dict:
+        """Tensors only (a checkpoint is read with weights_only=True); the policy logits are not kept."""
+        ro = self.rollouts
+        return {"index": self.index, "rows": torch.from_numpy(ro.rows), "ref_logits": ro.ref_logits,
+                "lists": ro.lists, "terms": ro.terms, "reward": ro.reward, "gains": ro.gains,
+                "global_users": ro.global_users, **{k: getattr(self, k) for k in self.TENSORS}}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "Batch":
+        ro = Rollouts(s["rows"].numpy(), None, s["ref_logits"], s["lists"], s["terms"], s["reward"], s["gains"],
+                      s["global_users"])
+        return cls(s["index"], ro, *(s[k] for k in cls.TENSORS))
 
 
 @dataclass
@@ -165,6 +195,7 @@ class Aligner:
         self.posterior = methods.NIG.vague(n_groups)
         self.last_update = np.zeros(n_groups)            # step + 1 of each group's last update (0: reference)
         self.beta = cfg.beta
+        self.batch: Batch | None = None                  # the rollout batch of the current steps
 
     # ------------------------------------------------------------------ policy and rewards
     def logits(self, scores: Scores, rows: np.ndarray) -> torch.Tensor:
@@ -232,7 +263,7 @@ class Aligner:
     def _observe(self, rows: np.ndarray, x: np.ndarray, step: int | None) -> None:
         """Add this rank's rewards x (rows, N) to their groups' posteriors, pooled with every rank's
         (one all-reduce of per-group count, sum and sum of squares). At a step, each observed
-        group's prior is its posterior decayed by decay^(steps since its last update)."""
+        group's prior is its posterior decayed by decay^(rollout batches since its last update)."""
         b = self.cfg.blade
         stats = np.zeros((len(self.last_update), 3))
         g = self.groups[rows]
@@ -251,32 +282,32 @@ class Aligner:
         self.posterior.put(seen, prior.updated(cnt, mean, sq_dev))
 
     # ------------------------------------------------------------------ one step
-    def batch_rows(self, step: int, seed: int) -> tuple[np.ndarray, int]:
-        """This rank's rows of the step's global batch (epochs of a seeded permutation of users).
-        Only full batches are used (the remainder of a permutation waits for the next epoch's), so
+    def batch_rows(self, batch: int, seed: int) -> tuple[np.ndarray, int]:
+        """This rank's rows of rollout batch `batch` (epochs of a seeded permutation of users).
+        Only full batches are used (the remainder of a permutation waits for the next pass's), so
         every rank gets users_per_step // world or more rows."""
         n, b = len(self.data.users), self.cfg.users_per_step
-        per_epoch = max(1, n // b)
-        epoch, i = divmod(step, per_epoch)
+        per_pass = max(1, n // b)
+        epoch, i = divmod(batch, per_pass)
         order = np.random.default_rng((seed, epoch)).permutation(n)
-        batch = order[i * b:(i + 1) * b]
-        return batch[self.rank::self.world], len(batch)
+        rows = order[i * b:(i + 1) * b]
+        return rows[self.rank::self.world], len(rows)
 
-    def rollouts(self, scores: Scores, step: int, seed: int) -> Rollouts:
-        """The step's lists: N Plackett–Luce samples of K items per user of this rank, and their rewards.
-        Deterministic in (seed, step, rank), so a resumed run samples what the first one did."""
+    def rollouts(self, scores: Scores, batch: int, seed: int) -> Rollouts:
+        """Rollout batch `batch`: N Plackett–Luce samples of K items per user of this rank, and their
+        rewards. Deterministic in (seed, batch, rank), so a resumed run samples what the first one did."""
         cfg = self.cfg
-        rows, global_b = self.batch_rows(step, seed)
+        rows, global_b = self.batch_rows(batch, seed)
         logits = self.logits(scores, rows)
         with torch.no_grad():
             ref_logits = self.logits(self.reference, rows)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + self.rank + 17)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 131 + self.rank + 17)
         lists = gumbel_topk(logits.detach(), cfg.list_size, cfg.rollouts, gen)     # (B, N, K)
         gains = self.reward_gains(lists, rows)
         terms = {t: g.sum(-1) for t, g in gains.items()}
         return Rollouts(rows, logits, ref_logits, lists, terms, self.reward(terms), self.reward(gains), global_b)
 
-    def weights(self, r: torch.Tensor, rows: np.ndarray, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self, r: torch.Tensor, rows: np.ndarray, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy."""
         cfg, n = self.cfg, r.shape[1]
         if cfg.method == "static_bon":
@@ -284,7 +315,7 @@ class Aligner:
             return w, methods.weight_entropy(w)
         if cfg.method == "blade":
             x = self._centred(r.double().numpy(), rows)
-            self._observe(rows, x, step)
+            self._observe(rows, x, batch)
             cdf = self.posterior.take(self.groups[rows]).predictive_cdf(x)
             w = methods.bon_weights(torch.from_numpy(cdf).float(), n)
             return w, methods.weight_entropy(w)
@@ -292,16 +323,39 @@ class Aligner:
             return methods.grpo_weights(r), None
         raise ValueError(f"align.method={cfg.method!r} has no candidate weights")
 
+    def sample(self, scores: Scores, batch: int, seed: int) -> Batch:
+        """Rollout batch `batch` with everything its epochs keep fixed: the sampling policy's and the
+        reference's log-probabilities, the method's weights (BLADE's posteriors take the batch's
+        rewards here, once) or step-wise advantages; the running exposure takes its lists."""
+        ro = self.rollouts(scores, batch, seed)
+        with torch.no_grad():
+            pick_old = pick_log_probs(ro.logits.detach(), ro.lists)
+            lp_ref = list_log_prob(ro.ref_logits, ro.lists)
+        weights = entropy = advantages = None
+        if self.cfg.method in ("blade", "static_bon", "grpo"):
+            weights, entropy = self.weights(ro.reward, ro.rows, batch)
+        elif self.cfg.method == "flame":
+            advantages = methods.flame_advantages(ro.gains)
+        self.update_exposure(ro.lists)
+        return Batch(batch, ro, pick_old, lp_ref, weights, entropy, advantages)
+
     def step(self, scores: Scores, step: int, seed: int) -> tuple[torch.Tensor, StepStats]:
         """The step's loss (scaled so that the average over ranks is the global-batch mean) and its
-        global statistics. `scores` is the trained policy (CosineScores, or a DeepSpeed engine on it)."""
+        global statistics. `scores` is the trained policy (CosineScores, or a DeepSpeed engine on it).
+        Step s trains on rollout batch s // align.epochs, sampled at its first step and reused after."""
         cfg, k = self.cfg, self.cfg.list_size
-        ro = self.rollouts(scores, step, seed)
-        logits, r = ro.logits, ro.reward
-        lp = list_log_prob(logits, ro.lists) / k
-        with torch.no_grad():
-            lp_ref = list_log_prob(ro.ref_logits, ro.lists) / k
-        entropy = None
+        index = step // cfg.epochs
+        if self.batch is None or self.batch.index != index:
+            self.batch = self.sample(scores, index, seed)
+            logits = self.batch.rollouts.logits
+        else:
+            logits = self.logits(scores, self.batch.rollouts.rows)
+        bt, ro = self.batch, self.batch.rollouts
+        r = ro.reward
+        picks = pick_log_probs(logits, ro.lists)                                  # (B, N, K)
+        lp_list = picks.sum(-1)
+        lp, lp_ref = lp_list / k, bt.lp_ref / k
+        clipped = torch.zeros(())
         if cfg.method == "dpo":
             best, worst = r.argmax(-1), r.argmin(-1)
             idx = torch.arange(len(ro.rows))
@@ -311,31 +365,34 @@ class Aligner:
             if cfg.dpo_ground_truth:
                 policy_sum = policy_sum + self._ground_truth_pairs(logits, ro.ref_logits, ro.rows).sum()
         elif cfg.method == "flame":
-            adv = methods.flame_advantages(ro.gains)
-            policy_sum = -(adv.detach() * pick_log_probs(logits, ro.lists)).sum() / (r.shape[1] * k)
+            log_ratio = picks - bt.pick_old
+            policy_sum = -methods.ppo_clipped(log_ratio, bt.advantages, cfg.clip).sum() / (r.shape[1] * k)
+            clipped = ((log_ratio.detach().exp() - 1).abs() > cfg.clip).double().mean(-1)
         elif cfg.method == "gflownet":
             g = cfg.gflownet
-            log_r = r.double() / g.temperature + (lp_ref.double() * k if g.reference_prior else 0.0)
-            policy_sum = methods.trajectory_balance(lp * k, log_r).sum() / k
+            log_r = r.double() / g.temperature + (bt.lp_ref.double() if g.reference_prior else 0.0)
+            policy_sum = methods.trajectory_balance(lp_list, log_r).sum() / k
+        elif cfg.method == "grpo":
+            log_ratio = (lp_list - bt.pick_old.sum(-1)) / k
+            policy_sum = -methods.ppo_clipped(log_ratio, bt.weights, cfg.clip).sum()
+            clipped = ((log_ratio.detach().exp() - 1).abs() > cfg.clip).double()
         else:
-            w, entropy = self.weights(r, ro.rows, step)
-            policy_sum = -(w.detach() * lp).sum()
-        kl = masked_kl(logits, ro.ref_logits)
-        loss = (policy_sum + self.beta * kl.sum()) * self.world / max(ro.global_users, 1)
+            policy_sum = -(bt.weights.detach() * lp).sum()
+        kl = list_kl(lp_list, bt.lp_ref, bt.pick_old.sum(-1))                    # (B,) nats per list
+        loss = (policy_sum + self.beta * kl.sum() / k) * self.world / max(ro.global_users, 1)
         grad_logits = torch.autograd.grad(policy_sum, logits, retain_graph=True, allow_unused=True)[0]
-        self.update_exposure(ro.lists)
         r64 = r.double()
         sums = StepSums(
             users=float(len(ro.rows)), lists=float(r.numel()), reward=r64.sum().item(), reward_sq=(r64 * r64).sum().item(),
             kl=kl.detach().double().sum().item(),
             grad_norm=grad_logits.norm(dim=-1).sum().item() if grad_logits is not None else 0.0,
-            log_ratio=((lp - lp_ref).detach().double() * k).sum().item(),
-            entropy=entropy.double().sum().item() if entropy is not None else 0.0,
+            log_ratio=(lp_list - bt.lp_ref).detach().double().sum().item(),
+            entropy=bt.entropy.double().sum().item() if bt.entropy is not None else 0.0,
             flat_groups=(r.max(-1).values == r.min(-1).values).double().sum().item(),
-            policy_loss=policy_sum.detach().double().item(),
+            policy_loss=policy_sum.detach().double().item(), clipped=float(clipped.sum()),
             **{t: ro.terms[t].double().sum().item() for t in REWARD_TERMS}).all_sum(self.comm)
         reward_max = self.comm.all_max(r.max().reshape(1).double() if r.numel() else torch.zeros(1, dtype=torch.float64))
-        stats = StepStats.of(sums, reward_max.item(), self.beta, entropy is not None)
+        stats = StepStats.of(sums, reward_max.item(), self.beta, bt.entropy is not None)
         if cfg.kl_target:  # adaptive KL control: beta grows while KL is above target, shrinks below
             error = min(max(stats.kl / cfg.kl_target - 1.0, -1.0), 1.0)
             self.beta = float(min(max(self.beta * np.exp(cfg.kl_rate * error), 1e-4), 1e4))
@@ -363,6 +420,7 @@ class Aligner:
     def state_dict(self) -> dict:
         p = self.posterior
         return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards, "beta": self.beta,
+                "batch": self.batch.to_state() if self.batch is not None else {},
                 "posterior": {k: torch.from_numpy(np.asarray(getattr(p, k), dtype=np.float64))
                               for k in ("mu", "kappa", "alpha", "beta")},
                 "last_update": torch.from_numpy(self.last_update.copy())}
@@ -371,3 +429,4 @@ class Aligner:
         self.exposure, self.ref_rewards, self.beta = state["exposure"], state["ref_rewards"], state["beta"]
         self.posterior = methods.NIG(**{k: np.asarray(v, dtype=np.float64) for k, v in state["posterior"].items()})
         self.last_update = np.asarray(state["last_update"], dtype=np.float64)
+        self.batch = Batch.from_state(state["batch"]) if state.get("batch") else None

@@ -3,6 +3,9 @@
 Every method trains the same loss form over the N lists y_1..y_N sampled for a user:
     L = - sum_n w_n · log pi(y_n) / K  +  beta · KL(pi || pi_ref)
 and differs only in the weights w (DPO: a pairwise logistic term on the same list log-probabilities).
+KL is the whole-list Plackett–Luce KL, estimated on the rollouts (plackett_luce.list_kl), and enters
+the loss per pick (beta · KL / K, as the list log-probabilities do). Every method trains
+align.epochs optimizer steps on each batch of rollouts, so all of them spend the same lists and steps.
 
 static_bon   w_n ∝ F_ref(r_n)^(N-1): Best-of-N distillation, F_ref the empirical CDF of the
              reward under the frozen reference, estimated once (mid-rank for ties). Once the policy
@@ -26,15 +29,20 @@ blade        w_n ∝ F_t(r_n)^(N-1), F_t the posterior-predictive CDF of a rewar
              range keep distinct CDF values and stay ranked. Scopes: one posterior per user, per
              activity group (users bucketed by history length; every group present in a batch is
              updated each step from all its users' rewards), or one global one. The decay is per
-             elapsed step: a group last updated s steps ago is decayed by gamma^s (with the floor,
+             elapsed rollout batch: a group last updated s batches ago is decayed by gamma^s (with the floor,
              the same as decaying s times), so a rarely revisited user's history fades by age.
-grpo         w_n = (r_n - mean_n r) / (std_n r + 1e-6) / N: group-relative advantages, one
-             on-policy gradient step per batch of rollouts.
+grpo         w_n = (r_n - mean_n r) / (std_n r + 1e-6) / N: group-relative advantages in PPO's clipped
+             surrogate  min(rho_n w_n, clip(rho_n, 1 - eps, 1 + eps) w_n)  with the per-pick (length-
+             normalised) list ratio rho_n = (pi(y_n) / pi_old(y_n))^(1/K), pi_old the policy that
+             sampled the lists (eps = align.clip); rho = 1 on fresh rollouts, so the first epoch is the
+             plain policy gradient and later epochs (align.epochs) cannot push a list's ratio past the clip.
 flame        step-wise GRPO with potential-based shaping: the list is built pick by pick, pick j
              is credited with g_j = Phi(y_1..y_j) - Phi(y_1..y_{j-1}), Phi = the list reward of a
              prefix (Phi(empty) = 0, so the g_j sum to the list reward). The return-to-go
              G_j = sum_{m>=j} g_m is normalised per position across the N lists (as GRPO does per
-             list) and weights log pi(y_j | y_<j): L = - sum_n sum_j A_nj · log pi(y_nj | y_n,<j) / (N K).
+             list) and weights log pi(y_j | y_<j) in the same clipped surrogate, per pick:
+             L = - sum_n sum_j min(rho_nj A_nj, clip(rho_nj, 1 - eps, 1 + eps) A_nj) / (N K),
+             rho_nj = pi(y_nj | y_n,<j) / pi_old(y_nj | y_n,<j).
 gflownet     trajectory balance (a list is a trajectory of K picks; an ordered prefix has one
              parent, so P_B = 1): (log Z + log pi(y) - log R(y))^2 with
              log R(y) = r(y) / tau (+ log pi_ref(y) with reference_prior): the policy is trained
@@ -73,6 +81,14 @@ def grpo_weights(rewards: torch.Tensor) -> torch.Tensor:
     n = rewards.shape[-1]
     centred = rewards - rewards.mean(-1, keepdim=True)
     return centred / (rewards.std(-1, unbiased=False, keepdim=True) + 1e-6) / n
+
+
+def ppo_clipped(log_ratio: torch.Tensor, advantage: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate per element: min(rho·A, clip(rho, 1 - clip, 1 + clip)·A), rho = exp(log_ratio).
+    Its gradient vanishes where the ratio has left the clip range in the direction the advantage favours."""
+    rho = torch.exp(log_ratio)
+    a = advantage.detach()
+    return torch.minimum(rho * a, rho.clamp(1 - clip, 1 + clip) * a)
 
 
 def weight_entropy(w: torch.Tensor) -> torch.Tensor:

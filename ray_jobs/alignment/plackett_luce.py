@@ -7,6 +7,8 @@ Masked items carry s = -inf: never sampled, no mass in any denominator.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -45,13 +47,30 @@ def list_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
     return _picks(logits, lists).sum(-1).to(logits.dtype)
 
 
-def masked_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(softmax(policy) || softmax(reference)) over the unmasked items (-inf in both):
-    the first-pick distributions, which determine the whole Plackett–Luce list distribution."""
-    finite = torch.isfinite(policy_logits)
-    zero = torch.zeros((), dtype=policy_logits.dtype)
-    # masked entries are replaced before any arithmetic, so no -inf - -inf reaches the backward pass
-    lp = torch.where(finite, torch.log_softmax(policy_logits, dim=-1), zero)
-    lr = torch.where(finite, torch.log_softmax(ref_logits, dim=-1), zero)
-    p = torch.where(finite, lp.exp(), zero)
-    return (p * (lp - lr)).sum(-1)
+def list_kl(lp: torch.Tensor, lp_ref: torch.Tensor, lp_behaviour: torch.Tensor) -> torch.Tensor:
+    """Per-row estimate of the whole-list KL(pi || pi_ref) from N sampled lists: lp, lp_ref, lp_behaviour
+    (B, N) are each list's log-probability under the policy (with gradients), the reference, and the
+    policy that sampled it. The value, with importance weights w = pi(y) / pi_behaviour(y), is
+        KL = E_behaviour[ w · (log pi(y) - log pi_ref(y)) ]
+    the plain on-policy average while the rollouts are fresh (w = 1), unbiased once the policy has
+    moved (later optimisation epochs on the same rollouts). Its gradient is the score-function form
+    grad KL = E_behaviour[ w · grad log pi · (d - b) ],  d = log pi - log pi_ref,
+    with a leave-one-out baseline b (the mean w·d of the row's other lists): unbiased, since
+    E_pi[grad log pi] = 0, and with far less variance than differentiating the value itself."""
+    lp64, d = lp.double(), (lp.double() - lp_ref.detach().double()).detach()
+    w = torch.exp(lp64 - lp_behaviour.detach().double())
+    wd = w.detach() * d
+    n = lp.shape[-1]
+    baseline = (wd.sum(-1, keepdim=True) - wd) / max(n - 1, 1)
+    surrogate = (w * (d - baseline)).mean(-1)
+    return (wd.mean(-1) + surrogate - surrogate.detach()).to(lp.dtype)
+
+
+def exact_list_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, k: int) -> float:
+    """KL(P || Q) between the Plackett–Luce distributions of K-item lists of two 1-D logit vectors,
+    by enumerating every ordered list of the unmasked items (tiny catalogues only: n!/(n-K)! lists)."""
+    items = [i for i in range(len(p_logits)) if torch.isfinite(p_logits[i])]
+    lists = torch.tensor(list(itertools.permutations(items, k)))[None]
+    lp = list_log_prob(p_logits.double()[None], lists)[0]
+    lq = list_log_prob(q_logits.double()[None], lists)[0]
+    return float((lp.exp() * (lp - lq)).sum())
