@@ -458,6 +458,10 @@ class TrainSpec(Strict):
     fit_on: Literal["train", "train_valid"] = Field(
         "train", description="train: fit on the train split and early-stop on valid; train_valid: refit on "
         "everything but the test item for exactly `epochs` (chosen by an earlier `train` run), no early stopping")
+    withhold: int = Field(0, ge=0, description="leave each user's last N training items out of training (inputs and "
+                          "targets; evaluation histories keep them), so alignment can reward them as items the model "
+                          "never fitted: align.holdout <= N (python -m ray_jobs.align refuses a start model that saw "
+                          "its reward items unless align.allow_seen_rewards); with fit_on=train only")
     seed: int = Field(42,
         description="seed of the weights, the batches, the negatives and dropout (a resumed run replays them)")
     init_from: str | None = Field(None, description="warm start: initial weights from this checkpoint file or "
@@ -566,6 +570,9 @@ class AlignSpec(Strict):
     rewards: RewardWeights = RewardWeights()
     blade: BladeSpec = BladeSpec()
     gflownet: GFlowNetSpec = GFlowNetSpec()
+    allow_seen_rewards: bool = Field(False, description="align a start model trained on its reward items "
+                                     "(its train.withhold < align.holdout): the NDCG reward then measures how well "
+                                     "it memorised them, not generalisation")
     dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature on list log-ratio differences")
     dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
     eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")
@@ -646,6 +653,13 @@ class JobSpec(Strict):
         doc = dict(doc)
         doc["model"] = model_section(doc.get("model", {}), lenient=True)
         return cls.model_validate(doc)
+
+    @model_validator(mode="after")
+    def _withhold_fits_train_only(self) -> "JobSpec":
+        if self.train.withhold and self.train.fit_on != "train":
+            raise ValueError(f"train.withhold={self.train.withhold} needs train.fit_on=train (a refit on train_valid "
+                             "would fit the items after the withheld ones)")
+        return self
 
     def registered_model_name(self) -> str:
         """The MLflow registry name of the models this spec trains and aligns."""

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, meta
-from jobs.schema import JobSpec
+from jobs.schema import AlignSpec, JobSpec, TrainSpec
 from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
@@ -98,6 +98,15 @@ def align_worker(config: dict) -> None:
               reporter)
 
 
+def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str) -> None:
+    """The NDCG reward is each user's last `align.holdout` training items; a start model trained on them
+    (its train.withhold smaller) is refused unless `align.allow_seen_rewards` says so."""
+    if start.withhold < a.holdout and not a.allow_seen_rewards:
+        raise ValueError(f"align.init={label} was trained on its reward items: its train.withhold={start.withhold} "
+                         f"< align.holdout={a.holdout}, so the NDCG reward would measure memorisation. Train the "
+                         f"start model with train.withhold={a.holdout} (or set align.allow_seen_rewards=true)")
+
+
 def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> AlignOutcome:
     """Align on Ray, write `<storage>/<run>/model.pt`, evaluate start vs aligned, log and register."""
     spec = absolute_paths(spec)
@@ -109,6 +118,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                          "every worker needs at least one user per step")
     start = resolve_model(spec, spec.align.init)
     init = read_model(start.path)
+    check_rewards_unseen(spec.align, init.spec.train, start.label)
     spec = with_init_model(spec, init, start.label, start.cache_dir)
     cache_dir = spec.model.cache_dir
     init_ray(spec)

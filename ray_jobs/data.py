@@ -75,12 +75,14 @@ class SeqData:
         negatives are drawn from and what a softmax ranks a target against."""
         return np.nonzero(self.catalogue.kcore)[0]
 
-    def fit_sequences(self, fit_on: str = "train", times: bool = False) -> list[np.ndarray]:
-        """The sequences to train on (of the users held): the train split, or train + the validation
-        target (all but the test item, the generative-recommenders protocol) for a refit; with
-        `times`, their timestamps instead, item for item."""
+    def fit_sequences(self, fit_on: str = "train", times: bool = False, withhold: int = 0) -> list[np.ndarray]:
+        """The sequences to train on (of the users held): the train split (without each user's last
+        `withhold` items, train.withhold), or train + the validation target (all but the test item,
+        the generative-recommenders protocol) for a refit; with `times`, their timestamps instead,
+        item for item."""
         if fit_on == "train":
-            return self.train_times if times else self.train
+            seqs = self.train_times if times else self.train
+            return [s[:max(len(s) - withhold, 0)] for s in seqs] if withhold else seqs
         if fit_on == "train_valid":
             v = self.valid
             if times:  # the validation history's timestamps, then its target's
@@ -88,10 +90,14 @@ class SeqData:
             return [np.append(h, t) for h, t in zip(v.histories, v.targets)]
         raise ValueError(f"fit_on must be train or train_valid, got {fit_on!r}")
 
-    def fit_rows(self, fit_on: str = "train", times: bool = False) -> dict[int, np.ndarray]:
+    def fit_rows(self, fit_on: str = "train", times: bool = False, withhold: int = 0) -> dict[int, np.ndarray]:
         """Global fit row -> sequence (or, with `times`, its timestamps), for the users held."""
         rows = self.rows["train" if fit_on == "train" else "valid"]
-        return dict(zip(rows.tolist(), self.fit_sequences(fit_on, times)))
+        return dict(zip(rows.tolist(), self.fit_sequences(fit_on, times, withhold)))
+
+    def fit_lengths(self, fit_on: str = "train", withhold: int = 0) -> np.ndarray:
+        """Every user's fit-sequence length (global row order), after `withhold`."""
+        return np.maximum(self.lengths[fit_on] - withhold, 0)
 
     def split(self, name: str | EvalSplit) -> EvalSplit:
         """A split by name; an `EvalSplit` (a reordered or cut copy of one, over this catalogue) as it is."""

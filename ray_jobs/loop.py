@@ -105,10 +105,20 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 def fit_windows(spec: JobSpec, data: SeqData) -> Windows:
     """The global window index of the fit sequences (every user's, whichever shard `data` holds)."""
-    windows = window_bounds(data.lengths[spec.train.fit_on], spec.data.max_seq_len, spec.train.windows)
+    t = spec.train
+    windows = window_bounds(data.fit_lengths(t.fit_on, t.withhold), spec.data.max_seq_len, t.windows)
     if not len(windows):
         raise ValueError(f"spec {spec.name}: no training sequence has two or more items")
     return windows
+
+
+def epoch_batches(spec: JobSpec, data: SeqData, windows: Windows, rng: np.random.Generator, reads_time: bool):
+    """One epoch's (inputs, targets, times) batches of this worker's fit sequences (`train.fit_on`,
+    without the `train.withhold` items)."""
+    t = spec.train
+    times = data.fit_rows(t.fit_on, times=True, withhold=t.withhold) if reads_time else None
+    return train_batches(windows, data.fit_rows(t.fit_on, withhold=t.withhold), spec.data.max_seq_len, t.batch_size,
+                         rng, t.length_buckets, times)
 
 
 def adamw(params, lr: float, device: torch.device, betas=(0.9, 0.999), weight_decay: float = 0.0):
@@ -402,9 +412,7 @@ def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Win
     started, rows, tokens, losses = time.perf_counter(), 0, 0, state.epoch_losses
     if data.shard != (backend.rank, backend.world):
         raise ValueError(f"worker {backend.rank} of {backend.world} was given the data shard {data.shard}")
-    times = data.fit_rows(t.fit_on, times=True) if state.model.reads_time else None
-    batches = train_batches(windows, data.fit_rows(t.fit_on), spec.data.max_seq_len, t.batch_size, rng,
-                            t.length_buckets, times)
+    batches = epoch_batches(spec, data, windows, rng, state.model.reads_time)
     for b, (inputs, targets, stamps) in enumerate(batches):
         if b < state.batch:  # trained before the checkpoint this run resumed from
             continue

@@ -42,6 +42,40 @@ def test_windows_train_every_transition_once():
         assert [w.tolist() for w in by_index] == [w.tolist() for w in by_hand]
 
 
+def test_withheld_items_never_reach_a_training_batch_and_alignment_refuses_a_model_that_saw_them(ml100k_lake):
+    """train.withhold=2: an epoch's targets are exactly the items of every user's train sequence from
+    the second to the third-last (each once), and no input is one of a user's last two; the
+    evaluation histories keep them. The alignment check refuses a start model whose withhold is
+    smaller than align.holdout, unless allowed."""
+    from collections import Counter
+    from ray_jobs.align import check_rewards_unseen
+    from ray_jobs.loop import epoch_batches, fit_windows
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={ml100k_lake}", "train.withhold=2",
+                                                               "train.length_buckets=4"])
+    data = load_sequences(spec)
+    batches = list(epoch_batches(spec, data, fit_windows(spec, data), np.random.default_rng(0), reads_time=True))
+    targets = Counter(int(x) for _, t, _ in batches for x in t[t != 0].tolist())
+    assert targets == Counter(int(x) for q in data.train for x in q[1:len(q) - 2].tolist())
+    # every window (inputs, then the last target) is a run of some user's sequence ending before its last two
+    starts = {}
+    for u, q in enumerate(data.train):
+        for p in range(len(q) - 1):
+            starts.setdefault((int(q[p]), int(q[p + 1])), []).append((u, p))
+    for inputs, targets_, _ in batches:
+        for x, y in zip(inputs.tolist(), targets_.tolist()):
+            w = [a for a in x if a] + [y[-1]]
+            runs = [(u, p) for u, p in starts[(w[0], w[1])] if data.train[u][p:p + len(w)].tolist() == w]
+            assert runs and all(p + len(w) <= len(data.train[u]) - 2 for u, p in runs), w
+    assert all(len(h) == len(q) for h, q in zip(data.valid.histories, data.train))  # evaluation keeps them
+    assert [len(s) for s in data.fit_sequences("train", times=True, withhold=2)] == [len(q) - 2 for q in data.train]
+    check_rewards_unseen(spec.align.model_copy(update={"holdout": 2, "allow_seen_rewards": False}), spec.train, "m")
+    with pytest.raises(ValueError, match="trained on its reward items: its train.withhold=2 < align.holdout=3"):
+        check_rewards_unseen(spec.align.model_copy(update={"holdout": 3, "allow_seen_rewards": False}), spec.train, "m")
+    check_rewards_unseen(spec.align.model_copy(update={"holdout": 3, "allow_seen_rewards": True}), spec.train, "m")
+    with pytest.raises(ValueError, match="train.withhold=2 needs train.fit_on=train"):
+        load_spec("jobs/specs/movielens-100k-smoke.yaml", ["train.withhold=2", "train.fit_on=train_valid"])
+
+
 def test_workers_read_their_shard_and_train_on_the_single_process_batches(ml100k_lake):
     """Two shards of the ML-100K sequences: disjoint users covering the table; the same global window
     index; every global batch split between them exactly as one process would train it; their
