@@ -1,31 +1,54 @@
-"""List-wise alignment on MovieLens-1M: the start model vs static_bon, blade, grpo, flame, gflownet
-and dpo from the same starting checkpoint with the same rollout budget (steps x users_per_step x
-rollouts), each method run with several seeds.
+"""List-wise alignment on MovieLens-1M: one block per start model, every method from the same start
+with the same budget (steps x users_per_step x rollouts lists, align.epochs steps per batch), each
+with several seeds, and a Pareto sweep of the reward weights.
 
-    python bench/alignment.py --init .checkpoints/movielens-1m-sasrec-full/best.pt --seeds 0,1,2 [--steps 200]
+    python bench/alignment.py --start hstu-orig,hllm-fusion --seeds 0,1,2 [--sweep] [--budget-hours H]
 
-Prints one table (test split: HR/NDCG@10, MRR, coverage, ILD, tail share, exposure Gini @10 as
-mean ± std over the seeds, and validation NDCG@10), writes bench/results/alignment-movielens-1m.json
-and bench/results/alignment-movielens-1m-curves.png (seed-averaged reward, target-weight entropy and
-effective gradient norm per step for every method, validation NDCG@10 per evaluation), and logs the
-plot and table to an MLflow run `bench-alignment`. Each run is a real `ray_jobs.align` run (Ray
-Train + DeepSpeed); every run's own MLflow run carries its curves.
+Start models (their shipped specs, fit on the train split so that validation stays clean for
+choosing weights) are trained here through `ray_jobs.train`, twice:
+  full      on every training item: the model that would otherwise be served (the bar of goal 1)
+  withheld  with train.withhold = align.holdout: every method aligns from it, so the NDCG reward is
+            computed on items the start model never fitted
+From `full`, BLADE also runs with align.allow_seen_rewards (rewards on items it fitted), so the
+table shows what the holdout-free start changes. With --sweep, blade, static_bon and grpo run once
+per reward preset (seed 0) from `withheld`; their validation NDCG@10 against tail share and ILD@10
+gives one frontier PNG per start; per method the chosen preset is the one with the best validation
+NDCG@10 among those that raise both tail share and ILD over the start (else the best validation
+NDCG@10), and only the chosen presets' test figures enter the table.
+
+Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json (the start
+models' too, with their checkpoint paths), so a rerun skips what is done and resumes a cut run by
+its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
+finished runs each time (also with --report, which runs nothing). The ML-1M gold tables are built
+first when missing (`llmrec etl`). Runs are real `ray_jobs.align` / `ray_jobs.train` jobs (Ray
+Train + DeepSpeed), each with its own MLflow run; the table is logged to an MLflow run too.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from jobs.provenance import ROOT, provenance, write_result
+from jobs.schema import JobSpec
 from jobs.spec import load_spec, tracking_uri
 
 COLUMNS = ("hr@10", "ndcg@10", "mrr", "coverage@10", "ild@10", "tail_share@10", "gini@10")
 METHODS = "static_bon,blade,grpo,flame,gflownet,dpo"
+STARTS = {"sasrec-full": "jobs/specs/movielens-1m-sasrec-full.yaml",
+          "hstu-orig": "jobs/specs/movielens-1m-hstu-orig.yaml",
+          "hllm-fusion": "jobs/specs/movielens-1m-hllm-fusion.yaml"}
+PRESETS = {"ndcg": {"ndcg": 1.0},
+           "ndcg+tail": {"ndcg": 1.0, "tail": 0.3},
+           "ndcg+diversity": {"ndcg": 1.0, "diversity": 0.3},
+           "ndcg+exposure": {"ndcg": 1.0, "exposure": 0.3}}
+SWEEP_METHODS = ("blade", "static_bon", "grpo")
+CURVE_KEYS = ("reward_mean", "kl", "weight_entropy", "effective_grad_norm", "clipped_share")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -33,7 +56,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def average_curves(histories: list[list[dict]], keys=("reward_mean", "weight_entropy", "effective_grad_norm")) -> list[dict]:
+def average_curves(histories: list[list[dict]], keys=CURVE_KEYS) -> list[dict]:
     """Step-wise mean over seeds of the step records (steps all runs reached)."""
     n = min(len(h) for h in histories)
     out = []
@@ -52,77 +75,268 @@ def average_evals(evals: list[list[dict]]) -> list[dict]:
             for s in steps]
 
 
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (higher is better), by x."""
+    keep = [i for i, (x, y) in enumerate(points)
+            if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+    return sorted(keep, key=lambda i: points[i][0])
+
+
+def choose(points: list[dict], start_valid: dict) -> dict:
+    """The preset a user should pick, on validation: the best NDCG@10 among the points that raise both
+    tail share and ILD@10 over the start model; without such a point, the best NDCG@10."""
+    raising = [p for p in points if p["aligned_valid"]["tail_share@10"] > start_valid["tail_share@10"]
+               and p["aligned_valid"]["ild@10"] > start_valid["ild@10"]]
+    return max(raising or points, key=lambda p: p["aligned_valid"]["ndcg@10"])
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.align_doc = load_spec(args.spec, args.overrides).align.model_dump(mode="json")
+        self.holdout = self.align_doc["holdout"]
+        self.dir = Path(args.runs)
+        self.deadline = time.monotonic() + args.budget_hours * 3600 if args.budget_hours else None
+
+    # -------------------------------------------------------------- specs
+    def start_spec(self, start: str, variant: str) -> JobSpec:
+        withhold = self.holdout if variant == "withheld" else 0
+        spec = load_spec(STARTS[start], ["train.fit_on=train", f"train.withhold={withhold}"] + self.args.start_set)
+        return spec.model_copy(update={"name": f"{spec.name}-{variant}"})
+
+    def align_spec(self, start: str, init: str, method: str, seed: int, seen: bool, rewards: dict | None) -> JobSpec:
+        doc = self.start_spec(start, "full").model_dump(mode="json")
+        a = dict(self.align_doc, method=method, seed=seed, init=init, allow_seen_rewards=seen)
+        if rewards is not None:
+            a["rewards"] = {t: rewards.get(t, 0.0) for t in ("ndcg", "diversity", "tail", "exposure")}
+        doc["align"] = a
+        return JobSpec.model_validate(doc)
+
+    # -------------------------------------------------------------- runs (each persisted when done)
+    def path(self, start: str, key: str) -> Path:
+        return self.dir / start / f"{key}.json"
+
+    def done(self, start: str, key: str) -> dict | None:
+        p = self.path(start, key)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def train_start(self, start: str, variant: str) -> dict | None:
+        key = f"start-{variant}"
+        rec = self.done(start, key)
+        if rec and os.path.exists(rec["model_file"]):
+            return rec
+        if self.out_of_time():
+            return None
+        from ray_jobs.train import run as train
+        spec = self.start_spec(start, variant)
+        t0 = time.perf_counter()
+        out = train(spec, run_name=f"bench-align-{spec.name}", register=False)
+        rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "model_file": out.model_file,
+               "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
+               "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}
+        write_result(self.path(start, key), rec)
+        print(f"{start} {variant}: test ndcg@10 {out.test['ndcg@10']:.4f}, valid {out.valid['ndcg@10']:.4f} "
+              f"(epoch {out.best_epoch}, {out.seconds:.0f} s)", flush=True)
+        return rec
+
+    def align(self, start: str, init: dict, method: str, seed: int, preset: str | None = None,
+              seen: bool = False) -> dict | None:
+        key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
+        rec = self.done(start, key)
+        if rec or self.out_of_time():
+            return rec
+        from ray_jobs.align import run
+        spec = self.align_spec(start, init["model_file"], method, seed, seen, PRESETS[preset] if preset else None)
+        t0 = time.perf_counter()
+        out = run(spec, run_name=f"bench-align-{start}-{key}", register=False)
+        history = self.history(spec, out.run_id)
+        rec = {"start": start, "method": method, "seed": seed, "preset": preset, "seen_rewards": seen,
+               "rewards": spec.align.rewards.model_dump(), "run_id": out.run_id, "steps": out.steps,
+               "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "last_step": out.last_step,
+               "evals": out.evals, "curve": [{"step": h["step"], **{k: h.get(k) for k in CURVE_KEYS}} for h in history],
+               **out.results, "align": spec.align.model_dump(mode="json"), **provenance()}
+        write_result(self.path(start, key), rec)
+        print(f"{start} {key}: {out.steps} steps in {out.seconds:.0f} s; test ndcg@10 "
+              f"{out.results['aligned_test']['ndcg@10']:.4f} (start {out.results['base_test']['ndcg@10']:.4f}), "
+              f"valid {out.results['aligned_valid']['ndcg@10']:.4f}", flush=True)
+        return rec
+
+    @staticmethod
+    def history(spec: JobSpec, run_id: str) -> list[dict]:
+        import tempfile
+
+        import mlflow
+        local = mlflow.MlflowClient(tracking_uri(spec)).download_artifacts(run_id, "alignment_curves.json",
+                                                                          tempfile.mkdtemp())
+        return json.loads(Path(local).read_text())["steps"]
+
+    def run(self, starts: list[str], methods: list[str], seeds: list[int], sweep: bool) -> None:
+        """Seed by seed over every start, so a cut run leaves complete seeds; the sweep last."""
+        inits = {}
+        for start in starts:
+            inits[start] = {v: self.train_start(start, v) for v in ("full", "withheld")}
+        for seed in seeds:
+            for start in starts:
+                full, withheld = inits[start]["full"], inits[start]["withheld"]
+                if withheld:
+                    for method in methods:
+                        self.align(start, withheld, method, seed)
+                if full and "blade" in methods:
+                    self.align(start, full, "blade", seed, seen=True)
+        if sweep:
+            for start in starts:
+                if inits[start]["withheld"]:
+                    for method in SWEEP_METHODS:
+                        for preset in PRESETS:
+                            self.align(start, inits[start]["withheld"], method, seeds[0], preset)
+
+    # -------------------------------------------------------------- report (from every finished run)
+    def report(self, starts: list[str]) -> dict:
+        blocks, tables = {}, []
+        for start in starts:
+            recs = [json.loads(p.read_text()) for p in sorted((self.dir / start).glob("*.json"))]
+            starts_ = {r["variant"]: r for r in recs if "variant" in r}
+            runs = [r for r in recs if "method" in r]
+            if not starts_:
+                continue
+            rows = []
+            for v, r in sorted(starts_.items()):  # an alignment run from it has every figure of the start
+                base = next((a for a in runs if a["seen_rewards"] == (v == "full")), None)
+                test, valid = (base["base_test"], base["base_valid"]) if base else (r["test"], r["valid"])
+                rows.append({"model": f"start, {v}" + (" (served)" if v == "full" else f" (withhold {r['withhold']})"),
+                             "n": 1, **{c: (test[c], 0.0) for c in COLUMNS if c in test},
+                             "valid_ndcg@10": (valid["ndcg@10"], 0.0)})
+            groups: dict[str, list[dict]] = {}
+            for r in runs:
+                if r["preset"] is None:
+                    groups.setdefault(r["method"] + (" (seen rewards)" if r["seen_rewards"] else ""), []).append(r)
+            chosen, frontier = {}, {}
+            withheld = starts_.get("withheld")
+            for method in SWEEP_METHODS:
+                points = [r for r in runs if r["method"] == method and r["preset"] is not None]
+                if points and withheld:
+                    pick = choose(points, withheld["valid"])
+                    chosen[method] = pick["preset"]
+                    frontier[method] = [{"preset": p["preset"], **{k: p["aligned_valid"][k] for k in
+                                                                   ("ndcg@10", "tail_share@10", "ild@10")}}
+                                        for p in points]
+                    groups[f"{method} [{pick['preset']}]"] = [pick]
+            for name, rs in groups.items():
+                rows.append({"model": name, "n": len(rs), **{c: mean_std([r["aligned_test"][c] for r in rs]) for c in COLUMNS},
+                             "valid_ndcg@10": mean_std([r["aligned_valid"]["ndcg@10"] for r in rs]),
+                             "last_kl": mean_std([(r["last_step"] or {}).get("kl", 0.0) for r in rs]),
+                             "align_seconds": mean_std([r["seconds"] for r in rs])})
+            lines = [f"**{start}** (test split; aligned rows mean ± std over n seeds)", "",
+                     "| model | n | " + " | ".join(COLUMNS) + " | valid ndcg@10 | last KL | align s |",
+                     "|---" * (len(COLUMNS) + 5) + "|"]
+            for r in rows:
+                cells = ["–" if c not in r else f"{r[c][0]:.4f} ± {r[c][1]:.4f}" if r["n"] > 1 else f"{r[c][0]:.4f}"
+                         for c in (*COLUMNS, "valid_ndcg@10")]
+                kl = f"{r['last_kl'][0]:.2f}" if "last_kl" in r else "–"
+                secs = f"{r['align_seconds'][0]:.0f}" if "align_seconds" in r else "–"
+                lines.append(f"| {r['model']} | {r['n']} | " + " | ".join(cells) + f" | {kl} | {secs} |")
+            tables.append("\n".join(lines))
+            curves = {name: average_curves([r["curve"] for r in rs]) for name, rs in groups.items()
+                      if all(r["curve"] for r in rs)}
+            png = self.plots(start, curves, {name: average_evals([r["evals"] for r in rs]) for name, rs in groups.items()
+                                             if all(r["evals"] for r in rs)}, frontier, starts_)
+            blocks[start] = {"table": rows, "chosen": chosen, "frontier": frontier, "plots": png,
+                             "starts": starts_, "runs": runs}
+        return {"blocks": blocks, "table_md": "\n\n".join(tables)}
+
+    def plots(self, start: str, curves: dict, evals: dict, frontier: dict, starts_: dict) -> list[str]:
+        from ray_jobs.tracking import plot_alignment_curves
+        stem = Path(self.args.out).with_suffix("")
+        out = []
+        if curves:
+            out.append(plot_alignment_curves(curves, f"{stem}-{start}-curves.png", evals))
+        if frontier:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+            for ax, y in zip(axes, ("tail_share@10", "ild@10")):
+                for method, pts in frontier.items():
+                    xy = [(p["ndcg@10"], p[y]) for p in pts]
+                    line = ax.scatter(*zip(*xy), label=method)
+                    front = pareto(xy)
+                    ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=line.get_facecolor()[0])
+                    for (x_, y_), p in zip(xy, pts):
+                        ax.annotate(p["preset"], (x_, y_), fontsize=6)
+                for v, r in starts_.items():
+                    ax.scatter([r["valid"]["ndcg@10"]], [r["valid"][y]], marker="*", s=120, color="black")
+                    ax.annotate(f"start ({v})", (r["valid"]["ndcg@10"], r["valid"][y]), fontsize=7)
+                ax.set_xlabel("validation NDCG@10")
+                ax.set_ylabel(f"validation {y}")
+                ax.legend(fontsize=7)
+            fig.suptitle(f"alignment frontier, {start} (one seed per point)")
+            fig.tight_layout()
+            path = f"{stem}-{start}-frontier.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            out.append(path)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", default="jobs/specs/movielens-1m-align.yaml")
-    ap.add_argument("--init", help="starting checkpoint (default: the spec's align.init)")
-    ap.add_argument("--steps", type=int, help="override align.steps")
+    ap.add_argument("--spec", default="jobs/specs/movielens-1m-align.yaml", help="the align section every run uses")
+    ap.add_argument("--start", default="hstu-orig,hllm-fusion",
+                    help=f"start models: {', '.join(STARTS)}, or NAME=SPEC for another spec")
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--seeds", default="0,1,2", help="align.seed values; every method runs with each")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--sweep", action="store_true", help="also the reward-weight sweep (frontier PNGs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="align spec overrides (align.steps=...)")
+    ap.add_argument("--start-set", action="append", default=[], help="overrides for the start models' training")
+    ap.add_argument("--budget-hours", type=float, help="start no run after this much wall time (rerun to resume)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and plots from finished runs")
+    ap.add_argument("--runs", default=str(ROOT / "bench/results/alignment-runs"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/alignment-movielens-1m.json"))
     args = ap.parse_args()
-    overrides = list(args.overrides)
-    if args.init:
-        overrides.append(f"align.init={args.init}")
-    if args.steps:
-        overrides.append(f"align.steps={args.steps}")
+    starts = []
+    for s in args.start.split(","):
+        name, _, path = s.partition("=")
+        if path:
+            STARTS[name] = path
+        starts.append(name)
+    unknown = [s for s in starts if s not in STARTS]
+    if unknown:
+        raise SystemExit(f"--start: unknown start model(s) {unknown}; known: {', '.join(STARTS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    from ray_jobs.align import run
-    from ray_jobs.tracking import plot_alignment_curves as plot
-    spec = load_spec(args.spec, overrides)
-    import mlflow
-    client = mlflow.MlflowClient(tracking_uri(spec))
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    curves: dict[str, list[dict]] = {m: [] for m in methods}
-    base = None
-    for method in methods:
-        for seed in seeds:
-            spec_m = load_spec(args.spec, overrides + [f"align.method={method}", f"align.seed={seed}"])
-            t0 = time.perf_counter()
-            outcome = run(spec_m, run_name=f"bench-align-{method}-s{seed}-{int(time.time())}", register=False)
-            out = {**outcome.to_dict(), **outcome.results, "wall_seconds": time.perf_counter() - t0, "seed": seed}
-            runs[method].append(out)
-            local = client.download_artifacts(out["run_id"], "alignment_curves.json", "/tmp")
-            curves[method].append(json.loads(Path(local).read_text()))
-            base = base or {"valid": out["base_valid"], "test": out["base_test"]}
-            print(f"{method} seed {seed}: {out['steps']} steps in {out['seconds']:.0f} s (wall {out['wall_seconds']:.0f} s); "
-                  f"test ndcg@10 {out['aligned_test']['ndcg@10']:.4f} (base {out['base_test']['ndcg@10']:.4f}), "
-                  f"valid {out['aligned_valid']['ndcg@10']:.4f} (base {out['base_valid']['ndcg@10']:.4f})", flush=True)
-    rows = [{"model": "base", **{c: [base["test"][c], 0.0] for c in COLUMNS}, "valid_ndcg@10": [base["valid"]["ndcg@10"], 0.0]}]
-    for method, outs in runs.items():
-        rows.append({"model": method, **{c: mean_std([o["aligned_test"][c] for o in outs]) for c in COLUMNS},
-                     "valid_ndcg@10": mean_std([o["aligned_valid"]["ndcg@10"] for o in outs]),
-                     "align_seconds": mean_std([o["seconds"] for o in outs]),
-                     "last_reward": mean_std([o["last_step"]["reward_mean"] for o in outs])})
-    header = "| model | " + " | ".join(COLUMNS) + " | valid ndcg@10 | align s |"
-    lines = [header, "|---" * (len(COLUMNS) + 3) + "|"]
-    for r in rows:
-        cells = [f"{r[c][0]:.4f} ± {r[c][1]:.4f}" if r["model"] != "base" else f"{r[c][0]:.4f}"
-                 for c in (*COLUMNS, "valid_ndcg@10")]
-        secs = f"{r['align_seconds'][0]:.0f}" if "align_seconds" in r else "–"
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {secs} |")
-    table = "\n".join(lines)
-    print(f"test split, mean ± std over seeds {seeds}")
-    print(table)
-    curves_png = str(Path(args.out).with_name(Path(args.out).stem + "-curves.png"))
-    plot({m: average_curves([c["steps"] for c in cs]) for m, cs in curves.items()}, curves_png,
-         {m: average_evals([c["evals"] for c in cs]) for m, cs in curves.items()})
-    doc = {**provenance(), "spec": args.spec, "overrides": overrides, "init": spec.align.init, "seeds": seeds,
-           "align": spec.align.model_dump(mode="json"), "table": rows,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-           "runs": {m: [{k: v for k, v in o.items() if k not in ("plots",)} for o in outs] for m, outs in runs.items()},
-           "curves": {m: {"steps": average_curves([c["steps"] for c in cs]),
-                          "evals": average_evals([c["evals"] for c in cs])} for m, cs in curves.items()}}
+    bench = Bench(args)
+    if not args.report:
+        ensure_gold(bench.start_spec(starts[0], "full"))
+        bench.run(starts, args.methods.split(","), seeds, args.sweep)
+    rep = bench.report(starts)
+    print(rep["table_md"])
+    doc = {**provenance(), "command": "python bench/alignment.py " + " ".join(sys.argv[1:]), "spec": args.spec,
+           "align": bench.align_doc, "starts": starts, "seeds": seeds, "presets": PRESETS, **rep}
     write_result(args.out, doc)
+    import mlflow
+    spec = load_spec(args.spec, args.overrides)
     mlflow.set_tracking_uri(tracking_uri(spec))
     mlflow.set_experiment(spec.tracking.experiment)
     with mlflow.start_run(run_name="bench-alignment"):
-        mlflow.log_text(table, "alignment_table.md")
+        mlflow.log_text(rep["table_md"], "alignment_table.md")
         mlflow.log_dict(doc, "alignment.json")
-        mlflow.log_artifact(curves_png, "plots")
-    print(f"wrote {args.out} and {curves_png}")
+        for block in rep["blocks"].values():
+            for png in block["plots"]:
+                mlflow.log_artifact(png, "plots")
+
+
+def ensure_gold(spec: JobSpec) -> None:
+    """Build the gold tables with the ETL when this spec's lake has none yet."""
+    from ray_jobs.data import load_sequences
+    try:
+        load_sequences(spec)
+    except FileNotFoundError:
+        from spark.etl import engine_for, run_etl
+        print(f"building the gold tables of {spec.data.name} under {spec.lake.root}", flush=True)
+        with engine_for(spec) as engine:
+            run_etl(spec, engine)
 
 
 if __name__ == "__main__":

@@ -617,3 +617,58 @@ def test_hstu_with_its_time_bias_aligns_a_step_on_movielens_100k(ml100k_lake):
     shifted = Aligner(cfg, later, data.num_items, 20, torch.randn(data.num_items + 1, 8), tail, reference)
     with torch.no_grad():
         assert not torch.allclose(aligner.logits(policy, rows), shifted.logits(policy, rows))
+
+
+# ----------------------------------------------------------------------------- the benchmark's table and frontier
+
+def _bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_alignment", Path(__file__).parents[1] / "bench/alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
+    """The report is rebuilt from the run records alone: the Pareto front, the chosen preset (best
+    validation NDCG@10 among the points raising tail share and ILD over the start), mean ± std
+    over seeds, and the frontier PNG."""
+    import json
+    import types
+    bench = _bench_module()
+    assert bench.pareto([(0.1, 0.5), (0.2, 0.4), (0.15, 0.3), (0.2, 0.45)]) == [0, 3]
+    figures = lambda ndcg, tail, ild: {c: 0.1 for c in bench.COLUMNS} | {  # noqa: E731
+        "ndcg@10": ndcg, "tail_share@10": tail, "ild@10": ild}
+    start_valid = figures(0.170, 0.30, 0.45)
+    runs = tmp_path / "runs" / "toy"
+    runs.mkdir(parents=True)
+    for variant, ndcg in (("full", 0.172), ("withheld", 0.170)):
+        (runs / f"start-{variant}.json").write_text(json.dumps(
+            {"start": "toy", "variant": variant, "withhold": 3 if variant == "withheld" else 0, "model_file": "x",
+             "valid": figures(ndcg, 0.30, 0.45), "test": figures(ndcg - 0.02, 0.30, 0.45)}))
+
+    def run(key, method, seed, preset, valid, test_ndcg):
+        (runs / f"{key}.json").write_text(json.dumps(
+            {"start": "toy", "method": method, "seed": seed, "preset": preset, "seen_rewards": False, "seconds": 10.0,
+             "last_step": {"kl": 1.5}, "evals": [{"step": 1, "ndcg@10": valid["ndcg@10"]}],
+             "curve": [{"step": 1, "reward_mean": 0.2, "kl": 0.1, "weight_entropy": None, "effective_grad_norm": 0.3,
+                        "clipped_share": 0.0}],
+             "base_valid": start_valid, "base_test": figures(0.15, 0.3, 0.45), "aligned_valid": valid,
+             "aligned_test": figures(test_ndcg, 0.35, 0.47)}))
+    run("unseen-blade-spec-s0", "blade", 0, None, figures(0.171, 0.33, 0.46), 0.155)
+    run("unseen-blade-spec-s1", "blade", 1, None, figures(0.172, 0.33, 0.46), 0.157)
+    run("unseen-grpo-ndcg-s0", "grpo", 0, "ndcg", figures(0.175, 0.29, 0.44), 0.160)          # best NDCG, loses tail
+    run("unseen-grpo-ndcg+tail-s0", "grpo", 0, "ndcg+tail", figures(0.169, 0.40, 0.46), 0.150)
+    run("unseen-grpo-ndcg+diversity-s0", "grpo", 0, "ndcg+diversity", figures(0.171, 0.32, 0.50), 0.152)
+    args = types.SimpleNamespace(out=str(tmp_path / "alignment.json"), runs=str(tmp_path / "runs"))
+    b = bench.Bench.__new__(bench.Bench)
+    b.args, b.dir = args, Path(args.runs)
+    rep = b.report(["toy"])
+    block = rep["blocks"]["toy"]
+    assert block["chosen"] == {"grpo": "ndcg+diversity"}  # raises both over the start, best NDCG of those
+    rows = {r["model"]: r for r in block["table"]}
+    assert rows["blade"]["n"] == 2 and rows["blade"]["ndcg@10"] == pytest.approx((0.156, np.std([0.155, 0.157], ddof=1)))
+    assert rows["grpo [ndcg+diversity]"]["ndcg@10"][0] == pytest.approx(0.152)
+    assert {"start, full (served)", "start, withheld (withhold 3)"} <= set(rows)
+    assert "| blade | 2 |" in rep["table_md"]
+    assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
