@@ -1,0 +1,97 @@
+"""Semantic-id quantizers: codes, collisions, utilisation, MPQ routing, the token table."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ray_jobs.models.semantic_ids import (ParallelQuantizer, ResidualQuantizer, TokenTable, utilisation,
+                                          with_disambiguation)
+
+
+def _items(n: int = 200, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, d, generator=g) * 3
+    return centres[torch.randint(8, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _fit(q, x: torch.Tensor, steps: int = 60, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    q.init_codebooks(x, seed)
+    opt = torch.optim.Adam(q.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        out = q(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.recon_loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("make", [lambda: ResidualQuantizer(16, latent=8, levels=3, codes=16, hidden=32),
+                                  lambda: ParallelQuantizer(16, latent=8, experts=3, codes=16, hidden=32)],
+                         ids=["rq", "mpq"])
+def test_codes_are_deterministic_for_a_seed_unique_after_disambiguation_and_training_reconstructs(make):
+    x = _items()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        q = make()
+        losses = _fit(q, x)
+        with torch.no_grad():
+            runs.append(q(x).codes.numpy())
+    assert np.array_equal(runs[0], runs[1])
+    assert losses[-1] < losses[0] * 0.7  # it learns to reconstruct
+    table = TokenTable.of("rq", 16, runs[0])
+    body = table.tokens[1:]
+    assert len({tuple(r) for r in body.tolist()}) == len(body)  # every item a unique token sequence
+    assert (table.tokens[0] == 0).all() and body[:, :-1].max() < 16
+
+
+def test_disambiguation_numbers_shared_codes_in_row_order():
+    codes = np.array([[1, 2], [3, 4], [1, 2], [1, 2], [3, 5]])
+    assert with_disambiguation(codes)[:, -1].tolist() == [0, 0, 1, 2, 0]
+
+
+def test_utilisation_by_hand():
+    codes = np.array([[0, 1], [0, 1], [1, 1], [2, 0]])  # book 0 uses codes 0, 0, 1, 2 of 4; book 1 codes 1, 1, 1, 0
+    u = utilisation(codes, 4)
+    h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    h1 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert u["books"][0] == {"perplexity": pytest.approx(math.exp(h0)), "dead_codes": 1}
+    assert u["books"][1] == {"perplexity": pytest.approx(math.exp(h1)), "dead_codes": 2}
+    assert u["collision_share"] == pytest.approx(0.5)  # rows 0 and 1 share (0, 1)
+
+
+def test_mpq_routing_sums_to_one_and_gradients_reach_every_expert():
+    torch.manual_seed(0)
+    x = _items(64)
+    q = ParallelQuantizer(16, latent=8, experts=4, codes=8, hidden=32)
+    q.init_codebooks(x)
+    q.codebooks.data += 0.01 * torch.randn_like(q.codebooks)  # off the k-means fixed point, where the VQ gradient is 0
+    out = q(x)
+    assert torch.allclose(out.gates.sum(-1), torch.ones(64), atol=1e-6) and (out.gates > 0).all()
+    out.loss.backward()
+    for enc in q.encoders:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    used = [set(out.codes[:, b].tolist()) for b in range(4)]
+    for b in range(4):  # every expert's codebook gets gradient on the codes it used
+        grad = q.codebooks.grad[b]
+        assert all(grad[c].abs().sum() > 0 for c in used[b])
+    assert q.router.weight.grad.abs().sum() > 0
+
+
+def test_token_table_round_trips_as_parquet_and_refuses_another_table(tmp_path):
+    table = TokenTable.of("mpq", 16, np.array([[1, 2, 3], [4, 5, 6], [1, 2, 3]]))
+    path = str(tmp_path / "tokens.parquet")
+    table.to_parquet(path)
+    back = TokenTable.from_parquet(path)
+    assert np.array_equal(back.tokens, table.tokens) and back.hash == table.hash and back.kind == "mpq"
+    table.require(back.hash, "the generator")
+    other = TokenTable("mpq", 16, table.tokens.copy())
+    other.tokens[2, 0] = 9  # one item's token changed: a different table
+    with pytest.raises(ValueError, match="trained on the token table"):
+        other.require(table.hash, "the generator")
