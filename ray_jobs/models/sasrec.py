@@ -48,8 +48,9 @@ class SASRec(IdSequenceModel):
     paper's block (see OriginalBlock) with its initialisation (item ids N(0, 0.02) truncated,
     positions N(0, 1/dim), Xavier-normal weight matrices) and no final norm."""
 
-    def __init__(self, num_items: int, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
+    def __init__(self, num_items: int | None, max_len: int, dim: int = 50, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, block: str = "pre_ln") -> None:
+        """`num_items` None: no item table; the item vectors come from elsewhere (`encode_vectors`)."""
         check_block(block, "sasrec")
         super().__init__(num_items, max_len, dim, dropout)
         self.heads = heads
@@ -67,7 +68,8 @@ class SASRec(IdSequenceModel):
                                            batch_first=True, norm_first=True)
                 for _ in range(blocks))
             self.norm = nn.LayerNorm(dim)
-            nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
+            if self.item_emb is not None:
+                nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
         self.zero_padding()
 
     @classmethod
@@ -77,7 +79,12 @@ class SASRec(IdSequenceModel):
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids: (B, L) left-padded item ids -> (B, L, dim): position t predicts item t+1. last_only:
         only the last position, (B, 1, dim) (with the original block the top block computes just it)."""
-        x, keep = self.embed(ids)
+        return self.encode_vectors(self.item_emb(ids), ids, last_only)
+
+    def encode_vectors(self, vectors: torch.Tensor, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`forward` over item vectors given as such (B, L, dim), with the (B, L) ids (0 = padding)
+        that say which positions are real."""
+        x, keep = self.embed_vectors(vectors, ids != 0)
         mask = causal_padding_mask(ids, self.heads)
         # the original top block can compute the last row alone (its keys/values are the lower stream)
         short = last_only and len(self.layers) > 0 and isinstance(self.layers[-1], OriginalBlock)

@@ -1,0 +1,234 @@
+"""The generative semantic-id recommender (REG4Rec family): a causal transformer reads the history as
+items made of semantic tokens (`semantic_ids.TokenTable`) and generates the next item's tokens.
+
+History: an item's input vector is the sum of its tokens' embeddings (one per token column), so the
+attention cost grows with the number of items, not of tokens; the user encoder is SASRec's
+(`SASRec.encode_vectors`). Decoding the next item: a GRU cell walks the item's T tokens in a
+*reasoning order* (a permutation of the M parallel token columns, the disambiguation column last);
+at each step it predicts the next column's token from its state plus that column's query embedding,
+over the tokens the trie allows after the prefix (a softmax restricted to real continuations), so
+
+    log P(item | user, order) = sum_j log softmax_{allowed(prefix_j)}(logits_j)[token_j]
+
+is a proper distribution over the catalogue, every decoded sequence is a real item, and the same
+quantity trains the model (next-item cross-entropy, token by token) and scores it. Orders: the
+canonical one (columns 0..M-1, then the disambiguation) and `paths - 1` more drawn with a fixed seed;
+training uses one of them per target, drawn at random; the exhaustive item score is the canonical
+order's log-probability.
+
+Inference: `item_log_probs` scores every item exactly (level by level over the trie's unique
+prefixes); `beam` decodes the top items under one order by beam search over the trie (it can only
+emit real items); `corp` merges several orders' beams: the item most orders decode first is the
+consensus, an order whose first item disagrees is pruned (consistency-oriented pruning, after
+REG4Rec's CORP), and the surviving orders' probabilities are averaged into one ranked list.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_jobs.models.sasrec import SASRec
+from ray_jobs.models.semantic_ids import TokenTable
+
+
+class TokenTrie:
+    """The items' token sequences in one column order as a prefix tree in arrays: `child[j]` (nodes
+    at depth j, vocabulary) -> the node at depth j + 1 (-1: no item continues that way), `leaf_item`
+    (nodes at depth T) -> item index, and each item's node at every depth."""
+
+    def __init__(self, tokens: np.ndarray, order: tuple[int, ...], vocab: int) -> None:
+        seqs = np.asarray(tokens)[1:, list(order)]           # items 1..n, columns in this order
+        n, depth = seqs.shape
+        self.order, self.depth = order, depth
+        self.node = np.zeros((depth + 1, n), dtype=np.int64)  # node of each item's prefix at each depth
+        self.child = []
+        for j in range(depth):
+            pairs = self.node[j] * vocab + seqs[:, j]
+            uniq, nxt = np.unique(pairs, return_inverse=True)
+            self.node[j + 1] = nxt.reshape(-1)
+            table = np.full((int(self.node[j].max()) + 1, vocab), -1, dtype=np.int64)
+            table[uniq // vocab, uniq % vocab] = np.arange(len(uniq))
+            self.child.append(table)
+        leaves = self.node[depth]
+        if len(np.unique(leaves)) != n:
+            raise ValueError("token table: two items share a token sequence (a table needs its disambiguation column)")
+        self.leaf_item = np.zeros(n, dtype=np.int64)
+        self.leaf_item[leaves] = np.arange(1, n + 1)
+
+    def is_item(self, sequence) -> bool:
+        node = 0
+        for j, t in enumerate(sequence):
+            if t < 0 or t >= self.child[j].shape[1]:
+                return False
+            node = self.child[j][node, t]
+            if node < 0:
+                return False
+        return True
+
+
+class SemanticGenerator(nn.Module):
+    reads_time = False
+    reads_catalogue = False
+
+    def __init__(self, table: TokenTable, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 1,
+                 dropout: float = 0.2, paths: int = 1, max_disambiguation: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        tokens = np.asarray(table.tokens, dtype=np.int64)
+        self.columns = tokens.shape[1]
+        m = self.columns - 1
+        if int(tokens[:, -1].max()) >= max_disambiguation:
+            raise ValueError(f"token table: {int(tokens[:, -1].max()) + 1} items share one code, more than "
+                             f"max_disambiguation={max_disambiguation}")
+        self.table_kind, self.table_hash = table.kind, table.hash
+        self.vocab = max(table.codes, max_disambiguation)
+        self.register_buffer("tokens", torch.from_numpy(tokens), persistent=False)
+        self.col_emb = nn.Embedding(self.columns * self.vocab, dim)  # column c, token t -> row c * vocab + t
+        self.query = nn.Embedding(self.columns, dim)
+        self.user = SASRec(None, max_len, dim, blocks, heads, dropout)
+        self.cell = nn.GRUCell(dim, dim)
+        self.out = nn.Linear(dim, self.columns * self.vocab)
+        nn.init.normal_(self.col_emb.weight, std=dim ** -0.5)
+        rng = np.random.default_rng(seed)
+        perms = [tuple(range(m))] + [tuple(int(c) for c in p) for p in
+                                     (rng.permutation(m) for _ in range(10 * paths))]
+        orders = list(dict.fromkeys(perms))[:paths]
+        if len(orders) < paths and m <= 6:  # few columns: take the distinct permutations there are
+            orders = list(dict.fromkeys(orders + list(itertools.permutations(range(m)))))[:paths]
+        self.orders = [o + (m,) for o in orders]
+        self.tries = [TokenTrie(tokens, o, self.vocab) for o in self.orders]
+        self.num_items = len(tokens) - 1
+
+    # ------------------------------------------------------------------ the user side
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids -> (B, L, dim): the sum of each item's token embeddings (0 for padding)."""
+        toks = self.tokens[ids]                                                     # (B, L, T)
+        rows = toks + torch.arange(self.columns, device=ids.device) * self.vocab
+        return self.col_emb(rows).sum(-2) * (ids != 0).unsqueeze(-1)
+
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, L) left-padded histories -> (B, L, dim) user states (position t decodes item t + 1)."""
+        return self.user.encode_vectors(self.item_vectors(ids), ids, last_only)
+
+    def user_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.forward(ids, last_only=True)[:, -1]
+
+    # ------------------------------------------------------------------ one decoding step
+    def _logits(self, state: torch.Tensor, col: int) -> torch.Tensor:
+        """(..., dim) -> (..., vocab) logits of column `col`'s token."""
+        w = self.out.weight[col * self.vocab:(col + 1) * self.vocab]
+        b = self.out.bias[col * self.vocab:(col + 1) * self.vocab]
+        return F.linear(state + self.query.weight[col], w, b)
+
+    def _advance(self, state: torch.Tensor, col: int, token: torch.Tensor) -> torch.Tensor:
+        x = self.col_emb(token + col * self.vocab) + self.query.weight[col]
+        return self.cell(x.reshape(-1, x.shape[-1]), state.reshape(-1, state.shape[-1])).reshape(state.shape)
+
+    @staticmethod
+    def _masked_log_softmax(logits: torch.Tensor, child: torch.Tensor) -> torch.Tensor:
+        """Log-softmax over the allowed tokens (child >= 0); -inf elsewhere, and on rows with none."""
+        allowed = child >= 0
+        logp = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+        return torch.where(allowed, logp, torch.full_like(logp, float("-inf")))
+
+    # ------------------------------------------------------------------ training
+    def sequence_loss(self, states: torch.Tensor, targets: torch.Tensor, order: int = 0) -> torch.Tensor:
+        """Summed next-item negative log-likelihood of `targets` (N,) (ids >= 1) from `states` (N, dim),
+        token by token along reasoning order `order`."""
+        trie = self.tries[order]
+        idx = (targets - 1).cpu().numpy()
+        state, loss = states, states.new_zeros((), dtype=torch.float32)
+        for j, col in enumerate(trie.order):
+            child = torch.from_numpy(trie.child[j][trie.node[j][idx]]).to(states.device)   # (N, vocab)
+            tok = self.tokens[targets, col]
+            logp = self._masked_log_softmax(self._logits(state, col), child)
+            loss = loss - logp.gather(1, tok[:, None]).sum()
+            if j + 1 < len(trie.order):
+                state = self._advance(state, col, tok)
+        return loss
+
+    # ------------------------------------------------------------------ inference
+    def item_log_probs(self, state: torch.Tensor, order: int = 0) -> torch.Tensor:
+        """Exact log P(item | user) of every item, (B, n + 1) (-inf at padding): level by level over
+        the trie's prefixes, each prefix's state computed once per user."""
+        trie, b = self.tries[order], state.shape[0]
+        states, scores = state[:, None, :], state.new_zeros((b, 1), dtype=torch.float32)   # the root
+        for j, col in enumerate(trie.order):
+            child = torch.from_numpy(trie.child[j]).to(state.device)                     # (nodes_j, vocab)
+            logp = self._masked_log_softmax(self._logits(states, col), child[None])     # (B, nodes_j, vocab)
+            parent, token = torch.nonzero(child >= 0, as_tuple=True)
+            order_ = child[parent, token].argsort()                                     # children by node id
+            parent, token = parent[order_], token[order_]
+            scores = scores[:, parent] + logp[:, parent, token]
+            if j + 1 < len(trie.order):
+                states = self._advance(states[:, parent], col, token[None].expand(b, -1))
+        out = torch.full((b, self.num_items + 1), float("-inf"), device=state.device)
+        out[:, torch.from_numpy(trie.leaf_item).to(state.device)] = scores
+        return out
+
+    def score_items(self, ids: torch.Tensor) -> torch.Tensor:
+        """The scoring surface of the other models: (B, L) histories -> (B, n + 1) item scores."""
+        return self.item_log_probs(self.user_embeddings(ids))
+
+    def beam(self, state: torch.Tensor, width: int, order: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search over the trie in reasoning order `order`: (B, width) item ids, best first, and
+        their log-probabilities (fewer real items than `width`: the rest are id 0 at -inf)."""
+        trie, b = self.tries[order], state.shape[0]
+        nodes = torch.zeros((b, 1), dtype=torch.long)
+        scores = torch.zeros((b, 1))
+        states = state[:, None, :]
+        for j, col in enumerate(trie.order):
+            child = torch.from_numpy(trie.child[j])[nodes.clamp(min=0)]                  # (B, W, vocab)
+            child = torch.where((nodes >= 0)[..., None], child, torch.full_like(child, -1))
+            logp = self._masked_log_softmax(self._logits(states, col), child)
+            total = (scores[..., None] + logp).reshape(b, -1)                             # (B, W * vocab)
+            k = min(width, total.shape[1])
+            scores, flat = total.topk(k, dim=-1)
+            beam_of, token = flat // self.vocab, flat % self.vocab
+            nodes = child.reshape(b, -1).gather(1, flat)
+            nodes = torch.where(torch.isfinite(scores), nodes, torch.full_like(nodes, -1))
+            if j + 1 < len(trie.order):
+                states = self._advance(states.gather(1, beam_of[..., None].expand(-1, -1, states.shape[-1])),
+                                       col, token)
+        items = torch.from_numpy(trie.leaf_item)[nodes.clamp(min=0)]
+        items = torch.where(nodes >= 0, items, torch.zeros_like(items))
+        if items.shape[1] < width:
+            pad = width - items.shape[1]
+            items = F.pad(items, (0, pad))
+            scores = F.pad(scores, (0, pad), value=float("-inf"))
+        return items, scores
+
+
+def corp(paths: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consistency-oriented pruning of several reasoning orders' beams, per user: [(items (B, W),
+    log-probs (B, W)) per order] -> (items, scores) (B, W') ranked. The consensus is the item the most
+    orders decode first (a tie goes to the larger summed probability); an order whose first item
+    differs is dropped; an item's score is log of its mean probability over the surviving orders (0
+    in an order whose beam lacks it)."""
+    b = paths[0][0].shape[0]
+    out_items, out_scores = [], []
+    for u in range(b):
+        firsts = [int(items[u, 0]) for items, _ in paths]
+        votes: dict[int, list[float]] = {}
+        for (items, logp), first in zip(paths, firsts):
+            votes.setdefault(first, []).append(float(logp[u, 0].exp()))
+        consensus = max(votes, key=lambda i: (len(votes[i]), sum(votes[i])))
+        kept = [(items[u], logp[u]) for (items, logp), first in zip(paths, firsts) if first == consensus]
+        prob: dict[int, float] = {}
+        for items, logp in kept:
+            for i, lp in zip(items.tolist(), logp.tolist()):
+                if i != 0:
+                    prob[i] = prob.get(i, 0.0) + float(np.exp(lp)) / len(kept)
+        ranked = sorted(prob.items(), key=lambda kv: -kv[1])
+        out_items.append([i for i, _ in ranked])
+        out_scores.append([float(np.log(p)) if p > 0 else float("-inf") for _, p in ranked])
+    width = max(len(r) for r in out_items)
+    items = torch.zeros((b, width), dtype=torch.long)
+    scores = torch.full((b, width), float("-inf"))
+    for u, (i, s) in enumerate(zip(out_items, out_scores)):
+        items[u, :len(i)] = torch.tensor(i, dtype=torch.long)
+        scores[u, :len(s)] = torch.tensor(s)
+    return items, scores
