@@ -55,6 +55,9 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
     model = init.spec.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)})
     if model.kind not in TRAINABLE:
         raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
+    if model.kind == "generative":
+        raise ValueError(f"align.init={label}: aligning a generative model (its decoded item scores as the "
+                         "policy) is not supported yet; align a sasrec, hstu or hllm model")
     return spec.model_copy(update={"model": model,
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})
 
@@ -98,13 +101,21 @@ def align_worker(config: dict) -> None:
               reporter)
 
 
-def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str) -> None:
-    """The NDCG reward is each user's last `align.holdout` training items; a start model trained on them
-    (its train.withhold smaller) is refused unless `align.allow_seen_rewards` says so."""
-    if start.withhold < a.holdout and not a.allow_seen_rewards:
-        raise ValueError(f"align.init={label} was trained on its reward items: its train.withhold={start.withhold} "
-                         f"< align.holdout={a.holdout}, so the NDCG reward would measure memorisation. Train the "
-                         f"start model with train.withhold={a.holdout} (or set align.allow_seen_rewards=true)")
+def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str, aligned: bool = False) -> None:
+    """The NDCG reward is each user's last `align.holdout` training items; a start model that has seen
+    them is refused unless `align.allow_seen_rewards` says so: one trained on them (its
+    train.withhold smaller), one warm-started from other weights (they may have), or an aligned
+    model (it was rewarded on them)."""
+    if a.allow_seen_rewards:
+        return
+    why = (f"its train.withhold={start.withhold} < align.holdout={a.holdout}" if start.withhold < a.holdout else
+           f"it was warm-started from {start.init_from or 'the champion'}" if start.init_from
+           or start.warm_start_from_champion else
+           "it is an aligned model, rewarded on them" if aligned else None)
+    if why:
+        raise ValueError(f"align.init={label} has seen its reward items: {why}, so the NDCG reward would measure "
+                         f"memorisation. Align a model trained from scratch with train.withhold={a.holdout} "
+                         "(or set align.allow_seen_rewards=true)")
 
 
 def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> AlignOutcome:
@@ -118,7 +129,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                          "every worker needs at least one user per step")
     start = resolve_model(spec, spec.align.init)
     init = read_model(start.path)
-    check_rewards_unseen(spec.align, init.spec.train, start.label)
+    check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
     spec = with_init_model(spec, init, start.label, start.cache_dir)
     cache_dir = spec.model.cache_dir
     init_ray(spec)

@@ -363,6 +363,13 @@ def test_a_run_resumed_between_epochs_continues_on_the_same_rollouts():
     got, m2 = resumed.step(policy, 1, 0)
     assert got.item() == pytest.approx(expect.item(), rel=1e-6) and m2.kl == pytest.approx(m.kl, rel=1e-6)
     assert torch.equal(resumed.batch.rollouts.lists, aligner.batch.rollouts.lists)
+    # several workers: each rank keeps its own users' batch (one rank's client state restores all)
+    mine = state["batch"]["ranks"][0]
+    for rank, world, ranks, kept in ((1, 2, [{}, mine], True), (0, 2, [{}, mine], False), (0, 2, [mine], False)):
+        other, _, _ = _toy("grpo", epochs=2)
+        other.rank, other.world = rank, world
+        other.load_state_dict({**state, "batch": {"world": 2 if len(ranks) == 2 else 1, "ranks": ranks}})
+        assert (other.batch is not None) == kept
 
 
 def test_blade_user_posterior_moves_with_rewards():

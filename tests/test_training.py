@@ -69,9 +69,14 @@ def test_withheld_items_never_reach_a_training_batch_and_alignment_refuses_a_mod
     assert all(len(h) == len(q) for h, q in zip(data.valid.histories, data.train))  # evaluation keeps them
     assert [len(s) for s in data.fit_sequences("train", times=True, withhold=2)] == [len(q) - 2 for q in data.train]
     check_rewards_unseen(spec.align.model_copy(update={"holdout": 2, "allow_seen_rewards": False}), spec.train, "m")
-    with pytest.raises(ValueError, match="trained on its reward items: its train.withhold=2 < align.holdout=3"):
+    with pytest.raises(ValueError, match="has seen its reward items: its train.withhold=2 < align.holdout=3"):
         check_rewards_unseen(spec.align.model_copy(update={"holdout": 3, "allow_seen_rewards": False}), spec.train, "m")
     check_rewards_unseen(spec.align.model_copy(update={"holdout": 3, "allow_seen_rewards": True}), spec.train, "m")
+    strict = spec.align.model_copy(update={"holdout": 2, "allow_seen_rewards": False})
+    with pytest.raises(ValueError, match="warm-started from models:/m@champion"):
+        check_rewards_unseen(strict, spec.train.model_copy(update={"init_from": "models:/m@champion"}), "m")
+    with pytest.raises(ValueError, match="an aligned model"):
+        check_rewards_unseen(strict, spec.train, "m", aligned=True)
     with pytest.raises(ValueError, match="train.withhold=2 needs train.fit_on=train"):
         load_spec("jobs/specs/movielens-100k-smoke.yaml", ["train.withhold=2", "train.fit_on=train_valid"])
 

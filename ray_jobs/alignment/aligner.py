@@ -347,7 +347,7 @@ class Aligner:
         index = step // cfg.epochs
         if self.batch is None or self.batch.index != index:
             self.batch = self.sample(scores, index, seed)
-            logits = self.batch.rollouts.logits
+            logits, self.batch.rollouts.logits = self.batch.rollouts.logits, None  # the graph lives for this step only
         else:
             logits = self.logits(scores, self.batch.rollouts.rows)
         bt, ro = self.batch, self.batch.rollouts
@@ -419,8 +419,10 @@ class Aligner:
     # ------------------------------------------------------------------ checkpoint state (tensors only)
     def state_dict(self) -> dict:
         p = self.posterior
+        # every rank's batch (each holds its own users' lists): DeepSpeed keeps one rank's client state
+        ranks = self.comm.all_gather_object(self.batch.to_state() if self.batch is not None else {})
         return {"exposure": self.exposure.clone(), "ref_rewards": self.ref_rewards, "beta": self.beta,
-                "batch": self.batch.to_state() if self.batch is not None else {},
+                "batch": {"world": self.world, "ranks": ranks},
                 "posterior": {k: torch.from_numpy(np.asarray(getattr(p, k), dtype=np.float64))
                               for k in ("mu", "kappa", "alpha", "beta")},
                 "last_update": torch.from_numpy(self.last_update.copy())}
@@ -429,4 +431,6 @@ class Aligner:
         self.exposure, self.ref_rewards, self.beta = state["exposure"], state["ref_rewards"], state["beta"]
         self.posterior = methods.NIG(**{k: np.asarray(v, dtype=np.float64) for k, v in state["posterior"].items()})
         self.last_update = np.asarray(state["last_update"], dtype=np.float64)
-        self.batch = Batch.from_state(state["batch"]) if state.get("batch") else None
+        batch = state.get("batch") or {}
+        mine = batch["ranks"][self.rank] if batch.get("world") == self.world else None
+        self.batch = Batch.from_state(mine) if mine else None  # another world size: the step samples anew

@@ -86,7 +86,7 @@ def grpo_weights(rewards: torch.Tensor) -> torch.Tensor:
 def ppo_clipped(log_ratio: torch.Tensor, advantage: torch.Tensor, clip: float) -> torch.Tensor:
     """PPO's clipped surrogate per element: min(rho·A, clip(rho, 1 - clip, 1 + clip)·A), rho = exp(log_ratio).
     Its gradient vanishes where the ratio has left the clip range in the direction the advantage favours."""
-    rho = torch.exp(log_ratio)
+    rho = torch.exp(log_ratio.clamp(-20.0, 20.0))  # an overflow would turn a zero advantage into NaN
     a = advantage.detach()
     return torch.minimum(rho * a, rho.clamp(1 - clip, 1 + clip) * a)
 

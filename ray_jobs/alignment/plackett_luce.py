@@ -8,6 +8,7 @@ Masked items carry s = -inf: never sampled, no mass in any denominator.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -50,15 +51,18 @@ def list_log_prob(logits: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
 def list_kl(lp: torch.Tensor, lp_ref: torch.Tensor, lp_behaviour: torch.Tensor) -> torch.Tensor:
     """Per-row estimate of the whole-list KL(pi || pi_ref) from N sampled lists: lp, lp_ref, lp_behaviour
     (B, N) are each list's log-probability under the policy (with gradients), the reference, and the
-    policy that sampled it. The value, with importance weights w = pi(y) / pi_behaviour(y), is
-        KL = E_behaviour[ w · (log pi(y) - log pi_ref(y)) ]
-    the plain on-policy average while the rollouts are fresh (w = 1), unbiased once the policy has
-    moved (later optimisation epochs on the same rollouts). Its gradient is the score-function form
-    grad KL = E_behaviour[ w · grad log pi · (d - b) ],  d = log pi - log pi_ref,
-    with a leave-one-out baseline b (the mean w·d of the row's other lists): unbiased, since
-    E_pi[grad log pi] = 0, and with far less variance than differentiating the value itself."""
+    policy that sampled it. With importance weights w = pi(y) / pi_behaviour(y), self-normalised per
+    row (w / mean w: a list's weight is a product of K per-pick ratios, and one list must not carry the
+    estimate), the value is
+        KL ~ mean_n w_n (log pi(y_n) - log pi_ref(y_n)) / mean_n w_n
+    the plain on-policy average while the rollouts are fresh (w = 1) and consistent once the policy
+    has moved (later optimisation epochs on the same rollouts). Its gradient is the score-function
+    form  E[w · grad log pi · (d - b)],  d = log pi - log pi_ref,  with a leave-one-out baseline b
+    (the mean w·d of the row's other lists): unbiased on-policy, since E_pi[grad log pi] = 0, and
+    with far less variance than differentiating the value itself."""
     lp64, d = lp.double(), (lp.double() - lp_ref.detach().double()).detach()
-    w = torch.exp(lp64 - lp_behaviour.detach().double())
+    log_w = lp64 - lp_behaviour.detach().double()
+    w = torch.exp(log_w - torch.logsumexp(log_w.detach(), -1, keepdim=True) + math.log(lp.shape[-1]))
     wd = w.detach() * d
     n = lp.shape[-1]
     baseline = (wd.sum(-1, keepdim=True) - wd) / max(n - 1, 1)
