@@ -19,7 +19,10 @@ NDCG@10), and only the chosen presets' test figures enter the table.
 Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json (the start
 models' too, with their checkpoint paths), so a rerun skips what is done and resumes a cut run by
 its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
-finished runs each time (also with --report, which runs nothing). The ML-1M gold tables are built
+finished runs each time (also with --report, which runs nothing). A record made with other align
+settings or from other start-model runs is stale: it is run again, and left out of the report until
+then. An align run takes everything but its align section from the start model's spec (train:
+workers, DeepSpeed, budgets; `--start-set` applies to both). The ML-1M gold tables are built
 first when missing (`llmrec etl`). Runs are real `ray_jobs.align` / `ray_jobs.train` jobs (Ray
 Train + DeepSpeed), each with its own MLflow run; the table is logged to an MLflow run too.
 """
@@ -142,18 +145,33 @@ class Bench:
               f"(epoch {out.best_epoch}, {out.seconds:.0f} s)", flush=True)
         return rec
 
+    def fingerprint(self, start: str) -> str | None:
+        """What a finished run's figures depend on besides its method, preset and seed: the align
+        settings and the two start models' training runs. A record with another one is stale."""
+        import hashlib
+        inits = [self.done(start, f"start-{v}") for v in ("full", "withheld")]
+        if not all(inits):
+            return None
+        doc = {"align": {k: v for k, v in self.align_doc.items() if k not in ("method", "seed", "init", "rewards")},
+               "rewards": self.align_doc["rewards"], "starts": [i["run_id"] for i in inits]}
+        return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
     def align(self, start: str, init: dict, method: str, seed: int, preset: str | None = None,
               seen: bool = False) -> dict | None:
         key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
         rec = self.done(start, key)
-        if rec or self.out_of_time():
+        fingerprint = self.fingerprint(start)
+        if rec and rec.get("fingerprint") == fingerprint:
             return rec
+        if self.out_of_time():
+            return None
         from ray_jobs.align import run
         spec = self.align_spec(start, init["model_file"], method, seed, seen, PRESETS[preset] if preset else None)
         t0 = time.perf_counter()
         out = run(spec, run_name=f"bench-align-{start}-{key}", register=False)
         history = self.history(spec, out.run_id)
         rec = {"start": start, "method": method, "seed": seed, "preset": preset, "seen_rewards": seen,
+               "fingerprint": fingerprint,
                "rewards": spec.align.rewards.model_dump(), "run_id": out.run_id, "steps": out.steps,
                "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "last_step": out.last_step,
                "evals": out.evals, "curve": [{"step": h["step"], **{k: h.get(k) for k in CURVE_KEYS}} for h in history],
@@ -199,7 +217,10 @@ class Bench:
         for start in starts:
             recs = [json.loads(p.read_text()) for p in sorted((self.dir / start).glob("*.json"))]
             starts_ = {r["variant"]: r for r in recs if "variant" in r}
-            runs = [r for r in recs if "method" in r]
+            current = self.fingerprint(start)
+            runs = [r for r in recs if "method" in r and r.get("fingerprint") == current]
+            if len(runs) < sum("method" in r for r in recs):
+                print(f"{start}: {sum('method' in r for r in recs) - len(runs)} records of other settings left out")
             if not starts_:
                 continue
             rows = []

@@ -652,11 +652,18 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     for variant, ndcg in (("full", 0.172), ("withheld", 0.170)):
         (runs / f"start-{variant}.json").write_text(json.dumps(
             {"start": "toy", "variant": variant, "withhold": 3 if variant == "withheld" else 0, "model_file": "x",
+             "run_id": f"run-{variant}",
              "valid": figures(ndcg, 0.30, 0.45), "test": figures(ndcg - 0.02, 0.30, 0.45)}))
 
-    def run(key, method, seed, preset, valid, test_ndcg):
+    args = types.SimpleNamespace(out=str(tmp_path / "alignment.json"), runs=str(tmp_path / "runs"))
+    b = bench.Bench.__new__(bench.Bench)
+    b.args, b.dir, b.align_doc = args, Path(args.runs), {"holdout": 3, "steps": 300, "rewards": {"ndcg": 1.0}}
+    current = b.fingerprint("toy")
+
+    def run(key, method, seed, preset, valid, test_ndcg, fingerprint=current):
         (runs / f"{key}.json").write_text(json.dumps(
             {"start": "toy", "method": method, "seed": seed, "preset": preset, "seen_rewards": False, "seconds": 10.0,
+             "fingerprint": fingerprint,
              "last_step": {"kl": 1.5}, "evals": [{"step": 1, "ndcg@10": valid["ndcg@10"]}],
              "curve": [{"step": 1, "reward_mean": 0.2, "kl": 0.1, "weight_entropy": None, "effective_grad_norm": 0.3,
                         "clipped_share": 0.0}],
@@ -667,9 +674,10 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     run("unseen-grpo-ndcg-s0", "grpo", 0, "ndcg", figures(0.175, 0.29, 0.44), 0.160)          # best NDCG, loses tail
     run("unseen-grpo-ndcg+tail-s0", "grpo", 0, "ndcg+tail", figures(0.169, 0.40, 0.46), 0.150)
     run("unseen-grpo-ndcg+diversity-s0", "grpo", 0, "ndcg+diversity", figures(0.171, 0.32, 0.50), 0.152)
-    args = types.SimpleNamespace(out=str(tmp_path / "alignment.json"), runs=str(tmp_path / "runs"))
-    b = bench.Bench.__new__(bench.Bench)
-    b.args, b.dir = args, Path(args.runs)
+    run("unseen-blade-spec-s2", "blade", 2, None, figures(0.2, 0.4, 0.6), 0.3, fingerprint="other")  # stale: left out
+    b.align_doc = {"holdout": 3, "steps": 600, "rewards": {"ndcg": 1.0}}
+    assert b.fingerprint("toy") != current  # other settings: every finished run is stale
+    b.align_doc = {"holdout": 3, "steps": 300, "rewards": {"ndcg": 1.0}}
     rep = b.report(["toy"])
     block = rep["blocks"]["toy"]
     assert block["chosen"] == {"grpo": "ndcg+diversity"}  # raises both over the start, best NDCG of those
