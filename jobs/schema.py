@@ -381,6 +381,32 @@ class HLLMSpec(ModelBase):
                                          "checkpointing: a fraction of the memory for about one more forward)")
 
 
+class GenerativeSpec(ModelBase):
+    """A generative semantic-id recommender (REG4Rec family): items as semantic tokens learned from their
+    MiniLM text embeddings (`quantizer`), a causal transformer over the history, the next item decoded
+    token by token over the tokens that form real items."""
+    kind: Literal["generative"] = Field(description="the model family")
+    dim: int = Field(64, gt=0, description="width of the token embeddings, the user encoder and the decoder")
+    blocks: int = Field(2, gt=0, description="user-encoder transformer blocks")
+    heads: int = Field(1, gt=0, description="attention heads")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout in the user encoder")
+    quantizer: Literal["mpq", "rq"] = Field("mpq", description="mpq: parallel codebooks, unordered tokens (REG4Rec's "
+                                            "MPQ); rq: residual levels, ordered tokens (TIGER's RQ-VAE)")
+    books: int = Field(3, gt=0, description="parallel codebooks (mpq) or residual levels (rq): tokens per item, "
+                       "before the disambiguation token")
+    codes: int = Field(64, ge=2, description="codes per codebook")
+    latent: int = Field(32, gt=0, description="quantizer latent width")
+    quantizer_hidden: int = Field(256, gt=0, description="quantizer encoder/decoder hidden width")
+    commitment: float = Field(0.25, ge=0, description="quantizer commitment weight")
+    tokenizer_steps: int = Field(400, gt=0, description="quantizer training steps (full batch of the items)")
+    tokenizer_lr: float = Field(1e-3, gt=0, description="quantizer learning rate (Adam)")
+    paths: int = Field(1, gt=0, description="reasoning orders of the parallel tokens the decoder is trained on "
+                       "(the canonical order, then seeded permutations; scores use the canonical order)")
+    max_disambiguation: int = Field(64, gt=0, description="most items that may share one code (the disambiguation "
+                                    "token's vocabulary)")
+    seed: int = Field(0, description="seed of the quantizer and of the reasoning orders")
+
+
 class PopSpec(ModelBase):
     """The popularity baseline: every user gets the most-interacted items."""
     kind: Literal["pop"] = Field(description="the model family")
@@ -394,9 +420,10 @@ class GraphSpec(ModelBase):
 
 
 MODEL_KINDS: dict[str, type[ModelBase]] = {"sasrec": SASRecSpec, "hstu": HSTUSpec, "hllm": HLLMSpec,
-                                           "pop": PopSpec, "graph": GraphSpec}
+                                           "generative": GenerativeSpec, "pop": PopSpec, "graph": GraphSpec}
 
-ModelSpec = Annotated[Union[SASRecSpec, HSTUSpec, HLLMSpec, PopSpec, GraphSpec], Field(discriminator="kind")]
+ModelSpec = Annotated[Union[SASRecSpec, HSTUSpec, HLLMSpec, GenerativeSpec, PopSpec, GraphSpec],
+                      Field(discriminator="kind")]
 
 
 def model_fields_of(kind: str) -> set[str]:

@@ -22,7 +22,7 @@ from jobs.files import write_atomic
 from jobs.secrets import public_doc
 from jobs.schema import JobSpec
 from ray_jobs.catalogue import Catalogue, CatalogueMismatch, Extension, ModelCatalogue
-from ray_jobs.models import build_model, load_weights
+from ray_jobs.models import build_model, known_table, load_weights
 
 FORMAT = "llmrec-checkpoint/1"
 
@@ -131,7 +131,7 @@ class ModelCheckpoint:
         if cache_dir:
             spec = spec.model_copy(update={"model": spec.model.model_copy(update={"cache_dir": cache_dir})})
         ext = None if catalogue is None else self.check_catalogue(catalogue, None, "model")
-        table = self.weights.get("item_table")  # a cached HLLM's frozen item embeddings: not embedded again
+        table = known_table(spec.model.kind, self.weights)  # frozen item embeddings, token table: not recomputed
         model = build_model(spec, self.item_text if catalogue is None else catalogue.item_text,
                             None if table is None else (self.item_text, table))
         load_weights(model, spec.model.kind, self.weights, ext)

@@ -167,8 +167,13 @@ def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file
     if init_file:
         ckpt = read_model(init_file)
         load_weights(model, spec.model.kind, ckpt.weights, ckpt.check_data(data, init_file))
-    module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine),
-                          torch.from_numpy(data.training_items())).to(device)
+    universe = torch.from_numpy(data.training_items())
+    if model.decodes_items:  # the generative family: next-item likelihood, token by token
+        from ray_jobs.models.generative import GenerativeLoss
+        module = GenerativeLoss(model, universe).to(device)
+    else:
+        module = SequenceLoss(model, InfoNCE(t.temperature, t.learnable_temperature, t.negative_mask_cosine),
+                              universe).to(device)
     optimizer = adamw(module.parameters(), t.lr, device, (0.9, t.adam_beta2), t.weight_decay)
     total = t.epochs * math.ceil(len(fit_windows(spec, data)) / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

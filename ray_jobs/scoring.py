@@ -20,7 +20,7 @@ from ray_jobs.catalogue import Catalogue, Extension
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import EvalSplit, SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
-from ray_jobs.models import SequenceRecommender, scores_unseen_items
+from ray_jobs.models import TOKEN_MODELS, SequenceRecommender, scores_unseen_items
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
 # (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
@@ -69,6 +69,7 @@ def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: 
     catalogue: list[torch.Tensor] = []
     timed = model.reads_time
     reuse = model.reads_catalogue  # HLLM: history items read from the catalogue
+    decodes = model.decodes_items  # the generative family: every item's score by decoding it
 
     def score(histories: list[np.ndarray], times: list[np.ndarray] | None = None) -> torch.Tensor:
         model.eval()
@@ -80,7 +81,7 @@ def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: 
         lengths = np.asarray([min(len(h), max_len) for h in histories])
         order = np.argsort(lengths, kind="stable")
         with torch.no_grad():
-            if not catalogue:
+            if not catalogue and not decodes:
                 catalogue.append(model.all_item_embeddings())
             extra = {"catalogue": catalogue[0]} if reuse else {}
             parts = []
@@ -93,9 +94,12 @@ def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: 
                     parts.append(model.user_embeddings(ids, stamps, **extra))
                 else:
                     parts.append(model.user_embeddings(ids, **extra))
-            user = torch.empty((len(histories), parts[0].shape[-1]), dtype=parts[0].dtype, device=device)
-            user[torch.as_tensor(order, device=device)] = torch.cat(parts)
-            scores = cosine_scores(user, catalogue[0]).float().cpu()
+                if decodes:  # item scores per chunk: the decoder's states are (users x prefixes) wide
+                    parts[-1] = model.item_log_probs(parts[-1]).float().cpu()
+            out = torch.cat(parts)
+            user = torch.empty((len(histories), out.shape[-1]), dtype=out.dtype, device=out.device)
+            user[torch.as_tensor(order, device=out.device)] = out
+            scores = user if decodes else cosine_scores(user, catalogue[0]).float().cpu()
             if unscorable is not None:
                 scores[:, unscorable] = float("-inf")
             return scores
@@ -129,9 +133,13 @@ def load_for_catalogue(checkpoint: str, catalogue: Catalogue, item_index_version
 
 def scorable_items(kind: str, seen: np.ndarray, num_items: int) -> np.ndarray:
     """Items a model of `kind` that trained on `seen` (a mask over its own catalogue) can score in a
-    catalogue of `num_items`: every one for a text model, else those it trained on."""
+    catalogue of `num_items`: every one for a text model, every one of its own catalogue for a
+    token model, else those it trained on."""
     if scores_unseen_items(kind):
         mask = np.ones(num_items + 1, bool)
+    elif kind in TOKEN_MODELS:
+        mask = np.zeros(num_items + 1, bool)
+        mask[:len(seen)] = True
     else:
         mask = np.zeros(num_items + 1, bool)
         mask[:len(seen)] = seen

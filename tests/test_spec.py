@@ -78,7 +78,7 @@ def test_each_model_kind_has_its_own_fields():
     assert isinstance(sasrec, SASRecSpec) and sasrec.dim == 64 and sasrec.cache_dir == ".replay/cache"
     hllm = load_spec("movielens-1m-hstu", ["model.kind=hllm", "model.mode=lora"]).model
     assert isinstance(hllm, HLLMSpec) and hllm.mode == "lora"
-    with pytest.raises(SpecError, match=r"model\.dim is a field of model\.kind=sasrec/hstu, not of hllm"):
+    with pytest.raises(SpecError, match=r"model\.dim is a field of model\.kind=sasrec/hstu/generative, not of hllm"):
         load_spec("movielens-1m-hstu", ["model.kind=hllm", "model.dim=64"])
 
 

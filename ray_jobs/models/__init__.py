@@ -1,4 +1,5 @@
-"""The sequence models (SASRec, HSTU, HLLM) and the training-free baselines; `build_model` makes the spec's one."""
+"""The sequence models (SASRec, HSTU, HLLM, the generative semantic-id model) and the training-free
+baselines; `build_model` makes the spec's one."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -9,7 +10,7 @@ from torch import nn
 
 from jobs.schema import JobSpec
 
-TRAINABLE = ("sasrec", "hstu", "hllm")
+TRAINABLE = ("sasrec", "hstu", "hllm", "generative")
 
 
 @runtime_checkable
@@ -22,11 +23,15 @@ class SequenceRecommender(Protocol):
     - `item_embeddings(ids)`, `all_item_embeddings()`: item vectors in the same space (row 0: padding).
     - `one_item_pass(*ids)`: a block in which the item side runs once for the distinct items of `ids`
       (none: the whole catalogue) and every item lookup reads from it (HLLM); ID models look items
-      up in a table, which costs nothing to repeat, so theirs does nothing."""
+      up in a table, which costs nothing to repeat, so theirs does nothing.
+    - a model that `decodes_items` (the generative family) scores items by generating them:
+      `item_log_probs(user_embeddings(...))` gives every item's score, where the others score by the
+      cosine of the user and item vectors; its item-embedding methods are not used."""
     num_items: int
     reads_time: bool       # forward and user_embeddings take each event's timestamp (HSTU's time bias)
     query_time: str        # "event" | "target": what a time bias measures gaps from
     reads_catalogue: bool  # user_embeddings may take the catalogue vectors the scorer already computed
+    decodes_items: bool    # scores come from decoding item tokens (item_log_probs), not from item vectors
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -57,6 +62,11 @@ def build_model(spec: JobSpec, item_text: list[str],
     if m.kind == "hllm":  # imports transformers: only when an HLLM is asked for
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, known)
+    if m.kind == "generative":  # `known`: the token table a checkpoint was trained with (never retrained)
+        from ray_jobs.models.generative import SemanticGenerator, token_table
+        from ray_jobs.models.semantic_ids import TokenTable
+        table = token_table(m, item_text) if known is None else TokenTable(m.quantizer, m.codes, known[1].numpy())
+        return SemanticGenerator.of(m, table, len(item_text) - 1, spec.data.max_seq_len)
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
 
 
@@ -67,9 +77,22 @@ def build_model(spec: JobSpec, item_text: list[str],
 # - zero: an HLLM's ID embedding: a new item's text alone places it;
 # - text: a cached HLLM's frozen item embeddings: new items and items whose text changed are embedded
 #   from their text (the content-keyed cache computes only those).
+# - zero: an HLLM's ID embedding: a new item's text alone places it; a generative model's token
+#   table: a new item has no tokens yet (never decoded, read as padding in a history).
 ITEM_ROWS = {"sasrec": {"item_emb.weight": "init"}, "hstu": {"item_emb.weight": "init"},
-             "hllm": {"id_emb.weight": "zero", "item_table": "text"}}
+             "hllm": {"id_emb.weight": "zero", "item_table": "text"}, "generative": {"tokens": "zero"}}
 TEXT_MODELS = ("hllm",)  # score any item from its text, also one they never trained on
+# score every item of the catalogue they were trained with (a generative model's token table covers
+# all of them, from their text, k-core or not), but no item added since (it has no tokens yet)
+TOKEN_MODELS = ("generative",)
+
+
+def known_table(kind: str, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The per-item table a checkpoint carries that building its model must reuse, not recompute: a
+    cached HLLM's frozen item embeddings, a generative model's token table (its items' rows)."""
+    if kind == "generative":
+        return weights["tokens"][:int(weights["table_items"]) + 1]
+    return weights.get("item_table")
 
 
 def scores_unseen_items(kind: str) -> bool:

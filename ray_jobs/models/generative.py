@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.schema import GenerativeSpec
 from ray_jobs.models.sasrec import SASRec
-from ray_jobs.models.semantic_ids import TokenTable
+from ray_jobs.models.semantic_ids import ParallelQuantizer, ResidualQuantizer, TokenTable, fit_quantizer
 
 
 class TokenTrie:
@@ -60,6 +61,8 @@ class TokenTrie:
         self.leaf_item[leaves] = np.arange(1, n + 1)
 
     def is_item(self, sequence) -> bool:
+        if len(sequence) != self.depth:
+            return False
         node = 0
         for j, t in enumerate(sequence):
             if t < 0 or t >= self.child[j].shape[1]:
@@ -74,8 +77,14 @@ class SemanticGenerator(nn.Module):
     reads_time = False
     reads_catalogue = False
 
+    decodes_items = True
+
     def __init__(self, table: TokenTable, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.2, paths: int = 1, max_disambiguation: int = 64, seed: int = 0) -> None:
+                 dropout: float = 0.2, paths: int = 1, max_disambiguation: int = 64, seed: int = 0,
+                 num_items: int | None = None) -> None:
+        """`table`: the tokens of items 1..n; `num_items` (default n): the catalogue, which may extend
+        the table — items past it have no tokens yet: they are never decoded (score -inf) and read as
+        padding in a history."""
         super().__init__()
         tokens = np.asarray(table.tokens, dtype=np.int64)
         self.columns = tokens.shape[1]
@@ -83,9 +92,16 @@ class SemanticGenerator(nn.Module):
         if int(tokens[:, -1].max()) >= max_disambiguation:
             raise ValueError(f"token table: {int(tokens[:, -1].max()) + 1} items share one code, more than "
                              f"max_disambiguation={max_disambiguation}")
-        self.table_kind, self.table_hash = table.kind, table.hash
+        self.table_kind, self.codes = table.kind, table.codes
         self.vocab = max(table.codes, max_disambiguation)
-        self.register_buffer("tokens", torch.from_numpy(tokens), persistent=False)
+        self.num_items = len(tokens) - 1 if num_items is None else num_items
+        if self.num_items < len(tokens) - 1:
+            raise ValueError(f"token table of {len(tokens) - 1} items for a catalogue of {self.num_items}")
+        full = np.zeros((self.num_items + 1, self.columns), dtype=np.int64)
+        full[:len(tokens)] = tokens
+        # both travel with the weights: the table is the model's vocabulary, not the ETL's
+        self.register_buffer("tokens", torch.from_numpy(full))
+        self.register_buffer("table_items", torch.tensor(len(tokens) - 1))
         self.col_emb = nn.Embedding(self.columns * self.vocab, dim)  # column c, token t -> row c * vocab + t
         self.query = nn.Embedding(self.columns, dim)
         self.user = SASRec(None, max_len, dim, blocks, heads, dropout)
@@ -99,15 +115,30 @@ class SemanticGenerator(nn.Module):
         if len(orders) < paths and m <= 6:  # few columns: take the distinct permutations there are
             orders = list(dict.fromkeys(orders + list(itertools.permutations(range(m)))))[:paths]
         self.orders = [o + (m,) for o in orders]
-        self.tries = [TokenTrie(tokens, o, self.vocab) for o in self.orders]
-        self.num_items = len(tokens) - 1
+        self._rebuild()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._rebuild())
+
+    def _rebuild(self) -> None:
+        """The tries and the hash of the table now held (after construction and after loading weights)."""
+        table = self.table()
+        self.table_hash = table.hash
+        self.tries = [TokenTrie(table.tokens, o, self.vocab) for o in self.orders]
+
+    def table(self) -> TokenTable:
+        return TokenTable(self.table_kind, self.codes, self.tokens[:int(self.table_items) + 1].cpu().numpy())
+
+    @classmethod
+    def of(cls, m: GenerativeSpec, table: TokenTable, num_items: int, max_len: int) -> "SemanticGenerator":
+        return cls(table, max_len, m.dim, m.blocks, m.heads, m.dropout, m.paths, m.max_disambiguation, m.seed,
+                   num_items)
 
     # ------------------------------------------------------------------ the user side
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) item ids -> (B, L, dim): the sum of each item's token embeddings (0 for padding)."""
         toks = self.tokens[ids]                                                     # (B, L, T)
         rows = toks + torch.arange(self.columns, device=ids.device) * self.vocab
-        return self.col_emb(rows).sum(-2) * (ids != 0).unsqueeze(-1)
+        known = (ids != 0) & (ids <= self.table_items)
+        return self.col_emb(rows).sum(-2) * known.unsqueeze(-1)
 
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """(B, L) left-padded histories -> (B, L, dim) user states (position t decodes item t + 1)."""
@@ -176,12 +207,12 @@ class SemanticGenerator(nn.Module):
     def beam(self, state: torch.Tensor, width: int, order: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search over the trie in reasoning order `order`: (B, width) item ids, best first, and
         their log-probabilities (fewer real items than `width`: the rest are id 0 at -inf)."""
-        trie, b = self.tries[order], state.shape[0]
-        nodes = torch.zeros((b, 1), dtype=torch.long)
-        scores = torch.zeros((b, 1))
+        trie, b, device = self.tries[order], state.shape[0], state.device
+        nodes = torch.zeros((b, 1), dtype=torch.long, device=device)
+        scores = torch.zeros((b, 1), device=device)
         states = state[:, None, :]
         for j, col in enumerate(trie.order):
-            child = torch.from_numpy(trie.child[j])[nodes.clamp(min=0)]                  # (B, W, vocab)
+            child = torch.from_numpy(trie.child[j]).to(device)[nodes.clamp(min=0)]       # (B, W, vocab)
             child = torch.where((nodes >= 0)[..., None], child, torch.full_like(child, -1))
             logp = self._masked_log_softmax(self._logits(states, col), child)
             total = (scores[..., None] + logp).reshape(b, -1)                             # (B, W * vocab)
@@ -193,13 +224,77 @@ class SemanticGenerator(nn.Module):
             if j + 1 < len(trie.order):
                 states = self._advance(states.gather(1, beam_of[..., None].expand(-1, -1, states.shape[-1])),
                                        col, token)
-        items = torch.from_numpy(trie.leaf_item)[nodes.clamp(min=0)]
+        items = torch.from_numpy(trie.leaf_item).to(device)[nodes.clamp(min=0)]
         items = torch.where(nodes >= 0, items, torch.zeros_like(items))
         if items.shape[1] < width:
             pad = width - items.shape[1]
             items = F.pad(items, (0, pad))
             scores = F.pad(scores, (0, pad), value=float("-inf"))
         return items, scores
+
+
+TOKENIZER_VERSION = 2  # part of the cache key: a changed quantizer never reads an older table
+
+
+def token_table(m: GenerativeSpec, item_text: list[str]) -> TokenTable:
+    """The semantic ids of a catalogue's items from their MiniLM text embeddings: the quantizer of
+    `model.quantizer` trained on them (`fit_quantizer`), kept under `model.cache_dir` keyed by the
+    embeddings and the quantizer settings, so every worker and every rerun reads the same table."""
+    import hashlib
+    import json
+    import os
+
+    from ray_jobs.models.llm import minilm_item_embeddings
+    x = np.ascontiguousarray(minilm_item_embeddings(m, item_text)[1:], dtype=np.float32)
+    settings = {"version": TOKENIZER_VERSION, **{k: getattr(m, k) for k in (
+        "quantizer", "books", "codes", "latent", "quantizer_hidden", "commitment", "tokenizer_steps", "tokenizer_lr",
+        "seed")}}
+    key = hashlib.sha256(x.tobytes() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(m.cache_dir, "semantic-ids", f"{key}.parquet")
+    if os.path.exists(path):
+        return TokenTable.from_parquet(path)
+    torch.manual_seed(m.seed)
+    kind = ParallelQuantizer if m.quantizer == "mpq" else ResidualQuantizer
+    q = kind(x.shape[1], m.latent, m.books, m.codes, m.quantizer_hidden, m.commitment)
+    xt = torch.from_numpy(x)
+    report = fit_quantizer(q, xt, m.tokenizer_steps, m.tokenizer_lr, m.seed)
+    with torch.no_grad():
+        codes = q(xt).codes.numpy()
+    table = TokenTable.of(m.quantizer, m.codes, codes)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    table.to_parquet(tmp)
+    os.replace(tmp, path)  # whole or absent: a concurrent worker reads one or the other
+    with open(path[:-len(".parquet")] + ".json", "w") as fh:
+        json.dump({"settings": settings, "items": len(x), "hash": table.hash, **report}, fh, indent=1)
+    return table
+
+
+class GenerativeLoss(nn.Module):
+    """The training module of a generative model: the summed next-item negative log-likelihood of
+    every target, token by token, each target along a reasoning order drawn at random (seeded by
+    the loop's per-step seed). Same call as `losses.SequenceLoss` (negatives are not used: the
+    decoder's softmax runs over the tokens that continue a real item)."""
+
+    def __init__(self, model: SemanticGenerator, universe: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("universe", universe, persistent=False)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None,
+                reduction: str = "sum", stamps: torch.Tensor | None = None) -> torch.Tensor:
+        states = self.model(inputs)
+        valid = (targets != 0) & (targets <= self.model.table_items)  # an item without tokens cannot be decoded
+        h, t = states[valid], targets[valid]
+        orders = torch.randint(len(self.model.orders), (len(t),))
+        loss = states.new_zeros((), dtype=torch.float32)
+        for o in range(len(self.model.orders)):
+            pick = orders == o
+            if pick.any():
+                loss = loss + self.model.sequence_loss(h[pick.to(h.device)], t[pick.to(t.device)], o)
+        if reduction == "mean":
+            return loss / valid.sum().clamp(min=1)
+        return loss
 
 
 def corp(paths: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

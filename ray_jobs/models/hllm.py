@@ -38,6 +38,7 @@ class HLLM(nn.Module):
     reads_time = False
     query_time = "event"
     reads_catalogue = True  # scoring may hand user_embeddings the catalogue it already computed
+    decodes_items = False
 
     def __init__(self, spec: HLLMSpec, item_text: list[str], max_len: int,
                  known: tuple[list[str], torch.Tensor] | None = None) -> None:

@@ -22,6 +22,7 @@ class IdSequenceModel(nn.Module):
     reads_time = False
     query_time = "event"
     reads_catalogue = False
+    decodes_items = False
 
     def __init__(self, num_items: int | None, max_len: int, dim: int, dropout: float,
                  positions_from_start: bool = False) -> None:

@@ -9,9 +9,11 @@ ResidualQuantizer (RQ, TIGER's ordered codes): an encoder MLP gives z; level l =
     the decoder reconstructs x from sum_l e_l. Codes are ordered: level 1 is the coarsest.
 ParallelQuantizer (MPQ, after REG4Rec's MoE-based parallel quantization): M experts, each with its
     own encoder head z_m and codebook, pick one code each from the same item; a router
-    g(x) = softmax(W x) (M weights summing to 1) mixes the experts' quantized vectors, and the
-    decoder reconstructs x from sum_m g_m e_m. The M tokens come from parallel codebooks, so no
-    order among them is implied.
+    g(x) = softmax(W x) (M weights summing to 1) gates the experts' quantized vectors, and the
+    decoder reconstructs x from their concatenation [M g_1 e_1, ..., M g_M e_M] (a uniform router
+    passes them unscaled). Concatenated, each expert's slot reaches the decoder on its own, so the
+    experts learn complementary codes (a weighted sum lets each one learn the whole item alone, and
+    their codes collide). The M tokens come from parallel codebooks: no order among them is implied.
 
 Loss per quantized vector (level or expert): ||sg(r) - e||^2 (moves the code) + beta ||r - sg(e)||^2
 (commitment), plus the reconstruction MSE. Codebooks start from k-means of the first latents (no
@@ -111,15 +113,15 @@ class ResidualQuantizer(_Quantizer):
         self.initialised = True
 
     def forward(self, x: torch.Tensor) -> Quantized:
-        r = self.encoder(x)
-        total, codes, vq = torch.zeros_like(r), [], 0.0
+        z = self.encoder(x)
+        r, total, codes, vq = z, torch.zeros_like(z), [], 0.0
         for b in range(self.books):
             idx, q, loss = self._vq(r, b)
             codes.append(idx)
-            total = total + q
+            total = total + q.detach()
             r = r - q.detach()
             vq = vq + loss
-        recon = self.decoder(total)
+        recon = self.decoder(z + (total - z).detach())  # straight through once: the encoder gets one gradient
         rl = F.mse_loss(recon, x)
         return Quantized(torch.stack(codes, 1), recon, rl + vq, rl)
 
@@ -132,6 +134,7 @@ class ParallelQuantizer(_Quantizer):
         super().__init__(dim, latent, experts, codes, hidden, beta)
         self.encoders = nn.ModuleList(mlp([dim, hidden, latent]) for _ in range(experts))
         self.router = nn.Linear(dim, experts)
+        self.decoder = mlp([experts * latent, hidden, dim])
 
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor, seed: int = 0) -> None:
@@ -144,13 +147,13 @@ class ParallelQuantizer(_Quantizer):
 
     def forward(self, x: torch.Tensor) -> Quantized:
         g = self.gates(x)
-        total, codes, vq = 0.0, [], 0.0
+        slots, codes, vq = [], [], 0.0
         for b, enc in enumerate(self.encoders):
             idx, q, loss = self._vq(enc(x), b)
             codes.append(idx)
-            total = total + g[:, b:b + 1] * q
+            slots.append(self.books * g[:, b:b + 1] * q)
             vq = vq + loss
-        recon = self.decoder(total)
+        recon = self.decoder(torch.cat(slots, -1))
         rl = F.mse_loss(recon, x)
         return Quantized(torch.stack(codes, 1), recon, rl + vq, rl, g)
 
@@ -227,3 +230,23 @@ class TokenTable:
         """From the codes of items 1..n (row i - 1 = item i)."""
         body = with_disambiguation(codes)
         return cls(kind, codes_per_book, np.concatenate([np.zeros((1, body.shape[1]), np.int64), body]))
+
+
+def fit_quantizer(q: "ResidualQuantizer | ParallelQuantizer", x: torch.Tensor, steps: int, lr: float,
+                  seed: int = 0) -> dict:
+    """The tokenizer's own optimisation (full batch: a catalogue's embeddings fit in memory): k-means
+    codebooks, then Adam on the auto-encoder loss. Deterministic for a seed on one machine. Returns the
+    final reconstruction error and the codebooks' utilisation."""
+    torch.manual_seed(seed)
+    q.init_codebooks(x, seed)
+    opt = torch.optim.Adam(q.parameters(), lr=lr)
+    q.train()
+    for _ in range(steps):
+        out = q(x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    q.eval()
+    with torch.no_grad():
+        out = q(x)
+    return {"recon_mse": float(out.recon_loss), **utilisation(out.codes.numpy(), q.codes)}
