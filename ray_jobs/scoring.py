@@ -20,7 +20,7 @@ from ray_jobs.catalogue import Catalogue, Extension
 from ray_jobs.checkpoint import ModelCheckpoint, read_model
 from ray_jobs.data import EvalSplit, SeqData, left_pad
 from ray_jobs.metrics import ScoreFn, call_scores, evaluate, mask_scores, rank_and_topk, summarize, usable_ks
-from ray_jobs.models import TOKEN_MODELS, SequenceRecommender, scores_unseen_items
+from ray_jobs.models import SequenceRecommender, scores_unseen_items
 from ray_jobs.models.baselines import Popularity, TransitionGraph
 
 # (global rows of the split, target ranks, top-k lists, history lengths, targets) of the users ranked
@@ -133,13 +133,9 @@ def load_for_catalogue(checkpoint: str, catalogue: Catalogue, item_index_version
 
 def scorable_items(kind: str, seen: np.ndarray, num_items: int) -> np.ndarray:
     """Items a model of `kind` that trained on `seen` (a mask over its own catalogue) can score in a
-    catalogue of `num_items`: every one for a text model, every one of its own catalogue for a
-    token model, else those it trained on."""
+    catalogue of `num_items`: every one for a text model, else those it trained on."""
     if scores_unseen_items(kind):
         mask = np.ones(num_items + 1, bool)
-    elif kind in TOKEN_MODELS:
-        mask = np.zeros(num_items + 1, bool)
-        mask[:len(seen)] = True
     else:
         mask = np.zeros(num_items + 1, bool)
         mask[:len(seen)] = seen

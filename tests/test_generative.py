@@ -124,7 +124,8 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     from ray_jobs.scoring import evaluate_split, load_for_catalogue
     from ray_jobs.train import train_local
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [
-        f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "train.epochs=8", "train.lr=0.003",
+        f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "train.epochs=10", "train.lr=0.003",
+        "train.min_lr_ratio=1.0",
         "train.batch_size=64", "train.eval_every=2", "model={kind: generative, dim: 32, paths: 2}"])
     data = load_sequences(spec)
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
@@ -141,3 +142,19 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     state = loaded.model.user_embeddings(torch.tensor([[0, 0, 1, 50, 181]]))
     items, _ = loaded.model.beam(state, 10)
     assert ((items >= 1) & (items <= 1682)).all() and len(set(items[0].tolist())) == 10
+    # a catalogue that grew by two items since training: they get tokens from their text through the
+    # model's own tokenizer, no known item's tokens move, and they are decoded like any other
+    import numpy as np
+    from ray_jobs.catalogue import Catalogue
+    c = data.catalogue
+    grown = Catalogue(c.item_ids + ["9998", "9999"],
+                      c.item_text + [c.item_text[50] + " (director's cut)", "Title: Galaxy Quest. Year: 1999. "
+                                     "Genres: Comedy, Sci-Fi."],
+                      np.append(c.active, [True, True]), np.append(c.kcore, [False, False]))
+    model = ckpt.build(catalogue=grown)
+    assert int(model.table_items) == 1684 and torch.equal(model.tokens[:1683], ckpt.weights["tokens"])
+    rows = {tuple(r) for r in model.tokens[1:].tolist()}
+    assert len(rows) == 1684  # the new items' token sequences are new ones
+    scores = model.item_log_probs(state)
+    assert torch.isfinite(scores[0, 1:]).all() and scores[0, 1:].exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert model.tries[0].is_item(model.tokens[1684, list(model.orders[0])].tolist())

@@ -63,10 +63,8 @@ def build_model(spec: JobSpec, item_text: list[str],
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, known)
     if m.kind == "generative":  # `known`: the token table a checkpoint was trained with (never retrained)
-        from ray_jobs.models.generative import SemanticGenerator, token_table
-        from ray_jobs.models.semantic_ids import TokenTable
-        table = token_table(m, item_text) if known is None else TokenTable(m.quantizer, m.codes, known[1].numpy())
-        return SemanticGenerator.of(m, table, len(item_text) - 1, spec.data.max_seq_len)
+        from ray_jobs.models.generative import build_generator
+        return build_generator(m, item_text, spec.data.max_seq_len, None if known is None else known[1])
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
 
 
@@ -78,13 +76,12 @@ def build_model(spec: JobSpec, item_text: list[str],
 # - text: a cached HLLM's frozen item embeddings: new items and items whose text changed are embedded
 #   from their text (the content-keyed cache computes only those).
 # - zero: an HLLM's ID embedding: a new item's text alone places it; a generative model's token
-#   table: a new item has no tokens yet (never decoded, read as padding in a history).
+#   table: a new item's row is filled from its text by the model's tokenizer once the weights are in.
 ITEM_ROWS = {"sasrec": {"item_emb.weight": "init"}, "hstu": {"item_emb.weight": "init"},
              "hllm": {"id_emb.weight": "zero", "item_table": "text"}, "generative": {"tokens": "zero"}}
-TEXT_MODELS = ("hllm",)  # score any item from its text, also one they never trained on
-# score every item of the catalogue they were trained with (a generative model's token table covers
-# all of them, from their text, k-core or not), but no item added since (it has no tokens yet)
-TOKEN_MODELS = ("generative",)
+# score any item from its text, also one they never trained on (a generative model: its tokens, from
+# its text through the trained tokenizer)
+TEXT_MODELS = ("hllm", "generative")
 
 
 def known_table(kind: str, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:

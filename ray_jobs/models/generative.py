@@ -81,11 +81,19 @@ class SemanticGenerator(nn.Module):
 
     def __init__(self, table: TokenTable, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, paths: int = 1, max_disambiguation: int = 64, seed: int = 0,
-                 num_items: int | None = None) -> None:
+                 num_items: int | None = None, quantizer: nn.Module | None = None,
+                 pending: torch.Tensor | None = None) -> None:
         """`table`: the tokens of items 1..n; `num_items` (default n): the catalogue, which may extend
-        the table — items past it have no tokens yet: they are never decoded (score -inf) and read as
-        padding in a history."""
+        the table — items past it have no tokens: they are never decoded (score -inf) and read as
+        padding in a history. `quantizer`: the trained tokenizer (frozen; its weights travel with the
+        model's); `pending` (num_items - n, d): the text embeddings of the items past the table, which
+        the quantizer tokenizes once its trained weights are loaded (`load_state_dict`)."""
         super().__init__()
+        self.quantizer = quantizer
+        if quantizer is not None:
+            quantizer.requires_grad_(False)
+        self.pending = pending
+        self.max_disambiguation = max_disambiguation
         tokens = np.asarray(table.tokens, dtype=np.int64)
         self.columns = tokens.shape[1]
         m = self.columns - 1
@@ -115,11 +123,33 @@ class SemanticGenerator(nn.Module):
         if len(orders) < paths and m <= 6:  # few columns: take the distinct permutations there are
             orders = list(dict.fromkeys(orders + list(itertools.permutations(range(m)))))[:paths]
         self.orders = [o + (m,) for o in orders]
+        self._loaded = False
         self._rebuild()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._rebuild())
+        self.register_load_state_dict_post_hook(lambda module, keys: module._after_load())
+
+    def _after_load(self) -> None:
+        self._loaded = True
+        self._rebuild()
+
+    @torch.no_grad()
+    def tokenize_pending(self) -> None:
+        """Give the items past the table their tokens from their text embeddings through the trained
+        quantizer (new items of a grown catalogue: cold start without retraining the tokenizer)."""
+        if self.quantizer is None:
+            raise ValueError("this generative model has no tokenizer to give new items tokens")
+        n, k = int(self.table_items), len(self.pending)
+        self.quantizer.eval()
+        codes = self.quantizer(self.pending.float().to(self.tokens.device)).codes.cpu().numpy()
+        grown = self.table().extended(codes, self.max_disambiguation)
+        self.tokens[n + 1:n + 1 + k] = torch.from_numpy(grown.tokens[n + 1:]).to(self.tokens.device)
+        self.table_items.fill_(n + k)
+        self.pending = None
 
     def _rebuild(self) -> None:
-        """The tries and the hash of the table now held (after construction and after loading weights)."""
+        """The tries and the hash of the table now held (after construction and after loading weights);
+        pending items are tokenized first, by the loaded quantizer."""
+        if self.pending is not None and len(self.pending) and self._loaded:
+            self.tokenize_pending()
         table = self.table()
         self.table_hash = table.hash
         self.tries = [TokenTrie(table.tokens, o, self.vocab) for o in self.orders]
@@ -128,9 +158,10 @@ class SemanticGenerator(nn.Module):
         return TokenTable(self.table_kind, self.codes, self.tokens[:int(self.table_items) + 1].cpu().numpy())
 
     @classmethod
-    def of(cls, m: GenerativeSpec, table: TokenTable, num_items: int, max_len: int) -> "SemanticGenerator":
+    def of(cls, m: GenerativeSpec, table: TokenTable, num_items: int, max_len: int, quantizer: nn.Module | None = None,
+           pending: torch.Tensor | None = None) -> "SemanticGenerator":
         return cls(table, max_len, m.dim, m.blocks, m.heads, m.dropout, m.paths, m.max_disambiguation, m.seed,
-                   num_items)
+                   num_items, quantizer, pending)
 
     # ------------------------------------------------------------------ the user side
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
@@ -236,13 +267,37 @@ class SemanticGenerator(nn.Module):
 TOKENIZER_VERSION = 2  # part of the cache key: a changed quantizer never reads an older table
 
 
-def token_table(m: GenerativeSpec, item_text: list[str]) -> TokenTable:
-    """The semantic ids of a catalogue's items from their MiniLM text embeddings: the quantizer of
-    `model.quantizer` trained on them (`fit_quantizer`), kept under `model.cache_dir` keyed by the
-    embeddings and the quantizer settings, so every worker and every rerun reads the same table."""
+def new_quantizer(m: GenerativeSpec, dim: int) -> nn.Module:
+    kind = ParallelQuantizer if m.quantizer == "mpq" else ResidualQuantizer
+    return kind(dim, m.latent, m.books, m.codes, m.quantizer_hidden, m.commitment)
+
+
+def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
+                    known: torch.Tensor | None = None) -> SemanticGenerator:
+    """A generative model for a catalogue: a fresh one (its token table and tokenizer trained on the
+    catalogue's text, `token_table`), or, with `known` (a checkpoint's token table), one whose trained
+    weights are loaded next — items past the known table get their tokens from their text then."""
+    from ray_jobs.models.llm import minilm_item_embeddings
+    if known is None:
+        table, quantizer = token_table(m, item_text)
+        return SemanticGenerator.of(m, table, len(item_text) - 1, max_len, quantizer)
+    x = minilm_item_embeddings(m, item_text)
+    known_items = len(known) - 1
+    pending = torch.from_numpy(np.ascontiguousarray(x[known_items + 1:], dtype=np.float32))
+    return SemanticGenerator.of(m, TokenTable(m.quantizer, m.codes, known.numpy()), len(item_text) - 1, max_len,
+                                new_quantizer(m, x.shape[1]), pending)
+
+
+def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn.Module]:
+    """The semantic ids of a catalogue's items from their MiniLM text embeddings, and the trained
+    quantizer of `model.quantizer` (`fit_quantizer`); both kept under `model.cache_dir` (Parquet and
+    safetensors: data) keyed by the embeddings and the quantizer settings, so every worker and every
+    rerun reads the same table."""
     import hashlib
     import json
     import os
+
+    from safetensors.torch import load_file, save_file
 
     from ray_jobs.models.llm import minilm_item_embeddings
     x = np.ascontiguousarray(minilm_item_embeddings(m, item_text)[1:], dtype=np.float32)
@@ -251,23 +306,27 @@ def token_table(m: GenerativeSpec, item_text: list[str]) -> TokenTable:
         "seed")}}
     key = hashlib.sha256(x.tobytes() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(m.cache_dir, "semantic-ids", f"{key}.parquet")
-    if os.path.exists(path):
-        return TokenTable.from_parquet(path)
+    weights = path[:-len(".parquet")] + ".safetensors"
     torch.manual_seed(m.seed)
-    kind = ParallelQuantizer if m.quantizer == "mpq" else ResidualQuantizer
-    q = kind(x.shape[1], m.latent, m.books, m.codes, m.quantizer_hidden, m.commitment)
+    q = new_quantizer(m, x.shape[1])
+    if os.path.exists(path) and os.path.exists(weights):
+        q.load_state_dict(load_file(weights))
+        return TokenTable.from_parquet(path), q.eval()
     xt = torch.from_numpy(x)
     report = fit_quantizer(q, xt, m.tokenizer_steps, m.tokenizer_lr, m.seed)
     with torch.no_grad():
         codes = q(xt).codes.numpy()
     table = TokenTable.of(m.quantizer, m.codes, codes)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{weights}.{os.getpid()}.tmp"
+    save_file({k: v.contiguous() for k, v in q.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
     tmp = f"{path}.{os.getpid()}.tmp"
     table.to_parquet(tmp)
-    os.replace(tmp, path)  # whole or absent: a concurrent worker reads one or the other
+    os.replace(tmp, path)  # whole or absent (the table last): a concurrent worker reads both or neither
     with open(path[:-len(".parquet")] + ".json", "w") as fh:
         json.dump({"settings": settings, "items": len(x), "hash": table.hash, **report}, fh, indent=1)
-    return table
+    return table, q
 
 
 class GenerativeLoss(nn.Module):

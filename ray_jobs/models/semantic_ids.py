@@ -225,6 +225,26 @@ class TokenTable:
         table.require(meta["hash"], f"the token table file {path}")  # the file is what it says it is
         return table
 
+    def extended(self, codes: np.ndarray, max_disambiguation: int) -> "TokenTable":
+        """This table with items appended (their codes (k, B), in item order): each new item's
+        disambiguation token is one past the largest its code already has (0 for a new code), so
+        every known item keeps its tokens."""
+        body = self.tokens[1:]
+        nxt: dict[tuple, int] = {}
+        for row in body.tolist():
+            key = tuple(row[:-1])
+            nxt[key] = max(nxt.get(key, 0), row[-1] + 1)
+        rows = []
+        for c in np.asarray(codes, dtype=np.int64).tolist():
+            suffix = nxt.get(tuple(c), 0)
+            if suffix >= max_disambiguation:
+                raise ValueError(f"a new item's code {tuple(c)} is shared by {suffix} items already: more than "
+                                 f"max_disambiguation={max_disambiguation}")
+            nxt[tuple(c)] = suffix + 1
+            rows.append(c + [suffix])
+        new = np.asarray(rows, dtype=np.int64).reshape(-1, self.tokens.shape[1])
+        return TokenTable(self.kind, self.codes, np.concatenate([self.tokens, new]))
+
     @classmethod
     def of(cls, kind: str, codes_per_book: int, codes: np.ndarray) -> "TokenTable":
         """From the codes of items 1..n (row i - 1 = item i)."""
