@@ -404,6 +404,11 @@ class GenerativeSpec(ModelBase):
                        "(the canonical order, then seeded permutations; scores use the canonical order)")
     max_disambiguation: int = Field(64, gt=0, description="most items that may share one code (the disambiguation "
                                     "token's vocabulary)")
+    decode: Literal["exact", "beam", "corp"] = Field(
+        "exact", description="how the model ranks the catalogue: exact (every item's log-probability, canonical "
+        "order), beam (beam search in the canonical order; items outside the beam rank last), corp (a beam per "
+        "reasoning order, orders whose first item disagrees with the majority pruned, the rest averaged)")
+    beam_width: int = Field(50, gt=0, description="decode=beam/corp: items kept per beam")
     seed: int = Field(0, description="seed of the quantizer and of the reasoning orders")
 
 

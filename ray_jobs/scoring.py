@@ -95,7 +95,7 @@ def scorer(model: SequenceRecommender, max_len: int, chunk: int = 64, scorable: 
                 else:
                     parts.append(model.user_embeddings(ids, **extra))
                 if decodes:  # item scores per chunk: the decoder's states are (users x prefixes) wide
-                    parts[-1] = model.item_log_probs(parts[-1]).float().cpu()
+                    parts[-1] = model.item_scores(parts[-1]).float().cpu()
             out = torch.cat(parts)
             user = torch.empty((len(histories), out.shape[-1]), dtype=out.dtype, device=out.device)
             user[torch.as_tensor(order, device=out.device)] = out

@@ -158,3 +158,22 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     scores = model.item_log_probs(state)
     assert torch.isfinite(scores[0, 1:]).all() and scores[0, 1:].exp().sum().item() == pytest.approx(1.0, abs=1e-4)
     assert model.tries[0].is_item(model.tokens[1684, list(model.orders[0])].tolist())
+
+
+@torch.no_grad()
+def test_beam_and_corp_decoding_give_catalogue_scores():
+    """model.decode=beam: the beam's items keep their exact log-probabilities, the rest rank last (a
+    beam as wide as the catalogue is the exact ranking); corp: every order's beam, merged."""
+    g, _ = _generator()
+    states = torch.randn(3, 16)
+    exact = g.item_scores(states)
+    assert torch.equal(exact, g.item_log_probs(states))
+    g.decode, g.beam_width = "beam", 40
+    assert torch.allclose(g.item_scores(states)[:, 1:], exact[:, 1:], atol=1e-5)
+    g.beam_width = 5
+    narrow = g.item_scores(states)
+    finite = torch.isfinite(narrow)
+    assert (finite.sum(-1) == 5).all() and torch.allclose(narrow[finite], exact[finite], atol=1e-5)
+    g.decode = "corp"
+    merged = g.item_scores(states)
+    assert (torch.isfinite(merged).sum(-1) >= 5).all() and torch.isinf(merged[:, 0]).all()

@@ -25,7 +25,7 @@ class SequenceRecommender(Protocol):
       (none: the whole catalogue) and every item lookup reads from it (HLLM); ID models look items
       up in a table, which costs nothing to repeat, so theirs does nothing.
     - a model that `decodes_items` (the generative family) scores items by generating them:
-      `item_log_probs(user_embeddings(...))` gives every item's score, where the others score by the
+      `item_scores(user_embeddings(...))` gives every item's score, where the others score by the
       cosine of the user and item vectors; its item-embedding methods are not used."""
     num_items: int
     reads_time: bool       # forward and user_embeddings take each event's timestamp (HSTU's time bias)

@@ -82,7 +82,7 @@ class SemanticGenerator(nn.Module):
     def __init__(self, table: TokenTable, max_len: int, dim: int = 64, blocks: int = 2, heads: int = 1,
                  dropout: float = 0.2, paths: int = 1, max_disambiguation: int = 64, seed: int = 0,
                  num_items: int | None = None, quantizer: nn.Module | None = None,
-                 pending: torch.Tensor | None = None) -> None:
+                 pending: torch.Tensor | None = None, decode: str = "exact", beam_width: int = 50) -> None:
         """`table`: the tokens of items 1..n; `num_items` (default n): the catalogue, which may extend
         the table — items past it have no tokens: they are never decoded (score -inf) and read as
         padding in a history. `quantizer`: the trained tokenizer (frozen; its weights travel with the
@@ -94,6 +94,7 @@ class SemanticGenerator(nn.Module):
             quantizer.requires_grad_(False)
         self.pending = pending
         self.max_disambiguation = max_disambiguation
+        self.decode, self.beam_width = decode, beam_width
         tokens = np.asarray(table.tokens, dtype=np.int64)
         self.columns = tokens.shape[1]
         m = self.columns - 1
@@ -161,7 +162,7 @@ class SemanticGenerator(nn.Module):
     def of(cls, m: GenerativeSpec, table: TokenTable, num_items: int, max_len: int, quantizer: nn.Module | None = None,
            pending: torch.Tensor | None = None) -> "SemanticGenerator":
         return cls(table, max_len, m.dim, m.blocks, m.heads, m.dropout, m.paths, m.max_disambiguation, m.seed,
-                   num_items, quantizer, pending)
+                   num_items, quantizer, pending, m.decode, m.beam_width)
 
     # ------------------------------------------------------------------ the user side
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
@@ -231,9 +232,19 @@ class SemanticGenerator(nn.Module):
         out[:, torch.from_numpy(trie.leaf_item).to(state.device)] = scores
         return out
 
-    def score_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """The scoring surface of the other models: (B, L) histories -> (B, n + 1) item scores."""
-        return self.item_log_probs(self.user_embeddings(ids))
+    def item_scores(self, state: torch.Tensor) -> torch.Tensor:
+        """(B, n + 1) scores of the catalogue by `decode`: exact log-probabilities, or the log-probabilities
+        of the items a beam (or CORP over every order's beam) decodes, -inf for the rest."""
+        if self.decode == "exact":
+            return self.item_log_probs(state)
+        if self.decode == "beam":
+            items, scores = self.beam(state, self.beam_width)
+        else:
+            items, scores = corp([self.beam(state, self.beam_width, o) for o in range(len(self.orders))])
+        out = torch.full((state.shape[0], self.num_items + 1), float("-inf"), device=scores.device)
+        out.scatter_(1, items.to(out.device), scores.to(out.device))
+        out[:, 0] = float("-inf")  # padding entries of a short beam
+        return out
 
     def beam(self, state: torch.Tensor, width: int, order: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search over the trie in reasoning order `order`: (B, width) item ids, best first, and
