@@ -55,9 +55,6 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
     model = init.spec.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)})
     if model.kind not in TRAINABLE:
         raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
-    if model.kind == "generative":
-        raise ValueError(f"align.init={label}: aligning a generative model (its decoded item scores as the "
-                         "policy) is not supported yet; align a sasrec, hstu or hllm model")
     return spec.model_copy(update={"model": model,
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})
 

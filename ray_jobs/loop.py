@@ -39,7 +39,7 @@ from ray_jobs.distributed import Collectives, return_freed_memory
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model, load_weights
 from ray_jobs.registry import resolve_model
-from ray_jobs.scoring import CosineScores, evaluate_sharded, scorable_items, scorer
+from ray_jobs.scoring import CatalogueScores, evaluate_sharded, scorable_items, scorer
 
 VALID_METRIC = "ndcg@10"
 REPORTED = ("hr@10", "ndcg@10", "hr@50", "mrr")
@@ -186,7 +186,7 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
                     listed: np.ndarray | None = None) -> TrainState:
     """A fresh alignment run: the policy's cosine scores as the trained module, AdamW at align.lr.
     `listed`: the items lists may hold (what the aligned model is recorded as trained on)."""
-    module = CosineScores(policy).to(device)
+    module = CatalogueScores(policy).to(device)
     c = data.catalogue
     catalogue = c if listed is None else Catalogue(c.item_ids, c.item_text, c.active, c.kcore & listed)
     return TrainState(spec=spec, module=module, optimizer=adamw(module.parameters(), spec.align.lr, device),

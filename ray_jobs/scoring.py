@@ -32,10 +32,12 @@ def cosine_scores(user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T
 
 
-class CosineScores(nn.Module):
+class CatalogueScores(nn.Module):
     """Left-padded histories (B, L) — and, for a model that reads them, their timestamps followed by
-    the time of the prediction (B, L + 1) — -> cosine scores of every item (B, n + 1), with
-    gradients: the alignment policy's logits (times its temperature)."""
+    the time of the prediction (B, L + 1) — -> a score of every item (B, n + 1), with gradients: the
+    alignment policy's logits (times its temperature). The cosine of the user and item vectors; for a
+    model that decodes items (the generative family), each item's exact log-probability (-inf for an
+    item without tokens), so at temperature 1 the policy is the model's own distribution."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -44,6 +46,8 @@ class CosineScores(nn.Module):
 
     def forward(self, ids: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
         user = self.model.user_embeddings(ids) if times is None else self.model.user_embeddings(ids, times)
+        if self.model.decodes_items:
+            return self.model.item_log_probs(user)
         return cosine_scores(user, self.model.all_item_embeddings())
 
 

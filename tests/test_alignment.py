@@ -18,7 +18,7 @@ from ray_jobs.alignment import methods, rewards
 from ray_jobs.alignment.aligner import AlignData, Aligner, StepStats, StepSums, posterior_groups
 from ray_jobs.alignment.plackett_luce import exact_list_kl, gumbel_topk, list_kl, list_log_prob, pick_log_probs
 from ray_jobs.models.sasrec import SASRec
-from ray_jobs.scoring import CosineScores
+from ray_jobs.scoring import CatalogueScores
 
 
 def _all_lists(n: int, k: int, masked: set[int] = frozenset()) -> torch.Tensor:
@@ -234,7 +234,7 @@ def test_clipped_objective_is_the_ppo_formula():
 
 # ----------------------------------------------------------------------------- one step
 
-def _toy(method: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[Aligner, CosineScores, AlignSpec]:
+def _toy(method: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[Aligner, CatalogueScores, AlignSpec]:
     torch.manual_seed(0)
     n = 30
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def _toy(method: str, dtype: torch.dtype = torch.float32, **kw) -> tuple[Aligner
     tail[n // 2:] = True
     aligner = Aligner(cfg, data, n, 10, torch.randn(n + 1, 8), tail, reference, dtype=dtype)
     aligner.init_reference(seed=0)
-    return aligner, CosineScores(model).eval(), cfg
+    return aligner, CatalogueScores(model).eval(), cfg
 
 
 METHODS = ["blade", "static_bon", "grpo", "dpo", "flame", "gflownet"]
@@ -584,7 +584,7 @@ def _first_step(cfg: AlignSpec, align: AlignData, num_items: int, model, referen
     tail[num_items // 2:] = True
     aligner = Aligner(cfg, align, num_items, 20, torch.randn(num_items + 1, 8), tail, reference)
     aligner.init_reference(seed=0)
-    policy = CosineScores(model).eval()
+    policy = CatalogueScores(model).eval()
     loss, m = aligner.step(policy, 0, 0)
     loss.backward()
     assert torch.isfinite(loss) and m.kl == pytest.approx(0.0, abs=1e-6)
@@ -687,3 +687,27 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert {"start, full (served)", "start, withheld (withhold 3)"} <= set(rows)
     assert "| blade | 2 |" in rep["table_md"]
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
+
+
+@pytest.mark.parametrize("method", ["blade", "grpo"])
+def test_a_generative_model_aligns_a_step_with_its_own_item_distribution(method):
+    """A generative start model's policy is its exact item distribution (temperature 1): Plackett–Luce
+    sampling, rewards and KL apply unchanged; one step has finite loss and gradients that reach the
+    decoder and the user encoder, KL 0 at the start."""
+    from ray_jobs.models.generative import SemanticGenerator
+    from ray_jobs.models.semantic_ids import TokenTable
+    n = 30
+    rng = np.random.default_rng(0)
+    table = TokenTable.of("mpq", 4, rng.integers(0, 4, size=(n, 3)))
+    train = [rng.choice(np.arange(1, n + 1), size=int(rng.integers(5, 9)), replace=False) for _ in range(16)]
+    cfg = AlignSpec(method=method, users_per_step=8, rollouts=4, list_size=4, reference_rollouts=4, holdout=2,
+                    temperature=1.0)
+    align = AlignData.build(train, n, cfg.holdout, cfg.list_size)
+    torch.manual_seed(0)
+    model = SemanticGenerator(table, 20, dim=16, blocks=1, heads=1, dropout=0.0, paths=2, max_disambiguation=8)
+    reference = SemanticGenerator(table, 20, dim=16, blocks=1, heads=1, dropout=0.0, paths=2, max_disambiguation=8)
+    reference.load_state_dict(model.state_dict())
+    aligner, policy, _ = _first_step(cfg, align, n, model, reference)
+    logits = aligner.logits(policy, np.arange(4))  # log-probabilities, the user's seen items masked: mass <= 1
+    assert (torch.logsumexp(logits, -1) <= 1e-5).all() and torch.isfinite(logits).sum(-1).min() >= cfg.list_size
+    assert model.cell.weight_hh.grad is not None and model.user.layers[0].self_attn.in_proj_weight.grad is not None

@@ -19,7 +19,7 @@ from ray_jobs.alignment.plackett_luce import gumbel_topk, list_kl, list_log_prob
 from ray_jobs.data import left_pad
 from ray_jobs.metrics import mask_scores
 from ray_jobs.distributed import Collectives
-from ray_jobs.scoring import CosineScores
+from ray_jobs.scoring import CatalogueScores
 
 Scores = Callable[..., torch.Tensor]  # left-padded histories (B, L)[, their times (B, L + 1)] -> cosine scores (B, n + 1)
 REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure")
@@ -184,7 +184,7 @@ class Aligner:
         self.comm = comm or Collectives()
         self.rank, self.world = self.comm.rank, self.comm.world
         self.device = device
-        self.reference = CosineScores(reference).to(device=device, dtype=dtype).eval()
+        self.reference = CatalogueScores(reference).to(device=device, dtype=dtype).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.exposure = torch.full((num_items + 1,), 1.0 / num_items)
@@ -341,7 +341,7 @@ class Aligner:
 
     def step(self, scores: Scores, step: int, seed: int) -> tuple[torch.Tensor, StepStats]:
         """The step's loss (scaled so that the average over ranks is the global-batch mean) and its
-        global statistics. `scores` is the trained policy (CosineScores, or a DeepSpeed engine on it).
+        global statistics. `scores` is the trained policy (CatalogueScores, or a DeepSpeed engine on it).
         Step s trains on rollout batch s // align.epochs, sampled at its first step and reused after."""
         cfg, k = self.cfg, self.cfg.list_size
         index = step // cfg.epochs
