@@ -125,8 +125,8 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     from ray_jobs.train import train_local
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [
         f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "train.epochs=10", "train.lr=0.003",
-        "train.min_lr_ratio=1.0",
-        "train.batch_size=64", "train.eval_every=2", "model={kind: generative, dim: 32, paths: 2}"])
+        "train.min_lr_ratio=1.0", "train.eval_every=5",
+        "train.batch_size=64", "model={kind: generative, dim: 32, paths: 2, tokenizer_steps: 200}"])
     data = load_sequences(spec)
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
                    data.popularity).metrics["ndcg@10"]
