@@ -276,6 +276,7 @@ class SemanticGenerator(nn.Module):
 
 
 TOKENIZER_VERSION = 2  # part of the cache key: a changed quantizer never reads an older table
+MINILM_DIM = 384       # the text embeddings the tokenizer reads (all-MiniLM-L6-v2)
 
 
 def new_quantizer(m: GenerativeSpec, dim: int) -> nn.Module:
@@ -292,11 +293,11 @@ def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
     if known is None:
         table, quantizer = token_table(m, item_text)
         return SemanticGenerator.of(m, table, len(item_text) - 1, max_len, quantizer)
-    x = minilm_item_embeddings(m, item_text)
-    known_items = len(known) - 1
-    pending = torch.from_numpy(np.ascontiguousarray(x[known_items + 1:], dtype=np.float32))
+    new_text = item_text[len(known):]  # only the items past the known table are embedded, if any
+    x = minilm_item_embeddings(m, [""] + new_text)[1:] if new_text else np.zeros((0, MINILM_DIM), np.float32)
+    pending = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     return SemanticGenerator.of(m, TokenTable(m.quantizer, m.codes, known.numpy()), len(item_text) - 1, max_len,
-                                new_quantizer(m, x.shape[1]), pending)
+                                new_quantizer(m, MINILM_DIM), pending)
 
 
 def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn.Module]:
