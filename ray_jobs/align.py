@@ -155,8 +155,9 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb
     aligned.extra = {"align": {"method": spec.align.method, "init": start.label}}
     aligned.progress = dataclasses.replace(p, history=[])  # the step records go to MLflow, not into the model
     out_file = save_model(os.path.join(run_dir(spec, run_name), "model.pt"), aligned)
-    results = {f"{name}_{split}": evaluate_distributed(spec, path, split, t.workers, data, item_emb, cache_dir)
-               for name, path in (("base", start.path), ("aligned", out_file)) for split in ("valid", "test")}
+    results = {f"{name}_{split}": r for name, path in (("base", start.path), ("aligned", out_file))
+               for split, r in evaluate_distributed(spec, path, ("valid", "test"), t.workers, data, item_emb,
+                                                    cache_dir).items()}
     metrics = {}
     for key, r in results.items():
         name, split = key.split("_")

@@ -47,8 +47,8 @@ def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] 
     data = load_sequences(spec)
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
     out = EvaluateOutcome(data.versions, list(splits), [
-        ModelRow(r.label, role, r.name, r.version, {split: evaluate_distributed(
-            spec, r.path, split, workers, data, item_emb, r.cache_dir).flat() for split in splits})
+        ModelRow(r.label, role, r.name, r.version, {split: result.flat() for split, result in evaluate_distributed(
+            spec, r.path, splits, workers, data, item_emb, r.cache_dir).items()})
         for role, r in resolved])
     if next_day:
         queries = load_next_day(spec, data.versions, next_day)

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -131,30 +131,35 @@ def final_model(checkpoint) -> ModelCheckpoint:
 
 # ----------------------------------------------------------------------------- evaluation on Ray tasks
 
-def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, split: str, rank: int, world: int,
+def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, splits: list[str], rank: int, world: int,
                cache_dir: str | None, use_gpu: bool):
     spec = JobSpec.model_validate(spec_doc)
     data = load_sequences(spec, versions, shard=(rank, world))
     loaded = load_for_catalogue(checkpoint, data.catalogue, versions.get("item_index"), cache_dir)
     if use_gpu:
         loaded.model.to("cuda")
-    return rank_shard(spec, loaded.score_function(), data, split), loaded.scorable
+    score = loaded.score_function()
+    return {split: rank_shard(spec, score, data, split) for split in splits}, loaded.scorable
 
 
-def evaluate_distributed(spec: JobSpec, checkpoint: str, split: str, workers: int, data: SeqData | None = None,
-                         item_emb: np.ndarray | None = None, cache_dir: str | None = None) -> EvalResult:
-    """Full-ranking metrics of a checkpoint on the data's catalogue (the one it was trained on or a
-    later one that extends it), its users spread over `workers` Ray tasks (each reads the gold
-    tables itself at the pinned versions, loads the model, on a GPU when train.use_gpu; `cache_dir`
-    points a cached-mode HLLM at its item-embedding cache)."""
+def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], workers: int,
+                         data: SeqData | None = None, item_emb: np.ndarray | None = None,
+                         cache_dir: str | None = None) -> dict[str, EvalResult]:
+    """Full-ranking metrics of a checkpoint on each of `splits`, on the data's catalogue (the one it
+    was trained on or a later one that extends it), its users spread over `workers` Ray tasks (each
+    reads the gold tables itself at the pinned versions and loads the model once for every split,
+    on a GPU when train.use_gpu; `cache_dir` points a cached-mode HLLM at its item-embedding cache)."""
     import ray
     data = data or load_sequences(spec)
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
-    parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, split, r, workers,
+    parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r, workers,
                                  cache_dir, spec.train.use_gpu) for r in range(workers)])
-    result = merge_shards(spec, data, split, [p[0] for p in parts], item_emb, parts[0][1])
-    result.split, result.versions, result.workers = split, data.versions, workers
-    return result
+    results = {}
+    for split in splits:
+        result = merge_shards(spec, data, split, [p[0][split] for p in parts], item_emb, parts[0][1])
+        result.split, result.versions, result.workers = split, data.versions, workers
+        results[split] = result
+    return results
 
 
 class DeepSpeedBackend(Backend):

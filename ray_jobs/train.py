@@ -109,8 +109,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData,
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress
     item_emb = minilm_item_embeddings(spec.model, data.item_text)  # for ILD
-    results = {split: evaluate_distributed(spec, out_file, split, spec.train.workers, data, item_emb)
-               for split in ("valid", "test")}
+    results = evaluate_distributed(spec, out_file, ("valid", "test"), spec.train.workers, data, item_emb)
     popular = {split: evaluate_split(spec, Popularity(data.popularity).score, data, split, item_emb)
                for split in ("valid", "test")}
     metrics = {}
