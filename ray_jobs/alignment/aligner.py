@@ -21,7 +21,7 @@ from ray_jobs.metrics import mask_scores
 from ray_jobs.distributed import Collectives
 from ray_jobs.scoring import CatalogueScores
 
-Scores = Callable[..., torch.Tensor]  # left-padded histories (B, L)[, their times (B, L + 1)] -> cosine scores (B, n + 1)
+Scores = Callable[..., torch.Tensor]  # left-padded histories (B, L)[, their times (B, L + 1)] -> item scores (B, n + 1)
 REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure")
 
 
@@ -101,7 +101,8 @@ class Batch:
     """A rollout batch and what stays fixed over its align.epochs optimizer steps."""
     index: int                       # rollout batch (step // align.epochs)
     rollouts: Rollouts
-    pick_old: torch.Tensor           # (B, N, K) log pi_old(y_j | y_<j) of the policy that sampled the lists
+    pick_old: torch.Tensor | None    # (B, N, K) log pi_old(y_j | y_<j) of the policy that sampled the lists
+                                     # (set by the batch's first step, from the picks it computes anyway)
     lp_ref: torch.Tensor             # (B, N) log pi_ref(list), whole list
     weights: torch.Tensor | None     # (B, N) blade / static_bon / grpo candidate weights
     entropy: torch.Tensor | None     # (B,) their entropy (Best-of-N methods)
@@ -324,12 +325,11 @@ class Aligner:
         raise ValueError(f"align.method={cfg.method!r} has no candidate weights")
 
     def sample(self, scores: Scores, batch: int, seed: int) -> Batch:
-        """Rollout batch `batch` with everything its epochs keep fixed: the sampling policy's and the
-        reference's log-probabilities, the method's weights (BLADE's posteriors take the batch's
+        """Rollout batch `batch` with what its epochs keep fixed: the reference's log-probabilities
+        (the sampling policy's are taken at the batch's first step), the method's weights (BLADE's posteriors take the batch's
         rewards here, once) or step-wise advantages; the running exposure takes its lists."""
         ro = self.rollouts(scores, batch, seed)
         with torch.no_grad():
-            pick_old = pick_log_probs(ro.logits.detach(), ro.lists)
             lp_ref = list_log_prob(ro.ref_logits, ro.lists)
         weights = entropy = advantages = None
         if self.cfg.method in ("blade", "static_bon", "grpo"):
@@ -337,7 +337,7 @@ class Aligner:
         elif self.cfg.method == "flame":
             advantages = methods.flame_advantages(ro.gains)
         self.update_exposure(ro.lists)
-        return Batch(batch, ro, pick_old, lp_ref, weights, entropy, advantages)
+        return Batch(batch, ro, None, lp_ref, weights, entropy, advantages)
 
     def step(self, scores: Scores, step: int, seed: int) -> tuple[torch.Tensor, StepStats]:
         """The step's loss (scaled so that the average over ranks is the global-batch mean) and its
@@ -345,7 +345,8 @@ class Aligner:
         Step s trains on rollout batch s // align.epochs, sampled at its first step and reused after."""
         cfg, k = self.cfg, self.cfg.list_size
         index = step // cfg.epochs
-        if self.batch is None or self.batch.index != index:
+        fresh = self.batch is None or self.batch.index != index
+        if fresh:
             self.batch = self.sample(scores, index, seed)
             logits, self.batch.rollouts.logits = self.batch.rollouts.logits, None  # the graph lives for this step only
         else:
@@ -353,6 +354,8 @@ class Aligner:
         bt, ro = self.batch, self.batch.rollouts
         r = ro.reward
         picks = pick_log_probs(logits, ro.lists)                                  # (B, N, K)
+        if fresh:  # the sampling policy is this step's: its pick log-probabilities, without gradients
+            bt.pick_old = picks.detach()
         lp_list = picks.sum(-1)
         lp, lp_ref = lp_list / k, bt.lp_ref / k
         clipped = torch.zeros(())
