@@ -51,8 +51,11 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) LLMREC_SPEC=$(SPEC) PATH=$(CURDIR)/$(BIN):$$PATH env --default-signal=INT,TERM \
 	  $(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT) -w workspace.yaml
 
+# Two pytest-xdist workers share the two cores; tests/conftest.py schedules the JVM tests and each
+# module as one unit.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --durations=25
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --no-loadscope-reorder --durations=25
 
 # Development: the tests not marked slow (no shared lake, Ray cluster, server or JVM); CI runs `make test`.
 test-fast: $(STAMP)

@@ -144,16 +144,28 @@ def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, splits: list[str
 
 def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], workers: int,
                          data: SeqData | None = None, item_emb: np.ndarray | None = None,
-                         cache_dir: str | None = None) -> dict[str, EvalResult]:
+                         cache_dir: str | None = None, tasks: bool | None = None) -> dict[str, EvalResult]:
     """Full-ranking metrics of a checkpoint on each of `splits`, on the data's catalogue (the one it
-    was trained on or a later one that extends it), its users spread over `workers` Ray tasks (each
-    reads the gold tables itself at the pinned versions and loads the model once for every split,
-    on a GPU when train.use_gpu; `cache_dir` points a cached-mode HLLM at its item-embedding cache)."""
+    was trained on or a later one that extends it), its users in `workers` shards, each on a Ray task
+    (which reads the gold tables itself at the pinned versions and loads the model once for every
+    split, on a GPU when train.use_gpu; `cache_dir` points a cached-mode HLLM at its item-embedding
+    cache). `tasks=None` decides by the cluster: on a one-node cluster without GPUs the driver, which
+    already holds the data, scores the shards itself — tasks there would share its cores and start
+    a process each to import torch and read the tables again."""
     import ray
     data = data or load_sequences(spec)
-    task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
-    parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r, workers,
-                                 cache_dir, spec.train.use_gpu) for r in range(workers)])
+    if tasks is None:
+        tasks = spec.train.use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n["Alive"]]) > 1
+    if tasks:
+        task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
+        parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r,
+                                     workers, cache_dir, spec.train.use_gpu) for r in range(workers)])
+    else:
+        loaded = load_for_catalogue(checkpoint, data.catalogue, data.versions.get("item_index"), cache_dir)
+        score = loaded.score_function()
+        rows = {split: np.arange(len(data.split(split).users)) for split in splits}
+        parts = [({split: rank_shard(spec, score, data, split, rows[split][data.split(split).users % workers == r])
+                   for split in splits}, loaded.scorable) for r in range(workers)]
     results = {}
     for split in splits:
         result = merge_shards(spec, data, split, [p[0][split] for p in parts], item_emb, parts[0][1])

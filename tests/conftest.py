@@ -14,9 +14,15 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
+# Two pytest-xdist workers (`make test`) and the Ray workers, servers and JVMs they start share two
+# cores: OpenMP threads that spin while they wait for work burn the core the other process needs
+# (a torch-heavy test ran 6x slower beside another). Waiting threads sleep instead; every process
+# the tests start inherits this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from jobs.rayjob import local_token_auth
+import pytest  # noqa: E402
+
+from jobs.rayjob import local_token_auth  # noqa: E402
 
 local_token_auth()  # before anything imports ray: the session's local Ray and heads ask for one token
 
@@ -77,16 +83,44 @@ def sail(engines) -> Engine:
 SLOW_FIXTURES = {"ml100k_lake", "local_ray", "local_server", "ray_overrides", "grown"}
 
 
+def test_group(nodeid: str) -> str:
+    """The group a test runs in under pytest-xdist (`make test`): "jvm" for a test on the JVM Spark
+    engine (a worker starts the JVM once), else its module (a module-scoped fixture — a Ray head,
+    day-0 models — is built once, on the worker that runs the module)."""
+    path, _, name = nodeid.partition("::")
+    params = name[name.index("[") + 1:-1].split("-") if name.endswith("]") else []
+    return "jvm" if "local" in params else Path(path).stem
+
+
+# the longest groups, started first (--no-loadscope-reorder keeps this order), so that no long group
+# is left to run alone at the end
+FIRST = ["test_dagster", "test_distributed", "jvm", "test_submit", "test_grown_catalogue"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduling by scope, the scope being `test_group` (its own `loadgroup` renames
+    node ids through an attribute pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Mark JVM-engine tests and tests on slow fixtures `slow` (`make test-fast` leaves them out), and
-    run every JVM-engine test after the Sail ones so the JVM starts once."""
+    """Mark JVM-engine tests and tests on slow fixtures `slow` (`make test-fast` leaves them out);
+    the JVM tests run together (the JVM starts once) and the longest groups come first."""
     def uses_local(item) -> bool:
-        callspec = getattr(item, "callspec", None)
-        return bool(callspec and "local" in callspec.params.values()) or item.get_closest_marker("jvm") is not None
+        return test_group(item.nodeid) == "jvm" or item.get_closest_marker("jvm") is not None
     for item in items:
         if uses_local(item) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=uses_local)
+
+    def rank(item) -> int:
+        group = "jvm" if uses_local(item) else test_group(item.nodeid)
+        return FIRST.index(group) if group in FIRST else len(FIRST)
+    items.sort(key=rank)
 
 
 def _spec_doc(lake_root: str, engine: str = "sail", **data) -> dict:
@@ -199,6 +233,6 @@ def local_server(tmp_path):
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -346,8 +346,9 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     """The whole graph through `dagster asset materialize` (which starts its own local Ray head, as
     `make demo` does), then the nightly job over two landed days (on one shared head): the first
     brings a new item and a new user, the champion is evaluated on the grown catalogue and judged on
-    the day it served, a worse challenger is kept out, recommendations cover the new user; the second
-    warm-starts from the champion (extended by the new item) and judges the kept candidate too."""
+    the day it served, a worse challenger is kept out, recommendations cover the new user; the second,
+    up to its evaluation, warm-starts from the champion (extended by the new item) and judges the kept
+    candidate too."""
     import shutil
     lake, home, uri = tmp_path / "lake", tmp_path / "dagster", f"sqlite:///{tmp_path}/mlflow.db"
     shutil.copytree(ml100k_lake, lake)
@@ -451,14 +452,17 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert len(rows) == 944 * recs2["k"] and (rows["item_id"] != "").all()
 
     # night 2: a quiet day, the nightly warm start from the champion (trained on the catalogue before
-    # night 1: extended by the new item): the second night succeeds too, and night 1's (kept) candidate
-    # is among the models judged on the day it served
+    # night 1: extended by the new item), up to the evaluation (night 1 ran the gate and the
+    # recommendations): night 1's (kept) candidate is among the models judged on the day it served
     (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
     instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
     usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "align.enabled=false",
                                                                  "train.warm_start_from_champion=true", *feed))
-    second = nightly.execute_in_process(instance=instance, partition_key="1998-04-24",
-                                        resources={**resources, "spec": usual})
+    up_to_evaluation = [AssetKey.from_user_string(k) for k in ("bronze/landed_day", "trained_model", "aligned_model",
+                                                               "evaluation_report")]
+    night2 = build_definitions(usual, resources["ray"], resources["mlflow"], landing=True,
+                               spark=resources["spark"]).resolve_job_def("nightly")
+    second = night2.execute_in_process(instance=instance, partition_key="1998-04-24", asset_selection=up_to_evaluation)
     assert second.success
     trained3, report3 = meta("trained_model"), meta("evaluation_report")
     assert trained3["warm_start"].startswith("extended (+1 items")

@@ -40,7 +40,8 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path,
     canary = env["LLMREC_TEST_TOKEN"]  # must appear in no MLflow param or artifact, checkpoint, log or command line
     lake = ml100k_lake
     authed = mlflow_server.replace("http://", "http://llmrec:${env:LLMREC_TEST_TOKEN}@")
-    overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", f"tracking.uri={authed}",
+    # one worker: the launch path is what this proves (two workers: test_distributed.py)
+    overrides = ray_overrides(tmp_path, "dist-submit", "train.epochs=1", "train.workers=1", f"tracking.uri={authed}",
                               "lake.storage_options.AWS_SECRET_ACCESS_KEY=${env:LLMREC_TEST_TOKEN}")
     env = {**env, "RAY_AUTH_MODE": "token"}
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",

@@ -68,6 +68,11 @@ def truncate_layers(model: nn.Module, k: int, source: str) -> None:
         model.config.layer_types = model.config.layer_types[:k]
 
 
+def model_path(source: str) -> str:
+    """Where a model is read from: a packaged name's file, else the source as given."""
+    return str(PACKAGED[source]()) if source in PACKAGED else source
+
+
 def _load_backbone(source: str, size: LLMSize, vocab_for_random: int | None, attention_dropout: float):
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -80,7 +85,7 @@ def _load_backbone(source: str, size: LLMSize, vocab_for_random: int | None, att
             tokenizer = None
         config = _random_config(source.split(":", 1)[1], size, vocab_for_random, attention_dropout)
         return AutoModel.from_config(config), tokenizer
-    path = str(PACKAGED[source]()) if source in PACKAGED else source
+    path = model_path(source)
     if path.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(path))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
