@@ -83,8 +83,8 @@ def sail(engines) -> Engine:
 SLOW_FIXTURES = {"ml100k_lake", "local_ray", "local_server", "ray_overrides", "grown"}
 
 
-def test_group(nodeid: str) -> str:
-    """The group a test runs in under pytest-xdist (`make test`): "jvm" for a test on the JVM Spark
+def unit_of(nodeid: str) -> str:
+    """The unit a test is scheduled in under pytest-xdist (`make test`): "jvm" for a test on the JVM Spark
     engine (a worker starts the JVM once), else its module (a module-scoped fixture — a Ray head,
     day-0 models — is built once, on the worker that runs the module)."""
     path, _, name = nodeid.partition("::")
@@ -98,13 +98,13 @@ FIRST = ["test_dagster", "test_distributed", "jvm", "test_submit", "test_grown_c
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduling by scope, the scope being `test_group` (its own `loadgroup` renames
+    """pytest-xdist's scheduling by scope, the scope being `unit_of` (its own `loadgroup` renames
     node ids through an attribute pytest 9 no longer reads)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
+            return unit_of(nodeid)
     return ByGroup(config, log)
 
 
@@ -112,13 +112,13 @@ def pytest_collection_modifyitems(items):
     """Mark JVM-engine tests and tests on slow fixtures `slow` (`make test-fast` leaves them out);
     the JVM tests run together (the JVM starts once) and the longest groups come first."""
     def uses_local(item) -> bool:
-        return test_group(item.nodeid) == "jvm" or item.get_closest_marker("jvm") is not None
+        return unit_of(item.nodeid) == "jvm" or item.get_closest_marker("jvm") is not None
     for item in items:
         if uses_local(item) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
     def rank(item) -> int:
-        group = "jvm" if uses_local(item) else test_group(item.nodeid)
+        group = "jvm" if uses_local(item) else unit_of(item.nodeid)
         return FIRST.index(group) if group in FIRST else len(FIRST)
     items.sort(key=rank)
 
