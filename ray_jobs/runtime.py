@@ -163,8 +163,8 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], 
     else:
         loaded = load_for_catalogue(checkpoint, data.catalogue, data.versions.get("item_index"), cache_dir)
         score = loaded.score_function()
-        rows = {split: np.arange(len(data.split(split).users)) for split in splits}
-        parts = [({split: rank_shard(spec, score, data, split, rows[split][data.split(split).users % workers == r])
+        users = {split: data.split(split).users for split in splits}
+        parts = [({split: rank_shard(spec, score, data, split, np.flatnonzero(users[split] % workers == r))
                    for split in splits}, loaded.scorable) for r in range(workers)]
     results = {}
     for split in splits:
