@@ -92,7 +92,7 @@ def unit_of(nodeid: str) -> str:
     return "jvm" if "local" in params else Path(path).stem
 
 
-# the longest groups, started first (--no-loadscope-reorder keeps this order), so that no long group
+# the longest units, started first (--no-loadscope-reorder keeps this order), so that no long unit
 # is left to run alone at the end
 FIRST = ["test_dagster", "test_distributed", "jvm", "test_submit", "test_grown_catalogue"]
 
@@ -102,25 +102,21 @@ def pytest_xdist_make_scheduler(config, log):
     node ids through an attribute pytest 9 no longer reads)."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ByGroup(LoadScopeScheduling):
+    class ByUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return unit_of(nodeid)
-    return ByGroup(config, log)
+    return ByUnit(config, log)
 
 
 def pytest_collection_modifyitems(items):
     """Mark JVM-engine tests and tests on slow fixtures `slow` (`make test-fast` leaves them out);
-    the JVM tests run together (the JVM starts once) and the longest groups come first."""
-    def uses_local(item) -> bool:
-        return unit_of(item.nodeid) == "jvm" or item.get_closest_marker("jvm") is not None
+    tests run in their scheduling units (`unit_of`, the one order a plain run and xdist share: the
+    JVM tests together, so the JVM starts once), the longest units first."""
     for item in items:
-        if uses_local(item) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        jvm = unit_of(item.nodeid) == "jvm" or item.get_closest_marker("jvm") is not None
+        if jvm or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-
-    def rank(item) -> int:
-        group = "jvm" if uses_local(item) else unit_of(item.nodeid)
-        return FIRST.index(group) if group in FIRST else len(FIRST)
-    items.sort(key=rank)
+    items.sort(key=lambda item: FIRST.index(unit_of(item.nodeid)) if unit_of(item.nodeid) in FIRST else len(FIRST))
 
 
 def _spec_doc(lake_root: str, engine: str = "sail", **data) -> dict:
