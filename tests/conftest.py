@@ -145,6 +145,38 @@ def ml100k_lake(tmp_path_factory, engines) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def ml100k_item_embeddings(ml100k_lake, tmp_path_factory) -> Path:
+    """An item-embedding cache holding MiniLM's embeddings of the ML-100K items (what HLLM's cached
+    mode reads and the diversity metrics are measured in), computed once per run: under pytest-xdist
+    the first worker to ask computes it, the other waits for it. Copied by `item_cache`."""
+    from filelock import FileLock
+
+    from ray_jobs.data import read_catalogue
+    from ray_jobs.models.llm import minilm_item_embeddings
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ml100k-item-embeddings"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "complete").exists():
+            spec = load_spec(SMOKE, [f"lake.root={ml100k_lake}", f"model.cache_dir={shared}"])
+            minilm_item_embeddings(spec.model, read_catalogue(spec, None).item_text)
+            (shared / "complete").touch()
+    return shared
+
+
+def item_cache(folder: Path, ml100k_item_embeddings: Path) -> Path:
+    """`folder` as an item-embedding cache of its own that starts with the ML-100K items' MiniLM
+    embeddings (a job embeds only texts it lacks: a landed day's new items)."""
+    shutil.copytree(ml100k_item_embeddings, folder, ignore=shutil.ignore_patterns("complete", ".lock"))
+    return folder
+
+
+@pytest.fixture
+def warm_cache(tmp_path, ml100k_item_embeddings) -> Path:
+    """`tmp_path / "cache"`, a test's own item-embedding cache, warm with the ML-100K items."""
+    return item_cache(tmp_path / "cache", ml100k_item_embeddings)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """An in-process local Ray for the tests of one module that run Ray jobs in this process, shut

@@ -162,7 +162,8 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     assert again.restarts == result.restarts + 1
 
 
-def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_run(tmp_path, local_ray, ray_overrides):
+def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_run(tmp_path, warm_cache, local_ray,
+                                                                                  ray_overrides):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

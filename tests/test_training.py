@@ -231,7 +231,7 @@ def test_resume_continues_exactly(ml100k, tmp_path):
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
-def test_evaluate_cli_for_baselines(ml100k, tmp_path):
+def test_evaluate_cli_for_baselines(ml100k, tmp_path, warm_cache):
     """`llmrec evaluate` for popularity and the transition graph reports exactly what the baselines
     score in this process (both are deterministic)."""
     import json
