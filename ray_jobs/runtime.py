@@ -45,16 +45,20 @@ def init_ray(spec: JobSpec) -> None:
 
 
 def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
-    """A local Ray instance. On a loaded machine its raylet sometimes misses the start-up deadline
-    ("node timed out during startup"); that start is torn down and retried."""
+    """A local Ray instance. On a loaded machine its processes sometimes miss a start-up deadline:
+    the GCS server binds its port after Ray's 30 s wait (given 120 s here unless
+    `RAY_gcs_server_port_wait_time_s` is set), or the raylet "timed out during startup"; such a start
+    is torn down and retried."""
     import ray
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, attempts + 1):
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
             return
-        except Exception as exc:  # ray raises a bare Exception for this
+        except Exception as exc:  # ray raises a bare Exception or RuntimeError for these
             ray.shutdown()
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+            missed = any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file"))
+            if not missed or attempt == attempts:
                 raise
 
 
