@@ -46,17 +46,23 @@ def init_ray(spec: JobSpec) -> None:
 
 def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
     """A local Ray instance. On a loaded machine its processes sometimes miss a start-up deadline:
-    the GCS server binds its port after Ray's 30 s wait (given 120 s here unless
-    `RAY_gcs_server_port_wait_time_s` is set), or the raylet "timed out during startup"; such a start
-    is torn down and retried."""
+    the GCS server binds its port after Ray's wait ("Timed out waiting for file .../gcs_server_port_…",
+    `RAY_gcs_server_port_wait_time_s`, 30 s) or the raylet "timed out during startup". Such a start is
+    torn down — with the processes it started, which `ray.shutdown` does not know of when the start
+    failed before Ray recorded its node — and retried."""
+    import psutil
     import ray
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
             return
         except Exception as exc:  # ray raises a bare Exception or RuntimeError for these
             ray.shutdown()
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in started:
+                p.kill()
+            psutil.wait_procs(started, timeout=10)
             missed = any(m in str(exc) for m in ("timed out during startup", "Timed out waiting for file"))
             if not missed or attempt == attempts:
                 raise

@@ -17,7 +17,7 @@ from jobs.spec import tracking_uri
 from ray_jobs.catalogue import Catalogue
 from ray_jobs.checkpoint import read_model
 from ray_jobs.models import reads_request_time
-from ray_jobs.models.llm import item_cache
+from ray_jobs.models.llm import item_cache, minilm_item_embeddings, minilm_settings
 from ray_jobs.scoring import load_for_catalogue, top_k
 
 LOADER_MODULE = "ray_jobs.serving"
@@ -152,6 +152,12 @@ def log_recommender(spec: JobSpec, run_id: str, checkpoint_file: str, catalogue:
         if m.kind == "hllm" and m.mode == "cached":  # the catalogue's embeddings, computed where the cache is
             ckpt.build(catalogue=catalogue)  # embeds what the cache lacks: items newer than the model
             item_cache(m).export(catalogue.item_text, data)
+        elif m.kind == "generative" and catalogue.num_items > ckpt.num_items:
+            # items newer than the model get their tokens, when it loads, from their text's MiniLM
+            # embeddings through its own tokenizer: those embeddings ship with it
+            newer = [""] + catalogue.item_text[ckpt.num_items + 1:]
+            minilm_item_embeddings(m, newer)
+            item_cache(minilm_settings(m)).export(newer, data)
         info = mlflow.pyfunc.log_model(
             name="model", loader_module=LOADER_MODULE, data_path=data, signature=signature,
             pip_requirements=[f"mlflow=={mlflow.__version__}"], registered_model_name=spec.registered_model_name())

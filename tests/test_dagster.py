@@ -331,8 +331,8 @@ def stack_instance(folder: Path) -> DagsterInstance:
 # ----------------------------------------------------------------------------- the whole loop (slow)
 
 def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
-    # cached HLLM with ID fusion: past popularity (the blocking check) in two epochs, by a wide margin
-    # (valid NDCG@10 0.058 against 0.035; text alone needs six for a thin one)
+    # cached HLLM with ID fusion: past popularity (the blocking check) in two epochs (valid NDCG@10
+    # 0.045 against 0.035; text alone was at 0.037 after two and needed six, 0.053)
     return [f"lake.root={lake}", f"train.storage_path={tmp}/ray", f"train.checkpoint_dir={tmp}/ckpt",
             f"model.cache_dir={tmp}/cache", "name=dagster-loop", "model.kind=hllm", "model.mode=cached",
             "model.item_id_embedding=true",
@@ -343,7 +343,7 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # the whole graph and two nights through Ray: ~5 min on 2 cores, past the default 600 s hang guard
+@pytest.mark.timeout(1500)  # the whole graph and two nights through Ray: ~6 min on 2 cores, past the default 600 s hang guard
 def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, warm_cache, ray_head,
                                                                           monkeypatch):
     """The whole graph through `dagster asset materialize` (which starts its own local Ray head, as
@@ -457,13 +457,14 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     # night 2: a quiet day, the nightly warm start from the champion (trained on the catalogue before
     # night 1: extended by the new item), up to the evaluation (night 1 ran the gate and the
     # recommendations): night 1's (kept) candidate is among the models judged on the day it served;
-    # one epoch at the full learning rate from a two-epoch champion need not beat popularity, and
-    # what this night checks is the warm start and the judging, so its blocking check is relaxed
+    # the warm start fine-tunes at a fifth of the learning rate (at the full one, one epoch from the
+    # two-epoch champion fell to popularity's valid NDCG@10, 0.035; at 0.001 it kept 0.045) and has to
+    # pass the blocking check like any night's model
     (landing / "1998-04-24.csv").write_text("user_id,item_id,ts,value\n5000,1,893376000,4\n3,9999,893376100,5\n")
     instance.add_dynamic_partitions("landing_days", ["1998-04-24"])
     usual = SpecResource(spec_path=SMOKE, overrides=_overrides(lake, tmp_path, "train.epochs=1", "align.enabled=false",
                                                                  "train.warm_start_from_champion=true",
-                                                                 "checks.min_gain_over_popularity=-1", *feed))
+                                                                 "train.lr=0.001", *feed))
     up_to_evaluation = [AssetKey.from_user_string(k) for k in ("bronze/landed_day", "trained_model", "aligned_model",
                                                                "evaluation_report")]
     night2 = build_definitions(usual, resources["ray"], resources["mlflow"], landing=True,

@@ -111,7 +111,7 @@ def test_a_table_without_disambiguation_is_refused():
         TokenTrie(tokens, (0, 1), 4)
 
 
-def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100k_lake, tmp_path):
+def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100k_lake, tmp_path, monkeypatch):
     """model.kind=generative through the one training loop: MPQ semantic ids from MiniLM text embeddings
     (trained once, cached), the generator trained on next-item likelihood; the saved best model scores
     every item of its catalogue (cold items included: their tokens come from text) and reproduces its
@@ -158,6 +158,26 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     scores = model.item_log_probs(state)
     assert torch.isfinite(scores[0, 1:]).all() and scores[0, 1:].exp().sum().item() == pytest.approx(1.0, abs=1e-4)
     assert model.tries[0].is_item(model.tokens[1684, list(model.orders[0])].tolist())
+
+    # registered with the grown catalogue: a data-only pyfunc that speaks source ids and serves the new
+    # items by the tokens their text gave at registration — loading it embeds nothing
+    import mlflow
+    import pandas as pd
+
+    from ray_jobs import serving, tracking
+    from ray_jobs.models import llm
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    reg = spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"uri": uri})})
+    version = serving.log_recommender(reg, tracking.start_run(reg, "pyfunc", "train"), result.checkpoint, grown)
+
+    def no_item_llm(*args, **kwargs):
+        raise AssertionError("the registered generative model loaded an item LLM")
+    monkeypatch.setattr(llm.ItemLLM, "__init__", no_item_llm)
+    served = mlflow.pyfunc.load_model(f"models:/{reg.registered_model_name()}/{version}")
+    out = served.predict(pd.DataFrame({"history": [["1", "50", "181", "not-an-item"]]}), params={"k": 1684})
+    ids = out["item_ids"][0]
+    assert out["unknown_history_items"][0] == 1 and len(ids) == 1684 - 3 and {"9998", "9999"} <= set(ids)
+    assert "" not in ids and not {"1", "50", "181"} & set(ids) and np.isfinite(out["scores"][0]).all()
 
 
 @torch.no_grad()

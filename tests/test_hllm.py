@@ -2,6 +2,7 @@
 gradient flow per mode, cached embeddings, save/load round trip."""
 import contextlib
 import os
+import zlib
 
 import pytest
 import torch
@@ -311,6 +312,33 @@ def test_the_embedding_cache_is_keyed_by_content_and_embeds_only_new_or_changed_
     assert cache.computed == 0 and torch.equal(third[1], first[5]) and torch.equal(third[5], first[1])
     assert EmbeddingCache(s.cache_dir, cache_settings(s) + "other").table(TEXTS, embed(TEXTS)).shape == (6, 384)
     assert calls[-1] == 5
+
+
+def _add_rows(folder: str, texts: list[str], rounds: int) -> None:
+    cache = EmbeddingCache(folder, "settings")
+    for r in range(rounds):  # each round a text of its own, embedded as a vector that names it
+        batch = [""] + [f"{t} {r}" for t in texts]
+        cache.table(batch, lambda rows: torch.tensor([[float(zlib.crc32(batch[i].encode()) % 997)] * 4 for i in rows]))
+
+
+@pytest.mark.slow  # two spawned processes that import torch
+def test_workers_adding_to_one_embedding_cache_at_once_lose_nothing(tmp_path):
+    """Two processes (Ray workers embedding their catalogue) add rows to the same cache at the same
+    time, many times over: under the folder's lock every row either wrote survives, none is doubled."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    texts = {"a": [f"Title: A{i}." for i in range(3)], "b": [f"Title: B{i}." for i in range(3)]}
+    procs = [ctx.Process(target=_add_rows, args=(str(tmp_path), texts[k], 100)) for k in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    every = [""] + [f"{t} {r}" for k in ("a", "b") for r in range(100) for t in texts[k]]
+    cache = EmbeddingCache(str(tmp_path), "settings")
+    table = cache.table(every, lambda rows: pytest.fail(f"{len(rows)} rows were lost"))
+    assert cache.computed == 0 and len(cache._read()[0]) == 600
+    assert table[1:, 0].tolist() == [float(zlib.crc32(t.encode()) % 997) for t in every[1:]]
 
 
 def _hstu_user(tmp_path, **hstu) -> HLLMSpec:

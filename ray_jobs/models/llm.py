@@ -173,13 +173,18 @@ def item_text_embeddings(spec: HLLMSpec, item_text: list[str]) -> torch.Tensor:
     return item_cache(spec).table(item_text, embed)
 
 
+def minilm_settings(spec: ModelBase) -> HLLMSpec:
+    """What MiniLM item embeddings are computed with for a model of any kind: an HLLM's item-text
+    settings with `item_llm: minilm`; other kinds take HLLM's defaults (and their own cache folder)."""
+    return spec.model_copy(update={"item_llm": "minilm"}) if isinstance(spec, HLLMSpec) \
+        else HLLMSpec(kind="hllm", cache_dir=spec.cache_dir)
+
+
 def minilm_item_embeddings(spec: ModelBase, item_text: list[str]):
     """all-MiniLM-L6-v2 embeddings of the item texts as numpy (cached like any item table): the
-    space intra-list diversity is measured in and the graph baseline ranks in, whatever model runs
-    (an HLLM's item-text settings apply; other kinds take HLLM's defaults)."""
-    minilm = spec.model_copy(update={"item_llm": "minilm"}) if isinstance(spec, HLLMSpec) \
-        else HLLMSpec(kind="hllm", cache_dir=spec.cache_dir)
-    return item_text_embeddings(minilm, item_text).numpy()
+    space intra-list diversity is measured in, the graph baseline ranks in and the generative
+    family's tokenizer reads, whatever model runs (`minilm_settings`)."""
+    return item_text_embeddings(minilm_settings(spec), item_text).numpy()
 
 
 @torch.no_grad()
