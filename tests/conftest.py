@@ -149,7 +149,7 @@ def ml100k_lake(tmp_path_factory, engines) -> Path:
 def ml100k_item_embeddings(ml100k_lake, tmp_path_factory) -> Path:
     """An item-embedding cache holding MiniLM's embeddings of the ML-100K items (what HLLM's cached
     mode reads and the diversity metrics are measured in), computed once per run: under pytest-xdist
-    the first worker to ask computes it, the other waits for it. Copied by `item_cache`."""
+    the first worker to ask computes it, the other waits for it. Copied by `copy_item_embeddings`."""
     from filelock import FileLock
 
     from ray_jobs.data import read_catalogue
@@ -164,7 +164,7 @@ def ml100k_item_embeddings(ml100k_lake, tmp_path_factory) -> Path:
     return shared
 
 
-def item_cache(folder: Path, ml100k_item_embeddings: Path) -> Path:
+def copy_item_embeddings(folder: Path, ml100k_item_embeddings: Path) -> Path:
     """`folder` as an item-embedding cache of its own that starts with the ML-100K items' MiniLM
     embeddings (a job embeds only texts it lacks: a landed day's new items)."""
     shutil.copytree(ml100k_item_embeddings, folder, ignore=shutil.ignore_patterns("complete", ".lock"))
@@ -174,7 +174,7 @@ def item_cache(folder: Path, ml100k_item_embeddings: Path) -> Path:
 @pytest.fixture
 def warm_cache(tmp_path, ml100k_item_embeddings) -> Path:
     """`tmp_path / "cache"`, a test's own item-embedding cache, warm with the ML-100K items."""
-    return item_cache(tmp_path / "cache", ml100k_item_embeddings)
+    return copy_item_embeddings(tmp_path / "cache", ml100k_item_embeddings)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import item_cache
+from conftest import copy_item_embeddings
 from jobs.lake import published_versions
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import read_model
@@ -43,7 +43,7 @@ def grown(tmp_path_factory, ml100k_lake, ml100k_item_embeddings, engines):
     lake = tmp / "lake"
     shutil.copytree(ml100k_lake, lake)
     (tmp / "landing").mkdir()
-    item_cache(tmp / "cache", ml100k_item_embeddings)
+    copy_item_embeddings(tmp / "cache", ml100k_item_embeddings)
     sasrec = load_spec(SMOKE, overrides(lake, tmp, "name=day0-sasrec", "model.kind=sasrec", "model.dim=16", "model.dropout=0.0",
                                         "train.epochs=2", "train.lr=0.003"))
     hllm = load_spec(SMOKE, overrides(lake, tmp, "name=day0-hllm", "model.kind=hllm", "model.item_id_embedding=true",
