@@ -24,7 +24,7 @@ from jobs.provenance import provenance, write_result
 from jobs.spec import load_spec
 from ray_jobs.checkpoint import read_model
 from ray_jobs.data import load_sequences
-from ray_jobs.metrics import markdown_table
+from jobs.contracts import markdown_table
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.scoring import evaluate_split, score_function

@@ -141,7 +141,10 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     if "next_day_results" in result.metadata:
         days = next_day_history(context) + [r for r in result.metadata["next_day_results"].value]
         extra["next_day_curve"] = MetadataValue.md(next_day_plot(days))
-    return MaterializeResult(metadata={**result.metadata, **dagster_metadata(report.to_metadata()), **extra})
+    files = {r.label(): r.model for r in report.labelled()}  # the model each row is, as detail
+    return MaterializeResult(metadata={**result.metadata, **dagster_metadata(report.to_metadata()), **extra,
+                                       "metrics": MetadataValue.md(report.table()),
+                                       "models": MetadataValue.json(files)})
 
 
 def evaluation_args(name: str, trained: ModelRecord, aligned: ModelRecord, champion: str | None, day: str | None,

@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """In this process: a baseline (model.kind pop / graph) or a trained checkpoint on one split."""
     from ray_jobs import scoring
     from ray_jobs.data import load_sequences
-    from ray_jobs.metrics import markdown_table
+    from jobs.contracts import markdown_table
     from ray_jobs.models.llm import minilm_item_embeddings
     from ray_jobs.train import local_dir
     spec = load_spec(args.spec, args.overrides)

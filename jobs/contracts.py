@@ -237,6 +237,17 @@ class ModelRow(Record):
         return f"{base} ({split})" if split else base
 
 
+def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50)) -> str:
+    """One row per model (its figures, `EvalResult.flat()`): HR/NDCG @ks, MRR, coverage and tail share @10."""
+    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    extra = ["coverage@10", "tail_share@10"]
+    lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
+    for name, r in results.items():
+        vals = [r.get(c, float("nan")) for c in cols + extra]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" if v == v else "–" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 @dataclass
 class EvaluateOutcome(Record):
     """What `ray_jobs.evaluate` returns; read back by the champion gate."""
@@ -262,6 +273,15 @@ class EvaluationReport(Record):
     evaluation: EvaluateOutcome
     candidates: dict[str, str]               # model file -> registry version of the new models
     champion_version: str | None
+
+    def labelled(self) -> list[ModelRow]:
+        """The evaluated models with the registry versions of the new ones (evaluated as files)."""
+        return [dataclasses.replace(r, version=self.candidates[r.model]) if r.model in self.candidates else r
+                for r in self.evaluation.models]
+
+    def table(self) -> str:
+        """The figures by role and registry version (`trained v3 (valid)`), what the asset shows."""
+        return markdown_table({r.label(s): r.results[s] for r in self.labelled() for s in self.evaluation.splits})
 
     def to_metadata(self) -> dict:
         return {"results": meta([r.to_dict() for r in self.evaluation.models], "json"),

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, meta
+from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, markdown_table, meta
 from jobs.schema import AlignSpec, JobSpec, TrainSpec
 from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
@@ -33,7 +33,7 @@ from ray_jobs.data import load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
 from ray_jobs.loop import Reporter, StepPlan, alignment_state, run_steps
-from ray_jobs.metrics import markdown_table, tail_items
+from ray_jobs.metrics import tail_items
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.registry import check_storage_path, resolve_model, run_dir

@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 import sys
 
-from jobs.contracts import EvaluateOutcome, ModelRow, meta
+from jobs.contracts import EvaluateOutcome, ModelRow, markdown_table, meta
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths
 from ray_jobs.data import load_sequences
 from ray_jobs.entrypoint import DagsterReport, job_main
-from ray_jobs.metrics import markdown_table
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.next_day import evaluate_next_day, load_next_day
 from ray_jobs.registry import resolve_model

@@ -183,14 +183,3 @@ def summarize(ranks: np.ndarray, top: np.ndarray, lengths: np.ndarray, targets: 
         if sel.any():
             result.slices[name] = accuracy(ranks[sel], [k for k in ks if k in (10, 50)])
     return result
-
-
-def markdown_table(results: dict[str, dict[str, float]], ks: tuple[int, ...] = (10, 50)) -> str:
-    """One row per model (its figures, `EvalResult.flat()`): HR/NDCG @ks, MRR, coverage and tail share @10."""
-    cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    extra = ["coverage@10", "tail_share@10"]
-    lines = ["| model | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
-    for name, r in results.items():
-        vals = [r.get(c, float("nan")) for c in cols + extra]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" if v == v else "–" for v in vals) + " |")
-    return "\n".join(lines)

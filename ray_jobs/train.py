@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.contracts import Check, ModelRecord, TrainOutcome, TrainWorkerConfig, meta
+from jobs.contracts import Check, ModelRecord, TrainOutcome, TrainWorkerConfig, markdown_table, meta
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
@@ -30,7 +30,6 @@ from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
 from ray_jobs.loop import LocalBackend, Reporter, run_epochs, training_state, warm_start
-from ray_jobs.metrics import markdown_table
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.llm import minilm_item_embeddings

@@ -118,6 +118,10 @@ def test_gate_decisions():
     assert EvaluationReport.from_metadata(plain) == report(rows, cands, "1")
     assert EvaluationReport.from_metadata({**plain, "champion_version": "none"}).champion_version is None
     assert [r.label("valid") for r in rows] == ["trained (valid)", "aligned (valid)", "champion v1 (valid)"]
+    # the asset's table: the new models by role and the registry version they were given
+    table = report(rows, cands, "1").table()
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [
+        "| trained v2 (valid)", "| aligned v3 (valid)", "| champion v1 (valid)"]
 
 
 def test_a_declared_gate_rule_promotes_a_model_that_trades_accuracy_within_bounds():
@@ -386,6 +390,8 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert trained["training_curve"].startswith("![training curve](data:image/png;base64,")
     assert "| trained (valid) |" in trained["metrics"] and "reward and gradient curves" in aligned["alignment_curves"]
     assert {r["version"] for r in report["results"]} == {f"file:{trained['model_file']}", f"file:{aligned['model_file']}"}
+    assert "| trained v1 (valid) |" in report["metrics"] and "| aligned v2 (test) |" in report["metrics"]
+    assert report["models"] == {"trained v1": trained["model_file"], "aligned v2": aligned["model_file"]}
     assert gate["promote"] is True and gate["champion_version"] in ("1", "2")
     checks = {}
     for entry in instance.all_logs(run_id):
