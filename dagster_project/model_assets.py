@@ -133,13 +133,11 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     args = evaluation_args(job.registered_model_name(), trained, aligned, champion, day, previous)
     result = run_job(context, "evaluate", spec, ray, mlflow, [versions_override(trained.delta_versions)],
                      args).get_materialize_result()
-    evaluation = EvaluateOutcome.from_dict({"versions": result.metadata["delta_versions"].value,
-                                            "splits": result.metadata["splits"].value,
-                                            "models": result.metadata["results"].value})
+    evaluation = EvaluateOutcome.from_metadata({k: v.value for k, v in result.metadata.items()})
     report = EvaluationReport(evaluation, {m.model_file: str(m.model_version) for m in (trained, aligned)}, champion)
     extra = {}
-    if "next_day_results" in result.metadata:
-        days = next_day_history(context) + [r for r in result.metadata["next_day_results"].value]
+    if evaluation.next_day is not None:
+        days = next_day_history(context) + [r.to_dict() for r in evaluation.next_day]
         extra["next_day_curve"] = MetadataValue.md(next_day_plot(days))
     files = {r.label(): r.model for r in report.labelled()}  # the model each row is, as detail
     return MaterializeResult(metadata={**result.metadata, **dagster_metadata(report.to_metadata()), **extra,

@@ -265,6 +265,20 @@ class EvaluateOutcome(Record):
     def row(self, model: str) -> ModelRow | None:
         return next((r for r in self.models if r.model == model), None)
 
+    def to_metadata(self) -> dict:
+        m = {"results": meta([r.to_dict() for r in self.models], "json"), "splits": meta(self.splits, "json"),
+             "delta_versions": meta(self.versions, "json")}
+        if self.next_day is not None:
+            m["next_day_results"] = meta([r.to_dict() for r in self.next_day], "json")
+        return m
+
+    @classmethod
+    def from_metadata(cls, m: Mapping[str, Any]) -> "EvaluateOutcome":
+        """From asset metadata values (a record from before `splits` was kept: valid and test)."""
+        nd = m.get("next_day_results")
+        return cls(dict(m["delta_versions"]), list(m.get("splits") or ["valid", "test"]),
+                   [ModelRow.from_dict(r) for r in m["results"]], None if nd is None else [ModelRow.from_dict(r) for r in nd])
+
 
 @dataclass
 class EvaluationReport(Record):
@@ -284,17 +298,14 @@ class EvaluationReport(Record):
         return markdown_table({r.label(s): r.results[s] for r in self.labelled() for s in self.evaluation.splits})
 
     def to_metadata(self) -> dict:
-        return {"results": meta([r.to_dict() for r in self.evaluation.models], "json"),
-                "splits": meta(self.evaluation.splits, "json"),
-                "delta_versions": meta(self.evaluation.versions, "json"),
-                "candidates": meta(self.candidates, "json"), "champion_version": meta(self.champion_version)}
+        return {**self.evaluation.to_metadata(), "candidates": meta(self.candidates, "json"),
+                "champion_version": meta(self.champion_version)}
 
     @classmethod
     def from_metadata(cls, m: Mapping[str, Any]) -> "EvaluationReport":
-        evaluation = EvaluateOutcome(dict(m["delta_versions"]), list(m.get("splits") or ["valid", "test"]),
-                                     [ModelRow.from_dict(r) for r in m["results"]])
         champion = m.get("champion_version")
-        return cls(evaluation, dict(m["candidates"]), None if champion in (None, "none") else str(champion))
+        return cls(EvaluateOutcome.from_metadata(m), dict(m["candidates"]),
+                   None if champion in (None, "none") else str(champion))
 
 
 @dataclass

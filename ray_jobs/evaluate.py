@@ -77,11 +77,9 @@ def dagster_report(spec: JobSpec, out: EvaluateOutcome) -> DagsterReport:
     """The evaluation_report asset's metadata: a table labelled by role and registry version, every
     model's figures (what the gate reads), and the next-day judgement when there is one."""
     table = markdown_table({r.label(split): r.results[split] for r in out.models for split in out.splits})
-    metadata = {"metrics": meta(table, "md"), "results": meta([r.to_dict() for r in out.models], "json"),
-                "splits": meta(out.splits, "json"), "delta_versions": meta(out.versions, "json")}
+    metadata = {"metrics": meta(table, "md"), **out.to_metadata()}
     if out.next_day is not None:
         metadata["next_day"] = meta(next_day_table(out.next_day), "md")
-        metadata["next_day_results"] = meta([r.to_dict() for r in out.next_day], "json")
     return DagsterReport(metadata=metadata, checks={})
 
 

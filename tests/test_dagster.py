@@ -117,6 +117,10 @@ def test_gate_decisions():
              for k, v in report(rows, cands, "1").to_metadata().items()}
     assert EvaluationReport.from_metadata(plain) == report(rows, cands, "1")
     assert EvaluationReport.from_metadata({**plain, "champion_version": "none"}).champion_version is None
+    served = [ModelRow("models:/m/1", "champion", "m", "1", day="1998-04-24", metrics={"ndcg@10": 0.2})]
+    nightly = EvaluateOutcome({"sequences": 1}, ["valid"], rows, served)
+    unwrapped = {k: v["raw_value"] for k, v in nightly.to_metadata().items()}
+    assert EvaluateOutcome.from_metadata(unwrapped) == nightly  # what the evaluate job sends, as the asset reads it
     assert [r.label("valid") for r in rows] == ["trained (valid)", "aligned (valid)", "champion v1 (valid)"]
     # the asset's table: the new models by role and the registry version they were given
     table = report(rows, cands, "1").table()

@@ -209,5 +209,5 @@ def test_the_committed_spec_reference_is_the_schemas():
 
     from jobs.reference import render
     committed = (Path(__file__).resolve().parents[1] / "docs" / "spec-reference.md").read_text()
-    assert committed == render(), "docs/spec-reference.md drifted from jobs/spec.py: regenerate it"
+    assert committed == render(), "docs/spec-reference.md drifted from jobs/schema.py: regenerate it"
     assert "| `data.landing.items.columns.active` |" in committed and "| `eval.candidates` |" in committed
