@@ -69,9 +69,9 @@ def _by_rule(report: EvaluationReport, gate: GateSpec, new: list, current, held:
     version, score = report.candidates[best.model], best.results[gate.split][gate.metric]
     if passing:
         return GateDecision(True, version, score, champion, held, metric,
-                            f"{best.label(gate.split)} meets the rule: " + "; ".join(text for text, _ in cs))
+                            f"{report.label(best, gate.split)} meets the rule: " + "; ".join(text for text, _ in cs))
     return GateDecision(False, version, score, champion, held, metric,
-                        "no new model meets the rule; the best, " + f"{best.label(gate.split)}: "
+                        "no new model meets the rule; the best, " + f"{report.label(best, gate.split)}: "
                         + "; ".join(text for text, ok in cs if not ok))
 
 

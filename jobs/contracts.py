@@ -288,10 +288,16 @@ class EvaluationReport(Record):
     candidates: dict[str, str]               # model file -> registry version of the new models
     champion_version: str | None
 
+    def versioned(self, row: ModelRow) -> ModelRow:
+        """A row with its registry version: a new model's (evaluated as a file) from `candidates`."""
+        return dataclasses.replace(row, version=self.candidates[row.model]) if row.model in self.candidates else row
+
     def labelled(self) -> list[ModelRow]:
-        """The evaluated models with the registry versions of the new ones (evaluated as files)."""
-        return [dataclasses.replace(r, version=self.candidates[r.model]) if r.model in self.candidates else r
-                for r in self.evaluation.models]
+        return [self.versioned(r) for r in self.evaluation.models]
+
+    def label(self, row: ModelRow, split: str | None = None) -> str:
+        """`aligned v3 (valid)`: the role and registry version, a new model's too."""
+        return self.versioned(row).label(split)
 
     def table(self) -> str:
         """The figures by role and registry version (`trained v3 (valid)`), what the asset shows."""

@@ -145,11 +145,11 @@ def test_a_declared_gate_rule_promotes_a_model_that_trades_accuracy_within_bound
                                        {"/r/b/model.pt": "2"}, "1"), rule)
     traded = judged(0.1985, 0.125)
     assert traded.promote and traded.reason == (
-        "aligned (valid) meets the rule: ndcg@10 not lower by more than 0.002: 0.1985 vs 0.2000; "
+        "aligned v2 (valid) meets the rule: ndcg@10 not lower by more than 0.002: 0.1985 vs 0.2000; "
         "tail_share@10 at least 20% higher, relative: 0.1250 vs 0.1000")
     too_costly = judged(0.1970, 0.200)
     assert not too_costly.promote and too_costly.reason == (
-        "no new model meets the rule; the best, aligned (valid): ndcg@10 not lower by more than 0.002: 0.1970 vs 0.2000")
+        "no new model meets the rule; the best, aligned v2 (valid): ndcg@10 not lower by more than 0.002: 0.1970 vs 0.2000")
     too_little = judged(0.2100, 0.115)  # more accurate, but the rule asks for the tail
     assert not too_little.promote and "tail_share@10 at least 20% higher, relative: 0.1150 vs 0.1000" in too_little.reason
     # two new models: the more accurate one fails the rule, the aligned one meets it and is promoted
@@ -157,7 +157,7 @@ def test_a_declared_gate_rule_promotes_a_model_that_trades_accuracy_within_bound
     aligned = ModelRow("/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt", {"valid": {"ndcg@10": 0.199, "tail_share@10": 0.13}})
     both = decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [trained, aligned, champion]),
                                    {"/r/a/model.pt": "2", "/r/b/model.pt": "3"}, "1"), rule)
-    assert both.promote and both.candidate == "3" and both.reason.startswith("aligned (valid) meets the rule")
+    assert both.promote and both.candidate == "3" and both.reason.startswith("aligned v3 (valid) meets the rule")
     with pytest.raises(ValueError, match="aligned \\(valid\\) has no ild@10"):
         decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [champion.__class__(
             "/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt", {"valid": {"ndcg@10": 0.3}}), champion]),
