@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 
-from jobs.contracts import EvaluateOutcome, ModelRow, markdown_table, meta
+from jobs.contracts import EvaluateOutcome, ModelRow, meta
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths
 from ray_jobs.data import load_sequences
@@ -74,10 +74,10 @@ def next_day_table(rows: list[ModelRow]) -> str:
 
 
 def dagster_report(spec: JobSpec, out: EvaluateOutcome) -> DagsterReport:
-    """The evaluation_report asset's metadata: a table labelled by role and registry version, every
-    model's figures (what the gate reads), and the next-day judgement when there is one."""
-    table = markdown_table({r.label(split): r.results[split] for r in out.models for split in out.splits})
-    metadata = {"metrics": meta(table, "md"), **out.to_metadata()}
+    """The evaluation_report asset's metadata: every model's figures (what the gate reads; the asset
+    renders their table, labelled with the registry versions it knows), and the next-day judgement
+    when there is one."""
+    metadata = out.to_metadata()
     if out.next_day is not None:
         metadata["next_day"] = meta(next_day_table(out.next_day), "md")
     return DagsterReport(metadata=metadata, checks={})
