@@ -462,7 +462,7 @@ def evaluate_epoch(state: TrainState, backend: Backend, data: SeqData, monitor: 
     return {f"{monitor}_{k}": scores[k] for k in REPORTED}
 
 
-# ----------------------------------------------------------------------------- step loop (alignment)
+# ----------------------------------------------------------------------------- step loop (alignment, the tokenizer)
 
 @dataclass
 class StepPlan:
@@ -473,11 +473,13 @@ class StepPlan:
 
 
 def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Callable[[int], tuple[torch.Tensor, dict]],
-              evaluate: Callable[[int], dict], reporter: Reporter = Reporter(), prefix: str = "align") -> TrainState:
+              evaluate: Callable[[int], dict], reporter: Reporter = Reporter(), prefix: str = "align",
+              monitor: str = "valid") -> TrainState:
     """Optimizer steps from the state's step to `plan.total`: `step_fn(step)` gives the loss and the
-    step's metrics; `evaluate(step)` a validation record (at the start, every `eval_every` steps,
-    at the end and at the step that crosses the budget). The newest weights are the model; they are
-    checkpointed every `checkpoint_every` steps, at the end and at a budget stop."""
+    step's metrics (reported as `<prefix>/*`); `evaluate(step)` a validation record (`<monitor>/*`:
+    at the start, every `eval_every` steps, at the end and at the step that crosses the budget). The
+    newest weights are the model; they are checkpointed every `checkpoint_every` steps, at the end
+    and at a budget stop."""
     return_freed_memory()
     clock = Clock(state.seconds)
     reporter.start(plan.total, state.step)
@@ -485,7 +487,7 @@ def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Call
     def validate(step: int) -> None:
         record = evaluate(step)
         state.evals.append(record)
-        reporter.log(step, {f"valid/{k}": v for k, v in record.items() if k != "step"})
+        reporter.log(step, {f"{monitor}/{k}": v for k, v in record.items() if k != "step"})
 
     if not state.evals and plan.eval_every:
         validate(0)

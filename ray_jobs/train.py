@@ -36,6 +36,7 @@ from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.registry import check_storage_path, model_file
 from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import evaluate_split
+from ray_jobs.tokenizer import fit_tokenizer
 
 
 @dataclass
@@ -60,7 +61,10 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     """Train in this process, resuming from `<checkpoint_dir>/<name>/last.pt` unless `resume` is
     False; `stop_after_epoch` ends this call early, as an interruption would."""
     data = data or load_sequences(spec)
-    state = training_state(spec, data, torch.device("cpu"), warm_start(spec, data).path)
+    start = warm_start(spec, data)
+    if spec.model.kind == "generative" and start.path is None:
+        fit_tokenizer(spec, data, reporter)
+    state = training_state(spec, data, torch.device("cpu"), start.path)
     backend = LocalBackend(state, local_dir(spec))
     if resume:
         backend.restore()
@@ -96,14 +100,18 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
                                 {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
     with tracking.failed_on_error(spec, run_id):
+        documents = {}
+        if spec.model.kind == "generative" and start.path is None:  # once, before the workers read its files
+            documents["tokenizer.json"] = fit_tokenizer(spec, data, tracking.MetricLogger(tracking_uri(spec), run_id))
         config = TrainWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, run_id, pid_dir, start.path)
         checkpoint = fit(spec, train_worker, config.to_dict(), run_name, "training")
-        return finish(spec, run_name, run_id, checkpoint, data, start.tag, register)
+        return finish(spec, run_name, run_id, checkpoint, data, start.tag, register, documents)
 
 
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData, started: str,
-           register: bool) -> TrainOutcome:
-    """Driver side after fit: model.pt, evaluation on valid and test beside popularity, MLflow, registry."""
+           register: bool, documents: dict | None = None) -> TrainOutcome:
+    """Driver side after fit: model.pt, evaluation on valid and test beside popularity, MLflow, registry
+    (`documents`: more JSON documents for the run, e.g. the tokenizer stage's report)."""
     ckpt = final_model(checkpoint)
     out_file = save_model(model_file(spec, run_name), ckpt)
     p = ckpt.progress
@@ -117,7 +125,7 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data: SeqData,
         metrics |= tracking.final_metrics("popularity", split, popular[split])
     version, plots = tracking.publish(
         spec, run_id, out_file, metrics,
-        documents={"evaluation.json": {split: r.to_dict() for split, r in results.items()}},
+        documents={"evaluation.json": {split: r.to_dict() for split, r in results.items()}, **(documents or {})},
         plots={"metrics_vs_k.png": lambda path: tracking.plot_metrics_vs_k(results, path),
                "training_curves.png": lambda path: tracking.plot_training_curves(p.history, path)},
         tags={"best_epoch": p.best_epoch, "stopped": p.stopped, "restarts": p.restarts, "warm_start": started},

@@ -189,6 +189,35 @@ def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_ru
     assert out.test["hr@10"] > 0
 
 
+def test_a_generative_model_on_two_workers_reads_the_drivers_tokenizer_and_recommends(tmp_path, warm_cache, local_ray,
+                                                                                      ray_overrides):
+    """model.kind=generative on Ray: the driver runs the tokenizer stage once (its figures in the MLflow
+    run, its report as an artifact), both workers build the generator from those files, the shipped
+    model pins that table, and the recommend job ranks with it (only real, unseen items)."""
+    from deltalake import DeltaTable
+
+    from ray_jobs import recommend
+    spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-gen", "model.kind=generative", "model.dim=32",
+                                          "model.tokenizer_steps=60", f"model.cache_dir={warm_cache}",
+                                          "train.epochs=1"))
+    out = run(spec)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    report = json.loads(Path(client.download_artifacts(out.run_id, "tokenizer.json", str(tmp_path))).read_text())
+    assert report["steps"] == 60 and report["restarts"] == 0 and len(report["curve"]) == 11
+    history = client.get_metric_history(out.run_id, "tokenizer_eval/recon_mse")
+    assert [m.step for m in history] == [r["step"] for r in report["curve"]]
+    assert len(list((warm_cache / "semantic-ids").glob("*.parquet"))) == 1  # fitted once, by the driver
+    model = read_model(out.model.model_file).build()
+    assert model.table_hash == report["hash"] and out.test["hr@10"] > 0
+    rec = recommend.run(spec, out.model.model_file, k=10, workers=2)
+    table = DeltaTable(rec.table).to_pandas()
+    data = load_sequences(spec)
+    assert len(table) == rec.users * 10 and table["item_idx"].between(1, data.num_items).all()
+    seen = dict(zip(data.train_users.tolist(), data.train))
+    user = int(data.test.users[0])
+    assert not set(table[table.user_idx == user]["item_idx"]) & set(seen[user].tolist())
+
+
 def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_ray, ray_overrides):
     """BLADE on 2 workers (ZeRO-2) from a briefly trained SASRec: the mean rollout reward rises,
     the KL to the reference stays bounded, a rerun with the same name resumes, the aligned model

@@ -2,6 +2,8 @@
 consistency-oriented pruning."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +199,57 @@ def test_beam_and_corp_decoding_give_catalogue_scores():
     g.decode = "corp"
     merged = g.item_scores(states)
     assert (torch.isfinite(merged).sum(-1) >= 5).all() and torch.isinf(merged[:, 0]).all()
+
+
+def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k_lake, tmp_path,
+                                                                          ml100k_item_embeddings):
+    """The tokenizer as its own stage of the one loop (`run_steps` over a `LocalBackend`): interrupted
+    after 25 of 40 steps and rerun, it resumes from its step-20 checkpoint to the fit an uninterrupted
+    run makes; its report has the reconstruction error, each codebook's perplexity and
+    dead codes and the collision share; a second call reads the files; the generator is built from
+    them (and refuses to build when the stage has not run)."""
+    from conftest import copy_item_embeddings
+
+    from jobs.spec import load_spec
+    from ray_jobs.data import load_sequences
+    from ray_jobs.loop import Reporter
+    from ray_jobs.models import build_model
+    from ray_jobs.models.generative import tokenizer_inputs
+    from ray_jobs.tokenizer import fit_tokenizer
+
+    class Crash(Reporter):
+        def log(self, step, metrics):
+            if step == 25 and "tokenizer/loss" in metrics:
+                raise RuntimeError("worker lost")
+
+    def spec(cache):
+        return load_spec("jobs/specs/movielens-100k-smoke.yaml", [
+            f"lake.root={ml100k_lake}", "model={kind: generative, dim: 16, books: 3, codes: 32, tokenizer_steps: 40, max_disambiguation: 256}",
+            f"model.cache_dir={copy_item_embeddings(cache, ml100k_item_embeddings)}"])
+    first, second = spec(tmp_path / "a"), spec(tmp_path / "b")
+    data = load_sequences(first)
+    with pytest.raises(FileNotFoundError, match="the tokenizer stage writes them"):
+        build_model(first, data.item_text)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        fit_tokenizer(first, data, Crash(), checkpoint_every=10)
+    _, files = tokenizer_inputs(first.model, data.item_text)
+    assert not files.complete and (tmp_path / "a" / "semantic-ids" / f"{files.key}.run" / "last.pt").exists()
+    resumed = fit_tokenizer(first, data, checkpoint_every=10)
+    assert resumed["restarts"] == 1 and resumed["steps"] == 40 and files.complete
+    assert not os.path.exists(files.run)  # the run folder goes once the table is written
+    straight = fit_tokenizer(second, data, checkpoint_every=10)
+    # the same fit: equal to float rounding (a resumed tensor's memory layout may change the last bits of
+    # a reduction), so the same codes but for an item on a boundary
+    assert straight["restarts"] == 0
+    assert [r["recon_mse"] for r in resumed["curve"]] == pytest.approx([r["recon_mse"] for r in straight["curve"]],
+                                                                         rel=1e-5)
+    _, other = tokenizer_inputs(second.model, data.item_text)
+    same = (TokenTable.from_parquet(files.table).tokens == TokenTable.from_parquet(other.table).tokens).all(1).mean()
+    assert same > 0.99, same
+    assert [r["step"] for r in straight["curve"]] == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert straight["curve"][-1]["recon_mse"] < straight["curve"][0]["recon_mse"]
+    assert {"book0_perplexity", "book2_dead_codes", "collision_share"} <= set(straight)
+    assert 1 <= straight["book0_perplexity"] <= 32 and 0 <= straight["collision_share"] < 1
+    assert fit_tokenizer(second, data) == straight  # read, not fitted again
+    model = build_model(second, data.item_text)
+    assert model.table().hash == straight["hash"]

@@ -24,7 +24,11 @@ REG4Rec's CORP), and the surviving orders' probabilities are averaged into one r
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ from torch import nn
 
 from jobs.schema import GenerativeSpec
 from ray_jobs.models.sasrec import SASRec
-from ray_jobs.models.semantic_ids import ParallelQuantizer, ResidualQuantizer, TokenTable, fit_quantizer
+from ray_jobs.models.semantic_ids import ParallelQuantizer, ResidualQuantizer, TokenTable
 
 
 class TokenTrie:
@@ -286,8 +290,8 @@ def new_quantizer(m: GenerativeSpec, dim: int) -> nn.Module:
 
 def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
                     known: torch.Tensor | None = None) -> SemanticGenerator:
-    """A generative model for a catalogue: a fresh one (its token table and tokenizer trained on the
-    catalogue's text, `token_table`), or, with `known` (a checkpoint's token table), one whose trained
+    """A generative model for a catalogue: a fresh one (the token table and tokenizer the tokenizer
+    stage fitted on the catalogue's text, `token_table`), or, with `known` (a checkpoint's token table), one whose trained
     weights are loaded next — items past the known table get their tokens from their text then."""
     from ray_jobs.models.llm import minilm_item_embeddings
     if known is None:
@@ -300,45 +304,50 @@ def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
                                 new_quantizer(m, MINILM_DIM), pending)
 
 
-def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn.Module]:
-    """The semantic ids of a catalogue's items from their MiniLM text embeddings, and the trained
-    quantizer of `model.quantizer` (`fit_quantizer`); both kept under `model.cache_dir` (Parquet and
-    safetensors: data) keyed by the embeddings and the quantizer settings, so every worker and every
-    rerun reads the same table."""
-    import hashlib
-    import json
-    import os
+@dataclass
+class TokenizerFiles:
+    """Where a catalogue's semantic ids live under `model.cache_dir/semantic-ids/`, keyed by the
+    items' embeddings and the tokenizer settings: the token table (Parquet), the trained quantizer
+    (safetensors), the tokenizer stage's report (JSON) and its resumable run folder."""
+    key: str
+    settings: dict
+    table: str
+    weights: str
+    report: str
+    run: str
 
-    from safetensors.torch import load_file, save_file
+    @property
+    def complete(self) -> bool:
+        return os.path.exists(self.table) and os.path.exists(self.weights)
 
+
+def tokenizer_inputs(m: GenerativeSpec, item_text: list[str]) -> tuple[np.ndarray, TokenizerFiles]:
+    """The items' MiniLM text embeddings (items 1..n) and where their tokenizer's files are."""
     from ray_jobs.models.llm import minilm_item_embeddings
     x = np.ascontiguousarray(minilm_item_embeddings(m, item_text)[1:], dtype=np.float32)
     settings = {"version": TOKENIZER_VERSION, **{k: getattr(m, k) for k in (
         "quantizer", "books", "codes", "latent", "quantizer_hidden", "commitment", "tokenizer_steps", "tokenizer_lr",
         "seed")}}
     key = hashlib.sha256(x.tobytes() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(m.cache_dir, "semantic-ids", f"{key}.parquet")
-    weights = path[:-len(".parquet")] + ".safetensors"
+    base = os.path.join(m.cache_dir, "semantic-ids", key)
+    return x, TokenizerFiles(key, settings, f"{base}.parquet", f"{base}.safetensors", f"{base}.json", f"{base}.run")
+
+
+def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn.Module]:
+    """The semantic ids of a catalogue's items and the trained quantizer of `model.quantizer`, as the
+    tokenizer stage (`ray_jobs.tokenizer`, run by training before any generator is built) wrote them:
+    every worker and every rerun reads the same table."""
+    from safetensors.torch import load_file
+    x, files = tokenizer_inputs(m, item_text)
+    if not files.complete:
+        raise FileNotFoundError(
+            f"model.quantizer={m.quantizer}: no semantic ids for these {len(x)} items under "
+            f"{os.path.dirname(files.table)} (key {files.key}): the tokenizer stage writes them "
+            "(ray_jobs.tokenizer.fit_tokenizer; `llmrec train` runs it before training a fresh generative model)")
     torch.manual_seed(m.seed)
     q = new_quantizer(m, x.shape[1])
-    if os.path.exists(path) and os.path.exists(weights):
-        q.load_state_dict(load_file(weights))
-        return TokenTable.from_parquet(path), q.eval()
-    xt = torch.from_numpy(x)
-    report = fit_quantizer(q, xt, m.tokenizer_steps, m.tokenizer_lr, m.seed)
-    with torch.no_grad():
-        codes = q(xt).codes.numpy()
-    table = TokenTable.of(m.quantizer, m.codes, codes)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{weights}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in q.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    table.to_parquet(tmp)
-    os.replace(tmp, path)  # whole or absent (the table last): a concurrent worker reads both or neither
-    with open(path[:-len(".parquet")] + ".json", "w") as fh:
-        json.dump({"settings": settings, "items": len(x), "hash": table.hash, **report}, fh, indent=1)
-    return table, q
+    q.load_state_dict(load_file(files.weights))
+    return TokenTable.from_parquet(files.table), q.eval()
 
 
 class GenerativeLoss(nn.Module):

@@ -250,23 +250,3 @@ class TokenTable:
         """From the codes of items 1..n (row i - 1 = item i)."""
         body = with_disambiguation(codes)
         return cls(kind, codes_per_book, np.concatenate([np.zeros((1, body.shape[1]), np.int64), body]))
-
-
-def fit_quantizer(q: "ResidualQuantizer | ParallelQuantizer", x: torch.Tensor, steps: int, lr: float,
-                  seed: int = 0) -> dict:
-    """The tokenizer's own optimisation (full batch: a catalogue's embeddings fit in memory): k-means
-    codebooks, then Adam on the auto-encoder loss. Deterministic for a seed on one machine. Returns the
-    final reconstruction error and the codebooks' utilisation."""
-    torch.manual_seed(seed)
-    q.init_codebooks(x, seed)
-    opt = torch.optim.Adam(q.parameters(), lr=lr)
-    q.train()
-    for _ in range(steps):
-        out = q(x)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    q.eval()
-    with torch.no_grad():
-        out = q(x)
-    return {"recon_mse": float(out.recon_loss), **utilisation(out.codes.numpy(), q.codes)}
