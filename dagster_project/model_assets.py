@@ -108,9 +108,21 @@ def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
                                metadata={"skipped": "not aligned: the trained model itself"})
         return
     run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
-    yield from run_job(context, "align", spec, ray, mlflow,
-                       [versions_override(trained.delta_versions), f"align.init={trained.model_file}"],
+    day = context.partition_key if context.has_partition_key else None
+    champion = current_champion(mlflow, job) if day is not None and job.align.landed_day_rewards else None
+    yield from run_job(context, "align", spec, ray, mlflow, align_overrides(job, trained, champion, day),
                        ["--run-name", run_name]).get_results()
+
+
+def align_overrides(job: JobSpec, trained: ModelRecord, champion: str | None, day: str | None) -> list[str]:
+    """What the align job starts from: the night's trained model, rewarded on its holdout; with
+    `align.landed_day_rewards` on a landed `day` that has a `champion` (trained through the day
+    before), that champion, rewarded on the day's interactions. Both read today's tables."""
+    if job.align.landed_day_rewards and day is not None and champion is not None:
+        start = [f"align.init=models:/{job.registered_model_name()}/{champion}", f"align.reward_day={day}"]
+    else:
+        start = [f"align.init={trained.model_file}"]
+    return [versions_override(trained.delta_versions), *start]
 
 
 @asset(key="evaluation_report", group_name="evaluation", kinds={"ray", "mlflow"},

@@ -597,11 +597,18 @@ class AlignSpec(Strict):
                                     "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
     kl_rate: float = Field(0.1, gt=0, description="adaptation rate of beta (with kl_target)")
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
+    reward_day: str | None = Field(None, description="YYYY-MM-DD: the NDCG reward's relevant set is each user's new "
+                                   "items of that landed day, the context their history before it (instead of the "
+                                   "holdout); the start model must have been trained on data that ends before the day")
     reference_rollouts: int = Field(32, ge=2, description="M reference lists per user: static CDF and BLADE's first prior")
     exposure_momentum: float = Field(0.05, gt=0, le=1, description="EMA rate of the running catalogue exposure")
     rewards: RewardWeights = RewardWeights()
     blade: BladeSpec = BladeSpec()
     gflownet: GFlowNetSpec = GFlowNetSpec()
+    landed_day_rewards: bool = Field(False, description="Dagster's nightly run: align the champion (trained through "
+                                     "the day before) on the landed day's interactions (align.init = the champion, "
+                                     "align.reward_day = the partition) instead of the night's trained model on its "
+                                     "holdout; a night without a champion aligns as usual")
     allow_seen_rewards: bool = Field(False, description="align a start model trained on its reward items "
                                      "(its train.withhold < align.holdout): the NDCG reward then measures how well "
                                      "it memorised them, not generalisation")
@@ -614,6 +621,17 @@ class AlignSpec(Strict):
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: the run evaluates, checkpoints "
                                       "and ships the policy of the step that crosses it")
     seed: int = Field(0, description="seed of the rollouts and the user batches")
+
+    @field_validator("reward_day", mode="before")
+    @classmethod
+    def _day(cls, value):
+        value = value.isoformat() if isinstance(value, date) else value  # YAML reads 1998-04-23 as a date
+        if value is not None:
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"not a YYYY-MM-DD date: {value!r}") from None
+        return value
 
 
 class GateConstraint(Strict):

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+from datetime import datetime, timezone
 
 import torch
 
@@ -36,6 +37,7 @@ from ray_jobs.loop import Reporter, StepPlan, alignment_state, run_steps
 from ray_jobs.metrics import tail_items
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
+from ray_jobs.next_day import day_start, load_next_day
 from ray_jobs.registry import check_storage_path, resolve_model, run_dir
 from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
 from ray_jobs.scoring import scorable_items
@@ -76,8 +78,8 @@ def align_worker(config: dict) -> None:
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device, start_model)
     backend.train(False)  # no dropout: rollouts and the trained log-probabilities come from one policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
-    times = data.train_times if state.model.reads_time else None  # a time-reading start model (HSTU's time bias)
-    aligner = Aligner(a, AlignData.build(data.train, data.num_items, a.holdout, a.list_size, times), data.num_items,
+    reads_time = state.model.reads_time  # a time-reading start model (HSTU's time bias)
+    aligner = Aligner(a, align_data(spec, data, cfg.versions, reads_time), data.num_items,
                       spec.data.max_seq_len, torch.from_numpy(item_emb),
                       torch.from_numpy(tail_items(data.popularity, spec.eval.tail_share)),
                       start_model(), backend.comm, ctx.device, backend.dtype, listed)
@@ -96,6 +98,43 @@ def align_worker(config: dict) -> None:
 
     run_steps(state, backend, StepPlan(a.steps, a.eval_every, a.checkpoint_every, a.max_minutes), step, evaluate,
               reporter)
+
+
+def align_data(spec: JobSpec, data, versions: dict[str, int], reads_time: bool) -> AlignData:
+    """The users aligned and their reward's relevant items: each user's last `align.holdout`
+    training items, or with `align.reward_day` that day's new items after the history before it."""
+    a = spec.align
+    if a.reward_day is None:
+        return AlignData.build(data.train, data.num_items, a.holdout, a.list_size,
+                               data.train_times if reads_time else None)
+    q = load_next_day(spec, versions, a.reward_day)
+    if not len(q):
+        raise ValueError(f"align.reward_day={a.reward_day}: no user has new items on that day in the interactions "
+                         f"table (version {versions.get('interactions')})")
+    return AlignData.of_day(q.users, q.histories, q.targets, q.num_items, a.list_size,
+                            q.times if reads_time else None, day_start(a.reward_day))
+
+
+def check_trained_before(spec: JobSpec, init: ModelCheckpoint, label: str) -> None:
+    """With `align.reward_day`, the start model must not have seen the day: every event of the data it
+    was trained from (its tables at the versions it records) is older than the day's start, unless
+    `align.allow_seen_rewards` says otherwise."""
+    a = spec.align
+    if a.allow_seen_rewards:
+        return
+    data = load_sequences(spec, init.versions)
+    times = [t for t in data.train_times if len(t)] + [x.target_times for x in (data.valid, data.test)
+                                                        if len(x.target_times)]
+    last = max((int(t.max()) for t in times), default=None)
+    if last is None:
+        raise ValueError(f"align.init={label}: its data has no timestamps, so align.reward_day={a.reward_day} cannot "
+                         "be checked unseen (set align.allow_seen_rewards=true to align anyway)")
+    if last >= day_start(a.reward_day):
+        seen = datetime.fromtimestamp(last, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        raise ValueError(f"align.init={label} has seen its reward day: its data runs to {seen} UTC, on or after "
+                         f"align.reward_day={a.reward_day}, so the NDCG reward would measure memorisation. Align a "
+                         "model trained through the day before (the champion of that night), or set "
+                         "align.allow_seen_rewards=true")
 
 
 def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str, aligned: bool = False) -> None:
@@ -126,13 +165,18 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
                          "every worker needs at least one user per step")
     start = resolve_model(spec, spec.align.init)
     init = read_model(start.path)
-    check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
+    if spec.align.reward_day is None:
+        check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
     spec = with_init_model(spec, init, start.label, start.cache_dir)
+    if spec.align.reward_day is not None:
+        check_trained_before(spec, init, start.label)
     cache_dir = spec.model.cache_dir
     init_ray(spec)
     data = load_sequences(spec)
     init.check_data(data, f"align.init={start.label}")
     del init
+    if spec.align.reward_day is not None:
+        align_data(spec, data, data.versions, reads_time=False)  # the day has users to align: said before Ray starts
     # computed (and cached) here, so the workers read it from the cache and the evaluation reuses it
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
     ds_cfg = deepspeed_config(spec, t.workers, spec.align.users_per_step)

@@ -516,6 +516,23 @@ def test_the_next_night_judges_the_champion_and_the_candidate_kept_the_night_bef
         "--model", "trained=/m/trained.pt", "--model", "aligned=/m/aligned.pt", "--split", "valid", "--split", "test"]
 
 
+def test_the_nightly_alignment_starts_from_the_champion_on_the_landed_day_when_asked():
+    """`align.landed_day_rewards`: on a landed day with a champion, the align job starts from that
+    champion version (trained through the day before) and is rewarded on the day's interactions;
+    otherwise from the night's trained model on its holdout. Both read the night's tables."""
+    from dagster_project.model_assets import align_overrides
+    from jobs.contracts import ModelRecord
+    trained = ModelRecord("/m/trained.pt", "loop", 4, {"sequences": 7, "interactions": 3})
+    pinned = 'data.pinned_versions={"sequences": 7, "interactions": 3}'
+    usual = load_spec(SMOKE, ["name=loop"])
+    asked = load_spec(SMOKE, ["name=loop", "align.landed_day_rewards=true"])
+    assert align_overrides(usual, trained, "2", "1998-04-24") == [pinned, "align.init=/m/trained.pt"]
+    assert align_overrides(asked, trained, "2", "1998-04-24") == [pinned, "align.init=models:/loop/2",
+                                                                   "align.reward_day=1998-04-24"]
+    assert align_overrides(asked, trained, None, "1998-04-24") == [pinned, "align.init=/m/trained.pt"]  # no champion yet
+    assert align_overrides(asked, trained, "2", None) == [pinned, "align.init=/m/trained.pt"]  # not a nightly run
+
+
 class _KubeApi:
     """A stand-in Kubernetes API server on 127.0.0.1 (no cluster here): records what is created and
     answers every RayJob status with a failed deployment, as the operator does for a rejected job."""

@@ -197,8 +197,34 @@ def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, l
     mine = table[table["model_version"] == out.model_version]
     assert NEW_USER in set(mine["user_id"]) and (mine["item_id"] == NEW_ITEM).any()
     assert np.isfinite(mine["score"]).all() and (mine["item_idx"] > 0).all() and out.unscorable_items == 0
+    # aligned on the landed day's interactions (the next-day reward source): the day-0 model never saw
+    # them — its data ends before the day (checked) — and the watchers' relevant item is the new one
     a = spec.align.model_copy(update={"init": grown["day0"]["hllm"], "steps": 1, "users_per_step": 16, "rollouts": 4,
-                                      "eval_every": 0, "checkpoint_every": 0})
+                                      "eval_every": 0, "checkpoint_every": 0, "reward_day": DAY,
+                                      "allow_seen_rewards": False})
     aligned = align(spec.model_copy(update={"align": a}), register=False)
     assert aligned.steps == 1 and np.isfinite(aligned.last_step["reward_mean"])
     assert read_model(aligned.model_file).num_items == grown["after"].num_items  # aligned on today's catalogue
+
+
+def test_the_reward_day_aligns_the_users_of_the_day_and_refuses_a_model_that_saw_it(grown):
+    from ray_jobs.align import align_data, check_trained_before, with_init_model
+    from ray_jobs.alignment.aligner import AlignData
+    from ray_jobs.next_day import day_start
+    after = grown["after"]
+    new = after.catalogue.index_of()[NEW_ITEM]
+    spec = grown["hllm"].model_copy(update={"align": grown["hllm"].align.model_copy(update={
+        "reward_day": DAY, "allow_seen_rewards": False, "list_size": 10})})
+    data = align_data(spec, after, after.versions, reads_time=True)
+    # the 8 watchers; the new user has no history before the day
+    assert len(data.users) == len(WATCHERS) and (data.relevant == new).any(1).all()
+    assert all(s[-1] == day_start(DAY) and len(s) == len(c) + 1 for s, c in zip(data.stamps, data.contexts))
+    assert all(not (c == new).any() for c in data.contexts)
+    init = read_model(grown["day0"]["hllm"])
+    check_trained_before(with_init_model(spec, init, "day0", None), init, "day0")  # its data ends the day before
+    init.versions = dict(after.versions)  # a model trained on the tables that include the day
+    with pytest.raises(ValueError, match="has seen its reward day: its data runs to 1998-04-23"):
+        check_trained_before(spec, init, "tonight's")
+    hand = AlignData.of_day(np.array([3, 4]), [np.array([5, 6]), np.array([], np.int64)],
+                            [np.array([7]), np.array([8, 9])], 20, 5)
+    assert hand.users.tolist() == [3] and hand.relevant.tolist() == [[7]] and hand.stamps is None

@@ -126,12 +126,14 @@ class Batch:
 
 @dataclass
 class AlignData:
-    """Users eligible for alignment: context = training sequence minus its last `holdout` items,
-    which are the relevant set of the NDCG reward (validation and test items are never used)."""
-    users: np.ndarray              # row in SeqData.train
+    """Users eligible for alignment and the relevant set of each one's NDCG reward: by default the
+    context is the training sequence minus its last `holdout` items, which are the relevant set
+    (validation and test items are never used); `of_day`: the history before a landed day, and that
+    day's new items."""
+    users: np.ndarray              # row in SeqData.train (`of_day`: user_idx)
     contexts: list[np.ndarray]
-    relevant: torch.Tensor         # (U, holdout), 0-padded
-    stamps: list[np.ndarray] | None = None  # with `times`: each context's timestamps, then the first held-out item's
+    relevant: torch.Tensor         # (U, R), 0-padded
+    stamps: list[np.ndarray] | None = None  # with `times`: each context's timestamps, then the time its list is for
 
     @classmethod
     def build(cls, train: list[np.ndarray], num_items: int, holdout: int, list_size: int,
@@ -150,10 +152,27 @@ class AlignData:
                     stamps.append(times[u][:len(ctx) + 1])
         if not users:
             raise ValueError(f"alignment: no user has more than align.holdout={holdout} training items")
-        rel = torch.zeros((len(users), holdout), dtype=torch.long)
-        for i, r in enumerate(relevant):
-            rel[i, :len(r)] = torch.as_tensor(r)
-        return cls(np.asarray(users), contexts, rel, stamps if times is not None else None)
+        return cls(np.asarray(users), contexts, padded(relevant), stamps if times is not None else None)
+
+    @classmethod
+    def of_day(cls, users: np.ndarray, histories: list[np.ndarray], targets: list[np.ndarray], num_items: int,
+               list_size: int, times: list[np.ndarray] | None = None, at: int | None = None) -> "AlignData":
+        """A landed day as the reward (`ray_jobs.next_day.NextDay`'s users, histories before the day and
+        the day's new items): users with a history and room for a list; with `times`, each list is
+        scored at `at`, the day's start."""
+        keep = [i for i, h in enumerate(histories) if len(h) >= 1 and num_items - len(h) >= list_size]
+        if not keep:
+            raise ValueError("alignment: no user of the reward day has a history before it")
+        stamps = [np.append(times[i], at) for i in keep] if times is not None else None
+        return cls(np.asarray(users)[keep], [histories[i] for i in keep], padded([targets[i] for i in keep]), stamps)
+
+
+def padded(rows: list[np.ndarray]) -> torch.Tensor:
+    """(U, longest) item ids, 0-padded."""
+    out = torch.zeros((len(rows), max(len(r) for r in rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r)
+    return out
 
 
 def posterior_groups(cfg: BladeSpec, data: AlignData) -> np.ndarray:
