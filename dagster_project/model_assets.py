@@ -96,8 +96,10 @@ def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
                                    description="KL to the trained model at most checks.max_align_kl; coverage@10 "
                                                "at least checks.min_coverage_ratio of the trained model's")])
 def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayResource, mlflow: MLflowResource):
-    """The trained model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by
-    default); with `align.enabled: false`, the trained model passed on as it is (recorded as skipped)."""
+    """A model aligned on list rewards by `ray_jobs.align` (method from the spec, BLADE by default):
+    the trained model on its holdout, or with `align.landed_day_rewards` in a nightly run the champion
+    on the landed day (`align_overrides`); with `align.enabled: false`, the trained model passed on
+    as it is (recorded as skipped)."""
     trained = model_record(context, "trained_model")
     job = spec.load()
     if not job.align.enabled:
@@ -109,16 +111,26 @@ def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
         return
     run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
     day = context.partition_key if context.has_partition_key else None
-    champion = current_champion(mlflow, job) if day is not None and job.align.landed_day_rewards else None
-    yield from run_job(context, "align", spec, ray, mlflow, align_overrides(job, trained, champion, day),
+    champion = judged_day = None
+    if day is not None and job.align.landed_day_rewards:
+        champion = current_champion(mlflow, job)
+        if champion is not None:
+            with scrubbed_errors():
+                tags = mlflow.client(job).get_model_version(job.registered_model_name(), champion).tags
+            judged_day = tags.get(Tag.GATE_DAY)
+    yield from run_job(context, "align", spec, ray, mlflow, align_overrides(job, trained, champion, judged_day, day),
                        ["--run-name", run_name]).get_results()
 
 
-def align_overrides(job: JobSpec, trained: ModelRecord, champion: str | None, day: str | None) -> list[str]:
+def align_overrides(job: JobSpec, trained: ModelRecord, champion: str | None, judged_day: str | None,
+                    day: str | None) -> list[str]:
     """What the align job starts from: the night's trained model, rewarded on its holdout; with
-    `align.landed_day_rewards` on a landed `day` that has a `champion` (trained through the day
-    before), that champion, rewarded on the day's interactions. Both read today's tables."""
-    if job.align.landed_day_rewards and day is not None and champion is not None:
+    `align.landed_day_rewards` on a landed `day`, the champion version, rewarded on the day's
+    interactions — unless there is none, or the gate that promoted it judged this day or a later one
+    (`judged_day`: a rerun or a backfill; its data holds the day). A champion promoted outside the
+    nightly runs has no judged day: the align job checks its data. Both read today's tables."""
+    fresh = judged_day is None or (day is not None and judged_day < day)
+    if job.align.landed_day_rewards and day is not None and champion is not None and fresh:
         start = [f"align.init=models:/{job.registered_model_name()}/{champion}", f"align.reward_day={day}"]
     else:
         start = [f"align.init={trained.model_file}"]
@@ -253,6 +265,8 @@ def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowR
                 Tag.GATE_CANDIDATE_METRIC: str(decision.candidate_metric),
                 Tag.GATE_CHAMPION_METRIC: str(decision.champion_metric),
                 Tag.GATE_CHAMPION_VERSION: str(decision.champion)}
+        if context.has_partition_key:  # its data runs through this landed day
+            tags[Tag.GATE_DAY] = context.partition_key
         version = client.get_model_version(name, decision.candidate)
         for k, v in tags.items():
             client.set_model_version_tag(name, decision.candidate, k, v)

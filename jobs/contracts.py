@@ -37,6 +37,7 @@ class Tag:
     GATE_CANDIDATE_METRIC = "llmrec.gate.candidate_metric"
     GATE_CHAMPION_METRIC = "llmrec.gate.champion_metric"
     GATE_CHAMPION_VERSION = "llmrec.gate.champion_version"
+    GATE_DAY = "llmrec.gate.day"            # the landed day of the nightly run whose gate judged the version
 
 
 class Check:

@@ -599,7 +599,8 @@ class AlignSpec(Strict):
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
     reward_day: str | None = Field(None, description="YYYY-MM-DD: the NDCG reward's relevant set is each user's new "
                                    "items of that landed day, the context their history before it (instead of the "
-                                   "holdout); the start model must have been trained on data that ends before the day")
+                                   "holdout), less each user's validation and test targets; the start model must have "
+                                   "been trained on data that ends before the day (always checked)")
     reference_rollouts: int = Field(32, ge=2, description="M reference lists per user: static CDF and BLADE's first prior")
     exposure_momentum: float = Field(0.05, gt=0, le=1, description="EMA rate of the running catalogue exposure")
     rewards: RewardWeights = RewardWeights()
@@ -628,7 +629,7 @@ class AlignSpec(Strict):
         value = value.isoformat() if isinstance(value, date) else value  # YAML reads 1998-04-23 as a date
         if value is not None:
             try:
-                date.fromisoformat(value)
+                value = date.fromisoformat(value).isoformat()
             except ValueError:
                 raise ValueError(f"not a YYYY-MM-DD date: {value!r}") from None
         return value

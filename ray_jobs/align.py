@@ -22,6 +22,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 
 from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, markdown_table, meta
@@ -30,7 +31,7 @@ from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
-from ray_jobs.data import load_sequences
+from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
 from ray_jobs.loop import Reporter, StepPlan, alignment_state, run_steps
@@ -100,41 +101,58 @@ def align_worker(config: dict) -> None:
               reporter)
 
 
-def align_data(spec: JobSpec, data, versions: dict[str, int], reads_time: bool) -> AlignData:
+NEXT_DAY_TABLES = ("interactions", "item_index", "user_index")
+
+
+def align_data(spec: JobSpec, data: SeqData, versions: dict[str, int], reads_time: bool) -> AlignData:
     """The users aligned and their reward's relevant items: each user's last `align.holdout`
-    training items, or with `align.reward_day` that day's new items after the history before it."""
+    training items, or with `align.reward_day` that day's new items after the history before it —
+    less each user's validation and test targets in `data`: the figures the aligned model is judged
+    on (and gated by) are never its rewards."""
     a = spec.align
     if a.reward_day is None:
         return AlignData.build(data.train, data.num_items, a.holdout, a.list_size,
                                data.train_times if reads_time else None)
+    missing = [t for t in NEXT_DAY_TABLES if t not in versions]
+    if missing:
+        raise ValueError(f"align.reward_day={a.reward_day}: the pinned versions name no {', '.join(missing)} "
+                         "(the day's interactions are read from the tables an ETL run published together)")
     q = load_next_day(spec, versions, a.reward_day)
-    if not len(q):
+    judged: dict[int, set[int]] = {}
+    for split in (data.valid, data.test):
+        for u, t in zip(split.users.tolist(), split.targets.tolist()):
+            judged.setdefault(u, set()).add(t)
+    targets = [np.asarray([x for x in t.tolist() if x not in judged.get(int(u), ())], dtype=np.int64)
+               for u, t in zip(q.users, q.targets)]
+    keep = [i for i, t in enumerate(targets) if len(t)]
+    if not keep:
         raise ValueError(f"align.reward_day={a.reward_day}: no user has new items on that day in the interactions "
-                         f"table (version {versions.get('interactions')})")
-    return AlignData.of_day(q.users, q.histories, q.targets, q.num_items, a.list_size,
-                            q.times if reads_time else None, day_start(a.reward_day))
+                         f"table (version {versions['interactions']}) besides their validation and test targets")
+    return AlignData.of_day(q.users[keep], [q.histories[i] for i in keep], [targets[i] for i in keep], q.num_items,
+                            a.list_size, [q.times[i] for i in keep] if reads_time else None, day_start(a.reward_day))
 
 
 def check_trained_before(spec: JobSpec, init: ModelCheckpoint, label: str) -> None:
     """With `align.reward_day`, the start model must not have seen the day: every event of the data it
-    was trained from (its tables at the versions it records) is older than the day's start, unless
-    `align.allow_seen_rewards` says otherwise."""
+    was trained from (its tables at the versions it records) is older than the day's start. No
+    setting lifts this (`align.allow_seen_rewards` is about the holdout)."""
     a = spec.align
-    if a.allow_seen_rewards:
-        return
+    missing = [t for t in ("sequences", "item_index") if t not in init.versions]
+    if missing:
+        raise ValueError(f"align.init={label} records no version of {', '.join(missing)}, so whether it saw "
+                         f"align.reward_day={a.reward_day} cannot be checked")
     data = load_sequences(spec, init.versions)
     times = [t for t in data.train_times if len(t)] + [x.target_times for x in (data.valid, data.test)
                                                         if len(x.target_times)]
     last = max((int(t.max()) for t in times), default=None)
     if last is None:
-        raise ValueError(f"align.init={label}: its data has no timestamps, so align.reward_day={a.reward_day} cannot "
-                         "be checked unseen (set align.allow_seen_rewards=true to align anyway)")
+        raise ValueError(f"align.init={label}: its data has no timestamps, so whether it saw "
+                         f"align.reward_day={a.reward_day} cannot be checked")
     if last >= day_start(a.reward_day):
         seen = datetime.fromtimestamp(last, timezone.utc).strftime("%Y-%m-%d %H:%M")
         raise ValueError(f"align.init={label} has seen its reward day: its data runs to {seen} UTC, on or after "
                          f"align.reward_day={a.reward_day}, so the NDCG reward would measure memorisation. Align a "
-                         "model trained through the day before (the champion of that night), or set "
-                         "align.allow_seen_rewards=true")
+                         "model trained through the day before (the champion of that night)")
 
 
 def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str, aligned: bool = False) -> None:
@@ -175,8 +193,11 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     data = load_sequences(spec)
     init.check_data(data, f"align.init={start.label}")
     del init
-    if spec.align.reward_day is not None:
-        align_data(spec, data, data.versions, reads_time=False)  # the day has users to align: said before Ray starts
+    if spec.align.reward_day is not None:  # the day has users for every worker: said before any worker starts
+        users = len(align_data(spec, data, data.versions, reads_time=False).users)
+        if users < t.workers:
+            raise ValueError(f"align.reward_day={spec.align.reward_day}: {users} users to align, fewer than "
+                             f"train.workers={t.workers}")
     # computed (and cached) here, so the workers read it from the cache and the evaluation reuses it
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
     ds_cfg = deepspeed_config(spec, t.workers, spec.align.users_per_step)

@@ -37,7 +37,7 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.distributed import Collectives, return_freed_memory
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
-from ray_jobs.models import build_model, load_weights
+from ray_jobs.models import build_model, known_table, load_weights
 from ray_jobs.registry import resolve_model
 from ray_jobs.scoring import CatalogueScores, evaluate_sharded, scorable_items, scorer
 
@@ -157,15 +157,23 @@ def warm_start(spec: JobSpec, data: SeqData) -> WarmStart:
     return WarmStart(resolved.path, f"extended (+{ext.new_items} items, {len(ext.changed)} texts changed) {where}")
 
 
+def known_items(ckpt: ModelCheckpoint | None) -> tuple[list[str], torch.Tensor] | None:
+    """What building a warm start's model must take from its checkpoint rather than recompute (a
+    cached HLLM's frozen item embeddings, a generative model's token table: `known_table`), with the
+    texts it covers; None for a fresh start."""
+    table = None if ckpt is None else known_table(ckpt.spec.model.kind, ckpt.weights)
+    return None if table is None else (ckpt.item_text, table)
+
+
 def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file: str | None = None) -> TrainState:
     """A training run: the spec's model (weights from `init_file` for a warm start, extended to this
     catalogue) and loss as one module, AdamW, warmup + cosine. Negatives and the full softmax range
     over the items the gold sequences hold (`SeqData.training_items`)."""
     t = spec.train
     torch.manual_seed(t.seed)
-    model = build_model(spec, data.item_text)
-    if init_file:
-        ckpt = read_model(init_file)
+    ckpt = read_model(init_file) if init_file else None
+    model = build_model(spec, data.item_text, known_items(ckpt))
+    if ckpt is not None:
         load_weights(model, spec.model.kind, ckpt.weights, ckpt.check_data(data, init_file))
     universe = torch.from_numpy(data.training_items())
     if model.decodes_items:  # the generative family: next-item likelihood, token by token

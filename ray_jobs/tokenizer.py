@@ -7,7 +7,9 @@ folder, resumed from there after an interruption, reported like any stage (`toke
 
 Training runs it before any generator is built — the driver of a Ray job once, before the workers
 start (they read its files), or `train_local` in its process — for a fresh generative model only:
-a warm start keeps its checkpoint's token table. The files (`generative.TokenizerFiles`) are keyed
+a warm start keeps its checkpoint's token table and quantizer (`loop.known_items`). On a cluster
+the workers read the stage's files from `model.cache_dir`, which must be storage every node sees.
+The files (`generative.TokenizerFiles`) are keyed
 by the embeddings and the settings; a second run with the same ones reads them, and a lock makes
 concurrent runs on one cache fit it once.
 """
@@ -22,6 +24,7 @@ from filelock import FileLock
 from torch import nn
 
 from jobs.schema import JobSpec
+from ray_jobs.catalogue import CatalogueMismatch
 from ray_jobs.data import SeqData
 from ray_jobs.loop import LocalBackend, Reporter, StepPlan, TrainState, run_steps
 from ray_jobs.models.generative import new_quantizer, tokenizer_inputs
@@ -59,13 +62,15 @@ def quality(q: nn.Module, x: torch.Tensor) -> dict[str, float]:
 def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(), checkpoint_every: int = 100,
                   stop_after: int | None = None) -> dict:
     """Fit (or read) the tokenizer of `spec.model` (kind generative) for `data`'s catalogue; returns
-    its report (settings, table hash, final figures, the evaluation curve, seconds). `stop_after`
-    ends the fit after that many steps without writing the table, as an interruption would."""
+    its report (settings, table hash, final figures, the evaluation curve, seconds). The stage closes
+    `reporter`. `stop_after` ends the fit after that many steps without writing the table, as an
+    interruption would."""
     m = spec.model
     x, files = tokenizer_inputs(m, data.item_text)
     os.makedirs(os.path.dirname(files.table), exist_ok=True)
     with FileLock(f"{files.run}.lock"):
         if files.complete:
+            reporter.close()  # the stage is done: the reporter is not needed
             with open(files.report) as fh:
                 return json.load(fh)
         xt = torch.from_numpy(x)
@@ -79,7 +84,10 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
         state = TrainState(spec=stage, module=QuantizerFit(q, xt), optimizer=torch.optim.Adam(q.parameters(),
                            lr=m.tokenizer_lr), scheduler=None, catalogue=data.catalogue, versions=dict(data.versions))
         backend = LocalBackend(state, files.run)
-        backend.restore()
+        try:
+            backend.restore()
+        except CatalogueMismatch:  # the same texts under other item ids: that fit is not this one's to resume
+            shutil.rmtree(files.run)
         total = m.tokenizer_steps if stop_after is None else min(stop_after, m.tokenizer_steps)
 
         def step(_: int) -> tuple[torch.Tensor, dict]:

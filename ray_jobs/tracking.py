@@ -121,9 +121,10 @@ class MetricLogger(Reporter):
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 50, system_metrics_every: float | None = None,
                  retry_after: float = 30.0, final_wait: float = 120.0, max_buffer: int = 1_000_000) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # for this logger's life only (`close` takes them back): a driver's own MLflow calls keep theirs
+        self.env = {k: v for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")) if k not in os.environ}
+        os.environ.update(self.env)
         self.client, self.run_id, self.flush_every = MlflowClient(uri), run_id, flush_every
         self.retry_after, self.final_wait, self.max_buffer = retry_after, final_wait, max_buffer
         self.buffer: list = []
@@ -180,6 +181,8 @@ class MetricLogger(Reporter):
             warnings.warn(f"MLflow tracking: {len(self.buffer) + self.dropped} metrics of run {self.run_id} could not "
                           f"be logged", RuntimeWarning)
         self.system.finish()
+        for k in self.env:
+            os.environ.pop(k, None)
 
 
 def _load_pyfunc(data_path: str):

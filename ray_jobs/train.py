@@ -25,11 +25,11 @@ from jobs.contracts import Check, ModelRecord, TrainOutcome, TrainWorkerConfig, 
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
-from ray_jobs.checkpoint import save_model
+from ray_jobs.checkpoint import read_model, save_model
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import deepspeed_config
 from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_options
-from ray_jobs.loop import LocalBackend, Reporter, run_epochs, training_state, warm_start
+from ray_jobs.loop import LocalBackend, Reporter, known_items, run_epochs, training_state, warm_start
 from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.llm import minilm_item_embeddings
@@ -63,7 +63,7 @@ def train_local(spec: JobSpec, data: SeqData | None = None, resume: bool = True,
     data = data or load_sequences(spec)
     start = warm_start(spec, data)
     if spec.model.kind == "generative" and start.path is None:
-        fit_tokenizer(spec, data, reporter)
+        fit_tokenizer(spec, data)
     state = training_state(spec, data, torch.device("cpu"), start.path)
     backend = LocalBackend(state, local_dir(spec))
     if resume:
@@ -80,8 +80,9 @@ def train_worker(config: dict) -> None:
     ctx = worker_context(spec, cfg.pid_dir)
     data = load_sequences(spec, cfg.versions, shard=(ctx.rank, ctx.world))  # this worker's users only
     state = training_state(spec, data, ctx.device, cfg.init_file)
+    known = known_items(read_model(cfg.init_file)) if cfg.init_file else None
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device,
-                               lambda: build_model(spec, data.item_text))
+                               lambda: build_model(spec, data.item_text, known))
     backend.restore()
     reporter = tracking.MetricLogger(tracking_uri(spec), cfg.run_id) if ctx.rank == 0 and cfg.run_id else Reporter()
     run_epochs(state, backend, data, reporter)

@@ -459,6 +459,7 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert str(client.get_model_version_by_alias("dagster-loop", "champion").version) == champion
     kept = client.get_model_version("dagster-loop", gate2["candidate"]).tags
     assert kept["llmrec.gate.decision"] == "kept" and float(kept["llmrec.gate.champion_metric"]) == gate2["champion_metric"]
+    assert kept["llmrec.gate.day"] == "1998-04-23"  # its data runs through the day its gate judged
     rows = DeltaTable(recs2["path"]).to_pandas()
     rows = rows[rows["model_name"] == recs2["model_name"]]
     assert set(rows["model_version"]) == {champion} and "5000" in set(rows["user_id"])  # the new user is served
@@ -526,11 +527,15 @@ def test_the_nightly_alignment_starts_from_the_champion_on_the_landed_day_when_a
     pinned = 'data.pinned_versions={"sequences": 7, "interactions": 3}'
     usual = load_spec(SMOKE, ["name=loop"])
     asked = load_spec(SMOKE, ["name=loop", "align.landed_day_rewards=true"])
-    assert align_overrides(usual, trained, "2", "1998-04-24") == [pinned, "align.init=/m/trained.pt"]
-    assert align_overrides(asked, trained, "2", "1998-04-24") == [pinned, "align.init=models:/loop/2",
-                                                                   "align.reward_day=1998-04-24"]
-    assert align_overrides(asked, trained, None, "1998-04-24") == [pinned, "align.init=/m/trained.pt"]  # no champion yet
-    assert align_overrides(asked, trained, "2", None) == [pinned, "align.init=/m/trained.pt"]  # not a nightly run
+    day = "1998-04-24"
+    from_champion = [pinned, "align.init=models:/loop/2", "align.reward_day=1998-04-24"]
+    assert align_overrides(usual, trained, "2", "1998-04-23", day) == [pinned, "align.init=/m/trained.pt"]
+    assert align_overrides(asked, trained, "2", "1998-04-23", day) == from_champion  # promoted the night before
+    assert align_overrides(asked, trained, "2", None, day) == from_champion  # promoted outside: the job checks it
+    assert align_overrides(asked, trained, "2", day, day) == [pinned, "align.init=/m/trained.pt"]  # a rerun of the night
+    assert align_overrides(asked, trained, "2", "1998-04-30", day) == [pinned, "align.init=/m/trained.pt"]  # backfill
+    assert align_overrides(asked, trained, None, None, day) == [pinned, "align.init=/m/trained.pt"]  # no champion yet
+    assert align_overrides(asked, trained, "2", None, None) == [pinned, "align.init=/m/trained.pt"]  # not nightly
 
 
 class _KubeApi:

@@ -26,6 +26,7 @@ from spark.etl import ingest_day
 SMOKE = "jobs/specs/movielens-100k-smoke.yaml"
 NEW_ITEM, NEW_USER, DAY = "9999", "5000", "1998-04-23"  # the day after ML-100K's last rating
 WATCHERS = ["1", "2", "5", "6", "7", "10", "13", "15"]
+MORE = [("1", ("286", "294")), ("2", ("181", "121"))]  # known movies users 1 and 2 had not rated
 DAY_TS = 893_289_600  # 1998-04-23 00:00 UTC
 LANDING_ITEMS = {"columns": {"item_id": "item_id", "title": "title", "categories": "genres", "attributes": ["year"]}}
 
@@ -48,16 +49,24 @@ def grown(tmp_path_factory, ml100k_lake, ml100k_item_embeddings, engines):
                                         "train.epochs=2", "train.lr=0.003"))
     hllm = load_spec(SMOKE, overrides(lake, tmp, "name=day0-hllm", "model.kind=hllm", "model.item_id_embedding=true",
                                       "train.epochs=2", "train.lr=0.005", "train.negatives=512"))
-    day0 = {"sasrec": train_local(sasrec, resume=False).checkpoint, "hllm": train_local(hllm, resume=False).checkpoint}
+    generative = load_spec(SMOKE, overrides(lake, tmp, "name=day0-generative", "model={kind: generative, dim: 16, "
+                                            "books: 3, codes: 32, tokenizer_steps: 40, max_disambiguation: 256}",
+                                            f"model.cache_dir={tmp}/cache", "train.epochs=1", "train.lr=0.003"))
+    day0 = {"sasrec": train_local(sasrec, resume=False).checkpoint, "hllm": train_local(hllm, resume=False).checkpoint,
+            "generative": train_local(generative, resume=False).checkpoint}
     before = load_sequences(sasrec)
     rows = [f"{u},{NEW_ITEM},{DAY_TS + 60 * k},{4 + k % 2}" for k, u in enumerate(WATCHERS)]
     rows += [f"{NEW_USER},{item},{DAY_TS + 1000 + k},{4 + k % 2}" for k, item in enumerate((NEW_ITEM, 50, 181, 100, 258))]
+    # two watchers go on to two known movies that day: tonight those are their validation and test
+    # targets, and the new movie one of their training items
+    rows += [f"{u},{item},{DAY_TS + 3000 + 60 * k},4" for u, items in MORE for k, item in enumerate(items)]
     (tmp / "landing" / f"{DAY}.csv").write_text("user_id,item_id,ts,value\n" + "\n".join(rows) + "\n")
     (tmp / "landing" / f"{DAY}.items.csv").write_text("item_id,title,genres,year\n"
                                                       f"{NEW_ITEM},Galaxy Quest,Comedy|Sci-Fi,1999\n")
     result = ingest_day(sasrec, engines.get("sail"), DAY)
     assert result.gold.published is not None and result.gold.gold.new_items == 1 and result.gold.gold.new_users == 1
-    return {"tmp": tmp, "sasrec": sasrec, "hllm": hllm, "day0": day0, "before": before, "after": load_sequences(sasrec)}
+    return {"tmp": tmp, "sasrec": sasrec, "hllm": hllm, "generative": generative, "day0": day0, "before": before,
+            "after": load_sequences(sasrec)}
 
 
 def test_day0_models_score_the_grown_catalogue(grown):
@@ -184,6 +193,27 @@ def test_next_day_metrics_of_the_models_that_served_the_day(grown):
     assert m["ndcg@3"] == pytest.approx((dcg / (1 + 1 / np.log2(3) + 1 / np.log2(4))) / 2)
 
 
+def test_a_generative_warm_start_keeps_its_token_table_and_tokenizes_the_new_item(grown, tmp_path):
+    """A warm start never refits the tokenizer (it would remap every item): the day-0 model's table and
+    quantizer come from its checkpoint, the landed item gets tokens from its text through them, and
+    the run trains from there."""
+    from ray_jobs.loop import training_state, warm_start
+    after = grown["after"]
+    new = after.catalogue.index_of()[NEW_ITEM]
+    spec = grown["generative"].model_copy(update={"train": grown["generative"].train.model_copy(update={
+        "init_from": grown["day0"]["generative"], "checkpoint_dir": str(tmp_path), "epochs": 1})})
+    start = warm_start(spec, after)
+    assert start.tag.startswith("extended (+1 items")
+    state = training_state(spec, after, torch.device("cpu"), start.path)
+    trained = read_model(grown["day0"]["generative"]).weights
+    tokens = state.model.tokens
+    assert torch.equal(tokens[:new], trained["tokens"][:new]) and int(state.model.table_items) == new
+    assert tokens[new].abs().sum() > 0 and tuple(tokens[new].tolist()) not in {tuple(r) for r in tokens[1:new].tolist()}
+    assert state.model.table_hash == state.model.table().hash
+    result = train_local(spec, after)
+    assert result.epochs_run == 1 and np.isfinite(result.history[-1]["loss"])
+
+
 def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, local_ray, tmp_path):
     from deltalake import DeltaTable
 
@@ -198,13 +228,22 @@ def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, l
     assert NEW_USER in set(mine["user_id"]) and (mine["item_id"] == NEW_ITEM).any()
     assert np.isfinite(mine["score"]).all() and (mine["item_idx"] > 0).all() and out.unscorable_items == 0
     # aligned on the landed day's interactions (the next-day reward source): the day-0 model never saw
-    # them — its data ends before the day (checked) — and the watchers' relevant item is the new one
+    # them — its data ends before the day (checked) — and only the two users with a reward left after
+    # their validation and test targets are aligned (the holdout would give a batch of 16)
     a = spec.align.model_copy(update={"init": grown["day0"]["hllm"], "steps": 1, "users_per_step": 16, "rollouts": 4,
                                       "eval_every": 0, "checkpoint_every": 0, "reward_day": DAY,
                                       "allow_seen_rewards": False})
     aligned = align(spec.model_copy(update={"align": a}), register=False)
-    assert aligned.steps == 1 and np.isfinite(aligned.last_step["reward_mean"])
+    assert aligned.steps == 1 and np.isfinite(aligned.last_step["reward_mean"]) and aligned.last_step["users"] == 2
     assert read_model(aligned.model_file).num_items == grown["after"].num_items  # aligned on today's catalogue
+
+
+def user_idx(spec, source_ids: list[str]) -> list[int]:
+    from deltalake import DeltaTable
+
+    from jobs.lake import table_path
+    users = DeltaTable(table_path(spec, "user_index")).to_pandas()
+    return [int(users.loc[users.user_id == u, "user_idx"].iloc[0]) for u in source_ids]
 
 
 def test_the_reward_day_aligns_the_users_of_the_day_and_refuses_a_model_that_saw_it(grown):
@@ -216,10 +255,16 @@ def test_the_reward_day_aligns_the_users_of_the_day_and_refuses_a_model_that_saw
     spec = grown["hllm"].model_copy(update={"align": grown["hllm"].align.model_copy(update={
         "reward_day": DAY, "allow_seen_rewards": False, "list_size": 10})})
     data = align_data(spec, after, after.versions, reads_time=True)
-    # the 8 watchers; the new user has no history before the day
-    assert len(data.users) == len(WATCHERS) and (data.relevant == new).any(1).all()
+    # of the 8 watchers, the two who went on that day: the others' one item of the day is their test
+    # target, which a reward never is; the new user has no history before the day
+    index = after.catalogue.index_of()
+    assert sorted(data.users.tolist()) == sorted(user_idx(spec, [u for u, _ in MORE]))
+    assert data.relevant.tolist() == [[new], [new]]
+    assert not {index[i] for _, items in MORE for i in items} & set(data.relevant.flatten().tolist())
     assert all(s[-1] == day_start(DAY) and len(s) == len(c) + 1 for s, c in zip(data.stamps, data.contexts))
     assert all(not (c == new).any() for c in data.contexts)
+    with pytest.raises(ValueError, match="pinned versions name no interactions"):
+        align_data(spec, after, {k: v for k, v in after.versions.items() if k != "interactions"}, reads_time=False)
     init = read_model(grown["day0"]["hllm"])
     check_trained_before(with_init_model(spec, init, "day0", None), init, "day0")  # its data ends the day before
     init.versions = dict(after.versions)  # a model trained on the tables that include the day

@@ -69,6 +69,7 @@ class StepStats:
     reward_diversity: float
     reward_tail: float
     reward_exposure: float
+    users: float = 0.0  # users the step's lists were sampled for, every rank's
 
     @classmethod
     def of(cls, s: StepSums, reward_max: float, beta: float, has_entropy: bool) -> "StepStats":
@@ -77,7 +78,7 @@ class StepStats:
         return cls(mean, max(s.reward_sq / lists - mean * mean, 0.0) ** 0.5, reward_max, s.kl / users,
                    s.grad_norm / users, s.entropy / users if has_entropy else None, s.log_ratio / lists,
                    s.flat_groups / users, s.policy_loss / users, s.clipped / lists, beta,
-                   *(getattr(s, t) / lists for t in REWARD_TERMS))
+                   *(getattr(s, t) / lists for t in REWARD_TERMS), s.users)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -279,7 +279,7 @@ class SemanticGenerator(nn.Module):
         return items, scores
 
 
-TOKENIZER_VERSION = 2  # part of the cache key: a changed quantizer never reads an older table
+TOKENIZER_VERSION = 3  # part of the cache key: a changed quantizer or stage never reads an older table
 MINILM_DIM = 384       # the text embeddings the tokenizer reads (all-MiniLM-L6-v2)
 
 
@@ -343,7 +343,8 @@ def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn
         raise FileNotFoundError(
             f"model.quantizer={m.quantizer}: no semantic ids for these {len(x)} items under "
             f"{os.path.dirname(files.table)} (key {files.key}): the tokenizer stage writes them "
-            "(ray_jobs.tokenizer.fit_tokenizer; `llmrec train` runs it before training a fresh generative model)")
+            "(ray_jobs.tokenizer.fit_tokenizer; `llmrec train` runs it before training a fresh generative model; "
+            "on a cluster, model.cache_dir must be storage the driver and every worker see)")
     torch.manual_seed(m.seed)
     q = new_quantizer(m, x.shape[1])
     q.load_state_dict(load_file(files.weights))
