@@ -1,6 +1,6 @@
 """Does nightly retraining pay? MovieLens-1M replayed night by night (jobs/specs/movielens-1m-replay.yaml).
 
-    python bench/replay.py [--models sasrec,hllm] [--nights 14] [--base-minutes 10] [--nightly-minutes 3]
+    python bench/replay.py [--models sasrec,hllm,generative] [--nights 14] [--base-minutes 10] [--nightly-minutes 3]
 
 The packaged ML-1M is cut at 2000-08-01: the base is every rating before it (with the metadata of the
 movies rated by then); each following day is one landed file of its ratings plus the metadata of the
@@ -47,7 +47,11 @@ CUT = date(2000, 8, 1)
 RESULTS = ROOT / "bench" / "results" / "replay-movielens-1m.json"
 SASREC = ["model.kind=sasrec", "model.dim=50", "model.blocks=2", "model.heads=1", "model.dropout=0.2",
           "model.block=original", "train.lr=0.001", "train.warmup_steps=0", "train.grad_clip=0"]
-MODELS = {"hllm": [], "sasrec": SASREC}
+# movielens-1m-generative.yaml's model (MPQ semantic ids from MiniLM text, 2-block generator): a new
+# movie gets its tokens from its text through the trained tokenizer on the night it lands
+GENERATIVE = ["model={kind: generative, dim: 64, blocks: 2, heads: 1, dropout: 0.2, quantizer: mpq, books: 3, "
+              "codes: 64, paths: 3}", "train.lr=0.001", "train.warmup_steps=0"]
+MODELS = {"hllm": [], "sasrec": SASREC, "generative": GENERATIVE}
 
 
 # ----------------------------------------------------------------------------- the data
