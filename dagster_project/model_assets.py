@@ -102,24 +102,39 @@ def aligned_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
     as it is (recorded as skipped)."""
     trained = model_record(context, "trained_model")
     job = spec.load()
-    if not job.align.enabled:
-        context.log.info("align.enabled is false: the trained model goes on unaligned")
-        yield MaterializeResult(metadata={"skipped": "align.enabled is false",
-                                          **dagster_metadata(trained.to_metadata())})
-        yield AssetCheckResult(check_name=Check.ALIGN_BOUNDS, passed=True,
-                               metadata={"skipped": "not aligned: the trained model itself"})
-        return
-    run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
     day = context.partition_key if context.has_partition_key else None
     champion = judged_day = None
-    if day is not None and job.align.landed_day_rewards:
+    if job.align.enabled and day is not None and job.align.landed_day_rewards:
         champion = current_champion(mlflow, job)
         if champion is not None:
             with scrubbed_errors():
                 tags = mlflow.client(job).get_model_version(job.registered_model_name(), champion).tags
             judged_day = tags.get(Tag.GATE_DAY)
-    yield from run_job(context, "align", spec, ray, mlflow, align_overrides(job, trained, champion, judged_day, day),
-                       ["--run-name", run_name]).get_results()
+    overrides = align_overrides(job, trained, champion, judged_day, day)
+    skipped = skip_alignment(job, str(upstream(context, AssetKey("trained_model")).get("warm_start", "fresh start")),
+                             overrides)
+    if skipped:
+        context.log.info(f"{skipped}: the trained model goes on unaligned")
+        yield MaterializeResult(metadata={"skipped": skipped, **dagster_metadata(trained.to_metadata())})
+        yield AssetCheckResult(check_name=Check.ALIGN_BOUNDS, passed=True,
+                               metadata={"skipped": "not aligned: the trained model itself"})
+        return
+    run_name = f"{job.name}-align-{job.align.method}-{context.run_id[:8]}"
+    yield from run_job(context, "align", spec, ray, mlflow, overrides, ["--run-name", run_name]).get_results()
+
+
+def skip_alignment(job: JobSpec, warm_start: str, overrides: list[str]) -> str | None:
+    """Why the trained model goes on unaligned, if it does: alignment is off, or it would start from
+    the night's trained model on its holdout while that model was warm-started from earlier weights
+    (which may have trained, or been aligned, on those items) and `align.allow_seen_rewards` is false
+    — a start the align job refuses. None: align (`overrides`)."""
+    if not job.align.enabled:
+        return "align.enabled is false"
+    on_holdout = not any(o.startswith("align.reward_day=") for o in overrides)
+    if on_holdout and not job.align.allow_seen_rewards and not warm_start.startswith("fresh start"):
+        return (f"the trained model was warm-started ({warm_start}), so it may have seen its holdout rewards "
+                "(align.allow_seen_rewards is false)")
+    return None
 
 
 def align_overrides(job: JobSpec, trained: ModelRecord, champion: str | None, judged_day: str | None,

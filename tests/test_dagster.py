@@ -538,6 +538,24 @@ def test_the_nightly_alignment_starts_from_the_champion_on_the_landed_day_when_a
     assert align_overrides(asked, trained, "2", None, None) == [pinned, "align.init=/m/trained.pt"]  # not nightly
 
 
+def test_a_warm_started_model_is_not_aligned_on_a_holdout_it_may_have_seen():
+    """The aligned_model asset passes the trained model on unaligned (and says why) when the align job
+    would refuse its start: a warm-started trained model rewarded on its holdout while
+    `align.allow_seen_rewards` is false; a fresh one, a landed-day start from the champion, or seen
+    rewards allowed, align."""
+    from dagster_project.model_assets import skip_alignment
+    honest = load_spec(SMOKE, ["align.allow_seen_rewards=false", "train.withhold=1"])
+    holdout, landed = ["align.init=/m/trained.pt"], ["align.init=models:/loop/2", "align.reward_day=1998-04-24"]
+    assert skip_alignment(honest, "fresh start", holdout) is None
+    assert skip_alignment(honest, "fresh start: models:/loop@champion has another model section", holdout) is None
+    why = skip_alignment(honest, "warm start from models:/loop@champion (version 2)", holdout)
+    assert why.startswith("the trained model was warm-started (warm start from") and "allow_seen_rewards" in why
+    assert skip_alignment(honest, "extended (+1 items, 0 texts changed) from x", holdout) is not None
+    assert skip_alignment(honest, "warm start from x", landed) is None  # the champion on the landed day
+    assert skip_alignment(load_spec(SMOKE), "warm start from x", holdout) is None  # the smoke spec allows seen rewards
+    assert skip_alignment(load_spec(SMOKE, ["align.enabled=false"]), "fresh start", holdout) == "align.enabled is false"
+
+
 class _KubeApi:
     """A stand-in Kubernetes API server on 127.0.0.1 (no cluster here): records what is created and
     answers every RayJob status with a failed deployment, as the operator does for a rejected job."""
