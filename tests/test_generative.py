@@ -253,3 +253,21 @@ def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k
     assert fit_tokenizer(second, data) == straight  # read, not fitted again
     model = build_model(second, data.item_text)
     assert model.table().hash == straight["hash"]
+
+
+def test_a_generator_refuses_weights_of_another_token_table_and_an_edited_one():
+    """The table's hash is pinned in the weights: weights trained on another tokenizer's table are
+    refused by a generator built on this one (they would remap every item), an edited table is refused
+    against its own pin, and weights saved before tables were pinned still load."""
+    g, _ = _generator(seed=0)
+    other, _ = _generator(seed=1)  # another table of the same shape
+    with pytest.raises(ValueError, match="remap every item"):
+        other.load_state_dict(g.state_dict())
+    edited = {k: v.clone() for k, v in g.state_dict().items()}
+    edited["tokens"][1, 0] = (edited["tokens"][1, 0] + 1) % 4
+    with pytest.raises(ValueError, match="is not the one they pin"):
+        _generator(seed=0)[0].load_state_dict(edited)
+    old = {k: v for k, v in g.state_dict().items() if k != "table_pin"}
+    again, _ = _generator(seed=0)
+    again.load_state_dict(old)
+    assert again.table_hash == g.table_hash

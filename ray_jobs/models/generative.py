@@ -77,6 +77,15 @@ class TokenTrie:
         return True
 
 
+def pin_of(table_hash: str) -> torch.Tensor:
+    """A table's hash as a tensor that travels with the weights (32 bytes)."""
+    return torch.tensor(list(bytes.fromhex(table_hash)), dtype=torch.uint8)
+
+
+def hash_of(pin: torch.Tensor) -> str:
+    return bytes(pin.cpu().tolist()).hex()
+
+
 class SemanticGenerator(nn.Module):
     reads_time = False
     reads_catalogue = False
@@ -115,6 +124,9 @@ class SemanticGenerator(nn.Module):
         # both travel with the weights: the table is the model's vocabulary, not the ETL's
         self.register_buffer("tokens", torch.from_numpy(full))
         self.register_buffer("table_items", torch.tensor(len(tokens) - 1))
+        # the hash of the table the weights were trained with (`TokenTable.hash`), pinned in the weights:
+        # a load checks the table it brings against it and against the table this generator holds
+        self.register_buffer("table_pin", pin_of(table.hash))
         self.col_emb = nn.Embedding(self.columns * self.vocab, dim)  # column c, token t -> row c * vocab + t
         self.query = nn.Embedding(self.columns, dim)
         self.user = SASRec(None, max_len, dim, blocks, heads, dropout)
@@ -129,10 +141,29 @@ class SemanticGenerator(nn.Module):
             orders = list(dict.fromkeys(orders + list(itertools.permutations(range(m)))))[:paths]
         self.orders = [o + (m,) for o in orders]
         self._loaded = False
+        self._held: str | None = None
         self._rebuild()
+        self.register_load_state_dict_pre_hook(SemanticGenerator._before_load)
         self.register_load_state_dict_post_hook(lambda module, keys: module._after_load())
 
+    def _before_load(self, state: dict, prefix: str, *args) -> None:
+        self._held = self.table().hash
+        if prefix + "table_pin" not in state and prefix + "tokens" in state:  # saved before tables were pinned
+            n = int(state[prefix + "table_items"])
+            state[prefix + "table_pin"] = pin_of(TokenTable(self.table_kind, self.codes,
+                                                            state[prefix + "tokens"][:n + 1].cpu().numpy()).hash)
+
     def _after_load(self) -> None:
+        """Refuse weights whose table is not the one they pin (an edited table), or not the one this
+        generator holds (weights trained on another tokenizer's table: it would remap every item)."""
+        loaded = self.table().hash
+        if loaded != hash_of(self.table_pin):
+            raise ValueError(f"generative weights: their token table (hash {loaded[:12]}) is not the one they pin "
+                             f"({hash_of(self.table_pin)[:12]})")
+        if self._held is not None and loaded != self._held:
+            raise ValueError(f"generative weights trained on token table {loaded[:12]} loaded into a generator built "
+                             f"on table {self._held[:12]}: another tokenizer's table would remap every item")
+        self._held = None
         self._loaded = True
         self._rebuild()
 
@@ -157,6 +188,7 @@ class SemanticGenerator(nn.Module):
             self.tokenize_pending()
         table = self.table()
         self.table_hash = table.hash
+        self.table_pin.copy_(pin_of(table.hash))  # the grown table, once new items have their tokens
         self.tries = [TokenTrie(table.tokens, o, self.vocab) for o in self.orders]
 
     def table(self) -> TokenTable:
