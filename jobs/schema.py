@@ -545,11 +545,15 @@ class ClusterSpec(Strict):
 
 
 class RewardWeights(Strict):
-    """Weights of the list reward r = ndcg·NDCG@K + diversity·ILD + tail·tail share + exposure·deficit."""
+    """Weights of the list reward r = ndcg·NDCG@K + msra·graded NDCG@K + diversity·ILD + tail·tail share +
+    exposure·deficit."""
     ndcg: float = Field(1.0, ge=0, description="NDCG@K of the list against the held-out training items")
     diversity: float = Field(0.0, ge=0, description="intra-list diversity (1 - mean pairwise cosine of item text embeddings)")
     tail: float = Field(0.0, ge=0, description="share of list items from the long tail (eval.tail_share of items)")
     exposure: float = Field(0.0, ge=0, description="exposure deficit: mean of max(0, 1 - n·p_i) over list items, p the running exposure")
+    msra: float = Field(0.0, ge=0, description="multi-step reward augmentation (REG4Rec's MSRA): NDCG@K against the "
+                        "user's next align.holdout interactions (or the reward day's), the one t steps ahead graded "
+                        "align.msra_discount^t")
 
 
 class BladeSpec(Strict):
@@ -597,6 +601,8 @@ class AlignSpec(Strict):
                                     "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
     kl_rate: float = Field(0.1, gt=0, description="adaptation rate of beta (with kl_target)")
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
+    msra_discount: float = Field(0.5, gt=0, le=1, description="rewards.msra: grade of the held-out interaction t steps "
+                                 "ahead of the context (discount^t; 1: plain NDCG over them)")
     reward_day: str | None = Field(None, description="YYYY-MM-DD: the NDCG reward's relevant set is each user's new "
                                    "items of that landed day, the context their history before it (instead of the "
                                    "holdout), less each user's validation and test targets; the start model must have "

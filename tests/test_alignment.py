@@ -134,6 +134,21 @@ def test_ndcg_reward_hand_computed():
     assert padded[0, 0].item() == pytest.approx(1 / math.log2(3))
 
 
+def test_msra_reward_grades_the_next_interactions_by_how_far_ahead_they_are():
+    """MSRA: the next interaction counts 1, the one after it discount, then discount^2; the ideal list
+    has them in that order; discount 1 is plain NDCG; padding is never relevant."""
+    lists = torch.tensor([[[5, 7, 9], [9, 7, 5], [1, 2, 3], [7, 1, 2]]])
+    future = torch.tensor([[5, 7, 9]])  # 5 next, then 7, then 9
+    d = 0.5
+    p = [1.0, 1 / math.log2(3), 0.5]
+    ideal = 1 * p[0] + d * p[1] + d * d * p[2]
+    got = rewards.msra_gains(lists, future, d).sum(-1)[0]
+    assert got.tolist() == pytest.approx([1.0, (d * d * p[0] + d * p[1] + p[2]) / ideal, 0.0, d * p[0] / ideal])
+    assert torch.allclose(rewards.msra_gains(lists, future, 1.0), rewards.ndcg_gains(lists, future))
+    short = rewards.msra_gains(lists, torch.tensor([[7, 0, 0]]), d).sum(-1)[0]
+    assert short.tolist() == pytest.approx([p[1], p[1], 0.0, 1.0])
+
+
 def test_diversity_tail_exposure_hand_computed():
     emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     lists = torch.tensor([[[1, 2], [1, 3]]])

@@ -22,7 +22,7 @@ from ray_jobs.distributed import Collectives
 from ray_jobs.scoring import CatalogueScores
 
 Scores = Callable[..., torch.Tensor]  # left-padded histories (B, L)[, their times (B, L + 1)] -> item scores (B, n + 1)
-REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure")
+REWARD_TERMS = ("ndcg", "diversity", "tail", "exposure", "msra")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class StepSums:
     diversity: float = 0.0
     tail: float = 0.0
     exposure: float = 0.0
+    msra: float = 0.0
 
     def all_sum(self, comm: Collectives) -> "StepSums":
         return StepSums(*comm.all_sum(torch.tensor(astuple(self), dtype=torch.float64)).tolist())
@@ -69,6 +70,7 @@ class StepStats:
     reward_diversity: float
     reward_tail: float
     reward_exposure: float
+    reward_msra: float = 0.0
     users: float = 0.0  # users the step's lists were sampled for, every rank's
 
     @classmethod
@@ -235,7 +237,8 @@ class Aligner:
         return {"ndcg": rewards.ndcg_gains(lists, self.data.relevant[rows]),
                 "diversity": rewards.diversity_gains(lists, self.item_emb),
                 "tail": rewards.tail_gains(lists, self.tail),
-                "exposure": rewards.exposure_gains(lists, self.exposure)}
+                "exposure": rewards.exposure_gains(lists, self.exposure),
+                "msra": rewards.msra_gains(lists, self.data.relevant[rows], self.cfg.msra_discount)}
 
     def reward_terms(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {t: g.sum(-1) for t, g in self.reward_gains(lists, rows).items()}

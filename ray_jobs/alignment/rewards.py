@@ -5,6 +5,8 @@ list given the items before it. The list reward (B, N) is their sum, so the part
 potentials of step-wise credit (FLAME): a prefix's reward, 0 for the empty list, the list reward at K.
 - `ndcg`: NDCG@K against the user's held-out items (binary relevance, ideal DCG over min(H, K));
   position j adds rel_j / log2(j + 1) / IDCG.
+- `msra`: NDCG@K against the user's next interactions graded by how far ahead they are
+  (`msra_gains`: the one t steps ahead counts align.msra_discount^t).
 - `diversity`: intra-list diversity, 1 - mean pairwise cosine of the items' text embeddings;
   position j adds sum_{m<j} (1 - cos(e_j, e_m)) / (K (K - 1) / 2).
 - `tail_share`: share of the list's items in the long tail (a boolean mask over item ids); tail_j / K.
@@ -25,6 +27,21 @@ def ndcg_gains(lists: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     n_rel = (relevant != 0).sum(-1).clamp(max=k)                      # (B,)
     ideal = torch.cumsum(discount, 0)[(n_rel - 1).clamp(min=0)] * (n_rel > 0)
     return (hits * discount / ideal.clamp(min=1e-12)[:, None, None]).float()
+
+
+def msra_gains(lists: torch.Tensor, relevant: torch.Tensor, discount: float) -> torch.Tensor:
+    """Multi-step reward augmentation (after REG4Rec's MSRA): NDCG@K against the user's next H
+    interactions in order (relevant: (B, H), the next one first, 0 = padding), the one t steps ahead
+    graded discount^t, so a list is paid for the user's future actions, the nearer the more; ideal
+    DCG: the grades in order at the top min(H, K) positions. discount 1 is `ndcg_gains`."""
+    k, h = lists.shape[-1], relevant.shape[-1]
+    grade = discount ** torch.arange(h, dtype=torch.float64, device=lists.device)            # (H,)
+    match = (lists[..., None] == relevant[:, None, None, :]) & (relevant[:, None, None, :] != 0)
+    gain = (match.double() * grade).amax(-1)                                                  # (B, N, K)
+    position = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=lists.device) + 2.0)
+    m = min(h, k)
+    ideal = ((relevant[:, :m] != 0).double() * grade[:m] * position[:m]).sum(-1)              # (B,)
+    return (gain * position / ideal.clamp(min=1e-12)[:, None, None]).float()
 
 
 def diversity_gains(lists: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
@@ -74,5 +91,5 @@ def combine(weights: dict[str, float], terms: dict[str, torch.Tensor]) -> torch.
             part = w * terms[name]
             total = part if total is None else total + part
     if total is None:
-        raise ValueError("align.rewards: every reward weight is 0; give ndcg, diversity, tail or exposure a weight")
+        raise ValueError("align.rewards: every reward weight is 0; give ndcg, msra, diversity, tail or exposure a weight")
     return total
