@@ -158,13 +158,13 @@ def check_trained_before(spec: JobSpec, init: ModelCheckpoint, label: str) -> No
 def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str, aligned: bool = False) -> None:
     """The NDCG reward is each user's last `align.holdout` training items; a start model that has seen
     them is refused unless `align.allow_seen_rewards` says so: one trained on them (its
-    train.withhold smaller), one warm-started from other weights (they may have), or an aligned
-    model (it was rewarded on them)."""
+    train.withhold smaller), one started from other weights (`train.init_from`: they may have), or
+    an aligned model (it was rewarded on them). `train.warm_start_from_champion` alone is only
+    Dagster's request: the asset sets `init_from` when there is a champion to start from."""
     if a.allow_seen_rewards:
         return
     why = (f"its train.withhold={start.withhold} < align.holdout={a.holdout}" if start.withhold < a.holdout else
-           f"it was warm-started from {start.init_from or 'the champion'}" if start.init_from
-           or start.warm_start_from_champion else
+           f"it was warm-started from {start.init_from}" if start.init_from else
            "it is an aligned model, rewarded on them" if aligned else None)
     if why:
         raise ValueError(f"align.init={label} has seen its reward items: {why}, so the NDCG reward would measure "

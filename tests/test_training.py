@@ -77,6 +77,8 @@ def test_withheld_items_never_reach_a_training_batch_and_alignment_refuses_a_mod
         check_rewards_unseen(strict, spec.train.model_copy(update={"init_from": "models:/m@champion"}), "m")
     with pytest.raises(ValueError, match="an aligned model"):
         check_rewards_unseen(strict, spec.train, "m", aligned=True)
+    # Dagster's request to warm-start (a first run has no champion, so none happened) is not a warm start
+    check_rewards_unseen(strict, spec.train.model_copy(update={"warm_start_from_champion": True}), "m")
     with pytest.raises(ValueError, match="train.withhold=2 needs train.fit_on=train"):
         load_spec("jobs/specs/movielens-100k-smoke.yaml", ["train.withhold=2", "train.fit_on=train_valid"])
 
