@@ -187,9 +187,13 @@ class SemanticGenerator(nn.Module):
         if self.pending is not None and len(self.pending) and self._loaded:
             self.tokenize_pending()
         table = self.table()
-        self.table_hash = table.hash
         self.table_pin.copy_(pin_of(table.hash))  # the grown table, once new items have their tokens
         self.tries = [TokenTrie(table.tokens, o, self.vocab) for o in self.orders]
+
+    @property
+    def table_hash(self) -> str:
+        """The hash of the token table the generator holds (what its weights pin)."""
+        return hash_of(self.table_pin)
 
     def table(self) -> TokenTable:
         return TokenTable(self.table_kind, self.codes, self.tokens[:int(self.table_items) + 1].cpu().numpy())
