@@ -113,7 +113,8 @@ def test_a_table_without_disambiguation_is_refused():
         TokenTrie(tokens, (0, 1), 4)
 
 
-def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100k_lake, tmp_path, monkeypatch):
+def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100k_lake, tmp_path, monkeypatch,
+                                                                          warm_cache):
     """model.kind=generative through the one training loop: MPQ semantic ids from MiniLM text embeddings
     (trained once, cached), the generator trained on next-item likelihood; the saved best model scores
     every item of its catalogue (cold items included: their tokens come from text) and reproduces its
@@ -126,9 +127,10 @@ def test_a_generative_model_beats_popularity_on_movielens_100k_and_reloads(ml100
     from ray_jobs.scoring import evaluate_split, load_for_catalogue
     from ray_jobs.train import train_local
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [
-        f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "train.epochs=10", "train.lr=0.003",
-        "train.min_lr_ratio=1.0", "train.eval_every=5",
-        "train.batch_size=64", "model={kind: generative, dim: 32, paths: 2, tokenizer_steps: 200}"])
+        f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp_path}", "train.epochs=6", "train.lr=0.006",
+        "train.min_lr_ratio=1.0", "train.eval_every=6",  # valid NDCG@10 0.047 after 6 epochs (popularity 0.035)
+        "train.batch_size=64", "model={kind: generative, dim: 32, paths: 2, tokenizer_steps: 200}",
+        f"model.cache_dir={warm_cache}"])
     data = load_sequences(spec)
     pop = evaluate(Popularity(data.popularity).score, data.valid.histories, data.valid.targets, data.num_items,
                    data.popularity).metrics["ndcg@10"]
@@ -238,14 +240,13 @@ def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k
     assert resumed["restarts"] == 1 and resumed["steps"] == 40 and files.complete
     assert not os.path.exists(files.run)  # the run folder goes once the table is written
     straight = fit_tokenizer(second, data, checkpoint_every=10)
-    # the same fit: equal to float rounding (a resumed tensor's memory layout may change the last bits of
-    # a reduction), so the same codes but for an item on a boundary
+    # the same fit: the resumed run continues from its step-20 checkpoint to exactly the table and figures
+    # of a run that was never interrupted
     assert straight["restarts"] == 0
-    assert [r["recon_mse"] for r in resumed["curve"]] == pytest.approx([r["recon_mse"] for r in straight["curve"]],
-                                                                         rel=1e-5)
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "restarts")} == \
+        {k: v for k, v in straight.items() if k not in ("seconds", "restarts")}
     _, other = tokenizer_inputs(second.model, data.item_text)
-    same = (TokenTable.from_parquet(files.table).tokens == TokenTable.from_parquet(other.table).tokens).all(1).mean()
-    assert same > 0.99, same
+    assert np.array_equal(TokenTable.from_parquet(files.table).tokens, TokenTable.from_parquet(other.table).tokens)
     assert [r["step"] for r in straight["curve"]] == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
     assert straight["curve"][-1]["recon_mse"] < straight["curve"][0]["recon_mse"]
     assert {"book0_perplexity", "book2_dead_codes", "collision_share"} <= set(straight)

@@ -95,3 +95,24 @@ def test_token_table_round_trips_as_parquet_and_refuses_another_table(tmp_path):
     other.tokens[2, 0] = 9  # one item's token changed: a different table
     with pytest.raises(ValueError, match="trained on the token table"):
         other.require(table.hash, "the generator")
+
+
+def test_the_codebook_gradient_is_bit_identical_across_backward_passes_on_several_threads():
+    """The tokenizer stage's fits repeat exactly: the codebooks' gradient (rows gathered by code, many
+    items per code) is summed in a fixed order on several CPU threads (indexing's backward adds with
+    atomics there, and two fits of one seed differed in 5 % of items' codes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4000, 64)
+        q = ParallelQuantizer(64, latent=16, experts=2, codes=8, hidden=32)
+        q.init_codebooks(x)
+        grads = []
+        for _ in range(3):
+            q.zero_grad()
+            q(x).loss.backward()
+            grads.append(q.codebooks.grad.clone())
+        assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    finally:
+        torch.set_num_threads(threads)
