@@ -579,9 +579,9 @@ class GFlowNetSpec(Strict):
 
 class AlignSpec(Strict):
     """List-wise alignment (python -m ray_jobs.align): policy = the model's catalogue scores / temperature."""
-    method: Literal["blade", "static_bon", "grpo", "dpo", "flame", "gflownet"] = Field("blade",
+    method: Literal["blade", "static_bon", "grpo", "dpo", "flame", "pars", "gflownet"] = Field("blade",
         description="blade | static_bon (Best-of-N against a static reference) | grpo | dpo | flame (step-wise GRPO) "
-                    "| gflownet")
+                    "| pars (flame with token-level credit over a generative model's semantic tokens) | gflownet")
     init: str | None = Field(None, description="starting model: a checkpoint file (model.pt / best.pt) or models:/NAME@alias; "
                              "default <train.storage_path>/<name>/model.pt (the training run's model)")
     steps: int = Field(200, gt=0, description="optimizer steps")
@@ -591,8 +591,8 @@ class AlignSpec(Strict):
     epochs: int = Field(1, ge=1, description="optimizer steps on each batch of rollouts (every method: all spend the "
                         "same lists and steps); after the first they are off-policy, importance-weighted in the KL "
                         "and clipped in grpo/flame")
-    clip: float = Field(0.2, gt=0, lt=1, description="grpo, flame: PPO ratio clip eps, the surrogate uses "
-                        "clip(pi/pi_old, 1 - eps, 1 + eps) (per pick; for grpo the list ratio ^ 1/K)")
+    clip: float = Field(0.2, gt=0, lt=1, description="grpo, flame, pars: PPO ratio clip eps, the surrogate uses "
+                        "clip(pi/pi_old, 1 - eps, 1 + eps) (per pick; per token for pars; for grpo the list ratio ^ 1/K)")
     temperature: float = Field(0.05, gt=0, description="policy = softmax(cosine / temperature) over unseen items")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy")
     beta: float = Field(0.05, ge=0, description="weight of the per-pick KL(policy || reference) (whole-list "

@@ -62,6 +62,13 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})
 
 
+def prefix_groups(model, method: str) -> torch.Tensor | None:
+    """The token prefixes align.method=pars credits: a generative policy's (None for other methods)."""
+    if method != "pars":
+        return None
+    return model.prefix_groups() if hasattr(model, "prefix_groups") else None
+
+
 def align_worker(config: dict) -> None:
     """One Ray Train worker: the step loop over a DeepSpeed engine on the policy; rank 0 logs to MLflow."""
     cfg = AlignWorkerConfig.from_dict(config)
@@ -83,7 +90,7 @@ def align_worker(config: dict) -> None:
     aligner = Aligner(a, align_data(spec, data, cfg.versions, reads_time), data.num_items,
                       spec.data.max_seq_len, torch.from_numpy(item_emb),
                       torch.from_numpy(tail_items(data.popularity, spec.eval.tail_share)),
-                      start_model(), backend.comm, ctx.device, backend.dtype, listed)
+                      start_model(), backend.comm, ctx.device, backend.dtype, listed, prefix_groups(state.model, a.method))
     state.stateful["aligner"] = aligner
     if not backend.restore():
         aligner.init_reference(a.seed)

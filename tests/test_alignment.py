@@ -486,6 +486,96 @@ def test_flame_advantages_credit_positions_by_their_return_to_go():
     assert torch.allclose(methods.flame_advantages(r[..., None])[..., 0] / 3, methods.grpo_weights(r), atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- pars (token-level credit)
+
+def _prefix_case(n: int = 12, seed: int = 0):
+    """A tiny catalogue of items with 2 tokens (4 x 3 codes, each item a distinct pair) and its groups."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.permutation([(a, b) for a in range(4) for b in range(3)])[:n]
+    tokens = np.vstack([[0, 0], pairs])
+    groups = torch.from_numpy(np.stack([np.zeros(n + 1, dtype=np.int64),
+                                        np.unique(tokens[:, :1], axis=0, return_inverse=True)[1].reshape(-1),
+                                        np.arange(n + 1)]))
+    return tokens, groups
+
+
+def test_prefix_credit_factorises_each_pick_and_its_values_are_the_policys_expected_gains():
+    """The token log-probabilities of a pick sum to its Plackett–Luce log-probability (items already
+    listed and masked ones excluded); the prefix values are the expected gain among the remaining items
+    under each prefix, by hand: depth 0 over all of them, depth T the pick's own gain."""
+    n, k = 12, 3
+    tokens, groups = _prefix_case(n)
+    torch.manual_seed(0)
+    logits = torch.randn(2, n + 1)
+    logits[:, 0] = float("-inf")
+    logits[1, 5] = float("-inf")  # a seen item: never listed, no mass
+    lists = gumbel_topk(logits, k, 4)
+    gain = torch.rand(2, n + 1)
+    tok, values = methods.prefix_credit(logits, lists, groups, lambda j: gain[:, None, :] * (j + 1))
+    assert tok.shape == (2, 4, k, 2) and values.shape == (2, 4, k, 3)
+    assert torch.allclose(tok.sum(-1), pick_log_probs(logits, lists), atol=1e-6)
+    for b, m, j in itertools.product(range(2), range(4), range(k)):
+        y = int(lists[b, m, j])
+        left = [i for i in range(1, n + 1) if torch.isfinite(logits[b, i]) and i not in lists[b, m, :j].tolist()]
+        p = torch.softmax(logits[b, left].double(), 0)
+        g = gain[b, left].double() * (j + 1)
+        assert values[b, m, j, 0].item() == pytest.approx(float((p * g).sum()), rel=1e-6)
+        same = torch.tensor([tokens[i, 0] == tokens[y, 0] for i in left])
+        assert values[b, m, j, 1].item() == pytest.approx(float((p * g)[same].sum() / p[same].sum()), rel=1e-6)
+        assert values[b, m, j, 2].item() == pytest.approx(float(gain[b, y]) * (j + 1), rel=1e-6)
+        first = float(torch.log(p[same].sum()))
+        assert tok[b, m, j, 0].item() == pytest.approx(first, rel=1e-5)
+
+
+def test_token_credit_is_the_exact_policy_gradient_of_the_expected_gain():
+    """With exact prefix values, the expected token-credit gradient sum_t grad log pi(token_t) (V_t - V_t-1)
+    over the policy's picks (enumerated) equals the gradient of the expected gain itself: unbiased,
+    with no baseline to tune."""
+    n = 12
+    _, groups = _prefix_case(n, seed=1)
+    torch.manual_seed(1)
+    base = torch.randn(1, n + 1)
+    base[:, 0] = float("-inf")
+    gain = torch.rand(1, n + 1)
+    logits = base.clone().requires_grad_(True)
+    expected = (torch.softmax(logits[:, 1:], -1) * gain[:, 1:]).sum()
+    (exact,) = torch.autograd.grad(expected, logits)
+    lists = torch.arange(1, n + 1).reshape(1, n, 1)  # every item as a one-pick list
+    tok, values = methods.prefix_credit(logits, lists, groups, lambda j: gain[:, None, :])
+    p = torch.softmax(base[0, 1:], -1).double()
+    surrogate = (p[None, :, None] * tok[0, :, 0, :].double() * (values[0, :, 0, 1:] - values[0, :, 0, :-1])).sum()
+    (credit,) = torch.autograd.grad(surrogate, logits)
+    assert torch.allclose(credit[:, 1:].double(), exact[:, 1:].double(), atol=1e-6)
+    # the telescoped credit of a pick is its gain over the expected one
+    assert torch.allclose((values[0, :, 0, -1] - values[0, :, 0, 0]).float(), gain[0, 1:] - expected.detach(), atol=1e-6)
+
+
+def test_candidate_gains_at_the_picked_items_are_the_rollouts_gains():
+    """What every item would add at each position, read at the items the lists hold, equals the
+    per-pick gains of every reward term (MSRA included), so PARS's values end at the gain each pick got."""
+    aligner, policy, cfg = _toy("flame")
+    aligner.cfg = cfg.model_copy(update={"rewards": cfg.rewards.model_copy(update={"msra": 0.5})})
+    ro = aligner.rollouts(policy, 0, 0)
+    candidates = aligner.candidate_gains(ro.lists, ro.rows)
+    for j in range(cfg.list_size):
+        at = candidates(j).expand(*ro.lists.shape[:2], -1).gather(-1, ro.lists[..., j:j + 1])[..., 0]
+        assert torch.allclose(at.float(), ro.gains[..., j], atol=1e-6)
+
+
+def test_pars_advantages_add_the_later_picks_return_and_refuses_a_model_without_tokens():
+    values = torch.tensor([[[[0.2, 0.5, 1.0], [0.1, 0.1, 0.0]], [[0.2, 0.0, 0.0], [0.1, 0.3, 0.5]]]])  # (1, 2, 2, 3)
+    gains = values[..., -1]
+    adv = methods.pars_advantages(values, gains)
+    ret = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # G_j: (list, position)
+    scale = ret.std(0, unbiased=False) + 1e-6
+    after = torch.tensor([[0.0, 0.0], [0.5, 0.0]])  # G_j+1
+    future = after - after.mean(0)
+    want = ((values[0, ..., 1:] - values[0, ..., :-1]) + future[..., None]) / scale[None, :, None]
+    assert torch.allclose(adv[0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="align.method=pars .* no token table"):
+        _toy("pars")
+
+
 # ----------------------------------------------------------------------------- trajectory balance (Flower)
 
 def test_trajectory_balance_is_zero_for_a_policy_proportional_to_the_reward():
@@ -597,7 +687,8 @@ def _first_step(cfg: AlignSpec, align: AlignData, num_items: int, model, referen
     gradients, KL 0 at the start. Returns the aligner, the policy and the tail mask."""
     tail = torch.zeros(num_items + 1, dtype=torch.bool)
     tail[num_items // 2:] = True
-    aligner = Aligner(cfg, align, num_items, 20, torch.randn(num_items + 1, 8), tail, reference)
+    groups = model.prefix_groups() if hasattr(model, "prefix_groups") else None
+    aligner = Aligner(cfg, align, num_items, 20, torch.randn(num_items + 1, 8), tail, reference, prefix_groups=groups)
     aligner.init_reference(seed=0)
     policy = CatalogueScores(model).eval()
     loss, m = aligner.step(policy, 0, 0)
@@ -704,7 +795,7 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
 
 
-@pytest.mark.parametrize("method", ["blade", "grpo"])
+@pytest.mark.parametrize("method", ["blade", "grpo", "pars"])
 def test_a_generative_model_aligns_a_step_with_its_own_item_distribution(method):
     """A generative start model's policy is its exact item distribution (temperature 1): Plackett–Luce
     sampling, rewards and KL apply unchanged; one step has finite loss and gradients that reach the

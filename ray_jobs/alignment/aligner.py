@@ -54,7 +54,7 @@ class StepStats:
     """What a step logs, over every rank's users and lists: reward moments, the mean whole-list KL to
     the reference per user (nats per list), the effective gradient norm (|d policy loss / d logits|
     per user), the weight entropy (Best-of-N methods), the share of users whose lists all scored the
-    same, the share of ratios outside the clip range (grpo: lists, flame: picks; 0 for the others)."""
+    same, the share of ratios outside the clip range (grpo: lists, flame: picks, pars: tokens; 0 for the others)."""
     reward_mean: float
     reward_std: float
     reward_max: float
@@ -109,9 +109,10 @@ class Batch:
     lp_ref: torch.Tensor             # (B, N) log pi_ref(list), whole list
     weights: torch.Tensor | None     # (B, N) blade / static_bon / grpo candidate weights
     entropy: torch.Tensor | None     # (B,) their entropy (Best-of-N methods)
-    advantages: torch.Tensor | None  # (B, N, K) flame's per-pick advantages
+    advantages: torch.Tensor | None  # (B, N, K) flame's per-pick advantages; (B, N, K, T) pars's per-token ones
+    token_old: torch.Tensor | None = None  # (B, N, K, T) pars: log pi_old of each pick's tokens
 
-    TENSORS = ("pick_old", "lp_ref", "weights", "entropy", "advantages")
+    TENSORS = ("pick_old", "lp_ref", "weights", "entropy", "advantages", "token_old")
 
     def to_state(self) -> dict:
         """Tensors only (a checkpoint is read with weights_only=True); the policy logits are not kept."""
@@ -124,7 +125,7 @@ class Batch:
     def from_state(cls, s: dict) -> "Batch":
         ro = Rollouts(s["rows"].numpy(), None, s["ref_logits"], s["lists"], s["terms"], s["reward"], s["gains"],
                       s["global_users"])
-        return cls(s["index"], ro, *(s[k] for k in cls.TENSORS))
+        return cls(s["index"], ro, *(s.get(k) for k in cls.TENSORS))
 
 
 @dataclass
@@ -194,12 +195,18 @@ def posterior_groups(cfg: BladeSpec, data: AlignData) -> np.ndarray:
 class Aligner:
     """State and step of list-wise alignment for one worker. `reference` is the frozen starting
     model; it is kept in the policy's dtype and on its device (`dtype`, `device`). `comm` carries
-    every cross-worker sum and gather (one process: the identity)."""
+    every cross-worker sum and gather (one process: the identity). `prefix_groups` (T + 1, n + 1):
+    the token prefixes of a generative policy's items (`SemanticGenerator.prefix_groups`), which
+    align.method=pars credits."""
 
     def __init__(self, cfg: AlignSpec, data: AlignData, num_items: int, max_len: int, item_emb: torch.Tensor,
                  tail: torch.Tensor, reference: nn.Module, comm: Collectives | None = None,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-                 candidates: np.ndarray | None = None) -> None:
+                 candidates: np.ndarray | None = None, prefix_groups: torch.Tensor | None = None) -> None:
+        if cfg.method == "pars" and prefix_groups is None:
+            raise ValueError("align.method=pars credits the tokens of a generative model's items: the start model "
+                             "has no token table (model.kind generative has one)")
+        self.prefix_groups = prefix_groups
         self.cfg, self.data, self.num_items, self.max_len = cfg, data, num_items, max_len
         self.candidates = candidates  # items a list may hold (the training items the start model scores); None: all
         self.item_emb = F.normalize(item_emb.float(), dim=-1)
@@ -239,6 +246,18 @@ class Aligner:
                 "tail": rewards.tail_gains(lists, self.tail),
                 "exposure": rewards.exposure_gains(lists, self.exposure),
                 "msra": rewards.msra_gains(lists, self.data.relevant[rows], self.cfg.msra_discount)}
+
+    def candidate_gains(self, lists: torch.Tensor, rows: np.ndarray) -> Callable[[int], torch.Tensor]:
+        """Position j -> (B, N or 1, n + 1): the weighted reward gain every item would add at j of each
+        list (after its first j items); at the picked items, `reward(reward_gains(...))`."""
+        k, n, rel = self.cfg.list_size, self.num_items, self.data.relevant[rows]
+        terms = {"ndcg": lambda j: rewards.ndcg_candidates(j, k, rel, n),
+                 "diversity": lambda j: rewards.diversity_candidates(j, lists, self.item_emb),
+                 "tail": lambda j: rewards.tail_candidates(k, self.tail),
+                 "exposure": lambda j: rewards.exposure_candidates(k, self.exposure),
+                 "msra": lambda j: rewards.msra_candidates(j, k, rel, n, self.cfg.msra_discount)}
+        weights = {t: w for t, w in self.cfg.rewards.model_dump().items() if w}
+        return lambda j: sum(w * terms[t](j) for t, w in weights.items())
 
     def reward_terms(self, lists: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
         return {t: g.sum(-1) for t, g in self.reward_gains(lists, rows).items()}
@@ -359,6 +378,11 @@ class Aligner:
             weights, entropy = self.weights(ro.reward, ro.rows, batch)
         elif self.cfg.method == "flame":
             advantages = methods.flame_advantages(ro.gains)
+        elif self.cfg.method == "pars":
+            with torch.no_grad():
+                _, values = methods.prefix_credit(ro.logits.detach(), ro.lists, self.prefix_groups,
+                                                  self.candidate_gains(ro.lists, ro.rows))
+            advantages = methods.pars_advantages(values, ro.gains)
         self.update_exposure(ro.lists)
         return Batch(batch, ro, None, lp_ref, weights, entropy, advantages)
 
@@ -394,6 +418,13 @@ class Aligner:
             log_ratio = picks - bt.pick_old
             policy_sum = -methods.ppo_clipped(log_ratio, bt.advantages, cfg.clip).sum() / (r.shape[1] * k)
             clipped = ((log_ratio.detach().exp() - 1).abs() > cfg.clip).double().mean(-1)
+        elif cfg.method == "pars":
+            tokens, _ = methods.prefix_credit(logits, ro.lists, self.prefix_groups)              # (B, N, K, T)
+            if fresh:
+                bt.token_old = tokens.detach()
+            log_ratio = tokens - bt.token_old
+            policy_sum = -methods.ppo_clipped(log_ratio, bt.advantages, cfg.clip).sum() / (r.shape[1] * k)
+            clipped = ((log_ratio.detach().exp() - 1).abs() > cfg.clip).double().mean((-2, -1))
         elif cfg.method == "gflownet":
             g = cfg.gflownet
             log_r = r.double() / g.temperature + (bt.lp_ref.double() if g.reference_prior else 0.0)

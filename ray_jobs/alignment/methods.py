@@ -43,6 +43,18 @@ flame        step-wise GRPO with potential-based shaping: the list is built pick
              list) and weights log pi(y_j | y_<j) in the same clipped surrogate, per pick:
              L = - sum_n sum_j min(rho_nj A_nj, clip(rho_nj, 1 - eps, 1 + eps) A_nj) / (N K),
              rho_nj = pi(y_nj | y_n,<j) / pi_old(y_nj | y_n,<j).
+pars         token-level credit over the reasoning steps of a generative policy (after REG4Rec's PARS), on
+             top of flame: each pick is T token choices along the model's canonical token order, and
+             its Plackett–Luce probability factorises exactly over them,
+               log pi(y_j | y_<j) = sum_t [LSE_{i in R, i under prefix_t(y_j)} s_i - LSE_{i in R, under prefix_t-1} s_i],
+             R the items not yet in the list. V_t = the policy's expected gain of the pick among the items
+             under prefix_t (exact, from every item's gain at that position: rewards.*_candidates), so
+             V_0 is the pick's expected gain and V_T its actual one. Token t's advantage is
+               A_jt = [V_jt - V_j,t-1 + (G_j+1 - mean_n G_j+1)] / (std_n G_j + 1e-6),
+             G the return-to-go as in flame: the pick's own gain is credited to the tokens that chose
+             it with the exact per-token values (an unbiased policy gradient of the expected gain,
+             without the sampling noise of the pick), the later picks' return as flame does, to every
+             token. The surrogate is flame's, per token: min(rho A, clip(rho) A), rho the token ratio.
 gflownet     trajectory balance (a list is a trajectory of K picks; an ordered prefix has one
              parent, so P_B = 1): (log Z + log pi(y) - log R(y))^2 with
              log R(y) = r(y) / tau (+ log pi_ref(y) with reference_prior): the policy is trained
@@ -144,6 +156,57 @@ def flame_advantages(gains: torch.Tensor) -> torch.Tensor:
     ret = torch.flip(torch.cumsum(torch.flip(gains.double(), [-1]), -1), [-1])
     centred = ret - ret.mean(1, keepdim=True)
     return (centred / (ret.std(1, unbiased=False, keepdim=True) + 1e-6)).to(gains.dtype)
+
+
+def prefix_credit(logits: torch.Tensor, lists: torch.Tensor, groups: torch.Tensor, gains=None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A generative policy's picks as token choices. logits (B, n + 1) masked item log-scores (-inf:
+    never listed), lists (B, N, K), groups (T + 1, n + 1): each item's prefix group at every token
+    depth (depth 0: one group; depth T: the item), `gains(j)` -> (B, N or 1, n + 1) every item's gain
+    at list position j (None: no values). Returns the token log-probabilities (B, N, K, T), whose sum
+    over T is the pick's Plackett–Luce log-probability, and the prefix values V (B, N, K, T + 1):
+    the policy's expected gain of the pick among the remaining items under each prefix."""
+    b, n_lists, k = lists.shape
+    depth = groups.shape[0] - 1
+    x = logits.double()
+    top = x.detach().amax(-1, keepdim=True)  # cancels in every ratio below
+    w = torch.exp(x - top)[:, None, :].expand(b, n_lists, x.shape[1])                     # 0 where -inf
+    taken = torch.zeros((b, n_lists, x.shape[1]), dtype=torch.bool, device=x.device)
+    sizes = [int(g.max()) + 1 for g in groups]
+    token_lp, values = [], []
+    for j in range(k):
+        wj = w.masked_fill(taken, 0.0)
+        pick = lists[..., j]
+        g = None if gains is None else gains(j).expand(b, n_lists, -1).double()
+        mass, value = [], []
+        for t in range(depth + 1):
+            gid = groups[t].expand(b, n_lists, -1)
+            at = groups[t][pick][..., None]                                                   # (B, N, 1)
+            m = torch.zeros((b, n_lists, sizes[t]), dtype=x.dtype, device=x.device).scatter_add(-1, gid, wj)
+            mass.append(m.gather(-1, at)[..., 0])
+            if g is not None:
+                with torch.no_grad():
+                    mg = torch.zeros_like(m).scatter_add(-1, gid, wj.detach() * g)
+                    value.append(mg.gather(-1, at)[..., 0] / mass[-1].detach().clamp(min=1e-300))
+        log_mass = torch.log(torch.stack(mass, -1).clamp(min=1e-300))                          # (B, N, T + 1)
+        token_lp.append(log_mass[..., 1:] - log_mass[..., :-1])
+        if g is not None:
+            values.append(torch.stack(value, -1))
+        taken = taken.scatter(-1, pick[..., None], True)
+    return torch.stack(token_lp, 2).to(logits.dtype), torch.stack(values, 2) if gains is not None else None
+
+
+def pars_advantages(values: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """values (B, N, K, T + 1) prefix values, gains (B, N, K) the picks' sampled gains -> (B, N, K, T)
+    token advantages: the exact per-token credit of the pick's own gain plus the group-relative
+    return of the picks after it, scaled by the spread of the return-to-go at the pick's position."""
+    g = gains.double()
+    ret = torch.flip(torch.cumsum(torch.flip(g, [-1]), -1), [-1])                          # G_j
+    after = ret - g                                                                         # G_j+1
+    future = after - after.mean(1, keepdim=True)
+    credit = values[..., 1:] - values[..., :-1]
+    scale = ret.std(1, unbiased=False, keepdim=True) + 1e-6
+    return ((credit + future[..., None]) / scale[..., None]).to(gains.dtype)
 
 
 def trajectory_balance(lp: torch.Tensor, log_reward: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ potentials of step-wise credit (FLAME): a prefix's reward, 0 for the empty list,
 - `exposure_deficit`: mean over the list of max(0, 1 - n·p_i), p the running catalogue exposure
   (a distribution over the n items): 1 for an item never shown, 0 at or above the uniform share.
 `combine` weights them into the scalar list reward (or the per-position gains of it).
+
+`*_candidates` give what *every* item would add at one position j of each list (after the list's
+items before j), (B, N, n + 1): the gains of the items a policy could pick there, which PARS's
+token-level credit averages under the policy (`methods.prefix_credit`); at the item actually picked
+they equal the gains above (tested).
 """
 from __future__ import annotations
 
@@ -65,6 +70,51 @@ def exposure_gains(lists: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
     """exposure: (n + 1,) running exposure distribution over items 1..n (index 0 unused)."""
     n = exposure.shape[0] - 1
     return (1.0 - n * exposure[lists]).clamp(min=0.0, max=1.0) / lists.shape[-1]
+
+
+def _relevance(relevant: torch.Tensor, n_items: int, grade: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H) relevant ids -> (B, n + 1): each item's grade (1, or `grade` of its first place in H)."""
+    out = torch.zeros((relevant.shape[0], n_items + 1), dtype=torch.float64, device=relevant.device)
+    g = torch.ones(relevant.shape, dtype=torch.float64, device=relevant.device) if grade is None else \
+        grade[None, :].expand(relevant.shape[0], -1)
+    out.scatter_reduce_(1, relevant, g * (relevant != 0), reduce="amax")
+    out[:, 0] = 0.0
+    return out
+
+
+def ndcg_candidates(j: int, k: int, relevant: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, 1, n + 1): what each item adds to NDCG@K at position j (`ndcg_gains`, for every item)."""
+    return msra_candidates(j, k, relevant, n_items, 1.0)
+
+
+def msra_candidates(j: int, k: int, relevant: torch.Tensor, n_items: int, discount: float) -> torch.Tensor:
+    """(B, 1, n + 1): what each item adds to the MSRA NDCG at position j (`msra_gains`, for every item)."""
+    h = relevant.shape[-1]
+    grade = discount ** torch.arange(h, dtype=torch.float64, device=relevant.device)
+    position = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=relevant.device) + 2.0)
+    m = min(h, k)
+    ideal = ((relevant[:, :m] != 0).double() * grade[:m] * position[:m]).sum(-1)
+    return (_relevance(relevant, n_items, grade) * position[j] / ideal.clamp(min=1e-12)[:, None])[:, None, :]
+
+
+def diversity_candidates(j: int, lists: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
+    """(B, N, n + 1): what each item adds to the intra-list diversity after the list's first j items."""
+    k = lists.shape[-1]
+    if k < 2:
+        return torch.zeros((*lists.shape[:2], item_emb.shape[0]), dtype=torch.float64, device=lists.device)
+    before = item_emb[lists[..., :j]].double().sum(-2)                                  # (B, N, d)
+    return (j - before @ item_emb.double().T) / (k * (k - 1) / 2)
+
+
+def tail_candidates(k: int, tail: torch.Tensor) -> torch.Tensor:
+    """(1, 1, n + 1): what each item adds to the tail share."""
+    return (tail.double() / k)[None, None, :]
+
+
+def exposure_candidates(k: int, exposure: torch.Tensor) -> torch.Tensor:
+    """(1, 1, n + 1): what each item adds to the exposure deficit."""
+    n = exposure.shape[0] - 1
+    return ((1.0 - n * exposure.double()).clamp(min=0.0, max=1.0) / k)[None, None, :]
 
 
 def ndcg(lists: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,16 @@ class SemanticGenerator(nn.Module):
         self.table_pin.copy_(pin_of(table.hash))  # the grown table, once new items have their tokens
         self.tries = [TokenTrie(table.tokens, o, self.vocab) for o in self.orders]
 
+    def prefix_groups(self) -> torch.Tensor:
+        """(T + 1, n + 1): each item's group at every depth of its tokens in the canonical order (depth
+        0: one group, depth T: the item itself; items without tokens and the padding share the all-zero
+        row's groups, and never carry probability) — the token prefixes align.method=pars credits."""
+        tokens = self.tokens[:, list(self.orders[0])].cpu().numpy()
+        groups = [np.zeros(len(tokens), dtype=np.int64)]
+        for t in range(1, tokens.shape[1] + 1):
+            groups.append(np.unique(tokens[:, :t], axis=0, return_inverse=True)[1].reshape(-1))
+        return torch.from_numpy(np.stack(groups))
+
     @property
     def table_hash(self) -> str:
         """The hash of the token table the generator holds (what its weights pin)."""
