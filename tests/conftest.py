@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-# Two pytest-xdist workers (`make test`) and the Ray workers, servers and JVMs they start share two
+# The pytest-xdist workers (`make test`) and the Ray workers, servers and JVMs they start share two
 # cores: OpenMP threads that spin while they wait for work burn the core the other process needs
 # (a torch-heavy test ran 6x slower beside another). Waiting threads sleep instead; every process
 # the tests start inherits this.
