@@ -91,10 +91,10 @@ class _Quantizer(nn.Module):
         """Code of each row of r in codebook b, the straight-through quantized vector, the VQ loss."""
         book = self.codebooks[b]
         idx = nearest(r.detach(), book)
-        # the code vectors as a one-hot product: the same values as book[idx], but the codebook's gradient
-        # is a matrix product, whose sums run in a fixed order — indexing's backward adds rows with
-        # atomics on several CPU threads, which made two fits of one seed differ
-        e = F.one_hot(idx, book.shape[0]).to(book.dtype) @ book
+        # an embedding lookup, not book[idx]: the same values, but its backward sums each code's rows in a
+        # fixed order, where indexing's adds them with atomics on several CPU threads (two fits of one
+        # seed differed)
+        e = F.embedding(idx, book)
         loss = F.mse_loss(e, r.detach()) + self.beta * F.mse_loss(r, e.detach())
         return idx, r + (e - r).detach(), loss
 
