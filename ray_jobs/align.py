@@ -58,6 +58,9 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
     model = init.spec.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)})
     if model.kind not in TRAINABLE:
         raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
+    if spec.align.method == "pars" and model.kind != "generative":
+        raise ValueError(f"align.init={label}: align.method=pars credits the semantic tokens of a generative model's "
+                         f"items, and model.kind={model.kind!r} has none")
     return spec.model_copy(update={"model": model,
                                    "data": spec.data.model_copy(update={"max_seq_len": init.spec.data.max_seq_len})})
 

@@ -238,6 +238,15 @@ def test_recommend_and_align_take_a_day0_model_over_the_grown_catalogue(grown, l
     assert read_model(aligned.model_file).num_items == grown["after"].num_items  # aligned on today's catalogue
 
 
+def test_pars_is_refused_before_ray_starts_for_a_start_model_without_tokens(grown):
+    from ray_jobs.align import with_init_model
+    spec = grown["sasrec"].model_copy(update={"align": grown["sasrec"].align.model_copy(update={"method": "pars"})})
+    with pytest.raises(ValueError, match="align.method=pars .* model.kind='sasrec' has none"):
+        with_init_model(spec, read_model(grown["day0"]["sasrec"]), "day0", None)
+    generative = grown["generative"].model_copy(update={"align": spec.align})
+    assert with_init_model(generative, read_model(grown["day0"]["generative"]), "day0", None).model.kind == "generative"
+
+
 def user_idx(spec, source_ids: list[str]) -> list[int]:
     from deltalake import DeltaTable
 
