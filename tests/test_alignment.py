@@ -566,12 +566,14 @@ def test_pars_advantages_add_the_later_picks_return_and_refuses_a_model_without_
     values = torch.tensor([[[[0.2, 0.5, 1.0], [0.1, 0.1, 0.0]], [[0.2, 0.0, 0.0], [0.1, 0.3, 0.5]]]])  # (1, 2, 2, 3)
     gains = values[..., -1]
     adv = methods.pars_advantages(values, gains)
-    ret = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # G_j: (list, position)
-    scale = ret.std(0, unbiased=False) + 1e-6
-    after = torch.tensor([[0.0, 0.0], [0.5, 0.0]])  # G_j+1
+    after = torch.tensor([[0.0, 0.0], [0.5, 0.0]])  # G_j+1: (list, position)
     future = after - after.mean(0)
-    want = ((values[0, ..., 1:] - values[0, ..., :-1]) + future[..., None]) / scale[None, :, None]
-    assert torch.allclose(adv[0], want, atol=1e-5)
+    raw = (values[0, ..., 1:] - values[0, ..., :-1]) + future[..., None]
+    assert torch.allclose(adv[0], raw / raw.pow(2).mean().sqrt(), atol=1e-5)
+    # a user whose lists all scored the same keeps its exact token credit, at the batch's scale
+    flat = methods.pars_advantages(torch.cat([values, values[:, :1].expand(1, 2, 2, 3)], 0),
+                                   torch.cat([gains, gains[:, :1].expand(1, 2, 2)], 0))
+    assert flat.abs().max() < 10 and (flat[1, 0] == flat[1, 1]).all() and flat[1].abs().sum() > 0
     with pytest.raises(ValueError, match="align.method=pars .* no token table"):
         _toy("pars")
 

@@ -50,7 +50,9 @@ pars         token-level credit over the reasoning steps of a generative policy 
              R the items not yet in the list. V_t = the policy's expected gain of the pick among the items
              under prefix_t (exact, from every item's gain at that position: rewards.*_candidates), so
              V_0 is the pick's expected gain and V_T its actual one. Token t's advantage is
-               A_jt = [V_jt - V_j,t-1 + (G_j+1 - mean_n G_j+1)] / (std_n G_j + 1e-6),
+               A_jt = [V_jt - V_j,t-1 + (G_j+1 - mean_n G_j+1)] / s,
+             s the root mean square of the bracket over the batch (a per-user spread is 0 for a user
+             whose lists all scored the same, while its exact token credit is not),
              G the return-to-go as in flame: the pick's own gain is credited to the tokens that chose
              it with the exact per-token values (an unbiased policy gradient of the expected gain,
              without the sampling noise of the pick), the later picks' return as flame does, to every
@@ -199,14 +201,15 @@ def prefix_credit(logits: torch.Tensor, lists: torch.Tensor, groups: torch.Tenso
 def pars_advantages(values: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """values (B, N, K, T + 1) prefix values, gains (B, N, K) the picks' sampled gains -> (B, N, K, T)
     token advantages: the exact per-token credit of the pick's own gain plus the group-relative
-    return of the picks after it, scaled by the spread of the return-to-go at the pick's position."""
+    return of the picks after it, divided by their root mean square over the batch."""
     g = gains.double()
     ret = torch.flip(torch.cumsum(torch.flip(g, [-1]), -1), [-1])                          # G_j
     after = ret - g                                                                         # G_j+1
     future = after - after.mean(1, keepdim=True)
-    credit = values[..., 1:] - values[..., :-1]
-    scale = ret.std(1, unbiased=False, keepdim=True) + 1e-6
-    return ((credit + future[..., None]) / scale[..., None]).to(gains.dtype)
+    raw = values[..., 1:] - values[..., :-1] + future[..., None]
+    # one scale for the batch: a user whose lists all scored the same still has exact token credit,
+    # which a per-user spread (0 there) would blow up
+    return (raw / (raw.pow(2).mean().sqrt() + 1e-12)).to(gains.dtype)
 
 
 def trajectory_balance(lp: torch.Tensor, log_reward: torch.Tensor) -> torch.Tensor:
