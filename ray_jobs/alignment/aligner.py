@@ -400,7 +400,9 @@ class Aligner:
             logits = self.logits(scores, self.batch.rollouts.rows)
         bt, ro = self.batch, self.batch.rollouts
         r = ro.reward
-        picks = pick_log_probs(logits, ro.lists)                                  # (B, N, K)
+        # pars's token log-probabilities sum to the picks' (tested): one computation, not two
+        tokens = methods.prefix_credit(logits, ro.lists, self.prefix_groups)[0] if cfg.method == "pars" else None
+        picks = tokens.sum(-1) if tokens is not None else pick_log_probs(logits, ro.lists)   # (B, N, K)
         if fresh:  # the sampling policy is this step's: its pick log-probabilities, without gradients
             bt.pick_old = picks.detach()
         lp_list = picks.sum(-1)
@@ -419,7 +421,6 @@ class Aligner:
             policy_sum = -methods.ppo_clipped(log_ratio, bt.advantages, cfg.clip).sum() / (r.shape[1] * k)
             clipped = ((log_ratio.detach().exp() - 1).abs() > cfg.clip).double().mean(-1)
         elif cfg.method == "pars":
-            tokens, _ = methods.prefix_credit(logits, ro.lists, self.prefix_groups)              # (B, N, K, T)
             if fresh:
                 bt.token_old = tokens.detach()
             log_ratio = tokens - bt.token_old
