@@ -50,7 +50,7 @@ SASREC = ["model.kind=sasrec", "model.dim=50", "model.blocks=2", "model.heads=1"
 # movielens-1m-generative.yaml's model (MPQ semantic ids from MiniLM text, 2-block generator): a new
 # movie gets its tokens from its text through the trained tokenizer on the night it lands
 GENERATIVE = ["model={kind: generative, dim: 64, blocks: 2, heads: 1, dropout: 0.2, quantizer: mpq, books: 3, "
-              "codes: 64, paths: 3}", "train.lr=0.001", "train.warmup_steps=0"]
+              "codes: 64, paths: 3}", "train.lr=0.005", "train.warmup_steps=0"]
 MODELS = {"hllm": [], "sasrec": SASREC, "generative": GENERATIVE}
 
 

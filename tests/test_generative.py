@@ -82,6 +82,12 @@ def test_the_training_loss_is_the_negative_log_likelihood_of_the_exact_scores():
         assert loss.item() == pytest.approx(-exact.item(), rel=1e-5)
     loss.backward()
     assert g.out.weight.grad.abs().sum() > 0 and g.cell.weight_hh.grad.abs().sum() > 0
+    # the exact scores' gradient (what alignment follows) is the loss's, negated, in every weight
+    grads = {k: p.grad.clone() for k, p in g.named_parameters() if p.grad is not None}
+    g.zero_grad()
+    (-g.item_log_probs(states, 2).gather(1, targets[:, None]).sum()).backward()
+    for k, grad in grads.items():
+        assert torch.allclose(g.get_parameter(k).grad, grad, atol=1e-5), k
 
 
 def test_history_items_are_their_tokens_and_the_user_state_is_causal():

@@ -266,21 +266,44 @@ class SemanticGenerator(nn.Module):
     # ------------------------------------------------------------------ inference
     def item_log_probs(self, state: torch.Tensor, order: int = 0) -> torch.Tensor:
         """Exact log P(item | user) of every item, (B, n + 1) (-inf at padding): level by level over
-        the trie's prefixes, each prefix's state computed once per user."""
-        trie, b = self.tries[order], state.shape[0]
+        the trie's prefixes, each prefix's state computed once per user. Two savings, exact both: a
+        prefix with one continuation (most disambiguation steps) contributes log 1 = 0 without its
+        logits, and the GRU's input gates of the prefixes, the same for every user, are computed once."""
+        trie, b, device = self.tries[order], state.shape[0], state.device
         states, scores = state[:, None, :], state.new_zeros((b, 1), dtype=torch.float32)   # the root
         for j, col in enumerate(trie.order):
-            child = torch.from_numpy(trie.child[j]).to(state.device)                     # (nodes_j, vocab)
-            logp = self._masked_log_softmax(self._logits(states, col), child[None])     # (B, nodes_j, vocab)
-            parent, token = torch.nonzero(child >= 0, as_tuple=True)
+            child = torch.from_numpy(trie.child[j]).to(device)                           # (nodes_j, vocab)
+            allowed = child >= 0
+            parent, token = torch.nonzero(allowed, as_tuple=True)
             order_ = child[parent, token].argsort()                                     # children by node id
             parent, token = parent[order_], token[order_]
-            scores = scores[:, parent] + logp[:, parent, token]
+            branching = allowed.sum(1) > 1
+            step = scores.new_zeros((b, len(parent)))
+            if bool(branching.any()):
+                nodes = torch.nonzero(branching, as_tuple=True)[0]
+                logp = self._masked_log_softmax(self._logits(states[:, nodes], col), child[nodes][None])
+                slot = torch.full((len(child),), -1, dtype=torch.long, device=device)
+                slot[nodes] = torch.arange(len(nodes), device=device)
+                edge = branching[parent]
+                step[:, edge] = logp[:, slot[parent[edge]], token[edge]]
+            scores = scores[:, parent] + step
             if j + 1 < len(trie.order):
-                states = self._advance(states[:, parent], col, token[None].expand(b, -1))
-        out = torch.full((b, self.num_items + 1), float("-inf"), device=state.device)
-        out[:, torch.from_numpy(trie.leaf_item).to(state.device)] = scores
+                states = self._advance_shared(states[:, parent], col, token)
+        out = torch.full((b, self.num_items + 1), float("-inf"), device=device)
+        out[:, torch.from_numpy(trie.leaf_item).to(device)] = scores
         return out
+
+    def _advance_shared(self, state: torch.Tensor, col: int, token: torch.Tensor) -> torch.Tensor:
+        """`_advance` for (B, E, dim) states whose E tokens are the same for every user: the GRU cell's
+        equations (gates r, z, n as `nn.GRUCell` orders them) with the input side computed once per token."""
+        x = self.col_emb(token + col * self.vocab) + self.query.weight[col]
+        gi = F.linear(x, self.cell.weight_ih, self.cell.bias_ih)                        # (E, 3 dim)
+        gh = F.linear(state, self.cell.weight_hh, self.cell.bias_hh)                    # (B, E, 3 dim)
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (state - n)
 
     def item_scores(self, state: torch.Tensor) -> torch.Tensor:
         """(B, n + 1) scores of the catalogue by `decode`: exact log-probabilities, or the log-probabilities
