@@ -89,6 +89,40 @@ class TrainState(RunProgress):
         return scorable_items(self.spec.model.kind, self.catalogue.kcore, self.catalogue.num_items)
 
 
+class RunMismatch(ValueError):
+    """A run folder holds a run started with other training settings; the message names them."""
+
+
+# What a resumed run may change: its budget and where it runs. Any other setting of what it trains (the
+# model, the optimisation, the sequences it reads) makes it another run, which must not continue this
+# one's weights and optimizer (an optimizer's saved state would even bring back the old learning rate).
+RESUMABLE_TRAIN = frozenset({"epochs", "max_minutes", "max_steps", "patience", "eval_every", "checkpoint_every",
+                             "max_failures", "checkpoint_dir", "storage_path", "use_gpu", "cpus_per_worker"})
+
+
+def training_changes(saved: JobSpec, now: JobSpec) -> list[str]:
+    """`section.key: saved -> now` for each training setting that differs between a run's saved spec and
+    the spec resuming it (paths and the budget excluded)."""
+    def settings(spec: JobSpec) -> dict:
+        doc = spec.model_dump(mode="json")
+        return {**{f"model.{k}": v for k, v in doc["model"].items() if k != "cache_dir"},
+                **{f"train.{k}": v for k, v in doc["train"].items() if k not in RESUMABLE_TRAIN},
+                **{f"data.{k}": doc["data"][k] for k in ("max_seq_len", "item_text")}}
+    a, b = settings(saved), settings(now)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def check_resumable(saved: JobSpec, now: JobSpec, where: str) -> None:
+    """Refuse to resume the run in `where` with other training settings than it started with."""
+    changed = training_changes(saved, now)
+    if changed:
+        raise RunMismatch(
+            f"{where} holds run {saved.name!r} started with other training settings ({'; '.join(changed)}); a run "
+            f"resumes only with its own settings (its budget may change: {', '.join(sorted(RESUMABLE_TRAIN))}) — "
+            "train under another name (name=...), or start over (`llmrec train --local --restart`; on Ray, "
+            "another run name)")
+
+
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of a model's state dict, floating tensors in fp32 (what checkpoints and scorers take)."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
@@ -282,6 +316,7 @@ class LocalBackend(Backend):
         if not os.path.exists(self.last):
             return False
         s, ckpt = self.state, read_model(self.last)
+        check_resumable(ckpt.spec, s.spec, self.last)
         ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {self.last}")
         resume = ckpt.extra["resume"]
         s.module.load_state_dict({**{f"model.{k}": v for k, v in ckpt.weights.items()}, **resume["module"]})

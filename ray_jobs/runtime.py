@@ -17,12 +17,13 @@ from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
 from jobs.rayjob import local_token_auth
 from jobs.schema import JobSpec
+from jobs.secrets import public_doc
 from jobs.spec import absolute_paths
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_loads, save_model
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, process_group_backend
 from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
-from ray_jobs.loop import CATALOGUE_FILE, Backend, TrainState, check_run_catalogue, weights_of
+from ray_jobs.loop import CATALOGUE_FILE, Backend, TrainState, check_resumable, check_run_catalogue, weights_of
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
 
@@ -248,7 +249,7 @@ class DeepSpeedBackend(Backend):
         s = self.state
         with tempfile.TemporaryDirectory() as d:
             self.engine.save_checkpoint(d, tag="state", client_state={
-                "progress": s.progress().to_dict(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
+                "progress": s.progress().to_dict(), "spec": public_doc(s.spec), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
             if self.rank == 0:
                 write_atomic(os.path.join(d, CATALOGUE_FILE), lambda tmp: Path(tmp).write_text(json.dumps(
                     {"item_ids": s.catalogue.item_ids, "text_hashes": s.catalogue.text_hashes()})))
@@ -266,6 +267,8 @@ class DeepSpeedBackend(Backend):
         with checkpoint.as_directory() as d:
             check_run_catalogue(d, s.catalogue, f"resuming from {checkpoint.path}")  # every rank, before any shard
             _, client = self.engine.load_checkpoint(d, tag="state")
+            if "spec" in client:  # (checkpoints written before runs carried their spec are resumed unchecked)
+                check_resumable(JobSpec.from_saved(client["spec"]), s.spec, str(checkpoint.path))
             s.restore_progress(RunProgress.from_dict(client["progress"]))
             for k, v in s.stateful.items():
                 v.load_state_dict(client["stateful"][k])

@@ -233,6 +233,23 @@ def test_resume_continues_exactly(ml100k, tmp_path):
         assert torch.allclose(va, vb, atol=1e-6), k
 
 
+def test_a_run_resumes_only_with_its_own_training_settings(ml100k, tmp_path):
+    """A rerun under the same name with another learning rate (or model) is another run: refused, naming
+    what changed, before any step; one with a larger budget continues the run."""
+    from ray_jobs.loop import RunMismatch
+    spec = _spec(ml100k, tmp_path, "train.epochs=1", "train.eval_every=1")
+    first = train_local(spec)
+    before = (tmp_path / spec.name / "last.pt").read_bytes()
+    with pytest.raises(RunMismatch, match=r"train\.lr: 0\.003 -> 0\.005.*another name") as refused:
+        train_local(_spec(ml100k, tmp_path, "train.epochs=1", "train.eval_every=1", "train.lr=0.005"))
+    assert "model." not in str(refused.value)  # only what changed is named
+    with pytest.raises(RunMismatch, match=r"model\.dim: 32 -> 48"):
+        train_local(_spec(ml100k, tmp_path, "train.epochs=1", "train.eval_every=1", "model.dim=48"))
+    assert (tmp_path / spec.name / "last.pt").read_bytes() == before  # a refused rerun wrote nothing
+    longer = train_local(_spec(ml100k, tmp_path, "train.epochs=2", "train.eval_every=1", "train.max_minutes=30"))
+    assert longer.epochs_run == 2 and longer.steps == 2 * first.steps  # the budget grew: the run went on
+
+
 def test_evaluate_cli_for_baselines(ml100k, tmp_path, warm_cache):
     """`llmrec evaluate` for popularity and the transition graph reports exactly what the baselines
     score in this process (both are deterministic)."""
