@@ -398,6 +398,10 @@ class GenerativeSpec(ModelBase):
     latent: int = Field(32, gt=0, description="quantizer latent width")
     quantizer_hidden: int = Field(256, gt=0, description="quantizer encoder/decoder hidden width")
     commitment: float = Field(0.25, ge=0, description="quantizer commitment weight")
+    collaborative: int = Field(0, ge=0, description="collaborative factors joined to each item's text embedding in the "
+                               "tokenizer's input (0: text alone): the top singular vectors of the training item x user "
+                               "matrix; items without training interactions and new items get them predicted from their "
+                               "text by a linear map fitted with the tokenizer")
     tokenizer_steps: int = Field(400, gt=0, description="quantizer training steps (full batch of the items)")
     tokenizer_lr: float = Field(1e-3, gt=0, description="quantizer learning rate (Adam)")
     paths: int = Field(1, gt=0, description="reasoning orders of the parallel tokens the decoder is trained on "

@@ -206,7 +206,7 @@ def training_state(spec: JobSpec, data: SeqData, device: torch.device, init_file
     t = spec.train
     torch.manual_seed(t.seed)
     ckpt = read_model(init_file) if init_file else None
-    model = build_model(spec, data.item_text, known_items(ckpt))
+    model = build_model(spec, data.item_text, known_items(ckpt), data.versions)
     if ckpt is not None:
         load_weights(model, spec.model.kind, ckpt.weights, ckpt.check_data(data, init_file))
     universe = torch.from_numpy(data.training_items())

@@ -1,5 +1,6 @@
 """The generative family's tokenizer stage: the quantizer of `model.quantizer` (RQ or MPQ,
-`ray_jobs.models.semantic_ids`) trained on the catalogue's MiniLM text embeddings with its own loss
+`ray_jobs.models.semantic_ids`) trained on the catalogue's MiniLM text embeddings (joined with the
+items' collaborative factors from the training interactions, `model.collaborative`) with its own loss
 (reconstruction + codebook + commitment, full batch), through the one loop's step loop
 (`loop.run_steps` over a `LocalBackend`): checkpointed every `checkpoint_every` steps in its run
 folder, resumed from there after an interruption, reported like any stage (`tokenizer/*` per step,
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
@@ -28,7 +30,7 @@ from ray_jobs.catalogue import CatalogueMismatch
 from ray_jobs.data import SeqData
 from ray_jobs.loop import LocalBackend, Reporter, StepPlan, TrainState, run_steps
 from ray_jobs.models.generative import new_quantizer, tokenizer_inputs
-from ray_jobs.models.semantic_ids import TokenTable, utilisation
+from ray_jobs.models.semantic_ids import TokenTable, collaborative_factors, utilisation
 
 
 class QuantizerFit(nn.Module):
@@ -66,7 +68,7 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
     `reporter`. `stop_after` ends the fit after that many steps without writing the table, as an
     interruption would."""
     m = spec.model
-    x, files = tokenizer_inputs(m, data.item_text)
+    x, files = tokenizer_inputs(m, data.item_text, data.versions)
     os.makedirs(os.path.dirname(files.table), exist_ok=True)
     with FileLock(f"{files.run}.lock"):
         if files.complete:
@@ -76,6 +78,14 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
         xt = torch.from_numpy(x)
         torch.manual_seed(m.seed)
         q = new_quantizer(m, x.shape[1])
+        if m.collaborative:  # the text joined with the items' factors from every user's training sequence
+            if data.shard != (0, 1):
+                raise ValueError(f"model.collaborative: the tokenizer needs every user's sequences; data holds "
+                                 f"shard {data.shard}")
+            factors, lift = collaborative_factors(data.train, data.num_items, x, m.collaborative, m.seed)
+            q.lift.copy_(torch.from_numpy(lift))
+            q.cf_scale.fill_(float(np.linalg.norm(x, axis=1).mean()))  # as long as an average text embedding
+            xt = q.inputs(xt, torch.from_numpy(factors))
         torch.manual_seed(m.seed)
         q.init_codebooks(xt, m.seed)  # k-means codebooks; a resumed fit loads its own next
         # its own optimisation: Adam at model.tokenizer_lr, no gradient clipping (train.grad_clip is the

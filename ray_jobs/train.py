@@ -82,7 +82,7 @@ def train_worker(config: dict) -> None:
     state = training_state(spec, data, ctx.device, cfg.init_file)
     known = known_items(read_model(cfg.init_file)) if cfg.init_file else None
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device,
-                               lambda: build_model(spec, data.item_text, known))
+                               lambda: build_model(spec, data.item_text, known, data.versions))
     backend.restore()
     reporter = tracking.MetricLogger(tracking_uri(spec), cfg.run_id) if ctx.rank == 0 and cfg.run_id else Reporter()
     run_epochs(state, backend, data, reporter)

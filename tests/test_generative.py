@@ -262,6 +262,46 @@ def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k
     assert model.table().hash == straight["hash"]
 
 
+def test_a_tokenizer_with_collaborative_factors_is_keyed_by_the_data_and_lifts_a_new_item_from_its_text(
+        ml100k_lake, tmp_path, ml100k_item_embeddings):
+    """model.collaborative: the stage joins every item's text embedding to its factors from the
+    training interactions; its files are keyed by the gold tables' versions too (a generator built
+    without them is refused, with them it reads the stage's table); a new item of a grown catalogue
+    gets its tokens from its text alone, through the saved map."""
+    from conftest import copy_item_embeddings
+
+    from jobs.spec import load_spec
+    from ray_jobs.data import load_sequences
+    from ray_jobs.models import build_model
+    from ray_jobs.models.generative import build_generator, tokenizer_inputs
+    from ray_jobs.models.llm import minilm_item_embeddings
+    from ray_jobs.tokenizer import fit_tokenizer
+
+    cache = copy_item_embeddings(tmp_path / "c", ml100k_item_embeddings)
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [
+        f"lake.root={ml100k_lake}", f"model.cache_dir={cache}",
+        "model={kind: generative, dim: 16, books: 3, codes: 32, tokenizer_steps: 40, max_disambiguation: 256, "
+        "collaborative: 16}"])
+    data = load_sequences(spec)
+    report = fit_tokenizer(spec, data)
+    assert report["settings"]["collaborative"] == 16 and report["settings"]["interactions"] == data.versions
+    text_only = spec.model.model_copy(update={"collaborative": 0})
+    assert tokenizer_inputs(text_only, data.item_text)[1].key != tokenizer_inputs(spec.model, data.item_text,
+                                                                                    data.versions)[1].key
+    with pytest.raises(ValueError, match="versions"):
+        build_model(spec, data.item_text)
+    model = build_model(spec, data.item_text, versions=data.versions)
+    assert model.table().hash == report["hash"] and model.quantizer.lift.abs().sum() > 0
+    # the catalogue's last item as a new one: its tokens from its text through the trained tokenizer
+    known = model.tokens[:-1].clone()
+    grown = build_generator(spec.model, data.item_text, spec.data.max_seq_len, known)
+    grown.load_state_dict(model.state_dict() | {"tokens": grown.tokens, "table_items": grown.table_items,
+                                                 "table_pin": grown.table_pin})
+    q, text = model.quantizer, torch.from_numpy(minilm_item_embeddings(spec.model, data.item_text)[-1:])
+    assert torch.equal(grown.tokens[-1, :-1], q(q.inputs(text)).codes[0])
+    assert int(grown.table_items) == data.num_items
+
+
 def test_a_generator_refuses_weights_of_another_token_table_and_an_edited_one():
     """The table's hash is pinned in the weights: weights trained on another tokenizer's table are
     refused by a generator built on this one (they would remap every item), an edited table is refused

@@ -48,10 +48,12 @@ def reads_request_time(model: SequenceRecommender) -> bool:
     return model.reads_time and model.query_time == "target"
 
 
-def build_model(spec: JobSpec, item_text: list[str],
-                known: tuple[list[str], torch.Tensor] | None = None) -> SequenceRecommender:
+def build_model(spec: JobSpec, item_text: list[str], known: tuple[list[str], torch.Tensor] | None = None,
+                versions: dict | None = None) -> SequenceRecommender:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding).
-    `known`: texts and frozen item embeddings at hand (a cached HLLM's checkpoint): not recomputed."""
+    `known`: texts and frozen item embeddings at hand (a cached HLLM's checkpoint): not recomputed.
+    `versions`: the gold tables' versions the data was read at (a fresh generative model's tokenizer
+    with collaborative factors is keyed by them)."""
     m = spec.model
     if m.kind == "sasrec":
         from ray_jobs.models.sasrec import SASRec
@@ -64,7 +66,7 @@ def build_model(spec: JobSpec, item_text: list[str],
         return HLLM(m, item_text, spec.data.max_seq_len, known)
     if m.kind == "generative":  # `known`: the token table a checkpoint was trained with (never retrained)
         from ray_jobs.models.generative import build_generator
-        return build_generator(m, item_text, spec.data.max_seq_len, None if known is None else known[1])
+        return build_generator(m, item_text, spec.data.max_seq_len, None if known is None else known[1], versions)
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
 
 

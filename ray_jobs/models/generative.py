@@ -175,7 +175,7 @@ class SemanticGenerator(nn.Module):
             raise ValueError("this generative model has no tokenizer to give new items tokens")
         n, k = int(self.table_items), len(self.pending)
         self.quantizer.eval()
-        codes = self.quantizer(self.pending.float().to(self.tokens.device)).codes.cpu().numpy()
+        codes = self.quantizer(self.quantizer.inputs(self.pending.float().to(self.tokens.device))).codes.cpu().numpy()
         grown = self.table().extended(codes, self.max_disambiguation)
         self.tokens[n + 1:n + 1 + k] = torch.from_numpy(grown.tokens[n + 1:]).to(self.tokens.device)
         self.table_items.fill_(n + k)
@@ -352,19 +352,23 @@ TOKENIZER_VERSION = 3  # part of the cache key: a changed quantizer or stage nev
 MINILM_DIM = 384       # the text embeddings the tokenizer reads (all-MiniLM-L6-v2)
 
 
-def new_quantizer(m: GenerativeSpec, dim: int) -> nn.Module:
+def new_quantizer(m: GenerativeSpec, text_dim: int) -> nn.Module:
+    """The untrained quantizer of `model.quantizer` over text embeddings of width `text_dim` (joined with
+    `model.collaborative` factors)."""
     kind = ParallelQuantizer if m.quantizer == "mpq" else ResidualQuantizer
-    return kind(dim, m.latent, m.books, m.codes, m.quantizer_hidden, m.commitment)
+    return kind(text_dim + m.collaborative, m.latent, m.books, m.codes, m.quantizer_hidden, m.commitment,
+                m.collaborative)
 
 
 def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
-                    known: torch.Tensor | None = None) -> SemanticGenerator:
+                    known: torch.Tensor | None = None, versions: dict | None = None) -> SemanticGenerator:
     """A generative model for a catalogue: a fresh one (the token table and tokenizer the tokenizer
     stage fitted on the catalogue's text, `token_table`), or, with `known` (a checkpoint's token table), one whose trained
-    weights are loaded next — items past the known table get their tokens from their text then."""
+    weights are loaded next — items past the known table get their tokens from their text then.
+    `versions`: the gold tables' versions the data was read at (what collaborative factors come from)."""
     from ray_jobs.models.llm import minilm_item_embeddings
     if known is None:
-        table, quantizer = token_table(m, item_text)
+        table, quantizer = token_table(m, item_text, versions)
         return SemanticGenerator.of(m, table, len(item_text) - 1, max_len, quantizer)
     new_text = item_text[len(known):]  # only the items past the known table are embedded, if any
     x = minilm_item_embeddings(m, [""] + new_text)[1:] if new_text else np.zeros((0, MINILM_DIM), np.float32)
@@ -390,24 +394,32 @@ class TokenizerFiles:
         return os.path.exists(self.table) and os.path.exists(self.weights)
 
 
-def tokenizer_inputs(m: GenerativeSpec, item_text: list[str]) -> tuple[np.ndarray, TokenizerFiles]:
-    """The items' MiniLM text embeddings (items 1..n) and where their tokenizer's files are."""
+def tokenizer_inputs(m: GenerativeSpec, item_text: list[str],
+                     versions: dict | None = None) -> tuple[np.ndarray, TokenizerFiles]:
+    """The items' MiniLM text embeddings (items 1..n) and where their tokenizer's files are: keyed by
+    the embeddings, the settings and, with collaborative factors, the gold tables' `versions` the
+    training interactions were read at (the same for a driver and its workers)."""
     from ray_jobs.models.llm import minilm_item_embeddings
     x = np.ascontiguousarray(minilm_item_embeddings(m, item_text)[1:], dtype=np.float32)
     settings = {"version": TOKENIZER_VERSION, **{k: getattr(m, k) for k in (
         "quantizer", "books", "codes", "latent", "quantizer_hidden", "commitment", "tokenizer_steps", "tokenizer_lr",
         "seed")}}
+    if m.collaborative:
+        if versions is None:
+            raise ValueError(f"model.collaborative={m.collaborative}: the tokenizer's files are keyed by the versions "
+                             "of the gold tables its interactions come from, and none were given")
+        settings |= {"collaborative": m.collaborative, "interactions": {k: versions[k] for k in sorted(versions)}}
     key = hashlib.sha256(x.tobytes() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     base = os.path.join(m.cache_dir, "semantic-ids", key)
     return x, TokenizerFiles(key, settings, f"{base}.parquet", f"{base}.safetensors", f"{base}.json", f"{base}.run")
 
 
-def token_table(m: GenerativeSpec, item_text: list[str]) -> tuple[TokenTable, nn.Module]:
+def token_table(m: GenerativeSpec, item_text: list[str], versions: dict | None = None) -> tuple[TokenTable, nn.Module]:
     """The semantic ids of a catalogue's items and the trained quantizer of `model.quantizer`, as the
     tokenizer stage (`ray_jobs.tokenizer`, run by training before any generator is built) wrote them:
     every worker and every rerun reads the same table."""
     from safetensors.torch import load_file
-    x, files = tokenizer_inputs(m, item_text)
+    x, files = tokenizer_inputs(m, item_text, versions)
     if not files.complete:
         raise FileNotFoundError(
             f"model.quantizer={m.quantizer}: no semantic ids for these {len(x)} items under "

@@ -19,6 +19,10 @@ Loss per quantized vector (level or expert): ||sg(r) - e||^2 (moves the code) + 
 (commitment), plus the reconstruction MSE. Codebooks start from k-means of the first latents (no
 dead codes at the start).
 
+Input: the item's text embedding, or it joined with collaborative factors from the training
+interactions (`collaborative_factors`; `_Quantizer.inputs`, which predicts them from the text for an
+item without interactions through a map saved with the quantizer).
+
 Collisions: items whose codes are all equal get one more token, a disambiguation index 0, 1, ... in
 item-index order (TIGER's rule); an item with a unique code gets 0. That last token is ordered: it
 is generated after the M (or L) tokens and means nothing on its own, so the parallel tokens stay
@@ -80,12 +84,28 @@ class Quantized:
 
 
 class _Quantizer(nn.Module):
-    def __init__(self, dim: int, latent: int, books: int, codes: int, hidden: int, beta: float) -> None:
+    def __init__(self, dim: int, latent: int, books: int, codes: int, hidden: int, beta: float,
+                 collaborative: int = 0) -> None:
+        """`dim`: the input's width, the text embedding's plus `collaborative` factors (`inputs`)."""
         super().__init__()
         self.books, self.codes, self.beta = books, codes, beta
         self.codebooks = nn.Parameter(torch.randn(books, codes, latent) * 0.1)
         self.decoder = mlp([latent, hidden, dim])
         self.initialised = False
+        self.collaborative = collaborative
+        if collaborative:  # fitted with the tokenizer (`collaborative_factors`), saved with its weights
+            self.register_buffer("lift", torch.zeros(dim - collaborative, collaborative))
+            self.register_buffer("cf_scale", torch.ones(()))
+
+    def inputs(self, text: torch.Tensor, factors: torch.Tensor | None = None) -> torch.Tensor:
+        """What the quantizer reads for items with these text embeddings: the text alone, or joined
+        with their unit collaborative factors times `cf_scale` — given, or predicted from the text by
+        the fitted linear map `lift` (an item without training interactions, a new item)."""
+        if not self.collaborative:
+            return text
+        if factors is None:
+            factors = F.normalize(text @ self.lift, dim=-1)
+        return torch.cat([text, self.cf_scale * factors], -1)
 
     def _vq(self, r: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Code of each row of r in codebook b, the straight-through quantized vector, the VQ loss."""
@@ -103,8 +123,8 @@ class ResidualQuantizer(_Quantizer):
     """RQ-VAE: L ordered levels of K codes over the residuals of one latent."""
 
     def __init__(self, dim: int, latent: int = 32, levels: int = 3, codes: int = 256, hidden: int = 256,
-                 beta: float = 0.25) -> None:
-        super().__init__(dim, latent, levels, codes, hidden, beta)
+                 beta: float = 0.25, collaborative: int = 0) -> None:
+        super().__init__(dim, latent, levels, codes, hidden, beta, collaborative)
         self.encoder = mlp([dim, hidden, latent])
 
     @torch.no_grad()
@@ -133,8 +153,8 @@ class ParallelQuantizer(_Quantizer):
     """MPQ: M experts (encoder head + codebook of K) quantize the item in parallel; a router mixes them."""
 
     def __init__(self, dim: int, latent: int = 32, experts: int = 4, codes: int = 256, hidden: int = 256,
-                 beta: float = 0.25) -> None:
-        super().__init__(dim, latent, experts, codes, hidden, beta)
+                 beta: float = 0.25, collaborative: int = 0) -> None:
+        super().__init__(dim, latent, experts, codes, hidden, beta, collaborative)
         self.encoders = nn.ModuleList(mlp([dim, hidden, latent]) for _ in range(experts))
         self.router = nn.Linear(dim, experts)
         self.decoder = mlp([experts * latent, hidden, dim])
@@ -159,6 +179,43 @@ class ParallelQuantizer(_Quantizer):
         recon = self.decoder(torch.cat(slots, -1))
         rl = F.mse_loss(recon, x)
         return Quantized(torch.stack(codes, 1), recon, rl + vq, rl, g)
+
+
+def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndarray, k: int,
+                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit item factors (num_items, k) of items 1..n from the training sequences, and the linear map
+    (d, k) that predicts them from the items' text embeddings `text` (num_items, d).
+
+    Factors: the top-k left singular vectors of the item x user matrix (1 where the user has the item
+    in training), both sides normalised by the square root of their degree, scaled by the square
+    roots of their singular values, each row then scaled to unit length — items that the same users
+    have get close factors. The map: ridge regression from text to factors over the items with
+    training interactions; the items without any take its prediction (unit length too)."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+    users = np.repeat(np.arange(len(train)), [len(s) for s in train])
+    items = np.concatenate(train).astype(np.int64) - 1 if len(train) else np.zeros(0, np.int64)
+    a = sp.csr_matrix((np.ones(len(items)), (items, users)), shape=(num_items, len(train)))
+    a.data[:] = 1.0  # duplicates summed: presence
+    di, du = np.asarray(a.sum(1)).ravel(), np.asarray(a.sum(0)).ravel()
+    norm = sp.diags(1 / np.sqrt(np.maximum(di, 1))) @ a @ sp.diags(1 / np.sqrt(np.maximum(du, 1)))
+    if k >= min(norm.shape):
+        raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 1} factors for {num_items} items "
+                         f"and {len(train)} users")
+    u, sv, _ = svds(norm, k=k, random_state=seed)
+    top = np.argsort(-sv)
+    factors = u[:, top] * np.sqrt(sv[top])
+    factors *= np.sign(factors[np.abs(factors).argmax(0), np.arange(k)])  # a fixed sign per factor
+    seen = di > 0
+    if not seen.any():
+        raise ValueError("collaborative factors: no item has a training interaction")
+    factors[seen] /= np.linalg.norm(factors[seen], axis=1, keepdims=True).clip(1e-12)
+    x = np.asarray(text, dtype=np.float64)
+    gram = x[seen].T @ x[seen]
+    lift = np.linalg.solve(gram + 0.1 * np.trace(gram) / len(gram) * np.eye(len(gram)), x[seen].T @ factors[seen])
+    cold = x[~seen] @ lift
+    factors[~seen] = cold / np.linalg.norm(cold, axis=1, keepdims=True).clip(1e-12)
+    return factors.astype(np.float32), lift.astype(np.float32)
 
 
 def with_disambiguation(codes: np.ndarray) -> np.ndarray:
