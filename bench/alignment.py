@@ -136,7 +136,10 @@ class Bench:
         from ray_jobs.train import run as train
         spec = self.start_spec(start, variant)
         t0 = time.perf_counter()
-        out = train(spec, run_name=f"bench-align-{spec.name}", register=False)
+        import hashlib
+        settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+        # the settings in the name: a cut run resumes, a run with other settings (--start-set) is another one
+        out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
         rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "model_file": out.model_file,
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
                "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}
@@ -168,7 +171,7 @@ class Bench:
         from ray_jobs.align import run
         spec = self.align_spec(start, init["model_file"], method, seed, seen, PRESETS[preset] if preset else None)
         t0 = time.perf_counter()
-        out = run(spec, run_name=f"bench-align-{start}-{key}", register=False)
+        out = run(spec, run_name=f"bench-align-{start}-{key}-{fingerprint}", register=False)  # stale: a new run
         history = self.history(spec, out.run_id)
         rec = {"start": start, "method": method, "seed": seed, "preset": preset, "seen_rewards": seen,
                "fingerprint": fingerprint,

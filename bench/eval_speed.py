@@ -45,7 +45,7 @@ def main() -> None:
         name, source = entry.split("=", 1)
         if source.endswith((".yaml", ".yml")):
             model_spec = load_spec(source)
-            model, weights = build_model(model_spec, data.item_text).eval(), "initial"
+            model, weights = build_model(model_spec, data.item_text, versions=data.versions).eval(), "initial"
             max_len = model_spec.data.max_seq_len
         else:
             model, ckpt = load_model(source)

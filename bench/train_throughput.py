@@ -86,7 +86,7 @@ def first_step_worker(cfg: dict) -> None:
     load_s, rss_load = time.perf_counter() - t0, peak_rss_gib()
     state = training_state(spec, data, ctx.device)
     backend = DeepSpeedBackend(state, cfg["deepspeed"], ctx.rank, ctx.world, ctx.device,
-                               lambda: build_model(spec, data.item_text))
+                               lambda: build_model(spec, data.item_text, versions=data.versions))
     windows = fit_windows(spec, data)
     t1 = time.perf_counter()
     record = train_epoch(state, backend, data, windows, 1, math.ceil(len(windows) / spec.train.batch_size), Clock(0),

@@ -217,7 +217,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     with tracking.failed_on_error(spec, run_id):
         config = AlignWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, start.path, cache_dir, run_id,
                                    pid_dir)
-        checkpoint = fit(spec, align_worker, config.to_dict(), run_name, "alignment")
+        checkpoint = fit(spec, align_worker, config.to_dict(), run_name, "alignment", "align")
         return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from jobs.contracts import EvalResult, RunProgress
 from jobs.schema import JobSpec
+from jobs.secrets import public_doc
 from ray_jobs.catalogue import Catalogue, CatalogueMismatch
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, save_model
 from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
@@ -64,6 +65,7 @@ class TrainState(RunProgress):
     # and for alignment
     model_weights: dict[str, torch.Tensor] | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)  # more state saved with each checkpoint
+    stage: str = "train"                  # train | align | tokenizer: which settings a resume must keep
 
     PROGRESS = tuple(f.name for f in dataclasses.fields(RunProgress))  # what every checkpoint records
 
@@ -93,34 +95,40 @@ class RunMismatch(ValueError):
     """A run folder holds a run started with other training settings; the message names them."""
 
 
-# What a resumed run may change: its budget and where it runs. Any other setting of what it trains (the
-# model, the optimisation, the sequences it reads) makes it another run, which must not continue this
-# one's weights and optimizer (an optimizer's saved state would even bring back the old learning rate).
-RESUMABLE_TRAIN = frozenset({"epochs", "max_minutes", "max_steps", "patience", "eval_every", "checkpoint_every",
-                             "max_failures", "checkpoint_dir", "storage_path", "use_gpu", "cpus_per_worker"})
+# What a resumed run may change: its budget, its checkpoints, where it runs, how the model decodes at
+# inference. Any other setting of what it trains (the model, the optimisation — `train` for a training
+# run, `align` for an alignment run —, the sequences it reads) makes it another run, which must not
+# continue this one's weights and optimizer (an optimizer's saved state would even bring back the old
+# learning rate).
+RESUMABLE = {"train": frozenset({"epochs", "max_minutes", "max_steps", "patience", "eval_every", "checkpoint_every",
+                                 "max_failures", "checkpoint_dir", "storage_path", "use_gpu", "cpus_per_worker"}),
+             "align": frozenset({"steps", "max_minutes", "eval_every", "checkpoint_every", "enabled"}),
+             "model": frozenset({"cache_dir", "decode", "beam_width"})}
 
 
-def training_changes(saved: JobSpec, now: JobSpec) -> list[str]:
-    """`section.key: saved -> now` for each training setting that differs between a run's saved spec and
-    the spec resuming it (paths and the budget excluded)."""
+def training_changes(saved: JobSpec, now: JobSpec, stage: str = "train") -> list[str]:
+    """`section.key: saved -> now` for each setting of what a `stage` run ("train" or "align") trains
+    that differs between its saved spec and the spec resuming it."""
     def settings(spec: JobSpec) -> dict:
         doc = spec.model_dump(mode="json")
-        return {**{f"model.{k}": v for k, v in doc["model"].items() if k != "cache_dir"},
-                **{f"train.{k}": v for k, v in doc["train"].items() if k not in RESUMABLE_TRAIN},
-                **{f"data.{k}": doc["data"][k] for k in ("max_seq_len", "item_text")}}
+        out = {f"data.{k}": doc["data"][k] for k in ("max_seq_len", "item_text")}
+        for section in ("model", stage):
+            out |= {f"{section}.{k}": v for k, v in doc[section].items() if k not in RESUMABLE[section]}
+        return out
     a, b = settings(saved), settings(now)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def check_resumable(saved: JobSpec, now: JobSpec, where: str) -> None:
-    """Refuse to resume the run in `where` with other training settings than it started with."""
-    changed = training_changes(saved, now)
+def check_resumable(saved: JobSpec, now: JobSpec, stage: str, where: str) -> None:
+    """Refuse to resume the `stage` run in `where` with other settings than it started with (a tokenizer
+    fit's folder is keyed by every setting of the fit: nothing to check)."""
+    changed = [] if stage == "tokenizer" else training_changes(saved, now, stage)
     if changed:
         raise RunMismatch(
-            f"{where} holds run {saved.name!r} started with other training settings ({'; '.join(changed)}); a run "
-            f"resumes only with its own settings (its budget may change: {', '.join(sorted(RESUMABLE_TRAIN))}) — "
-            "train under another name (name=...), or start over (`llmrec train --local --restart`; on Ray, "
-            "another run name)")
+            f"{where} holds run {saved.name!r} started with other settings ({'; '.join(changed)}); a run resumes only "
+            f"with its own settings (its budget may change: {stage}.{{{','.join(sorted(RESUMABLE[stage]))}}}) — run "
+            "under another name (name=...), or start over (`llmrec train --local --restart`; on Ray, another run "
+            "name)")
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -232,7 +240,7 @@ def alignment_state(spec: JobSpec, policy: nn.Module, data: SeqData, device: tor
     c = data.catalogue
     catalogue = c if listed is None else Catalogue(c.item_ids, c.item_text, c.active, c.kcore & listed)
     return TrainState(spec=spec, module=module, optimizer=adamw(module.parameters(), spec.align.lr, device),
-                      scheduler=None, catalogue=catalogue, versions=dict(data.versions))
+                      scheduler=None, catalogue=catalogue, versions=dict(data.versions), stage="align")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -316,7 +324,7 @@ class LocalBackend(Backend):
         if not os.path.exists(self.last):
             return False
         s, ckpt = self.state, read_model(self.last)
-        check_resumable(ckpt.spec, s.spec, self.last)
+        check_resumable(ckpt.spec, s.spec, s.stage, self.last)
         ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {self.last}")
         resume = ckpt.extra["resume"]
         s.module.load_state_dict({**{f"model.{k}": v for k, v in ckpt.weights.items()}, **resume["module"]})
@@ -337,13 +345,24 @@ class LocalBackend(Backend):
 CATALOGUE_FILE = "catalogue.json"
 
 
-def check_run_catalogue(folder: str, catalogue: Catalogue, label: str) -> None:
-    """A Ray Train checkpoint's catalogue (`catalogue.json`: item ids and text hashes by index, or
-    for an older checkpoint its `model.pt`) must be the run's: checked on every rank before any
-    DeepSpeed shard is read, so a checkpoint of another lineage is refused before it is loaded."""
+def run_folder_doc(state: TrainState) -> dict:
+    """What a Ray Train checkpoint records beside its DeepSpeed shards (`catalogue.json`) so that a
+    resume can be refused before any shard is read: the item catalogue and the run's spec."""
+    return {"item_ids": state.catalogue.item_ids, "text_hashes": state.catalogue.text_hashes(),
+            "spec": public_doc(state.spec)}
+
+
+def check_run_folder(folder: str, state: TrainState, label: str) -> None:
+    """A Ray Train checkpoint must be the run's: its settings (`check_resumable`) and its catalogue
+    (`catalogue.json`: item ids and text hashes by index, or for an older checkpoint its `model.pt`),
+    checked on every rank before any DeepSpeed shard is read, so a checkpoint of another run or
+    lineage is refused before it is loaded."""
+    catalogue = state.catalogue
     path = os.path.join(folder, CATALOGUE_FILE)
     if os.path.exists(path):
         doc = json.loads(Path(path).read_text())
+        if "spec" in doc:  # (checkpoints written before runs recorded their spec are resumed unchecked)
+            check_resumable(JobSpec.from_saved(doc["spec"]), state.spec, state.stage, label)
         if doc.get("item_ids") != catalogue.item_ids or doc.get("text_hashes") != catalogue.text_hashes():
             raise CatalogueMismatch(f"{label}: the checkpoint's item catalogue ({len(doc.get('item_ids', [])) - 1} "
                                     f"items) is not the run's ({catalogue.num_items} items); a run resumes only on "

@@ -17,13 +17,13 @@ from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
 from jobs.rayjob import local_token_auth
 from jobs.schema import JobSpec
-from jobs.secrets import public_doc
 from jobs.spec import absolute_paths
 from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_loads, save_model
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, process_group_backend
 from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
-from ray_jobs.loop import CATALOGUE_FILE, Backend, TrainState, check_resumable, check_run_catalogue, weights_of
+from ray_jobs.loop import (CATALOGUE_FILE, Backend, TrainState, check_resumable, check_run_folder, run_folder_doc,
+                           weights_of)
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
 
@@ -83,11 +83,27 @@ def ray_get(refs):
 
 # ----------------------------------------------------------------------------- Ray Train
 
-def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):
+def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
+    """Before any worker starts: the newest checkpoint a run of this name left in `train.storage_path`
+    (what Ray Train would resume from) must have been written with this run's settings
+    (`loop.check_resumable`; the workers check it again before reading a shard)."""
+    folder = Path(absolute_paths(spec).train.storage_path) / run_name
+    latest = sorted(folder.glob("checkpoint_*"))[-1:] if folder.is_dir() else []
+    for ckpt in latest:
+        path = ckpt / CATALOGUE_FILE
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        if "spec" in doc:
+            check_resumable(JobSpec.from_saved(doc["spec"]), spec, stage, f"{ckpt}")
+
+
+def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str,
+        stage: str = "train"):
     """Run `worker` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
-    storage) and return the last reported checkpoint; `what` names the run in errors."""
+    storage) and return the last reported checkpoint; `what` names the run in errors, `stage` (train
+    or align) says which settings a resumed run must keep."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    check_previous_run(spec, run_name, stage)
     t = spec.train
     trainer = TorchTrainer(
         worker, train_loop_config=worker_config,
@@ -249,10 +265,10 @@ class DeepSpeedBackend(Backend):
         s = self.state
         with tempfile.TemporaryDirectory() as d:
             self.engine.save_checkpoint(d, tag="state", client_state={
-                "progress": s.progress().to_dict(), "spec": public_doc(s.spec), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
+                "progress": s.progress().to_dict(), "stateful": {k: v.state_dict() for k, v in s.stateful.items()}})
             if self.rank == 0:
                 write_atomic(os.path.join(d, CATALOGUE_FILE), lambda tmp: Path(tmp).write_text(json.dumps(
-                    {"item_ids": s.catalogue.item_ids, "text_hashes": s.catalogue.text_hashes()})))
+                    run_folder_doc(s))))
                 if s.model_weights is not None:
                     save_model(os.path.join(d, "model.pt"), s.model_checkpoint(s.model_weights))
             self.comm.barrier()
@@ -265,10 +281,8 @@ class DeepSpeedBackend(Backend):
             return False
         s = self.state
         with checkpoint.as_directory() as d:
-            check_run_catalogue(d, s.catalogue, f"resuming from {checkpoint.path}")  # every rank, before any shard
+            check_run_folder(d, s, f"resuming from {checkpoint.path}")  # every rank, before any shard
             _, client = self.engine.load_checkpoint(d, tag="state")
-            if "spec" in client:  # (checkpoints written before runs carried their spec are resumed unchecked)
-                check_resumable(JobSpec.from_saved(client["spec"]), s.spec, str(checkpoint.path))
             s.restore_progress(RunProgress.from_dict(client["progress"]))
             for k, v in s.stateful.items():
                 v.load_state_dict(client["stateful"][k])

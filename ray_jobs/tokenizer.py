@@ -29,7 +29,7 @@ from jobs.schema import JobSpec
 from ray_jobs.catalogue import CatalogueMismatch
 from ray_jobs.data import SeqData
 from ray_jobs.loop import LocalBackend, Reporter, StepPlan, TrainState, run_steps
-from ray_jobs.models.generative import new_quantizer, tokenizer_inputs
+from ray_jobs.models.generative import interactions_of, new_quantizer, tokenizer_inputs
 from ray_jobs.models.semantic_ids import TokenTable, collaborative_factors, utilisation
 
 
@@ -68,7 +68,7 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
     `reporter`. `stop_after` ends the fit after that many steps without writing the table, as an
     interruption would."""
     m = spec.model
-    x, files = tokenizer_inputs(m, data.item_text, data.versions)
+    x, files = tokenizer_inputs(m, data.item_text, interactions_of(spec, data.versions))
     os.makedirs(os.path.dirname(files.table), exist_ok=True)
     with FileLock(f"{files.run}.lock"):
         if files.complete:
@@ -82,7 +82,9 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
             if data.shard != (0, 1):
                 raise ValueError(f"model.collaborative: the tokenizer needs every user's sequences; data holds "
                                  f"shard {data.shard}")
-            factors, lift = collaborative_factors(data.train, data.num_items, x, m.collaborative, m.seed)
+            # the sequences the generator fits on: never a validation or test item, nor a withheld one
+            fit = data.fit_sequences(spec.train.fit_on, withhold=spec.train.withhold)
+            factors, lift = collaborative_factors(fit, data.num_items, x, m.collaborative, m.seed)
             q.lift.copy_(torch.from_numpy(lift))
             q.cf_scale.fill_(float(np.linalg.norm(x, axis=1).mean()))  # as long as an average text embedding
             xt = q.inputs(xt, torch.from_numpy(factors))
@@ -92,7 +94,8 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
         # generator's)
         stage = spec.model_copy(update={"train": spec.train.model_copy(update={"grad_clip": 0.0})})
         state = TrainState(spec=stage, module=QuantizerFit(q, xt), optimizer=torch.optim.Adam(q.parameters(),
-                           lr=m.tokenizer_lr), scheduler=None, catalogue=data.catalogue, versions=dict(data.versions))
+                           lr=m.tokenizer_lr), scheduler=None, catalogue=data.catalogue, versions=dict(data.versions),
+                           stage="tokenizer")
         backend = LocalBackend(state, files.run)
         try:
             backend.restore()

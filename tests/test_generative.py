@@ -242,7 +242,10 @@ def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k
         fit_tokenizer(first, data, Crash(), checkpoint_every=10)
     _, files = tokenizer_inputs(first.model, data.item_text)
     assert not files.complete and (tmp_path / "a" / "semantic-ids" / f"{files.key}.run" / "last.pt").exists()
-    resumed = fit_tokenizer(first, data, checkpoint_every=10)
+    # the stage's folder is keyed by every setting of the fit: another generator resumes it
+    resumed = fit_tokenizer(first.model_copy(update={"model": first.model.model_copy(update={"dim": 24}),
+                                                     "train": first.train.model_copy(update={"lr": 0.01})}),
+                            data, checkpoint_every=10)
     assert resumed["restarts"] == 1 and resumed["steps"] == 40 and files.complete
     assert not os.path.exists(files.run)  # the run folder goes once the table is written
     straight = fit_tokenizer(second, data, checkpoint_every=10)
@@ -265,7 +268,7 @@ def test_the_tokenizer_stage_resumes_reports_its_figures_and_is_read_once(ml100k
 def test_a_tokenizer_with_collaborative_factors_is_keyed_by_the_data_and_lifts_a_new_item_from_its_text(
         ml100k_lake, tmp_path, ml100k_item_embeddings):
     """model.collaborative: the stage joins every item's text embedding to its factors from the
-    training interactions; its files are keyed by the gold tables' versions too (a generator built
+    training interactions; its files are keyed by what names those interactions too (a generator built
     without them is refused, with them it reads the stage's table); a new item of a grown catalogue
     gets its tokens from its text alone, through the saved map."""
     from conftest import copy_item_embeddings
@@ -273,7 +276,7 @@ def test_a_tokenizer_with_collaborative_factors_is_keyed_by_the_data_and_lifts_a
     from jobs.spec import load_spec
     from ray_jobs.data import load_sequences
     from ray_jobs.models import build_model
-    from ray_jobs.models.generative import build_generator, tokenizer_inputs
+    from ray_jobs.models.generative import build_generator, interactions_of, tokenizer_inputs
     from ray_jobs.models.llm import minilm_item_embeddings
     from ray_jobs.tokenizer import fit_tokenizer
 
@@ -284,11 +287,16 @@ def test_a_tokenizer_with_collaborative_factors_is_keyed_by_the_data_and_lifts_a
         "collaborative: 16}"])
     data = load_sequences(spec)
     report = fit_tokenizer(spec, data)
-    assert report["settings"]["collaborative"] == 16 and report["settings"]["interactions"] == data.versions
+    named = interactions_of(spec, data.versions)
+    assert report["settings"]["collaborative"] == 16 and report["settings"]["interactions"] == named
+    assert named["sequences"] == data.versions["sequences"] and named["withhold"] == 0
     text_only = spec.model.model_copy(update={"collaborative": 0})
-    assert tokenizer_inputs(text_only, data.item_text)[1].key != tokenizer_inputs(spec.model, data.item_text,
-                                                                                    data.versions)[1].key
-    with pytest.raises(ValueError, match="versions"):
+    withheld = spec.model_copy(update={"train": spec.train.model_copy(update={"withhold": 1})})
+    keys = {tokenizer_inputs(text_only, data.item_text)[1].key,
+            tokenizer_inputs(spec.model, data.item_text, named)[1].key,
+            tokenizer_inputs(spec.model, data.item_text, interactions_of(withheld, data.versions))[1].key}
+    assert len(keys) == 3  # text only, and factors from two different sets of training interactions
+    with pytest.raises(ValueError, match="interactions"):
         build_model(spec, data.item_text)
     model = build_model(spec, data.item_text, versions=data.versions)
     assert model.table().hash == report["hash"] and model.quantizer.lift.abs().sum() > 0

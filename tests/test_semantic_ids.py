@@ -119,25 +119,28 @@ def test_the_codebook_gradient_is_bit_identical_across_backward_passes_on_severa
 
 
 def test_collaborative_factors_group_items_by_their_users_and_predict_an_unseen_item_from_its_text():
-    """Two user communities with disjoint items: factors of one community's items agree, the two
-    communities' are orthogonal; item 9, which no one has, takes the factors its text predicts (its
-    text is that of community B's items); the quantizer's input joins them to the text, and an item
-    without factors given is lifted from its text by the saved map."""
+    """Two user communities with their own items and two users between them: past the trivial
+    singular vector, the first factor puts each community's items on one side; item 9, which no one
+    has, takes the factor its text predicts (its text is that of community B's items); the
+    quantizer's input joins the factors to the text, and an item without factors given is lifted
+    from its text by the saved map."""
     from ray_jobs.models.semantic_ids import collaborative_factors
     rng = np.random.default_rng(0)
     a, b = [1, 2, 3, 4], [5, 6, 7, 8]
     train = [rng.choice(a, 3, replace=False) for _ in range(20)] + [rng.choice(b, 3, replace=False) for _ in range(20)]
+    train += [np.array([1, 5]), np.array([2, 6])]            # the bridge: one connected graph
     text = np.zeros((9, 6), np.float32)
     text[:4, :3] = rng.normal(size=(4, 3)) + [2, 0, 0]       # community A's texts near one direction
     text[4:, 3:] = rng.normal(size=(5, 3)) + [0, 2, 0]       # B's (and item 9's) near another
-    factors, lift = collaborative_factors(train, 9, text, k=2, seed=0)
-    assert factors.shape == (9, 2) and lift.shape == (6, 2)
-    assert np.allclose(np.linalg.norm(factors, axis=1), 1, atol=1e-5)
-    cos = factors @ factors.T
-    assert cos[:4, :4].min() > 0.99 and cos[4:8, 4:8].min() > 0.99 and np.abs(cos[:4, 4:8]).max() < 0.05
-    assert cos[8, 4:8].min() > 0.9  # the unseen item lands with the items its text resembles
-    assert np.allclose(collaborative_factors(train, 9, text, k=2, seed=0)[0], factors)  # deterministic
-    q = ParallelQuantizer(6 + 2, latent=4, experts=2, codes=4, hidden=8, collaborative=2)
+    factors, lift = collaborative_factors(train, 9, text, k=1, seed=0)
+    assert factors.shape == (9, 1) and lift.shape == (6, 1)
+    side = factors[:, 0]
+    assert np.allclose(np.abs(side), 1, atol=1e-5)            # unit rows
+    assert len(set(side[:4].round(3))) == 1 and len(set(side[4:8].round(3))) == 1 and side[0] == -side[4]
+    assert side[8] == pytest.approx(side[4])                  # the unseen item lands with the items its text resembles
+    assert np.allclose(collaborative_factors(train, 9, text, k=1, seed=0)[0], factors)  # deterministic
+    assert collaborative_factors(train, 9, text, k=3, seed=0)[0].shape == (9, 3)
+    q = ParallelQuantizer(6 + 1, latent=4, experts=2, codes=4, hidden=8, collaborative=1)
     q.lift.copy_(torch.from_numpy(lift))
     q.cf_scale.fill_(3.0)
     t = torch.from_numpy(text)
@@ -146,4 +149,4 @@ def test_collaborative_factors_group_items_by_their_users_and_predict_an_unseen_
     assert torch.allclose(q.inputs(t)[8], joined[8], atol=1e-5)  # the unseen item's factors are its text's
     assert set(q.state_dict()) >= {"lift", "cf_scale"}  # the map travels with the tokenizer's weights
     with pytest.raises(ValueError, match="at most"):
-        collaborative_factors(train, 9, text, k=9)
+        collaborative_factors(train, 9, text, k=8)

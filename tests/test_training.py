@@ -250,6 +250,23 @@ def test_a_run_resumes_only_with_its_own_training_settings(ml100k, tmp_path):
     assert longer.epochs_run == 2 and longer.steps == 2 * first.steps  # the budget grew: the run went on
 
 
+def test_an_alignment_run_keeps_its_align_settings_and_may_change_its_budget(ml100k):
+    """Which settings a resume must keep depend on the stage: an alignment run's `align` section (not
+    `train`'s, which alignment does not read), a training run's `train` section; budgets may change."""
+    from ray_jobs.loop import training_changes
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={ml100k}"])
+
+    def edited(**sections):
+        return spec.model_copy(update={k: getattr(spec, k).model_copy(update=v) for k, v in sections.items()})
+    assert training_changes(spec, edited(align={"lr": 0.5}), "align") == [f"align.lr: {spec.align.lr!r} -> 0.5"]
+    assert training_changes(spec, edited(align={"steps": 999, "max_minutes": 3}), "align") == []
+    assert training_changes(spec, edited(train={"lr": 0.5}), "align") == []
+    assert training_changes(spec, edited(train={"lr": 0.5}), "train") == [f"train.lr: {spec.train.lr!r} -> 0.5"]
+    assert training_changes(spec, edited(align={"lr": 0.5}), "train") == []
+    assert training_changes(spec, edited(data={"max_seq_len": 7}), "align") == \
+        [f"data.max_seq_len: {spec.data.max_seq_len!r} -> 7"]
+
+
 def test_evaluate_cli_for_baselines(ml100k, tmp_path, warm_cache):
     """`llmrec evaluate` for popularity and the transition graph reports exactly what the baselines
     score in this process (both are deterministic)."""

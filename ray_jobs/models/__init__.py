@@ -52,8 +52,8 @@ def build_model(spec: JobSpec, item_text: list[str], known: tuple[list[str], tor
                 versions: dict | None = None) -> SequenceRecommender:
     """The spec's sequence model for a catalogue of len(item_text) - 1 items (id 0 = padding).
     `known`: texts and frozen item embeddings at hand (a cached HLLM's checkpoint): not recomputed.
-    `versions`: the gold tables' versions the data was read at (a fresh generative model's tokenizer
-    with collaborative factors is keyed by them)."""
+    `versions`: the gold tables' versions the run's data was read at (with the spec, they name the
+    training interactions a fresh generative model's collaborative tokenizer is keyed by)."""
     m = spec.model
     if m.kind == "sasrec":
         from ray_jobs.models.sasrec import SASRec
@@ -65,8 +65,9 @@ def build_model(spec: JobSpec, item_text: list[str], known: tuple[list[str], tor
         from ray_jobs.models.hllm import HLLM
         return HLLM(m, item_text, spec.data.max_seq_len, known)
     if m.kind == "generative":  # `known`: the token table a checkpoint was trained with (never retrained)
-        from ray_jobs.models.generative import build_generator
-        return build_generator(m, item_text, spec.data.max_seq_len, None if known is None else known[1], versions)
+        from ray_jobs.models.generative import build_generator, interactions_of
+        return build_generator(m, item_text, spec.data.max_seq_len, None if known is None else known[1],
+                               None if versions is None else interactions_of(spec, versions))
     raise ValueError(f"model.kind={m.kind!r} is not a trainable sequence model ({', '.join(TRAINABLE)})")
 
 

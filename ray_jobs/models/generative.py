@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.schema import GenerativeSpec
+from jobs.schema import GenerativeSpec, JobSpec
 from ray_jobs.models.sasrec import SASRec
 from ray_jobs.models.semantic_ids import ParallelQuantizer, ResidualQuantizer, TokenTable
 
@@ -360,15 +360,24 @@ def new_quantizer(m: GenerativeSpec, text_dim: int) -> nn.Module:
                 m.collaborative)
 
 
+def interactions_of(spec: JobSpec, versions: dict) -> dict:
+    """What names a run's training interactions, the same in a driver and in its workers (whose data
+    is a shard): the lake, the dataset, the versions of its sequences and item index, the split the
+    model fits on and what it withholds — the key of a tokenizer with collaborative factors."""
+    return {"lake": os.path.abspath(spec.lake.root) if "://" not in spec.lake.root else spec.lake.root,
+            "data": spec.data.name, "sequences": versions.get("sequences"), "item_index": versions.get("item_index"),
+            "fit_on": spec.train.fit_on, "withhold": spec.train.withhold}
+
+
 def build_generator(m: GenerativeSpec, item_text: list[str], max_len: int,
-                    known: torch.Tensor | None = None, versions: dict | None = None) -> SemanticGenerator:
+                    known: torch.Tensor | None = None, interactions: dict | None = None) -> SemanticGenerator:
     """A generative model for a catalogue: a fresh one (the token table and tokenizer the tokenizer
     stage fitted on the catalogue's text, `token_table`), or, with `known` (a checkpoint's token table), one whose trained
     weights are loaded next — items past the known table get their tokens from their text then.
-    `versions`: the gold tables' versions the data was read at (what collaborative factors come from)."""
+    `interactions`: what names the training interactions (`interactions_of`; collaborative factors)."""
     from ray_jobs.models.llm import minilm_item_embeddings
     if known is None:
-        table, quantizer = token_table(m, item_text, versions)
+        table, quantizer = token_table(m, item_text, interactions)
         return SemanticGenerator.of(m, table, len(item_text) - 1, max_len, quantizer)
     new_text = item_text[len(known):]  # only the items past the known table are embedded, if any
     x = minilm_item_embeddings(m, [""] + new_text)[1:] if new_text else np.zeros((0, MINILM_DIM), np.float32)
@@ -395,31 +404,32 @@ class TokenizerFiles:
 
 
 def tokenizer_inputs(m: GenerativeSpec, item_text: list[str],
-                     versions: dict | None = None) -> tuple[np.ndarray, TokenizerFiles]:
+                     interactions: dict | None = None) -> tuple[np.ndarray, TokenizerFiles]:
     """The items' MiniLM text embeddings (items 1..n) and where their tokenizer's files are: keyed by
-    the embeddings, the settings and, with collaborative factors, the gold tables' `versions` the
-    training interactions were read at (the same for a driver and its workers)."""
+    the embeddings, the settings and, with collaborative factors, what names the training
+    interactions (`interactions_of`: the same for a driver and its workers)."""
     from ray_jobs.models.llm import minilm_item_embeddings
     x = np.ascontiguousarray(minilm_item_embeddings(m, item_text)[1:], dtype=np.float32)
     settings = {"version": TOKENIZER_VERSION, **{k: getattr(m, k) for k in (
         "quantizer", "books", "codes", "latent", "quantizer_hidden", "commitment", "tokenizer_steps", "tokenizer_lr",
         "seed")}}
     if m.collaborative:
-        if versions is None:
-            raise ValueError(f"model.collaborative={m.collaborative}: the tokenizer's files are keyed by the versions "
-                             "of the gold tables its interactions come from, and none were given")
-        settings |= {"collaborative": m.collaborative, "interactions": {k: versions[k] for k in sorted(versions)}}
+        if interactions is None:
+            raise ValueError(f"model.collaborative={m.collaborative}: the tokenizer's files are keyed by the training "
+                             "interactions its factors come from, and none were named (build the model with its data)")
+        settings |= {"collaborative": m.collaborative, "interactions": interactions}
     key = hashlib.sha256(x.tobytes() + json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     base = os.path.join(m.cache_dir, "semantic-ids", key)
     return x, TokenizerFiles(key, settings, f"{base}.parquet", f"{base}.safetensors", f"{base}.json", f"{base}.run")
 
 
-def token_table(m: GenerativeSpec, item_text: list[str], versions: dict | None = None) -> tuple[TokenTable, nn.Module]:
+def token_table(m: GenerativeSpec, item_text: list[str],
+                interactions: dict | None = None) -> tuple[TokenTable, nn.Module]:
     """The semantic ids of a catalogue's items and the trained quantizer of `model.quantizer`, as the
     tokenizer stage (`ray_jobs.tokenizer`, run by training before any generator is built) wrote them:
     every worker and every rerun reads the same table."""
     from safetensors.torch import load_file
-    x, files = tokenizer_inputs(m, item_text, versions)
+    x, files = tokenizer_inputs(m, item_text, interactions)
     if not files.complete:
         raise FileNotFoundError(
             f"model.quantizer={m.quantizer}: no semantic ids for these {len(x)} items under "

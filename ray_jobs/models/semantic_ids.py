@@ -186,11 +186,12 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
     """Unit item factors (num_items, k) of items 1..n from the training sequences, and the linear map
     (d, k) that predicts them from the items' text embeddings `text` (num_items, d).
 
-    Factors: the top-k left singular vectors of the item x user matrix (1 where the user has the item
-    in training), both sides normalised by the square root of their degree, scaled by the square
-    roots of their singular values, each row then scaled to unit length — items that the same users
-    have get close factors. The map: ridge regression from text to factors over the items with
-    training interactions; the items without any take its prediction (unit length too)."""
+    Factors: the left singular vectors of the item x user matrix (1 where the user has the item in
+    training), both sides normalised by the square root of their degree, after the first (the trivial
+    one, sqrt(degree) at singular value 1 on connected data) the next k, scaled by the square roots of
+    their singular values, each row then scaled to unit length — items that the same users have get
+    close factors. The map: ridge regression from text to factors over the items with training
+    interactions and non-vanishing factors; the others take its prediction (unit length too)."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import svds
     users = np.repeat(np.arange(len(train)), [len(s) for s in train])
@@ -199,17 +200,18 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
     a.data[:] = 1.0  # duplicates summed: presence
     di, du = np.asarray(a.sum(1)).ravel(), np.asarray(a.sum(0)).ravel()
     norm = sp.diags(1 / np.sqrt(np.maximum(di, 1))) @ a @ sp.diags(1 / np.sqrt(np.maximum(du, 1)))
-    if k >= min(norm.shape):
-        raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 1} factors for {num_items} items "
+    if k + 1 >= min(norm.shape):
+        raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 2} factors for {num_items} items "
                          f"and {len(train)} users")
-    u, sv, _ = svds(norm, k=k, random_state=seed)
-    top = np.argsort(-sv)
+    u, sv, _ = svds(norm, k=k + 1, random_state=seed)
+    top = np.argsort(-sv)[1:]
     factors = u[:, top] * np.sqrt(sv[top])
     factors *= np.sign(factors[np.abs(factors).argmax(0), np.arange(k)])  # a fixed sign per factor
-    seen = di > 0
+    length = np.linalg.norm(factors, axis=1)
+    seen = (di > 0) & (length > 1e-6 * length.max())
     if not seen.any():
         raise ValueError("collaborative factors: no item has a training interaction")
-    factors[seen] /= np.linalg.norm(factors[seen], axis=1, keepdims=True).clip(1e-12)
+    factors[seen] /= length[seen, None]
     x = np.asarray(text, dtype=np.float64)
     gram = x[seen].T @ x[seen]
     lift = np.linalg.solve(gram + 0.1 * np.trace(gram) / len(gram) * np.eye(len(gram)), x[seen].T @ factors[seen])
