@@ -138,7 +138,7 @@ class Bench:
         t0 = time.perf_counter()
         import hashlib
         settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-        # the settings in the name: a cut run resumes, a run with other settings (--start-set) is another one
+        # the settings in the name: a cut run resumes under it, never a run of other settings
         out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
         rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "model_file": out.model_file,
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
@@ -171,7 +171,7 @@ class Bench:
         from ray_jobs.align import run
         spec = self.align_spec(start, init["model_file"], method, seed, seen, PRESETS[preset] if preset else None)
         t0 = time.perf_counter()
-        out = run(spec, run_name=f"bench-align-{start}-{key}-{fingerprint}", register=False)  # stale: a new run
+        out = run(spec, run_name=f"bench-align-{start}-{key}-{fingerprint or 'unpinned'}", register=False)
         history = self.history(spec, out.run_id)
         rec = {"start": start, "method": method, "seed": seed, "preset": preset, "seen_rewards": seen,
                "fingerprint": fingerprint,

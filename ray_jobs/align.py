@@ -40,7 +40,8 @@ from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.next_day import day_start, load_next_day
 from ray_jobs.registry import check_storage_path, resolve_model, run_dir
-from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
+from ray_jobs.runtime import (DeepSpeedBackend, check_previous_run, evaluate_distributed, final_model, fit, init_ray,
+                              worker_context)
 from ray_jobs.scoring import scorable_items
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")
@@ -196,6 +197,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     if spec.align.reward_day is None:
         check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
     spec = with_init_model(spec, init, start.label, start.cache_dir)
+    check_previous_run(spec, run_name, "align")  # a rerun of the name with other settings: refused first
     if spec.align.reward_day is not None:
         check_trained_before(spec, init, start.label)
     cache_dir = spec.model.cache_dir
@@ -217,7 +219,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     with tracking.failed_on_error(spec, run_id):
         config = AlignWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, start.path, cache_dir, run_id,
                                    pid_dir)
-        checkpoint = fit(spec, align_worker, config.to_dict(), run_name, "alignment", "align")
+        checkpoint = fit(spec, align_worker, config.to_dict(), run_name, "alignment")
         return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
 
 

@@ -104,6 +104,7 @@ RESUMABLE = {"train": frozenset({"epochs", "max_minutes", "max_steps", "patience
                                  "max_failures", "checkpoint_dir", "storage_path", "use_gpu", "cpus_per_worker"}),
              "align": frozenset({"steps", "max_minutes", "eval_every", "checkpoint_every", "enabled"}),
              "model": frozenset({"cache_dir", "decode", "beam_width"})}
+ALIGN_READS_TRAIN = ("workers", "deepspeed")  # of `train`, an alignment run keeps these: its shards' layout
 
 
 def training_changes(saved: JobSpec, now: JobSpec, stage: str = "train") -> list[str]:
@@ -114,6 +115,8 @@ def training_changes(saved: JobSpec, now: JobSpec, stage: str = "train") -> list
         out = {f"data.{k}": doc["data"][k] for k in ("max_seq_len", "item_text")}
         for section in ("model", stage):
             out |= {f"{section}.{k}": v for k, v in doc[section].items() if k not in RESUMABLE[section]}
+        if stage == "align":
+            out |= {f"train.{k}": doc["train"][k] for k in ALIGN_READS_TRAIN}
         return out
     a, b = settings(saved), settings(now)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
@@ -349,7 +352,16 @@ def run_folder_doc(state: TrainState) -> dict:
     """What a Ray Train checkpoint records beside its DeepSpeed shards (`catalogue.json`) so that a
     resume can be refused before any shard is read: the item catalogue and the run's spec."""
     return {"item_ids": state.catalogue.item_ids, "text_hashes": state.catalogue.text_hashes(),
-            "spec": public_doc(state.spec)}
+            "spec": public_doc(state.spec), "stage": state.stage}
+
+
+def check_folder_doc(doc: dict, spec: JobSpec, stage: str, label: str) -> None:
+    """A run folder's record (`run_folder_doc`) against the run resuming it: the same stage, the same
+    settings (`check_resumable`)."""
+    if doc.get("stage", stage) != stage:
+        raise RunMismatch(f"{label} holds a run of stage {doc['stage']!r}, this one is of stage {stage!r}: run it under "
+                          "another name")
+    check_resumable(JobSpec.from_saved(doc["spec"]), spec, stage, label)
 
 
 def check_run_folder(folder: str, state: TrainState, label: str) -> None:
@@ -362,7 +374,7 @@ def check_run_folder(folder: str, state: TrainState, label: str) -> None:
     if os.path.exists(path):
         doc = json.loads(Path(path).read_text())
         if "spec" in doc:  # (checkpoints written before runs recorded their spec are resumed unchecked)
-            check_resumable(JobSpec.from_saved(doc["spec"]), state.spec, state.stage, label)
+            check_folder_doc(doc, state.spec, state.stage, label)
         if doc.get("item_ids") != catalogue.item_ids or doc.get("text_hashes") != catalogue.text_hashes():
             raise CatalogueMismatch(f"{label}: the checkpoint's item catalogue ({len(doc.get('item_ids', [])) - 1} "
                                     f"items) is not the run's ({catalogue.num_items} items); a run resumes only on "

@@ -22,7 +22,7 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_load
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, process_group_backend
 from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
-from ray_jobs.loop import (CATALOGUE_FILE, Backend, TrainState, check_resumable, check_run_folder, run_folder_doc,
+from ray_jobs.loop import (CATALOGUE_FILE, Backend, TrainState, check_folder_doc, check_run_folder, run_folder_doc,
                            weights_of)
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
@@ -88,22 +88,22 @@ def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
     (what Ray Train would resume from) must have been written with this run's settings
     (`loop.check_resumable`; the workers check it again before reading a shard)."""
     folder = Path(absolute_paths(spec).train.storage_path) / run_name
-    latest = sorted(folder.glob("checkpoint_*"))[-1:] if folder.is_dir() else []
-    for ckpt in latest:
-        path = ckpt / CATALOGUE_FILE
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        if "spec" in doc:
-            check_resumable(JobSpec.from_saved(doc["spec"]), spec, stage, f"{ckpt}")
+    snapshot = folder / "checkpoint_manager_snapshot.json"  # Ray Train's record of what it resumes from
+    try:
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        doc = json.loads((folder / latest / CATALOGUE_FILE).read_text()) if latest else {}
+    except (OSError, ValueError):  # no run yet, or a record being written: the workers check again
+        return
+    if "spec" in doc:
+        check_folder_doc(doc, spec, stage, str(folder / latest))
 
 
-def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str,
-        stage: str = "train"):
+def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):
     """Run `worker` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
-    storage) and return the last reported checkpoint; `what` names the run in errors, `stage` (train
-    or align) says which settings a resumed run must keep."""
+    storage) and return the last reported checkpoint; `what` names the run in errors. (The jobs call
+    `check_previous_run` before their own set-up.)"""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    check_previous_run(spec, run_name, stage)
     t = spec.train
     trainer = TorchTrainer(
         worker, train_loop_config=worker_config,

@@ -82,7 +82,7 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
             if data.shard != (0, 1):
                 raise ValueError(f"model.collaborative: the tokenizer needs every user's sequences; data holds "
                                  f"shard {data.shard}")
-            # the sequences the generator fits on: never a validation or test item, nor a withheld one
+            # the sequences the generator fits on (train.fit_on, without the train.withhold items): never a test item
             fit = data.fit_sequences(spec.train.fit_on, withhold=spec.train.withhold)
             factors, lift = collaborative_factors(fit, data.num_items, x, m.collaborative, m.seed)
             q.lift.copy_(torch.from_numpy(lift))

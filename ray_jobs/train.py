@@ -34,7 +34,8 @@ from ray_jobs.models import build_model
 from ray_jobs.models.baselines import Popularity
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.registry import check_storage_path, model_file
-from ray_jobs.runtime import DeepSpeedBackend, evaluate_distributed, final_model, fit, init_ray, worker_context
+from ray_jobs.runtime import (DeepSpeedBackend, check_previous_run, evaluate_distributed, final_model, fit, init_ray,
+                              worker_context)
 from ray_jobs.scoring import evaluate_split
 from ray_jobs.tokenizer import fit_tokenizer
 
@@ -93,6 +94,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_name = run_name or spec.name
     spec = absolute_paths(spec)
     check_storage_path(spec)
+    check_previous_run(spec, run_name, "train")  # a rerun of the name with other settings: refused first
     init_ray(spec)
     data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
     start = warm_start(spec, data)

@@ -154,6 +154,12 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     result = outcomes[0]
     assert result.restarts >= 1 and result.steps == 2 * 19 and result.epochs_run == 2
 
+    # started again under the same name with another learning rate: another run, refused by the driver
+    # before any worker starts (the checkpoint records the run's spec), naming the change
+    from ray_jobs.loop import RunMismatch
+    with pytest.raises(RunMismatch, match=r"train\.lr: .* -> 0\.0123"):
+        run(load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=3", "train.deepspeed=zero1",
+                                           "train.lr=0.0123")), register=False)
     # started again under the same name with a longer schedule: resumes, trains only epoch 3
     longer = load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=3", "train.deepspeed=zero1"))
     again = run(longer, register=False)

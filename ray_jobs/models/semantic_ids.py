@@ -187,8 +187,8 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
     (d, k) that predicts them from the items' text embeddings `text` (num_items, d).
 
     Factors: the left singular vectors of the item x user matrix (1 where the user has the item in
-    training), both sides normalised by the square root of their degree, after the first (the trivial
-    one, sqrt(degree) at singular value 1 on connected data) the next k, scaled by the square roots of
+    training), both sides normalised by the square root of their degree, past the trivial ones (at
+    singular value 1, sqrt(degree) on each connected part of the graph) the next k, scaled by the square roots of
     their singular values, each row then scaled to unit length — items that the same users have get
     close factors. The map: ridge regression from text to factors over the items with training
     interactions and non-vanishing factors; the others take its prediction (unit length too)."""
@@ -204,13 +204,16 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
         raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 2} factors for {num_items} items "
                          f"and {len(train)} users")
     u, sv, _ = svds(norm, k=k + 1, random_state=seed)
-    top = np.argsort(-sv)[1:]
+    trivial = int((sv > 1 - 1e-6).sum())  # one per connected part of the graph
+    if trivial > 1:
+        u, sv, _ = svds(norm, k=min(k + trivial, min(norm.shape) - 1), random_state=seed)
+    top = np.argsort(-sv)[trivial:][:k]
     factors = u[:, top] * np.sqrt(sv[top])
     factors *= np.sign(factors[np.abs(factors).argmax(0), np.arange(k)])  # a fixed sign per factor
     length = np.linalg.norm(factors, axis=1)
     seen = (di > 0) & (length > 1e-6 * length.max())
     if not seen.any():
-        raise ValueError("collaborative factors: no item has a training interaction")
+        raise ValueError("collaborative factors: no item has a training interaction with non-vanishing factors")
     factors[seen] /= length[seen, None]
     x = np.asarray(text, dtype=np.float64)
     gram = x[seen].T @ x[seen]
