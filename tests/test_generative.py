@@ -282,9 +282,9 @@ def test_a_tokenizer_with_collaborative_factors_is_keyed_by_the_data_and_lifts_a
 
     cache = copy_item_embeddings(tmp_path / "c", ml100k_item_embeddings)
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [
-        f"lake.root={ml100k_lake}", f"model.cache_dir={cache}",
+        f"lake.root={ml100k_lake}",
         "model={kind: generative, dim: 16, books: 3, codes: 32, tokenizer_steps: 40, max_disambiguation: 256, "
-        "collaborative: 16}"])
+        "collaborative: 16}", f"model.cache_dir={cache}"])  # (a model= override resets the section)
     data = load_sequences(spec)
     report = fit_tokenizer(spec, data)
     named = interactions_of(spec, data.versions)
