@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.schema import GenerativeSpec, JobSpec
+from jobs.spec import absolute_path
 from ray_jobs.models.sasrec import SASRec
 from ray_jobs.models.semantic_ids import ParallelQuantizer, ResidualQuantizer, TokenTable
 
@@ -364,7 +365,7 @@ def interactions_of(spec: JobSpec, versions: dict) -> dict:
     """What names a run's training interactions, the same in a driver and in its workers (whose data
     is a shard): the lake, the dataset, the versions of its sequences and item index, the split the
     model fits on and what it withholds — the key of a tokenizer with collaborative factors."""
-    return {"lake": os.path.abspath(spec.lake.root) if "://" not in spec.lake.root else spec.lake.root,
+    return {"lake": absolute_path(spec.lake.root),
             "data": spec.data.name, "sequences": versions.get("sequences"), "item_index": versions.get("item_index"),
             "fit_on": spec.train.fit_on, "withhold": spec.train.withhold}
 
