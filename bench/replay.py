@@ -49,9 +49,11 @@ SASREC = ["model.kind=sasrec", "model.dim=50", "model.blocks=2", "model.heads=1"
           "model.block=original", "train.lr=0.001", "train.warmup_steps=0", "train.grad_clip=0"]
 # movielens-1m-generative.yaml's model (MPQ semantic ids from MiniLM text and collaborative factors,
 # 2-block generator): a new movie gets its tokens from its text through the trained tokenizer (its
-# factors predicted from the text) on the night it lands
+# factors predicted from the text) on the night it lands. Its exact validation costs about an epoch,
+# so it validates every third epoch (the budget's last step is validated too)
 GENERATIVE = ["model={kind: generative, dim: 64, blocks: 2, heads: 1, dropout: 0.2, quantizer: mpq, books: 3, "
-              "codes: 64, paths: 3, collaborative: 32}", "train.lr=0.005", "train.warmup_steps=0"]
+              "codes: 64, paths: 3, collaborative: 32}", "train.lr=0.005", "train.warmup_steps=0",
+              "train.eval_every=3", "train.patience=3"]
 MODELS = {"hllm": [], "sasrec": SASREC, "generative": GENERATIVE}
 
 

@@ -197,6 +197,9 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     if spec.align.reward_day is None:
         check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
     spec = with_init_model(spec, init, start.label, start.cache_dir)
+    # the run records the version an alias named when it started: resumed after the alias moved, its
+    # reference (the KL's start policy) would be another model, so that counts as another setting
+    spec = spec.model_copy(update={"align": spec.align.model_copy(update={"init": start.pinned})})
     check_previous_run(spec, run_name, "align")  # a rerun of the name with other settings: refused first
     if spec.align.reward_day is not None:
         check_trained_before(spec, init, start.label)

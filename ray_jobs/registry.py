@@ -37,6 +37,11 @@ class ResolvedModel:
     name: str                # registered model name (or the spec's)
     version: str             # registry version, or file:<path>
 
+    @property
+    def pinned(self) -> str:
+        """The model as a reference that can't move: `models:/NAME/VERSION` (an alias resolved), or the file."""
+        return self.path if self.version.startswith("file:") else f"models:/{self.name}/{self.version}"
+
 
 _downloads: list[str] = []  # registry downloads of this process, removed when it exits
 

@@ -76,7 +76,8 @@ def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_p
     from ray_jobs import serving, tracking
     from ray_jobs.registry_check import LOADERS
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = load_spec("movielens-100k-smoke", ["model.dim=8", f"tracking.uri={uri}", "name=data-only"])
+    spec = load_spec("movielens-100k-smoke", ["model.dim=8", f"tracking.uri={uri}", "name=data-only",
+                                              f"train.storage_path={tmp_path / 'ray'}"])
     ckpt = _tiny_checkpoint(spec, tmp_path / "model.pt")
     run_id = tracking.start_run(spec, "data-only", "train")
     assert serving.log_recommender(spec, run_id, ckpt) == 1
@@ -92,6 +93,19 @@ def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_p
     assert [len(x) for x in model.predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2})["item_ids"]] == [2]
     as_numbers = model.predict(pd.DataFrame({"history": [[1, 2]]}), params={"k": 2})  # numbers are read as their text
     assert as_numbers["unknown_history_items"].tolist() == [0] and len(as_numbers["item_ids"][0]) == 2
+    # an alignment run records the version the alias named: resumed after the alias moved, it is refused
+    from ray_jobs.loop import training_changes
+    from ray_jobs.registry import resolve_model
+    first = resolve_model(spec, "models:/data-only@challenger")
+    assert first.pinned == "models:/data-only/1" and first.label == "models:/data-only@challenger"
+    assert serving.log_recommender(spec, tracking.start_run(spec, "data-only-2", "train"), ckpt) == 2
+    moved = resolve_model(spec, "models:/data-only@challenger").pinned
+    assert moved == "models:/data-only/2" and resolve_model(spec, str(ckpt)).pinned == str(ckpt)
+
+    def started(init: str):
+        return spec.model_copy(update={"align": spec.align.model_copy(update={"init": init})})
+    assert training_changes(started(first.pinned), started(moved), "align") == [
+        "align.init: 'models:/data-only/1' -> 'models:/data-only/2'"]
     old = local.parent / "registered-before"  # a model registered while the loader lived in ray_jobs.tracking
     shutil.copytree(local, old)
     (old / "MLmodel").write_text((old / "MLmodel").read_text().replace("ray_jobs.serving", "ray_jobs.tracking"))
