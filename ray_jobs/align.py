@@ -39,7 +39,7 @@ from ray_jobs.metrics import tail_items
 from ray_jobs.models import TRAINABLE
 from ray_jobs.models.llm import minilm_item_embeddings
 from ray_jobs.next_day import day_start, load_next_day
-from ray_jobs.registry import check_storage_path, resolve_model, run_dir
+from ray_jobs.registry import ResolvedModel, check_storage_path, resolve_model, run_dir
 from ray_jobs.runtime import (DeepSpeedBackend, check_previous_run, evaluate_distributed, final_model, fit, init_ray,
                               worker_context)
 from ray_jobs.scoring import scorable_items
@@ -183,6 +183,19 @@ def check_rewards_unseen(a: AlignSpec, start: TrainSpec, label: str, aligned: bo
                          "(or set align.allow_seen_rewards=true)")
 
 
+def alignment_start(spec: JobSpec) -> tuple[JobSpec, ResolvedModel, ModelCheckpoint]:
+    """The start model `align.init` names (its rewards checked unseen unless a reward day is set) and
+    the spec of the run from it: the start's architecture, and `align.init` pinned — the registry
+    version an alias named, or the file with its digest — so a resume after the alias moved or the
+    file was rewritten aligns against another reference policy and is refused as another setting."""
+    start = resolve_model(spec, spec.align.init)
+    init = read_model(start.path)
+    if spec.align.reward_day is None:
+        check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
+    spec = with_init_model(spec, init, start.label, start.cache_dir)
+    return spec.model_copy(update={"align": spec.align.model_copy(update={"init": start.pinned})}), start, init
+
+
 def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, register: bool = True) -> AlignOutcome:
     """Align on Ray, write `<storage>/<run>/model.pt`, evaluate start vs aligned, log and register."""
     spec = absolute_paths(spec)
@@ -192,14 +205,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     if spec.align.users_per_step < t.workers:
         raise ValueError(f"align.users_per_step={spec.align.users_per_step} is smaller than train.workers={t.workers}: "
                          "every worker needs at least one user per step")
-    start = resolve_model(spec, spec.align.init)
-    init = read_model(start.path)
-    if spec.align.reward_day is None:
-        check_rewards_unseen(spec.align, init.spec.train, start.label, aligned="align" in init.extra)
-    spec = with_init_model(spec, init, start.label, start.cache_dir)
-    # the run records the version an alias named when it started: resumed after the alias moved, its
-    # reference (the KL's start policy) would be another model, so that counts as another setting
-    spec = spec.model_copy(update={"align": spec.align.model_copy(update={"init": start.pinned})})
+    spec, start, init = alignment_start(spec)
     check_previous_run(spec, run_name, "align")  # a rerun of the name with other settings: refused first
     if spec.align.reward_day is not None:
         check_trained_before(spec, init, start.label)

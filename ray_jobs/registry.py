@@ -39,8 +39,23 @@ class ResolvedModel:
 
     @property
     def pinned(self) -> str:
-        """The model as a reference that can't move: `models:/NAME/VERSION` (an alias resolved), or the file."""
-        return self.path if self.version.startswith("file:") else f"models:/{self.name}/{self.version}"
+        """The model as a reference that can't move: `models:/NAME/VERSION` (an alias resolved), or the
+        file with its content's digest (`PATH@sha256:HEX`, which `resolve_model` checks)."""
+        if self.version.startswith("file:"):
+            return f"{self.path}{PIN}{file_digest(self.path)}"
+        return f"models:/{self.name}/{self.version}"
+
+
+PIN = "@sha256:"
+
+
+def file_digest(path: str) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 _downloads: list[str] = []  # registry downloads of this process, removed when it exits
@@ -53,9 +68,10 @@ def _remove_downloads() -> None:
 
 
 def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
-    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION`, a checkpoint file, or by
-    default the training run's `model.pt`. An alias is resolved to its version first and that version
-    is downloaded (an alias moved meanwhile can't mix two versions), into
+    """A model to load, from `models:/NAME@alias` or `models:/NAME/VERSION`, a checkpoint file (or
+    `PATH@sha256:HEX`, refused if the file's content changed), or by default the training run's
+    `model.pt`. An alias is resolved to its version first and that version is downloaded (an alias
+    moved meanwhile can't mix two versions), into
     `<train.storage_path>/_registry/` (every node of a cluster mounts it: workers read the file too);
     the download is removed when this process exits."""
     if ref and ref.startswith("models:/"):
@@ -83,8 +99,11 @@ def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
         data = os.path.dirname(files["model.pt"])
         shipped_cache = any(e.startswith("items-") for e in os.listdir(data))
         return ResolvedModel(files["model.pt"], data if shipped_cache else None, ref, name, version)
-    path = os.path.abspath(ref or model_file(spec))
+    path, _, digest = (ref or model_file(spec)).partition(PIN)
+    path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained model at {path}: train first (llmrec train) or name a checkpoint "
                                 "file or models:/NAME@alias")
+    if digest and file_digest(path) != digest:
+        raise ValueError(f"{ref}: the file changed since it was pinned (its sha256 now begins {file_digest(path)})")
     return ResolvedModel(path, None, path, spec.registered_model_name(), f"file:{path}")

@@ -93,19 +93,30 @@ def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_p
     assert [len(x) for x in model.predict(pd.DataFrame({"history": [["1", "2"]]}), params={"k": 2})["item_ids"]] == [2]
     as_numbers = model.predict(pd.DataFrame({"history": [[1, 2]]}), params={"k": 2})  # numbers are read as their text
     assert as_numbers["unknown_history_items"].tolist() == [0] and len(as_numbers["item_ids"][0]) == 2
-    # an alignment run records the version the alias named: resumed after the alias moved, it is refused
+    # an alignment run records the version the alias named (a file: with its digest), so a resume after
+    # the alias moved or the file was rewritten is refused as another setting
+    from ray_jobs.align import alignment_start
     from ray_jobs.loop import training_changes
     from ray_jobs.registry import resolve_model
-    first = resolve_model(spec, "models:/data-only@challenger")
-    assert first.pinned == "models:/data-only/1" and first.label == "models:/data-only@challenger"
-    assert serving.log_recommender(spec, tracking.start_run(spec, "data-only-2", "train"), ckpt) == 2
-    moved = resolve_model(spec, "models:/data-only@challenger").pinned
-    assert moved == "models:/data-only/2" and resolve_model(spec, str(ckpt)).pinned == str(ckpt)
 
-    def started(init: str):
-        return spec.model_copy(update={"align": spec.align.model_copy(update={"init": init})})
-    assert training_changes(started(first.pinned), started(moved), "align") == [
-        "align.init: 'models:/data-only/1' -> 'models:/data-only/2'"]
+    def aligned_from(init: str):
+        return alignment_start(spec.model_copy(update={"align": spec.align.model_copy(update={
+            "init": init, "allow_seen_rewards": True})}))[0]
+    first = aligned_from("models:/data-only@challenger")
+    assert first.align.init == "models:/data-only/1"
+    assert serving.log_recommender(spec, tracking.start_run(spec, "data-only-2", "train"), ckpt) == 2
+    moved = aligned_from("models:/data-only@challenger")
+    assert training_changes(first, moved, "align") == ["align.init: 'models:/data-only/1' -> 'models:/data-only/2'"]
+    pinned = aligned_from(str(ckpt)).align.init
+    assert pinned.startswith(f"{ckpt}@sha256:") and resolve_model(spec, pinned).path == str(ckpt)
+    copy = tmp_path / "copy.pt"
+    shutil.copy(ckpt, copy)
+    _tiny_checkpoint(spec.model_copy(update={"model": spec.model.model_copy(update={"dim": 4})}), Path(ckpt))
+    with pytest.raises(ValueError, match="the file changed since it was pinned"):
+        resolve_model(spec, pinned)
+    assert aligned_from(str(ckpt)).align.init.startswith(f"{ckpt}@sha256:") and aligned_from(str(ckpt)).align.init != pinned
+    shutil.copy(copy, ckpt)
+    assert resolve_model(spec, pinned).path == str(ckpt)  # the same content again
     old = local.parent / "registered-before"  # a model registered while the loader lived in ray_jobs.tracking
     shutil.copytree(local, old)
     (old / "MLmodel").write_text((old / "MLmodel").read_text().replace("ray_jobs.serving", "ray_jobs.tracking"))

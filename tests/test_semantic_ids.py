@@ -150,3 +150,19 @@ def test_collaborative_factors_group_items_by_their_users_and_predict_an_unseen_
     assert set(q.state_dict()) >= {"lift", "cf_scale"}  # the map travels with the tokenizer's weights
     with pytest.raises(ValueError, match="at most"):
         collaborative_factors(train, 9, text, k=8)
+
+
+def test_collaborative_factors_skip_one_trivial_vector_per_connected_part():
+    """Three parts without a bridge: items 1-4 (two pairs joined by one user), 5-7 and 8-10 (every
+    user has all of them). Past the three trivial vectors the first factor is the split of the
+    first part's pairs, whatever order the solver returns the trivial ones in; asking for more
+    factors than the graph has is refused by name."""
+    from ray_jobs.models.semantic_ids import collaborative_factors
+    train = [np.array([1, 2])] * 5 + [np.array([3, 4])] * 5 + [np.array([2, 3])]
+    train += [np.array([5, 6, 7])] * 5 + [np.array([8, 9, 10])] * 5
+    text = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    factors, _ = collaborative_factors(train, 10, text, k=1, seed=0)
+    side = np.sign(factors[:4, 0])
+    assert side[0] == side[1] and side[2] == side[3] and side[0] != side[2]
+    with pytest.raises(ValueError, match="at most 6 factors .* in 3 connected parts"):
+        collaborative_factors(train, 10, text, k=7)

@@ -251,8 +251,9 @@ def test_a_run_resumes_only_with_its_own_training_settings(ml100k, tmp_path):
 
 
 def test_an_alignment_run_keeps_its_align_settings_and_may_change_its_budget(ml100k):
-    """Which settings a resume must keep depend on the stage: an alignment run's `align` section (not
-    `train`'s, which alignment does not read), a training run's `train` section; budgets may change."""
+    """Which settings a resume must keep depend on the stage: an alignment run's `align` section and
+    the few `train` settings alignment reads (workers, DeepSpeed config, clipping), a training run's
+    `train` section; budgets may change."""
     from ray_jobs.loop import training_changes
     spec = load_spec("jobs/specs/movielens-100k-smoke.yaml", [f"lake.root={ml100k}"])
 
@@ -261,6 +262,8 @@ def test_an_alignment_run_keeps_its_align_settings_and_may_change_its_budget(ml1
     assert training_changes(spec, edited(align={"lr": 0.5}), "align") == [f"align.lr: {spec.align.lr!r} -> 0.5"]
     assert training_changes(spec, edited(align={"steps": 999, "max_minutes": 3}), "align") == []
     assert training_changes(spec, edited(train={"lr": 0.5}), "align") == []
+    assert training_changes(spec, edited(train={"grad_clip": 0.5}), "align") == \
+        [f"train.grad_clip: {spec.train.grad_clip!r} -> 0.5"]
     assert training_changes(spec, edited(train={"lr": 0.5}), "train") == [f"train.lr: {spec.train.lr!r} -> 0.5"]
     assert training_changes(spec, edited(align={"lr": 0.5}), "train") == []
     assert training_changes(spec, edited(data={"max_seq_len": 7}), "align") == \

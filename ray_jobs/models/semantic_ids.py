@@ -188,11 +188,13 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
 
     Factors: the left singular vectors of the item x user matrix (1 where the user has the item in
     training), both sides normalised by the square root of their degree, past the trivial ones (at
-    singular value 1, sqrt(degree) on each connected part of the graph) the next k, scaled by the square roots of
+    singular value 1, sqrt(degree) on each connected part of the graph: as many as the graph has
+    parts with an edge, counted on the graph) the next k, scaled by the square roots of
     their singular values, each row then scaled to unit length — items that the same users have get
     close factors. The map: ridge regression from text to factors over the items with training
     interactions and non-vanishing factors; the others take its prediction (unit length too)."""
     import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
     from scipy.sparse.linalg import svds
     users = np.repeat(np.arange(len(train)), [len(s) for s in train])
     items = np.concatenate(train).astype(np.int64) - 1 if len(train) else np.zeros(0, np.int64)
@@ -200,14 +202,15 @@ def collaborative_factors(train: list[np.ndarray], num_items: int, text: np.ndar
     a.data[:] = 1.0  # duplicates summed: presence
     di, du = np.asarray(a.sum(1)).ravel(), np.asarray(a.sum(0)).ravel()
     norm = sp.diags(1 / np.sqrt(np.maximum(di, 1))) @ a @ sp.diags(1 / np.sqrt(np.maximum(du, 1)))
-    if k + 1 >= min(norm.shape):
-        raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 2} factors for {num_items} items "
-                         f"and {len(train)} users")
-    u, sv, _ = svds(norm, k=k + 1, random_state=seed)
-    trivial = int((sv > 1 - 1e-6).sum())  # one per connected part of the graph
-    if trivial > 1:
-        u, sv, _ = svds(norm, k=min(k + trivial, min(norm.shape) - 1), random_state=seed)
-    top = np.argsort(-sv)[trivial:][:k]
+    # one trivial vector (singular value 1) per connected part of the item-user graph that has an edge
+    graph = sp.bmat([[None, a], [a.T, None]], format="csr")
+    _, part = connected_components(graph, directed=False)
+    trivial = int((np.bincount(part) > 1).sum())
+    if k + trivial >= min(norm.shape):
+        raise ValueError(f"model.collaborative={k}: at most {min(norm.shape) - 1 - trivial} factors for {num_items} "
+                         f"items and {len(train)} users in {trivial} connected parts")
+    u, sv, _ = svds(norm, k=k + trivial, random_state=seed)
+    top = np.argsort(-sv)[trivial:]
     factors = u[:, top] * np.sqrt(sv[top])
     factors *= np.sign(factors[np.abs(factors).argmax(0), np.arange(k)])  # a fixed sign per factor
     length = np.linalg.norm(factors, axis=1)
