@@ -104,6 +104,6 @@ def resolve_model(spec: JobSpec, ref: str | None = None) -> ResolvedModel:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trained model at {path}: train first (llmrec train) or name a checkpoint "
                                 "file or models:/NAME@alias")
-    if digest and file_digest(path) != digest:
-        raise ValueError(f"{ref}: the file changed since it was pinned (its sha256 now begins {file_digest(path)})")
+    if digest and (now := file_digest(path)) != digest:
+        raise ValueError(f"{ref}: the file changed since it was pinned (its sha256 now begins {now})")
     return ResolvedModel(path, None, path, spec.registered_model_name(), f"file:{path}")

@@ -114,7 +114,8 @@ def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_p
     _tiny_checkpoint(spec.model_copy(update={"model": spec.model.model_copy(update={"dim": 4})}), Path(ckpt))
     with pytest.raises(ValueError, match="the file changed since it was pinned"):
         resolve_model(spec, pinned)
-    assert aligned_from(str(ckpt)).align.init.startswith(f"{ckpt}@sha256:") and aligned_from(str(ckpt)).align.init != pinned
+    rewritten = aligned_from(str(ckpt)).align.init
+    assert rewritten.startswith(f"{ckpt}@sha256:") and rewritten != pinned
     shutil.copy(copy, ckpt)
     assert resolve_model(spec, pinned).path == str(ckpt)  # the same content again
     old = local.parent / "registered-before"  # a model registered while the loader lived in ray_jobs.tracking
