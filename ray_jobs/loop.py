@@ -104,7 +104,8 @@ RESUMABLE = {"train": frozenset({"epochs", "max_minutes", "max_steps", "patience
                                  "max_failures", "checkpoint_dir", "storage_path", "use_gpu", "cpus_per_worker"}),
              "align": frozenset({"steps", "max_minutes", "eval_every", "checkpoint_every", "enabled"}),
              "model": frozenset({"cache_dir", "decode", "beam_width"})}
-ALIGN_READS_TRAIN = ("workers", "deepspeed", "grad_clip")  # of `train`, what alignment reads: its shards' layout, clipping
+# of `train`, what an alignment run reads and so keeps: its shards' layout, gradient clipping
+ALIGN_READS_TRAIN = ("workers", "deepspeed", "grad_clip")
 
 
 def training_changes(saved: JobSpec, now: JobSpec, stage: str = "train") -> list[str]:
