@@ -182,7 +182,7 @@ def main() -> None:
         if k in ("hr@10", "ndcg@10")})
     stage("align_sasrec_5_steps", lambda: (lambda out: {
         "steps": out.steps, "first_reward": out.first_step["reward_mean"], "last_reward": out.last_step["reward_mean"],
-        "kl_last": out.last_kl, "aligned_test_ndcg@10": out.results["aligned_test"]["ndcg@10"]})(align.run(
+        "kl_shipped": out.shipped_kl, "aligned_test_ndcg@10": out.results["aligned_test"]["ndcg@10"]})(align.run(
             load_spec(SMOKE, common + ["name=gpu-sasrec", f"align.init={sasrec}", "align.steps=5",
                                        "align.users_per_step=32", "align.rollouts=8", "align.eval_every=0"]))))
     report["hllm_step"] = hllm_step(use_gpu=True)

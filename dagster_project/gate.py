@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from jobs.contracts import EvaluationReport
-from jobs.schema import GateConstraint, GateSpec
+from jobs.schema import GateSpec
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _by_rule(report: EvaluationReport, gate: GateSpec, new: list, current, held:
     metric, champion = f"{gate.split}/{gate.metric}", report.champion_version
 
     def conditions(row) -> list[tuple[str, bool]]:
-        return [(f"{c.describe()}: {mine:.4f} vs {theirs:.4f}", meets(c, mine, theirs))
+        return [(f"{c.describe()}: {mine:.4f} vs {theirs:.4f}", c.meets(mine, theirs))
                 for c in gate.constraints
                 for mine, theirs in [(figure(row, gate.split, c.metric), figure(current, gate.split, c.metric))]]
     judged = [(r, conditions(r)) for r in new if report.candidates[r.model] != champion]
@@ -73,14 +73,6 @@ def _by_rule(report: EvaluationReport, gate: GateSpec, new: list, current, held:
     return GateDecision(False, version, score, champion, held, metric,
                         "no new model meets the rule; the best, " + f"{report.label(best, gate.split)}: "
                         + "; ".join(text for text, ok in cs if not ok))
-
-
-def meets(c: GateConstraint, candidate: float, champion: float) -> bool:
-    """Whether the candidate's figure meets one condition against the champion's."""
-    change = candidate - champion
-    if c.relative:
-        return change >= c.min_change * abs(champion)
-    return change >= c.min_change
 
 
 def figure(row, split: str, metric: str) -> float:

@@ -131,6 +131,7 @@ class RunProgress(Record):
     stopped: str = ""               # epochs | steps | early_stopping | time_budget | interrupted
     history: list[dict] = field(default_factory=list)  # a record per epoch (training) or step (alignment)
     evals: list[dict] = field(default_factory=list)    # alignment: validation records by step
+    shipped_step: int = 0           # alignment: the step whose weights the run ships (align.ship)
 
 
 @dataclass(frozen=True)
@@ -199,14 +200,16 @@ class AlignOutcome(Record):
     evals: list[dict]
     results: dict[str, dict[str, float]]      # "base_valid", "base_test", "aligned_valid", "aligned_test" -> figures
     plots: dict[str, str] = field(default_factory=dict)
+    shipped: dict | None = None               # the step record of the weights shipped (align.ship); None: the last
 
     @property
     def model_file(self) -> str:
         return self.model.model_file
 
     @property
-    def last_kl(self) -> float:
-        return float((self.last_step or {}).get("kl", 0.0))
+    def shipped_kl(self) -> float:
+        """The whole-list KL to the start model at the step whose weights ship."""
+        return float((self.shipped or self.last_step or {}).get("kl", 0.0))
 
     @property
     def coverage_ratio(self) -> float:

@@ -626,6 +626,11 @@ class AlignSpec(Strict):
     dpo_beta: float = Field(0.1, gt=0, description="DPO inverse temperature on list log-ratio differences")
     dpo_ground_truth: bool = Field(False, description="dpo: also prefer the held-out items' list over the model's top list")
     eval_every: int = Field(50, ge=0, description="steps between validation evaluations (0 = only at the end)")
+    ship: Literal["last", "gate"] = Field("last", description="which weights the run ships: the newest (last), or "
+                                          "those of the evaluated step that best meets the spec's gate on validation "
+                                          "against the start model's figures (gate): among the steps meeting every "
+                                          "gate.constraints condition, the best on gate.metric; without constraints, "
+                                          "or when no step meets them, the best step on gate.metric")
     enabled: bool = Field(True, description="Dagster: align the trained model (false: the aligned_model asset "
                           "passes the trained model on unchanged and records that it did)")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0 = only at the end)")
@@ -661,6 +666,11 @@ class GateConstraint(Strict):
             return f"{self.metric} higher by at least {self.min_change}"
         return f"{self.metric} not lower by more than {-self.min_change}"
 
+    def meets(self, candidate: float, champion: float) -> bool:
+        """Whether the candidate's figure meets this condition against the champion's."""
+        change = candidate - champion
+        return change >= (self.min_change * abs(champion) if self.relative else self.min_change)
+
 
 class GateSpec(Strict):
     """The champion gate: a new model takes the registry alias `champion` only when it beats the current
@@ -680,7 +690,7 @@ class ChecksSpec(Strict):
     """Model checks that block everything downstream in Dagster when they fail."""
     min_gain_over_popularity: float = Field(0.0, description="trained model: valid NDCG@10 must exceed popularity's by more")
     max_align_kl: float = Field(5.0, gt=0, description="aligned model: the whole-list KL(policy || reference) "
-                                "(nats per list) at the last step at most this")
+                                "(nats per list) at the shipped step (align.ship) at most this")
     min_coverage_ratio: float = Field(0.5, ge=0, description="aligned model: coverage@10 at least this share of the start model's")
 
 
@@ -720,6 +730,13 @@ class JobSpec(Strict):
         if self.train.withhold and self.train.fit_on != "train":
             raise ValueError(f"train.withhold={self.train.withhold} needs train.fit_on=train (a refit on train_valid "
                              "would fit the items after the withheld ones)")
+        return self
+
+    @model_validator(mode="after")
+    def _ship_by_gate_needs_evaluations(self) -> "JobSpec":
+        if self.align.ship == "gate" and not self.align.eval_every:
+            raise ValueError("align.ship=gate chooses among the evaluated steps against the start model's figures "
+                             "(step 0): it needs align.eval_every > 0")
         return self
 
     def registered_model_name(self) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from jobs.contracts import AlignOutcome, AlignWorkerConfig, Check, ModelRecord, Tag, markdown_table, meta
-from jobs.schema import AlignSpec, JobSpec, TrainSpec
+from jobs.schema import AlignSpec, GateSpec, JobSpec, TrainSpec
 from jobs.spec import absolute_paths, tracking_uri
 from ray_jobs import tracking
 from ray_jobs.alignment.aligner import AlignData, Aligner
@@ -46,6 +46,32 @@ from ray_jobs.scoring import scorable_items
 
 EVAL_KEYS = ("hr@10", "ndcg@10", "mrr")
 BEYOND_KEYS = ("coverage@10", "ild@10", "tail_share@10", "gini@10")
+
+
+def gate_step(gate: GateSpec, evals: list[dict]) -> int | None:
+    """align.ship=gate: the evaluated step (after the start) whose weights ship. Its validation
+    figures are judged as the champion gate judges a candidate, against the start model's (the step-0
+    record): among the steps meeting every `gate.constraints` condition, the best on `gate.metric`;
+    without constraints, or when no step meets them, the best step on `gate.metric` (ties: the later)."""
+    start = next((e for e in evals if e["step"] == 0), None)
+    steps = [e for e in evals if e["step"] > 0]
+    if not steps:
+        return None
+    passing = [e for e in steps if start is not None and all(c.meets(e[c.metric], start[c.metric])
+                                                             for c in gate.constraints)]
+    return max(passing or steps, key=lambda e: (e[gate.metric], e["step"]))["step"]
+
+
+def check_ship(spec: JobSpec) -> None:
+    """align.ship=gate reads the gate's figures from the validation records of the run."""
+    if spec.align.ship != "gate":
+        return
+    known = EVAL_KEYS + BEYOND_KEYS
+    for what, metric in [("gate.metric", spec.gate.metric)] + [("gate.constraints", c.metric)
+                                                               for c in spec.gate.constraints]:
+        if metric not in known:
+            raise ValueError(f"align.ship=gate: {what} names {metric!r}, which the alignment run does not "
+                             f"evaluate (its validation figures: {', '.join(known)})")
 
 
 def default_run_name(spec: JobSpec) -> str:
@@ -108,8 +134,9 @@ def align_worker(config: dict) -> None:
         r = backend.evaluate(data, "valid", item_emb).flat()
         return {"step": i} | {k: r[k] for k in EVAL_KEYS + BEYOND_KEYS}
 
-    run_steps(state, backend, StepPlan(a.steps, a.eval_every, a.checkpoint_every, a.max_minutes), step, evaluate,
-              reporter)
+    ship = (lambda evals: gate_step(spec.gate, evals)) if a.ship == "gate" else None
+    run_steps(state, backend, StepPlan(a.steps, a.eval_every, a.checkpoint_every, a.max_minutes, ship), step,
+              evaluate, reporter)
 
 
 NEXT_DAY_TABLES = ("interactions", "item_index", "user_index")
@@ -202,6 +229,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_name = run_name or default_run_name(spec)
     t = spec.train
     check_storage_path(spec)
+    check_ship(spec)
     if spec.align.users_per_step < t.workers:
         raise ValueError(f"align.users_per_step={spec.align.users_per_step} is smaller than train.workers={t.workers}: "
                          "every worker needs at least one user per step")
@@ -255,28 +283,30 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb
         plots={"alignment_curves.png": lambda path: tracking.plot_alignment_curves(
             {spec.align.method: p.history}, path, {spec.align.method: p.evals})},
         tags={Tag.ALIGN_METHOD: spec.align.method, Tag.ALIGN_INIT: start.label, "restarts": p.restarts,
-              "stopped": p.stopped},
+              "stopped": p.stopped, "shipped_step": p.shipped_step},
         register=register, catalogue=data.catalogue)
     model = ModelRecord(out_file, spec.registered_model_name(), version, data.versions, run_id)
+    shipped = next((h for h in p.history if h["step"] == p.shipped_step), None)
     return AlignOutcome(run_name, run_id, model, spec.align.method, start.label, p.step, p.restarts, p.stopped,
                         p.seconds, p.history[0] if p.history else None, p.history[-1] if p.history else None, p.evals,
-                        {k: r.flat() for k, r in results.items()}, plots)
+                        {k: r.flat() for k, r in results.items()}, plots, shipped)
 
 
 def dagster_report(spec: JobSpec, out: AlignOutcome) -> DagsterReport:
-    """The aligned_model asset's metadata, and its check: the KL to the start model within
+    """The aligned_model asset's metadata, and its check: the shipped weights' KL to the start model within
     `checks.max_align_kl` and coverage@10 not collapsed (at least `checks.min_coverage_ratio` of the start's)."""
     rows = {f"{name} ({split})": out.results[f"{name}_{split}"] for name in ("base", "aligned") for split in ("valid", "test")}
     c = spec.checks
     return DagsterReport(
         metadata={**out.model.to_metadata(), "mlflow_run": tracking.run_link(spec, out.run_id),
                   "method": out.method, "init": out.init, "steps": out.steps, "stopped": out.stopped,
+                  "shipped_step": (out.shipped or out.last_step or {}).get("step", out.steps),
                   "align_seconds": round(out.seconds, 1), "valid_ndcg@10": out.results["aligned_valid"]["ndcg@10"],
-                  "base_valid_ndcg@10": out.results["base_valid"]["ndcg@10"], "last_kl": out.last_kl,
+                  "base_valid_ndcg@10": out.results["base_valid"]["ndcg@10"], "kl": out.shipped_kl,
                   "metrics": meta(markdown_table(rows), "md"),
                   "alignment_curves": markdown_image(out.plots["alignment_curves.png"], "reward and gradient curves")},
-        checks={Check.ALIGN_BOUNDS: (out.last_kl <= c.max_align_kl and out.coverage_ratio >= c.min_coverage_ratio, {
-            "last_kl": out.last_kl, "max_kl": c.max_align_kl, "coverage_ratio": out.coverage_ratio,
+        checks={Check.ALIGN_BOUNDS: (out.shipped_kl <= c.max_align_kl and out.coverage_ratio >= c.min_coverage_ratio, {
+            "kl": out.shipped_kl, "max_kl": c.max_align_kl, "coverage_ratio": out.coverage_ratio,
             "min_coverage_ratio": c.min_coverage_ratio})})
 
 

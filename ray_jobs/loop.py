@@ -545,6 +545,9 @@ class StepPlan:
     eval_every: int            # 0: only at the start and the end
     checkpoint_every: int      # 0: only at the end
     max_minutes: float | None  # wall-clock budget
+    # the evaluated step whose weights ship, given the validation records so far (None: none yet);
+    # without it the newest weights ship
+    ship: Callable[[list[dict]], int | None] | None = None
 
 
 def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Callable[[int], tuple[torch.Tensor, dict]],
@@ -553,8 +556,8 @@ def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Call
     """Optimizer steps from the state's step to `plan.total`: `step_fn(step)` gives the loss and the
     step's metrics (reported as `<prefix>/*`); `evaluate(step)` a validation record (`<monitor>/*`:
     at the start, every `eval_every` steps, at the end and at the step that crosses the budget). The
-    newest weights are the model; they are checkpointed every `checkpoint_every` steps, at the end
-    and at a budget stop."""
+    newest weights are the model, or with `plan.ship` those of the evaluated step it names; the
+    model is checkpointed every `checkpoint_every` steps, at the end and at a budget stop."""
     return_freed_memory()
     clock = Clock(state.seconds)
     reporter.start(plan.total, state.step)
@@ -563,6 +566,8 @@ def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Call
         record = evaluate(step)
         state.evals.append(record)
         reporter.log(step, {f"{monitor}/{k}": v for k, v in record.items() if k != "step"})
+        if plan.ship is not None and plan.ship(state.evals) == step:  # every rank: the same records
+            state.model_weights, state.shipped_step = backend.full_weights(), step
 
     if not state.evals and plan.eval_every:
         validate(0)
@@ -580,7 +585,8 @@ def run_steps(state: TrainState, backend: Backend, plan: StepPlan, step_fn: Call
         state.seconds = clock()
         if last or over or (plan.checkpoint_every and state.step % plan.checkpoint_every == 0):
             state.stopped = "time_budget" if over and not last else "steps" if last else ""
-            state.model_weights = backend.full_weights()
+            if plan.ship is None:
+                state.model_weights, state.shipped_step = backend.full_weights(), state.step
             backend.save({"step": state.step} | {k: v for k, v in metrics.items() if isinstance(v, float)})
         if over:
             break

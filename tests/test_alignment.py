@@ -819,3 +819,39 @@ def test_a_generative_model_aligns_a_step_with_its_own_item_distribution(method)
     logits = aligner.logits(policy, np.arange(4))  # log-probabilities, the user's seen items masked: mass <= 1
     assert (torch.logsumexp(logits, -1) <= 1e-5).all() and torch.isfinite(logits).sum(-1).min() >= cfg.list_size
     assert model.cell.weight_hh.grad is not None and model.user.layers[0].self_attn.in_proj_weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- which step ships (align.ship=gate)
+
+def test_gate_step_ships_the_best_step_meeting_the_rule_against_the_start():
+    """align.ship=gate judges each evaluated step as the champion gate judges a candidate, against
+    the start model's record (step 0): the best on gate.metric among the steps meeting every
+    constraint; the best on gate.metric when none (or no constraint) applies; never the start."""
+    from jobs.schema import GateSpec
+    from ray_jobs.align import gate_step
+    rule = GateSpec(constraints=[{"metric": "ndcg@10", "min_change": -0.002},
+                                 {"metric": "tail_share@10", "min_change": 0.2, "relative": True}])
+    evals = [{"step": 0, "ndcg@10": 0.170, "tail_share@10": 0.30},
+             {"step": 25, "ndcg@10": 0.1695, "tail_share@10": 0.33},   # tail +10%: fails the relative rise
+             {"step": 50, "ndcg@10": 0.1685, "tail_share@10": 0.37},   # meets both
+             {"step": 75, "ndcg@10": 0.1682, "tail_share@10": 0.45},   # meets both, lower NDCG
+             {"step": 100, "ndcg@10": 0.1660, "tail_share@10": 0.50}]  # NDCG 0.004 lower: fails
+    assert gate_step(rule, evals) == 50
+    assert gate_step(rule, evals[:2]) == 25  # none meets the rule: the best on NDCG@10
+    assert gate_step(GateSpec(), evals) == 25  # no constraints: the best on the gate's metric
+    assert gate_step(GateSpec(metric="tail_share@10"), evals) == 100
+    assert gate_step(rule, evals[:1]) is None  # only the start evaluated: nothing to ship yet
+    tie = [{"step": 0, "ndcg@10": 0.1}, {"step": 10, "ndcg@10": 0.2}, {"step": 20, "ndcg@10": 0.2}]
+    assert gate_step(GateSpec(), tie) == 20
+
+
+def test_ship_by_gate_names_a_figure_the_run_evaluates_and_needs_evaluations():
+    from jobs.spec import load_spec
+    from ray_jobs.align import check_ship
+    spec = load_spec("jobs/specs/movielens-1m-demo.yaml", ["align.ship=gate"])
+    check_ship(spec)  # the demo's rule: ndcg@10 and tail_share@10, both evaluated
+    bad = spec.model_copy(update={"gate": spec.gate.model_copy(update={"metric": "recall@20"})})
+    with pytest.raises(ValueError, match=r"gate.metric names 'recall@20'.*does not evaluate"):
+        check_ship(bad)
+    with pytest.raises(ValueError, match="align.ship=gate .* needs align.eval_every > 0"):
+        load_spec("jobs/specs/movielens-1m-demo.yaml", ["align.ship=gate", "align.eval_every=0"])

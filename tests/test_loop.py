@@ -94,3 +94,62 @@ def test_resume_refuses_a_rebuilt_catalogue(ml100k_lake, tmp_path):
     data.catalogue.item_ids[5] = "another-item"  # a renumbered index: a mismatch whatever the use
     with pytest.raises(ValueError, match=r"index 5 names another item id"):
         LocalBackend(training_state(spec, data, torch.device("cpu")), str(tmp_path / spec.name)).restore()
+
+
+# ----------------------------------------------------------------------------- the step loop: which weights ship
+
+class _Policy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(2, 1, bias=False)
+        torch.nn.init.zeros_(self.model.weight)
+
+
+VALID = {0: 0.50, 2: 0.60, 4: 0.55, 6: 0.58}  # validation figures by step: step 2 is the best
+
+
+def _steps(folder, ship, reporter: Reporter = Reporter()):
+    """Six steps that each move the weights (SGD on -sum(w)), evaluated every 2 steps with the
+    figures of VALID, checkpointed every 2. Returns the state, its backend and the weights seen at
+    each evaluation."""
+    from ray_jobs.catalogue import Catalogue
+    from ray_jobs.loop import StepPlan, TrainState, run_steps
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml")
+    module = _Policy()
+    state = TrainState(spec=spec, module=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
+                       scheduler=None, catalogue=Catalogue(["", "a", "b"], ["", "a", "b"]), versions={}, stage="align")
+    backend = LocalBackend(state, str(folder))
+    backend.restore()
+    seen = {}
+
+    def evaluate(step: int) -> dict:
+        seen[step] = module.model.weight.detach().clone()
+        return {"step": step, "ndcg@10": VALID[step]}
+    run_steps(state, backend, StepPlan(6, 2, 2, None, ship), lambda _: (-module.model.weight.sum(), {}), evaluate,
+              reporter)
+    return state, backend, seen
+
+
+def test_the_step_loop_ships_the_newest_weights_or_the_step_its_plan_names_across_a_resume(tmp_path):
+    from jobs.schema import GateSpec
+    from ray_jobs.align import gate_step
+    state, backend, seen = _steps(tmp_path / "newest", None)
+    shipped = read_model(backend.best)
+    assert state.shipped_step == shipped.progress.shipped_step == 6
+    assert torch.equal(shipped.weights["weight"], seen[6]) and not torch.equal(seen[6], seen[2])
+
+    def ship(evals):
+        return gate_step(GateSpec(), evals)
+    state, backend, seen = _steps(tmp_path / "gate", ship)
+    shipped = read_model(backend.best)
+    assert state.shipped_step == shipped.progress.shipped_step == 2
+    assert torch.equal(shipped.weights["weight"], seen[2])
+    # cut after step 5 (last checkpoint at step 4): the resumed run keeps step 2's weights and still ships them
+    with pytest.raises(KeyboardInterrupt):
+        _steps(tmp_path / "cut", ship, CrashAt(5))
+    first = read_model(str(tmp_path / "cut" / "best.pt"))
+    assert first.progress.shipped_step == 2 and torch.equal(first.weights["weight"], seen[2])
+    state, backend, _ = _steps(tmp_path / "cut", ship)
+    assert state.restarts == 1 and [e["step"] for e in state.evals] == [0, 2, 4, 6]
+    assert read_model(backend.best).progress.shipped_step == 2
+    assert torch.equal(read_model(backend.best).weights["weight"], seen[2])
