@@ -19,9 +19,9 @@ NDCG@10), and only the chosen presets' test figures enter the table.
 Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json (the start
 models' too, with their checkpoint paths), so a rerun skips what is done and resumes a cut run by
 its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
-finished runs each time (also with --report, which runs nothing). A record made with other align
-settings or from other start-model runs is stale: it is run again, and left out of the report until
-then. An align run takes everything but its align section from the start model's spec (train:
+finished runs each time (also with --report, which runs nothing). A start model is reused only under
+the settings it was trained with; a record made with other align settings or presets, or from other
+start-model runs, is stale: it is run again, and left out of the report until then. An align run takes everything but its align section from the start model's spec (train:
 workers, DeepSpeed, budgets; `--start-set` applies to both). The ML-1M gold tables are built
 first when missing (`llmrec etl`). Runs are real `ray_jobs.align` / `ray_jobs.train` jobs (Ray
 Train + DeepSpeed), each with its own MLflow run; the table is logged to an MLflow run too.
@@ -128,19 +128,23 @@ class Bench:
 
     def train_start(self, start: str, variant: str) -> dict | None:
         key = f"start-{variant}"
+        spec = self.start_spec(start, variant)
+        import hashlib
+        settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
         rec = self.done(start, key)
-        if rec and os.path.exists(rec["model_file"]):
+        if rec and rec.get("settings") == settings and os.path.exists(rec["model_file"]):
             return rec
+        if rec:  # trained with other settings (an edited spec, other --start-set) or its file is gone
+            print(f"{start} {variant}: the recorded start model is stale ({rec.get('settings')} vs {settings}, "
+                  f"file {'present' if os.path.exists(rec['model_file']) else 'missing'}): training it again", flush=True)
         if self.out_of_time():
             return None
         from ray_jobs.train import run as train
-        spec = self.start_spec(start, variant)
         t0 = time.perf_counter()
-        import hashlib
-        settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
         # the settings in the name: a cut run resumes under it, never a run of other settings
         out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
-        rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "model_file": out.model_file,
+        rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "settings": settings,
+               "model_file": out.model_file,
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
                "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}
         write_result(self.path(start, key), rec)
@@ -156,7 +160,7 @@ class Bench:
         if not all(inits):
             return None
         doc = {"align": {k: v for k, v in self.align_doc.items() if k not in ("method", "seed", "init", "rewards")},
-               "rewards": self.align_doc["rewards"], "starts": [i["run_id"] for i in inits]}
+               "rewards": self.align_doc["rewards"], "starts": [i["run_id"] for i in inits], "presets": PRESETS}
         return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
     def align(self, start: str, init: dict, method: str, seed: int, preset: str | None = None,
@@ -226,10 +230,11 @@ class Bench:
                 print(f"{start}: {sum('method' in r for r in recs) - len(runs)} records of other settings left out")
             if not starts_:
                 continue
-            rows = []
+            rows, start_valid = [], {}
             for v, r in sorted(starts_.items()):  # an alignment run from it has every figure of the start
                 base = next((a for a in runs if a["seen_rewards"] == (v == "full")), None)
                 test, valid = (base["base_test"], base["base_valid"]) if base else (r["test"], r["valid"])
+                start_valid[v] = valid  # (the training record's figures are accuracy only)
                 rows.append({"model": f"start, {v}" + (" (served)" if v == "full" else f" (withhold {r['withhold']})"),
                              "n": 1, **{c: (test[c], 0.0) for c in COLUMNS if c in test},
                              "valid_ndcg@10": (valid["ndcg@10"], 0.0)})
@@ -238,11 +243,15 @@ class Bench:
                 if r["preset"] is None:
                     groups.setdefault(r["method"] + (" (seen rewards)" if r["seen_rewards"] else ""), []).append(r)
             chosen, frontier = {}, {}
-            withheld = starts_.get("withheld")
+            withheld = start_valid.get("withheld")
             for method in SWEEP_METHODS:
-                points = [r for r in runs if r["method"] == method and r["preset"] is not None]
+                points = {}  # one point per preset: its lowest seed's
+                for r in sorted((r for r in runs if r["method"] == method and r["preset"] is not None),
+                                key=lambda r: -r["seed"]):
+                    points[r["preset"]] = r
+                points = list(points.values())
                 if points and withheld:
-                    pick = choose(points, withheld["valid"])
+                    pick = choose(points, withheld)
                     chosen[method] = pick["preset"]
                     frontier[method] = [{"preset": p["preset"], **{k: p["aligned_valid"][k] for k in
                                                                    ("ndcg@10", "tail_share@10", "ild@10")}}
@@ -266,12 +275,12 @@ class Bench:
             curves = {name: average_curves([r["curve"] for r in rs]) for name, rs in groups.items()
                       if all(r["curve"] for r in rs)}
             png = self.plots(start, curves, {name: average_evals([r["evals"] for r in rs]) for name, rs in groups.items()
-                                             if all(r["evals"] for r in rs)}, frontier, starts_)
+                                             if all(r["evals"] for r in rs)}, frontier, start_valid)
             blocks[start] = {"table": rows, "chosen": chosen, "frontier": frontier, "plots": png,
                              "starts": starts_, "runs": runs}
         return {"blocks": blocks, "table_md": "\n\n".join(tables)}
 
-    def plots(self, start: str, curves: dict, evals: dict, frontier: dict, starts_: dict) -> list[str]:
+    def plots(self, start: str, curves: dict, evals: dict, frontier: dict, start_valid: dict) -> list[str]:
         from ray_jobs.tracking import plot_alignment_curves
         stem = Path(self.args.out).with_suffix("")
         out = []
@@ -290,9 +299,10 @@ class Bench:
                     ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=line.get_facecolor()[0])
                     for (x_, y_), p in zip(xy, pts):
                         ax.annotate(p["preset"], (x_, y_), fontsize=6)
-                for v, r in starts_.items():
-                    ax.scatter([r["valid"]["ndcg@10"]], [r["valid"][y]], marker="*", s=120, color="black")
-                    ax.annotate(f"start ({v})", (r["valid"]["ndcg@10"], r["valid"][y]), fontsize=7)
+                for v, valid in start_valid.items():
+                    if y in valid:
+                        ax.scatter([valid["ndcg@10"]], [valid[y]], marker="*", s=120, color="black")
+                        ax.annotate(f"start ({v})", (valid["ndcg@10"], valid[y]), fontsize=7)
                 ax.set_xlabel("validation NDCG@10")
                 ax.set_ylabel(f"validation {y}")
                 ax.legend(fontsize=7)

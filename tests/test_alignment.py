@@ -760,8 +760,8 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     for variant, ndcg in (("full", 0.172), ("withheld", 0.170)):
         (runs / f"start-{variant}.json").write_text(json.dumps(
             {"start": "toy", "variant": variant, "withhold": 3 if variant == "withheld" else 0, "model_file": "x",
-             "run_id": f"run-{variant}",
-             "valid": figures(ndcg, 0.30, 0.45), "test": figures(ndcg - 0.02, 0.30, 0.45)}))
+             "run_id": f"run-{variant}",  # a training run's figures: accuracy only (its align runs carry the rest)
+             "valid": {"ndcg@10": ndcg, "hr@10": 0.3}, "test": {"ndcg@10": ndcg - 0.02, "hr@10": 0.28}}))
 
     args = types.SimpleNamespace(out=str(tmp_path / "alignment.json"), runs=str(tmp_path / "runs"))
     b = bench.Bench.__new__(bench.Bench)
@@ -782,6 +782,7 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     run("unseen-grpo-ndcg-s0", "grpo", 0, "ndcg", figures(0.175, 0.29, 0.44), 0.160)          # best NDCG, loses tail
     run("unseen-grpo-ndcg+tail-s0", "grpo", 0, "ndcg+tail", figures(0.169, 0.40, 0.46), 0.150)
     run("unseen-grpo-ndcg+diversity-s0", "grpo", 0, "ndcg+diversity", figures(0.171, 0.32, 0.50), 0.152)
+    run("unseen-grpo-ndcg+diversity-s1", "grpo", 1, "ndcg+diversity", figures(0.190, 0.40, 0.60), 0.2)  # 2nd seed: not a point
     run("unseen-blade-spec-s2", "blade", 2, None, figures(0.2, 0.4, 0.6), 0.3, fingerprint="other")  # stale: left out
     b.align_doc = {"holdout": 3, "steps": 600, "rewards": {"ndcg": 1.0}}
     assert b.fingerprint("toy") != current  # other settings: every finished run is stale
@@ -789,6 +790,7 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     rep = b.report(["toy"])
     block = rep["blocks"]["toy"]
     assert block["chosen"] == {"grpo": "ndcg+diversity"}  # raises both over the start, best NDCG of those
+    assert [p["ndcg@10"] for p in block["frontier"]["grpo"] if p["preset"] == "ndcg+diversity"] == [0.171]
     rows = {r["model"]: r for r in block["table"]}
     assert rows["blade"]["n"] == 2 and rows["blade"]["ndcg@10"] == pytest.approx((0.156, np.std([0.155, 0.157], ddof=1)))
     assert rows["grpo [ndcg+diversity]"]["ndcg@10"][0] == pytest.approx(0.152)

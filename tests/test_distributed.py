@@ -227,13 +227,17 @@ def test_a_generative_model_on_two_workers_reads_the_drivers_tokenizer_and_recom
 def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_ray, ray_overrides):
     """BLADE on 2 workers (ZeRO-2) from a briefly trained SASRec: the mean rollout reward rises,
     the KL to the reference stays bounded, a rerun with the same name resumes, the aligned model
-    is evaluated against the start, logged and registered."""
+    is evaluated against the start, logged and registered; it ships the evaluated step the gate's
+    metric picks (`align.ship: gate`), and the driver's evaluation of the shipped file repeats that
+    step's validation figures."""
+    from ray_jobs.align import gate_step
     from ray_jobs.align import run as align
     base = ray_overrides(tmp_path, "align-smoke", "train.epochs=4", "train.negatives=512", "train.lr=0.005")
     result = train_local(load_spec(SMOKE, base))
     overrides = base + [f"align.init={result.checkpoint}", "align.method=blade", "align.lr=0.001", "align.beta=0.05",
                         "align.kl_target=1.0", "align.kl_rate=0.3",
-                        "align.users_per_step=64", "align.rollouts=8", "align.eval_every=0", "align.checkpoint_every=10",
+                        "align.users_per_step=64", "align.rollouts=8", "align.eval_every=10", "align.checkpoint_every=10",
+                        "align.ship=gate",
                         "align.rewards.ndcg=1.0", "align.rewards.tail=0.5"]
     first = align(load_spec(SMOKE, overrides + ["align.steps=20"]), register=False)
     assert first.steps == 20 and first.stopped == "steps"
@@ -251,6 +255,11 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     assert max(betas) > betas[0]
     assert out.results["aligned_test"]["users"] == out.results["base_test"]["users"] == 943 and "ild@10" in out.results["aligned_test"]
     assert out.model.model_version == 1 and client.get_run(out.run_id).data.tags["llmrec.align.method"] == "blade"
+    assert [e["step"] for e in out.evals] == [0, 10, 20, 30, 40]
+    shipped = gate_step(load_spec(SMOKE, overrides).gate, out.evals)
+    assert client.get_run(out.run_id).data.tags["shipped_step"] == str(shipped) == str(out.shipped["step"])
+    figures = next(e for e in out.evals if e["step"] == shipped)
+    assert out.results["aligned_valid"]["ndcg@10"] == pytest.approx(figures["ndcg@10"], abs=1e-5)
     model = mlflow.pyfunc.load_model("models:/align-smoke@challenger")
     pred = model.predict(pd.DataFrame({"history": [["1", "2", "3"]]}), params={"k": 5})
     assert len(pred["item_ids"][0]) == 5
