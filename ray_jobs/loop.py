@@ -135,6 +135,18 @@ def check_resumable(saved: JobSpec, now: JobSpec, stage: str, where: str) -> Non
             "name)")
 
 
+def check_same_versions(saved: dict[str, int], now: dict[str, int], stage: str, where: str) -> None:
+    """Refuse to resume a training or alignment run on other versions of the gold tables than it
+    started on: other data under the same catalogue (which the catalogue check alone lets through)
+    would mix two datasets' batches in one run. (A tokenizer fit is keyed by its inputs.)"""
+    changed = [f"{t} {saved[t]} -> {now[t]}" for t in sorted(saved.keys() & now.keys()) if saved[t] != now[t]]
+    if changed and stage != "tokenizer":
+        pinned = json.dumps({t: saved[t] for t in sorted(saved)}, separators=(",", ":"))
+        raise RunMismatch(f"{where} holds a run started on other versions of the gold tables ({', '.join(changed)}); a "
+                          f"run resumes only on the versions it started on — pin them (--set data.pinned_versions="
+                          f"'{pinned}'), run under another name, or start over")
+
+
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of a model's state dict, floating tensors in fp32 (what checkpoints and scorers take)."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
@@ -329,6 +341,7 @@ class LocalBackend(Backend):
             return False
         s, ckpt = self.state, read_model(self.last)
         check_resumable(ckpt.spec, s.spec, s.stage, self.last)
+        check_same_versions(ckpt.versions, s.versions, s.stage, self.last)
         ckpt.require_same_catalogue(s.catalogue, s.versions.get("item_index"), f"resuming from {self.last}")
         resume = ckpt.extra["resume"]
         s.module.load_state_dict({**{f"model.{k}": v for k, v in ckpt.weights.items()}, **resume["module"]})
@@ -351,9 +364,10 @@ CATALOGUE_FILE = "catalogue.json"
 
 def run_folder_doc(state: TrainState) -> dict:
     """What a Ray Train checkpoint records beside its DeepSpeed shards (`catalogue.json`) so that a
-    resume can be refused before any shard is read: the item catalogue and the run's spec."""
+    resume can be refused before any shard is read: the item catalogue, the run's spec and the gold
+    table versions it reads."""
     return {"item_ids": state.catalogue.item_ids, "text_hashes": state.catalogue.text_hashes(),
-            "spec": public_doc(state.spec), "stage": state.stage}
+            "spec": public_doc(state.spec), "stage": state.stage, "versions": dict(state.versions)}
 
 
 def check_folder_doc(doc: dict, spec: JobSpec, stage: str, label: str) -> None:
@@ -376,6 +390,7 @@ def check_run_folder(folder: str, state: TrainState, label: str) -> None:
         doc = json.loads(Path(path).read_text())
         if "spec" in doc:  # (checkpoints written before runs recorded their spec are resumed unchecked)
             check_folder_doc(doc, state.spec, state.stage, label)
+        check_same_versions(doc.get("versions", {}), state.versions, state.stage, label)
         if doc.get("item_ids") != catalogue.item_ids or doc.get("text_hashes") != catalogue.text_hashes():
             raise CatalogueMismatch(f"{label}: the checkpoint's item catalogue ({len(doc.get('item_ids', [])) - 1} "
                                     f"items) is not the run's ({catalogue.num_items} items); a run resumes only on "

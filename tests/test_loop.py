@@ -153,3 +153,33 @@ def test_the_step_loop_ships_the_newest_weights_or_the_step_its_plan_names_acros
     assert state.restarts == 1 and [e["step"] for e in state.evals] == [0, 2, 4, 6]
     assert read_model(backend.best).progress.shipped_step == 2
     assert torch.equal(read_model(backend.best).weights["weight"], seen[2])
+
+
+def test_a_run_resumes_only_on_the_gold_versions_it_started_on(tmp_path):
+    """Local and Ray checkpoints record the gold table versions the run read; a resume on other
+    versions (new data under the same catalogue) is refused, naming the tables and how to pin them."""
+    import json
+
+    from ray_jobs.catalogue import Catalogue
+    from ray_jobs.loop import RunMismatch, TrainState, check_run_folder, run_folder_doc
+    spec = load_spec("jobs/specs/movielens-100k-smoke.yaml")
+
+    def state(versions: dict, stage: str = "train") -> TrainState:
+        module = _Policy()
+        return TrainState(spec=spec, module=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
+                          scheduler=None, catalogue=Catalogue(["", "a", "b"], ["", "a", "b"]), versions=versions,
+                          stage=stage)
+    started = {"sequences": 3, "item_index": 2}
+    LocalBackend(state(started), str(tmp_path / "local")).save({})
+    assert LocalBackend(state(dict(started)), str(tmp_path / "local")).restore()
+    with pytest.raises(RunMismatch, match=r"other versions of the gold tables \(sequences 3 -> 4\).*"
+                                          r"data\.pinned_versions='\{\"item_index\":2,\"sequences\":3\}'"):
+        LocalBackend(state({"sequences": 4, "item_index": 2}), str(tmp_path / "local")).restore()
+    folder = tmp_path / "ray"
+    folder.mkdir()
+    (folder / "catalogue.json").write_text(json.dumps(run_folder_doc(state(started))))
+    check_run_folder(str(folder), state(dict(started)), "resuming")
+    with pytest.raises(RunMismatch, match=r"sequences 3 -> 4"):
+        check_run_folder(str(folder), state({"sequences": 4, "item_index": 2}), "resuming")
+    LocalBackend(state(started, "tokenizer"), str(tmp_path / "fit")).save({})  # a fit is keyed by its inputs
+    assert LocalBackend(state({"sequences": 4, "item_index": 2}, "tokenizer"), str(tmp_path / "fit")).restore()
