@@ -604,6 +604,9 @@ class AlignSpec(Strict):
     kl_target: float | None = Field(None, gt=0, description="adapt beta each step toward this whole-list KL (nats per list): "
                                     "beta *= exp(kl_rate * clip(KL / kl_target - 1, -1, 1))")
     kl_rate: float = Field(0.1, gt=0, description="adaptation rate of beta (with kl_target)")
+    beta_min: float = Field(1e-4, gt=0, description="the lowest beta the adaptive control may set (with kl_target); "
+                            "align.beta keeps the start's pull while the KL is still under target (the control "
+                            "otherwise lowers beta then, just as the policy starts to move)")
     holdout: int = Field(1, ge=1, description="last training items held out as the NDCG relevant set")
     msra_discount: float = Field(0.5, gt=0, le=1, description="rewards.msra: grade of the held-out interaction t steps "
                                  "ahead of the context (discount^t; 1: plain NDCG over them)")

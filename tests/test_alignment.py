@@ -424,6 +424,13 @@ def test_adaptive_kl_control_raises_beta_when_kl_exceeds_target():
     assert aligner.state_dict()["beta"] == aligner.beta
 
 
+@pytest.mark.parametrize("beta_min", [1e-4, 0.05])
+def test_adaptive_kl_control_lowers_beta_under_target_down_to_beta_min(beta_min):
+    aligner, policy, cfg = _toy("grpo", kl_target=1e6, kl_rate=0.5, beta=0.05, beta_min=beta_min)
+    betas = [aligner.step(policy, step=step, seed=0)[1].beta for step in range(4)]
+    assert betas[0] == cfg.beta and aligner.beta == pytest.approx(max(beta_min, 0.05 * math.exp(-0.5 * 4)))
+
+
 # ----------------------------------------------------------------------------- step-wise credit (FLAME)
 
 def test_pick_log_probs_are_the_sequential_choices_and_sum_to_the_list():

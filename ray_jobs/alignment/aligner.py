@@ -453,7 +453,7 @@ class Aligner:
         stats = StepStats.of(sums, reward_max.item(), self.beta, bt.entropy is not None)
         if cfg.kl_target:  # adaptive KL control: beta grows while KL is above target, shrinks below
             error = min(max(stats.kl / cfg.kl_target - 1.0, -1.0), 1.0)
-            self.beta = float(min(max(self.beta * np.exp(cfg.kl_rate * error), 1e-4), 1e4))
+            self.beta = float(min(max(self.beta * np.exp(cfg.kl_rate * error), cfg.beta_min), 1e4))
         return loss, stats
 
     def _ground_truth_pairs(self, logits, ref_logits, rows) -> torch.Tensor:
