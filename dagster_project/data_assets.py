@@ -63,7 +63,8 @@ def preview(lake: Lake, table: str, version: int, columns: list[str], rows: int 
 )
 def lake_tables(context: AssetExecutionContext, spec: SpecResource, spark: SparkResource) -> Iterator:
     """`llmrec etl` as one step: every table is one atomic Delta commit, each reported with its version;
-    the version set is published for readers only when every check passes."""
+    the version set is published for readers only when every check passes. Rematerialised on the
+    inputs the published set was built from, it writes nothing (`unchanged`: the same versions)."""
     job = spec.load(*spark.spec_overrides())
     try:
         with scrubbed_errors(), engine_for(job) as engine:
@@ -85,7 +86,8 @@ def lake_tables(context: AssetExecutionContext, spec: SpecResource, spark: Spark
                            "published_versions": MetadataValue.json(summary.versions if summary.published is not None
                                                                     else {})}}
     for table in ETL_TABLES:
-        meta = {"path": MetadataValue.path(lake.path(table)), "delta_version": v[table], **extra.get(table, {})}
+        meta = {"path": MetadataValue.path(lake.path(table)), "delta_version": v[table],
+                "unchanged": summary.unchanged, **extra.get(table, {})}
         yield MaterializeResult(asset_key=asset_key(table), metadata=meta)
     for check in summary.checks:
         yield AssetCheckResult(asset_key=asset_key(CHECKS[check.name]), check_name=check.name, passed=check.passed,

@@ -52,7 +52,10 @@ def cmd_etl(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         with steps.step(f"start spark ({spec.spark.engine})"):
             engine = stack.enter_context(etl.engine_for(spec))
-        summary = etl.run_etl(spec, engine, steps, renumber=args.renumber)
+        summary = etl.run_etl(spec, engine, steps, renumber=args.renumber, force=args.force)
+    if summary.unchanged:
+        errors.print(f"unchanged: publication {summary.published} was built from this source, these landed days, "
+                     "settings and ETL code; nothing written (--force rebuilds)", highlight=False)
     if args.renumber:
         errors.print(f"--renumber: a new id lineage ({summary.lineage}); models trained on earlier ids no longer "
                      "match this lake's catalogue", highlight=False)
@@ -346,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--renumber", action="store_true", help="give every user and item a new id (a new lineage: models "
                    "trained before no longer match); by default a rebuild keeps the published ids")
+    p.add_argument("--force", action="store_true", help="rebuild even when the published set was built from the same "
+                   "source files, landed days, data settings and ETL code (by default such a run writes nothing)")
     p.set_defaults(func=cmd_etl)
 
     p = sub.add_parser("ingest", help="MERGE landed daily files into silver (idempotent) and rebuild gold")

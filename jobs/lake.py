@@ -410,6 +410,7 @@ class Publication:
     source: str
     lineage: str | None      # the id lineage (`llmrec etl --renumber` starts a new one)
     days: dict[str, str]     # landed days this publication includes -> their content fingerprints
+    inputs: str | None = None  # what a full build read (source, data settings, ETL code: `spark.etl.etl_inputs`)
 
 
 def publications(spec: JobSpec) -> list[Publication]:
@@ -433,7 +434,8 @@ def publications(spec: JobSpec) -> list[Publication]:
             raise LakeCorrupt(f"table {PUBLISHED} ({path}): publication {r.get('publication', i)} holds no version "
                               f"set ({exc})") from None
         out.append(Publication(r.get("publication") if r.get("publication") is not None else i, versions,
-                               r.get("source") or "", r.get("lineage"), json.loads(r.get("landed_days") or "{}")))
+                               r.get("source") or "", r.get("lineage"), json.loads(r.get("landed_days") or "{}"),
+                               r.get("inputs")))
     return sorted(out, key=lambda p: p.number)
 
 
@@ -455,10 +457,11 @@ def _rows_in_commit_order(path: str, latest: int, options: dict | None) -> list[
 
 
 def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str | None = None,
-            days: dict[str, str] | None = None) -> int:
+            days: dict[str, str] | None = None, inputs: str | None = None) -> int:
     """Make `versions` the dataset's published set (one atomic append, numbered by the commit it
     becomes: commit order, never a wall clock, decides which set is current); returns that number.
-    Called under the ETL lock, so numbers never race."""
+    `inputs`: the fingerprint of what the build read (None: not known), which lets a full rebuild
+    from the same inputs be skipped. Called under the ETL lock, so numbers never race."""
     import pyarrow as pa
     from deltalake import write_deltalake
     check_lease(spec)
@@ -474,8 +477,9 @@ def publish(spec: JobSpec, versions: dict[str, int], source: str, lineage: str |
                          "versions": [json.dumps(p.versions, sort_keys=True) for p in pubs],
                          "source": [p.source for p in pubs], "publication": pa.array([p.number for p in pubs], pa.int64()),
                          "lineage": [p.lineage for p in pubs],
-                         "landed_days": [json.dumps(p.days, sort_keys=True) for p in pubs]})
-    new = Publication(number, versions, source, lineage, days or {})
+                         "landed_days": [json.dumps(p.days, sort_keys=True) for p in pubs],
+                         "inputs": pa.array([p.inputs for p in pubs], pa.string())})
+    new = Publication(number, versions, source, lineage, days or {}, inputs)
     table = open_table(path, options=opts, table=PUBLISHED)
     if table is not None and "publication" not in table.schema().to_arrow().names:
         # a log written before publications were numbered: rewritten once, numbered, in this one commit

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from spark import quality
 from spark.delta_io import MergeResult, merge_table, read_lake, write_lake
 from spark.quality import CheckResult
 from spark.session import Engine, spark_engine
-from spark.sources import RawSource, SourceError, day_fingerprint, landing_days, read_landing_day, read_source
+from spark.sources import (RawSource, SourceError, day_fingerprint, files_fingerprint, landing_days, read_landing_day,
+                           read_source, source_fingerprint)
 from spark.transforms import (EmptyData, build_item_index, build_sequences, collapse_repeats, deduplicate,
                               extend_index, filter_min_value, first_appearance, index_interactions, interaction_counts,
                               kcore, leave_one_out, line_checks, quarantine_rows, tag_interactions, temporal_split,
@@ -123,6 +125,7 @@ class EtlSummary:
     step_seconds: dict[str, float] = field(default_factory=dict)
     repairs: list[dict] = field(default_factory=list)  # what was rolled back first (`jobs.lake.rollback_unpublished`)
     lineage: str | None = None
+    unchanged: bool = False  # this run found the published set built from its very inputs and wrote nothing
 
     @property
     def checks_passed(self) -> bool:
@@ -250,11 +253,17 @@ def rolled_back_on_failure(fn):
 
 
 @rolled_back_on_failure
-def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool = False) -> EtlSummary:
+def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool = False,
+            force: bool = False) -> EtlSummary:
     """Rebuild every table from the spec's source, merge any landed daily files, rebuild gold. The
     ids of the published index are kept (`renumber`: start a new id lineage instead). A run whose
     checks fail publishes nothing and rolls its commits back (readers and the next writer keep the
-    published set; the failed versions stay readable by time travel, listed in the summary)."""
+    published set; the failed versions stay readable by time travel, listed in the summary).
+
+    A run whose inputs — the source's files (or a generated source's settings), the landed days, the
+    `data` settings and the ETL's code — are those the published set was built from writes nothing
+    and returns that build's summary marked `unchanged` (`force`: rebuild anyway), so rerunning the
+    ETL on the same data leaves every table at its version and a run pinned to it resumable."""
     lake, d = Lake.of(spec), spec.data
     ingest_date = today_utc()
     check_landing(spec)
@@ -264,6 +273,9 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
     fingerprints = {day: day_fingerprint(f, d.landing.path) for day, f in files.items()}
     with steps.step("read source"):
         src = read_source(engine, d.source, d.max_line_bytes)
+        inputs = etl_inputs(spec, src)
+        if not (force or renumber) and (same := built_from(spec, inputs, fingerprints)) is not None:
+            return same
         if src.interactions.limit(1).count() == 0:  # before anything is written
             raise SourceError(f"data.source ({d.source.kind}) has no rows: nothing to build")
     with steps.step("bronze/interactions_raw"):
@@ -288,7 +300,7 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
         accounting = _account(engine, lake, tagged, v_raw, v_q, v_silver)
     ingested = [merge_day(spec, engine, day, steps, landed[day]) for day in days]
     build = build_gold(spec, engine, steps, publish_as="etl" if accounting.accounted else None, renumber=renumber,
-                       days=fingerprints)
+                       days=fingerprints, inputs=inputs)
     summary = EtlSummary(spec.name, d.name, engine.name, lake.root, d.source.kind, ingest_date, accounting,
                          build.gold, build.versions, build.checks, build.published, ingested,
                          step_seconds={k: round(v, 3) for k, v in steps.timings.items()}, lineage=build.lineage)
@@ -296,6 +308,34 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
         summary.repairs = [asdict(r) for r in rollback_unpublished(spec, list(ETL_TABLES))]
     write_summary(lake, summary)
     return summary
+
+
+def etl_inputs(spec: JobSpec, src: RawSource) -> str | None:
+    """The fingerprint of what a full build reads: the source (`source_fingerprint`), the `data`
+    settings but the reader's pin, and the ETL's own code (the `spark` package's modules); None when
+    the source can't be fingerprinted (remote files)."""
+    source = source_fingerprint(spec.data.source, src)
+    if source is None:
+        return None
+    settings = spec.data.model_dump(mode="json", exclude={"pinned_versions"})
+    code_dir = Path(__file__).parent
+    code = files_fingerprint([str(p) for p in sorted(code_dir.glob("*.py"))], str(code_dir))
+    return hashlib.sha256(json.dumps({"source": source, "data": settings, "code": code},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def built_from(spec: JobSpec, inputs: str | None, days: dict[str, str]) -> EtlSummary | None:
+    """The published build's summary, marked `unchanged`, when it was built from `inputs` and these
+    landed days and every table is still at its published version; else None (build)."""
+    publication, lake = current_publication(spec), Lake.of(spec)
+    if inputs is None or publication is None or publication.inputs != inputs or ingested_days(spec) != days:
+        return None
+    if any(lake.version(t) != v for t, v in publication.versions.items()):
+        return None
+    summary = read_summary(lake)
+    if summary is None or summary.accounting is None or summary.versions != publication.versions:
+        return None
+    return replace(summary, unchanged=True, repairs=[], step_seconds={}, published=publication.number)
 
 
 def check_landing(spec: JobSpec) -> None:
@@ -367,9 +407,12 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) ->
     changed = [r for r in (result.bronze, result.quarantine, result.silver, result.items) if r is not None and r.committed]
     if not changed and ingested_days(spec).get(day) != fingerprint[day]:
         # files that change nothing are still this day's delivery: recorded, so they are not asked for again
-        publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint)
+        publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint,
+                publication.inputs)
     if changed or "sequences" not in publication.versions:
-        result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}", days=fingerprint)
+        # the base build's inputs are still those of this set: the day is in its landed days
+        result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}", days=fingerprint,
+                                     inputs=publication.inputs)
         previous = read_summary(lake)
         write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
                                     published=g.published, last_ingest=result, lineage=g.lineage)
@@ -459,7 +502,7 @@ def with_catalogue_columns(items: DataFrame, silver: DataFrame) -> tuple[DataFra
 
 @locked
 def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: str | None = None,
-               renumber: bool = False, days: dict[str, str] | None = None) -> GoldBuild:
+               renumber: bool = False, days: dict[str, str] | None = None, inputs: str | None = None) -> GoldBuild:
     """Gold tables from the silver this run wrote: the lineage's indexes (ids of the published index
     kept, new users and items appended: `extend_index`), filters, k-core, item text, sequences,
     splits, then the data-quality checks; with `publish_as`, the version set is published (readers
@@ -538,7 +581,7 @@ def build_gold(spec: JobSpec, engine: Engine, steps: Steps = QUIET, publish_as: 
         with steps.step("publish"):
             lineage = build.lineage or new_lineage()
             build.published = publish(spec, build.versions, publish_as + (" (renumbered)" if renumber else ""), lineage,
-                                      days)
+                                      days, inputs)
             build.lineage = lineage
     return build
 

@@ -13,10 +13,11 @@ import glob
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class RawSource:
     has_value: bool = True  # False: implicit feedback, every interaction gets value 1.0
     user_id_pattern: str | None = None  # the source's own id formats (regexes both engines read);
     item_id_pattern: str | None = None  # ids that break them are quarantined (invalid_user_id / invalid_item_id)
+    files: list[str] = field(default_factory=list)  # the files read (`source_fingerprint`); none: generated rows
 
 
 INTEGER_IDS = r"^[0-9]+$"  # official MovieLens files: user and movie ids are integers
@@ -323,7 +325,8 @@ def read_movielens_packaged(engine: Engine, src: MovieLensPackagedSource, max_li
         F.to_json(F.struct(F.regexp_replace("release_year", r"\.0$", "").alias("year"))),
         F.col("raw"), F.col("parse_error"))
     users, items_ = PACKAGED_ID_PATTERNS[src.variant]
-    return RawSource(interactions, items, "epoch_s", user_id_pattern=users, item_id_pattern=items_)
+    return RawSource(interactions, items, "epoch_s", user_id_pattern=users, item_id_pattern=items_,
+                     files=[inter, item_file])
 
 
 def read_movielens(engine: Engine, src: MovieLensSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
@@ -347,7 +350,9 @@ def read_movielens(engine: Engine, src: MovieLensSource, max_line_bytes: int = M
         mp = split_delimited(movie_lines, "::", ["i", "title", "genres"]) if dat else \
             split_csv(movie_lines, ",", ["i", "title", "genres"])
         items = _movielens_items(mp)
-    return RawSource(interactions, items, "epoch_s", user_id_pattern=INTEGER_IDS, item_id_pattern=INTEGER_IDS)
+    files = [str(f.absolute()) for f in (ratings_file, movies_file) if f.exists()]
+    return RawSource(interactions, items, "epoch_s", user_id_pattern=INTEGER_IDS, item_id_pattern=INTEGER_IDS,
+                     files=files)
 
 
 def _movielens_items(mp: DataFrame) -> DataFrame:
@@ -377,7 +382,8 @@ def _malformed_json() -> Column:
 
 
 def read_amazon(engine: Engine, src: AmazonSource, max_line_bytes: int = MAX_LINE_BYTES) -> RawSource:
-    lines = read_lines(engine, list_files(src.reviews, _JSON_SUFFIXES), max_line_bytes=max_line_bytes)
+    files = list_files(src.reviews, _JSON_SUFFIXES)
+    lines = read_lines(engine, files, max_line_bytes=max_line_bytes)
     if src.kind == "amazon2018":
         interactions = interactions_frame(lines, _json("$.reviewerID"), _json("$.asin"),
                                           _json("$.unixReviewTime"), _json("$.overall"),
@@ -391,7 +397,9 @@ def read_amazon(engine: Engine, src: AmazonSource, max_line_bytes: int = MAX_LIN
         ts_format = "epoch_ms"
     items = None
     if src.metadata:
-        meta = read_lines(engine, list_files(src.metadata, _JSON_SUFFIXES), max_line_bytes=max_line_bytes)
+        meta_files = list_files(src.metadata, _JSON_SUFFIXES)
+        files = files + meta_files
+        meta = read_lines(engine, meta_files, max_line_bytes=max_line_bytes)
         if src.kind == "amazon2018":
             item_id, cats = _json("$.asin"), F.from_json(_json("$.category"), "array<string>")
             attrs = F.to_json(F.struct(_json("$.brand").alias("brand"), _json("$.main_cat").alias("main_category")))
@@ -402,7 +410,7 @@ def read_amazon(engine: Engine, src: AmazonSource, max_line_bytes: int = MAX_LIN
                                        _json_text_list("$.features").alias("features")))
         items = items_frame(meta, item_id, _json("$.title"), cats, _json_text_list("$.description"),
                             attrs, F.col("value"), _malformed_json())
-    return RawSource(interactions, items, ts_format)
+    return RawSource(interactions, items, ts_format, files=files)
 
 
 # ----------------------------------------------------------------------------- generic + landing
@@ -464,10 +472,11 @@ def read_generic(engine: Engine, src: GenericSource, max_line_bytes: int = MAX_L
     files = list_files(src.path)
     interactions = read_generic_interactions(engine, files, src.format, src.columns, src.delimiter,
                                              src.header, f"generic source {src.path}", src.encoding, max_line_bytes)
-    items = read_items_files(engine, list_files(src.items.path), src.items, f"items {src.items.path}", src.encoding,
+    item_files = list_files(src.items.path) if src.items else []
+    items = read_items_files(engine, item_files, src.items, f"items {src.items.path}", src.encoding,
                              max_line_bytes) if src.items else None
     return RawSource(interactions, items, src.ts_format, has_value=src.columns.value is not None,
-                     user_id_pattern=GENERIC_ID, item_id_pattern=GENERIC_ID)
+                     user_id_pattern=GENERIC_ID, item_id_pattern=GENERIC_ID, files=files + item_files)
 
 
 def read_items_files(engine: Engine, files: list[str], spec: ItemFiles, where: str, encoding: str = "utf-8",
@@ -500,29 +509,39 @@ def is_items_file(relative: str) -> bool:
     return "items" in parts[:-1] or ".items." in parts[-1]
 
 
-_fingerprints: dict[tuple, str] = {}  # (file, size, mtime) of a day's files -> its fingerprint
+_fingerprints: dict[tuple, str] = {}  # (file, size, mtime) of files -> their fingerprint
 
 
 def day_fingerprint(files: LandedFiles, root: str) -> str:
     """A landed day's content: a hash of its files' names (relative to the landing folder) and bytes.
-    A re-delivered day with other contents has another fingerprint; the same files again, the same.
-    Remembered by the files' names, sizes and modification times, so the landing sensor reads a
-    day's bytes once, not on every tick."""
-    stamp = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files.interactions + files.items))
+    A re-delivered day with other contents has another fingerprint; the same files again, the same."""
+    return files_fingerprint(files.interactions + files.items, root)
+
+
+def source_fingerprint(source, raw: RawSource) -> str | None:
+    """What a full build reads from `data.source`: its files' names and bytes, or a generated source's
+    settings (its rows follow from them); None when a file is remote (not hashed: every build reads it)."""
+    if source.kind == "synthetic":
+        return hashlib.sha256(json.dumps(source.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    if not raw.files or any("://" in f for f in raw.files):
+        return None
+    return files_fingerprint(raw.files, "/")
+
+
+def files_fingerprint(paths: list[str], root: str) -> str:
+    """A hash of files' names (relative to `root`) and bytes. Remembered by the files' names, sizes
+    and modification times, so the landing sensor and repeated builds read the bytes once."""
+    stamp = (root,) + tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(paths))
     if stamp not in _fingerprints:
-        _fingerprints[stamp] = _content_fingerprint(files, root)
+        digest = hashlib.sha256()
+        for f in sorted(paths):
+            digest.update(os.path.relpath(f, root).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+            digest.update(b"\0")
+        _fingerprints[stamp] = digest.hexdigest()[:16]
     return _fingerprints[stamp]
-
-
-def _content_fingerprint(files: LandedFiles, root: str) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(files.interactions + files.items):
-        digest.update(os.path.relpath(f, root).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
 
 
 def landing_days(spec: LandingSpec) -> dict[str, LandedFiles]:

@@ -420,7 +420,7 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     from spark.etl import engine_for, run_etl
     spec = load_spec(SMOKE, [f"lake.root={lake}"])
     with engine_for(spec) as engine:
-        newer = run_etl(spec, engine)
+        newer = run_etl(spec, engine, force=True)
     assert newer.published is not None and newer.versions["sequences"] == trained["delta_versions"]["sequences"] + 1
 
     # night 1: the nightly job (Dagster, partition = the landed day) ingests a day that brings a new item

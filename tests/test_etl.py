@@ -131,9 +131,14 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
     index = DeltaTable(lake.path("item_index")).to_pyarrow_table()
     assert index.num_rows == 1682 and pc.sum(pc.greater(index["n_interactions"], 0)).as_py() == 1349
     assert DeltaTable(lake.path("interactions")).count() == 100000
-    # a re-run commits version 1 everywhere with the same contents; version 0 stays readable
-    second = run_etl(spec, sail)
-    assert all(v == 1 for v in second.versions.values()) and published_versions(spec) == second.versions
+    # a re-run on the same inputs writes nothing; a forced one commits version 1 everywhere with the
+    # same contents, and version 0 stays readable
+    same = run_etl(spec, sail)
+    assert same.unchanged and same.versions == first.versions and same.published == first.published
+    assert len(DeltaTable(lake.path("sequences")).history()) == 1
+    second = run_etl(spec, sail, force=True)
+    assert not second.unchanged and all(v == 1 for v in second.versions.values())
+    assert published_versions(spec) == second.versions
     assert len(DeltaTable(lake.path("sequences")).history()) == 2
     for table in ("item_index", "user_index", "sequences"):
         v0 = read_table(sail, lake.path(table), version=0).toArrow()
@@ -142,6 +147,27 @@ def test_movielens_100k_end_to_end_and_time_travel(sail, make_spec):
         assert v0.sort_by(key).equals(v1.sort_by(key)), table
     v0_delta_rs = DeltaTable(lake.path("user_index"), version=0).to_pyarrow_table()
     assert v0_delta_rs.num_rows == 943
+
+
+def test_a_rerun_rebuilds_only_when_an_input_changed(sail, make_spec, bad_movielens):
+    """The published set remembers what it was built from: the same source bytes, data settings and
+    landed days again write nothing; a changed source file or setting rebuilds."""
+    base = dict(source={"kind": "movielens", "path": str(bad_movielens)}, value_range={"min": 1, "max": 5},
+                kcore={"user": 2, "item": 2}, max_quarantine_share=1.0)
+    spec = make_spec(**base)
+    lake = Lake.of(spec)
+    first = run_etl(spec, sail)
+    assert first.published == 0 and not first.unchanged
+    again = run_etl(spec, sail)
+    assert again.unchanged and again.versions == first.versions and again.accounting == first.accounting
+    assert {t: lake.version(t) for t in first.versions} == first.versions
+    ratings = bad_movielens / "ratings.dat"
+    ratings.write_bytes(ratings.read_bytes() + b"4::12::5::978300790\n")  # one more row: another source
+    grown = run_etl(spec, sail)
+    assert not grown.unchanged and grown.published == 1 and grown.accounting.raw_rows == first.accounting.raw_rows + 1
+    looser = run_etl(make_spec(**{**base, "kcore": {"user": 1, "item": 1}}), sail)  # another setting
+    assert not looser.unchanged and looser.published == 2
+    assert run_etl(make_spec(**{**base, "kcore": {"user": 1, "item": 1}}), sail).unchanged
 
 
 def _table_rows(path: str) -> list:
