@@ -50,13 +50,16 @@ def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: in
     the GCS server binds its port after Ray's wait ("Timed out waiting for file .../gcs_server_port_…",
     `RAY_gcs_server_port_wait_time_s`, 30 s) or the raylet "timed out during startup". Such a start is
     torn down — with the processes it started, which `ray.shutdown` does not know of when the start
-    failed before Ray recorded its node — and retried."""
+    failed before Ray recorded its node — and retried. It runs without the dashboard; its workers
+    start with `worker_setup.quiet_state_api_pollers`."""
     import psutil
     import ray
     for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
+            ray.init(num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": env_vars,
+                                  "worker_process_setup_hook": "ray_jobs.worker_setup.quiet_state_api_pollers"})
             return
         except Exception as exc:  # ray raises a bare Exception or RuntimeError for these
             ray.shutdown()

@@ -50,6 +50,27 @@ def _close_weights(a: dict, b: dict, max_tol: float = 3e-3) -> None:
     assert diffs.median() < 1e-6 and diffs.max() < max_tol, (diffs.median(), diffs.max())
 
 
+def test_the_local_instances_detached_helper_actors_start_quiet(local_ray):
+    """Ray Train's PlacementGroupCleaner (a detached actor of the job) polls the State API, which a
+    local instance without the dashboard lacks: every worker process of the job, detached ones
+    included, starts with that logger at ERROR (`worker_setup.quiet_state_api_pollers`)."""
+    import logging
+
+    import ray
+
+    from ray_jobs.worker_setup import PLACEMENT_GROUP_CLEANER
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def level(self) -> int:
+            return logging.getLogger(PLACEMENT_GROUP_CLEANER).getEffectiveLevel()
+    probe = Probe.options(lifetime="detached").remote()
+    try:
+        assert ray.get(probe.level.remote()) == logging.ERROR
+    finally:
+        ray.kill(probe)
+
+
 def test_zero2_two_workers_match_single_process(tmp_path, local_ray, ray_overrides):
     spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-eq", "train.epochs=2", "train.deepspeed=zero2"))
     out = run(spec)
