@@ -470,6 +470,10 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     monitor = "valid" if t.fit_on == "train" else "test"
     clock = Clock(state.seconds)
     reporter.start(t.epochs * steps_per_epoch, state.step)
+    if state.batch == 0 and (stopped := restored_stop(state)):  # resumed after its last epoch's stop
+        state.stopped = stopped
+        reporter.close()
+        return state
     for epoch in range(state.epoch + 1, t.epochs + 1):
         record = train_epoch(state, backend, data, windows, epoch, steps_per_epoch, clock, reporter)
         state.epoch, state.batch, state.epoch_losses = epoch, 0, []
@@ -494,6 +498,18 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     state.stopped = state.stopped or "epochs"
     reporter.close()
     return state
+
+
+def restored_stop(state: TrainState) -> str:
+    """Why a run resumed at an epoch boundary has already stopped, under the settings it resumes with
+    (a larger budget or patience lets it go on): a run cut after its last epoch's stop but before
+    the caller saw it trains no further epoch."""
+    t = state.spec.train
+    if state.epoch == 0:
+        return ""
+    return ("early_stopping" if state.bad_evals >= t.patience else
+            "time_budget" if over_budget(state.seconds, t.max_minutes) else
+            "max_steps" if t.max_steps and state.step >= t.max_steps else "")
 
 
 def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Windows, epoch: int,

@@ -25,6 +25,12 @@ def test_budget_stop_between_evaluations_evaluates_and_ships_that_epoch(ml100k_l
     assert result.best_metric == result.history[0]["valid_ndcg@10"]
     shipped, last = read_model(result.checkpoint), read_model(str(tmp_path / spec.name / "last.pt"))
     assert all(torch.equal(shipped.weights[k], last.weights[k]) for k in last.weights)
+    # run again (as after a cut between its stop and its caller's record): it resumes already
+    # stopped and trains no further epoch; a larger budget lets it go on
+    again = train_local(spec)
+    assert again.stopped == "time_budget" and again.epochs_run == 1 and again.steps == 19
+    longer = train_local(_spec(ml100k_lake, tmp_path, "train.epochs=2", "train.eval_every=5", "train.max_minutes=60"))
+    assert longer.stopped == "epochs" and longer.epochs_run == 2
 
 
 def test_max_steps_ends_the_run_mid_epoch_evaluated(ml100k_lake, tmp_path):
