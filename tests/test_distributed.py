@@ -220,13 +220,15 @@ def test_a_generative_model_on_two_workers_reads_the_drivers_tokenizer_and_recom
                                                                                       ray_overrides):
     """model.kind=generative on Ray: the driver runs the tokenizer stage once (its figures in the MLflow
     run, its report as an artifact), both workers build the generator from those files, the shipped
-    model pins that table, and the recommend job ranks with it (only real, unseen items)."""
+    model pins that table, and the recommend job ranks with it (only real, unseen items). On ZeRO-3
+    at a width whose decoder weights are partitioned (above stage3_param_persistence_threshold),
+    which the decoding steps read as attributes inside the training module's forward."""
     from deltalake import DeltaTable
 
     from ray_jobs import recommend
-    spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-gen", "model.kind=generative", "model.dim=32",
+    spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-gen", "model.kind=generative", "model.dim=64",
                                           "model.tokenizer_steps=60", f"model.cache_dir={warm_cache}",
-                                          "train.epochs=1"))
+                                          "train.epochs=1", "train.deepspeed=zero3"))
     out = run(spec, register=False)  # (registration and the pyfunc: test_generative)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     report = json.loads(Path(client.download_artifacts(out.run_id, "tokenizer.json", str(tmp_path))).read_text())
