@@ -45,7 +45,8 @@ COLUMNS = ("hr@10", "ndcg@10", "mrr", "coverage@10", "ild@10", "tail_share@10", 
 METHODS = "static_bon,blade,grpo,flame,gflownet,dpo"
 STARTS = {"sasrec-full": "jobs/specs/movielens-1m-sasrec-full.yaml",
           "hstu-orig": "jobs/specs/movielens-1m-hstu-orig.yaml",
-          "hllm-fusion": "jobs/specs/movielens-1m-hllm-fusion.yaml"}
+          "hllm-fusion": "jobs/specs/movielens-1m-hllm-fusion.yaml",
+          "hllm-hstu-large": "jobs/specs/movielens-1m-hllm-hstu-large.yaml"}
 PRESETS = {"ndcg": {"ndcg": 1.0},
            "ndcg+tail": {"ndcg": 1.0, "tail": 0.3},
            "ndcg+diversity": {"ndcg": 1.0, "diversity": 0.3},
