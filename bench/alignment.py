@@ -2,7 +2,7 @@
 with the same budget (steps x users_per_step x rollouts lists, align.epochs steps per batch), each
 with several seeds, and a Pareto sweep of the reward weights.
 
-    python bench/alignment.py --start hstu-orig,hllm-fusion --seeds 0,1,2 [--sweep] [--budget-hours H]
+    python bench/alignment.py --start hstu-orig,hllm-hstu-large --seeds 0,1,2 [--sweep] [--budget-hours H]
 
 Start models (their shipped specs, fit on the train split so that validation stays clean for
 choosing weights) are trained here through `ray_jobs.train`, twice:
@@ -319,7 +319,7 @@ class Bench:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", default="jobs/specs/movielens-1m-align.yaml", help="the align section every run uses")
-    ap.add_argument("--start", default="hstu-orig,hllm-fusion",
+    ap.add_argument("--start", default="hstu-orig,hllm-hstu-large",
                     help=f"start models: {', '.join(STARTS)}, or NAME=SPEC for another spec")
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--seeds", default="0,1,2", help="align.seed values; every method runs with each")
