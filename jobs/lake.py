@@ -503,16 +503,18 @@ def published_versions(spec: JobSpec) -> dict[str, int] | None:
 
 
 def ingested_days(spec: JobSpec) -> dict[str, str]:
-    """Landed days the published data includes (of the current id lineage) -> the fingerprint of the
-    files that were ingested: what the landing sensor, the nightly schedule and `llmrec ingest`
-    compare the landing folder with."""
+    """Landed days the published data includes -> the fingerprint of the files that were ingested:
+    those of the current lineage's last full build (`llmrec etl` replays every day in the landing
+    folder) and of every ingest after it — what the landing sensor, the nightly schedule, `llmrec
+    ingest` and a full build's skip (`spark.etl.built_from`) compare the landing folder with."""
     pubs = publications(spec)
     if not pubs:
         return {}
+    lineage = [p for p in pubs if p.lineage == pubs[-1].lineage]
+    full = max((i for i, p in enumerate(lineage) if p.source.startswith("etl")), default=0)
     days: dict[str, str] = {}
-    for p in pubs:
-        if p.lineage == pubs[-1].lineage:
-            days.update(p.days)
+    for p in lineage[full:]:
+        days.update(p.days)
     return days
 
 

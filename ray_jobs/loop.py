@@ -471,7 +471,9 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     clock = Clock(state.seconds)
     reporter.start(t.epochs * steps_per_epoch, state.step)
     if state.batch == 0 and (stopped := restored_stop(state)):  # resumed after its last epoch's stop
-        state.stopped = stopped
+        state.stopped = stopped  # saved, so the run's files carry the reason (a changed budget may give it)
+        last = state.history[-1] if state.history else {}
+        backend.save({k: v for k, v in last.items() if isinstance(v, (int, float))} | {"best_metric": state.best_metric})
         reporter.close()
         return state
     for epoch in range(state.epoch + 1, t.epochs + 1):

@@ -311,17 +311,41 @@ def run_etl(spec: JobSpec, engine: Engine, steps: Steps = QUIET, renumber: bool 
 
 
 def etl_inputs(spec: JobSpec, src: RawSource) -> str | None:
-    """The fingerprint of what a full build reads: the source (`source_fingerprint`), the `data`
-    settings but the reader's pin, and the ETL's own code (the `spark` package's modules); None when
-    the source can't be fingerprinted (remote files)."""
+    """The fingerprint of what a full build reads, `<source>:<settings>`: the source
+    (`source_fingerprint`) and `etl_settings`; None when the source can't be fingerprinted (remote
+    files)."""
     source = source_fingerprint(spec.data.source, src)
-    if source is None:
-        return None
+    return None if source is None else f"{source}:{etl_settings(spec)}"
+
+
+def etl_settings(spec: JobSpec) -> str:
+    """What else decides a build's rows: the `data` settings but the reader's pin, the ETL's code
+    (the `spark` package and the lake layer) and the versions of the engines and Delta writer."""
+    from importlib.metadata import PackageNotFoundError, version
     settings = spec.data.model_dump(mode="json", exclude={"pinned_versions"})
-    code_dir = Path(__file__).parent
-    code = files_fingerprint([str(p) for p in sorted(code_dir.glob("*.py"))], str(code_dir))
-    return hashlib.sha256(json.dumps({"source": source, "data": settings, "code": code},
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(__file__).resolve().parents[1]
+    code = files_fingerprint([str(p) for p in sorted((root / "spark").glob("*.py"))] + [str(root / "jobs" / "lake.py")],
+                             str(root))
+    libraries = {}
+    for name in ("pyspark", "pysail", "deltalake", "pyarrow"):
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            libraries[name] = None
+    doc = {"data": settings, "code": code, "libraries": libraries}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ingest_inputs(spec: JobSpec, inputs: str | None, day: str, fingerprint: str) -> str | None:
+    """The inputs a publication after ingesting `day` was built from: the base build's source with
+    this run's settings — or unknown (None: the next full build rebuilds) when the day was delivered
+    before with other files (MERGEs add and update rows, never remove them, so the tables may hold
+    rows a full build would not) or lands before a day already ingested (the order decides which
+    value of a key wins)."""
+    ingested = ingested_days(spec)
+    if inputs is None or ingested.get(day, fingerprint) != fingerprint or any(d > day for d in ingested):
+        return None
+    return f"{inputs.split(':')[0]}:{etl_settings(spec)}"
 
 
 def built_from(spec: JobSpec, inputs: str | None, days: dict[str, str]) -> EtlSummary | None:
@@ -401,18 +425,17 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) ->
     check_silver_schema(lake, engine)
     src = read_landing_day(engine, d.landing, day, d.max_line_bytes)  # headers and columns checked before writing
     fingerprint = {day: day_fingerprint(landing_days(d.landing)[day], d.landing.path)}
+    inputs = ingest_inputs(spec, publication.inputs, day, fingerprint[day])
     result = merge_day(spec, engine, day, steps, src)
     # anything committed must be published (what is not is rolled back by the next writer): gold is
     # rebuilt whenever the day changed a table, and only then
     changed = [r for r in (result.bronze, result.quarantine, result.silver, result.items) if r is not None and r.committed]
     if not changed and ingested_days(spec).get(day) != fingerprint[day]:
         # files that change nothing are still this day's delivery: recorded, so they are not asked for again
-        publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint,
-                publication.inputs)
+        publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint, inputs)
     if changed or "sequences" not in publication.versions:
-        # the base build's inputs are still those of this set: the day is in its landed days
         result.gold = g = build_gold(spec, engine, steps, publish_as=f"ingest {day}", days=fingerprint,
-                                     inputs=publication.inputs)
+                                     inputs=inputs)
         previous = read_summary(lake)
         write_summary(lake, replace(previous, gold=g.gold, versions=g.versions, checks=g.checks,
                                     published=g.published, last_ingest=result, lineage=g.lineage)

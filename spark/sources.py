@@ -509,7 +509,7 @@ def is_items_file(relative: str) -> bool:
     return "items" in parts[:-1] or ".items." in parts[-1]
 
 
-_fingerprints: dict[tuple, str] = {}  # (file, size, mtime) of files -> their fingerprint
+_fingerprints: dict[tuple, str] = {}  # the files' stat stamps -> their fingerprint
 
 
 def day_fingerprint(files: LandedFiles, root: str) -> str:
@@ -529,9 +529,12 @@ def source_fingerprint(source, raw: RawSource) -> str | None:
 
 
 def files_fingerprint(paths: list[str], root: str) -> str:
-    """A hash of files' names (relative to `root`) and bytes. Remembered by the files' names, sizes
-    and modification times, so the landing sensor and repeated builds read the bytes once."""
-    stamp = (root,) + tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(paths))
+    """A hash of files' names (relative to `root`) and bytes. Remembered by the files' names, inodes,
+    sizes and modification and change times (a copy that keeps the modification time still changes
+    the inode or the change time), so the landing sensor and repeated builds read the bytes once."""
+    stats = {f: os.stat(f) for f in paths}
+    stamp = (root,) + tuple((f, stats[f].st_ino, stats[f].st_size, stats[f].st_mtime_ns, stats[f].st_ctime_ns)
+                            for f in sorted(paths))
     if stamp not in _fingerprints:
         digest = hashlib.sha256()
         for f in sorted(paths):

@@ -113,6 +113,30 @@ def test_a_day_that_brings_items_and_users_extends_the_lineage(sail, make_spec, 
     assert renumbered.lineage != rebuilt.lineage and set(index(spec)) == set(grown)
 
 
+def test_a_full_build_after_ingests_is_skipped_only_when_it_would_give_the_published_set(sail, make_spec, tmp_path):
+    """`llmrec etl` after daily ingests writes nothing while the published set is what a build of the
+    base and the landed days gives; it rebuilds after a day re-delivered with other rows (MERGEs
+    never remove rows), after an ingest under other settings, and a day whose files a build dropped
+    is new again when it comes back."""
+    spec, landing = landing_spec(make_spec, tmp_path, BASE, BASE_ITEMS)
+    run_etl(spec, sail)
+    land(landing, "2026-01-02", [("u1", "m", at(1, 1), 4), ("u2", "m", at(1, 2), 3)])
+    ingest_day(spec, sail, "2026-01-02")
+    assert run_etl(spec, sail).unchanged
+    land(landing, "2026-01-02", [("u1", "m", at(1, 1), 4)])  # re-delivered: one row fewer
+    ingest_day(spec, sail, "2026-01-02")
+    assert not run_etl(spec, sail).unchanged and run_etl(spec, sail).unchanged
+    strict = make_spec(**{**spec.data.model_dump(exclude={"name"}), "kcore": {"user": 1, "item": 1}})
+    land(landing, "2026-01-03", [("u3", "m", at(2, 1), 5)])
+    ingest_day(strict, sail, "2026-01-03")  # gold rebuilt under another k-core
+    assert not run_etl(spec, sail).unchanged
+    (landing / "2026-01-03.csv").rename(tmp_path / "away.csv")
+    run_etl(spec, sail)  # the folder without that day: the published set drops it
+    assert "2026-01-03" not in ingested_days(spec)
+    (tmp_path / "away.csv").rename(landing / "2026-01-03.csv")
+    assert not run_etl(spec, sail).unchanged and "2026-01-03" in ingested_days(spec)
+
+
 def test_a_removed_item_stays_inactive_and_keeps_its_id(sail, make_spec, tmp_path):
     spec, landing = landing_spec(make_spec, tmp_path, BASE, BASE_ITEMS)
     spec.data.landing.items.columns.active = "active"

@@ -29,6 +29,7 @@ def test_budget_stop_between_evaluations_evaluates_and_ships_that_epoch(ml100k_l
     # stopped and trains no further epoch; a larger budget lets it go on
     again = train_local(spec)
     assert again.stopped == "time_budget" and again.epochs_run == 1 and again.steps == 19
+    assert read_model(str(tmp_path / spec.name / "last.pt")).progress.stopped == "time_budget"
     longer = train_local(_spec(ml100k_lake, tmp_path, "train.epochs=2", "train.eval_every=5", "train.max_minutes=60"))
     assert longer.stopped == "epochs" and longer.epochs_run == 2
 
