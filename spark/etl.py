@@ -336,13 +336,13 @@ def etl_settings(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ingest_inputs(spec: JobSpec, inputs: str | None, day: str, fingerprint: str) -> str | None:
+def ingest_inputs(spec: JobSpec, inputs: str | None, ingested: dict[str, str], day: str,
+                  fingerprint: str) -> str | None:
     """The inputs a publication after ingesting `day` was built from: the base build's source with
     this run's settings — or unknown (None: the next full build rebuilds) when the day was delivered
     before with other files (MERGEs add and update rows, never remove them, so the tables may hold
     rows a full build would not) or lands before a day already ingested (the order decides which
-    value of a key wins)."""
-    ingested = ingested_days(spec)
+    value of a key wins). `ingested`: the days the published set holds (`ingested_days`)."""
     if inputs is None or ingested.get(day, fingerprint) != fingerprint or any(d > day for d in ingested):
         return None
     return f"{inputs.split(':')[0]}:{etl_settings(spec)}"
@@ -425,12 +425,13 @@ def ingest_day(spec: JobSpec, engine: Engine, day: str, steps: Steps = QUIET) ->
     check_silver_schema(lake, engine)
     src = read_landing_day(engine, d.landing, day, d.max_line_bytes)  # headers and columns checked before writing
     fingerprint = {day: day_fingerprint(landing_days(d.landing)[day], d.landing.path)}
-    inputs = ingest_inputs(spec, publication.inputs, day, fingerprint[day])
+    ingested = ingested_days(spec)
+    inputs = ingest_inputs(spec, publication.inputs, ingested, day, fingerprint[day])
     result = merge_day(spec, engine, day, steps, src)
     # anything committed must be published (what is not is rolled back by the next writer): gold is
     # rebuilt whenever the day changed a table, and only then
     changed = [r for r in (result.bronze, result.quarantine, result.silver, result.items) if r is not None and r.committed]
-    if not changed and ingested_days(spec).get(day) != fingerprint[day]:
+    if not changed and ingested.get(day) != fingerprint[day]:
         # files that change nothing are still this day's delivery: recorded, so they are not asked for again
         publish(spec, publication.versions, f"ingest {day} (no change)", publication.lineage, fingerprint, inputs)
     if changed or "sequences" not in publication.versions:
