@@ -470,10 +470,11 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     monitor = "valid" if t.fit_on == "train" else "test"
     clock = Clock(state.seconds)
     reporter.start(t.epochs * steps_per_epoch, state.step)
-    if state.batch == 0 and (stopped := restored_stop(state)):  # resumed after its last epoch's stop
-        state.stopped = stopped  # saved, so the run's files carry the reason (a changed budget may give it)
-        last = state.history[-1] if state.history else {}
-        backend.save({k: v for k, v in last.items() if isinstance(v, (int, float))} | {"best_metric": state.best_metric})
+    # resumed at an epoch boundary after its last epoch's stop (under the settings it resumes with:
+    # a larger budget or patience lets it go on): no further epoch; the reason is saved
+    if state.batch == 0 and state.epoch > 0 and (stopped := stop_reason(state)):
+        state.stopped = stopped
+        save_epoch(backend, state, state.history[-1] if state.history else {})
         reporter.close()
         return state
     for epoch in range(state.epoch + 1, t.epochs + 1):
@@ -486,15 +487,12 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
             state.best_epoch, state.model_weights = epoch, backend.full_weights()
         state.seconds = record["seconds"] = clock()
         state.history.append(record)
-        state.stopped = ("early_stopping" if state.bad_evals >= t.patience else
-                         "time_budget" if over_budget(state.seconds, t.max_minutes) else
-                         "epochs" if epoch == t.epochs else
-                         "max_steps" if capped else
-                         "interrupted" if stop_after_epoch is not None and epoch >= stop_after_epoch else "")
+        state.stopped = stop_reason(state, last_epoch=epoch == t.epochs) or (
+            "interrupted" if stop_after_epoch is not None and epoch >= stop_after_epoch else "")
         reporter.epoch(record, monitor)
         reporter.log(state.step, {f"{monitor}/{k}": record[f"{monitor}_{k}"] for k in REPORTED if f"{monitor}_{k}" in record}
                      | {"epoch/loss": record["loss"], "epoch/seq_per_s": record["seq_per_s"]})
-        backend.save({k: v for k, v in record.items() if isinstance(v, (int, float))} | {"best_metric": state.best_metric})
+        save_epoch(backend, state, record)
         if state.stopped:
             break
     state.stopped = state.stopped or "epochs"
@@ -502,16 +500,18 @@ def run_epochs(state: TrainState, backend: Backend, data: SeqData, reporter: Rep
     return state
 
 
-def restored_stop(state: TrainState) -> str:
-    """Why a run resumed at an epoch boundary has already stopped, under the settings it resumes with
-    (a larger budget or patience lets it go on): a run cut after its last epoch's stop but before
-    the caller saw it trains no further epoch."""
+def stop_reason(state: TrainState, last_epoch: bool = False) -> str:
+    """Why the run stops after its current epoch under its settings: patience spent, budget spent, its
+    last epoch (`last_epoch`), or `train.max_steps` reached; "" to go on."""
     t = state.spec.train
-    if state.epoch == 0:
-        return ""
     return ("early_stopping" if state.bad_evals >= t.patience else
             "time_budget" if over_budget(state.seconds, t.max_minutes) else
+            "epochs" if last_epoch else
             "max_steps" if t.max_steps and state.step >= t.max_steps else "")
+
+
+def save_epoch(backend: Backend, state: TrainState, record: dict) -> None:
+    backend.save({k: v for k, v in record.items() if isinstance(v, (int, float))} | {"best_metric": state.best_metric})
 
 
 def train_epoch(state: TrainState, backend: Backend, data: SeqData, windows: Windows, epoch: int,
