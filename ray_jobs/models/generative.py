@@ -349,7 +349,7 @@ class SemanticGenerator(nn.Module):
         return items, scores
 
 
-TOKENIZER_VERSION = 3  # part of the cache key: a changed quantizer or stage never reads an older table
+TOKENIZER_VERSION = 4  # part of the cache key: a changed quantizer or stage never reads an older table
 MINILM_DIM = 384       # the text embeddings the tokenizer reads (all-MiniLM-L6-v2)
 
 

@@ -116,14 +116,17 @@ class ItemLLM(nn.Module):
             raise ValueError(f"model.item_pooling=item_token needs a causal item LLM; {spec.item_llm} is an encoder")
         self.dim = cfg.hidden_size
         self.prompt, self.max_tokens = spec.item_prompt, spec.max_item_tokens
+        # a causal LM pads left (so [ITEM] lands last) with positions counted from each text's first token;
+        # an encoder pads right, so positions start at 0 as they would for the text alone
+        self.padding_side = "left" if self.causal else spec.item_text_padding
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if self.pooling == "item_token":
             self.item_token = nn.Parameter(torch.randn(self.dim) * 0.02)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt + item text, truncated to `max_item_tokens`, left padded (so [ITEM] lands last)."""
-        self.tokenizer.padding_side = "left"
+        """Prompt + item text, truncated to `max_item_tokens`, padded on `padding_side`."""
+        self.tokenizer.padding_side = self.padding_side
         return self.tokenizer([self.prompt + t for t in texts], truncation=True, max_length=self.max_tokens,
                               padding=True, return_tensors="pt")
 
@@ -132,8 +135,9 @@ class ItemLLM(nn.Module):
         if self.pooling != "item_token":
             kwargs = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)} if self.causal else {}
             hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
-            if self.pooling == "last":  # left padded: the last column is the last text token
-                return hidden[:, -1]
+            if self.pooling == "last":  # the last text token, on either padding side
+                last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
+                return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         b = input_ids.shape[0]
@@ -146,9 +150,10 @@ class ItemLLM(nn.Module):
 
 def cache_settings(spec: HLLMSpec) -> str:
     """What an item embedding depends on besides the text: the item model, its size, the prompt,
-    truncation and pooling (the item-embedding cache's folder is named by it)."""
+    truncation, padding and pooling (the item-embedding cache's folder is named by it)."""
+    padding = "" if spec.item_text_padding == "left" else f"|pad={spec.item_text_padding}"  # left: older caches' name
     return f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
-           f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}"
+           f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}{padding}"
 
 
 def item_cache(spec: HLLMSpec) -> EmbeddingCache:
@@ -177,7 +182,7 @@ def minilm_settings(spec: ModelBase) -> HLLMSpec:
     """What MiniLM item embeddings are computed with for a model of any kind: an HLLM's item-text
     settings with `item_llm: minilm`; other kinds take HLLM's defaults (and their own cache folder)."""
     return spec.model_copy(update={"item_llm": "minilm"}) if isinstance(spec, HLLMSpec) \
-        else HLLMSpec(kind="hllm", cache_dir=spec.cache_dir)
+        else HLLMSpec(kind="hllm", cache_dir=spec.cache_dir, item_text_padding=spec.item_text_padding)
 
 
 def minilm_item_embeddings(spec: ModelBase, item_text: list[str]):

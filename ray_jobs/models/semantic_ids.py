@@ -93,14 +93,29 @@ class _Quantizer(nn.Module):
         self.decoder = mlp([latent, hidden, dim])
         self.initialised = False
         self.collaborative = collaborative
+        # the catalogue's mean text embedding, set by the tokenizer stage (`fit_center`): text embeddings
+        # of templated item texts share a large common part, which would leave little for the codes
+        self.register_buffer("center", torch.zeros(dim - collaborative))
         if collaborative:  # fitted with the tokenizer (`collaborative_factors`), saved with its weights
             self.register_buffer("lift", torch.zeros(dim - collaborative, collaborative))
             self.register_buffer("cf_scale", torch.ones(()))
 
+    def fit_center(self, text: torch.Tensor) -> torch.Tensor:
+        """Set `center` to the mean of the catalogue's text embeddings; returns them centred."""
+        self.center.copy_(text.mean(0))
+        return text - self.center
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a quantizer saved before `center` existed read the text embeddings as they are
+        state_dict.setdefault(prefix + "center", torch.zeros_like(self.center))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def inputs(self, text: torch.Tensor, factors: torch.Tensor | None = None) -> torch.Tensor:
-        """What the quantizer reads for items with these text embeddings: the text alone, or joined
-        with their unit collaborative factors times `cf_scale` — given, or predicted from the text by
-        the fitted linear map `lift` (an item without training interactions, a new item)."""
+        """What the quantizer reads for items with these text embeddings: the text less `center`,
+        alone or joined with their unit collaborative factors times `cf_scale` — given, or predicted
+        from the centred text by the fitted linear map `lift` (an item without training interactions,
+        a new item)."""
+        text = text - self.center
         if not self.collaborative:
             return text
         if factors is None:
