@@ -39,6 +39,7 @@ from ray_jobs.data import SeqData, Windows, train_batches, window_bounds
 from ray_jobs.distributed import Collectives, return_freed_memory
 from ray_jobs.losses import InfoNCE, SequenceLoss, draw_negatives
 from ray_jobs.models import build_model, known_table, load_weights
+from ray_jobs.models.llm import weights_padding
 from ray_jobs.registry import resolve_model
 from ray_jobs.scoring import CatalogueScores, evaluate_sharded, scorable_items, scorer
 
@@ -114,8 +115,8 @@ def training_changes(saved: JobSpec, now: JobSpec, stage: str = "train") -> list
     def settings(spec: JobSpec) -> dict:
         doc = spec.model_dump(mode="json")
         out = {f"data.{k}": doc["data"][k] for k in ("max_seq_len", "item_text")}
-        for section in ("model", stage):
-            out |= {f"{section}.{k}": v for k, v in doc[section].items() if k not in RESUMABLE[section]}
+        out |= {f"model.{k}": v for k, v in trained_section(spec.model).items() if k not in RESUMABLE["model"]}
+        out |= {f"{stage}.{k}": v for k, v in doc[stage].items() if k not in RESUMABLE[stage]}
         if stage == "align":
             out |= {f"train.{k}": doc["train"][k] for k in ALIGN_READS_TRAIN}
         return out
@@ -192,6 +193,13 @@ class WarmStart:
     tag: str
 
 
+def trained_section(m) -> dict:
+    """A model section's settings its trained weights depend on: all but where its cache lives and,
+    where no text padding shapes the weights (`weights_padding`), `item_text_padding`."""
+    return m.model_dump(mode="json", exclude={"cache_dir"} | ({"item_text_padding"} if weights_padding(m) is None
+                                                               else set()))
+
+
 def warm_start(spec: JobSpec, data: SeqData) -> WarmStart:
     """`train.init_from`: its weights are used when its model section is this run's and the current
     item catalogue extends the one it was trained on (every index it knows names the same item);
@@ -202,7 +210,7 @@ def warm_start(spec: JobSpec, data: SeqData) -> WarmStart:
         return WarmStart(None, "fresh start")
     resolved = resolve_model(spec, spec.train.init_from)
     ckpt = read_model(resolved.path)
-    same = ckpt.spec.model.model_dump(exclude={"cache_dir"}) == spec.model.model_dump(exclude={"cache_dir"})
+    same = trained_section(ckpt.spec.model) == trained_section(spec.model)
     if not same or ckpt.spec.data.max_seq_len != spec.data.max_seq_len:
         return WarmStart(None, f"fresh start: {resolved.label} has another model section")
     try:

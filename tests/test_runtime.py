@@ -209,6 +209,27 @@ def test_an_hllm_checkpoint_with_the_old_flat_model_section_scores_identically(t
     assert torch.equal(scores[0], scores[1])
 
 
+@pytest.mark.parametrize("kind,shapes", [(["model.kind=sasrec"], False), (["model.kind=hstu"], False),
+                                          (["model.kind=hllm", "model.item_llm=minilm"], True),
+                                          (["model.kind=hllm", "model.item_llm=random:llama"], False),
+                                          (["model.kind=hllm", "model.item_llm=smollm2"], False),
+                                          (["model.kind=generative"], True)])
+def test_the_item_text_padding_belongs_to_a_trained_model_only_where_it_shapes_its_weights(kind, shapes):
+    """An old checkpoint (padding left) warm-starts and resumes under a new spec (right) unless its
+    weights read padded text: an HLLM's encoder item LLM, a generative model's tokenizer input. A
+    causal item LLM's cache is the same folder under either padding (its vectors are the same)."""
+    from ray_jobs.loop import trained_section, training_changes
+    from ray_jobs.models.llm import cache_settings, minilm_settings
+    right = load_spec("movielens-100k-smoke", kind)
+    left = load_spec("movielens-100k-smoke", [*kind, "model.item_text_padding=left"])
+    assert (trained_section(left.model) != trained_section(right.model)) == shapes
+    assert training_changes(left, right) == (["model.item_text_padding: 'left' -> 'right'"] if shapes else [])
+    if right.model.kind == "hllm":
+        assert (cache_settings(left.model) != cache_settings(right.model)) == shapes
+    # the MiniLM space ILD is measured in follows the field for every kind
+    assert cache_settings(minilm_settings(left.model)) != cache_settings(minilm_settings(right.model))
+
+
 def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
     target = tmp_path / "sub" / "f.txt"
     write_atomic(str(target), lambda tmp: Path(tmp).write_text("one"))

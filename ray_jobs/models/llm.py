@@ -5,6 +5,7 @@ local folder, a `.gguf` file, the packaged offline all-MiniLM-L6-v2 `minilm` or 
 cache — among them the MiniLM text space that intra-list diversity is measured in for every model."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -95,6 +96,29 @@ def _load_backbone(source: str, size: LLMSize, vocab_for_random: int | None, att
     return AutoModel.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
 
 
+@functools.lru_cache(maxsize=64)
+def is_causal(source: str) -> bool:
+    """Whether an item-LLM source is a causal LM (random:*, a .gguf file, a config of `CAUSAL_TYPES`)
+    rather than an encoder, read from its config without loading its weights."""
+    if source.startswith("random:"):
+        return True
+    path = model_path(source)
+    if path.endswith(".gguf"):
+        return True
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path).model_type in CAUSAL_TYPES
+
+
+def weights_padding(m: ModelBase) -> str | None:
+    """The `model.item_text_padding` a model's trained weights depend on: an HLLM's with an encoder
+    item LLM, a generative model's (its tokenizer reads MiniLM vectors); None where no padding shapes
+    them — ID models and baselines (the padding only sets the space their ILD is measured in), an
+    HLLM with a causal item LLM (left padded with positions from each text's first token either way)."""
+    if m.kind == "generative" or (isinstance(m, HLLMSpec) and not is_causal(m.item_llm)):
+        return m.item_text_padding
+    return None
+
+
 def item_pooling(spec: HLLMSpec, causal: bool) -> str:
     """The pooling `auto` resolves to: mean for encoders and frozen (cached) causal LMs, else item_token."""
     if spec.item_pooling != "auto":
@@ -151,7 +175,8 @@ class ItemLLM(nn.Module):
 def cache_settings(spec: HLLMSpec) -> str:
     """What an item embedding depends on besides the text: the item model, its size, the prompt,
     truncation, padding and pooling (the item-embedding cache's folder is named by it)."""
-    padding = "" if spec.item_text_padding == "left" else f"|pad={spec.item_text_padding}"  # left: older caches' name
+    # left, and any causal LM (padded left either way): the folder's name older caches have
+    padding = f"|pad={spec.item_text_padding}" if weights_padding(spec) not in (None, "left") else ""
     return f"{spec.item_llm}|{spec.item_llm_size.model_dump_json()}|{spec.max_item_tokens}|{spec.item_prompt}" \
            f"|pool={spec.item_pooling}|{spec.mode if spec.item_pooling == 'auto' else ''}{padding}"
 
