@@ -37,7 +37,7 @@ from ray_jobs.entrypoint import DagsterReport, job_main, markdown_image, run_opt
 from ray_jobs.loop import Reporter, StepPlan, alignment_state, run_steps
 from ray_jobs.metrics import tail_items
 from ray_jobs.models import TRAINABLE
-from ray_jobs.models.llm import minilm_item_embeddings
+from ray_jobs.models.llm import minilm_item_embeddings, weights_padding
 from ray_jobs.next_day import day_start, load_next_day
 from ray_jobs.registry import ResolvedModel, check_storage_path, resolve_model, run_dir
 from ray_jobs.runtime import (DeepSpeedBackend, check_previous_run, evaluate_distributed, final_model, fit, init_ray,
@@ -82,7 +82,10 @@ def with_init_model(spec: JobSpec, init: ModelCheckpoint, label: str, cache_dir:
     """The alignment spec with the starting model's architecture (model section, max_seq_len)."""
     # a checkpoint from `llmrec train --local` may hold a relative cache folder: resolve it here,
     # where it was written, not in a Ray worker's working directory
-    model = init.spec.model.model_copy(update={"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)})
+    update = {"cache_dir": cache_dir or os.path.abspath(init.spec.model.cache_dir)}
+    if weights_padding(init.spec.model) is None:  # the padding only sets the MiniLM space: the spec's, as evaluation's
+        update["item_text_padding"] = spec.model.item_text_padding
+    model = init.spec.model.model_copy(update=update)
     if model.kind not in TRAINABLE:
         raise ValueError(f"align.init={label}: model.kind={model.kind!r} has no trainable scores to align")
     if spec.align.method == "pars" and model.kind != "generative":

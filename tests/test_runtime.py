@@ -228,6 +228,10 @@ def test_the_item_text_padding_belongs_to_a_trained_model_only_where_it_shapes_i
         assert (cache_settings(left.model) != cache_settings(right.model)) == shapes
     # the MiniLM space ILD is measured in follows the field for every kind
     assert cache_settings(minilm_settings(left.model)) != cache_settings(minilm_settings(right.model))
+    from ray_jobs.align import with_init_model
+    aligned = with_init_model(right, ModelCheckpoint({}, left, [""], {}), "old", None).model
+    # aligning an old start: its weights' padding where it shapes them, else the spec's space
+    assert aligned.item_text_padding == ("left" if shapes else "right")
 
 
 def test_write_atomic_leaves_the_old_file_on_failure(tmp_path):
