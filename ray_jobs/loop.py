@@ -154,6 +154,14 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def frozen_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the floating weights a model never trains (frozen parameters, buffers: a
+    cached HLLM's item table, a generative model's quantizer, a LoRA base). Taken before a bf16 engine
+    casts the module, they are what its checkpoints keep, not their bf16 roundings."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in weights_of(model).items() if v.is_floating_point() and k not in trained}
+
+
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     """Linear warmup to 1, then cosine decay to `floor`."""
     if warmup and step < warmup:

@@ -22,8 +22,8 @@ from ray_jobs.checkpoint import ModelCheckpoint, read_model, safe_deepspeed_load
 from ray_jobs.data import SeqData, load_sequences
 from ray_jobs.distributed import Collectives, collective_device, prepare_deepspeed, process_group_backend
 from ray_jobs.entrypoint import USER_ERRORS, reinstall_stop_handler
-from ray_jobs.loop import (CATALOGUE_FILE, Backend, TrainState, check_folder_doc, check_run_folder, run_folder_doc,
-                           weights_of)
+from ray_jobs.loop import (CATALOGUE_FILE, Backend, TrainState, check_folder_doc, check_run_folder, frozen_weights,
+                           run_folder_doc, weights_of)
 from ray_jobs.scoring import load_for_catalogue, merge_shards, rank_shard
 
 
@@ -216,12 +216,13 @@ class DeepSpeedBackend(Backend):
         import torch.distributed as dist
         self.rank, self.world, self.rebuild = rank, world, rebuild
         prepare_deepspeed(device.type == "cuda")
+        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+        self.frozen = frozen_weights(state.model) if self.bf16 else {}  # before the engine casts them
         self.engine, _, _, _ = deepspeed.initialize(model=state.module, optimizer=state.optimizer,
                                                     lr_scheduler=state.scheduler, config=ds_config,
                                                     dist_init_required=False)
         safe_deepspeed_loads(self.engine)
         self.zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
-        self.bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
         self.comm = Collectives(collective_device(dist.get_backend(), device))
 
     def forward(self, *args):
@@ -237,8 +238,9 @@ class DeepSpeedBackend(Backend):
     def full_weights(self) -> dict[str, torch.Tensor]:
         """The model's weights in fp32. Every rank calls this (the loops decide on all-reduced figures):
         under ZeRO-3 the parameters are gathered from all of them, and in bf16 each trained parameter
-        is read from the optimizer's fp32 master copy (assembled from every rank's partition) — the
-        bf16 module holds the same weights rounded to three significant digits."""
+        is read from the optimizer's fp32 master copy (assembled from every rank's partition) and every
+        frozen weight from its copy taken before the engine cast it — the bf16 module holds the same
+        weights rounded to three significant digits."""
         if not self.zero3:
             weights = weights_of(self.state.model)
         else:
@@ -251,6 +253,7 @@ class DeepSpeedBackend(Backend):
                 master = safe_get_full_fp32_param(param) if param.requires_grad else None
                 if master is not None:
                     weights[name] = master.detach().float().cpu().clone()
+            weights.update(self.frozen)
         return weights
 
     def scoring_model(self) -> nn.Module:

