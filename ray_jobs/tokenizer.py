@@ -77,8 +77,7 @@ def fit_tokenizer(spec: JobSpec, data: SeqData, reporter: Reporter = Reporter(),
         torch.manual_seed(m.seed)
         q = new_quantizer(m, x.shape[1])
         text = torch.from_numpy(x)
-        centred = q.fit_center(text)
-        xt = q.inputs(text)
+        xt = centred = q.fit_center(text)  # what `inputs` gives for the text alone
         if m.collaborative:  # the text joined with the items' factors from every user's training sequence
             if data.shard != (0, 1):
                 raise ValueError(f"model.collaborative: the tokenizer needs every user's sequences; data holds "
