@@ -31,6 +31,7 @@ from jobs.provenance import provenance, write_result
 from jobs.schema import HLLMSpec
 from jobs.spec import load_spec
 from ray_jobs.data import load_sequences
+from ray_jobs.metrics import intra_list_diversity
 from ray_jobs.models.generative import new_quantizer
 from ray_jobs.models.llm import ItemLLM, embed_all_items
 from ray_jobs.models.semantic_ids import utilisation
@@ -42,13 +43,7 @@ def embed(item_llm: ItemLLM, texts: list[str]) -> torch.Tensor:
     return embed_all_items(item_llm, t["input_ids"], t["attention_mask"], zero_first=False)
 
 
-def ild(vectors: torch.Tensor) -> float:
-    e = F.normalize(vectors, dim=-1)
-    sim = (e @ e.T).numpy()
-    return float((1 - sim)[np.triu_indices(len(e), 1)].mean())
-
-
-def fit_tokenizer(m, x: torch.Tensor, centred: bool) -> dict:
+def fit_quantizer(m, x: torch.Tensor, centred: bool) -> dict:
     torch.manual_seed(m.seed)
     q = new_quantizer(m, x.shape[1])
     if centred:
@@ -97,12 +92,13 @@ def main() -> None:
         cos_alone = F.cosine_similarity(catalogue[sample], alone).numpy()
         cos_grown = F.cosine_similarity(catalogue, grown).numpy()
         with torch.enable_grad():
-            tokenizer = {name: fit_tokenizer(gen, catalogue.float(), centred)
+            tokenizer = {name: fit_quantizer(gen, catalogue.float(), centred)
                          for name, centred in (("raw", False), ("centred", True))}
         row = {"padded_length": int(item_llm.tokenize(texts)["input_ids"].shape[1]),
                "alone_cosine": {"min": round(float(cos_alone.min()), 4), "mean": round(float(cos_alone.mean()), 4)},
                "grown_cosine": {"min": round(float(cos_grown.min()), 4), "mean": round(float(cos_grown.mean()), 4)},
-               "ild_top10": round(ild(catalogue[top]), 4), "ild_top10_grown": round(ild(grown[top]), 4),
+               "ild_top10": round(intra_list_diversity(top[None], 10, catalogue), 4),
+               "ild_top10_grown": round(intra_list_diversity(top[None], 10, grown), 4),
                "tokenizer": tokenizer}
         result["paddings"][padding] = row
         print(f"{padding}: padded to {row['padded_length']} tokens; vs alone cosine min {row['alone_cosine']['min']}"
