@@ -16,9 +16,10 @@ gives one frontier PNG per start; per method the chosen preset is the one with t
 NDCG@10 among those that raise both tail share and ILD over the start (else the best validation
 NDCG@10), and only the chosen presets' test figures enter the table.
 
-Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json (the start
-models' too, with their checkpoint paths), so a rerun skips what is done and resumes a cut run by
-its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
+Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json, and a start
+model's file beside its record (<start>/start-<variant>.pt, committed with it: the block outlasts a
+machine, and a retrained start would make every align run from it stale), so a rerun skips what is
+done and resumes a cut run by its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
 finished runs each time (also with --report, which runs nothing). A start model is reused only under
 the settings it was trained with; a record made with other align settings or presets, or from other
 start-model runs, is stale: it is run again, and left out of the report until then. An align run takes everything but its align section from the start model's spec (train:
@@ -31,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from jobs.files import write_atomic
 from jobs.provenance import ROOT, provenance, write_result
 from jobs.schema import JobSpec
 from jobs.spec import load_spec, tracking_uri
@@ -53,6 +56,11 @@ PRESETS = {"ndcg": {"ndcg": 1.0},
            "ndcg+exposure": {"ndcg": 1.0, "exposure": 0.3}}
 SWEEP_METHODS = ("blade", "static_bon", "grpo")
 CURVE_KEYS = ("reward_mean", "kl", "weight_entropy", "effective_grad_norm", "clipped_share")
+
+
+def model_path(rec: dict) -> Path:
+    """A start record's model file (kept relative to the checkout; an absolute one as written)."""
+    return ROOT / rec["model_file"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -133,19 +141,21 @@ class Bench:
         import hashlib
         settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
         rec = self.done(start, key)
-        if rec and rec.get("settings") == settings and os.path.exists(rec["model_file"]):
+        if rec and rec.get("settings") == settings and model_path(rec).exists():
             return rec
         if rec:  # trained with other settings (an edited spec, other --start-set) or its file is gone
             print(f"{start} {variant}: the recorded start model is stale ({rec.get('settings')} vs {settings}, "
-                  f"file {'present' if os.path.exists(rec['model_file']) else 'missing'}): training it again", flush=True)
+                  f"file {'present' if model_path(rec).exists() else 'missing'}): training it again", flush=True)
         if self.out_of_time():
             return None
         from ray_jobs.train import run as train
         t0 = time.perf_counter()
         # the settings in the name: a cut run resumes under it, never a run of other settings
         out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
+        kept = self.path(start, key).with_suffix(".pt")
+        write_atomic(str(kept), lambda tmp: shutil.copyfile(out.model_file, tmp))
         rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "settings": settings,
-               "model_file": out.model_file,
+               "model_file": str(kept.relative_to(ROOT)) if kept.is_relative_to(ROOT) else str(kept),
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
                "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}
         write_result(self.path(start, key), rec)
@@ -174,7 +184,7 @@ class Bench:
         if self.out_of_time():
             return None
         from ray_jobs.align import run
-        spec = self.align_spec(start, init["model_file"], method, seed, seen, PRESETS[preset] if preset else None)
+        spec = self.align_spec(start, str(model_path(init)), method, seed, seen, PRESETS[preset] if preset else None)
         t0 = time.perf_counter()
         out = run(spec, run_name=f"bench-align-{start}-{key}-{fingerprint or 'unpinned'}", register=False)
         history = self.history(spec, out.run_id)

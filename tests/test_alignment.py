@@ -759,6 +759,9 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     import types
     bench = _bench_module()
     assert bench.pareto([(0.1, 0.5), (0.2, 0.4), (0.15, 0.3), (0.2, 0.45)]) == [0, 3]
+    # a start model kept in the tree is found from any working directory; an absolute path as written
+    assert bench.model_path({"model_file": "bench/results/m.pt"}) == bench.ROOT / "bench/results/m.pt"
+    assert bench.model_path({"model_file": str(tmp_path / "m.pt")}) == tmp_path / "m.pt"
     figures = lambda ndcg, tail, ild: {c: 0.1 for c in bench.COLUMNS} | {  # noqa: E731
         "ndcg@10": ndcg, "tail_share@10": tail, "ild@10": ild}
     start_valid = figures(0.170, 0.30, 0.45)
