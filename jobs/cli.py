@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("align", help="list-wise alignment (align.method: blade | static_bon | grpo | dpo) of a "
+    p = sub.add_parser("align", help="list-wise alignment (align.method: blade | static_bon | grpo | flame | pars | "
+                       "gflownet | dpo) of a "
                        "trained model on Ray Train + DeepSpeed; registers the aligned model")
     _spec_args(p)
     p.add_argument("--run-name", type=run_name,

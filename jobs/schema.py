@@ -544,6 +544,8 @@ class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = Field("llmrec", description="MLflow experiment")
     model_name: str | None = Field(None, description="registered model name (default: the spec name)")
+
+    _model_name = field_validator("model_name")(classmethod(lambda cls, v: v if v is None else safe_name(v)))
     parent_run_id: str | None = Field(None, description="MLflow run to nest under (tag mlflow.parentRunId)")
     dagster_run_id: str | None = Field(None, description="recorded as the tag dagster.run_id (set by Dagster Pipes)")
     dagster_asset: str | None = Field(None, description="recorded as the tag dagster.asset_key (set by Dagster Pipes)")

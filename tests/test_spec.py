@@ -193,6 +193,7 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     ("eval.ks=[0, 10]", r"'eval\.ks\.0': Input should be greater than 0"),
     ("name=../escape", r"'name': .*'\.\./escape' is not a usable name"),
     ("data.name=a/b", r"'data\.name': .*'a/b' is not a usable name"),
+    ("tracking.model_name=team/model", r"'tracking\.model_name': .*'team/model' is not a usable name"),
     ("name=", r"'name': .*'' is not a usable name"),
     ("data.split={kind: temporal, valid_start: 'Jan 5'}", r"valid_start='Jan 5' is not a date"),
     ("data.split={kind: temporal, valid_start: 2021-02-01, test_start: 2021-01-01}",
