@@ -22,7 +22,9 @@ machine, and a retrained start would make every align run from it stale), so a r
 done and resumes a cut run by its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
 finished runs each time (also with --report, which runs nothing). A start model is reused only under
 the settings it was trained with; a record made with other align settings or presets, or from other
-start-model runs, is stale: it is run again, and left out of the report until then. An align run takes everything but its align section from the start model's spec (train:
+start-model runs, is stale: it is run again, and left out of the report until then (an align key
+the schema gained after the record was made counts only where it is set away from its default). A
+sweep point not chosen keeps only its validation figures in the report's JSON. An align run takes everything but its align section from the start model's spec (train:
 workers, DeepSpeed, budgets; `--start-set` applies to both). The ML-1M gold tables are built
 first when missing (`llmrec etl`). Runs are real `ray_jobs.align` / `ray_jobs.train` jobs (Ray
 Train + DeepSpeed), each with its own MLflow run; the table is logged to an MLflow run too.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -163,23 +164,33 @@ class Bench:
               f"(epoch {out.best_epoch}, {out.seconds:.0f} s)", flush=True)
         return rec
 
-    def fingerprint(self, start: str) -> str | None:
+    def fingerprint(self, start: str, known: set[str] | None = None) -> str | None:
         """What a finished run's figures depend on besides its method, preset and seed: the align
-        settings and the two start models' training runs. A record with another one is stale."""
+        settings and the two start models' training runs. A record with another one is stale. With
+        `known` (the align keys a record's spec had), a key added to the schema since counts only
+        where it is set away from its default (the default is what the record's code did)."""
         import hashlib
+
+        from jobs.schema import AlignSpec
         inits = [self.done(start, f"start-{v}") for v in ("full", "withheld")]
         if not all(inits):
             return None
-        doc = {"align": {k: v for k, v in self.align_doc.items() if k not in ("method", "seed", "init", "rewards")},
+        defaults = AlignSpec().model_dump(mode="json")
+        doc = {"align": {k: v for k, v in self.align_doc.items() if k not in ("method", "seed", "init", "rewards")
+                         and (known is None or k in known or v != defaults.get(k))},
                "rewards": self.align_doc["rewards"], "starts": [i["run_id"] for i in inits], "presets": PRESETS}
         return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def current(self, start: str, rec: dict) -> bool:
+        """A finished run's record holds under today's settings and start models."""
+        return rec.get("fingerprint") is not None and rec["fingerprint"] == self.fingerprint(start, set(rec.get("align", {})))
 
     def align(self, start: str, init: dict, method: str, seed: int, preset: str | None = None,
               seen: bool = False) -> dict | None:
         key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
         rec = self.done(start, key)
         fingerprint = self.fingerprint(start)
-        if rec and rec.get("fingerprint") == fingerprint:
+        if rec and self.current(start, rec):
             return rec
         if self.out_of_time():
             return None
@@ -235,8 +246,7 @@ class Bench:
         for start in starts:
             recs = [json.loads(p.read_text()) for p in sorted((self.dir / start).glob("*.json"))]
             starts_ = {r["variant"]: r for r in recs if "variant" in r}
-            current = self.fingerprint(start)
-            runs = [r for r in recs if "method" in r and r.get("fingerprint") == current]
+            runs = [r for r in recs if "method" in r and self.current(start, r)]
             if len(runs) < sum("method" in r for r in recs):
                 print(f"{start}: {sum('method' in r for r in recs) - len(runs)} records of other settings left out")
             if not starts_:
@@ -287,8 +297,13 @@ class Bench:
                       if all(r["curve"] for r in rs)}
             png = self.plots(start, curves, {name: average_evals([r["evals"] for r in rs]) for name, rs in groups.items()
                                              if all(r["evals"] for r in rs)}, frontier, start_valid)
+            # a sweep point not chosen keeps its validation figures only: the choice is made on them, and
+            # its test figures (the align job evaluates both) are not reported
+            picked = {(m, p) for m, p in chosen.items()}
+            shown = [r if r["preset"] is None or (r["method"], r["preset"]) in picked else
+                     {k: v for k, v in r.items() if k not in ("aligned_test", "base_test")} for r in runs]
             blocks[start] = {"table": rows, "chosen": chosen, "frontier": frontier, "plots": png,
-                             "starts": starts_, "runs": runs}
+                             "starts": starts_, "runs": shown}
         return {"blocks": blocks, "table_md": "\n\n".join(tables)}
 
     def plots(self, start: str, curves: dict, evals: dict, frontier: dict, start_valid: dict) -> list[str]:

@@ -201,6 +201,7 @@ class AlignOutcome(Record):
     results: dict[str, dict[str, float]]      # "base_valid", "base_test", "aligned_valid", "aligned_test" -> figures
     plots: dict[str, str] = field(default_factory=dict)
     shipped: dict | None = None               # the step record of the weights shipped (align.ship); None: the last
+    kl_of_shipped: float | None = None        # see shipped_kl
 
     @property
     def model_file(self) -> str:
@@ -208,7 +209,12 @@ class AlignOutcome(Record):
 
     @property
     def shipped_kl(self) -> float:
-        """The whole-list KL to the start model at the step whose weights ship."""
+        """The whole-list KL of the shipped weights to the start model. A step record's `kl` is that of
+        the policy that sampled the step's rollouts — the weights before its update — so the shipped
+        weights' KL is the next step's record (`kl_of_shipped`); after the run's last step, where no
+        later record exists, the shipped step's own (one update older)."""
+        if self.kl_of_shipped is not None:
+            return float(self.kl_of_shipped)
         return float((self.shipped or self.last_step or {}).get("kl", 0.0))
 
     @property

@@ -263,6 +263,13 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
         return finish(spec, run_name, run_id, checkpoint, data, item_emb, start, cache_dir, register)
 
 
+def kl_after(history: list[dict], step: int) -> float | None:
+    """The whole-list KL of the weights after `step`'s update. A step record's `kl` is that of the policy
+    that sampled the step's rollouts, the weights before its update, so it is the next step's record
+    (None after the run's last step)."""
+    return next((h.get("kl") for h in history if h["step"] == step + 1), None)
+
+
 def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb, start, cache_dir: str | None,
            register: bool) -> AlignOutcome:
     """Driver side after fit: model.pt, start vs aligned on valid and test, MLflow, registry."""
@@ -292,7 +299,8 @@ def finish(spec: JobSpec, run_name: str, run_id: str, checkpoint, data, item_emb
     shipped = next((h for h in p.history if h["step"] == p.shipped_step), None)
     return AlignOutcome(run_name, run_id, model, spec.align.method, start.label, p.step, p.restarts, p.stopped,
                         p.seconds, p.history[0] if p.history else None, p.history[-1] if p.history else None, p.evals,
-                        {k: r.flat() for k, r in results.items()}, plots, shipped)
+                        {k: r.flat() for k, r in results.items()}, plots, shipped,
+                        kl_after(p.history, p.shipped_step or p.step))
 
 
 def dagster_report(spec: JobSpec, out: AlignOutcome) -> DagsterReport:

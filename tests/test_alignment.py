@@ -343,6 +343,13 @@ def test_epochs_reuse_one_rollout_batch_off_policy(method):
     opt = torch.optim.SGD(policy.parameters(), lr=0.03)
     stats, exposures, lists, kappas = [], [], [], []
     for step in range(4):
+        if step == 1:  # the second epoch's KL, by hand: self-normalised weights pi / pi_old on batch 0's lists
+            with torch.no_grad():
+                bt = aligner.batch
+                lp_now = list_log_prob(aligner.logits(policy, bt.rollouts.rows), bt.rollouts.lists).double()
+                w = torch.softmax(lp_now - bt.pick_old.sum(-1).double(), -1)
+                d = lp_now - bt.lp_ref.double()
+                weighted, plain = float((w * d).sum(-1).mean()), float(d.mean(-1).mean())
         loss, m = aligner.step(policy, step, 0)
         opt.zero_grad()
         loss.backward()
@@ -356,6 +363,8 @@ def test_epochs_reuse_one_rollout_batch_off_policy(method):
     assert torch.equal(exposures[0], exposures[2]) and not torch.equal(exposures[2], exposures[3])
     assert stats[0].kl == pytest.approx(0.0, abs=1e-6) and stats[2].kl > 0     # the policy moved off the reference
     assert stats[0].reward_mean == stats[2].reward_mean                         # the same lists' rewards
+    # off-policy, the logged KL is importance-weighted (not vacuous: the plain average differs)
+    assert stats[1].kl == pytest.approx(weighted, rel=1e-4) and abs(weighted - plain) > 1e-3 * abs(plain)
     if method == "blade":  # one posterior update per batch
         assert np.array_equal(kappas[0], kappas[2]) and not np.array_equal(kappas[2], kappas[3])
     else:
@@ -807,6 +816,15 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert {"start, full (served)", "start, withheld (withhold 3)"} <= set(rows)
     assert "| blade | 2 |" in rep["table_md"]
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
+    tested = {(r["method"], r["preset"]) for r in block["runs"] if "aligned_test" in r}
+    assert tested == {("blade", None), ("grpo", "ndcg+diversity")}  # the points not chosen: validation only
+    # a key the schema gained after a run was recorded counts only where it is set away from its default
+    old = {**json.loads((runs / "unseen-blade-spec-s0.json").read_text()), "align": {"holdout": 3, "steps": 300}}
+    assert b.current("toy", old)
+    b.align_doc = {"holdout": 3, "steps": 300, "rewards": {"ndcg": 1.0}, "beta_min": 1e-4}  # the default
+    assert b.current("toy", old) and not b.current("toy", {**old, "align": {**old["align"], "beta_min": 1e-4}})
+    b.align_doc["beta_min"] = 1e-3
+    assert not b.current("toy", old)
 
 
 @pytest.mark.parametrize("method", ["blade", "grpo", "pars"])
@@ -855,6 +873,15 @@ def test_gate_step_ships_the_best_step_meeting_the_rule_against_the_start():
     assert gate_step(rule, evals[:1]) is None  # only the start evaluated: nothing to ship yet
     tie = [{"step": 0, "ndcg@10": 0.1}, {"step": 10, "ndcg@10": 0.2}, {"step": 20, "ndcg@10": 0.2}]
     assert gate_step(GateSpec(), tie) == 20
+
+
+def test_the_shipped_weights_kl_is_the_record_of_the_step_they_sampled():
+    """A step's record holds the KL of the weights that sampled its rollouts (before its update: 0 at
+    the first step, tested above), so the weights shipped after step s have step s+1's; after the
+    last step there is none and the shipped step's own stands in."""
+    from ray_jobs.align import kl_after
+    history = [{"step": 1, "kl": 0.0}, {"step": 2, "kl": 0.3}, {"step": 3, "kl": 0.5}]
+    assert kl_after(history, 1) == 0.3 and kl_after(history, 2) == 0.5 and kl_after(history, 3) is None
 
 
 def test_ship_by_gate_names_a_figure_the_run_evaluates_and_needs_evaluations():

@@ -70,6 +70,25 @@ def test_a_crafted_deepspeed_shard_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_alignment_refuses_a_saved_start_that_fitted_its_reward_items(tmp_path):
+    """`alignment_start` judges the start by the training settings saved in its checkpoint: one trained
+    on every training item (train.withhold 0) is refused for align.holdout 3, one trained with
+    withhold 3 is taken, and align.allow_seen_rewards forces the first."""
+    from ray_jobs.align import alignment_start
+    spec = load_spec("movielens-100k-smoke", ["model.dim=8", "align.holdout=3", "align.allow_seen_rewards=false",
+                                              f"train.storage_path={tmp_path}"])
+    seen = _tiny_checkpoint(spec, tmp_path / "seen.pt")
+    unseen = _tiny_checkpoint(spec.model_copy(update={"train": spec.train.model_copy(update={"withhold": 3})}),
+                              tmp_path / "unseen.pt")
+
+    def start(init: str, **kw):
+        return alignment_start(spec.model_copy(update={"align": spec.align.model_copy(update={"init": init, **kw})}))[0]
+    with pytest.raises(ValueError, match=r"has seen its reward items: its train.withhold=0 < align.holdout=3"):
+        start(seen)
+    assert start(unseen).align.init.startswith(f"{unseen}@sha256:")
+    assert start(seen, allow_seen_rewards=True).align.init.startswith(f"{seen}@sha256:")
+
+
 def test_the_registered_model_is_data_only_and_a_tampered_one_runs_nothing(tmp_path):
     """The pyfunc names an installed loader and carries model.pt: no pickle, no code; replacing its
     model.pt with a crafted pickle makes loading fail without running it."""
