@@ -679,7 +679,10 @@ class GateConstraint(Strict):
         return f"{self.metric} not lower by more than {-self.min_change}"
 
     def meets(self, candidate: float, champion: float) -> bool:
-        """Whether the candidate's figure meets this condition against the champion's."""
+        """Whether the candidate's figure meets this condition against the champion's. Relative to a
+        champion's 0 (a popularity model's tail share), any figure above 0 is a rise and 0 none."""
+        if self.relative and champion == 0:
+            return candidate > 0 if self.min_change > 0 else candidate >= 0
         change = candidate - champion
         return change >= (self.min_change * abs(champion) if self.relative else self.min_change)
 

@@ -888,7 +888,7 @@ def test_ship_by_gate_names_a_figure_the_run_evaluates_and_needs_evaluations():
     from jobs.spec import load_spec
     from ray_jobs.align import check_ship
     spec = load_spec("jobs/specs/movielens-1m-demo.yaml", ["align.ship=gate"])
-    check_ship(spec)  # the demo's rule: ndcg@10 and tail_share@10, both evaluated
+    check_ship(spec)  # the demo's rule: ndcg@10, tail_share@10 and ild@10, all evaluated
     bad = spec.model_copy(update={"gate": spec.gate.model_copy(update={"metric": "recall@20"})})
     with pytest.raises(ValueError, match=r"gate.metric names 'recall@20'.*does not evaluate"):
         check_ship(bad)

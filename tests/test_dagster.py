@@ -158,6 +158,9 @@ def test_a_declared_gate_rule_promotes_a_model_that_trades_accuracy_within_bound
     both = decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [trained, aligned, champion]),
                                    {"/r/a/model.pt": "2", "/r/b/model.pt": "3"}, "1"), rule)
     assert both.promote and both.candidate == "3" and both.reason.startswith("aligned v3 (valid) meets the rule")
+    rise = GateConstraint(metric="tail_share@10", min_change=0.2, relative=True)  # against a champion's 0
+    assert rise.meets(0.01, 0.0) and not rise.meets(0.0, 0.0)
+    assert GateConstraint(metric="tail_share@10", min_change=-0.1, relative=True).meets(0.0, 0.0)
     with pytest.raises(ValueError, match="aligned \\(valid\\) has no ild@10"):
         decide(EvaluationReport(EvaluateOutcome({"sequences": 1}, ["valid"], [champion.__class__(
             "/r/b/model.pt", "aligned", "m", "file:/r/b/model.pt", {"valid": {"ndcg@10": 0.3}}), champion]),
