@@ -396,6 +396,26 @@ def test_a_run_resumed_between_epochs_continues_on_the_same_rollouts():
         assert (other.batch is not None) == kept
 
 
+def test_a_batch_sampled_again_after_a_resize_enters_the_posteriors_and_exposure_once():
+    """Resumed on another number of workers, the saved lists are dropped and the step samples its
+    batch again: BLADE's posteriors and the running exposure already hold that batch and keep it
+    once; the next batch updates them as usual."""
+    import copy
+    aligner, policy, _ = _toy("blade", epochs=2)
+    aligner.step(policy, 0, 0)
+    state = copy.deepcopy(aligner.state_dict())  # as a checkpoint holds it: no arrays shared with the run
+    resized, _, _ = _toy("blade", epochs=2)
+    resized.load_state_dict({**state, "batch": {"world": 2, "ranks": state["batch"]["ranks"] * 2}})
+    assert resized.batch is None and resized.applied == 0
+    resized.step(policy, 1, 0)  # batch 0 again
+    assert np.array_equal(resized.posterior.mu, aligner.posterior.mu)
+    assert np.array_equal(resized.posterior.kappa, aligner.posterior.kappa)
+    assert torch.equal(resized.exposure, aligner.exposure)
+    resized.step(policy, 2, 0)  # batch 1: new rewards
+    assert not np.array_equal(resized.posterior.mu, aligner.posterior.mu)
+    assert not torch.equal(resized.exposure, aligner.exposure)
+
+
 def test_blade_user_posterior_moves_with_rewards():
     aligner, policy, cfg = _toy("blade")
     before = aligner.posterior.kappa.copy()

@@ -226,6 +226,7 @@ class Aligner:
         self.last_update = np.zeros(n_groups)            # step + 1 of each group's last update (0: reference)
         self.beta = cfg.beta
         self.batch: Batch | None = None                  # the rollout batch of the current steps
+        self.applied = -1                                # the last batch whose rewards the posteriors and exposure took
 
     # ------------------------------------------------------------------ policy and rewards
     def logits(self, scores: Scores, rows: np.ndarray) -> torch.Tensor:
@@ -350,15 +351,18 @@ class Aligner:
         terms = {t: g.sum(-1) for t, g in gains.items()}
         return Rollouts(rows, logits, ref_logits, lists, terms, self.reward(terms), self.reward(gains), global_b)
 
-    def weights(self, r: torch.Tensor, rows: np.ndarray, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy."""
+    def weights(self, r: torch.Tensor, rows: np.ndarray, batch: int,
+                observe: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N) candidate weights for blade / static_bon / grpo, and the per-row entropy; BLADE's
+        posteriors take the rewards first unless `observe` is false (they hold this batch already)."""
         cfg, n = self.cfg, r.shape[1]
         if cfg.method == "static_bon":
             w = methods.bon_weights(methods.empirical_cdf(self.ref_rewards[rows], r), n)
             return w, methods.weight_entropy(w)
         if cfg.method == "blade":
             x = self._centred(r.double().numpy(), rows)
-            self._observe(rows, x, batch)
+            if observe:
+                self._observe(rows, x, batch)
             cdf = self.posterior.take(self.groups[rows]).predictive_cdf(x)
             w = methods.bon_weights(torch.from_numpy(cdf).float(), n)
             return w, methods.weight_entropy(w)
@@ -371,11 +375,14 @@ class Aligner:
         (the sampling policy's are taken at the batch's first step), the method's weights (BLADE's posteriors take the batch's
         rewards here, once) or step-wise advantages; the running exposure takes its lists."""
         ro = self.rollouts(scores, batch, seed)
+        # a batch sampled again (a resume on another number of workers drops the saved lists) must not
+        # enter the posteriors and the exposure twice
+        new, self.applied = batch > self.applied, max(self.applied, batch)
         with torch.no_grad():
             lp_ref = list_log_prob(ro.ref_logits, ro.lists)
         weights = entropy = advantages = None
         if self.cfg.method in ("blade", "static_bon", "grpo"):
-            weights, entropy = self.weights(ro.reward, ro.rows, batch)
+            weights, entropy = self.weights(ro.reward, ro.rows, batch, observe=new)
         elif self.cfg.method == "flame":
             advantages = methods.flame_advantages(ro.gains)
         elif self.cfg.method == "pars":
@@ -383,7 +390,8 @@ class Aligner:
                 _, values = methods.prefix_credit(ro.logits.detach(), ro.lists, self.prefix_groups,
                                                   self.candidate_gains(ro.lists, ro.rows))
             advantages = methods.pars_advantages(values, ro.gains)
-        self.update_exposure(ro.lists)
+        if new:
+            self.update_exposure(ro.lists)
         return Batch(batch, ro, None, lp_ref, weights, entropy, advantages)
 
     def step(self, scores: Scores, step: int, seed: int) -> tuple[torch.Tensor, StepStats]:
@@ -492,3 +500,4 @@ class Aligner:
         batch = state.get("batch") or {}
         mine = batch["ranks"][self.rank] if batch.get("world") == self.world else None
         self.batch = Batch.from_state(mine) if mine else None  # another world size: the step samples anew
+        self.applied = max((int(r["index"]) for r in batch.get("ranks", []) if r), default=-1)
