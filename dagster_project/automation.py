@@ -81,8 +81,9 @@ def nightly_schedule(landing: bool, timezone: str, running: bool):
 def landing_sensor(running: bool):
     """The next landed day to ingest (date order; a re-delivered day again; a missing earlier day
     waited for) becomes a partition and an ingestion run, one at a time. The run key names the day's
-    contents and the runs already tried, so a failed day is asked for again (after `retry_minutes`)
-    and never dropped, and a re-delivered day is ingested again."""
+    contents and the runs already tried with them, so a failed day is asked for again (after
+    `retry_minutes`) and never dropped, and a re-delivered day is ingested again, also when its
+    contents are ones ingested before."""
     @sensor(name="landing_folder", job=ingest_job, minimum_interval_seconds=60,
             default_status=DefaultSensorStatus.RUNNING if running else DefaultSensorStatus.STOPPED)
     def watch(context: SensorEvaluationContext, spec: SpecResource):
@@ -108,7 +109,9 @@ def landing_sensor(running: bool):
         if failed and time.time() - last < RETRY_MINUTES * 60:
             return SkipReason(f"{plan.day} failed {len(failed)} time(s); trying again {RETRY_MINUTES} minutes after")
         new_partition = [] if context.instance.has_dynamic_partition(LANDING_DAYS.name, plan.day) else [plan.day]
-        request = RunRequest(run_key=f"landing-{plan.day}-{plan.fingerprints[plan.day]}-{len(failed)}",
+        # every run tried for these contents in the key: a failed one is asked for again, and contents
+        # ingested before, replaced, then delivered again (A, B, A) get a key of their own
+        request = RunRequest(run_key=f"landing-{plan.day}-{plan.fingerprints[plan.day]}-{len(runs)}",
                              partition_key=plan.day, tags={"llmrec/fingerprint": plan.fingerprints[plan.day]})
         return SensorResult(run_requests=[request], dynamic_partitions_requests=
                             [LANDING_DAYS.build_add_request(new_partition)] if new_partition else [])

@@ -9,14 +9,14 @@ for this lineage (`data.pinned_versions`), never the latest of each table.
 
 import json
 
-from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue,
-                     asset)
+from dagster import (AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetKey, Failure, MaterializeResult,
+                     MetadataValue, asset)
 
 from dagster_project.data_assets import asset_key
 from dagster_project.gate import decide
 from dagster_project.resources import MLflowResource, RayResource, SpecResource
 from jobs.contracts import CHAMPION, Check, EvaluateOutcome, EvaluationReport, ModelRecord, Tag
-from jobs.lake import published_versions
+from jobs.lake import ingested_days, published_versions
 from jobs.rayjob import job_command
 from jobs.secrets import check_override_secrets, scrubbed_errors
 from jobs.schema import JobSpec
@@ -70,6 +70,20 @@ def run_job(context: AssetExecutionContext, job: str, spec: SpecResource, ray: R
         return ray.run(context, job, spec.load(*sets), job_command(job, ray.job_spec_path(spec), sets, args))
 
 
+def check_day_published(job: JobSpec, versions: dict[str, int], day: str) -> None:
+    """A nightly run trains only on data that holds its landed day: when the day's ingest failed (or
+    has not run), the night stops here instead of retraining, gating and recommending on yesterday's
+    data under today's partition."""
+    if day not in ingested_days(job, versions):
+        raise Failure(f"landed day {day} is not in the published data {versions}: its ingest failed or has not "
+                      "run, so this night does not retrain (ingest the day, then run the night again)")
+
+
+def data_through(job: JobSpec, versions: dict[str, int], fallback: str) -> str:
+    """The last landed day a model's data holds (a backfilled day's night trains on later days too)."""
+    return max(ingested_days(job, versions), default=fallback)
+
+
 def versions_override(versions: dict[str, int]) -> str:
     return f"data.pinned_versions={json.dumps(versions)}"
 
@@ -83,6 +97,8 @@ def trained_model(context: AssetExecutionContext, spec: SpecResource, ray: RayRe
     logged to MLflow and registered (alias challenger)."""
     job = spec.load(*mlflow.spec_overrides())
     versions = pinned_versions(context, job)
+    if context.has_partition_key:
+        check_day_published(job, versions, context.partition_key)
     run_name = f"{job.name}-{context.run_id[:8]}"
     warm = []
     if job.train.warm_start_from_champion and current_champion(mlflow, job) is not None:
@@ -168,7 +184,7 @@ def evaluation_report(context: AssetExecutionContext, spec: SpecResource, ray: R
     day = context.partition_key if context.has_partition_key else None
     previous = None
     if day is not None and champion is not None:
-        previous = previous_candidate(mlflow, job, {champion, str(trained.model_version), str(aligned.model_version)})
+        previous = previous_candidate(mlflow, job, champion, {str(trained.model_version), str(aligned.model_version)})
     args = evaluation_args(job.registered_model_name(), trained, aligned, champion, day, previous)
     result = run_job(context, "evaluate", spec, ray, mlflow, [versions_override(trained.delta_versions)],
                      args).get_materialize_result()
@@ -239,13 +255,23 @@ def next_day_plot(rows: list[dict]) -> str:
     return f"![next-day NDCG@10](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
-def previous_candidate(mlflow: MLflowResource, spec: JobSpec, exclude: set[str]) -> str | None:
-    """The newest registered version an earlier gate judged (tagged with its decision), other than
-    `exclude`: the candidate the previous night produced."""
+def previous_candidate(mlflow: MLflowResource, spec: JobSpec, champion: str, tonight: set[str]) -> str | None:
+    """The candidate the previous night's gate judged and kept out: the newest version a gate judged
+    (tagged with its decision) other than tonight's — None when that is the champion (it was
+    promoted: it serves as champion) or there is none; never an older night's."""
     versions = mlflow.client(spec).search_model_versions(f"name='{spec.registered_model_name()}'")
-    judged = [int(v.version) for v in versions if Tag.GATE_DECISION in (v.tags or {})
-              and str(v.version) not in exclude]
-    return str(max(judged)) if judged else None
+    judged = [int(v.version) for v in versions if Tag.GATE_DECISION in (v.tags or {}) and str(v.version) not in tonight]
+    newest = str(max(judged)) if judged else None
+    return None if newest == champion else newest
+
+
+def check_champion_unchanged(mlflow: MLflowResource, spec: JobSpec, judged: str | None) -> None:
+    """The alias moves only from the champion the evaluation judged the candidate against: a run
+    beside this one (a manual retrain, an earlier report gated late) may have promoted another since."""
+    now = current_champion(mlflow, spec)
+    if now != judged:
+        raise Failure(f"the champion of {spec.registered_model_name()} is version {now}, not version {judged} that the "
+                      "evaluation report judged against: nothing promoted (evaluate again, then gate)")
 
 
 def current_champion(mlflow: MLflowResource, spec: JobSpec) -> str | None:
@@ -273,6 +299,7 @@ def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowR
     decision = decide(report, job.gate)
     client, name = mlflow.client(job), job.registered_model_name()
     if decision.promote:
+        check_champion_unchanged(mlflow, job, report.champion_version)
         client.set_registered_model_alias(name, CHAMPION, decision.candidate)
     if decision.candidate is not None:
         tags = {Tag.GATE_DECISION: "promoted" if decision.promote else "kept",
@@ -280,8 +307,9 @@ def decide_and_tag(context: AssetExecutionContext, job: JobSpec, mlflow: MLflowR
                 Tag.GATE_CANDIDATE_METRIC: str(decision.candidate_metric),
                 Tag.GATE_CHAMPION_METRIC: str(decision.champion_metric),
                 Tag.GATE_CHAMPION_VERSION: str(decision.champion)}
-        if context.has_partition_key:  # its data runs through this landed day
-            tags[Tag.GATE_DAY] = context.partition_key
+        if context.has_partition_key:  # the last landed day its data holds (a backfill's night: a later one)
+            tags[Tag.GATE_DAY] = data_through(job, model_record(context, "trained_model").delta_versions,
+                                              context.partition_key)
         version = client.get_model_version(name, decision.candidate)
         for k, v in tags.items():
             client.set_model_version_tag(name, decision.candidate, k, v)

@@ -502,12 +502,24 @@ def published_versions(spec: JobSpec) -> dict[str, int] | None:
     return dict(p.versions) if p else None
 
 
-def ingested_days(spec: JobSpec) -> dict[str, str]:
+def ingested_days(spec: JobSpec, versions: dict[str, int] | None = None) -> dict[str, str]:
     """Landed days the published data includes -> the fingerprint of the files that were ingested:
     those of the current lineage's last full build (`llmrec etl` replays every day in the landing
     folder) and of every ingest after it — what the landing sensor, the nightly schedule, `llmrec
-    ingest` and a full build's skip (`spark.etl.built_from`) compare the landing folder with."""
-    pubs = publications(spec)
+    ingest` and a full build's skip (`spark.etl.built_from`) compare the landing folder with. With
+    `versions` (a model's data, a pinned set): the days that set includes (`included_days`)."""
+    return included_days(publications(spec), versions)
+
+
+def included_days(pubs: list[Publication], versions: dict[str, int] | None = None) -> dict[str, str]:
+    """The landed days (-> fingerprints) of the newest publication, or of the newest one whose versions
+    match `versions` on every table both name: its lineage's last full build before it and every
+    ingest from there to it. Empty when no publication matches (a set this log never published)."""
+    if versions is not None:
+        matches = [i for i, p in enumerate(pubs)
+                   if all(p.versions[k] == int(v) for k, v in versions.items() if k in p.versions)
+                   and set(versions) & set(p.versions)]
+        pubs = pubs[:matches[-1] + 1] if matches else []
     if not pubs:
         return {}
     lineage = [p for p in pubs if p.lineage == pubs[-1].lineage]

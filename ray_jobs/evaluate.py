@@ -14,6 +14,7 @@ import re
 import sys
 
 from jobs.contracts import EvaluateOutcome, ModelRow, meta
+from jobs.lake import included_days, publications
 from jobs.schema import JobSpec
 from jobs.spec import absolute_paths
 from ray_jobs.data import load_sequences
@@ -37,8 +38,9 @@ def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] 
         next_day: str | None = None, next_day_models: list[str] | None = None) -> EvaluateOutcome:
     """Metrics of each model (a registry URI, a checkpoint file; default the training run's model.pt,
     each optionally named by a role) on each split of the current read set of the gold tables; a
-    model trained on a catalogue the current one does not extend is refused. With `next_day`, the
-    `next_day_models` are judged on that day's interactions."""
+    model trained on a catalogue the current one does not extend is refused. With `next_day` (a
+    landed day the data read includes), the `next_day_models` are judged on that day's interactions
+    — each unless its own training data holds the day (a night run again: no leaked score)."""
     spec = absolute_paths(spec)
     named = [with_role(m) for m in (models or [None])]
     resolved = [(role, resolve_model(spec, ref)) for role, ref in named]
@@ -50,11 +52,18 @@ def run(spec: JobSpec, models: list[str] | None = None, splits: tuple[str, ...] 
             spec, r.path, splits, workers, data, item_emb, r.cache_dir).items()})
         for role, r in resolved])
     if next_day:
+        pubs = publications(spec)
+        if next_day not in included_days(pubs, data.versions):
+            raise ValueError(f"--next-day {next_day}: the data read (versions {data.versions}) does not include that "
+                             "landed day; ingest it first")
         queries = load_next_day(spec, data.versions, next_day)
         out.next_day = []
         for role, ref in (with_role(m) for m in next_day_models or []):
             r = resolve_model(spec, ref)
             loaded = load_for_catalogue(r.path, data.catalogue, data.versions.get("item_index"), r.cache_dir)
+            if next_day in included_days(pubs, loaded.ckpt.versions):  # a rerun night: it trained on the day
+                print(f"{r.label} is not judged on {next_day}: its training data holds the day", flush=True)
+                continue
             result = evaluate_next_day(loaded.score_function(), queries, data.catalogue.active, loaded.scorable,
                                        loaded.ckpt.spec.data.max_seq_len)
             out.next_day.append(ModelRow(r.label, role, r.name, r.version, day=result.day, metrics=result.metrics,

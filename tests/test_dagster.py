@@ -181,9 +181,18 @@ def landing_spec(tmp_path, ml100k_lake):
 
 
 def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_path):
+    """A landed day MERGEd twice changes nothing the second time; a night trains only on data that
+    holds its day (before the ingest it stops, after it goes on)."""
+    from dagster import Failure
+
+    from dagster_project.model_assets import check_day_published
+    from jobs.lake import ingested_days
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(LANDING_DAYS.name, ["2026-11-20"])
     res = {"spec": landing_spec, "spark": SparkResource(engine="sail")}
+    before = published_versions(landing_spec.load())
+    with pytest.raises(Failure, match="landed day 2026-11-20 is not in the published data"):
+        check_day_published(landing_spec.load(), before, "2026-11-20")
     first = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
     meta = first.asset_materializations_for_node("bronze__landed_day")[0].metadata
     assert meta["bronze_inserted"].value == 3 and meta["quarantine_inserted"].value == 1
@@ -191,6 +200,8 @@ def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_
     spec = landing_spec.load()
     lake_versions = published_versions(spec)
     assert lake_versions == meta["published_versions"].value
+    check_day_published(spec, lake_versions, "2026-11-20")
+    assert "2026-11-20" not in ingested_days(spec, before) and "2026-11-20" in ingested_days(spec, lake_versions)
     again = materialize([landed_day], partition_key="2026-11-20", resources=res, instance=instance)
     meta = again.asset_materializations_for_node("bronze__landed_day")[0].metadata
     assert (meta["bronze_inserted"].value, meta["quarantine_inserted"].value, meta["silver_inserted"].value) == (0, 0, 0)
@@ -199,6 +210,23 @@ def test_landing_partition_materialized_twice_changes_nothing(landing_spec, tmp_
     from spark.etl import ETL_TABLES
     lake = Lake.of(spec)
     assert {t: lake.version(t) for t in ETL_TABLES} == lake_versions
+
+
+def test_the_landed_days_a_published_set_includes():
+    """From the publication log: a set's days are its lineage's last full build before it and every
+    ingest from there to it; a set matches on the tables both name; an unknown set holds none."""
+    from jobs.lake import Publication, included_days
+    log = [Publication(0, {"sequences": 1, "interactions": 1}, "etl", "a", {}),
+           Publication(1, {"sequences": 2, "interactions": 2}, "ingest", "a", {"d1": "x"}),
+           Publication(2, {"sequences": 3, "interactions": 3}, "ingest", "a", {"d2": "y"}),
+           Publication(3, {"sequences": 4, "interactions": 4}, "etl", "a", {"d1": "x", "d2": "y2"}),
+           Publication(4, {"sequences": 5, "interactions": 5}, "ingest", "a", {"d3": "z"})]
+    assert included_days(log) == {"d1": "x", "d2": "y2", "d3": "z"}
+    assert included_days(log, {"sequences": 2}) == {"d1": "x"}
+    assert included_days(log, {"sequences": 3, "item_index": 7}) == {"d1": "x", "d2": "y"}  # item_index: not logged
+    assert included_days(log, {"sequences": 4}) == {"d1": "x", "d2": "y2"}
+    assert included_days(log, {"sequences": 9}) == {} and included_days(log, {"item_index": 1}) == {}
+    assert included_days([Publication(0, {"sequences": 1}, "etl", "b", {"d9": "q"}), *log[1:2]]) == {"d1": "x"}
 
 
 def test_landing_plan_keeps_date_order_and_waits_for_a_missing_day(tmp_path):
@@ -491,6 +519,18 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     assert served == {"champion": champion, "candidate": gate2["candidate"]}  # night 1's kept candidate is judged too
     assert report3["next_day_curve"].startswith("![next-day NDCG@10](data:image/png;base64,")  # both nights
 
+    # night 3: its day's ingest fails (1998-04-26 asked for while 1998-04-25 waits): the night stops
+    # before training — nothing trained, gated or served on data without its day
+    (landing / "1998-04-25.csv").write_text("user_id,item_id,ts,value\n5000,2,893462400,4\n")
+    (landing / "1998-04-26.csv").write_text("user_id,item_id,ts,value\n5000,3,893548800,4\n")
+    instance.add_dynamic_partitions("landing_days", ["1998-04-26"])
+    registered = len(client.search_model_versions("name='dagster-loop'"))
+    third = night2.execute_in_process(instance=instance, partition_key="1998-04-26", raise_on_error=False)
+    failed = {e.step_key for e in third.all_events if e.event_type_value == "STEP_FAILURE"}
+    assert not third.success and failed == {"bronze__landed_day", "trained_model"}
+    assert "landed day 1998-04-26 is not in the published data" in str(third.all_events)
+    assert len(client.search_model_versions("name='dagster-loop'")) == registered
+
 
 
 def test_the_next_night_judges_the_champion_and_the_candidate_kept_the_night_before(tmp_path):
@@ -509,8 +549,20 @@ def test_the_next_night_judges_the_champion_and_the_candidate_kept_the_night_bef
     spec = load_spec(SMOKE, ["name=loop", f"tracking.uri={uri}"])
     mlflow_resource = MLflowResource(tracking_uri=uri)
     trained = ModelRecord("/m/trained.pt", "loop", 4, {})
-    assert previous_candidate(mlflow_resource, spec, {"1", "4"}) == "3"
-    assert previous_candidate(mlflow_resource, spec, {"1", "3", "4"}) is None  # v2 was never judged
+    assert previous_candidate(mlflow_resource, spec, "1", {"4"}) == "3"
+    assert previous_candidate(mlflow_resource, spec, "3", {"4"}) is None  # last night's was promoted: no older one
+    assert previous_candidate(mlflow_resource, spec, "1", {"3", "4"}) is None  # tonight's are never yesterday's
+    # the gate moves the alias only from the champion its report judged against
+    from dagster import Failure
+
+    from dagster_project.model_assets import check_champion_unchanged
+    with pytest.raises(Failure, match="is version None, not version 1"):
+        check_champion_unchanged(mlflow_resource, spec, "1")
+    client.set_registered_model_alias("loop", "champion", "1")
+    check_champion_unchanged(mlflow_resource, spec, "1")
+    client.set_registered_model_alias("loop", "champion", "2")  # promoted beside this night
+    with pytest.raises(Failure, match="is version 2, not version 1 that the evaluation report judged against"):
+        check_champion_unchanged(mlflow_resource, spec, "1")
     nightly = evaluation_args("loop", trained, trained, "1", "1998-04-24", "3")
     assert nightly == ["--model", "trained=/m/trained.pt", "--model", "champion=models:/loop@champion",
                        "--split", "valid", "--split", "test", "--next-day", "1998-04-24",
