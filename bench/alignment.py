@@ -21,7 +21,8 @@ model's file beside its record (<start>/start-<variant>.pt, committed with it: t
 machine, and a retrained start would make every align run from it stale), so a rerun skips what is
 done and resumes a cut run by its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
 finished runs each time (also with --report, which runs nothing). A start model is reused only under
-the settings it was trained with; a record made with other align settings or presets, or from other
+the settings it was trained with (its record keeps its spec: a field the schema gained since counts
+at its default); a record made with other align settings or presets, or from other
 start-model runs, is stale: it is run again, and left out of the report until then (an align key
 the schema gained after the record was made counts only where it is set away from its default). A
 sweep point not chosen keeps only its validation figures in the report's JSON. An align run takes everything but its align section from the start model's spec (train:
@@ -62,6 +63,17 @@ CURVE_KEYS = ("reward_mean", "kl", "weight_entropy", "effective_grad_norm", "cli
 def model_path(rec: dict) -> Path:
     """A start record's model file (kept relative to the checkout; an absolute one as written)."""
     return ROOT / rec["model_file"]
+
+
+def same_settings(rec: dict, doc: dict, settings: str) -> bool:
+    """A start record was trained under today's spec `doc`: the same hash, or its own spec read by
+    today's schema (a field added since takes its default, what the record's code did) equal to it."""
+    if rec.get("settings") == settings:
+        return True
+    try:
+        return "spec" in rec and JobSpec.model_validate(rec["spec"]).model_dump(mode="json") == doc
+    except ValueError:  # a field since removed or renamed: another spec
+        return False
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -140,9 +152,12 @@ class Bench:
         key = f"start-{variant}"
         spec = self.start_spec(start, variant)
         import hashlib
-        settings = hashlib.sha1(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+        doc = spec.model_dump(mode="json")
+        settings = hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
         rec = self.done(start, key)
-        if rec and rec.get("settings") == settings and model_path(rec).exists():
+        if rec and same_settings(rec, doc, settings) and model_path(rec).exists():
+            if "spec" not in rec:  # recorded before records kept their spec: keep it from now on
+                write_result(self.path(start, key), rec := {**rec, "spec": doc})
             return rec
         if rec:  # trained with other settings (an edited spec, other --start-set) or its file is gone
             print(f"{start} {variant}: the recorded start model is stale ({rec.get('settings')} vs {settings}, "
@@ -155,7 +170,7 @@ class Bench:
         out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
         kept = self.path(start, key).with_suffix(".pt")
         write_atomic(str(kept), lambda tmp: shutil.copyfile(out.model_file, tmp))
-        rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "settings": settings,
+        rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "settings": settings, "spec": doc,
                "model_file": str(kept.relative_to(ROOT)) if kept.is_relative_to(ROOT) else str(kept),
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
                "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}

@@ -791,6 +791,16 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     # a start model kept in the tree is found from any working directory; an absolute path as written
     assert bench.model_path({"model_file": "bench/results/m.pt"}) == bench.ROOT / "bench/results/m.pt"
     assert bench.model_path({"model_file": str(tmp_path / "m.pt")}) == tmp_path / "m.pt"
+    # a start record holds under today's spec when its own spec, read by today's schema, equals it
+    from jobs.spec import load_spec
+    doc = load_spec("movielens-100k-smoke").model_dump(mode="json")
+    before = json.loads(json.dumps(doc))
+    del before["train"]["withhold"]  # recorded before the schema had the field: its default
+    assert bench.same_settings({"settings": "old", "spec": before}, doc, "new")
+    before["train"]["lr"] = doc["train"]["lr"] * 2
+    assert not bench.same_settings({"settings": "old", "spec": before}, doc, "new")
+    assert not bench.same_settings({"settings": "old", "spec": {**doc, "unknown": 1}}, doc, "new")
+    assert bench.same_settings({"settings": "new"}, doc, "new") and not bench.same_settings({"settings": "old"}, doc, "new")
     figures = lambda ndcg, tail, ild: {c: 0.1 for c in bench.COLUMNS} | {  # noqa: E731
         "ndcg@10": ndcg, "tail_share@10": tail, "ild@10": ild}
     start_valid = figures(0.170, 0.30, 0.45)
