@@ -340,7 +340,10 @@ def main() -> int:
     results.update(**provenance(), spec=SPEC, cut=str(CUT), nightly_minutes=args.nightly_minutes,
                    base_minutes=args.base_minutes)
 
+    made = provenance()  # the file's head names the latest run; each night keeps the run that made it
+
     def record(model: str, night: str, doc: dict) -> None:
+        doc = {**doc, "made": {k: made[k] for k in ("date", "command", "commit")}}
         entry = results["models"].setdefault(model, {"nights": {}})
         if night == "night0":
             entry.update(night0=doc, nights={})

@@ -15,15 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
 
 
-def commit() -> str:
-    """The project's commit (short hash, "+dirty" when tracked files differ), or "" outside a checkout."""
+def commit(script: str | None = None) -> str:
+    """The project's commit (short hash, "+dirty" when tracked files differ or the running `script`
+    is a project file never committed: its code is in no commit), or "" outside a checkout."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
     head = git("rev-parse", "--short", "HEAD")
-    return f"{head}+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else head
+    if not head:
+        return head
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    if not dirty and script and Path(script).resolve().is_relative_to(ROOT):  # untracked, and not ignored (.venv)
+        dirty = bool(git("ls-files", "--others", "--exclude-standard", "--", str(Path(script).resolve().relative_to(ROOT))))
+    return f"{head}+dirty" if dirty else head
 
 
 def machine() -> dict:
@@ -36,7 +42,7 @@ def provenance() -> dict:
     """Date (UTC), the command as typed, the commit and the machine: the head of every result file."""
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "-c", *sys.argv[1:]])
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-            "commit": commit(), "machine": machine()}
+            "commit": commit(sys.argv[0] or None), "machine": machine()}
 
 
 def _plain(value):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 
@@ -14,6 +15,27 @@ def test_provenance_names_the_commit_the_command_and_the_machine():
     assert set(p) == {"date", "command", "commit", "machine"}
     assert p["commit"] and p["command"].startswith("python ")
     assert p["machine"]["cpus"] == os.cpu_count() and p["machine"]["memory_gib"] > 0
+
+
+def test_a_result_made_by_a_script_never_committed_is_marked_dirty(tmp_path, monkeypatch):
+    """A benchmark run before its script was committed names a commit that lacks its code: "+dirty";
+    a committed script, or one git ignores (an entry point in .venv), leaves the commit clean."""
+    from jobs import provenance
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    (tmp_path / "bench.py").write_text("print(1)\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    (tmp_path / "new.py").write_text("print(2)\n")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "tool").write_text("")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    head = provenance.commit()
+    assert head and "+" not in head and provenance.commit(str(tmp_path / "bench.py")) == head
+    assert provenance.commit(str(tmp_path / "new.py")) == f"{head}+dirty"
+    assert provenance.commit(str(tmp_path / ".venv" / "tool")) == head
 
 
 def test_write_result_replaces_the_file_whole_and_takes_numpy_figures(tmp_path):
