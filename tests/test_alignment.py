@@ -309,6 +309,25 @@ def test_step_statistics_match_the_rollouts_by_hand():
     assert loss.item() == pytest.approx(-(w * lp).sum().item() / users, rel=1e-5)
 
 
+def test_the_loss_carries_beta_times_the_whole_list_kl_once_the_policy_moved():
+    """After an update the policy is off the reference: the step's KL is the rollouts' mean
+    log-ratio of whole lists (fresh lists: weights 1), positive, and the loss is the policy term plus
+    beta * KL / K, averaged over the batch's users."""
+    aligner, policy, cfg = _toy("static_bon", beta=0.5)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    loss, _ = aligner.step(policy, step=0, seed=0)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    ro = aligner.rollouts(policy, batch=1, seed=0)  # what step 1 samples
+    with torch.no_grad():
+        ratio = list_log_prob(ro.logits, ro.lists).double() - list_log_prob(ro.ref_logits, ro.lists).double()
+    loss, m = aligner.step(policy, step=1, seed=0)
+    assert m.kl == pytest.approx(ratio.mean(-1).mean().item(), rel=1e-4) and m.kl > 1e-3
+    assert loss.item() == pytest.approx(m.policy_loss + cfg.beta * m.kl / cfg.list_size, rel=1e-5)
+    assert abs(cfg.beta * m.kl / cfg.list_size) > 1e-3 * abs(m.policy_loss)  # the KL term is not lost in rounding
+
+
 def test_step_sums_combine_ranks_into_global_statistics():
     """Two ranks' sums (as the all-reduce adds them) give the statistics of their pooled lists."""
     a = StepSums(users=2, lists=4, reward=2.0, reward_sq=1.5, kl=0.2, grad_norm=1.0, entropy=2.0, flat_groups=1,
@@ -647,17 +666,19 @@ def test_group_posteriors_update_every_group_of_the_batch_every_step():
     assert all(lengths[groups == g].max() <= lengths[groups == g + 1].min() for g in range(2))  # by history length
     for step in range(3):
         rows, _ = aligner.batch_rows(step, 0)
-        before = aligner.posterior.kappa.copy()
+        before, mu_before = aligner.posterior.kappa.copy(), aligner.posterior.mu.copy()
         ro = aligner.rollouts(policy, step, 0)
+        x = aligner._centred(ro.reward.double().numpy(), ro.rows)  # the rewards the posteriors take
         aligner.step(policy, step, 0)
         present = np.unique(groups[rows])
         for g in present:  # decayed once (updated the step before, or at the reference) + its users' N lists each
             count = cfg.rollouts * int((groups[rows] == g).sum())
-            assert aligner.posterior.kappa[g] == pytest.approx(max(cfg.blade.decay * before[g], 1.0) + count)
+            prior = max(cfg.blade.decay * before[g], 1.0)
+            assert aligner.posterior.kappa[g] == pytest.approx(prior + count)
+            # the mean: the conjugate blend of the decayed prior's and the group's rewards this batch
+            mean = x[groups[ro.rows] == g].mean()
+            assert aligner.posterior.mu[g] == pytest.approx((prior * mu_before[g] + count * mean) / (prior + count))
         assert (aligner.last_update[present] == step + 1).all()
-        # the group mean moved toward the batch's rewards of that group
-        g0 = present[0]
-        assert np.isfinite(aligner.posterior.mu[g0]) and ro.reward.shape[1] == cfg.rollouts
 
 
 def test_user_posterior_decays_by_the_steps_since_its_last_update():
@@ -669,13 +690,19 @@ def test_user_posterior_decays_by_the_steps_since_its_last_update():
     assert after0[rows0] == pytest.approx(np.maximum(0.8 * start[rows0], 0.5) + cfg.rollouts)
     # step 5 (2 batches per epoch: users seen at step 0 come back at a later step): decay^(elapsed)
     rows5, _ = aligner.batch_rows(5, 0)
+    alpha0 = aligner.posterior.alpha.copy()
     aligner.step(policy, 5, 0)
     last_seen = np.where(np.isin(rows5, rows0), 1, 0)           # step + 1 of their last update
     elapsed = 6 - last_seen
     expected = np.maximum(0.8 ** elapsed * np.where(last_seen == 1, after0[rows5], start[rows5]), 0.5) + cfg.rollouts
     assert aligner.posterior.kappa[rows5] == pytest.approx(expected)
-    # alpha follows the same decay, and beta/alpha (the variance estimate) is kept through it
+    # alpha follows the same decay (floor half the pseudo-count), and beta/alpha (the variance
+    # estimate) is kept through it
+    assert aligner.posterior.alpha[rows5] == pytest.approx(np.maximum(0.8 ** elapsed * alpha0[rows5], 0.25)
+                                                           + cfg.rollouts / 2)
     assert (aligner.last_update[rows5] == 6).all()
+    d = methods.NIG(*(np.array([v]) for v in (0.3, 4.0, 3.0, 6.0))).decayed(0.5, 0.5)
+    assert (d.kappa[0], d.alpha[0], d.beta[0] / d.alpha[0], d.mu[0]) == pytest.approx((2.0, 1.5, 2.0, 0.3))
 
 
 def test_centred_rewards_compare_users_on_their_gain_over_the_start():
@@ -719,6 +746,8 @@ def test_one_step_of_every_method_on_movielens_100k(method, ml100k_lake):
     _first_step(cfg, align, data.num_items, model, reference)
     u = int(align.users[0])
     assert align.relevant[0].tolist() == data.train[u][-3:].tolist()
+    assert all(not (set(c.tolist()) & set(r.tolist())) - {0} for c, r in zip(align.contexts, align.relevant))
+    assert all(r.tolist() == data.train[int(x)][-3:].tolist() for x, r in zip(align.users, align.relevant))
 
 def _first_step(cfg: AlignSpec, align: AlignData, num_items: int, model, reference):
     """One alignment step of `model` from `reference` (its copy) on ML-100K rows: finite loss and

@@ -226,6 +226,9 @@ def test_every_user_gets_recommendations_short_histories_included(sail, make_spe
                                                      "popularity": silent}
     for u, seen in short.items():
         assert not set(table[table.user_idx == u]["item_idx"]) & seen
+    history = {int(u): set(s.tolist()) for u, s in zip(data.train_users, data.train)}
+    for u in data.test.users.tolist():  # the model's users too: nothing they have seen is recommended
+        assert not set(table[table.user_idx == u]["item_idx"]) & history.get(int(u), set())
     recommend.run(spec, model, k=5)  # idempotent: the same model version's rows are replaced
     assert len(DeltaTable(table_path(spec, "recommendations")).to_pandas()) == len(users) * 5
 

@@ -103,6 +103,8 @@ def test_workers_read_their_shard_and_train_on_the_single_process_batches(ml100k
     single = train_batches(index, whole.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
     parts = [train_batches(fit_windows(spec, d), d.fit_rows(), spec.data.max_seq_len, 64, np.random.default_rng(5), 4)
              for d in shards]
+    single, parts = list(single), [list(p) for p in parts]
+    assert len(single) > 0 and all(len(p) == len(single) for p in parts)  # no batch missing on either side
     for (inputs, targets, _), *ranks in zip(single, *parts):
         rows = lambda x: sorted(tuple(r[r != 0].tolist()) for r in x)  # noqa: E731
         assert rows(targets) == sorted(rows(ranks[0][1]) + rows(ranks[1][1]))
