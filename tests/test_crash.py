@@ -188,8 +188,9 @@ def test_torn_commits_and_orphan_files_are_repaired_by_the_next_writer(reference
 
 
 def test_a_real_etl_killed_at_random_moments_never_shows_readers_a_mix(reference, engines):
-    """`llmrec etl` as a user runs it, SIGKILLed after a random delay (seeded), then run again: a full
-    rebuild of base + both landed days, which ends with what the daily ingest gave."""
+    """`llmrec etl` as a user runs it, SIGKILLed at a random moment (seeded) after its first commit,
+    then run again: a full rebuild of base + both landed days, which ends with what the daily ingest
+    gave."""
     ref = reference
     day2(ref["landing"], True)
     seeds = range(6) if os.environ.get("LLMREC_CRASH_POINTS") == "all" else range(2)
@@ -198,12 +199,19 @@ def test_a_real_etl_killed_at_random_moments_never_shows_readers_a_mix(reference
         args = [str(Path(sys.executable).parent / "llmrec"), "etl", "--quiet", "--spec", "movielens-100k-smoke",
                 "--set", f"lake.root={spec.lake.root}", "--set", "data.name=ds",
                 "--set", f"data={json.dumps(spec.data.model_dump(mode='json'))}"]
+        lake = Lake.of(spec)
+        before = {t: lake.version(t) for t in ETL_TABLES}
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(random.Random(seed).uniform(1.0, 6.0))
-        assert proc.poll() is None, f"seed {seed}: the ETL ended before the kill"  # killed, not finished
+        # its first commit (the kill lands inside the ETL's writes, not in its start-up), then a random moment
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and {t: lake.version(t) for t in ETL_TABLES} == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(seed).uniform(0.0, 0.3))
+        assert proc.poll() is None, f"seed {seed}: the ETL ended before the kill"
         os.killpg(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
+        assert {t: lake.version(t) for t in ETL_TABLES} != before  # killed after a commit of its own
         assert contents(spec) in (ref["after_etl"], ref["after_ingest"])
         again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-2000:]
