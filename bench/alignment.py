@@ -314,7 +314,7 @@ class Bench:
                                              if all(r["evals"] for r in rs)}, frontier, start_valid)
             # a sweep point not chosen keeps its validation figures only: the choice is made on them, and
             # its test figures (the align job evaluates both) are not reported
-            picked = {(m, p) for m, p in chosen.items()}
+            picked = set(chosen.items())
             shown = [r if r["preset"] is None or (r["method"], r["preset"]) in picked else
                      {k: v for k, v in r.items() if k not in ("aligned_test", "base_test")} for r in runs]
             blocks[start] = {"table": rows, "chosen": chosen, "frontier": frontier, "plots": png,
