@@ -16,7 +16,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from jobs.render import SPEC_DIR, K8sOptions, ray_job_with_cluster
-from jobs.rayjob import PROJECT, client_token_auth, project_spec_path, submit_when_ready
+from jobs.rayjob import PROJECT, client_token_auth, job_runtime_env, project_spec_path, submit_when_ready
 from jobs.schema import JobSpec
 from jobs.spec import load_spec, local_overrides
 
@@ -142,7 +142,7 @@ class RayResource(ConfigurableResource):
             return client.run(context=context, ray_job=manifest)
         from dagster_ray import PipesRayJobClient
         return PipesRayJobClient(address=self.dashboard, poll_interval=2).run(context=context, submit_job_params={
-            "entrypoint": shlex.join(entrypoint), "runtime_env": {"working_dir": str(PROJECT)}})
+            "entrypoint": shlex.join(entrypoint), "runtime_env": job_runtime_env()})
 
 
 def _wait_for_job_agent(address: str) -> None:

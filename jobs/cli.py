@@ -192,7 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """`ray job submit` through the Jobs API: upload the project, run the entrypoint, stream logs."""
     import asyncio
 
-    from jobs.rayjob import PROJECT, client_token_auth, job_command_line, project_spec_path, submit_when_ready
+    from jobs.rayjob import client_token_auth, job_command_line, job_runtime_env, project_spec_path, submit_when_ready
     client_token_auth()  # before Ray is imported: a head started by infra/local/ray-up.sh requires the token
     from ray.job_submission import JobStatus, JobSubmissionClient
     spec = load_spec(args.spec, args.overrides)
@@ -201,7 +201,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_override_secrets(overrides + job_arg_overrides(args.job_args))
     entry = job_command_line(args.job, spec_arg, overrides, args.job_args)
     client = JobSubmissionClient(args.address)
-    job_id = submit_when_ready(client, entrypoint=entry, runtime_env={"working_dir": str(PROJECT)},
+    job_id = submit_when_ready(client, entrypoint=entry, runtime_env=job_runtime_env(),
                                submission_id=args.submission_id)
     errors.print(f"submitted {job_id} to {args.address}: {entry}", highlight=False)
     if args.no_wait:

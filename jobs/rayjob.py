@@ -15,8 +15,18 @@ from typing import Iterable
 from jobs.spec import resolve_spec_path
 
 PROJECT = Path(__file__).resolve().parents[1]  # what a submitted job uploads as its working directory
+# what a job never reads stays behind: the history (every committed result and start model would
+# travel with every job), the measurements and the docs; Ray leaves out what .gitignore names
+UPLOAD_EXCLUDES = ("/.git", "/bench/", "/docs/")
 JOB_MODULES = {"train": "ray_jobs.train", "align": "ray_jobs.align", "evaluate": "ray_jobs.evaluate",
                "recommend": "ray_jobs.recommend"}
+
+
+def job_runtime_env() -> dict:
+    """A submitted job's runtime environment: the project as its working directory, less what a job
+    never reads, and the commit it runs (its MLflow runs are tagged with it)."""
+    from jobs.provenance import COMMIT_ENV, commit
+    return {"working_dir": str(PROJECT), "excludes": list(UPLOAD_EXCLUDES), "env_vars": {COMMIT_ENV: commit()}}
 
 
 def job_command(job: str, spec_arg: str, overrides: Iterable[str] = (), args: Iterable[str] = ()) -> list[str]:

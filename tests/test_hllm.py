@@ -199,20 +199,54 @@ def test_an_item_embedding_depends_on_its_text_alone_not_on_the_catalogue_paddin
         item_cache(spec("minilm", "cached", tmp_path, item_text_padding="left")).dir
 
 
-def test_a_bf16_engine_ships_the_frozen_weights_as_they_were_not_their_bf16_rounding(tmp_path):
-    """`frozen_weights` is taken before a bf16 DeepSpeed engine casts the module (GPU runs): what the
-    run's checkpoints keep for a cached HLLM's item table and every other untrained tensor."""
-    from ray_jobs.loop import frozen_weights, weights_of
+def test_a_bf16_engine_ships_the_frozen_weights_as_they_were_not_their_bf16_rounding(tmp_path, free_port, monkeypatch):
+    """A real bf16 DeepSpeed engine (ZeRO-2, as a GPU recipe trains; on CPU here, one process) casts
+    the module's parameters (its buffers, a cached HLLM's item table, stay fp32: the model computes
+    in its parameters' precision) and trains a step; what `DeepSpeedBackend.full_weights` ships (the
+    run's checkpoints) is every frozen weight as it was before the cast (LoRA's base) and each
+    trained parameter from the optimizer's fp32 master copy, never the bf16 module's roundings.
+    Both modes in one process group (DeepSpeed keeps the first it meets)."""
+    import torch.distributed as dist
+    for name, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)  # what Ray Train sets in a worker
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        for mode in ("cached", "lora"):
+            _bf16_engine_step(mode, tmp_path / mode)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bf16_engine_step(mode: str, tmp_path) -> None:
+    from ray_jobs.loop import TrainState, adamw, weights_of
+    from ray_jobs.losses import SequenceLoss
+    from ray_jobs.runtime import DeepSpeedBackend
     torch.manual_seed(0)
-    model = HLLM(spec("random:llama", "cached", tmp_path), TEXTS, max_len=8)
+    model = HLLM(spec("random:llama", mode, tmp_path, **({"lora_r": 4} if mode == "lora" else {})), TEXTS, max_len=8)
     before = weights_of(model)
-    frozen = frozen_weights(model)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "item_table" in frozen and trained and not trained & frozen.keys()
-    model.bfloat16()  # what the engine does to the module
-    shipped = weights_of(model) | frozen
-    assert not torch.equal(shipped["item_table"], weights_of(model)["item_table"])  # bf16 would have rounded it
-    assert all(torch.equal(shipped[k], before[k]) for k in frozen)
+    frozen = {n for n, v in before.items() if v.is_floating_point()} - trained
+    assert trained and ("item_table" in frozen if mode == "cached" else any("base_layer" in n for n in frozen))
+    module = SequenceLoss(model, InfoNCE(0.1, mask_cosine=2.0))
+    state = TrainState(spec=None, module=module, optimizer=adamw(module.parameters(), 1e-2, torch.device("cpu")),
+                       scheduler=None, catalogue=None, versions={})
+    config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "gradient_accumulation_steps": 1,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    backend = DeepSpeedBackend(state, config, 0, 1, torch.device("cpu"), lambda: None)
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}  # the engine cast the module
+    inputs, targets = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5]]), torch.tensor([[1, 2, 3, 4], [0, 0, 5, 1]])
+    loss = backend.forward(inputs, targets, torch.tensor([1, 2, 3, 4, 5]))
+    assert torch.isfinite(loss), mode
+    backend.step(loss)
+    shipped = backend.full_weights()
+    assert all(v.dtype == torch.float32 for v in shipped.values() if v.is_floating_point())
+    assert all(torch.equal(shipped[n], before[n]) for n in frozen)  # as they were, not the module's bf16
+    rounded = [n for n in frozen & params.keys() if not torch.equal(shipped[n], params[n].float())]
+    assert rounded if mode == "lora" else not frozen & params.keys()
+    moved = [n for n in trained if not torch.equal(shipped[n], before[n])]
+    assert moved  # the step trained them; what ships is the fp32 master, finer than bf16 can hold
+    assert any(not torch.equal(shipped[n], shipped[n].bfloat16().float()) for n in moved)
 
 
 def _smollm2_gguf() -> str:

@@ -44,3 +44,14 @@ def test_write_result_replaces_the_file_whole_and_takes_numpy_figures(tmp_path):
     write_result(out, {"x": 0.5})
     assert json.loads(out.read_text()) == {"x": 0.5}
     assert os.listdir(out.parent) == ["r.json"]  # no temporary left behind
+
+
+def test_a_submitted_job_names_the_commit_its_launcher_ran(monkeypatch):
+    """A Ray job's copy of the project travels without .git (`jobs.rayjob.UPLOAD_EXCLUDES`): its
+    launcher's commit comes with it."""
+    from jobs import provenance
+    from jobs.rayjob import job_runtime_env
+    launcher = job_runtime_env()["env_vars"][provenance.COMMIT_ENV]
+    assert launcher == provenance.commit() != ""
+    monkeypatch.setenv(provenance.COMMIT_ENV, "abc1234+dirty")
+    assert provenance.commit() == "abc1234+dirty"

@@ -76,6 +76,15 @@ def test_ray_job_submit_and_jobs_api_against_a_local_head(ml100k_lake, tmp_path,
     first = table[table.user_idx == int(seen.users[0])]
     history = set(np.append(seen.histories[0], seen.targets[0]).tolist())
     assert len(first) == 10 and not set(first["item_idx"]) & history
+    # what that job uploaded: the code and specs, not the history, the measurements or the docs; its
+    # commit travels as a variable
+    from jobs.provenance import COMMIT_ENV, commit
+    job = next(j for j in _jobs_api(address, "/api/jobs/") if "ray_jobs.recommend" in j["entrypoint"])
+    assert job["runtime_env"]["env_vars"][COMMIT_ENV] == commit() != ""
+    package = job["runtime_env"]["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
+    uploaded = next(Path(env["RAY_HEAD_DIR"]).rglob(f"working_dir_files/{package}"))
+    assert (uploaded / "ray_jobs/recommend.py").is_file() and (uploaded / "jobs/specs/movielens-100k-smoke.yaml").is_file()
+    assert [p for p in (".git", "bench", "docs") if (uploaded / p).exists()] == []
 
     # the credential reached the jobs (they logged through the authenticated URI, read the lake with
     # the storage option) and was written nowhere: MLflow's store and artifacts, checkpoints, Ray
