@@ -288,10 +288,12 @@ def test_alignment_raises_training_reward_within_kl_and_resumes(tmp_path, local_
     assert len(pred["item_ids"][0]) == 5
 
 
-def test_a_failed_run_is_marked_failed_in_mlflow(tmp_path, local_ray, ray_overrides):
-    """A worker that cannot build its model fails the run; the MLflow run says FAILED, not RUNNING."""
+def test_a_failed_run_is_marked_failed_in_mlflow(tmp_path, warm_cache, local_ray, ray_overrides):
+    """A worker that cannot build its model fails the run; the MLflow run says FAILED, not RUNNING.
+    (The items' embeddings come from a warm cache: the driver would embed every item first.)"""
     spec = load_spec(SMOKE, ray_overrides(tmp_path, "dist-fail", "train.epochs=1", "train.workers=1",
-                                          "model.kind=hllm", f"model.user_llm={tmp_path}/no-such-model"))
+                                          "model.kind=hllm", f"model.cache_dir={warm_cache}",
+                                          f"model.user_llm={tmp_path}/no-such-model"))
     with pytest.raises(RuntimeError, match="training run dist-fail failed"):
         run(spec, register=False)
     client = mlflow.MlflowClient(spec.tracking.uri)
