@@ -19,7 +19,9 @@ NDCG@10), and only the chosen presets' test figures enter the table.
 Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json, and a start
 model's file beside its record (<start>/start-<variant>.pt, committed with it: the block outlasts a
 machine, and a retrained start would make every align run from it stale), so a rerun skips what is
-done and resumes a cut run by its name; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
+done and resumes a cut run by its name. A start's training can take longer than a machine lasts:
+`--keep-progress` (run beside it, then commit) copies its newest checkpoint to
+<start>/start-<variant>.progress/, and the next run on a fresh machine resumes from there; the table, bench/results/alignment-movielens-1m.json and the PNGs are rebuilt from all
 finished runs each time (also with --report, which runs nothing). A start model is reused only under
 the settings it was trained with (its record keeps its spec: a field the schema gained since counts
 at its default); a record made with other align settings or presets, or from other
@@ -148,26 +150,56 @@ class Bench:
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def train_start(self, start: str, variant: str) -> dict | None:
-        key = f"start-{variant}"
-        spec = self.start_spec(start, variant)
+    def start_run(self, start: str, variant: str) -> tuple[JobSpec, str, dict | None]:
+        """A start's spec, its training run's name (the settings in it: a cut run resumes under it,
+        never a run of other settings) and its record when that holds under these settings."""
         import hashlib
+        spec = self.start_spec(start, variant)
         doc = spec.model_dump(mode="json")
         settings = hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
-        rec = self.done(start, key)
+        rec = self.done(start, f"start-{variant}")
         if rec and same_settings(rec, doc, settings) and model_path(rec).exists():
             if "spec" not in rec:  # recorded before records kept their spec: keep it from now on
-                write_result(self.path(start, key), rec := {**rec, "spec": doc})
-            return rec
+                write_result(self.path(start, f"start-{variant}"), rec := {**rec, "spec": doc})
+            return spec, f"bench-align-{spec.name}-{settings}", rec
         if rec:  # trained with other settings (an edited spec, other --start-set) or its file is gone
             print(f"{start} {variant}: the recorded start model is stale ({rec.get('settings')} vs {settings}, "
                   f"file {'present' if model_path(rec).exists() else 'missing'}): training it again", flush=True)
+        return spec, f"bench-align-{spec.name}-{settings}", None
+
+    # ---------------------------------------- a start's training outlives the machine it began on
+    def progress_dir(self, start: str, variant: str) -> Path:
+        return self.dir / start / f"start-{variant}.progress"
+
+    def keep_progress(self, starts: list[str]) -> None:
+        """--keep-progress: each unfinished start training's newest checkpoint beside the start's
+        record (<start>/start-<variant>.progress, to be committed): a start that takes longer than a
+        machine lasts resumes on the next one."""
+        from ray_jobs.runtime import keep_run_progress
+        for start in starts:
+            for variant in ("full", "withheld"):
+                spec, name, rec = self.start_run(start, variant)
+                if rec:
+                    continue
+                out = self.progress_dir(start, variant)
+                metrics = keep_run_progress(spec, name, out)
+                print(f"{start} {variant}: " + (f"kept {name} at epoch {metrics.get('epoch')} in {out}" if metrics
+                                                 else "no finished checkpoint to keep"), flush=True)
+
+    def train_start(self, start: str, variant: str) -> dict | None:
+        key = f"start-{variant}"
+        spec, name, rec = self.start_run(start, variant)
+        if rec:
+            return rec
         if self.out_of_time():
             return None
+        from ray_jobs.runtime import restore_run_progress
         from ray_jobs.train import run as train
+        doc, settings = spec.model_dump(mode="json"), name.rsplit("-", 1)[1]
+        if restore_run_progress(spec, name, self.progress_dir(start, variant)):
+            print(f"{start} {variant}: resuming {name} from its kept progress", flush=True)
         t0 = time.perf_counter()
-        # the settings in the name: a cut run resumes under it, never a run of other settings
-        out = train(spec, run_name=f"bench-align-{spec.name}-{settings}", register=False)
+        out = train(spec, run_name=name, register=False)
         kept = self.path(start, key).with_suffix(".pt")
         write_atomic(str(kept), lambda tmp: shutil.copyfile(out.model_file, tmp))
         rec = {"start": start, "variant": variant, "withhold": spec.train.withhold, "settings": settings, "spec": doc,
@@ -175,6 +207,7 @@ class Bench:
                "run_id": out.run_id, "best_epoch": out.best_epoch, "seconds": out.seconds,
                "wall_seconds": time.perf_counter() - t0, "valid": out.valid, "test": out.test, **provenance()}
         write_result(self.path(start, key), rec)
+        shutil.rmtree(self.progress_dir(start, variant), ignore_errors=True)  # done: its progress is not needed
         print(f"{start} {variant}: test ndcg@10 {out.test['ndcg@10']:.4f}, valid {out.valid['ndcg@10']:.4f} "
               f"(epoch {out.best_epoch}, {out.seconds:.0f} s)", flush=True)
         return rec
@@ -368,6 +401,9 @@ def main() -> None:
     ap.add_argument("--start-set", action="append", default=[], help="overrides for the start models' training")
     ap.add_argument("--budget-hours", type=float, help="start no run after this much wall time (rerun to resume)")
     ap.add_argument("--report", action="store_true", help="only rebuild the table and plots from finished runs")
+    ap.add_argument("--keep-progress", action="store_true",
+                    help="only copy each unfinished start training's newest checkpoint beside its record (commit it: "
+                         "the next machine resumes from it)")
     ap.add_argument("--runs", default=str(ROOT / "bench/results/alignment-runs"))
     ap.add_argument("--out", default=str(ROOT / "bench/results/alignment-movielens-1m.json"))
     args = ap.parse_args()
@@ -382,6 +418,9 @@ def main() -> None:
         raise SystemExit(f"--start: unknown start model(s) {unknown}; known: {', '.join(STARTS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     bench = Bench(args)
+    if args.keep_progress:
+        bench.keep_progress(starts)
+        return
     if not args.report:
         ensure_gold(bench.start_spec(starts[0], "full"))
         bench.run(starts, args.methods.split(","), seeds, args.sweep)

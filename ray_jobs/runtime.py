@@ -86,12 +86,15 @@ def ray_get(refs):
 
 # ----------------------------------------------------------------------------- Ray Train
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, what it resumes from
+
+
 def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
     """Before any worker starts: the newest checkpoint a run of this name left in `train.storage_path`
     (what Ray Train would resume from) must have been written with this run's settings
     (`loop.check_resumable`; the workers check it again before reading a shard)."""
     folder = Path(absolute_paths(spec).train.storage_path) / run_name
-    snapshot = folder / "checkpoint_manager_snapshot.json"  # Ray Train's record of what it resumes from
+    snapshot = folder / RAY_SNAPSHOT
     try:
         latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
         doc = json.loads((folder / latest / CATALOGUE_FILE).read_text()) if latest else {}
@@ -99,6 +102,45 @@ def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
         return
     if "spec" in doc:
         check_folder_doc(doc, spec, stage, str(folder / latest))
+
+
+def keep_run_progress(spec: JobSpec, run_name: str, out: Path) -> dict | None:
+    """A run's newest checkpoint in `train.storage_path` (Ray Train's folder: the DeepSpeed state,
+    the weights the run ships so far, the catalogue; not DeepSpeed's own scripts), with a snapshot
+    listing it alone, copied to `out/<run_name>` (replaced whole): a run that outlasts the machine it
+    began on resumes on another from it (`restore_run_progress`). Returns the kept checkpoint's
+    metrics, or None when the run has no finished checkpoint yet."""
+    import shutil
+    folder = Path(absolute_paths(spec).train.storage_path) / run_name
+    try:
+        doc = json.loads((folder / RAY_SNAPSHOT).read_text())
+    except FileNotFoundError:
+        return None
+    latest = doc.get("latest_checkpoint_result")
+    if not latest or doc.get("pending_training_results"):
+        return None
+    names = [r["checkpoint_dir_name"] for r in doc["checkpoint_results"]]
+    at = names.index(latest["checkpoint_dir_name"])
+    doc.update(checkpoint_results=[latest], checkpoint_report_indices=[doc["checkpoint_report_indices"][at]])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder / latest["checkpoint_dir_name"], tmp / run_name / latest["checkpoint_dir_name"],
+                    ignore=shutil.ignore_patterns("*.py"))
+    (tmp / run_name / RAY_SNAPSHOT).write_text(json.dumps(doc))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return latest["metrics"]
+
+
+def restore_run_progress(spec: JobSpec, run_name: str, kept: Path) -> bool:
+    """Progress kept by `keep_run_progress` into `train.storage_path`, where the run of that name
+    resumes from it — unless the storage already holds the run (its own newest checkpoint wins)."""
+    import shutil
+    folder = Path(absolute_paths(spec).train.storage_path) / run_name
+    if not (kept / run_name / RAY_SNAPSHOT).exists() or folder.exists():
+        return False
+    shutil.copytree(kept / run_name, folder)
+    return True
 
 
 def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):

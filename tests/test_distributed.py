@@ -181,8 +181,16 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     with pytest.raises(RunMismatch, match=r"train\.lr: .* -> 0\.0123"):
         run(load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=3", "train.deepspeed=zero1",
                                            "train.lr=0.0123")), register=False)
-    # started again under the same name with a longer schedule: resumes, trains only epoch 3
+    # the machine goes away: the run's newest checkpoint, kept elsewhere (without DeepSpeed's scripts),
+    # is restored into a fresh storage; started again under the same name with a longer schedule, the
+    # run resumes from it and trains only epoch 3
+    from ray_jobs.runtime import keep_run_progress, restore_run_progress
     longer = load_spec(SMOKE, ray_overrides(tmp_path, "dist-ft", "train.epochs=3", "train.deepspeed=zero1"))
+    assert keep_run_progress(longer, "dist-ft", tmp_path / "kept")["epoch"] == 2
+    assert not list((tmp_path / "kept").rglob("*.py"))
+    shutil.rmtree(tmp_path / "ray" / "dist-ft")
+    assert restore_run_progress(longer, "dist-ft", tmp_path / "kept")
+    assert not restore_run_progress(longer, "dist-ft", tmp_path / "kept")  # the storage holds the run now
     again = run(longer, register=False)
     history = read_model(again.model_file).progress.history
     assert again.steps == 3 * 19 and [h["epoch"] for h in history] == [1, 2, 3]
