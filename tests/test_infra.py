@@ -107,6 +107,8 @@ def test_images_are_pinned_and_agree_across_files():
         base = re.search(r"^FROM (\S+)", text, re.M).group(1)
         assert ":" in base and not base.endswith(":latest"), base
         assert "USER llmrec" in text and "torch==${TORCH}" in text and "-c constraints.txt" in text
+        from jobs.provenance import COMMIT_ENV  # an image has no .git: its commit comes in at build time
+        assert f"ENV {COMMIT_ENV}=${{{COMMIT_ENV}}}" in text and f"--build-arg {COMMIT_ENV}=" in text
         for copied in re.findall(r"^COPY (\S+) \./", text, re.M):
             assert (ROOT / copied).exists(), copied
     ignored = (ROOT / ".dockerignore").read_text().split()
