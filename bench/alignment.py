@@ -183,8 +183,9 @@ class Bench:
                     continue
                 out = self.progress_dir(start, variant)
                 metrics = keep_run_progress(spec, name, out)
-                print(f"{start} {variant}: " + (f"kept {name} at epoch {metrics.get('epoch')} in {out}" if metrics
-                                                 else "no finished checkpoint to keep"), flush=True)
+                print(f"{start} {variant}: " + (f"kept {name} at epoch {metrics.get('epoch')} in {out}"
+                                                 if metrics is not None else f"{name} has no checkpoint to keep"),
+                      flush=True)
 
     def train_start(self, start: str, variant: str) -> dict | None:
         key = f"start-{variant}"
@@ -196,8 +197,12 @@ class Bench:
         from ray_jobs.runtime import restore_run_progress
         from ray_jobs.train import run as train
         doc, settings = spec.model_dump(mode="json"), name.rsplit("-", 1)[1]
-        if restore_run_progress(spec, name, self.progress_dir(start, variant)):
+        progress = self.progress_dir(start, variant)
+        if restore_run_progress(spec, name, progress):
             print(f"{start} {variant}: resuming {name} from its kept progress", flush=True)
+        elif progress.is_dir() and not (progress / name).is_dir():
+            print(f"{start} {variant}: the kept progress ({', '.join(p.name for p in progress.iterdir())}) is of other "
+                  f"settings than {name}: training from the start", flush=True)
         t0 = time.perf_counter()
         out = train(spec, run_name=name, register=False)
         kept = self.path(start, key).with_suffix(".pt")

@@ -13,15 +13,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
-COMMIT_ENV = "LLMREC_COMMIT"  # a submitted job's commit, set by its launcher: the job's copy of the project has no .git
+COMMIT_ENV = "LLMREC_COMMIT"  # the commit of a copy of the project without .git: a Ray job's (its launcher's), an image's
 
 
 def commit(script: str | None = None) -> str:
     """The project's commit (short hash, "+dirty" when tracked files differ or the running `script`
-    is a project file never committed: its code is in no commit), or "" outside a checkout. In a
-    Ray job, the commit its launcher ran (`COMMIT_ENV`)."""
-    if script is None and COMMIT_ENV in os.environ:
-        return os.environ[COMMIT_ENV]
+    is a project file never committed: its code is in no commit). A copy of the project without
+    .git (a submitted Ray job's working directory, an image) has the one its launcher or build gave
+    (`COMMIT_ENV`), else ""."""
+    if not (ROOT / ".git").exists():  # and git is not asked: it would answer for a repository above
+        return os.environ.get(COMMIT_ENV, "")
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -104,42 +105,67 @@ def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
         check_folder_doc(doc, spec, stage, str(folder / latest))
 
 
-def keep_run_progress(spec: JobSpec, run_name: str, out: Path) -> dict | None:
+def keep_run_progress(spec: JobSpec, run_name: str, out: Path, attempts: int = 5) -> dict | None:
     """A run's newest checkpoint in `train.storage_path` (Ray Train's folder: the DeepSpeed state,
     the weights the run ships so far, the catalogue; not DeepSpeed's own scripts), with a snapshot
-    listing it alone, copied to `out/<run_name>` (replaced whole): a run that outlasts the machine it
-    began on resumes on another from it (`restore_run_progress`). Returns the kept checkpoint's
-    metrics, or None when the run has no finished checkpoint yet."""
+    listing it alone, copied to `out/<run_name>` (replaced whole, never left half-written): a run that
+    outlasts the machine it began on resumes on another from it (`restore_run_progress`). Safe beside
+    the running job: a snapshot caught mid-write or a checkpoint deleted while copied is read again.
+    Returns the kept checkpoint's metrics, or None when the run has no checkpoint yet."""
     import shutil
     folder = Path(absolute_paths(spec).train.storage_path) / run_name
-    try:
-        doc = json.loads((folder / RAY_SNAPSHOT).read_text())
-    except FileNotFoundError:
-        return None
-    latest = doc.get("latest_checkpoint_result")
-    if not latest or doc.get("pending_training_results"):
-        return None
-    names = [r["checkpoint_dir_name"] for r in doc["checkpoint_results"]]
-    at = names.index(latest["checkpoint_dir_name"])
-    doc.update(checkpoint_results=[latest], checkpoint_report_indices=[doc["checkpoint_report_indices"][at]])
-    tmp = out.with_name(out.name + ".tmp")
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder / latest["checkpoint_dir_name"], tmp / run_name / latest["checkpoint_dir_name"],
-                    ignore=shutil.ignore_patterns("*.py"))
-    (tmp / run_name / RAY_SNAPSHOT).write_text(json.dumps(doc))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return latest["metrics"]
+    for attempt in range(attempts):
+        try:
+            doc = json.loads((folder / RAY_SNAPSHOT).read_text())
+            latest = doc.get("latest_checkpoint_result")
+            if not latest:
+                return None
+            names = [r["checkpoint_dir_name"] for r in doc["checkpoint_results"]]
+            at = names.index(latest["checkpoint_dir_name"])
+            doc.update(checkpoint_results=[latest], checkpoint_report_indices=[doc["checkpoint_report_indices"][at]],
+                       pending_training_results=[], pending_validation_specs=[])
+            shutil.copytree(folder / latest["checkpoint_dir_name"], tmp / run_name / latest["checkpoint_dir_name"],
+                            ignore=shutil.ignore_patterns("*.py"))
+            (tmp / run_name / RAY_SNAPSHOT).write_text(json.dumps(doc))
+        except (OSError, ValueError):  # no run; the snapshot being rewritten; a checkpoint deleted while copied
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / RAY_SNAPSHOT).exists():
+                return None
+            if attempt == attempts - 1:
+                raise
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+            return latest["metrics"]
+        time.sleep(1.0)
+    return None
 
 
 def restore_run_progress(spec: JobSpec, run_name: str, kept: Path) -> bool:
     """Progress kept by `keep_run_progress` into `train.storage_path`, where the run of that name
-    resumes from it — unless the storage already holds the run (its own newest checkpoint wins)."""
+    resumes from it — unless the storage already holds a checkpoint of the run (its own newest wins).
+    Refused, naming both, when it was kept under another Ray version (Ray Train would not read it)."""
     import shutil
+
+    import ray
     folder = Path(absolute_paths(spec).train.storage_path) / run_name
-    if not (kept / run_name / RAY_SNAPSHOT).exists() or folder.exists():
+    snapshot = kept / run_name / RAY_SNAPSHOT
+    if not snapshot.exists() or (folder / RAY_SNAPSHOT).exists():
         return False
-    shutil.copytree(kept / run_name, folder)
+    saved = json.loads(snapshot.read_text()).get("ray_version")
+    if saved != ray.__version__:
+        raise ValueError(f"{kept}: progress of {run_name} kept under Ray {saved}; this is Ray {ray.__version__}, "
+                         f"whose Ray Train cannot resume it (install Ray {saved}, or remove {kept} to start over)")
+    tmp = folder.with_name(folder.name + ".restoring")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(kept / run_name, tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # a run cut before its first checkpoint left its folder
+    tmp.rename(folder)
     return True
 
 

@@ -46,12 +46,16 @@ def test_write_result_replaces_the_file_whole_and_takes_numpy_figures(tmp_path):
     assert os.listdir(out.parent) == ["r.json"]  # no temporary left behind
 
 
-def test_a_submitted_job_names_the_commit_its_launcher_ran(monkeypatch):
+def test_a_submitted_job_names_the_commit_its_launcher_ran(tmp_path, monkeypatch):
     """A Ray job's copy of the project travels without .git (`jobs.rayjob.UPLOAD_EXCLUDES`): its
-    launcher's commit comes with it."""
+    launcher's commit comes with it, and git is not asked there; a checkout answers from git even
+    when the variable is set (a head started from an image carries the image's)."""
     from jobs import provenance
     from jobs.rayjob import job_runtime_env
-    launcher = job_runtime_env()["env_vars"][provenance.COMMIT_ENV]
-    assert launcher == provenance.commit() != ""
     monkeypatch.setenv(provenance.COMMIT_ENV, "abc1234+dirty")
+    launcher = job_runtime_env()["env_vars"][provenance.COMMIT_ENV]
+    assert launcher == provenance.commit() != "abc1234+dirty" and launcher
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)  # the job's working directory: no .git
     assert provenance.commit() == "abc1234+dirty"
+    monkeypatch.delenv(provenance.COMMIT_ENV)
+    assert provenance.commit() == ""

@@ -322,3 +322,65 @@ def test_a_local_ray_that_misses_a_start_up_deadline_is_started_again(monkeypatc
     with pytest.raises(ValueError, match="num_cpus"):
         start_local_ray(1, {})
     assert calls["init"] == 3 + 3 + 1 and len(left) == 6 and not any(psutil.pid_exists(p.pid) for p in left)
+
+
+def _ray_run_folder(storage: Path, name: str, checkpoints: list[str], ray_version: str) -> Path:
+    """A Ray Train V2 run folder as it leaves it: checkpoint folders and the manager's snapshot."""
+    folder = storage / name
+    results = []
+    for i, c in enumerate(checkpoints):
+        (folder / c / "state").mkdir(parents=True)
+        (folder / c / "model.pt").write_bytes(b"weights %d" % i)
+        (folder / c / "state" / "optim.pt").write_bytes(b"optimizer %d" % i)
+        (folder / c / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+        results.append({"version": 0, "checkpoint_dir_name": c, "metrics": {"epoch": i + 1}})
+    (folder / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "ray_version": ray_version, "checkpoint_results": results, "checkpoint_report_indices": [4, 7][:len(results)],
+        "latest_checkpoint_result": results[-1], "pending_training_results": [], "pending_validation_specs": [],
+        "current_report_index": 8, "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
+    return folder
+
+
+def test_a_runs_kept_progress_holds_its_newest_checkpoint_alone_and_restores_only_where_it_can(tmp_path, monkeypatch):
+    """`keep_run_progress` copies the newest checkpoint (not DeepSpeed's scripts) with a snapshot that
+    lists it alone, replacing what was kept; `restore_run_progress` puts it where Ray Train resumes,
+    over a folder a run cut before its first checkpoint left, never over a run's own checkpoints, and
+    refuses progress kept under another Ray version. (That Ray Train resumes from it:
+    test_distributed's killed-worker test.)"""
+    import ray
+
+    from ray_jobs import runtime
+    spec = load_spec("movielens-100k-smoke", [f"train.storage_path={tmp_path}/ray"])
+    kept = tmp_path / "kept"
+    assert runtime.keep_run_progress(spec, "r", kept) is None and not kept.exists()  # no run yet
+    _ray_run_folder(tmp_path / "ray", "r", ["checkpoint_a", "checkpoint_b"], ray.__version__)
+    (kept / "stale").mkdir(parents=True)
+    assert runtime.keep_run_progress(spec, "r", kept) == {"epoch": 2}
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "r/checkpoint_b/model.pt", "r/checkpoint_b/state/optim.pt", "r/checkpoint_manager_snapshot.json"]
+    snap = json.loads((kept / "r/checkpoint_manager_snapshot.json").read_text())
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint_b"]
+    assert snap["checkpoint_report_indices"] == [7] and snap["latest_checkpoint_result"]["metrics"] == {"epoch": 2}
+    assert not list(tmp_path.glob("kept.*"))  # no .tmp / .old left
+
+    fresh = load_spec("movielens-100k-smoke", [f"train.storage_path={tmp_path}/fresh"])
+    (tmp_path / "fresh" / "r").mkdir(parents=True)  # cut before its first checkpoint
+    assert runtime.restore_run_progress(fresh, "r", kept)
+    assert (tmp_path / "fresh/r/checkpoint_b/model.pt").read_bytes() == b"weights 1"
+    assert not runtime.restore_run_progress(fresh, "r", kept)  # the storage holds the run's checkpoints now
+    assert not runtime.restore_run_progress(fresh, "other", kept)  # nothing kept under that name
+
+    other = tmp_path / "other-ray"
+    _ray_run_folder(other / "ray", "r", ["checkpoint_c"], "2.0.0")
+    elsewhere = load_spec("movielens-100k-smoke", [f"train.storage_path={tmp_path}/elsewhere"])
+    with pytest.raises(ValueError, match=r"kept under Ray 2\.0\.0; this is Ray "):
+        runtime.restore_run_progress(elsewhere, "r", other / "ray")
+    assert not (tmp_path / "elsewhere" / "r").exists()
+
+    # a snapshot that never reads whole (Ray rewriting it each time): tried again, then the error
+    (tmp_path / "ray/r/checkpoint_manager_snapshot.json").write_text('{"ray_version": ')
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    with pytest.raises(ValueError):
+        runtime.keep_run_progress(spec, "r", kept)
+    assert (kept / "r/checkpoint_b/model.pt").exists() and not list(tmp_path.glob("kept.*"))  # what was kept stays

@@ -95,9 +95,8 @@ class HLLM(nn.Module):
     def _item_vectors(self, uniq: torch.Tensor) -> torch.Tensor:
         """Distinct item ids (N,) through the item side (item LLM or cached table, adapter, ID
         embedding) -> (N, user_dim)."""
-        if self.mode == "cached":  # in the parameters' precision: a bf16 engine casts them, not this buffer
-            enc = self.item_table[uniq].to(self.adapter.weight.dtype if isinstance(self.adapter, nn.Linear) else
-                                           next(self.parameters()).dtype)
+        if self.mode == "cached":  # in the adapter's precision: a bf16 engine casts parameters, not this buffer
+            enc = self.item_table[uniq].to(self.adapter[0].weight.dtype)
         else:
             enc = self.item_llm(self.item_input_ids[uniq], self.item_attention[uniq])
         out = self.adapter(enc)
