@@ -23,6 +23,13 @@ warnings.filterwarnings("ignore", message=".*No Partition Defined for Window ope
 _CONNECT_FLAG = "SPARK_CONNECT_MODE_ENABLED"
 _live_connect_engines = 0
 
+# Sail removes a Spark Connect session idle for `spark.session_timeout_secs` (900 s by default) and
+# every later call on it fails ("session ... is not running"). The embedded server serves one
+# session, its Engine's, which stop() ends: it never expires idle (a year), unless the environment
+# sets its own timeout. Sail reads its configuration when the server object is built.
+SAIL_SESSION_TIMEOUT_ENV = "SAIL_SPARK__SESSION_TIMEOUT_SECS"
+SAIL_SESSION_IDLE_S = 365 * 24 * 3600
+
 
 @dataclass
 class Engine:
@@ -61,7 +68,13 @@ def _sail(spec: SparkSpec) -> Engine:
     os.environ.setdefault("RUST_LOG", "error")  # Sail logs every shutdown as "aborting N task(s)"
     from pysail.spark import SparkConnectServer
 
-    server = SparkConnectServer(ip="127.0.0.1", port=0)
+    preset = os.environ.get(SAIL_SESSION_TIMEOUT_ENV)
+    os.environ[SAIL_SESSION_TIMEOUT_ENV] = preset or str(SAIL_SESSION_IDLE_S)
+    try:
+        server = SparkConnectServer(ip="127.0.0.1", port=0)
+    finally:
+        if preset is None:
+            os.environ.pop(SAIL_SESSION_TIMEOUT_ENV, None)
     server.start(background=True)
     host, port = server.listening_address
     # create(), not getOrCreate(): the latter returns any active Connect session, whatever its URL

@@ -271,6 +271,28 @@ def test_incremental_merge_is_idempotent(engine, make_spec, bad_movielens, tmp_p
     assert silver[("6", "10", 978600000)] == 4.0 and silver[("5", "12", 978500000)] == 3.0
 
 
+def test_the_embedded_sail_session_does_not_expire_while_its_engine_idles(make_spec, monkeypatch):
+    """Sail drops a Connect session idle for its `spark.session_timeout_secs` (15 min by default),
+    after which every call fails: a test worker or an asset idle that long between two queries broke.
+    The embedded engine sets the timeout when it builds its server (a year); shrunk here to 1 s, its
+    session is gone after 3 idle seconds, which shows the engine's setting is the one Sail uses."""
+    import time
+
+    from spark import session as spark_session
+    assert spark_session.SAIL_SESSION_IDLE_S >= 24 * 3600
+    monkeypatch.delenv(spark_session.SAIL_SESSION_TIMEOUT_ENV, raising=False)
+    monkeypatch.setattr(spark_session, "SAIL_SESSION_IDLE_S", 1)
+    engine = spark_session.start_engine(make_spec().spark)
+    try:
+        assert spark_session.SAIL_SESSION_TIMEOUT_ENV not in os.environ  # set for the server's build only
+        assert engine.session.range(3).count() == 3
+        time.sleep(3)
+        with pytest.raises(Exception, match="is not running"):
+            engine.session.range(3).count()
+    finally:
+        engine.stop()
+
+
 def test_ingest_without_landing_or_silver_is_a_clear_error(sail, make_spec, tmp_path):
     spec = make_spec()
     with pytest.raises(ValueError, match="data.landing is not configured"):
