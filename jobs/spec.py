@@ -151,10 +151,15 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         doc["train"][key] = absolute_path(doc["train"][key])
     if doc["align"]["init"] and not doc["align"]["init"].startswith("models:/"):
         doc["align"]["init"] = absolute_path(doc["align"]["init"])
+    # no URI in the spec: the driver's store, pinned, since a worker runs in another directory and
+    # without the driver's environment (mlflow.set_tracking_uri, which publishing calls, sets
+    # MLFLOW_TRACKING_URI in this process after Ray's workers started): the default store, or the
+    # environment's sqlite file; a server's URI (it may carry a token) is left to the environment
+    env = os.environ.get("MLFLOW_TRACKING_URI")
     if doc["tracking"]["uri"]:
         doc["tracking"]["uri"] = _absolute_sqlite(doc["tracking"]["uri"])
-    elif not os.environ.get("MLFLOW_TRACKING_URI"):  # the default store is the driver's, not the worker's cwd
-        doc["tracking"]["uri"] = _absolute_sqlite(DEFAULT_TRACKING_URI)
+    elif not env or env.startswith("sqlite:"):
+        doc["tracking"]["uri"] = _absolute_sqlite(env or DEFAULT_TRACKING_URI)
     return JobSpec.model_validate(doc)
 
 

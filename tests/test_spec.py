@@ -175,6 +175,10 @@ def test_distributed_fields_and_absolute_paths(tmp_path, monkeypatch):
     # no URI in the spec: the driver's default store, made absolute, so a worker in another directory finds the run
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert absolute_paths(load_spec("movielens-100k-smoke")).tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    # a sqlite store in the environment (what mlflow.set_tracking_uri leaves behind in a driver that
+    # published a run, after Ray's workers started without it): pinned, absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert absolute_paths(load_spec("movielens-100k-smoke")).tracking.uri == f"sqlite:///{tmp_path}/other.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the environment's server: left to the environment
     assert absolute_paths(load_spec("movielens-100k-smoke")).tracking.uri is None
     assert absolute_paths(load_spec("movielens-100k-smoke", ["lake.root=s3://b/lake"])).lake.root == "s3://b/lake"
