@@ -55,7 +55,10 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 # starts (13 min 29 s, 98 % busy, against 14 min 10 s and 15 min 22 s with two). tests/conftest.py
 # schedules the JVM tests and each module as one unit.
 TEST_WORKERS ?= 3
+# The project's bytecode is compiled first: every Ray worker, job and Dagster process imports it,
+# and none writes it where PYTHONDONTWRITEBYTECODE is set.
 test: $(STAMP)
+	$(BIN)/python -m compileall -q dagster_project jobs ray_jobs spark
 	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --no-loadscope-reorder --durations=25
 
 # Development: the tests not marked slow (no shared lake, Ray cluster, server or JVM); CI runs `make test`.

@@ -46,20 +46,26 @@ def init_ray(spec: JobSpec) -> None:
     reinstall_stop_handler()
 
 
+# Ray Train's preemption watcher, off where Ray runs on this machine alone (start_local_ray and
+# infra/local/ray-up.sh): a process per run that can only ever watch this machine
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], attempts: int = 3) -> None:
     """A local Ray instance. On a loaded machine its processes sometimes miss a start-up deadline:
     the GCS server binds its port after Ray's wait ("Timed out waiting for file .../gcs_server_port_…",
     `RAY_gcs_server_port_wait_time_s`, 30 s) or the raylet "timed out during startup". Such a start is
     torn down — with the processes it started, which `ray.shutdown` does not know of when the start
     failed before Ray recorded its node — and retried. It runs without the dashboard; its workers
-    start with `worker_setup.quiet_state_api_pollers`."""
+    start with `worker_setup.quiet_state_api_pollers`, and without Ray Train's preemption watcher (an
+    actor, so a process, per run, watching for nodes a one-machine instance cannot lose)."""
     import psutil
     import ray
     for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False,
-                     runtime_env={"env_vars": env_vars,
+                     runtime_env={"env_vars": {**LOCAL_RAY_ENV, **env_vars},
                                   "worker_process_setup_hook": "ray_jobs.worker_setup.quiet_state_api_pollers"})
             return
         except Exception as exc:  # ray raises a bare Exception or RuntimeError for these

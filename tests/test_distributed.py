@@ -53,7 +53,8 @@ def _close_weights(a: dict, b: dict, max_tol: float = 3e-3) -> None:
 def test_the_local_instances_detached_helper_actors_start_quiet(local_ray):
     """Ray Train's PlacementGroupCleaner (a detached actor of the job) polls the State API, which a
     local instance without the dashboard lacks: every worker process of the job, detached ones
-    included, starts with that logger at ERROR (`worker_setup.quiet_state_api_pollers`)."""
+    included, starts with that logger at ERROR (`worker_setup.quiet_state_api_pollers`), and with Ray
+    Train's preemption watcher off (a process per run, with no other machine to watch)."""
     import logging
 
     import ray
@@ -64,9 +65,12 @@ def test_the_local_instances_detached_helper_actors_start_quiet(local_ray):
     class Probe:
         def level(self) -> int:
             return logging.getLogger(PLACEMENT_GROUP_CLEANER).getEffectiveLevel()
+        def preemption_watcher(self) -> str | None:
+            return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     probe = Probe.options(lifetime="detached").remote()
     try:
         assert ray.get(probe.level.remote()) == logging.ERROR
+        assert ray.get(probe.preemption_watcher.remote()) == "0"  # no watcher process per run on one machine
     finally:
         ray.kill(probe)
 

@@ -32,6 +32,9 @@ args=(--head --node-ip-address 127.0.0.1 --port "$PORT" --dashboard-host 127.0.0
 [ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus "$RAY_NUM_CPUS")
 [ -f "$DIR/head.pgid" ] && kill -0 -- "-$(cat "$DIR/head.pgid")" 2>/dev/null && {
   echo "a head is already running under $DIR (process group $(cat "$DIR/head.pgid")): infra/local/ray-down.sh first" >&2; exit 1; }
+# a head on this machine alone: Ray Train's preemption watcher (an actor, so a process, per run) has
+# no other node to watch (ray_jobs.runtime.LOCAL_RAY_ENV for the in-process local Ray)
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}"
 # `ray start` runs as the leader of a new session: every process of this head (GCS, raylet,
 # dashboard and its agents, the client server, workers and jobs) inherits its process group, which
 # ray-down.sh stops by the number recorded here, never by matching command lines.
