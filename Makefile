@@ -53,7 +53,7 @@ ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 # Three pytest-xdist workers share the two cores: a third runs while the others wait on process
 # starts (13 min 29 s, 98 % busy, against 14 min 10 s and 15 min 22 s with two). tests/conftest.py
-# schedules the JVM tests and each module as one unit.
+# schedules the JVM tests and each module (test_distributed: two halves) as one unit.
 TEST_WORKERS ?= 3
 # The project's bytecode is compiled first: every Ray worker, job and Dagster process imports it,
 # and none writes it where PYTHONDONTWRITEBYTECODE is set.

@@ -86,15 +86,26 @@ SLOW_FIXTURES = {"ml100k_lake", "local_ray", "local_server", "ray_overrides", "g
 def unit_of(nodeid: str) -> str:
     """The unit a test is scheduled in under pytest-xdist (`make test`): "jvm" for a test on the JVM Spark
     engine (a worker starts the JVM once), else its module (a module-scoped fixture — a Ray head,
-    day-0 models — is built once, on the worker that runs the module)."""
+    day-0 models — is built once, on the worker that runs the module) or, for a module in
+    `SECOND_HALF`, one of its two halves."""
     path, _, name = nodeid.partition("::")
     params = name[name.index("[") + 1:-1].split("-") if name.endswith("]") else []
-    return "jvm" if "local" in params else Path(path).stem
+    if "local" in params:
+        return "jvm"
+    module = Path(path).stem
+    return f"{module}-2" if name in SECOND_HALF.get(module, ()) else module
+
+
+# modules long enough to hold up the whole suite on one worker, run as two units (each worker that
+# runs one starts the module's fixtures, e.g. a local Ray, ~10 s): these tests form the second
+SECOND_HALF = {"test_distributed": {"test_zero2_two_workers_match_single_process",
+                                    "test_alignment_raises_training_reward_within_kl_and_resumes",
+                                    "test_a_failed_run_is_marked_failed_in_mlflow"}}
 
 
 # the longest units, started first (--no-loadscope-reorder keeps this order), so that no long unit
 # is left to run alone at the end
-FIRST = ["test_dagster", "test_distributed", "jvm", "test_submit", "test_grown_catalogue"]
+FIRST = ["test_dagster", "test_distributed", "test_distributed-2", "jvm", "test_submit", "test_grown_catalogue"]
 
 
 def pytest_xdist_make_scheduler(config, log):
