@@ -108,6 +108,33 @@ SECOND_HALF = {"test_distributed": {"test_zero2_two_workers_match_single_process
 FIRST = ["test_dagster", "test_distributed", "test_distributed-2", "jvm", "test_submit", "test_grown_catalogue"]
 
 
+def cpu_probe(seconds: float = 1.0) -> float:
+    """A fixed single-core workload (a pure-Python loop of 10,000 integer additions) per second: the
+    machine's speed at the start of a run, so that suite times from runs on different days can be
+    told apart from a slower or busier machine. A figure, never asserted."""
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        total = 0
+        for i in range(10_000):
+            total += i
+        n += 1
+    return n / seconds
+
+
+def pytest_sessionstart(session):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller only, before any worker starts
+        session.config.stash[PROBE] = cpu_probe()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if PROBE in config.stash:
+        terminalreporter.write_line(f"CPU probe at the start: {config.stash[PROBE]:,.0f} loops of 10,000 additions a "
+                                    "second on one core (tests/conftest.py cpu_probe)")
+
+
+PROBE = pytest.StashKey[float]()
+
+
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scheduling by scope, the scope being `unit_of` (its own `loadgroup` renames
     node ids through an attribute pytest 9 no longer reads)."""
