@@ -85,15 +85,19 @@ SLOW_FIXTURES = {"ml100k_lake", "local_ray", "local_server", "ray_overrides", "g
 
 def unit_of(nodeid: str) -> str:
     """The unit a test is scheduled in under pytest-xdist (`make test`): "jvm" for a test on the JVM Spark
-    engine (a worker starts the JVM once), else its module (a module-scoped fixture — a Ray head,
-    day-0 models — is built once, on the worker that runs the module) or, for a module in
-    `SECOND_HALF`, one of its two halves."""
+    engine (a worker starts the JVM once; `JVM_IN_PROCESS` names those without an engine parameter),
+    else its module (a module-scoped fixture — a Ray head, day-0 models — is built once, on the worker
+    that runs the module) or, for a module in `SECOND_HALF`, one of its two halves."""
     path, _, name = nodeid.partition("::")
     params = name[name.index("[") + 1:-1].split("-") if name.endswith("]") else []
-    if "local" in params:
+    if "local" in params or name in JVM_IN_PROCESS:
         return "jvm"
     module = Path(path).stem
     return f"{module}-2" if name in SECOND_HALF.get(module, ()) else module
+
+
+# tests that run the JVM engine in process without an engine parameter
+JVM_IN_PROCESS = {"test_engines_build_identical_tables"}
 
 
 # modules long enough to hold up the whole suite on one worker, run as two units (each worker that

@@ -383,7 +383,7 @@ def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the whole graph and two nights through Ray: ~6 min on 2 cores, past the default 600 s hang guard
-def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, warm_cache, ray_head,
+def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path, ml100k_lake, warm_cache, request,
                                                                           monkeypatch):
     """The whole graph through `dagster asset materialize` (which starts its own local Ray head, as
     `make demo` does), then the nightly job over two landed days (on one shared head): the first
@@ -466,6 +466,8 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     (landing / "1998-04-23.items.csv").write_text("item_id,title,genres,year\n9999,Galaxy Quest,Comedy|Sci-Fi,1999\n")
     feed = [f"data.landing={{path: {landing}, items: {{columns: {{item_id: item_id, title: title, categories: genres, "
             f"attributes: [year]}}}}}}"]
+    # the nights' shared head starts only now: idle beside the CLI's own, it cost a tenth of a core
+    ray_head = request.getfixturevalue("ray_head")
     nightly = build_definitions(SpecResource(spec_path=SMOKE), RayResource(), MLflowResource(),
                                 landing=True).resolve_job_def("nightly")
     instance.add_dynamic_partitions("landing_days", ["1998-04-23"])

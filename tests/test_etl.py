@@ -193,10 +193,10 @@ def test_a_version_older_than_the_latest_checkpoint_reads_back(sail, tmp_path):
     assert read_table(sail, str(tmp_path / "empty"), 0).columns == ["v"]
 
 
-def test_engines_build_identical_tables(sail, tmp_path, bad_movielens):
-    """The same spec on Sail (in process) and on JVM Spark (through the CLI) gives identical tables —
-    on the bad input, so the JVM quarantines every line as Sail does (test_bad_input_lands_in_quarantine
-    checks Sail's reasons line by line)."""
+def test_engines_build_identical_tables(engines, tmp_path, bad_movielens):
+    """The same spec on Sail (through the CLI) and on JVM Spark (in process: this runs with the JVM
+    tests, whose engine is up) gives identical tables — on the bad input, so the JVM quarantines every
+    line as Sail does (test_bad_input_lands_in_quarantine checks Sail's reasons line by line)."""
     import yaml
 
     from conftest import _spec_doc
@@ -206,11 +206,11 @@ def test_engines_build_identical_tables(sail, tmp_path, bad_movielens):
     specs = {engine: tmp_path / f"{engine}.yaml" for engine in lakes}
     for engine, path in specs.items():
         path.write_text(yaml.safe_dump(_spec_doc(str(lakes[engine]), engine, **data)))
-    run_etl(load_spec(str(specs["sail"])), sail)
-    cli = [sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", str(specs["local"])]
+    run_etl(load_spec(str(specs["local"])), engines.get("local"))
+    cli = [sys.executable, "-m", "jobs.cli", "etl", "--quiet", "--spec", str(specs["sail"])]
     proc = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "engine local" in proc.stdout
+    assert "engine sail" in proc.stdout
     for table in ("interactions_raw", "quarantine", "interactions", "items", "item_index", "user_index", "sequences"):
         a = _table_rows(f"{lakes['sail']}/ds/{TABLES[table]}")
         b = _table_rows(f"{lakes['local']}/ds/{TABLES[table]}")
