@@ -83,6 +83,7 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
     counter = FlopCounterMode(display=False)
     with counter:
         step(*batches[1])
+    counted_items = len(torch.unique(torch.cat([b.reshape(-1) for b in batches[1]])))
     sync()
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +101,8 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
             "trained_params": sum(p.numel() for p in trained), "step_seconds": round(seconds, 6),
             "tokens_per_s": round(users * length / seconds, 1),
             "item_tokens_per_s": round(distinct * spec.model.max_item_tokens / seconds, 1),
-            "flops_per_step": int(flops), "achieved_tflops": round(flops / seconds / 1e12, 3),
+            "flops_per_step": int(flops), "counted_item_tokens": counted_items * spec.model.max_item_tokens,
+            "achieved_tflops": round(flops / seconds / 1e12, 3),
             "mfu": round(flops / seconds / peak, 4) if peak else None,
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if use_gpu else None}
 
