@@ -504,7 +504,7 @@ def test_a_pretrained_user_llm_keeps_exactly_the_first_k_layers_of_the_gguf(tmp_
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_measures_one_hllm_step_in_a_ray_worker(tmp_path):
+def test_gpu_check_dry_run_measures_one_hllm_step_in_a_ray_worker(tmp_path, monkeypatch):
     """`bench/gpu_check.py --dry-run`: the GPU check's HLLM step on the CPU at tiny sizes, in a Ray
     worker, printed as one JSON line and written with --out (what a lent GPU runs at the stated size,
     MFU included)."""
@@ -524,7 +524,7 @@ def test_gpu_check_dry_run_measures_one_hllm_step_in_a_ray_worker(tmp_path):
     # forward and 4 backward, over the item LLM's tokens (the counted step's distinct items, each
     # max_item_tokens long: end-to-end trains it) and the user LLM's positions; attention and the
     # loss add a little. Forward only (a third) or a frozen item LLM (half its share) falls outside.
-    sys.path.insert(0, os.path.join(root, "bench"))
+    monkeypatch.syspath_prepend(os.path.join(root, "bench"))
     from gpu_check import GENRES, SMOKE as CHECK_SPEC, STEP_SIZES
 
     from jobs.spec import load_spec
