@@ -268,15 +268,20 @@ def free_port():
 
 
 @pytest.fixture
-def ray_overrides(ml100k_lake):
+def ray_overrides(ml100k_lake, ml100k_item_embeddings):
     """`--set` overrides of a small run (SASRec unless `extra` names another model.kind) on the shared
-    lake, its checkpoints, Ray storage and MLflow store under `tmp`."""
+    lake, its checkpoints, Ray storage, MLflow store and item-embedding cache under `tmp` (the cache
+    warm with the ML-100K items' MiniLM embeddings, which every evaluation's ILD reads: a job
+    submitted to a head would otherwise embed them all again in its own working directory)."""
     def make(tmp: Path, name: str, *extra: str) -> list[str]:
         kind = next((e.split("=", 1)[1] for e in extra if e.startswith("model.kind=")), "sasrec")
         shape = ["model.dim=32", "model.dropout=0.0"] if kind in ("sasrec", "hstu") else []
+        cache = tmp / "item-cache"
+        if not cache.exists():
+            copy_item_embeddings(cache, ml100k_item_embeddings)
         return [f"name={name}", f"lake.root={ml100k_lake}", f"train.checkpoint_dir={tmp}/ckpt",
                 f"train.storage_path={tmp}/ray", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"model.kind={kind}",
-                *shape, "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
+                f"model.cache_dir={cache}", *shape, "train.batch_size=128", "train.negatives=128", "train.lr=0.003",
                 "train.eval_every=1", "train.workers=2", "train.max_failures=0", *extra]
     return make
 
