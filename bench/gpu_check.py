@@ -79,11 +79,14 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
     def sync() -> None:
         if use_gpu:
             torch.cuda.synchronize()
+
+    def distinct_items(batch) -> int:  # the items a step embeds: its inputs, targets and negatives
+        return len(torch.unique(torch.cat([b.reshape(-1) for b in batch])))
+
     step(*batches[0])  # warm-up: kernels, the allocator, AdamW's state
     counter = FlopCounterMode(display=False)
     with counter:
         step(*batches[1])
-    counted_items = len(torch.unique(torch.cat([b.reshape(-1) for b in batches[1]])))
     sync()
     if use_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +95,7 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
         step(*batch)
     sync()
     seconds = (time.perf_counter() - start) / steps
-    distinct = sum(len(torch.unique(torch.cat([b.reshape(-1) for b in batch]))) for batch in batches[2:]) / steps
+    distinct = sum(distinct_items(batch) for batch in batches[2:]) / steps
     flops = counter.get_total_flops()
     gpu = torch.cuda.get_device_name(device) if use_gpu else None
     peak = next((v for k, v in PEAK_BF16.items() if gpu and k in gpu), None)
@@ -101,7 +104,7 @@ def measure_hllm_step(overrides: list[str], use_gpu: bool, users: int, length: i
             "trained_params": sum(p.numel() for p in trained), "step_seconds": round(seconds, 6),
             "tokens_per_s": round(users * length / seconds, 1),
             "item_tokens_per_s": round(distinct * spec.model.max_item_tokens / seconds, 1),
-            "flops_per_step": int(flops), "counted_item_tokens": counted_items * spec.model.max_item_tokens,
+            "flops_per_step": int(flops), "counted_item_tokens": distinct_items(batches[1]) * spec.model.max_item_tokens,
             "achieved_tflops": round(flops / seconds / 1e12, 3),
             "mfu": round(flops / seconds / peak, 4) if peak else None,
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3) if use_gpu else None}
