@@ -466,7 +466,7 @@ def test_whole_graph_through_the_cli_then_two_nights_of_the_nightly_job(tmp_path
     (landing / "1998-04-23.items.csv").write_text("item_id,title,genres,year\n9999,Galaxy Quest,Comedy|Sci-Fi,1999\n")
     feed = [f"data.landing={{path: {landing}, items: {{columns: {{item_id: item_id, title: title, categories: genres, "
             f"attributes: [year]}}}}}}"]
-    # the nights' shared head starts only now: idle beside the CLI's own, it cost a tenth of a core
+    # the nights' shared head starts only now, not idle beside the CLI's own run
     ray_head = request.getfixturevalue("ray_head")
     nightly = build_definitions(SpecResource(spec_path=SMOKE), RayResource(), MLflowResource(),
                                 landing=True).resolve_job_def("nightly")
