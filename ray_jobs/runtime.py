@@ -175,16 +175,6 @@ def restore_run_progress(spec: JobSpec, run_name: str, kept: Path) -> bool:
     return True
 
 
-# glibc's allocator, as a CPU training worker needs it: by default it hands every freed buffer above
-# its (adaptive) mmap threshold back to the kernel and trims the heap's top past 128 KiB, so each
-# step's score and gradient tensors come back as fresh pages the kernel must zero — an HLLM alignment
-# worker on ML-1M took 270,000 page faults a second and spent half its CPU time in the kernel.
-# Buffers up to 32 MiB (glibc's ceiling for this threshold) now come from the heap, which is never
-# trimmed, and grows 256 MiB at a time. Read by glibc when the process starts: a worker's environment.
-CPU_WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-                     "MALLOC_TOP_PAD_": str(256 << 20)}
-
-
 def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_name: str, what: str):
     """Run `worker` on `train.workers` Ray Train workers (the spec's GPUs, CPUs, failure budget,
     storage) and return the last reported checkpoint; `what` names the run in errors. (The jobs call
@@ -202,8 +192,7 @@ def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker))),
-                                             **CPU_WORKER_MALLOC}}
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
             if not t.use_gpu else None))
     try:
         result = trainer.fit()
