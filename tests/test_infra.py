@@ -191,9 +191,9 @@ def test_the_images_requirement_set_resolves(tmp_path):
     dockerfiles = [(ROOT / f"infra/docker/Dockerfile.{k}").read_text() for k in ("gpu", "cpu")]
     assert all("pip install -c constraints.txt ." in d for d in dockerfiles)
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--no-build-isolation",
-                           "--report", str(report), "-c", "constraints.txt", "."], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--no-build-isolation", "--report", str(report), "-c", "constraints.txt", "."], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     pin = next(line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
