@@ -56,6 +56,24 @@ def test_forward_backward_shapes_and_gradients():
     assert grads["layers.0.rel_pos"].abs().sum() > 0 and grads["layers.1.uvqk.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("last_only", [False, True])
+def test_scoring_without_gradients_computes_exactly_what_training_computes(last_only):
+    """Without autograd the attention maps are built in place (one allocation per map, not five):
+    the same operations in the same order, so the outputs are bit-identical — time bias included."""
+    torch.manual_seed(0)
+    model = HSTU(20, 6, dim=16, blocks=2, heads=2, time_buckets=64, query_time="target", dropout=0.0).eval()
+    with torch.no_grad():  # non-zero biases (both start at zero here), so that adding them shows
+        for layer in model.layers:
+            layer.rel_pos.normal_(0, 0.5)
+            layer.rel_time.normal_(0, 0.5)
+    ids = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    times = torch.tensor([[0, 0, 10, 70, 4_000, 90_000, 100_000], [5, 9, 60, 61, 3_600, 86_400, 86_500]])
+    with_grad = model(ids, times, last_only=last_only)
+    with torch.no_grad():
+        scored = model(ids, times, last_only=last_only)
+    assert with_grad.requires_grad and torch.equal(scored, with_grad.detach())
+
+
 @pytest.mark.parametrize("block", ["pre_ln", "original"])
 def test_a_later_item_never_changes_an_earlier_position_and_padding_is_inert(block):
     model = _model(block=block)

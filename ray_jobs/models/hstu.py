@@ -81,7 +81,8 @@ class HSTUBlock(nn.Module):
         dist = (idx[first:, None] - idx[None, :]).clamp(min=0, max=self.max_len - 1)
         bias = self.rel_pos[:, dist][None]
         if self.rel_time is not None:
-            bias = bias + self.rel_time[:, gaps[:, first:]].transpose(0, 1)
+            by_time = self.rel_time[:, gaps[:, first:]].transpose(0, 1)
+            bias = bias + by_time if torch.is_grad_enabled() else by_time.add_(bias)
         return bias
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, gaps: torch.Tensor | None = None,
@@ -97,8 +98,13 @@ class HSTUBlock(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # (B, H, rows, d)
 
-        scores = heads(q) @ heads(k).transpose(-1, -2) + self.relative_bias(length, gaps, first)
-        weights = self.attn_drop(F.silu(scores) / self.max_len * allowed[:, :, first:])
+        scores, bias = heads(q) @ heads(k).transpose(-1, -2), self.relative_bias(length, gaps, first)
+        if torch.is_grad_enabled():
+            weights = F.silu(scores + bias) / self.max_len * allowed[:, :, first:]
+        else:  # scoring: the same operations in place — each (B, heads, rows, L) map is allocated once, not
+            # five times (on CPU each fresh one is new pages for the kernel to fault in: half the time)
+            weights = F.silu(scores.add_(bias), inplace=True).div_(self.max_len).mul_(allowed[:, :, first:])
+        weights = self.attn_drop(weights)
         attended = (weights @ heads(v)).transpose(1, 2).reshape(b, length - first, self.width)
         return x[:, first:] + self.out(self.drop(self.attn_norm(attended) * u))
 
