@@ -1,0 +1,92 @@
+"""The C allocator under CPU training and scoring: an HSTU-large-shaped user model (ML-1M: 200 positions,
+8 units, 2 heads of 25, the time bias; random ids and weights — the work does not depend on them) runs
+4 training steps (forward + backward, 128 users) or one scoring pass (1,024 users in batches of 128,
+no gradients), each in a fresh process per allocator setting: glibc as it comes, and jemalloc (Debian's
+libjemalloc2, preloaded) with its defaults and with freed pages kept (no decay).
+
+    python bench/cpu_allocator.py [--jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2]
+
+Prints each setting's CPU seconds (of which system), minor page faults and a hash of the outputs
+(equal across settings: the allocator changes no number), and writes bench/results/cpu_allocator.json.
+Figures only, no assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from jobs.provenance import provenance, write_result
+
+CHILD = r"""
+import hashlib, json, resource, time, torch
+from ray_jobs.models.hstu import HSTU
+torch.manual_seed(0)
+m = HSTU(3706, 200, dim=50, blocks=8, heads=2, dropout=0.0, time_buckets=128, query_time="target",
+         attention_dim=25, block="original")
+ids = torch.randint(1, 3707, (1024, 200)); ids[:, :40] = 0
+times = torch.cumsum(torch.randint(1, 10_000, (1024, 201)), 1) + 956_703_932
+
+def measure(work):
+    work()  # once to warm up
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    out = work()
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    return {"cpu_seconds": round(c1 - c0, 2), "system_seconds": round(r1.ru_stime - r0.ru_stime, 2),
+            "minor_page_faults": r1.ru_minflt - r0.ru_minflt,
+            "output_sha1": hashlib.sha1(out.detach().numpy().tobytes()).hexdigest()[:12]}
+
+def train():
+    m.train()
+    for _ in range(4):
+        m.zero_grad()
+        out = m(ids[:128], times[:128])
+        out.square().mean().backward()
+    return out
+
+def score():
+    m.eval()
+    with torch.no_grad():
+        return torch.cat([m.user_embeddings(ids[s:s + 128], times[s:s + 128]) for s in range(0, 1024, 128)])
+
+import sys
+print(json.dumps(measure(train if sys.argv[1] == "train_4_steps" else score)))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jemalloc", default="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_allocator.json"))
+    args = ap.parse_args()
+    if not os.path.exists(args.jemalloc):
+        sys.exit(f"--jemalloc {args.jemalloc}: no such file (Debian: apt-get install libjemalloc2)")
+    settings = {"glibc": {},
+                "jemalloc": {"LD_PRELOAD": args.jemalloc},
+                "jemalloc, freed pages kept": {"LD_PRELOAD": args.jemalloc,
+                                               "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for name, extra in settings.items():
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": root, **extra}
+        row = {"allocator": name, "env": extra}
+        for work in ("train_4_steps", "score_1024_users"):
+            done = subprocess.run([sys.executable, "-c", CHILD, work], env=env, capture_output=True, text=True,
+                                  check=True)
+            row[work] = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| allocator | train: CPU s (system) | faults | score: CPU s (system) | faults |\n"
+          "|---|---:|---:|---:|---:|")
+    for r in rows:
+        t, s = r["train_4_steps"], r["score_1024_users"]
+        print(f"| {r['allocator']} | {t['cpu_seconds']} ({t['system_seconds']}) | {t['minor_page_faults']:,} "
+              f"| {s['cpu_seconds']} ({s['system_seconds']}) | {s['minor_page_faults']:,} |")
+    write_result(args.out, {**provenance(), "threads": args.threads, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
