@@ -21,7 +21,7 @@ import sys
 from jobs.provenance import provenance, write_result
 
 CHILD = r"""
-import hashlib, json, resource, time, torch
+import hashlib, json, resource, sys, time, torch
 from ray_jobs.models.hstu import HSTU
 torch.manual_seed(0)
 m = HSTU(3706, 200, dim=50, blocks=8, heads=2, dropout=0.0, time_buckets=128, query_time="target",
@@ -51,7 +51,6 @@ def score():
     with torch.no_grad():
         return torch.cat([m.user_embeddings(ids[s:s + 128], times[s:s + 128]) for s in range(0, 1024, 128)])
 
-import sys
 print(json.dumps(measure(train if sys.argv[1] == "train_4_steps" else score)))
 """
 
