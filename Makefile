@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  (apt-get update -qq && apt-get install -y -qq g++) || sudo apt-get install -y -qq g++; }
 	@command -v shellcheck >/dev/null 2>&1 || { echo "shellcheck not found: installing Debian's (tests check the infra scripts)"; \
 	  (apt-get update -qq && apt-get install -y -qq shellcheck) || sudo apt-get install -y -qq shellcheck; }
+	@/sbin/ldconfig -p | grep -q libjemalloc.so.2 || { echo "jemalloc not found: installing Debian's libjemalloc2 (the jobs' CPU allocator, cluster.cpu_allocator)"; \
+	  (apt-get update -qq && apt-get install -y -qq libjemalloc2) || sudo apt-get install -y -qq libjemalloc2; }
 	@command -v chromium >/dev/null 2>&1 || { echo "chromium not found: installing Debian's (the UI test drives it headless)"; \
 	  (apt-get update -qq && apt-get install -y -qq chromium) || sudo apt-get install -y -qq chromium; }
 	$(PYTHON) -m venv $(VENV)

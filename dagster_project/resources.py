@@ -142,7 +142,7 @@ class RayResource(ConfigurableResource):
             return client.run(context=context, ray_job=manifest)
         from dagster_ray import PipesRayJobClient
         return PipesRayJobClient(address=self.dashboard, poll_interval=2).run(context=context, submit_job_params={
-            "entrypoint": shlex.join(entrypoint), "runtime_env": job_runtime_env()})
+            "entrypoint": shlex.join(entrypoint), "runtime_env": job_runtime_env(spec)})
 
 
 def _wait_for_job_agent(address: str) -> None:

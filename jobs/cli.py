@@ -114,10 +114,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def restart_with_allocator(args: argparse.Namespace, spec) -> None:
+    """A command that trains, aligns or scores in this process runs under the spec's CPU allocator
+    (`jobs.allocator`): run as `llmrec ...`, it re-executes itself with it (before its heavy imports)."""
+    if args.own_process:
+        from jobs.allocator import exec_with_allocator
+        exec_with_allocator(spec)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    restart_with_allocator(args, spec)
     from ray_jobs import train
     from ray_jobs.loop import ConsoleReporter, Reporter
-    spec = load_spec(args.spec, args.overrides)
     if not args.local:
         print(json.dumps(train.run(spec, args.run_name).to_dict(), indent=2, default=float))
         return 0
@@ -135,8 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from ray_jobs import align
     spec = load_spec(args.spec, args.overrides)
+    restart_with_allocator(args, spec)
+    from ray_jobs import align
     out = align.run(spec, args.run_name, register=not args.no_register)
     print(json.dumps(out.to_dict(), indent=2, default=float))
     return 0
@@ -144,12 +154,13 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """In this process: a baseline (model.kind pop / graph) or a trained checkpoint on one split."""
+    spec = load_spec(args.spec, args.overrides)
+    restart_with_allocator(args, spec)
     from ray_jobs import scoring
     from ray_jobs.data import load_sequences
     from jobs.contracts import markdown_table
     from ray_jobs.models.llm import minilm_item_embeddings
     from ray_jobs.train import local_dir
-    spec = load_spec(args.spec, args.overrides)
     data = load_sequences(spec)
     text_emb = minilm_item_embeddings(spec.model, data.item_text)
     checkpoint = None
@@ -201,7 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_override_secrets(overrides + job_arg_overrides(args.job_args))
     entry = job_command_line(args.job, spec_arg, overrides, args.job_args)
     client = JobSubmissionClient(args.address)
-    job_id = submit_when_ready(client, entrypoint=entry, runtime_env=job_runtime_env(),
+    job_id = submit_when_ready(client, entrypoint=entry, runtime_env=job_runtime_env(spec),
                                submission_id=args.submission_id)
     errors.print(f"submitted {job_id} to {args.address}: {entry}", highlight=False)
     if args.no_wait:
@@ -446,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     and exit 1. Nothing a credential was resolved into leaves this process unredacted."""
     install_redaction()
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None
     try:
         return args.func(args)
     except (*USER_ERRORS, *known_failures()) as exc:

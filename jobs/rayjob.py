@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from jobs.schema import JobSpec
 from jobs.spec import resolve_spec_path
 
 PROJECT = Path(__file__).resolve().parents[1]  # what a submitted job uploads as its working directory
@@ -22,11 +23,14 @@ JOB_MODULES = {"train": "ray_jobs.train", "align": "ray_jobs.align", "evaluate":
                "recommend": "ray_jobs.recommend"}
 
 
-def job_runtime_env() -> dict:
+def job_runtime_env(spec: JobSpec) -> dict:
     """A submitted job's runtime environment: the project as its working directory, less what a job
-    never reads, and the commit it runs (its MLflow runs are tagged with it)."""
+    never reads, the commit it runs (its MLflow runs are tagged with it) and the spec's CPU allocator
+    (`jobs.allocator`: the job's driver then starts with it rather than re-executing itself)."""
+    from jobs.allocator import allocator_env
     from jobs.provenance import COMMIT_ENV, commit
-    return {"working_dir": str(PROJECT), "excludes": list(UPLOAD_EXCLUDES), "env_vars": {COMMIT_ENV: commit()}}
+    return {"working_dir": str(PROJECT), "excludes": list(UPLOAD_EXCLUDES),
+            "env_vars": {COMMIT_ENV: commit(), **allocator_env(spec)}}
 
 
 def job_command(job: str, spec_arg: str, overrides: Iterable[str] = (), args: Iterable[str] = ()) -> list[str]:

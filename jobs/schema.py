@@ -555,6 +555,11 @@ class ClusterSpec(Strict):
     """The Ray cluster jobs run on."""
     address: str | None = Field(None, description="Ray address (ray://, auto, or a head IP:port); None = start a local Ray")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray (default: all)")
+    cpu_allocator: Literal["auto", "jemalloc", "system"] = Field(
+        "auto", description="C allocator of the jobs' CPU processes (driver and Ray workers): jemalloc keeping freed "
+        "pages (libjemalloc2, preloaded) reuses PyTorch's large per-step buffers where the system allocator returns "
+        "them to the kernel and faults them back in (bench/cpu_allocator.py); auto = jemalloc for CPU jobs where it is "
+        "installed and no other library is preloaded, jemalloc = required, system = off")
 
 
 class RewardWeights(Strict):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from jobs.allocator import exec_with_allocator
 from jobs.contracts import Record, meta
 from jobs.errors import SpecError
 from jobs.schema import JobSpec
@@ -109,6 +110,8 @@ def job_main(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
     args = ap.parse_args(argv)
     try:
         spec = load_spec(args.spec, args.overrides)
+        if argv is None:  # a job's own process (not a call from Python): restarted with its allocator
+            exec_with_allocator(spec)
         if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
             out = run(spec, args)
         else:

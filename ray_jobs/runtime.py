@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.allocator import allocator_env
 from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
 from jobs.rayjob import local_token_auth
@@ -42,7 +43,8 @@ def init_ray(spec: JobSpec) -> None:
     if address:
         ray.init(address=address)
     else:
-        start_local_ray(spec.cluster.num_cpus, {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu"})
+        start_local_ray(spec.cluster.num_cpus,
+                        {"DS_ACCELERATOR": "cuda" if spec.train.use_gpu else "cpu", **allocator_env(spec)})
     reinstall_stop_handler()
 
 
@@ -192,8 +194,8 @@ def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}}
-            if not t.use_gpu else None))
+            worker_runtime_env={"env_vars": {**allocator_env(spec), **({} if t.use_gpu else {
+                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))})}}))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:  # Ray Train V2 raises when the worker group fails for good
@@ -261,7 +263,8 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], 
     if tasks is None:
         tasks = spec.train.use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n["Alive"]]) > 1
     if tasks:
-        task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0)(_rank_task)
+        task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0,
+                          runtime_env={"env_vars": allocator_env(spec)})(_rank_task)
         parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r,
                                      workers, cache_dir, spec.train.use_gpu) for r in range(workers)])
     else:

@@ -173,6 +173,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
         time.sleep(0.1)
     assert registered() and thread.is_alive(), "no mid-run checkpoint was registered"
     victim = int((pid_dir / "rank1.pid").read_text())
+    assert "libjemalloc" in Path(f"/proc/{victim}/maps").read_text()  # cluster.cpu_allocator=auto, a CPU run
     os.kill(victim, signal.SIGKILL)
     thread.join(900)
     assert outcomes, "the run did not finish after the worker was killed"

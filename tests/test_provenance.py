@@ -53,7 +53,8 @@ def test_a_submitted_job_names_the_commit_its_launcher_ran(tmp_path, monkeypatch
     from jobs import provenance
     from jobs.rayjob import job_runtime_env
     monkeypatch.setenv(provenance.COMMIT_ENV, "abc1234+dirty")
-    launcher = job_runtime_env()["env_vars"][provenance.COMMIT_ENV]
+    from jobs.spec import load_spec
+    launcher = job_runtime_env(load_spec("movielens-100k-smoke"))["env_vars"][provenance.COMMIT_ENV]
     assert launcher == provenance.commit() != "abc1234+dirty" and launcher
     monkeypatch.setattr(provenance, "ROOT", tmp_path)  # the job's working directory: no .git
     assert provenance.commit() == "abc1234+dirty"

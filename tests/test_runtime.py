@@ -291,6 +291,74 @@ def test_training_processes_give_freed_activations_back_to_the_os():
     assert float(out.stdout.strip()) >= 0.9 * 256, out.stdout
 
 
+def test_the_allocator_each_cpu_allocator_setting_gives_a_jobs_processes(monkeypatch):
+    import jobs.allocator as allocator
+    from jobs.errors import SpecError
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: "/lib/libjemalloc.so.2")
+
+    def env(*overrides: str) -> dict:
+        return allocator.allocator_env(load_spec("movielens-100k-smoke", list(overrides)))
+    kept = {"LD_PRELOAD": "/lib/libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    assert env() == kept  # auto, a CPU job
+    from jobs.rayjob import job_runtime_env  # a submitted job's driver starts with it (Jobs API, Dagster)
+    assert job_runtime_env(load_spec("movielens-100k-smoke"))["env_vars"].items() >= kept.items()
+    assert env("train.use_gpu=true") == {} and env("train.use_gpu=true", "cluster.cpu_allocator=jemalloc") == kept
+    assert env("cluster.cpu_allocator=system") == {}
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libtcmalloc.so.4")
+    assert env() == {}  # someone else's preload is left alone, unless jemalloc is asked for
+    assert env("cluster.cpu_allocator=jemalloc")["LD_PRELOAD"] == "/lib/libjemalloc.so.2:/lib/libtcmalloc.so.4"
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+    assert env() == {"LD_PRELOAD": "/lib/libjemalloc.so.2", "MALLOC_CONF": "narenas:2"}  # what the process has
+    monkeypatch.setattr(allocator, "find_jemalloc", lambda: None)
+    assert env() == {}
+    with pytest.raises(SpecError, match=r"cluster\.cpu_allocator=jemalloc: libjemalloc\.so\.2 is not installed"):
+        env("cluster.cpu_allocator=jemalloc")
+    with pytest.raises(SpecError, match="cluster.cpu_allocator"):
+        env("cluster.cpu_allocator=tcmalloc")
+
+
+PROBE_JOB = """
+import os, sys
+from dataclasses import dataclass
+from jobs.contracts import Record
+from ray_jobs.entrypoint import job_main
+
+@dataclass
+class Seen(Record):
+    pid: int
+    jemalloc_mapped: bool
+    malloc_conf: str | None
+
+sys.exit(job_main("probe", lambda ap: None, lambda spec, args: Seen(
+    os.getpid(), "libjemalloc" in open("/proc/self/maps").read(), os.environ.get("MALLOC_CONF"))))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a preloaded shared library")
+def test_a_job_process_restarts_itself_with_its_allocator_keeping_its_pid():
+    """`make install` installs libjemalloc2; a job started without the preload (as Dagster or `ray job
+    submit` start it), or an `llmrec` command that runs a model in its own process, re-executes itself
+    with it, as the same process; cluster.cpu_allocator=system keeps the system's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    for overrides, mapped, conf in [([], True, "dirty_decay_ms:-1,muzzy_decay_ms:-1"),
+                                    (["--set", "cluster.cpu_allocator=system"], False, None)]:
+        proc = subprocess.Popen([sys.executable, "-c", PROBE_JOB, "--spec", "movielens-100k-smoke", *overrides],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert json.loads(out[out.index("{"):]) == {"pid": proc.pid, "jemalloc_mapped": mapped, "malloc_conf": conf}
+    # `llmrec evaluate` (in its own process) too: the loader's record of what it loaded names the preload
+    for overrides, mapped in [([], True), (["--set", "cluster.cpu_allocator=system"], False)]:
+        proc = subprocess.run([str(Path(sys.executable).parent / "llmrec"), "evaluate", "--spec", "movielens-100k-smoke",
+                               "--set", "lake.root=/nonexistent-lake", *overrides], cwd=ROOT,
+                              env={**env, "LD_DEBUG": "files"}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "error: dataset movielens-100k at /nonexistent-lake" in proc.stderr
+        assert ("libjemalloc" in proc.stderr) == mapped
+
+
 def test_a_local_ray_that_misses_a_start_up_deadline_is_started_again(monkeypatch):
     """A loaded machine: the GCS server binds its port after the wait, or the raylet times out; each
     such start is torn down — the processes it left behind killed — and retried; any other failure,
