@@ -29,13 +29,17 @@ def find_jemalloc() -> str | None:
 
 
 def allocator_env(spec: JobSpec) -> dict[str, str]:
-    """The environment variables that give a job's processes the spec's `cluster.cpu_allocator`: auto = jemalloc keeping freed pages for CPU jobs where the library is
-    installed and no other library is preloaded, else the system's; jemalloc = that, or a SpecError
-    where it is missing; system = nothing. A MALLOC_CONF of the environment is kept. GPU jobs keep the
-    system allocator under auto (measured on CPU only). Found on the machine that runs the driver; a
-    cluster's nodes run the same image."""
-    choice = spec.cluster.cpu_allocator
-    if choice == "system" or (choice == "auto" and spec.train.use_gpu):
+    """The environment variables that give a job's processes the spec's `cluster.cpu_allocator`
+    (`preload_env`). Found on the machine that runs the driver; a cluster's nodes run the same image."""
+    return preload_env(spec.cluster.cpu_allocator, spec.train.use_gpu)
+
+
+def preload_env(choice: str, use_gpu: bool) -> dict[str, str]:
+    """auto = jemalloc keeping freed pages for CPU work where the library is installed and no other
+    library is preloaded, else the system's allocator; jemalloc = that, or a SpecError where it is
+    missing; system = nothing. A MALLOC_CONF of the environment is kept. GPU jobs keep the system
+    allocator under auto (measured on CPU only)."""
+    if choice == "system" or (choice == "auto" and use_gpu):
         return {}
     lib = find_jemalloc()
     if lib is None:
@@ -59,3 +63,16 @@ def exec_with_allocator(spec: JobSpec) -> None:
     env = allocator_env(spec)
     if env and any(os.environ.get(k) != v for k, v in env.items()):
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m jobs.allocator COMMAND [ARG ...]`: run COMMAND with the allocator a CPU job's
+    processes get by default (auto): `make test` runs the suite so, as the jobs' own processes run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit("usage: python -m jobs.allocator COMMAND [ARG ...]")
+    os.execvpe(argv[0], argv, {**os.environ, **preload_env("auto", use_gpu=False)})
+
+
+if __name__ == "__main__":
+    main()

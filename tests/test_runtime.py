@@ -286,8 +286,9 @@ def test_training_processes_give_freed_activations_back_to_the_os():
     """`return_freed_memory` (called by run_epochs / run_steps): 64 freed 4 MiB blocks between live
     small ones go back to the OS instead of staying resident as heap fragments (a clean process, so
     no earlier test has moved the allocator's threshold)."""
+    glibc = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}  # `make test` preloads jemalloc
     out = subprocess.run([sys.executable, "-c", FRAGMENTS], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[1], env=glibc)
     assert float(out.stdout.strip()) >= 0.9 * 256, out.stdout
 
 
@@ -341,7 +342,8 @@ sys.exit(job_main("probe", lambda ap: None, lambda spec, args: Seen(
 def test_a_job_process_restarts_itself_with_its_allocator_keeping_its_pid():
     """`make install` installs libjemalloc2; a job started without the preload (as Dagster or `ray job
     submit` start it), or an `llmrec` command that runs a model in its own process, re-executes itself
-    with it, as the same process; cluster.cpu_allocator=system keeps the system's."""
+    with it, as the same process; cluster.cpu_allocator=system keeps the system's. `python -m
+    jobs.allocator CMD` runs CMD with it."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     for overrides, mapped, conf in [([], True, "dirty_decay_ms:-1,muzzy_decay_ms:-1"),
                                     (["--set", "cluster.cpu_allocator=system"], False, None)]:
@@ -357,6 +359,11 @@ def test_a_job_process_restarts_itself_with_its_allocator_keeping_its_pid():
                               env={**env, "LD_DEBUG": "files"}, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "error: dataset movielens-100k at /nonexistent-lake" in proc.stderr
         assert ("libjemalloc" in proc.stderr) == mapped
+    # and `python -m jobs.allocator CMD`, what `make test` runs the suite under
+    from jobs.allocator import find_jemalloc
+    shown = subprocess.run([sys.executable, "-m", "jobs.allocator", "sh", "-c", "echo $LD_PRELOAD $MALLOC_CONF"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == [find_jemalloc(), "dirty_decay_ms:-1,muzzy_decay_ms:-1"]
 
 
 def test_a_local_ray_that_misses_a_start_up_deadline_is_started_again(monkeypatch):
