@@ -34,6 +34,13 @@ def allocator_env(spec: JobSpec) -> dict[str, str]:
     return preload_env(spec.cluster.cpu_allocator, spec.train.use_gpu)
 
 
+def ray_runtime_env(spec: JobSpec, **env_vars: str) -> dict | None:
+    """A Ray task's or worker group's `runtime_env`: the spec's allocator and `env_vars`; None when
+    there is nothing to set (the job's own environment, as without this module)."""
+    env = {**allocator_env(spec), **env_vars}
+    return {"env_vars": env} if env else None
+
+
 def preload_env(choice: str, use_gpu: bool) -> dict[str, str]:
     """auto = jemalloc keeping freed pages for CPU work where the library is installed and no other
     library is preloaded, else the system's allocator; jemalloc = that, or a SpecError where it is

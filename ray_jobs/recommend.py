@@ -24,7 +24,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from jobs.allocator import allocator_env
+from jobs.allocator import ray_runtime_env
 from jobs.contracts import RecommendOutcome, meta
 from jobs.lake import table_path
 from jobs.schema import JobSpec
@@ -127,7 +127,7 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     init_ray(spec)
     use_gpu = spec.train.use_gpu
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env={"env_vars": allocator_env(spec)})(_top_task)
+                      runtime_env=ray_runtime_env(spec))(_top_task)
     parts = ray_get([task.remote(resolved.path, resolved.cache_dir, catalogue, data.versions["item_index"],
                                  histories[r::workers], times[r::workers], k, spec.eval.batch_size, use_gpu)
                       for r in range(workers)])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.allocator import allocator_env
+from jobs.allocator import allocator_env, ray_runtime_env
 from jobs.contracts import EvalResult, RunProgress
 from jobs.files import write_atomic
 from jobs.rayjob import local_token_auth
@@ -194,8 +194,8 @@ def fit(spec: JobSpec, worker: Callable[[dict], None], worker_config: dict, run_
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # torch threads = the worker's CPU share, so workers don't oversubscribe the node
-            worker_runtime_env={"env_vars": {**allocator_env(spec), **({} if t.use_gpu else {
-                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))})}}))
+            worker_runtime_env=ray_runtime_env(spec, **({} if t.use_gpu else {
+                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}))))
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:  # Ray Train V2 raises when the worker group fails for good
@@ -264,7 +264,7 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], 
         tasks = spec.train.use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n["Alive"]]) > 1
     if tasks:
         task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0,
-                          runtime_env={"env_vars": allocator_env(spec)})(_rank_task)
+                          runtime_env=ray_runtime_env(spec))(_rank_task)
         parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r,
                                      workers, cache_dir, spec.train.use_gpu) for r in range(workers)])
     else:

@@ -307,6 +307,9 @@ def test_the_allocator_each_cpu_allocator_setting_gives_a_jobs_processes(monkeyp
     assert job_runtime_env(load_spec("movielens-100k-smoke"))["env_vars"].items() >= kept.items()
     assert env("train.use_gpu=true") == {} and env("train.use_gpu=true", "cluster.cpu_allocator=jemalloc") == kept
     assert env("cluster.cpu_allocator=system") == {}
+    assert allocator.ray_runtime_env(load_spec("movielens-100k-smoke"), OMP_NUM_THREADS="2") == {
+        "env_vars": {**kept, "OMP_NUM_THREADS": "2"}}
+    assert allocator.ray_runtime_env(load_spec("movielens-100k-smoke", ["cluster.cpu_allocator=system"])) is None
     monkeypatch.setenv("LD_PRELOAD", "/lib/libtcmalloc.so.4")
     assert env() == {}  # someone else's preload is left alone, unless jemalloc is asked for
     assert env("cluster.cpu_allocator=jemalloc")["LD_PRELOAD"] == "/lib/libjemalloc.so.2:/lib/libtcmalloc.so.4"
