@@ -19,7 +19,7 @@ from jobs.progress import Steps
 from jobs.rayjob import JOB_MODULES
 from jobs.secrets import check_override_secrets, install_redaction, mask_uri, redact, redacted_exception
 from jobs.errors import SpecError
-from jobs.schema import safe_name
+from jobs.schema import JobSpec, safe_name
 from jobs.spec import dump_spec, load_spec, local_overrides
 
 console = Console()
@@ -114,7 +114,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def restart_with_allocator(args: argparse.Namespace, spec) -> None:
+def restart_with_allocator(args: argparse.Namespace, spec: JobSpec) -> None:
     """A command that trains, aligns or scores in this process runs under the spec's CPU allocator
     (`jobs.allocator`): run as `llmrec ...`, it re-executes itself with it (before its heavy imports)."""
     if args.own_process:

@@ -263,6 +263,11 @@ def test_job_entry_points_report_user_mistakes_in_one_line(tmp_path):
         assert lines[-1].startswith(message) and "Traceback" not in proc.stderr
 
 
+def without_preload() -> dict[str, str]:
+    """This environment less an allocator preload (`make test` runs the suite on jemalloc)."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+
+
 FRAGMENTS = """
 import torch
 from ray_jobs.distributed import return_freed_memory
@@ -286,9 +291,8 @@ def test_training_processes_give_freed_activations_back_to_the_os():
     """`return_freed_memory` (called by run_epochs / run_steps): 64 freed 4 MiB blocks between live
     small ones go back to the OS instead of staying resident as heap fragments (a clean process, so
     no earlier test has moved the allocator's threshold)."""
-    glibc = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}  # `make test` preloads jemalloc
     out = subprocess.run([sys.executable, "-c", FRAGMENTS], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1], env=glibc)
+                         cwd=Path(__file__).resolve().parents[1], env=without_preload())
     assert float(out.stdout.strip()) >= 0.9 * 256, out.stdout
 
 
@@ -347,7 +351,7 @@ def test_a_job_process_restarts_itself_with_its_allocator_keeping_its_pid():
     submit` start it), or an `llmrec` command that runs a model in its own process, re-executes itself
     with it, as the same process; cluster.cpu_allocator=system keeps the system's. `python -m
     jobs.allocator CMD` runs CMD with it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = without_preload()
     for overrides, mapped, conf in [([], True, "dirty_decay_ms:-1,muzzy_decay_ms:-1"),
                                     (["--set", "cluster.cpu_allocator=system"], False, None)]:
         proc = subprocess.Popen([sys.executable, "-c", PROBE_JOB, "--spec", "movielens-100k-smoke", *overrides],
