@@ -9,7 +9,8 @@ than 3 interactions, who has no test row, the 1–2 items of the train row) is t
 items in it are never recommended, nor are padding, inactive items or anything the model scored
 -inf: where fewer than K items remain a user gets fewer rows, and the job says how many. A user with
 no sequence at all gets the most popular active items. The job reports how many users each case
-covered. Users are split over Ray tasks (on GPUs when train.use_gpu); the driver commits one Delta
+covered. Users are split over Ray tasks on GPUs or a cluster of several nodes (on a one-node CPU cluster
+the driver scores them itself: `ray_jobs.runtime.scores_on_tasks`); the driver commits one Delta
 write that replaces only the rows of the same model name and version, so a rerun is idempotent and
 other models' and versions' rows stay for comparison.
 """
@@ -33,7 +34,7 @@ from ray_jobs.catalogue import Catalogue
 from ray_jobs.data import load_sequences
 from ray_jobs.entrypoint import DagsterReport, job_main
 from ray_jobs.registry import resolve_model
-from ray_jobs.runtime import init_ray, ray_get
+from ray_jobs.runtime import init_ray, ray_get, scores_on_tasks
 from ray_jobs.scoring import load_for_catalogue, top_k
 
 
@@ -116,7 +117,10 @@ def write_recommendations(spec: JobSpec, table: pa.Table, model_name: str, model
     return DeltaTable(path, storage_options=opts).version()
 
 
-def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2) -> RecommendOutcome:
+def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2,
+        tasks: bool | None = None) -> RecommendOutcome:
+    """Top-`k` of every user of `user_index` into `gold/recommendations` (see the module); `tasks=None`
+    decides by `scores_on_tasks` whether `workers` Ray tasks or the driver score the users."""
     import ray
     spec = absolute_paths(spec)
     resolved = resolve_model(spec, model)
@@ -126,16 +130,20 @@ def run(spec: JobSpec, model: str | None = None, k: int = 100, workers: int = 2)
     k = max(1, min(k, int(catalogue.active.sum())))
     init_ray(spec)
     use_gpu = spec.train.use_gpu
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
-                      runtime_env=ray_runtime_env(spec))(_top_task)
-    parts = ray_get([task.remote(resolved.path, resolved.cache_dir, catalogue, data.versions["item_index"],
-                                 histories[r::workers], times[r::workers], k, spec.eval.batch_size, use_gpu)
-                      for r in range(workers)])
-    top = np.empty((len(users), k), dtype=np.int64)
-    scores = np.empty((len(users), k), dtype=np.float32)
-    for r, (ids, vals, _) in enumerate(parts):
-        top[r::workers], scores[r::workers] = ids, vals
-    unscorable = parts[0][2]
+    if tasks if tasks is not None else scores_on_tasks(spec):
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
+                          runtime_env=ray_runtime_env(spec))(_top_task)
+        parts = ray_get([task.remote(resolved.path, resolved.cache_dir, catalogue, data.versions["item_index"],
+                                     histories[r::workers], times[r::workers], k, spec.eval.batch_size, use_gpu)
+                         for r in range(workers)])
+        top = np.empty((len(users), k), dtype=np.int64)
+        scores = np.empty((len(users), k), dtype=np.float32)
+        for r, (ids, vals, _) in enumerate(parts):
+            top[r::workers], scores[r::workers] = ids, vals
+        unscorable = parts[0][2]
+    else:
+        top, scores, unscorable = _top_task(resolved.path, resolved.cache_dir, catalogue, data.versions["item_index"],
+                                            histories, times, k, spec.eval.batch_size, False)
     opts = storage_options(spec)
     uidx = DeltaTable(table_path(spec, "user_index"), storage_options=opts, version=data.versions.get("user_index")
                       ).to_pyarrow_table(columns=["user_idx", "user_id"])

@@ -248,6 +248,15 @@ def _rank_task(checkpoint: str, spec_doc: dict, versions: dict, splits: list[str
     return {split: rank_shard(spec, score, data, split) for split in splits}, loaded.scorable
 
 
+def scores_on_tasks(spec: JobSpec) -> bool:
+    """Whether a scoring job (evaluation, batch recommendation) spreads its users over Ray tasks: on
+    GPUs or on a cluster of several nodes yes; on a one-node CPU cluster the driver, which already
+    holds the data, scores them itself — tasks there would share its cores and start a process each
+    to import torch, load the model and read the tables again."""
+    import ray
+    return spec.train.use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n["Alive"]]) > 1
+
+
 def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], workers: int,
                          data: SeqData | None = None, item_emb: np.ndarray | None = None,
                          cache_dir: str | None = None, tasks: bool | None = None) -> dict[str, EvalResult]:
@@ -255,14 +264,10 @@ def evaluate_distributed(spec: JobSpec, checkpoint: str, splits: Sequence[str], 
     was trained on or a later one that extends it), its users in `workers` shards, each on a Ray task
     (which reads the gold tables itself at the pinned versions and loads the model once for every
     split, on a GPU when train.use_gpu; `cache_dir` points a cached-mode HLLM at its item-embedding
-    cache). `tasks=None` decides by the cluster: on a one-node cluster without GPUs the driver, which
-    already holds the data, scores the shards itself — tasks there would share its cores and start
-    a process each to import torch and read the tables again."""
+    cache). `tasks=None` decides by `scores_on_tasks`."""
     import ray
     data = data or load_sequences(spec)
-    if tasks is None:
-        tasks = spec.train.use_gpu or not ray.is_initialized() or len([n for n in ray.nodes() if n["Alive"]]) > 1
-    if tasks:
+    if tasks if tasks is not None else scores_on_tasks(spec):
         task = ray.remote(num_cpus=1, num_gpus=1 if spec.train.use_gpu else 0,
                           runtime_env=ray_runtime_env(spec))(_rank_task)
         parts = ray_get([task.remote(checkpoint, spec.model_dump(mode="json"), data.versions, list(splits), r,
