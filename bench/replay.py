@@ -1,6 +1,7 @@
 """Does nightly retraining pay? MovieLens-1M replayed night by night (jobs/specs/movielens-1m-replay.yaml).
 
-    python bench/replay.py [--models sasrec,hllm,generative] [--nights 14] [--base-minutes 10] [--nightly-minutes 3]
+    python bench/replay.py [--models sasrec,hllm,generative,hllm-landed-align] [--nights 14] [--base-minutes 10]
+                           [--nightly-minutes 3]
 
 The packaged ML-1M is cut at 2000-08-01: the base is every rating before it (with the metadata of the
 movies rated by then); each following day is one landed file of its ratings plus the metadata of the
@@ -15,7 +16,12 @@ policies on the same data:
   and as the candidate;
 - (c) nightly from scratch: the same training budget on the same published tables, no warm start.
 
-Alignment is off for (b) and (c) alike (`align.enabled: false`). Every policy is judged on day k+1
+Alignment is off for (b) and (c) alike (`align.enabled: false`), except in `hllm-landed-align`: the
+HLLM whose nightly job also aligns the champion on the landed day's interactions (the demo's
+alignment section, `align.landed_day_rewards`: rewards on interactions no model has seen yet), so
+each night has two candidates, the warm-started model and the aligned champion; night 0 trains and
+gates only, and (c) is not run. The night's candidates and the champion they started from are judged
+on the next day side by side (paired). Every policy is judged on day k+1
 (`ray_jobs.next_day`: the users active that day, their history before it, their day's items as
 targets; Recall@10, NDCG@10, HR@10; new-item and new-user slices). Each model family gets its own
 lake, registry and Dagster instance under .replay/<model>/.
@@ -54,7 +60,16 @@ SASREC = ["model.kind=sasrec", "model.dim=50", "model.blocks=2", "model.heads=1"
 GENERATIVE = ["model={kind: generative, dim: 64, blocks: 2, heads: 1, dropout: 0.2, quantizer: mpq, books: 3, "
               "codes: 64, paths: 3, collaborative: 32}", "train.lr=0.005", "train.warmup_steps=0",
               "train.eval_every=3", "train.patience=3"]
-MODELS = {"hllm": [], "sasrec": SASREC, "generative": GENERATIVE}
+MODELS = {"hllm": [], "sasrec": SASREC, "generative": GENERATIVE, "hllm-landed-align": []}
+LANDED_ALIGN = {"hllm-landed-align"}  # these align the champion on each landed day (their overrides: `landed_align`)
+
+
+def landed_align() -> list[str]:
+    """The demo's alignment section (jobs/specs/movielens-1m-demo.yaml: BLADE, its settings, reward
+    weights and `align.ship: gate`) with `align.landed_day_rewards` on; the replay's gate stays its own."""
+    from jobs.spec import load_spec
+    demo = load_spec("jobs/specs/movielens-1m-demo.yaml").align.model_dump(mode="json", exclude_defaults=True)
+    return [f"align={json.dumps({**demo, 'enabled': True, 'landed_day_rewards': True})}"]
 
 
 # ----------------------------------------------------------------------------- the data
@@ -121,9 +136,11 @@ def prepare(data: Path, nights: int) -> dict:
 class Replay:
     def __init__(self, model: str, args) -> None:
         self.model, self.args = model, args
+        self.aligns = model in LANDED_ALIGN
         self.work = ROOT / ".replay" / model
         self.state_file = self.work / "state.json"
-        self.overrides = [*MODELS[model], f"name=replay-{model}", f"lake.root={self.work}/lake",
+        self.overrides = [*(landed_align() if self.aligns else []), *MODELS[model], f"name=replay-{model}",
+                          f"lake.root={self.work}/lake",
                           f"data.landing.path={self.work}/landing", f"model.cache_dir={ROOT}/.replay/cache",
                           f"train.checkpoint_dir={self.work}/checkpoints", f"train.storage_path={self.work}/ray",
                           f"tracking.uri=sqlite:///{self.work}/mlflow.db",
@@ -162,7 +179,8 @@ class Replay:
         from dagster import materialize
 
         from dagster_project import data_assets, model_assets
-        defs = self.definitions(f"train.max_minutes={self.args.base_minutes}", "train.warm_start_from_champion=false")
+        defs = self.definitions(f"train.max_minutes={self.args.base_minutes}", "train.warm_start_from_champion=false",
+                                "align.enabled=false")
         instance = self.instance()
         assets = [data_assets.lake_tables, model_assets.trained_model, model_assets.aligned_model,
                   model_assets.evaluation_report, model_assets.champion_model, model_assets.recommendations]
@@ -185,16 +203,24 @@ class Replay:
         result = defs.resolve_job_def("nightly").execute_in_process(instance=instance, partition_key=day)
         if not result.success:
             raise RuntimeError(f"{self.model}: the nightly job failed on {day}")
-        landed, trained, report, gate = (self.meta(instance, k) for k in ("bronze/landed_day", "trained_model",
-                                                                            "evaluation_report", "champion_model"))
+        landed, trained, aligned, report, gate = (self.meta(instance, k) for k in (
+            "bronze/landed_day", "trained_model", "aligned_model", "evaluation_report", "champion_model"))
         record = ModelRecord.from_metadata(trained)
-        return {"landed": {k: landed.get(k) for k in ("rows", "new_items", "new_users", "items_inserted",
-                                                      "items_without_metadata")},
-                "train_seconds": trained["train_seconds"], "warm_start": trained["warm_start"],
-                "trained_version": str(record.model_version), "trained_file": record.model_file,
-                "served": report.get("next_day_results", []), "gate": {k: gate.get(k) for k in (
-                    "promote", "reason", "candidate", "candidate_metric", "champion_metric", "champion_version")},
-                "wall_seconds": round(time.perf_counter() - started, 1)}
+        out = {"landed": {k: landed.get(k) for k in ("rows", "new_items", "new_users", "items_inserted",
+                                                     "items_without_metadata")},
+               "train_seconds": trained["train_seconds"], "warm_start": trained["warm_start"],
+               "trained_version": str(record.model_version), "trained_file": record.model_file,
+               "served": report.get("next_day_results", []), "gate": {k: gate.get(k) for k in (
+                   "promote", "reason", "candidate", "candidate_metric", "champion_metric", "champion_version")},
+               "wall_seconds": round(time.perf_counter() - started, 1)}
+        if self.aligns:
+            if "skipped" in aligned:
+                raise RuntimeError(f"{self.model}: the nightly job did not align on {day}: {aligned['skipped']}")
+            a = ModelRecord.from_metadata(aligned)
+            out.update(aligned_version=str(a.model_version), aligned_file=a.model_file,
+                       **{k: aligned.get(k) for k in ("align_seconds", "shipped_step", "kl", "valid_ndcg@10",
+                                                       "base_valid_ndcg@10")})
+        return out
 
     def scratch(self, night: int, versions: dict) -> dict:
         """Policy (c): the same budget from scratch on the night's published tables (a Ray job)."""
@@ -237,12 +263,15 @@ class Replay:
             self.save_state(state)
             record(self.model, "night0", state["night0"])
         frozen = state["night0"]["champion_file"]
-        scratch_file = frozen
+        scratch_file = champion_file = frozen
+        previous = None
         for k in range(1, nights + 1):
             day = str(CUT + timedelta(k - 1))
             before = self.work.with_name(f"{self.work.name}.before-{day}")
             if day in state["nights"]:
-                scratch_file = state["nights"][day]["scratch"]["file"]
+                previous = state["nights"][day]
+                scratch_file = (previous["scratch"] or {}).get("file", scratch_file)
+                champion_file = previous.get("champion_file", champion_file)
                 shutil.rmtree(before, ignore_errors=True)
                 continue
             if before.exists():  # this night was cut short: run it again from the state before it
@@ -256,21 +285,33 @@ class Replay:
             b = self.nightly(day)  # ingests the day; the served models are judged on it inside Dagster
             from jobs.lake import published_versions
             versions = published_versions(self.spec())
-            judged = self.judge(day, {"frozen": frozen, "scratch": scratch_file})
-            c = self.scratch(k, versions)
-            night = {"day": day, "frozen": judged["frozen"], "scratch_served": judged["scratch"], "nightly": b,
+            judge = {"frozen": frozen} if self.aligns else {"frozen": frozen, "scratch": scratch_file}
+            if self.aligns and previous:  # last night's two candidates and the champion they started from
+                judge.update(start=previous["start_file"], trained=previous["nightly"]["trained_file"],
+                             aligned=previous["nightly"]["aligned_file"])
+            judged = self.judge(day, judge)
+            c = None if self.aligns else self.scratch(k, versions)
+            night = {"day": day, "frozen": judged["frozen"], "scratch_served": judged.get("scratch"), "nightly": b,
                      "scratch": c}
+            if self.aligns:  # the champion tonight's candidates started from, and the one serving tomorrow
+                served = b["gate"]["champion_version"]
+                night.update(start_file=champion_file, champion_file={
+                    b["trained_version"]: b["trained_file"], b["aligned_version"]: b["aligned_file"]}.get(
+                    str(served), champion_file), **{f"{role}_next_day": judged[role]
+                                                    for role in ("start", "trained", "aligned") if role in judged})
             state["nights"][day] = night
             self.save_state(state)
             record(self.model, day, night)
             shutil.rmtree(before)
-            scratch_file = c["file"]
+            scratch_file = c["file"] if c else scratch_file
+            champion_file = night.get("champion_file", champion_file)
+            previous = night
 
 
 # ----------------------------------------------------------------------------- results
 
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"models": {}}
 
 
 def summary(results: dict) -> dict:
@@ -286,7 +327,9 @@ def summary(results: dict) -> dict:
         policies = {"a_frozen": [n["frozen"] for n in nights],
                     "b_nightly_champion": [served(n, "champion") for n in nights],
                     "b_nightly_candidate": [served(n, "candidate") or served(n, "champion") for n in nights],
-                    "c_scratch": [n["scratch_served"] for n in nights]}
+                    "c_scratch": [n.get("scratch_served") for n in nights],
+                    # hllm-landed-align: last night's candidates and the champion they started from, on the day
+                    **{f"d_{role}": [n.get(f"{role}_next_day") for n in nights] for role in ("start", "trained", "aligned")}}
         table = {}
         for name, rows in policies.items():
             rows = [r for r in rows if r]
@@ -294,11 +337,27 @@ def summary(results: dict) -> dict:
                 table[name] = {m: round(sum(r["metrics"].get(m, 0) for r in rows) / len(rows), 4) for m in
                                ("ndcg@10", "recall@10", "hr@10", "new_item_hit_share@10", "new_items_recommended@10")}
                 table[name]["nights"] = len(rows)
-        table["train_seconds"] = {"b_nightly": round(sum(n["nightly"]["train_seconds"] for n in nights) / len(nights), 1),
-                                  "c_scratch": round(sum(n["scratch"]["train_seconds"] for n in nights) / len(nights), 1)}
+        table["train_seconds"] = {"b_nightly": round(sum(n["nightly"]["train_seconds"] for n in nights) / len(nights), 1)}
+        if all(n.get("scratch") for n in nights):
+            table["train_seconds"]["c_scratch"] = round(sum(n["scratch"]["train_seconds"] for n in nights) / len(nights), 1)
+        if all("align_seconds" in n["nightly"] for n in nights):
+            table["align_seconds"] = round(sum(n["nightly"]["align_seconds"] for n in nights) / len(nights), 1)
+        table["paired_ndcg@10"] = {f"{a} - {b}": paired(policies[a], policies[b]) for a, b in (
+            ("d_aligned", "d_start"), ("d_aligned", "d_trained"), ("d_trained", "d_start"))
+            if any(r and q for r, q in zip(policies[a], policies[b]))}
         table["gate"] = {"promoted": sum(bool(n["nightly"]["gate"]["promote"]) for n in nights), "nights": len(nights)}
         out[model] = table
     return out
+
+
+def paired(first: list[dict | None], second: list[dict | None], metric: str = "ndcg@10") -> dict:
+    """The nights both were judged: mean difference of `metric` (first - second), its standard error
+    over the nights, and the nights the first was ahead."""
+    diffs = [a["metrics"][metric] - b["metrics"][metric] for a, b in zip(first, second) if a and b]
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5 if len(diffs) > 1 else None
+    return {"mean": round(mean, 4), "se": None if se is None else round(se, 4), "ahead": sum(d > 0 for d in diffs),
+            "nights": len(diffs)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -309,16 +368,27 @@ def plot(results: dict, path: Path) -> None:
     if not models:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.8), squeeze=False)
+
+    def ndcg(row: dict | None) -> float:
+        return (row or {}).get("metrics", {}).get("ndcg@10", float("nan"))
     for ax, model in zip(axes[0], models):
         nights = sorted(results["models"][model]["nights"].items())
         days = [d[5:] for d, _ in nights]
-        for label, get in (("(a) frozen champion", lambda n: n["frozen"]),
-                           ("(b) nightly warm start (served)", lambda n: next(
-                               (r for r in n["nightly"]["served"] if r["role"] == "champion"), None)),
-                           ("(c) nightly from scratch", lambda n: n["scratch_served"])):
-            ys = [(get(n) or {}).get("metrics", {}).get("ndcg@10", float("nan")) for _, n in nights]
-            ax.plot(days, ys, marker="o", label=label)
-        ax.set_title(f"{model}: next-day NDCG@10")
+        if model in LANDED_ALIGN:  # the candidates against the champion they started from, paired by night
+            for label, key in (("last night's warm start", "trained_next_day"),
+                               ("last night's champion aligned on its day", "aligned_next_day")):
+                ax.plot(days, [ndcg(n.get(key)) - ndcg(n.get("start_next_day")) for _, n in nights], marker="o",
+                        label=label)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_title(f"{model}: next-day NDCG@10 minus that of\nthe champion the night's candidates started from",
+                         fontsize=9)
+        else:
+            for label, get in (("(a) frozen champion", lambda n: n["frozen"]),
+                               ("(b) nightly warm start (served)", lambda n: next(
+                                   (r for r in n["nightly"]["served"] if r["role"] == "champion"), None)),
+                               ("(c) nightly from scratch", lambda n: n.get("scratch_served"))):
+                ax.plot(days, [ndcg(get(n)) for _, n in nights], marker="o", label=label)
+            ax.set_title(f"{model}: next-day NDCG@10")
         ax.tick_params(axis="x", rotation=60, labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -332,9 +402,13 @@ def main() -> int:
     ap.add_argument("--nights", type=int, default=14)
     ap.add_argument("--base-minutes", type=float, default=10)
     ap.add_argument("--nightly-minutes", type=float, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a spec override for every model (after the replay's own), e.g. align.steps=10 for a smoke run")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="the results JSON (the PNG beside it)")
     args = ap.parse_args()
+    out = args.out
     data = ROOT / ".replay" / "data"
-    results = load_results()
+    results = load_results(out)
     if not (data / "staged").exists():
         results["data"] = prepare(data, args.nights)
     results.update(**provenance(), spec=SPEC, cut=str(CUT), nightly_minutes=args.nightly_minutes,
@@ -351,12 +425,12 @@ def main() -> int:
             entry["nights"][night] = doc
         results["summary"] = summary(results)
         results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_result(RESULTS, results)
-        plot(results, RESULTS.with_suffix(".png"))
+        write_result(out, results)
+        plot(results, out.with_suffix(".png"))
         print(f"{model} {night}: done", flush=True)
 
     for model in args.models.split(","):
-        MODELS[model] = [*MODELS[model], f"train.max_minutes={args.nightly_minutes}"]
+        MODELS[model] = [*MODELS[model], f"train.max_minutes={args.nightly_minutes}", *args.set]
         Replay(model, args).run(args.nights, record)
     print(json.dumps(results.get("summary", {}), indent=2))
     return 0
