@@ -38,6 +38,8 @@ class Tag:
     GATE_CHAMPION_METRIC = "llmrec.gate.champion_metric"
     GATE_CHAMPION_VERSION = "llmrec.gate.champion_version"
     GATE_DAY = "llmrec.gate.day"            # the landed day of the nightly run whose gate judged the version
+    RESUMES = "llmrec.resumes"              # a run resumed from a checkpoint: the MLflow run that wrote it
+    RESUMED_BY = "llmrec.resumed_by"        # ... and on that run, the run that resumed it
 
 
 class Check:

@@ -116,6 +116,7 @@ def align_worker(config: dict) -> None:
         return init.build(cfg.cache_dir, data.catalogue)
     listed = data.catalogue.kcore & scorable_items(init.spec.model.kind, init.catalogue.seen_mask(), data.num_items)
     state = alignment_state(spec, start_model(), data, ctx.device, listed)
+    state.run_id = cfg.run_id
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device, start_model)
     backend.train(False)  # no dropout: rollouts and the trained log-probabilities come from one policy
     item_emb = minilm_item_embeddings(spec.model, data.item_text)
@@ -237,7 +238,7 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
         raise ValueError(f"align.users_per_step={spec.align.users_per_step} is smaller than train.workers={t.workers}: "
                          "every worker needs at least one user per step")
     spec, start, init = alignment_start(spec)
-    check_previous_run(spec, run_name, "align")  # a rerun of the name with other settings: refused first
+    previous = check_previous_run(spec, run_name, "align")  # a rerun of the name with other settings: refused first
     if spec.align.reward_day is not None:
         check_trained_before(spec, init, start.label)
     cache_dir = spec.model.cache_dir
@@ -255,7 +256,8 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     ds_cfg = deepspeed_config(spec, t.workers, spec.align.users_per_step)
     run_id = tracking.start_run(spec, run_name, "align",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name,
-                                 "align.init_model": start.label}, {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
+                                 "align.init_model": start.label}, {"deepspeed.json": json.dumps(ds_cfg, indent=2)},
+                                resumes=previous)
     with tracking.failed_on_error(spec, run_id):
         config = AlignWorkerConfig(spec.model_dump(mode="json"), data.versions, ds_cfg, start.path, cache_dir, run_id,
                                    pid_dir)

@@ -67,6 +67,7 @@ class TrainState(RunProgress):
     model_weights: dict[str, torch.Tensor] | None = None
     stateful: dict[str, Stateful] = field(default_factory=dict)  # more state saved with each checkpoint
     stage: str = "train"                  # train | align | tokenizer: which settings a resume must keep
+    run_id: str | None = None             # the MLflow run logging this run, recorded in every Ray Train checkpoint
 
     PROGRESS = tuple(f.name for f in dataclasses.fields(RunProgress))  # what every checkpoint records
 
@@ -381,9 +382,10 @@ CATALOGUE_FILE = "catalogue.json"
 def run_folder_doc(state: TrainState) -> dict:
     """What a Ray Train checkpoint records beside its DeepSpeed shards (`catalogue.json`) so that a
     resume can be refused before any shard is read: the item catalogue, the run's spec and the gold
-    table versions it reads."""
+    table versions it reads; and the MLflow run that wrote it, which a resume links to."""
     return {"item_ids": state.catalogue.item_ids, "text_hashes": state.catalogue.text_hashes(),
-            "spec": public_doc(state.spec), "stage": state.stage, "versions": dict(state.versions)}
+            "spec": public_doc(state.spec), "stage": state.stage, "versions": dict(state.versions),
+            "mlflow_run_id": state.run_id}
 
 
 def check_folder_doc(doc: dict, spec: JobSpec, stage: str, label: str) -> None:

@@ -98,19 +98,21 @@ def ray_get(refs):
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, what it resumes from
 
 
-def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> None:
+def check_previous_run(spec: JobSpec, run_name: str, stage: str) -> str | None:
     """Before any worker starts: the newest checkpoint a run of this name left in `train.storage_path`
     (what Ray Train would resume from) must have been written with this run's settings
-    (`loop.check_resumable`; the workers check it again before reading a shard)."""
+    (`loop.check_resumable`; the workers check it again before reading a shard). Returns the MLflow
+    run that wrote it (None: no checkpoint, or one from before checkpoints recorded it)."""
     folder = Path(absolute_paths(spec).train.storage_path) / run_name
     snapshot = folder / RAY_SNAPSHOT
     try:
         latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
         doc = json.loads((folder / latest / CATALOGUE_FILE).read_text()) if latest else {}
     except (OSError, ValueError):  # no run yet, or a record being written: the workers check again
-        return
+        return None
     if "spec" in doc:
         check_folder_doc(doc, spec, stage, str(folder / latest))
+    return doc.get("mlflow_run_id")
 
 
 def keep_run_progress(spec: JobSpec, run_name: str, out: Path, attempts: int = 5) -> dict | None:

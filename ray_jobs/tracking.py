@@ -40,9 +40,13 @@ def flatten(doc: dict) -> dict[str, str]:
 
 
 def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None = None,
-              artifacts: dict[str, str] | None = None) -> str:
+              artifacts: dict[str, str] | None = None, resumes: str | None = None) -> str:
     """Create (not activate) a run with the spec as params and tags; returns its id. `artifacts`
-    maps artifact file names to text content (spec, DeepSpeed config)."""
+    maps artifact file names to text content (spec, DeepSpeed config). `resumes`: the run that wrote
+    the checkpoint this one resumes from (a job stopped or lost, started again under its name); the
+    two are linked by tags, and that run, if its job died without ending it (still RUNNING), is ended
+    KILLED. (A new run rather than the old one continued: the resumed job may run longer settings,
+    and a run's params can't change.)"""
     uri = tracking_uri(spec)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
@@ -55,8 +59,12 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
         tags[Tag.DAGSTER_RUN] = spec.tracking.dagster_run_id
     if spec.tracking.dagster_asset:
         tags[Tag.DAGSTER_ASSET] = spec.tracking.dagster_asset
+    if resumes:
+        tags[Tag.RESUMES] = resumes
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
     _open_runs[run.info.run_id] = uri
+    if resumes:
+        link_resumed(client, resumes, run.info.run_id)
     with failed_on_error(spec, run.info.run_id):  # a run whose set-up fails is ended, never left RUNNING
         params = flatten(public_doc(spec))
         params.update({k: str(v) for k, v in (extra_params or {}).items()})
@@ -66,6 +74,19 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
         for name, text in {"spec.yaml": dump_spec(spec), **(artifacts or {})}.items():
             client.log_text(run.info.run_id, text, name)
     return run.info.run_id
+
+
+def link_resumed(client: MlflowClient, previous: str, run_id: str) -> None:
+    """Tag the run a resume continues from (`Tag.RESUMED_BY`) and end it KILLED when its job left it
+    RUNNING; a run the store no longer has is let be."""
+    from mlflow.exceptions import MlflowException
+    try:
+        status = client.get_run(previous).info.status
+    except MlflowException:
+        return
+    client.set_tag(previous, Tag.RESUMED_BY, run_id)
+    if status == "RUNNING":
+        client.set_terminated(previous, status="KILLED")
 
 
 def artifact_location(uri: str) -> str | None:

@@ -81,6 +81,7 @@ def train_worker(config: dict) -> None:
     ctx = worker_context(spec, cfg.pid_dir)
     data = load_sequences(spec, cfg.versions, shard=(ctx.rank, ctx.world))  # this worker's users only
     state = training_state(spec, data, ctx.device, cfg.init_file)
+    state.run_id = cfg.run_id
     known = known_items(read_model(cfg.init_file)) if cfg.init_file else None
     backend = DeepSpeedBackend(state, cfg.deepspeed, ctx.rank, ctx.world, ctx.device,
                                lambda: build_model(spec, data.item_text, known, data.versions))
@@ -94,14 +95,14 @@ def run(spec: JobSpec, run_name: str | None = None, pid_dir: str | None = None, 
     run_name = run_name or spec.name
     spec = absolute_paths(spec)
     check_storage_path(spec)
-    check_previous_run(spec, run_name, "train")  # a rerun of the name with other settings: refused first
+    previous = check_previous_run(spec, run_name, "train")  # a rerun of the name with other settings: refused first
     init_ray(spec)
     data = load_sequences(spec)  # the driver pins the versions; workers read them themselves
     start = warm_start(spec, data)
     ds_cfg = deepspeed_config(spec, spec.train.workers)
     run_id = tracking.start_run(spec, run_name, "train",
                                 {**{f"delta_version.{k}": v for k, v in data.versions.items()}, "run_name": run_name},
-                                {"deepspeed.json": json.dumps(ds_cfg, indent=2)})
+                                {"deepspeed.json": json.dumps(ds_cfg, indent=2)}, resumes=previous)
     with tracking.failed_on_error(spec, run_id):
         documents = {}
         if spec.model.kind == "generative" and start.path is None:  # once, before the workers read its files

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.spec import load_spec
+from jobs.contracts import Tag
+from jobs.spec import load_spec, tracking_uri
 from ray_jobs.checkpoint import load_model, read_model
 from ray_jobs.data import load_sequences
 from ray_jobs.scoring import evaluate_split, load_for_catalogue, scorer
@@ -196,10 +197,17 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_rerun_resumes(tmp_pa
     shutil.rmtree(tmp_path / "ray" / "dist-ft")
     assert restore_run_progress(longer, "dist-ft", tmp_path / "kept")
     assert not restore_run_progress(longer, "dist-ft", tmp_path / "kept")  # the storage holds the run now
+    # its MLflow run left RUNNING, as a driver lost with its machine leaves it: the resumed run links to
+    # it (the kept checkpoint names it) and ends it KILLED
+    client = mlflow.MlflowClient(tracking_uri(longer))
+    client.update_run(result.run_id, status="RUNNING")
     again = run(longer, register=False)
     history = read_model(again.model_file).progress.history
     assert again.steps == 3 * 19 and [h["epoch"] for h in history] == [1, 2, 3]
     assert again.restarts == result.restarts + 1
+    first = client.get_run(result.run_id)
+    assert again.run_id != result.run_id and client.get_run(again.run_id).data.tags[Tag.RESUMES] == result.run_id
+    assert first.info.status == "KILLED" and first.data.tags[Tag.RESUMED_BY] == again.run_id
 
 
 def test_hllm_cached_on_two_workers_ships_its_item_cache_and_links_the_parent_run(tmp_path, warm_cache, local_ray,

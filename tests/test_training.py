@@ -327,7 +327,8 @@ def test_scorer_length_chunks_equal_full_window_scoring():
 def test_the_driver_refuses_a_ray_run_name_whose_resumed_checkpoint_has_other_settings(ml100k, tmp_path):
     """`check_previous_run` reads the checkpoint Ray Train would resume from (its snapshot's latest,
     not the newest folder name) before any worker starts: other settings or another stage are refused;
-    the same settings, no run yet, or a record being written pass (the workers check again)."""
+    the same settings, no run yet, or a record being written pass (the workers check again). It returns
+    the MLflow run that wrote that checkpoint (the resuming run links to it)."""
     import json
 
     from ray_jobs.loop import RunMismatch, TrainState, run_folder_doc
@@ -336,20 +337,21 @@ def test_the_driver_refuses_a_ray_run_name_whose_resumed_checkpoint_has_other_se
                                                               f"train.storage_path={tmp_path}"])
     data = load_sequences(spec)
     run = tmp_path / "r"
-    check_previous_run(spec, "r", "train")  # nothing there yet
+    assert check_previous_run(spec, "r", "train") is None  # nothing there yet
     for name, lr in (("checkpoint_2026-01-01_00-00-00.000000", 0.001), ("checkpoint_2026-01-02_00-00-00.000000", 0.5)):
         (run / name).mkdir(parents=True)
         saved = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": lr})})
         state = TrainState(spec=saved, module=None, optimizer=None, scheduler=None, catalogue=data.catalogue,
-                           versions={})
+                           versions={}, run_id=f"run-{lr}")
         (run / name / "catalogue.json").write_text(json.dumps(run_folder_doc(state)))
     snapshot = run / "checkpoint_manager_snapshot.json"
     snapshot.write_text('{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000"}')
-    check_previous_run(spec, "r", "train")  # a snapshot being written: left to the workers
+    assert check_previous_run(spec, "r", "train") is None  # a snapshot being written: left to the workers
     latest = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000"}}
     snapshot.write_text(json.dumps(latest))
     current = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 0.001})})
-    check_previous_run(current, "r", "train")  # the resumed checkpoint (not the newest folder) has these settings
+    # the resumed checkpoint (not the newest folder) has these settings, and was written by this run
+    assert check_previous_run(current, "r", "train") == "run-0.001"
     with pytest.raises(RunMismatch, match=r"train\.lr: 0\.001 -> 0\.003"):
         check_previous_run(current.model_copy(update={"train": current.train.model_copy(update={"lr": 0.003})}),
                            "r", "train")
