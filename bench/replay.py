@@ -18,17 +18,20 @@ policies on the same data:
 
 Alignment is off for (b) and (c) alike (`align.enabled: false`), except in `hllm-landed-align`: the
 HLLM whose nightly job also aligns the champion on the landed day's interactions (the demo's
-alignment section, `align.landed_day_rewards`: rewards on interactions no model has seen yet), so
-each night has two candidates, the warm-started model and the aligned champion; night 0 trains and
-gates only, and (c) is not run. The night's candidates and the champion they started from are judged
-on the next day side by side (paired). Every policy is judged on day k+1
+alignment section, `align.landed_day_rewards`: rewards on interactions no model has seen yet; its
+150 steps are not under the training budget, and `align.ship: gate` under the replay's own gate
+picks the evaluated step best on validation NDCG@10), so each night has two candidates, the
+warm-started model and the aligned champion; night 0 trains and gates only, and (c) is not run.
+The night's candidates and the champion they started from are judged on the next day side by side
+(paired; N nights give N - 1 such pairs). Every policy is judged on day k+1
 (`ray_jobs.next_day`: the users active that day, their history before it, their day's items as
 targets; Recall@10, NDCG@10, HR@10; new-item and new-user slices). Each model family gets its own
 lake, registry and Dagster instance under .replay/<model>/.
 
 Resumable: every night's results go to bench/results/replay-movielens-1m.json as it finishes; a
 rerun skips the finished nights of a model whose working folder is still there (the champions and
-the scratch models live in it), and starts that model over otherwise. A night cut short is run again
+the scratch models live in it) and was made with the same settings (refused otherwise), and starts
+that model over when there is none. A night cut short is run again
 from a copy of the working folder taken before it, so no night's registry or lake sees a night twice. The PNG of next-day NDCG@10
 per night and policy is written beside the JSON."""
 from __future__ import annotations
@@ -214,9 +217,13 @@ class Replay:
                    "promote", "reason", "candidate", "candidate_metric", "champion_metric", "champion_version")},
                "wall_seconds": round(time.perf_counter() - started, 1)}
         if self.aligns:
-            if "skipped" in aligned:
-                raise RuntimeError(f"{self.model}: the nightly job did not align on {day}: {aligned['skipped']}")
             a = ModelRecord.from_metadata(aligned)
+            from mlflow import MlflowClient
+            rewarded = None if "skipped" in aligned else MlflowClient(self.spec().tracking.uri).get_run(
+                a.run_id).data.params.get("align.reward_day")
+            if rewarded != day:  # skipped, or the trained model aligned on its holdout (no champion to align)
+                raise RuntimeError(f"{self.model}: the nightly job did not align the champion on {day}: "
+                                   f"{aligned.get('skipped') or f'its align run rewarded day {rewarded}'}")
             out.update(aligned_version=str(a.model_version), aligned_file=a.model_file,
                        **{k: aligned.get(k) for k in ("align_seconds", "shipped_step", "kl", "valid_ndcg@10",
                                                        "base_valid_ndcg@10")})
@@ -255,11 +262,15 @@ class Replay:
 
     def run(self, nights: int, record) -> None:
         state = self.state()
+        settings = {"overrides": self.overrides, "base_minutes": self.args.base_minutes}
+        if "night0" in state and state.get("settings") != settings:
+            sys.exit(f"{self.state_file} was made with other settings ({state.get('settings')}, now {settings}): "
+                     f"remove {self.work} to start {self.model} over")
         if "night0" not in state:
             if self.work.exists():
                 shutil.rmtree(self.work)
             (self.work / "landing").mkdir(parents=True)
-            state = {"nights": {}, "night0": self.night0()}
+            state = {"nights": {}, "settings": settings, "night0": self.night0()}
             self.save_state(state)
             record(self.model, "night0", state["night0"])
         frozen = state["night0"]["champion_file"]
@@ -409,7 +420,7 @@ def main() -> int:
     out = args.out
     data = ROOT / ".replay" / "data"
     results = load_results(out)
-    if not (data / "staged").exists():
+    if not all((data / "staged" / f"{CUT + timedelta(k)}.csv").exists() for k in range(args.nights + 1)):
         results["data"] = prepare(data, args.nights)
     results.update(**provenance(), spec=SPEC, cut=str(CUT), nightly_minutes=args.nightly_minutes,
                    base_minutes=args.base_minutes)

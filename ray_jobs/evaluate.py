@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--next-day", help="also judge --next-day-model models on this day's interactions (YYYY-MM-DD)")
         ap.add_argument("--next-day-model", dest="next_day_models", action="append", default=[],
                         help="[ROLE=]a model that served --next-day (repeatable)")
-        ap.add_argument("--workers", type=int, default=2)
+        ap.add_argument("--workers", type=int, default=2, help="user shards, each on a Ray task on GPUs or a cluster "
+                        "of several nodes (a one-node CPU cluster scores them in the driver: "
+                        "ray_jobs.runtime.scores_on_tasks)")
     return job_main(__doc__, options, lambda spec, a: run(spec, a.models, tuple(a.splits or ["test"]), a.workers,
                                                           a.next_day, a.next_day_models), argv, dagster_report)
 

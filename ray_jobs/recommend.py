@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--model", "--checkpoint", dest="model",
                         help="models:/NAME@champion or a checkpoint file (default: the training run's model.pt)")
         ap.add_argument("--k", type=int, default=100)
-        ap.add_argument("--workers", type=int, default=2)
+        ap.add_argument("--workers", type=int, default=2, help="Ray tasks scoring the users, on GPUs or a cluster of "
+                        "several nodes (a one-node CPU cluster scores in the driver: ray_jobs.runtime.scores_on_tasks)")
     return job_main(__doc__, options, lambda spec, a: run(spec, a.model, a.k, a.workers), argv, dagster_report)
 
 

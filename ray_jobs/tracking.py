@@ -44,9 +44,9 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
     """Create (not activate) a run with the spec as params and tags; returns its id. `artifacts`
     maps artifact file names to text content (spec, DeepSpeed config). `resumes`: the run that wrote
     the checkpoint this one resumes from (a job stopped or lost, started again under its name); the
-    two are linked by tags, and that run, if its job died without ending it (still RUNNING), is ended
-    KILLED. (A new run rather than the old one continued: the resumed job may run longer settings,
-    and a run's params can't change.)"""
+    two are linked by tags, and that run, if it was left RUNNING (its driver died), is ended KILLED.
+    (A new run rather than the old one continued: the resumed job may run longer settings, and a
+    run's params can't change.)"""
     uri = tracking_uri(spec)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
@@ -63,9 +63,9 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
         tags[Tag.RESUMES] = resumes
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
     _open_runs[run.info.run_id] = uri
-    if resumes:
-        link_resumed(client, resumes, run.info.run_id)
     with failed_on_error(spec, run.info.run_id):  # a run whose set-up fails is ended, never left RUNNING
+        if resumes:
+            link_resumed(client, resumes, run.info.run_id)
         params = flatten(public_doc(spec))
         params.update({k: str(v) for k, v in (extra_params or {}).items()})
         items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
@@ -78,15 +78,19 @@ def start_run(spec: JobSpec, run_name: str, kind: str, extra_params: dict | None
 
 def link_resumed(client: MlflowClient, previous: str, run_id: str) -> None:
     """Tag the run a resume continues from (`Tag.RESUMED_BY`) and end it KILLED when its job left it
-    RUNNING; a run the store no longer has is let be."""
+    RUNNING. A run the store no longer has, or has deleted, is let be; a link that can't be written
+    is warned about, never the job's failure."""
     from mlflow.exceptions import MlflowException
     try:
-        status = client.get_run(previous).info.status
-    except MlflowException:
-        return
-    client.set_tag(previous, Tag.RESUMED_BY, run_id)
-    if status == "RUNNING":
-        client.set_terminated(previous, status="KILLED")
+        info = client.get_run(previous).info
+        if info.lifecycle_stage != "active":
+            return
+        client.set_tag(previous, Tag.RESUMED_BY, run_id)
+        if info.status == "RUNNING":
+            client.set_terminated(previous, status="KILLED")
+    except MlflowException as exc:
+        warnings.warn(f"MLflow run {previous}, which this run {run_id} resumes, could not be linked: {redact(exc)}",
+                      RuntimeWarning)
 
 
 def artifact_location(uri: str) -> str | None:
