@@ -431,7 +431,8 @@ def main() -> int:
         doc = {**doc, "made": {k: made[k] for k in ("date", "command", "commit")}}
         entry = results["models"].setdefault(model, {"nights": {}})
         if night == "night0":
-            entry.update(night0=doc, nights={})
+            entry.update(night0=doc, nights={}, settings={"base_minutes": args.base_minutes,
+                                                          "nightly_minutes": args.nightly_minutes, "set": args.set})
         else:
             entry["nights"][night] = doc
         results["summary"] = summary(results)
