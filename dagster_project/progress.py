@@ -94,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"{datetime.now(timezone.utc):%H:%M:%S} {' '.join(command[:3])} ... (whole output: {log})", flush=True)
+    # The instance is opened before the command starts: opening it creates a fresh DAGSTER_HOME's
+    # sqlite storage, and two processes creating it at once can stamp its schema version twice,
+    # which leaves the instance unreadable ("more than one head present").
+    follower = RunFollower(DagsterInstance.get(), started)
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        follower = RunFollower(DagsterInstance.get(), started)
         while True:
             done = proc.poll() is not None
             for line in follower.lines():

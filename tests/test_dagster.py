@@ -368,6 +368,21 @@ def stack_instance(folder: Path) -> DagsterInstance:
     return DagsterInstance.from_config(str(folder))
 
 
+def test_the_progress_follower_creates_the_instance_before_the_command_starts(tmp_path, monkeypatch, capsys):
+    """`make demo` on a fresh DAGSTER_HOME: the follower's instance and the command's must not create the
+    sqlite storage at the same time (two processes stamping its schema version leave it unreadable)."""
+    from dagster_project.progress import main
+    home = tmp_path / "dagster"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    home.mkdir()
+    probe = ("import os, sys; home = os.environ['DAGSTER_HOME']; "
+             "sys.exit(0 if all(os.path.exists(os.path.join(home, p)) for p in "
+             "('history/runs.db', 'schedules/schedules.db')) else 3)")
+    assert main(["--log", str(home / "run.log"), "--", sys.executable, "-c", probe]) == 0
+    assert DagsterInstance.get().get_runs() == []  # and the instance reads back
+    assert "done in" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- the whole loop (slow)
 
 def _overrides(lake: Path, tmp: Path, *extra: str) -> list[str]:
