@@ -14,7 +14,11 @@ table shows what the holdout-free start changes. With --sweep, blade, static_bon
 per reward preset (seed 0) from `withheld`; their validation NDCG@10 against tail share and ILD@10
 gives one frontier PNG per start; per method the chosen preset is the one with the best validation
 NDCG@10 among those that raise both tail share and ILD over the start (else the best validation
-NDCG@10), and only the chosen presets' test figures enter the table.
+NDCG@10), and only the chosen presets' test figures enter the table. With --refit N, the withheld
+start and each model aligned from it (--refit-methods, every seed) are trained N more epochs with the
+next-item loss on every training item, withheld ones included (the start's training settings,
+--refit-set on top, the epoch chosen on validation): the served model then loses no data, and the
+refit of the withheld start, with no alignment in between, is the control.
 
 Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json, and a start
 model's file beside its record (<start>/start-<variant>.pt, committed with it: the block outlasts a
@@ -239,11 +243,13 @@ class Bench:
         return rec.get("fingerprint") is not None and rec["fingerprint"] == self.fingerprint(start, set(rec.get("align", {})))
 
     def align(self, start: str, init: dict, method: str, seed: int, preset: str | None = None,
-              seen: bool = False) -> dict | None:
+              seen: bool = False, keep: bool = False) -> dict | None:
+        """One alignment run, or its record when it holds; with `keep` (a refit starts from its
+        weights) a finished run whose model file is gone — it ran on another machine — runs again."""
         key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
         rec = self.done(start, key)
         fingerprint = self.fingerprint(start)
-        if rec and self.current(start, rec):
+        if rec and self.current(start, rec) and not (keep and not model_path(rec).exists()):
             return rec
         if self.out_of_time():
             return None
@@ -253,7 +259,7 @@ class Bench:
         out = run(spec, run_name=f"bench-align-{start}-{key}-{fingerprint or 'unpinned'}", register=False)
         history = self.history(spec, out.run_id)
         rec = {"start": start, "method": method, "seed": seed, "preset": preset, "seen_rewards": seen,
-               "fingerprint": fingerprint,
+               "fingerprint": fingerprint, "model_file": out.model.model_file,
                "rewards": spec.align.rewards.model_dump(), "run_id": out.run_id, "steps": out.steps,
                "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "last_step": out.last_step,
                "evals": out.evals, "curve": [{"step": h["step"], **{k: h.get(k) for k in CURVE_KEYS}} for h in history],
@@ -262,6 +268,51 @@ class Bench:
         print(f"{start} {key}: {out.steps} steps in {out.seconds:.0f} s; test ndcg@10 "
               f"{out.results['aligned_test']['ndcg@10']:.4f} (start {out.results['base_test']['ndcg@10']:.4f}), "
               f"valid {out.results['aligned_valid']['ndcg@10']:.4f}", flush=True)
+        return rec
+
+    def refit(self, start: str, source: dict, name: str) -> dict | None:
+        """`--refit N`: N epochs of next-item training on every training item (train.withhold=0, the
+        start's other training settings, `--refit-set` on top), warm-started from `source` (the
+        withheld start, or a model aligned from it), the epoch chosen on validation: the served
+        model loses no data, and the refit of the withheld start is the control that tells what
+        alignment added from what the extra epochs on the withheld items did."""
+        import hashlib
+
+        from ray_jobs.train import run as train
+        key = f"refit-{name}"
+        spec = load_spec(STARTS[start], ["train.fit_on=train", "train.withhold=0", *self.args.start_set,
+                                         f"train.epochs={self.args.refit}", *self.args.refit_set,
+                                         f"train.init_from={model_path(source)}"])
+        doc = spec.model_dump(mode="json")
+        doc["train"].pop("init_from")  # the source is named by its run
+        fingerprint = hashlib.sha1(json.dumps({"spec": doc, "source": source["run_id"]}, sort_keys=True)
+                                   .encode()).hexdigest()[:10]
+        rec = self.done(start, key)
+        if rec and rec.get("fingerprint") == fingerprint:
+            return rec
+        if self.out_of_time():
+            return None
+        t0 = time.perf_counter()
+        out = train(spec, run_name=f"bench-align-{start}-{key}-{fingerprint}", register=False)
+        # the training record's figures are accuracy only: beyond-accuracy ones as an align run has them
+        from ray_jobs.data import load_sequences
+        from ray_jobs.models.llm import minilm_item_embeddings
+        from ray_jobs.runtime import evaluate_distributed
+        data = load_sequences(spec)
+        figures = {split: r.flat() for split, r in evaluate_distributed(
+            spec, out.model_file, ("valid", "test"), spec.train.workers, data,
+            minilm_item_embeddings(spec.model, data.item_text), spec.model.cache_dir).items()}
+        src_test = source.get("aligned_test") or source["test"]
+        rec = {"start": start, "refit_of": name, "source_run_id": source["run_id"], "method": source.get("method"),
+               "seed": source.get("seed"), "fingerprint": fingerprint, "epochs": self.args.refit,
+               "refit_set": self.args.refit_set, "run_id": out.run_id, "best_epoch": out.best_epoch,
+               "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "valid": figures["valid"],
+               "test": figures["test"], "source_test": src_test, "source_valid": source.get("aligned_valid") or source["valid"],
+               "spec": doc, **provenance()}
+        write_result(self.path(start, key), rec)
+        print(f"{start} {key}: test ndcg@10 {figures['test']['ndcg@10']:.4f} (before the refit "
+              f"{src_test['ndcg@10']:.4f}), valid {figures['valid']['ndcg@10']:.4f} (epoch {out.best_epoch} of {self.args.refit}, {out.seconds:.0f} s)",
+              flush=True)
         return rec
 
     @staticmethod
@@ -286,6 +337,17 @@ class Bench:
                         self.align(start, withheld, method, seed)
                 if full and "blade" in methods:
                     self.align(start, full, "blade", seed, seen=True)
+        if self.args.refit:
+            for start in starts:
+                withheld = inits[start]["withheld"]
+                if not withheld:
+                    continue
+                self.refit(start, withheld, "start-withheld")
+                for seed in seeds:
+                    for method in self.args.refit_methods.split(","):
+                        aligned = self.align(start, withheld, method, seed, keep=True)
+                        if aligned:
+                            self.refit(start, aligned, f"{method}-s{seed}")
         if sweep:
             for start in starts:
                 if inits[start]["withheld"]:
@@ -299,9 +361,11 @@ class Bench:
         for start in starts:
             recs = [json.loads(p.read_text()) for p in sorted((self.dir / start).glob("*.json"))]
             starts_ = {r["variant"]: r for r in recs if "variant" in r}
-            runs = [r for r in recs if "method" in r and self.current(start, r)]
-            if len(runs) < sum("method" in r for r in recs):
-                print(f"{start}: {sum('method' in r for r in recs) - len(runs)} records of other settings left out")
+            refits = [r for r in recs if "refit_of" in r]
+            aligns = [r for r in recs if "method" in r and "refit_of" not in r]
+            runs = [r for r in aligns if self.current(start, r)]
+            if len(runs) < len(aligns):
+                print(f"{start}: {len(aligns) - len(runs)} records of other settings left out")
             if not starts_:
                 continue
             rows, start_valid = [], {}
@@ -336,6 +400,17 @@ class Bench:
                              "valid_ndcg@10": mean_std([r["aligned_valid"]["ndcg@10"] for r in rs]),
                              "last_kl": mean_std([(r["last_step"] or {}).get("kl", 0.0) for r in rs]),
                              "align_seconds": mean_std([r["seconds"] for r in rs])})
+            # refits (--refit): grouped by source kind; a refit of a run that no longer holds is left out
+            current_ids = {r.get("run_id") for r in runs} | {r.get("run_id") for r in starts_.values()}
+            refit_groups: dict[str, list[dict]] = {}
+            for r in refits:
+                if r["source_run_id"] in current_ids:
+                    label = "withheld start" if r["method"] is None else r["method"]
+                    refit_groups.setdefault(f"refit {r['epochs']} ep. from {label}", []).append(r)
+            for name, rs in sorted(refit_groups.items()):
+                rows.append({"model": name, "n": len(rs), **{c: mean_std([r["test"][c] for r in rs])
+                                                             for c in COLUMNS if c in rs[0]["test"]},
+                             "valid_ndcg@10": mean_std([r["valid"]["ndcg@10"] for r in rs])})
             lines = [f"**{start}** (test split; aligned rows mean ± std over n seeds)", "",
                      "| model | n | " + " | ".join(COLUMNS) + " | valid ndcg@10 | last KL | align s |",
                      "|---" * (len(COLUMNS) + 5) + "|"]
@@ -356,7 +431,7 @@ class Bench:
             shown = [r if r["preset"] is None or (r["method"], r["preset"]) in picked else
                      {k: v for k, v in r.items() if k not in ("aligned_test", "base_test")} for r in runs]
             blocks[start] = {"table": rows, "chosen": chosen, "frontier": frontier, "plots": png,
-                             "starts": starts_, "runs": shown}
+                             "starts": starts_, "runs": shown, "refits": [r for rs in refit_groups.values() for r in rs]}
         return {"blocks": blocks, "table_md": "\n\n".join(tables)}
 
     def plots(self, start: str, curves: dict, evals: dict, frontier: dict, start_valid: dict) -> list[str]:
@@ -404,6 +479,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also the reward-weight sweep (frontier PNGs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="align spec overrides (align.steps=...)")
     ap.add_argument("--start-set", action="append", default=[], help="overrides for the start models' training")
+    ap.add_argument("--refit", type=int, default=0, metavar="N",
+                    help="also N epochs of next-item training on every training item from the withheld start and "
+                         "from each aligned model of --refit-methods (each seed), the epoch chosen on validation")
+    ap.add_argument("--refit-methods", default="blade")
+    ap.add_argument("--refit-set", action="append", default=[], help="overrides of the refit's training (train.lr=...)")
     ap.add_argument("--budget-hours", type=float, help="start no run after this much wall time (rerun to resume)")
     ap.add_argument("--report", action="store_true", help="only rebuild the table and plots from finished runs")
     ap.add_argument("--keep-progress", action="store_true",

@@ -862,6 +862,16 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     run("unseen-grpo-ndcg+diversity-s0", "grpo", 0, "ndcg+diversity", figures(0.171, 0.32, 0.50), 0.152)
     run("unseen-grpo-ndcg+diversity-s1", "grpo", 1, "ndcg+diversity", figures(0.190, 0.40, 0.60), 0.2)  # 2nd seed: not a point
     run("unseen-blade-spec-s2", "blade", 2, None, figures(0.2, 0.4, 0.6), 0.3, fingerprint="other")  # stale: left out
+    (runs / "unseen-blade-spec-s0.json").write_text(json.dumps(
+        {**json.loads((runs / "unseen-blade-spec-s0.json").read_text()), "run_id": "align-b0"}))
+
+    def refit(name, source_run_id, method, seed, test_ndcg):  # --refit: next-item epochs on all items from a source
+        (runs / f"refit-{name}.json").write_text(json.dumps(
+            {"start": "toy", "refit_of": name, "source_run_id": source_run_id, "method": method, "seed": seed,
+             "epochs": 3, "valid": figures(test_ndcg + 0.02, 0.3, 0.45), "test": figures(test_ndcg, 0.31, 0.46)}))
+    refit("start-withheld", "run-withheld", None, None, 0.152)
+    refit("blade-s0", "align-b0", "blade", 0, 0.158)
+    refit("blade-s2", "align-stale", "blade", 2, 0.3)  # its source is no current run: left out
     b.align_doc = {"holdout": 3, "steps": 600, "rewards": {"ndcg": 1.0}}
     assert b.fingerprint("toy") != current  # other settings: every finished run is stale
     b.align_doc = {"holdout": 3, "steps": 300, "rewards": {"ndcg": 1.0}}
@@ -873,6 +883,10 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert rows["blade"]["n"] == 2 and rows["blade"]["ndcg@10"] == pytest.approx((0.156, np.std([0.155, 0.157], ddof=1)))
     assert rows["grpo [ndcg+diversity]"]["ndcg@10"][0] == pytest.approx(0.152)
     assert {"start, full (served)", "start, withheld (withhold 3)"} <= set(rows)
+    assert rows["refit 3 ep. from blade"]["n"] == 1 and rows["refit 3 ep. from blade"]["ndcg@10"][0] == pytest.approx(0.158)
+    assert rows["refit 3 ep. from withheld start"]["ndcg@10"][0] == pytest.approx(0.152)
+    assert [r["refit_of"] for r in block["refits"]] == ["blade-s0", "start-withheld"]
+    assert "| refit 3 ep. from blade | 1 |" in rep["table_md"]
     assert "| blade | 2 |" in rep["table_md"]
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
     tested = {(r["method"], r["preset"]) for r in block["runs"] if "aligned_test" in r}
