@@ -18,7 +18,8 @@ NDCG@10), and only the chosen presets' test figures enter the table. With --refi
 start and each model aligned from it (--refit-methods, every seed) are trained N more epochs with the
 next-item loss on every training item, withheld ones included (the start's training settings,
 --refit-set on top, the epoch chosen on validation): the served model then loses no data, and the
-refit of the withheld start, with no alignment in between, is the control.
+refits of the two starts, with no alignment in between, are the controls (the served model given the
+same epochs is the bar).
 
 Every finished run is written at once to bench/results/alignment-runs/<start>/<run>.json, and a start
 model's file beside its record (<start>/start-<variant>.pt, committed with it: the block outlasts a
@@ -249,7 +250,7 @@ class Bench:
         key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
         rec = self.done(start, key)
         fingerprint = self.fingerprint(start)
-        if rec and self.current(start, rec) and not (keep and not model_path(rec).exists()):
+        if rec and self.current(start, rec) and not (keep and not (rec.get("model_file") and model_path(rec).exists())):
             return rec
         if self.out_of_time():
             return None
@@ -339,7 +340,9 @@ class Bench:
                     self.align(start, full, "blade", seed, seen=True)
         if self.args.refit:
             for start in starts:
-                withheld = inits[start]["withheld"]
+                full, withheld = inits[start]["full"], inits[start]["withheld"]
+                if full:  # the served model given the same epochs: the bar a refit of an aligned model must pass
+                    self.refit(start, full, "start-full")
                 if not withheld:
                     continue
                 self.refit(start, withheld, "start-withheld")
@@ -405,7 +408,7 @@ class Bench:
             refit_groups: dict[str, list[dict]] = {}
             for r in refits:
                 if r["source_run_id"] in current_ids:
-                    label = "withheld start" if r["method"] is None else r["method"]
+                    label = r["method"] or r["refit_of"].replace("start-", "") + " start"
                     refit_groups.setdefault(f"refit {r['epochs']} ep. from {label}", []).append(r)
             for name, rs in sorted(refit_groups.items()):
                 rows.append({"model": name, "n": len(rs), **{c: mean_std([r["test"][c] for r in rs])

@@ -870,6 +870,7 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
             {"start": "toy", "refit_of": name, "source_run_id": source_run_id, "method": method, "seed": seed,
              "epochs": 3, "valid": figures(test_ndcg + 0.02, 0.3, 0.45), "test": figures(test_ndcg, 0.31, 0.46)}))
     refit("start-withheld", "run-withheld", None, None, 0.152)
+    refit("start-full", "run-full", None, None, 0.154)
     refit("blade-s0", "align-b0", "blade", 0, 0.158)
     refit("blade-s2", "align-stale", "blade", 2, 0.3)  # its source is no current run: left out
     b.align_doc = {"holdout": 3, "steps": 600, "rewards": {"ndcg": 1.0}}
@@ -885,7 +886,8 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert {"start, full (served)", "start, withheld (withhold 3)"} <= set(rows)
     assert rows["refit 3 ep. from blade"]["n"] == 1 and rows["refit 3 ep. from blade"]["ndcg@10"][0] == pytest.approx(0.158)
     assert rows["refit 3 ep. from withheld start"]["ndcg@10"][0] == pytest.approx(0.152)
-    assert [r["refit_of"] for r in block["refits"]] == ["blade-s0", "start-withheld"]
+    assert rows["refit 3 ep. from full start"]["ndcg@10"][0] == pytest.approx(0.154)
+    assert [r["refit_of"] for r in block["refits"]] == ["blade-s0", "start-full", "start-withheld"]
     assert "| refit 3 ep. from blade | 1 |" in rep["table_md"]
     assert "| blade | 2 |" in rep["table_md"]
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
