@@ -271,28 +271,36 @@ class Bench:
               f"valid {out.results['aligned_valid']['ndcg@10']:.4f}", flush=True)
         return rec
 
+    def refit_spec(self, start: str, source: dict) -> tuple[JobSpec, str]:
+        """A refit's spec (no `init_from` yet: the source's file may be on another machine) and its
+        fingerprint: that spec and the source's run."""
+        import hashlib
+        spec = load_spec(STARTS[start], ["train.fit_on=train", "train.withhold=0", *self.args.start_set,
+                                         f"train.epochs={self.args.refit}", *self.args.refit_set])
+        doc = spec.model_dump(mode="json")
+        doc["train"].pop("init_from")  # the source is named by its run
+        return spec, hashlib.sha1(json.dumps({"spec": doc, "source": source["run_id"]}, sort_keys=True)
+                                  .encode()).hexdigest()[:10]
+
+    def refit_done(self, start: str, source: dict | None, name: str) -> bool:
+        rec = self.done(start, f"refit-{name}")
+        return bool(source and rec and rec.get("fingerprint") == self.refit_spec(start, source)[1])
+
     def refit(self, start: str, source: dict, name: str) -> dict | None:
         """`--refit N`: N epochs of next-item training on every training item (train.withhold=0, the
         start's other training settings, `--refit-set` on top), warm-started from `source` (the
         withheld start, or a model aligned from it), the epoch chosen on validation: the served
         model loses no data, and the refit of the withheld start is the control that tells what
         alignment added from what the extra epochs on the withheld items did."""
-        import hashlib
-
         from ray_jobs.train import run as train
         key = f"refit-{name}"
-        spec = load_spec(STARTS[start], ["train.fit_on=train", "train.withhold=0", *self.args.start_set,
-                                         f"train.epochs={self.args.refit}", *self.args.refit_set,
-                                         f"train.init_from={model_path(source)}"])
-        doc = spec.model_dump(mode="json")
-        doc["train"].pop("init_from")  # the source is named by its run
-        fingerprint = hashlib.sha1(json.dumps({"spec": doc, "source": source["run_id"]}, sort_keys=True)
-                                   .encode()).hexdigest()[:10]
+        spec, fingerprint = self.refit_spec(start, source)
         rec = self.done(start, key)
         if rec and rec.get("fingerprint") == fingerprint:
             return rec
         if self.out_of_time():
             return None
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"init_from": str(model_path(source))})})
         t0 = time.perf_counter()
         out = train(spec, run_name=f"bench-align-{start}-{key}-{fingerprint}", register=False)
         # the training record's figures are accuracy only: beyond-accuracy ones as an align run has them
@@ -309,7 +317,7 @@ class Bench:
                "refit_set": self.args.refit_set, "run_id": out.run_id, "best_epoch": out.best_epoch,
                "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "valid": figures["valid"],
                "test": figures["test"], "source_test": src_test, "source_valid": source.get("aligned_valid") or source["valid"],
-               "spec": doc, **provenance()}
+               "spec": spec.model_dump(mode="json"), **provenance()}
         write_result(self.path(start, key), rec)
         print(f"{start} {key}: test ndcg@10 {figures['test']['ndcg@10']:.4f} (before the refit "
               f"{src_test['ndcg@10']:.4f}), valid {figures['valid']['ndcg@10']:.4f} (epoch {out.best_epoch} of {self.args.refit}, {out.seconds:.0f} s)",
@@ -348,6 +356,9 @@ class Bench:
                 self.refit(start, withheld, "start-withheld")
                 for seed in seeds:
                     for method in self.args.refit_methods.split(","):
+                        # a refit done from the current aligned run holds without that run's file
+                        if self.refit_done(start, self.align(start, withheld, method, seed), f"{method}-s{seed}"):
+                            continue
                         aligned = self.align(start, withheld, method, seed, keep=True)
                         if aligned:
                             self.refit(start, aligned, f"{method}-s{seed}")
@@ -406,10 +417,11 @@ class Bench:
             # refits (--refit): grouped by source kind; a refit of a run that no longer holds is left out
             current_ids = {r.get("run_id") for r in runs} | {r.get("run_id") for r in starts_.values()}
             refit_groups: dict[str, list[dict]] = {}
-            for r in refits:
+            for r in refits:  # one row per source kind and refit setting
                 if r["source_run_id"] in current_ids:
                     label = r["method"] or r["refit_of"].replace("start-", "") + " start"
-                    refit_groups.setdefault(f"refit {r['epochs']} ep. from {label}", []).append(r)
+                    how = f"{r['epochs']} ep." + (f" [{', '.join(r['refit_set'])}]" if r.get("refit_set") else "")
+                    refit_groups.setdefault(f"refit {how} from {label}", []).append(r)
             for name, rs in sorted(refit_groups.items()):
                 rows.append({"model": name, "n": len(rs), **{c: mean_std([r["test"][c] for r in rs])
                                                              for c in COLUMNS if c in rs[0]["test"]},
@@ -483,8 +495,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="align spec overrides (align.steps=...)")
     ap.add_argument("--start-set", action="append", default=[], help="overrides for the start models' training")
     ap.add_argument("--refit", type=int, default=0, metavar="N",
-                    help="also N epochs of next-item training on every training item from the withheld start and "
-                         "from each aligned model of --refit-methods (each seed), the epoch chosen on validation")
+                    help="also N epochs of next-item training on every training item from both start models and "
+                         "from each model of --refit-methods aligned from the withheld start (each seed), the epoch "
+                         "chosen on validation")
     ap.add_argument("--refit-methods", default="blade")
     ap.add_argument("--refit-set", action="append", default=[], help="overrides of the refit's training (train.lr=...)")
     ap.add_argument("--budget-hours", type=float, help="start no run after this much wall time (rerun to resume)")

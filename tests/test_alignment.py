@@ -862,17 +862,20 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     run("unseen-grpo-ndcg+diversity-s0", "grpo", 0, "ndcg+diversity", figures(0.171, 0.32, 0.50), 0.152)
     run("unseen-grpo-ndcg+diversity-s1", "grpo", 1, "ndcg+diversity", figures(0.190, 0.40, 0.60), 0.2)  # 2nd seed: not a point
     run("unseen-blade-spec-s2", "blade", 2, None, figures(0.2, 0.4, 0.6), 0.3, fingerprint="other")  # stale: left out
-    (runs / "unseen-blade-spec-s0.json").write_text(json.dumps(
-        {**json.loads((runs / "unseen-blade-spec-s0.json").read_text()), "run_id": "align-b0"}))
+    for key, run_id in (("unseen-blade-spec-s0", "align-b0"), ("unseen-blade-spec-s1", "align-b1"),
+                        ("unseen-blade-spec-s2", "align-stale")):
+        (runs / f"{key}.json").write_text(json.dumps({**json.loads((runs / f"{key}.json").read_text()), "run_id": run_id}))
 
-    def refit(name, source_run_id, method, seed, test_ndcg):  # --refit: next-item epochs on all items from a source
+    def refit(name, source_run_id, method, seed, test_ndcg, refit_set=()):  # --refit: next-item epochs from a source
         (runs / f"refit-{name}.json").write_text(json.dumps(
             {"start": "toy", "refit_of": name, "source_run_id": source_run_id, "method": method, "seed": seed,
-             "epochs": 3, "valid": figures(test_ndcg + 0.02, 0.3, 0.45), "test": figures(test_ndcg, 0.31, 0.46)}))
+             "epochs": 3, "refit_set": refit_set, "valid": figures(test_ndcg + 0.02, 0.3, 0.45),
+             "test": figures(test_ndcg, 0.31, 0.46)}))
     refit("start-withheld", "run-withheld", None, None, 0.152)
     refit("start-full", "run-full", None, None, 0.154)
     refit("blade-s0", "align-b0", "blade", 0, 0.158)
-    refit("blade-s2", "align-stale", "blade", 2, 0.3)  # its source is no current run: left out
+    refit("blade-s1", "align-b1", "blade", 1, 0.4, ["train.lr=0.1"])  # other settings: a row of its own
+    refit("blade-s2", "align-stale", "blade", 2, 0.3)  # its source is a stale run: left out
     b.align_doc = {"holdout": 3, "steps": 600, "rewards": {"ndcg": 1.0}}
     assert b.fingerprint("toy") != current  # other settings: every finished run is stale
     b.align_doc = {"holdout": 3, "steps": 300, "rewards": {"ndcg": 1.0}}
@@ -887,12 +890,26 @@ def test_alignment_bench_frontier_choice_and_table_from_finished_runs(tmp_path):
     assert rows["refit 3 ep. from blade"]["n"] == 1 and rows["refit 3 ep. from blade"]["ndcg@10"][0] == pytest.approx(0.158)
     assert rows["refit 3 ep. from withheld start"]["ndcg@10"][0] == pytest.approx(0.152)
     assert rows["refit 3 ep. from full start"]["ndcg@10"][0] == pytest.approx(0.154)
-    assert [r["refit_of"] for r in block["refits"]] == ["blade-s0", "start-full", "start-withheld"]
+    assert rows["refit 3 ep. [train.lr=0.1] from blade"]["ndcg@10"][0] == pytest.approx(0.4)
+    assert sorted(r["refit_of"] for r in block["refits"]) == ["blade-s0", "blade-s1", "start-full", "start-withheld"]
     assert "| refit 3 ep. from blade | 1 |" in rep["table_md"]
     assert "| blade | 2 |" in rep["table_md"]
     assert all(Path(p).exists() for p in block["plots"]) and any(p.endswith("frontier.png") for p in block["plots"])
     tested = {(r["method"], r["preset"]) for r in block["runs"] if "aligned_test" in r}
     assert tested == {("blade", None), ("grpo", "ndcg+diversity")}  # the points not chosen: validation only
+    # a refit holds while its settings and its source run do, without the source's model file (a refit
+    # done on another machine is not redone)
+    bench.STARTS["toy"] = "movielens-100k-smoke"
+    b.args = types.SimpleNamespace(**vars(args), start_set=[], refit=3, refit_set=[])
+    source = {"run_id": "align-b0", "model_file": str(tmp_path / "gone.pt")}
+    _, fp = b.refit_spec("toy", source)
+    assert not b.refit_done("toy", source, "blade-s0")  # the record has no fingerprint yet
+    (runs / "refit-blade-s0.json").write_text(json.dumps({**json.loads((runs / "refit-blade-s0.json").read_text()),
+                                                          "fingerprint": fp}))
+    assert b.refit_done("toy", source, "blade-s0") and b.refit("toy", source, "blade-s0")["fingerprint"] == fp
+    assert not b.refit_done("toy", {**source, "run_id": "align-other"}, "blade-s0")  # another source run
+    b.args.refit_set = ["train.lr=0.1"]
+    assert not b.refit_done("toy", source, "blade-s0") and not b.refit_done("toy", None, "blade-s0")
     # a key the schema gained after a run was recorded counts only where it is set away from its default
     old = {**json.loads((runs / "unseen-blade-spec-s0.json").read_text()), "align": {"holdout": 3, "steps": 300}}
     assert b.current("toy", old)
