@@ -14,8 +14,8 @@ table shows what the holdout-free start changes. With --sweep, blade, static_bon
 per reward preset (seed 0) from `withheld`; their validation NDCG@10 against tail share and ILD@10
 gives one frontier PNG per start; per method the chosen preset is the one with the best validation
 NDCG@10 among those that raise both tail share and ILD over the start (else the best validation
-NDCG@10), and only the chosen presets' test figures enter the table. With --refit N, the withheld
-start and each model aligned from it (--refit-methods, every seed) are trained N more epochs with the
+NDCG@10), and only the chosen presets' test figures enter the table. With --refit N, both starts
+and each model aligned from the withheld one (--refit-methods, every seed) are trained N more epochs with the
 next-item loss on every training item, withheld ones included (the start's training settings,
 --refit-set on top, the epoch chosen on validation): the served model then loses no data, and the
 refits of the two starts, with no alignment in between, are the controls (the served model given the
@@ -250,7 +250,8 @@ class Bench:
         key = f"{'seen' if seen else 'unseen'}-{method}-{preset or 'spec'}-s{seed}"
         rec = self.done(start, key)
         fingerprint = self.fingerprint(start)
-        if rec and self.current(start, rec) and not (keep and not (rec.get("model_file") and model_path(rec).exists())):
+        kept = rec is not None and bool(rec.get("model_file")) and model_path(rec).exists()
+        if rec and self.current(start, rec) and (kept or not keep):
             return rec
         if self.out_of_time():
             return None
@@ -288,10 +289,10 @@ class Bench:
 
     def refit(self, start: str, source: dict, name: str) -> dict | None:
         """`--refit N`: N epochs of next-item training on every training item (train.withhold=0, the
-        start's other training settings, `--refit-set` on top), warm-started from `source` (the
-        withheld start, or a model aligned from it), the epoch chosen on validation: the served
-        model loses no data, and the refit of the withheld start is the control that tells what
-        alignment added from what the extra epochs on the withheld items did."""
+        start's other training settings, `--refit-set` on top), warm-started from `source` (a start
+        model, or a model aligned from the withheld one), the epoch chosen on validation: the served
+        model loses no data, and the refits of the starts are the controls that tell what alignment
+        added from what the extra epochs did."""
         from ray_jobs.train import run as train
         key = f"refit-{name}"
         spec, fingerprint = self.refit_spec(start, source)
@@ -316,12 +317,13 @@ class Bench:
                "seed": source.get("seed"), "fingerprint": fingerprint, "epochs": self.args.refit,
                "refit_set": self.args.refit_set, "run_id": out.run_id, "best_epoch": out.best_epoch,
                "seconds": out.seconds, "wall_seconds": time.perf_counter() - t0, "valid": figures["valid"],
-               "test": figures["test"], "source_test": src_test, "source_valid": source.get("aligned_valid") or source["valid"],
+               "test": figures["test"], "source_test": src_test,
+               "source_valid": source.get("aligned_valid") or source["valid"],
                "spec": spec.model_dump(mode="json"), **provenance()}
         write_result(self.path(start, key), rec)
         print(f"{start} {key}: test ndcg@10 {figures['test']['ndcg@10']:.4f} (before the refit "
-              f"{src_test['ndcg@10']:.4f}), valid {figures['valid']['ndcg@10']:.4f} (epoch {out.best_epoch} of {self.args.refit}, {out.seconds:.0f} s)",
-              flush=True)
+              f"{src_test['ndcg@10']:.4f}), valid {figures['valid']['ndcg@10']:.4f} "
+              f"(epoch {out.best_epoch} of {self.args.refit}, {out.seconds:.0f} s)", flush=True)
         return rec
 
     @staticmethod
