@@ -304,14 +304,9 @@ class Bench:
         spec = spec.model_copy(update={"train": spec.train.model_copy(update={"init_from": str(model_path(source))})})
         t0 = time.perf_counter()
         out = train(spec, run_name=f"bench-align-{start}-{key}-{fingerprint}", register=False)
-        # the training record's figures are accuracy only: beyond-accuracy ones as an align run has them
-        from ray_jobs.data import load_sequences
-        from ray_jobs.models.llm import minilm_item_embeddings
-        from ray_jobs.runtime import evaluate_distributed
-        data = load_sequences(spec)
-        figures = {split: r.flat() for split, r in evaluate_distributed(
-            spec, out.model_file, ("valid", "test"), spec.train.workers, data,
-            minilm_item_embeddings(spec.model, data.item_text), spec.model.cache_dir).items()}
+        # the training record's figures are accuracy only: beyond-accuracy ones from the evaluate job
+        from ray_jobs.evaluate import run as evaluate
+        figures = evaluate(spec, [out.model_file], ("valid", "test"), spec.train.workers).models[0].results
         src_test = source.get("aligned_test") or source["test"]
         rec = {"start": start, "refit_of": name, "source_run_id": source["run_id"], "method": source.get("method"),
                "seed": source.get("seed"), "fingerprint": fingerprint, "epochs": self.args.refit,
